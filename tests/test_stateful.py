@@ -1,0 +1,116 @@
+"""A hypothesis state machine drives the real on-disk store against a plain dict."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import hypothesis.strategies as st
+import torch
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+import tierstore
+from tests.conftest import same_bits
+
+KEYS = st.sampled_from(["a", "b", "layer.0/w", "../x", "ключ", "k" * 300])
+SIZES = st.sampled_from([0, 1, 7, 1000, 5000, 70_000, 300_000])
+DTYPES = st.sampled_from([torch.float32, torch.bfloat16, torch.uint8, torch.int64, torch.bool, torch.float16])
+
+
+def make_tensor(seed: int, size: int, dtype: torch.dtype) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    raw = torch.randint(0, 256, (size * torch.empty(0, dtype=dtype).element_size(),), dtype=torch.uint8,
+                        generator=gen)
+    if dtype == torch.bool:
+        return (raw % 2).bool()
+    return raw.view(dtype)
+
+
+class StoreMachine(RuleBasedStateMachine):
+    """Puts, deletes, transactions (commit or roll back), reopen: the store must equal the model."""
+
+    @initialize()
+    def start(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="ts-state-"))
+        self.db = tierstore.open(self.dir / "s", fsync=False)
+        self.model: dict[str, torch.Tensor] = {}
+        self.seed = 0
+
+    def teardown(self) -> None:
+        self.db.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _tensor(self, size: int, dtype: torch.dtype) -> torch.Tensor:
+        self.seed += 1
+        return make_tensor(self.seed, size, dtype)
+
+    @rule(key=KEYS, size=SIZES, dtype=DTYPES)
+    def put(self, key: str, size: int, dtype: torch.dtype) -> None:
+        value = self._tensor(size, dtype)
+        self.db.put(key, value)
+        self.model[key] = value
+
+    @rule(key=KEYS)
+    def delete(self, key: str) -> None:
+        if key in self.model:
+            self.db.delete(key)
+            del self.model[key]
+        else:
+            try:
+                self.db.delete(key)
+            except KeyError:
+                return
+            raise AssertionError(f"deleting missing {key!r} did not raise")
+
+    @rule(key=KEYS)
+    def get(self, key: str) -> None:
+        if key in self.model:
+            assert same_bits(self.db.get(key), self.model[key])
+        else:
+            try:
+                self.db.get(key)
+            except KeyError:
+                return
+            raise AssertionError(f"get of missing {key!r} did not raise")
+
+    @rule(ops=st.lists(st.tuples(KEYS, st.one_of(st.none(), SIZES), DTYPES), min_size=1, max_size=6),
+          commit=st.booleans())
+    def transaction(self, ops: list[tuple[str, int | None, torch.dtype]], commit: bool) -> None:
+        staged = dict(self.model)
+        try:
+            with self.db.transaction():
+                for key, size, dtype in ops:
+                    if size is None:
+                        if key in staged:
+                            self.db.delete(key)
+                            del staged[key]
+                    else:
+                        staged[key] = self._tensor(size, dtype)
+                        self.db.put(key, staged[key])
+                if not commit:
+                    raise _Rollback
+        except _Rollback:
+            return
+        self.model = staged
+
+    @precondition(lambda self: True)
+    @rule()
+    def reopen(self) -> None:
+        self.db.close()
+        self.db = tierstore.open(self.dir / "s", fsync=False)
+
+    @invariant()
+    def same_keys(self) -> None:
+        assert sorted(self.db.keys()) == sorted(self.model)
+        assert len(self.db) == len(self.model)
+
+
+class _Rollback(Exception):
+    pass
+
+
+StoreMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=25, deadline=None,
+                                          suppress_health_check=[HealthCheck.too_slow])
+TestStore = StoreMachine.TestCase

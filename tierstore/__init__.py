@@ -1,0 +1,84 @@
+"""tierstore: a tiered tensor store for running large models on small machines.
+
+Open a store like a database and keep tensors in it::
+
+    import torch, tierstore
+
+    with tierstore.open("weights.ts", l3_compression="shuffle-zstd") as db:
+        db.put("layer0.weight", torch.randn(4096, 4096, dtype=torch.bfloat16))
+        with db.transaction():                      # all or nothing, durable at exit
+            db.put("layer1.weight", torch.randn(4096, 4096, dtype=torch.bfloat16))
+            db.delete("layer0.weight")
+        w = db.get("layer1.weight")
+        print(db.info("layer1.weight"), db.stats())
+
+Blocks live durably in a compressed Zarr v3 tier (L3) on disk, indexed by an
+SQLite catalog; host (L2) and device (L1) tiers cache them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ._version import __version__
+from .config import CacheConfig, format_size, parse_size
+from .errors import (
+    BlockNotFoundError,
+    CatalogError,
+    ConfigError,
+    CorruptBlockError,
+    InvalidKeyError,
+    ReadOnlyError,
+    SchemaVersionError,
+    StoreClosedError,
+    StoreFullError,
+    StoreLockedError,
+    StoreNotFoundError,
+    TierFullError,
+    TierStoreError,
+    TransactionError,
+    UnsupportedTensorError,
+)
+from .manager import HierarchicalCacheManager
+from .store import BlockInfo, StoreStats, TierStore
+
+__all__ = [
+    "__version__",
+    "open",
+    "TierStore",
+    "BlockInfo",
+    "StoreStats",
+    "CacheConfig",
+    "HierarchicalCacheManager",
+    "parse_size",
+    "format_size",
+    "TierStoreError",
+    "BlockNotFoundError",
+    "CatalogError",
+    "ConfigError",
+    "CorruptBlockError",
+    "InvalidKeyError",
+    "ReadOnlyError",
+    "SchemaVersionError",
+    "StoreClosedError",
+    "StoreFullError",
+    "StoreLockedError",
+    "StoreNotFoundError",
+    "TierFullError",
+    "TransactionError",
+    "UnsupportedTensorError",
+]
+
+
+def open(path: str | Path, config: CacheConfig | None = None, *, readonly: bool = False,
+         **overrides: Any) -> TierStore:
+    """Open the store at ``path``, creating it unless ``readonly``.
+
+    ``config`` (a :class:`CacheConfig`) sets sizes, policies and codecs; keyword ``overrides``
+    change single fields (``tierstore.open(p, l2_cache_size="1GiB")``). With neither, the
+    configuration the store was last opened with is used. Only one handle at a time may write
+    to a store (a second gets ``StoreLockedError`` at once); ``readonly=True`` handles, in any
+    process, see the last committed state.
+    """
+    return TierStore(path, config, readonly=readonly, **overrides)

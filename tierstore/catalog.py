@@ -1,0 +1,396 @@
+"""The SQLite catalog: which blocks exist, where their bytes are, how they are used.
+
+The catalog is a plain SQLite file (``catalog.sqlite``, WAL mode) whose
+tables are documented in ``schema/`` and the README; ``sqlite-utils`` and
+datasette read it as it is. Its schema is the numbered ``schema/NNNN_*.sql``
+files, applied in order under ``PRAGMA user_version``.
+
+All SQL lives here as named constants. Every sqlite3 error is translated at
+one choke point (:meth:`Catalog._fail`). One connection serves all threads of
+a handle, behind a lock: statements are microseconds and sqlite3 serialises
+a connection anyway. Writes use ``BEGIN IMMEDIATE`` so that a busy database
+waits for the writer instead of failing half-way.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from .errors import CatalogError, SchemaVersionError, StoreFullError, TierStoreError
+
+__all__ = ["Catalog", "BlockRow", "SCHEMA_VERSION", "schema_scripts"]
+
+BLOCK_COLUMNS = ("key, block_id, dtype, shape, nbytes, checksum, durable, codec, l3_array, l3_shard, "
+                 "l3_offset, l3_sizes, l3_inner, stored_bytes, tiers, created, updated")
+GET_BLOCK = f"SELECT {BLOCK_COLUMNS} FROM blocks WHERE key = ?"
+HAS_BLOCK = "SELECT 1 FROM blocks WHERE key = ?"
+UPSERT_BLOCK = f"""
+INSERT INTO blocks ({BLOCK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT(key) DO UPDATE SET
+  block_id = excluded.block_id, dtype = excluded.dtype, shape = excluded.shape, nbytes = excluded.nbytes,
+  checksum = excluded.checksum, durable = excluded.durable, codec = excluded.codec,
+  l3_array = excluded.l3_array, l3_shard = excluded.l3_shard, l3_offset = excluded.l3_offset,
+  l3_sizes = excluded.l3_sizes, l3_inner = excluded.l3_inner, stored_bytes = excluded.stored_bytes,
+  tiers = excluded.tiers, updated = excluded.updated
+"""
+DELETE_BLOCK = "DELETE FROM blocks WHERE key = ?"
+COUNT_BLOCKS = "SELECT count(*), coalesce(sum(nbytes), 0), coalesce(sum(stored_bytes), 0) FROM blocks"
+KEYS_PAGE = "SELECT key FROM blocks WHERE key > ? ORDER BY key LIMIT ?"
+KEYS_PREFIX_PAGE = "SELECT key FROM blocks WHERE key > ? AND key >= ? AND key < ? ORDER BY key LIMIT ?"
+FIND_BY_TYPE = "SELECT key FROM blocks WHERE dtype = ? AND shape = ? ORDER BY updated DESC LIMIT ?"
+MAX_BLOCK_ID = "SELECT coalesce(max(block_id), 0) FROM blocks"
+VOLATILE_KEYS = "SELECT key FROM blocks WHERE durable = 0"
+DROP_VOLATILE = "DELETE FROM blocks WHERE durable = 0"
+LIVE_ARRAYS = "SELECT l3_array FROM blocks WHERE l3_array LIKE 'blocks/%'"
+SHARD_LENGTHS = "SELECT array, shard, length FROM shards"
+UPSERT_SHARD = """
+INSERT INTO shards (array, shard, length) VALUES (?, ?, ?)
+ON CONFLICT(array, shard) DO UPDATE SET length = excluded.length
+"""
+DROP_UNUSED_SHARDS = """
+DELETE FROM shards WHERE NOT EXISTS (
+  SELECT 1 FROM blocks WHERE blocks.l3_array = shards.array AND blocks.l3_shard = shards.shard)
+  AND (array, shard) NOT IN (SELECT array, max(shard) FROM shards GROUP BY array)
+"""
+GET_META = "SELECT value FROM store_meta WHERE name = ?"
+SET_META = "INSERT INTO store_meta (name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value"
+GET_STATS = ("SELECT access_count, get_count, put_count, hits_l1, hits_l2, hits_l3, first_access, last_access, "
+             "interarrival_ewma FROM block_stats WHERE key = ?")
+UPSERT_STATS = """
+INSERT INTO block_stats (key, access_count, get_count, put_count, hits_l1, hits_l2, hits_l3,
+                         first_access, last_access, interarrival_ewma)
+VALUES (:key, :n, :gets, :puts, :l1, :l2, :l3, :first, :last, :gap)
+ON CONFLICT(key) DO UPDATE SET
+  interarrival_ewma = CASE
+    WHEN block_stats.last_access IS NULL THEN excluded.interarrival_ewma
+    WHEN block_stats.interarrival_ewma IS NULL
+      THEN (excluded.last_access - block_stats.last_access) / excluded.access_count
+    ELSE 0.7 * block_stats.interarrival_ewma
+         + 0.3 * (excluded.last_access - block_stats.last_access) / excluded.access_count END,
+  access_count = block_stats.access_count + excluded.access_count,
+  get_count = block_stats.get_count + excluded.get_count,
+  put_count = block_stats.put_count + excluded.put_count,
+  hits_l1 = block_stats.hits_l1 + excluded.hits_l1,
+  hits_l2 = block_stats.hits_l2 + excluded.hits_l2,
+  hits_l3 = block_stats.hits_l3 + excluded.hits_l3,
+  last_access = excluded.last_access
+"""
+INSERT_ACCESS = "INSERT INTO access_log (ts, key, op, tier) VALUES (?, ?, ?, ?)"
+TRIM_ACCESS = "DELETE FROM access_log WHERE id <= (SELECT max(id) FROM access_log) - ?"
+UPSERT_SUCCESSOR = """
+INSERT INTO successors (key, next_key, count) VALUES (?, ?, ?)
+ON CONFLICT(key, next_key) DO UPDATE SET count = successors.count + excluded.count
+"""
+RECENT_ACCESS = "SELECT ts, key, op, tier FROM access_log ORDER BY id DESC LIMIT ?"
+RECENT_ACCESS_KEY = "SELECT ts, key, op, tier FROM access_log WHERE key = ? ORDER BY id DESC LIMIT ?"
+JOURNAL_COUNT = "SELECT count(*) FROM journal"
+
+_SCRIPT_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRow:
+    """One row of ``blocks``, as the store reads it."""
+
+    key: str
+    block_id: int
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    checksum: int
+    durable: bool
+    codec: str
+    l3_array: str | None
+    l3_shard: int | None
+    l3_offset: int | None
+    l3_sizes: bytes | None
+    l3_inner: int | None
+    stored_bytes: int
+    tiers: int
+    created: float
+    updated: float
+
+    @staticmethod
+    def from_tuple(row: Sequence[Any]) -> BlockRow:
+        """Build from a ``SELECT {BLOCK_COLUMNS}`` row."""
+        (key, block_id, dtype, shape, nbytes, checksum, durable, codec, array, shard, offset, sizes, inner,
+         stored, tiers, created, updated) = row
+        return BlockRow(key, block_id, dtype, tuple(json.loads(shape)), nbytes, checksum, bool(durable), codec,
+                        array, shard, offset, sizes, inner, stored, tiers, created, updated)
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        """Values in ``BLOCK_COLUMNS`` order."""
+        return (self.key, self.block_id, self.dtype, json.dumps(list(self.shape)), self.nbytes, self.checksum,
+                int(self.durable), self.codec, self.l3_array, self.l3_shard, self.l3_offset, self.l3_sizes,
+                self.l3_inner, self.stored_bytes, self.tiers, self.created, self.updated)
+
+
+def schema_scripts() -> list[tuple[int, str, str]]:
+    """``(version, name, sql)`` of every schema migration, in order."""
+    try:
+        root: Any = importlib.resources.files("tierstore._schema")
+        entries = [(p.name, p.read_text(encoding="utf-8")) for p in root.iterdir() if p.name.endswith(".sql")]
+    except (ModuleNotFoundError, FileNotFoundError):
+        folder = Path(__file__).resolve().parent.parent / "schema"
+        entries = [(p.name, p.read_text(encoding="utf-8")) for p in folder.glob("*.sql")]
+    scripts = []
+    for name, sql in entries:
+        match = _SCRIPT_NAME.match(name)
+        if match:
+            scripts.append((int(match.group(1)), name, sql))
+    scripts.sort()
+    if not scripts or [v for v, _, _ in scripts] != list(range(1, len(scripts) + 1)):
+        raise CatalogError(f"schema migrations are missing or misnumbered: {[n for _, n, _ in scripts]}")
+    return scripts
+
+
+SCHEMA_VERSION = len(schema_scripts())
+
+
+class Catalog:
+    """The catalog of one store: a single SQLite connection shared by the handle's threads."""
+
+    def __init__(self, path: str | Path, *, readonly: bool = False, durable: bool = True) -> None:
+        self.path = Path(path)
+        self.readonly = readonly
+        self._lock = threading.RLock()
+        if readonly and not self.path.exists():
+            raise CatalogError(f"no catalog at {self.path}; is this a tierstore store?", path=str(self.path))
+        try:
+            conn = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False, isolation_level=None)
+            self._conn = conn
+            conn.execute("PRAGMA busy_timeout = 30000")
+            if not readonly:
+                conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'OFF'}")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.Error as exc:
+            raise self._fail(exc, "open the catalog") from None
+        if version > SCHEMA_VERSION:
+            conn.close()
+            raise SchemaVersionError(
+                f"catalog {self.path} has schema version {version}, newer than this tierstore knows "
+                f"({SCHEMA_VERSION}); upgrade tierstore to open it", path=str(self.path))
+        if version < SCHEMA_VERSION:
+            if readonly:
+                conn.close()
+                raise SchemaVersionError(
+                    f"catalog {self.path} has schema version {version}; open it read-write once to upgrade "
+                    f"it to {SCHEMA_VERSION}", path=str(self.path))
+            self._migrate(version)
+        if readonly:
+            conn.execute("PRAGMA query_only = 1")
+        self.db = sqlite_utils.Database(conn)
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    def _fail(self, exc: sqlite3.Error, what: str) -> TierStoreError:
+        """The one place sqlite3 errors become tierstore errors."""
+        text = str(exc)
+        if isinstance(exc, sqlite3.OperationalError) and ("disk is full" in text or "too big" in text):
+            return StoreFullError(f"{what}: the disk under {self.path} is full ({text}); "
+                                  "free space and retry (nothing committed was lost)", path=str(self.path))
+        if isinstance(exc, sqlite3.DatabaseError) and ("malformed" in text or "not a database" in text):
+            return CatalogError(f"{what}: catalog {self.path} is damaged ({text}); restore it from a backup "
+                                "or run 'tierstore verify --fix' on a copy", path=str(self.path))
+        return CatalogError(f"{what}: {text} (catalog {self.path})", path=str(self.path))
+
+    def _migrate(self, current: int) -> None:
+        for version, name, sql in schema_scripts():
+            if version <= current:
+                continue
+            try:
+                self._conn.executescript(f"BEGIN IMMEDIATE;\n{sql}\nPRAGMA user_version = {version};\nCOMMIT;")
+            except sqlite3.Error as exc:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise self._fail(exc, f"apply schema {name}") from None
+
+    @contextmanager
+    def write(self, what: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``); rolled back on any error."""
+        with self._lock:
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise self._fail(exc, what) from None
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise self._fail(exc, what) from None
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    def query(self, sql: str, params: Sequence[Any] = (), *, what: str = "read the catalog") -> list[Any]:
+        """Run a read statement and return all rows."""
+        with self._lock:
+            try:
+                return self._conn.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise self._fail(exc, what) from None
+
+    def query_one(self, sql: str, params: Sequence[Any] = (), *, what: str = "read the catalog") -> Any:
+        """Run a read statement and return its first row (or None)."""
+        with self._lock:
+            try:
+                return self._conn.execute(sql, params).fetchone()
+            except sqlite3.Error as exc:
+                raise self._fail(exc, what) from None
+
+    # -- blocks -----------------------------------------------------------------------------------
+
+    def get_block(self, key: str) -> BlockRow | None:
+        """The committed row of ``key``."""
+        row = self.query_one(GET_BLOCK, (key,))
+        return None if row is None else BlockRow.from_tuple(row)
+
+    def has_block(self, key: str) -> bool:
+        """Whether ``key`` has a committed row."""
+        return self.query_one(HAS_BLOCK, (key,)) is not None
+
+    def commit_blocks(self, rows: Sequence[BlockRow], deletes: Sequence[str],
+                      shard_lengths: dict[tuple[str, int], int]) -> list[BlockRow]:
+        """Switch in new rows and drop deleted keys in one transaction; return the replaced rows."""
+        replaced: list[BlockRow] = []
+        with self.write("commit blocks") as conn:
+            for key in [r.key for r in rows] + list(deletes):
+                old = conn.execute(GET_BLOCK, (key,)).fetchone()
+                if old is not None:
+                    replaced.append(BlockRow.from_tuple(old))
+            conn.executemany(UPSERT_SHARD, [(a, s, n) for (a, s), n in shard_lengths.items()])
+            conn.executemany(UPSERT_BLOCK, [r.to_tuple() for r in rows])
+            conn.executemany(DELETE_BLOCK, [(k,) for k in deletes])
+        return replaced
+
+    def totals(self) -> tuple[int, int, int]:
+        """``(blocks, raw bytes, stored bytes)`` of the committed state."""
+        count, nbytes, stored = self.query_one(COUNT_BLOCKS)
+        return int(count), int(nbytes), int(stored)
+
+    def keys_page(self, after: str, limit: int, prefix: str | None) -> list[str]:
+        """Up to ``limit`` keys greater than ``after`` (and starting with ``prefix``), in order."""
+        if prefix is None:
+            return [r[0] for r in self.query(KEYS_PAGE, (after, limit))]
+        high = _prefix_upper_bound(prefix)
+        if high is None:
+            rows = self.query(KEYS_PAGE, (max(after, prefix), limit))
+            return [r[0] for r in rows if r[0].startswith(prefix)]
+        return [r[0] for r in self.query(KEYS_PREFIX_PAGE, (after, prefix, high, limit))]
+
+    def find_by_type(self, dtype: str, shape: tuple[int, ...], limit: int = 1) -> list[str]:
+        """Keys of the newest blocks with this dtype and shape."""
+        return [r[0] for r in self.query(FIND_BY_TYPE, (dtype, json.dumps(list(shape)), limit))]
+
+    # -- recovery ---------------------------------------------------------------------------------
+
+    def drop_volatile(self) -> list[str]:
+        """Delete the rows of cache-only blocks (a new process starts without them)."""
+        with self.write("drop cache-only blocks") as conn:
+            keys = [r[0] for r in conn.execute(VOLATILE_KEYS).fetchall()]
+            if keys:
+                conn.execute(DROP_VOLATILE)
+        return keys
+
+    def shard_lengths(self) -> dict[tuple[str, int], int]:
+        """Committed length of every shard file."""
+        return {(a, s): n for a, s, n in self.query(SHARD_LENGTHS)}
+
+    def live_arrays(self) -> set[str]:
+        """L3 arrays (large blocks) that committed rows point at."""
+        return {r[0] for r in self.query(LIVE_ARRAYS)}
+
+    def forget_unused_shards(self) -> None:
+        """Drop shard rows no block points at (their files are then orphans), keeping each pack's last."""
+        with self.write("forget unused shards") as conn:
+            conn.execute(DROP_UNUSED_SHARDS)
+
+    def max_block_id(self) -> int:
+        """The largest block id in use."""
+        return int(self.query_one(MAX_BLOCK_ID)[0])
+
+    def meta(self, name: str) -> str | None:
+        """A ``store_meta`` value."""
+        row = self.query_one(GET_META, (name,))
+        return None if row is None else str(row[0])
+
+    def set_meta(self, values: dict[str, str]) -> None:
+        """Write ``store_meta`` values."""
+        with self.write("write store metadata") as conn:
+            conn.executemany(SET_META, list(values.items()))
+
+    # -- statistics -------------------------------------------------------------------------------
+
+    def write_history(self, log: Sequence[tuple[float, str, str, str | None]],
+                      stats: Sequence[dict[str, Any]], successors: Sequence[tuple[str, str, int]],
+                      max_rows: int) -> None:
+        """Append a batch of accesses and fold it into the per-key statistics (one transaction)."""
+        with self.write("record access history") as conn:
+            conn.executemany(INSERT_ACCESS, log)
+            conn.executemany(UPSERT_STATS, stats)
+            conn.executemany(UPSERT_SUCCESSOR, successors)
+            conn.execute(TRIM_ACCESS, (max_rows,))
+
+    def block_stats(self, key: str) -> dict[str, Any] | None:
+        """The statistics row of ``key``."""
+        row = self.query_one(GET_STATS, (key,))
+        if row is None:
+            return None
+        names = ("access_count", "get_count", "put_count", "hits_l1", "hits_l2", "hits_l3", "first_access",
+                 "last_access", "interarrival_ewma")
+        return dict(zip(names, row, strict=True))
+
+    def history(self, key: str | None, limit: int) -> list[tuple[float, str, str, str | None]]:
+        """The newest ``limit`` accesses (of ``key``), newest first."""
+        if key is None:
+            return [tuple(r) for r in self.query(RECENT_ACCESS, (limit,))]
+        return [tuple(r) for r in self.query(RECENT_ACCESS_KEY, (key, limit))]
+
+    def journal_size(self) -> int:
+        """Moves recorded as in flight."""
+        return int(self.query_one(JOURNAL_COUNT)[0])
+
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        with self._lock:
+            try:
+                if not self.readonly:
+                    self._conn.execute("PRAGMA optimize")
+                self._conn.close()
+            except sqlite3.Error:
+                pass
+
+
+def _prefix_upper_bound(prefix: str) -> str | None:
+    """The smallest string greater than every string starting with ``prefix`` (None if there is none)."""
+    chars = list(prefix)
+    while chars:
+        last = ord(chars.pop())
+        if last < 0x10FFFF:
+            nxt = last + 1
+            if 0xD800 <= nxt <= 0xDFFF:
+                nxt = 0xE000
+            return "".join(chars) + chr(nxt)
+    return None
+
+
+def now() -> float:
+    """Wall-clock time for catalog timestamps."""
+    return time.time()

@@ -1,0 +1,181 @@
+"""``CacheConfig``: every knob of the store, parsed and validated once.
+
+Sizes accept ints (bytes) or strings such as ``"512MiB"``, ``"2 GB"`` or
+``"1.5GiB"``. Every field of the original request's ``CacheConfig`` is here
+under its original name; tierstore's own additions follow them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["CacheConfig", "parse_size", "format_size", "EVICTION_POLICIES"]
+
+EVICTION_POLICIES = ("lru", "fifo", "lfu", "predictive")
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "kib": 1 << 10,
+    "m": 1000**2, "mb": 1000**2, "mib": 1 << 20,
+    "g": 1000**3, "gb": 1000**3, "gib": 1 << 30,
+    "t": 1000**4, "tb": 1000**4, "tib": 1 << 40,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: int | str, *, name: str = "size") -> int:
+    """Return ``value`` in bytes; accepts ints and strings like ``"512MiB"``."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{name} must be a size in bytes or a string like '512MiB', not {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{name} must be >= 0 bytes, got {value}")
+        return value
+    if isinstance(value, float) and value.is_integer() and value >= 0:
+        return int(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} must be an int or a string like '512MiB', not {type(value).__name__}")
+    match = _SIZE_RE.match(value)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ConfigError(
+            f"{name}={value!r} is not a size; write bytes as an int or a string such as "
+            "'4096', '512MiB', '2GiB' or '1.5 GB'"
+        )
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def format_size(nbytes: float) -> str:
+    """``1536`` -> ``'1.5 KiB'``."""
+    value = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+_CODEC_RE = re.compile(r"^(off|none|raw|auto|zstd|shuffle-zstd|bytegroup-zstd|blosc-lz4)(?::(-?[0-9]+))?$")
+
+
+def _normalize_compression(value: bool | str) -> str:
+    if value is True:
+        return "auto"
+    if value is False or value is None:
+        return "off"
+    if not isinstance(value, str):
+        raise ConfigError(f"l3_compression must be a bool or a codec name, not {type(value).__name__}")
+    text = value.strip().lower()
+    match = _CODEC_RE.match(text)
+    if match is None:
+        raise ConfigError(
+            f"l3_compression={value!r} is not a codec; use True/'auto', False/'off', 'zstd[:LEVEL]', "
+            "'shuffle-zstd[:LEVEL]' (byte-grouped), or 'blosc-lz4'"
+        )
+    name, level = match.group(1), match.group(2)
+    name = {"none": "off", "raw": "off", "bytegroup-zstd": "shuffle-zstd"}.get(name, name)
+    if level is not None:
+        if name not in ("zstd", "shuffle-zstd"):
+            raise ConfigError(f"l3_compression={value!r}: only zstd codecs take a level")
+        if not -7 <= int(level) <= 22:
+            raise ConfigError(f"l3_compression={value!r}: zstd level must be in -7..22")
+        return f"{name}:{int(level)}"
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """Sizes, policies and thresholds for a store.
+
+    The first group of fields is the original request's ``CacheConfig``,
+    under the same names; sizes may be given as ``"512MiB"``-style strings.
+    ``l1_cache_size=None`` means "decide from the hardware" (off without a
+    GPU); ``l3_cache_size=None`` means "bounded only by the disk".
+    """
+
+    l1_cache_size: int | None = None
+    l2_cache_size: int = 256 << 20
+    l3_cache_size: int | None = None
+
+    l1_eviction_policy: str = "lru"
+    l2_eviction_policy: str = "lru"
+    l3_eviction_policy: str = "fifo"
+
+    l2_pin_memory: bool = True
+    l3_compression: bool | str = True
+
+    migration_threshold_high_freq: int = 4
+    migration_threshold_medium_freq: int = 2
+    migration_time_threshold: float = 600.0
+
+    prediction_window: int = 200
+    prediction_threshold: float = 0.7
+
+    # tierstore's own knobs
+    l1_device: str | None = None
+    """Device of the L1 pool (``"cuda"``, ``"cuda:1"``, or ``"cpu"`` for tests); None: first GPU."""
+    l2_file_backed: bool = False
+    """Back L2 with ``<store>/l2.slab`` so a restarted process starts warm."""
+    fsync: bool = True
+    """fsync data and directories before commits. Turn off only for throwaway stores."""
+    history_max_rows: int = 1_000_000
+    """Cap on rows kept in the catalog's access log (oldest dropped first)."""
+    history_flush_interval: float = 1.0
+    """Seconds between background writes of the in-memory access record."""
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        if self.l1_cache_size is not None:
+            set_(self, "l1_cache_size", parse_size(self.l1_cache_size, name="l1_cache_size"))
+        set_(self, "l2_cache_size", parse_size(self.l2_cache_size, name="l2_cache_size"))
+        if self.l3_cache_size is not None:
+            set_(self, "l3_cache_size", parse_size(self.l3_cache_size, name="l3_cache_size"))
+        for name in ("l1_eviction_policy", "l2_eviction_policy", "l3_eviction_policy"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or value.lower() not in EVICTION_POLICIES:
+                raise ConfigError(f"{name}={value!r}; choose one of {', '.join(EVICTION_POLICIES)}")
+            set_(self, name, value.lower())
+        for name in ("l2_pin_memory", "l2_file_backed", "fsync"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, not {getattr(self, name)!r}")
+        set_(self, "l3_compression", _normalize_compression(self.l3_compression))
+        for name in ("migration_threshold_high_freq", "migration_threshold_medium_freq",
+                     "prediction_window", "history_max_rows"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
+        if self.migration_threshold_medium_freq > self.migration_threshold_high_freq:
+            raise ConfigError(
+                "migration_threshold_medium_freq must not exceed migration_threshold_high_freq "
+                f"({self.migration_threshold_medium_freq} > {self.migration_threshold_high_freq})"
+            )
+        for name in ("migration_time_threshold", "history_flush_interval"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"{name} must be a number of seconds > 0, got {value!r}")
+            set_(self, name, float(value))
+        value = self.prediction_threshold
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ConfigError(f"prediction_threshold must be a probability in [0, 1], got {value!r}")
+        set_(self, "prediction_threshold", float(value))
+        if self.l1_device is not None and not isinstance(self.l1_device, str):
+            raise ConfigError(f"l1_device must be a device string such as 'cuda:0', not {self.l1_device!r}")
+
+    def replace(self, **changes: Any) -> CacheConfig:
+        """A copy with ``changes`` applied (and validated)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ConfigError(
+                f"unknown CacheConfig field(s): {', '.join(sorted(unknown))}; "
+                f"known: {', '.join(f.name for f in dataclasses.fields(self))}"
+            )
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as plain JSON-able values."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

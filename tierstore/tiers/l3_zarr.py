@@ -1,0 +1,478 @@
+"""L3: the durable tier, a compressed Zarr v3 hierarchy on the local disk.
+
+Layout under ``<store>/l3`` (every folder is a zarr v3 group or array, so
+``zarr.open_group`` reads it as is)::
+
+    zarr.json                       group
+    packs/<codec>/zarr.json         one uint8 array per codec for small blocks
+    packs/<codec>/<n>               shard n: 4 KiB inner chunks, appended to in place
+    blocks/<block id>/zarr.json     one uint8 array per large block
+    blocks/<block id>/0             its single shard: ~1 MiB inner chunks
+
+Everything is a *sharded* array so that one file holds many independently
+compressed chunks and an index at its end (zarr's ``sharding_indexed``).
+Small blocks are appended to the active shard of their codec's pack: an
+append writes the new chunks, then (at ``prepare``) a fresh index after them,
+so the file stays a valid shard after every commit and a torn append is cut
+off on recovery by truncating to the length the catalog committed.
+
+File names come from block ids and shard numbers, never from keys. This
+module knows nothing of the catalog: the store tells it what is committed.
+Zarr's own I/O is not on the hot path (it costs a metadata file per array and
+milliseconds per call); reads are one ``pread`` of contiguous chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import threading
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import crc32c
+import numpy as np
+
+from ..errors import CorruptBlockError
+from .l3_codecs import MIN_RATIO, RAW, Codec, codec_from_id
+
+__all__ = ["GRANULE", "PACK_SLOTS", "PACK_MAX", "Location", "RecoveryReport", "ZarrL3"]
+
+GRANULE = 4096
+"""Inner chunk of a pack: small blocks take whole granules."""
+PACK_SLOTS = 64
+"""Inner chunks per pack shard (a 1 KiB index per append)."""
+PACK_MAX = GRANULE * PACK_SLOTS
+"""Blocks up to this many bytes are packed; larger ones get an array of their own."""
+ARRAY_CHUNK = 1 << 20
+"""Target inner chunk of a large block: big enough to compress well, small enough to decode in parallel."""
+_EMPTY = np.uint64(2**64 - 1)
+_PACK_SHAPE = PACK_MAX * (1 << 32)
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    """Where a block's encoded bytes are: contiguous chunks in one shard file."""
+
+    array: str
+    """``packs/<codec>`` or ``blocks/<id>``; empty for a zero-byte block (nothing stored)."""
+    shard: int
+    offset: int
+    sizes: tuple[int, ...]
+    """Encoded size of each inner chunk, in file order."""
+    inner: int
+    """Decoded size of one inner chunk."""
+    codec: str
+
+    @property
+    def length(self) -> int:
+        """Encoded bytes on disk."""
+        return sum(self.sizes)
+
+    def sizes_blob(self) -> bytes:
+        """``sizes`` packed for the catalog."""
+        return np.asarray(self.sizes, dtype="<u4").tobytes()
+
+    @staticmethod
+    def sizes_from_blob(blob: bytes) -> tuple[int, ...]:
+        """Inverse of :meth:`sizes_blob`."""
+        return tuple(int(x) for x in np.frombuffer(blob, dtype="<u4"))
+
+
+EMPTY_LOCATION = Location("", 0, 0, (), GRANULE, "raw")
+
+
+@dataclass(slots=True)
+class RecoveryReport:
+    """What :meth:`ZarrL3.recover` found and did."""
+
+    removed_files: list[str] = field(default_factory=list)
+    truncated: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Shard:
+    array: str
+    number: int
+    path: Path
+    fd: int
+    length: int
+    slot: int
+    index: np.ndarray
+    committed_length: int
+    committed_slot: int
+    committed_index: np.ndarray
+    created: bool
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        with _POOL_LOCK:
+            if _POOL is None:
+                _POOL = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
+                                           thread_name_prefix="tierstore-codec")
+    return _POOL
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _write_json(path: Path, doc: dict[str, Any], *, sync: bool) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(doc, fh, indent=1)
+        fh.flush()
+        if sync:
+            os.fdatasync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _array_meta(shape: int, shard: int, inner: int, codec: Codec, kind: str) -> dict[str, Any]:
+    return {
+        "zarr_format": 3,
+        "node_type": "array",
+        "shape": [shape],
+        "data_type": "uint8",
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [shard]}},
+        "chunk_key_encoding": {"name": "v2", "configuration": {"separator": "."}},
+        "fill_value": 0,
+        "codecs": [{"name": "sharding_indexed", "configuration": {
+            "chunk_shape": [inner],
+            "codecs": codec.zarr_codecs(),
+            "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
+            "index_location": "end",
+        }}],
+        "attributes": {"tierstore": {"kind": kind, "codec": codec.id}},
+        "dimension_names": None,
+        "storage_transformers": [],
+    }
+
+
+def _index_bytes(index: np.ndarray) -> bytes:
+    raw = index.astype("<u8", copy=False).tobytes()
+    return raw + crc32c.crc32c(raw).to_bytes(4, "little")
+
+
+class ZarrL3:
+    """The L3 tier of one store. Not thread-safe for writes: the store serialises writers."""
+
+    def __init__(self, store_dir: str | os.PathLike[str], *, fsync: bool = True, readonly: bool = False) -> None:
+        self.root = Path(store_dir) / "l3"
+        self.fsync = fsync
+        self.readonly = readonly
+        self._next_shard: dict[str, int] = {}
+        self._active: dict[str, _Shard] = {}
+        self._touched: dict[tuple[str, int], _Shard] = {}
+        self._new_arrays: list[Path] = []
+        self._dirs_to_sync: set[Path] = set()
+        if not readonly:
+            self._ensure_group(self.root, {"tierstore": {"layout": 1}})
+            self._ensure_group(self.root / "packs", {})
+            self._ensure_group(self.root / "blocks", {})
+
+    # -- layout ---------------------------------------------------------------------------------
+
+    def _ensure_group(self, path: Path, attributes: dict[str, Any]) -> None:
+        meta = path / "zarr.json"
+        if not meta.exists():
+            path.mkdir(parents=True, exist_ok=True)
+            _write_json(meta, {"zarr_format": 3, "node_type": "group", "attributes": attributes},
+                        sync=self.fsync)
+            if self.fsync:
+                _fsync_dir(path)
+                _fsync_dir(path.parent)
+
+    def shard_path(self, array: str, shard: int) -> Path:
+        """The file of ``shard`` in ``array``."""
+        return self.root / array / str(shard)
+
+    def start_shards_after(self, last: dict[str, int]) -> None:
+        """Appends go to fresh shard numbers after those the catalog knows (one per pack)."""
+        for array, number in last.items():
+            self._next_shard[array] = max(self._next_shard.get(array, 0), number + 1)
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def write(self, block_id: int, data: np.ndarray, codec: Codec) -> Location:
+        """Write a block's bytes (flat uint8); durable only after :meth:`prepare` and the catalog commit."""
+        nbytes = data.nbytes
+        if nbytes == 0:
+            return EMPTY_LOCATION
+        if nbytes <= PACK_MAX:
+            return self._write_packed(data, codec)
+        return self._write_array(block_id, data, codec)
+
+    def _encode_granules(self, data: np.ndarray, codec: Codec) -> list[Any]:
+        count = -(-data.nbytes // GRANULE)
+        pieces: list[Any] = [codec.encode(data[i * GRANULE:(i + 1) * GRANULE]) for i in range(count - 1)]
+        tail = data[(count - 1) * GRANULE:]
+        if tail.nbytes < GRANULE:
+            padded = np.zeros(GRANULE, dtype=np.uint8)
+            padded[:tail.nbytes] = tail
+            tail = padded
+        pieces.append(codec.encode(tail))
+        return pieces
+
+    def _write_packed(self, data: np.ndarray, codec: Codec) -> Location:
+        pieces = self._encode_granules(data, codec)
+        if codec is not RAW and sum(len(p) for p in pieces) * MIN_RATIO > data.nbytes:
+            codec = RAW
+            pieces = self._encode_granules(data, RAW)
+        shard = self._active_shard(codec, len(pieces))
+        offset = shard.length
+        sizes = tuple(len(p) for p in pieces)
+        written = os.pwritev(shard.fd, pieces, offset)
+        if written != sum(sizes):
+            raise OSError(f"short write to {shard.path}: {written} of {sum(sizes)} bytes")
+        starts = offset + np.concatenate(([0], np.cumsum(sizes[:-1], dtype=np.int64)))
+        shard.index[shard.slot:shard.slot + len(sizes), 0] = starts
+        shard.index[shard.slot:shard.slot + len(sizes), 1] = sizes
+        shard.slot += len(sizes)
+        shard.length += written
+        self._touched[(shard.array, shard.number)] = shard
+        return Location(f"packs/{codec.id}", shard.number, offset, sizes, GRANULE, codec.id)
+
+    def _active_shard(self, codec: Codec, slots: int) -> _Shard:
+        array = f"packs/{codec.id}"
+        shard = self._active.get(array)
+        if shard is not None and shard.slot + slots <= PACK_SLOTS:
+            return shard
+        folder = self.root / array
+        if not (folder / "zarr.json").exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            _write_json(folder / "zarr.json", _array_meta(_PACK_SHAPE, PACK_MAX, GRANULE, codec, "pack"),
+                        sync=self.fsync)
+            self._dirs_to_sync.update((folder, folder.parent))
+        number = self._next_shard.get(array, 0)
+        self._next_shard[array] = number + 1
+        path = folder / str(number)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        index = np.full((PACK_SLOTS, 2), _EMPTY, dtype=np.uint64)
+        shard = _Shard(array, number, path, fd, 0, 0, index, 0, 0, index.copy(), True)
+        self._active[array] = shard
+        self._dirs_to_sync.add(folder)
+        return shard
+
+    def _write_array(self, block_id: int, data: np.ndarray, codec: Codec) -> Location:
+        nbytes = data.nbytes
+        count = -(-nbytes // ARRAY_CHUNK)
+        per_chunk = -(-nbytes // count)
+        inner = -(-per_chunk // GRANULE) * GRANULE
+        chunks = [data[i * inner:(i + 1) * inner] for i in range(count)]
+        pad = count * inner - nbytes
+        if pad:
+            last = np.zeros(inner, dtype=np.uint8)
+            last[:chunks[-1].nbytes] = chunks[-1]
+            chunks[-1] = last
+        pieces: list[Any]
+        if codec is not RAW and len(codec.encode(chunks[0])) * MIN_RATIO > inner:
+            codec = RAW  # the first chunk says compression will not pay
+        if codec is RAW:
+            pieces = chunks
+        else:
+            pieces = list(_pool().map(codec.encode, chunks)) if count > 1 else [codec.encode(chunks[0])]
+        sizes = tuple(len(p) for p in pieces)
+        folder = self.root / "blocks" / f"{block_id:016x}"
+        folder.mkdir()
+        self._new_arrays.append(folder)
+        path = folder / "0"
+        index = np.empty((count, 2), dtype=np.uint64)
+        index[:, 1] = sizes
+        index[:, 0] = np.concatenate(([0], np.cumsum(sizes[:-1], dtype=np.int64)))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            total = sum(sizes)
+            if os.pwritev(fd, [*pieces, _index_bytes(index)], 0) != total + count * 16 + 4:
+                raise OSError(f"short write to {path}")
+            if self.fsync:
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        _write_json(folder / "zarr.json", _array_meta(nbytes, count * inner, inner, codec, "block"),
+                    sync=self.fsync)
+        self._dirs_to_sync.update((folder, folder.parent))
+        return Location(f"blocks/{block_id:016x}", 0, 0, sizes, inner, codec.id)
+
+    def prepare(self) -> dict[tuple[str, int], int]:
+        """Make everything written since the last commit durable; return the shard lengths to commit."""
+        lengths: dict[tuple[str, int], int] = {}
+        for key, shard in self._touched.items():
+            tail = _index_bytes(shard.index)  # the shard stays a valid zarr shard after every commit
+            os.pwrite(shard.fd, tail, shard.length)
+            shard.length += len(tail)
+            if self.fsync:
+                os.fdatasync(shard.fd)
+            lengths[key] = shard.length
+        if self.fsync:
+            for folder in sorted(self._dirs_to_sync, key=lambda p: len(p.parts), reverse=True):
+                _fsync_dir(folder)
+        self._dirs_to_sync.clear()
+        return lengths
+
+    def commit(self) -> None:
+        """The catalog committed what :meth:`prepare` returned: forget how to undo it."""
+        for shard in self._touched.values():
+            shard.committed_length = shard.length
+            shard.committed_slot = shard.slot
+            shard.committed_index = shard.index.copy()
+            shard.created = False
+            if self._active.get(shard.array) is not shard:
+                os.close(shard.fd)
+        self._touched.clear()
+        self._new_arrays.clear()
+
+    def rollback(self) -> None:
+        """Undo every write since the last commit (the catalog did not commit them)."""
+        for shard in list(self._touched.values()):
+            if shard.created:
+                os.close(shard.fd)
+                shard.path.unlink(missing_ok=True)
+                if self._active.get(shard.array) is shard:
+                    del self._active[shard.array]
+                continue
+            os.ftruncate(shard.fd, shard.committed_length)
+            shard.length = shard.committed_length
+            shard.slot = shard.committed_slot
+            shard.index = shard.committed_index.copy()
+            if self._active.get(shard.array) is not shard:
+                os.close(shard.fd)
+        self._touched.clear()
+        for folder in self._new_arrays:
+            shutil.rmtree(folder, ignore_errors=True)
+        self._new_arrays.clear()
+        self._dirs_to_sync.clear()
+
+    def free(self, locations: Iterable[Location]) -> None:
+        """Release committed blocks that no row points at any more (after the catalog commit)."""
+        for loc in locations:
+            if loc.array.startswith("blocks/"):
+                shutil.rmtree(self.root / loc.array, ignore_errors=True)
+        # packed bytes stay as dead space in their shard until compaction rewrites it
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def read_into(self, loc: Location, out: np.ndarray) -> None:
+        """Decode the block at ``loc`` into ``out`` (flat uint8 of the block's exact size).
+
+        Raises ``FileNotFoundError`` when the shard file is gone (the caller decides whether the
+        catalog moved on or the data is lost) and ``CorruptBlockError`` when bytes are damaged.
+        """
+        if not loc.sizes:
+            return
+        path = self.shard_path(loc.array, loc.shard)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            data = os.pread(fd, loc.length, loc.offset)
+        finally:
+            os.close(fd)
+        if len(data) != loc.length:
+            raise CorruptBlockError(f"{path} is truncated: {len(data)} of {loc.length} bytes at "
+                                    f"offset {loc.offset}", path=str(path), tier="L3")
+        self._decode(loc, memoryview(data), out, path)
+
+    def _decode(self, loc: Location, data: memoryview, out: np.ndarray, path: Path) -> None:
+        codec = codec_from_id(loc.codec)
+        inner, nbytes = loc.inner, out.nbytes
+        starts = [0, *np.cumsum(loc.sizes[:-1]).tolist()] if len(loc.sizes) > 1 else [0]
+
+        def one(i: int) -> None:
+            piece = data[starts[i]:starts[i] + loc.sizes[i]]
+            lo = i * inner
+            if lo + inner <= nbytes:
+                codec.decode_into(piece, out[lo:lo + inner])
+            else:
+                scratch = np.empty(inner, dtype=np.uint8)
+                codec.decode_into(piece, scratch)
+                out[lo:] = scratch[:nbytes - lo]
+
+        try:
+            if len(loc.sizes) > 2 and loc.codec != "raw":
+                list(_pool().map(one, range(len(loc.sizes))))
+            else:
+                for i in range(len(loc.sizes)):
+                    one(i)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise CorruptBlockError(f"{path}: chunk does not decode ({exc})", path=str(path), tier="L3") from None
+
+    # -- recovery -------------------------------------------------------------------------------
+
+    def recover(self, shard_lengths: dict[tuple[str, int], int], live_arrays: set[str]) -> RecoveryReport:
+        """Bring the files in line with what the catalog committed (writer only, at open).
+
+        Shard files the catalog does not know are orphans of an uncommitted write and go; a shard
+        longer than committed had a torn append and is cut back; a known file that is missing or
+        short is reported, never invented.
+        """
+        report = RecoveryReport()
+        packs = self.root / "packs"
+        seen: set[tuple[str, int]] = set()
+        for folder in sorted(p for p in packs.iterdir() if p.is_dir()) if packs.exists() else []:
+            array = f"packs/{folder.name}"
+            for entry in folder.iterdir():
+                if entry.name == "zarr.json":
+                    continue
+                key = (array, int(entry.name)) if entry.name.isdigit() else None
+                if key is None or key not in shard_lengths:
+                    entry.unlink()
+                    report.removed_files.append(str(entry))
+                    continue
+                seen.add(key)
+                size, want = entry.stat().st_size, shard_lengths[key]
+                if size > want:
+                    os.truncate(entry, want)
+                    report.truncated.append(str(entry))
+                elif size < want:
+                    report.missing.append(f"{entry} ({size} of {want} bytes)")
+        report.missing.extend(f"{self.shard_path(a, n)}" for a, n in shard_lengths if (a, n) not in seen)
+        blocks = self.root / "blocks"
+        present: set[str] = set()
+        for entry in blocks.iterdir() if blocks.exists() else []:
+            name = f"blocks/{entry.name}"
+            if entry.name == "zarr.json":
+                continue
+            if name not in live_arrays:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+                report.removed_files.append(str(entry))
+            elif (entry / "0").exists():
+                present.add(name)
+                for extra in entry.glob("*.tmp"):
+                    extra.unlink()
+        report.missing.extend(str(self.root / a) for a in sorted(live_arrays - present))
+        if self.fsync and (report.removed_files or report.truncated):
+            _fsync_dir(self.root)
+        return report
+
+    def close(self) -> None:
+        """Close open shard files (uncommitted appends are rolled back first)."""
+        if self._touched and not self.readonly:
+            self.rollback()
+        for shard in self._active.values():
+            try:
+                os.close(shard.fd)
+            except OSError:
+                pass
+        self._active.clear()
+        self._touched.clear()
+
+
+def chunk_count(nbytes: int) -> int:
+    """How many inner chunks a block of ``nbytes`` takes (for stats and planning)."""
+    if nbytes <= PACK_MAX:
+        return -(-nbytes // GRANULE)
+    return math.ceil(nbytes / ARRAY_CHUNK)
