@@ -267,10 +267,15 @@ class Catalog:
         return self.query_one(HAS_BLOCK, (key,)) is not None
 
     def commit_blocks(self, rows: Sequence[BlockRow], deletes: Sequence[str],
-                      shard_lengths: dict[tuple[str, int], int]) -> list[BlockRow]:
-        """Switch in new rows and drop deleted keys in one transaction; return the replaced rows."""
+                      shard_lengths: dict[tuple[str, int], int], next_block_id: int) -> list[BlockRow]:
+        """Switch in new rows and drop deleted keys in one transaction; return the replaced rows.
+
+        ``next_block_id`` is recorded too, so block ids (and so file names) are never reused, even
+        after the highest block is deleted: a reader's cached file can never alias a newer block.
+        """
         replaced: list[BlockRow] = []
         with self.write("commit blocks") as conn:
+            conn.execute(SET_META, ("next_block_id", str(next_block_id)))
             for key in [r.key for r in rows] + list(deletes):
                 old = conn.execute(GET_BLOCK, (key,)).fetchone()
                 if old is not None:
@@ -322,9 +327,14 @@ class Catalog:
         with self.write("forget unused shards") as conn:
             conn.execute(DROP_UNUSED_SHARDS)
 
-    def max_block_id(self) -> int:
-        """The largest block id in use."""
-        return int(self.query_one(MAX_BLOCK_ID)[0])
+    def next_block_id(self) -> int:
+        """The first block id never used in this store."""
+        recorded = self.meta("next_block_id")
+        return max(int(self.query_one(MAX_BLOCK_ID)[0]) + 1, int(recorded) if recorded else 1)
+
+    def data_version(self) -> int:
+        """Changes whenever another connection commits (SQLite's ``PRAGMA data_version``)."""
+        return int(self.query_one("PRAGMA data_version")[0])
 
     def meta(self, name: str) -> str | None:
         """A ``store_meta`` value."""

@@ -47,6 +47,8 @@ from .tiers.l3_zarr import Location, RecoveryReport, ZarrL3
 __all__ = ["TierStore", "BlockInfo", "StoreStats", "open_store"]
 
 CATALOG_NAME = "catalog.sqlite"
+_ROW_CACHE = 1 << 16
+"""Committed rows kept in memory for the hot path (cleared whole when full: simple and O(1))."""
 L3_BIT = 4
 
 
@@ -166,7 +168,11 @@ class TierStore:
         self.recovery = RecoveryReport()
         if not self.readonly:
             self._recover()
-        self._next_block_id = self._catalog.max_block_id() + 1
+        self._next_block_id = self._catalog.next_block_id()
+        self._rows: dict[str, tuple[BlockRow, Location]] = {}
+        self._rows_lock = threading.Lock()
+        self._generation = 0
+        self._data_version = self._catalog.data_version()
         self._count, self._logical_bytes, self._stored_bytes = self._catalog.totals()
         sink = None if self.readonly else self._write_history
         self._recorder = AccessRecorder(sink, interval=self.config.history_flush_interval)
@@ -289,11 +295,17 @@ class TierStore:
             self._l3.rollback()
             raise translate_os_error(exc, what="sync block data", path=self._l3.root) from None
         try:
-            replaced = self._catalog.commit_blocks(rows, deletes, lengths)
+            replaced = self._catalog.commit_blocks(rows, deletes, lengths, self._next_block_id)
         except BaseException:
             self._l3.rollback()
             raise
         self._l3.commit()
+        with self._rows_lock:
+            self._generation += 1
+            for row in rows:
+                self._rows[row.key] = (row, _location(row))
+            for key in deletes:
+                self._rows.pop(key, None)
         existed = {row.key for row in replaced}
         self._count += sum(1 for row in rows if row.key not in existed) - sum(1 for k in deletes if k in existed)
         self._logical_bytes += sum(r.nbytes for r in rows) - sum(r.nbytes for r in replaced)
@@ -368,8 +380,8 @@ class TierStore:
         """
         self._check_open()
         check_key(key)
-        row = self._lookup(key)
-        tensor = self._read(row)
+        row, loc = self._lookup_located(key)
+        tensor = self._read(row, loc)
         self._counts["get"] += 1
         self._hits["L3"] += 1
         self._recorder.record(key, "get", "L3")
@@ -378,16 +390,43 @@ class TierStore:
         return tensor
 
     def _lookup(self, key: str) -> BlockRow:
+        return self._lookup_located(key)[0]
+
+    def _lookup_located(self, key: str) -> tuple[BlockRow, Location]:
+        """The row of ``key`` as this thread sees it, with its L3 location (cached for committed rows)."""
         txn = self._txn()
-        row = txn.pending[key] if txn is not None and key in txn.pending else self._catalog.get_block(key)
+        if txn is not None and key in txn.pending:
+            pending = txn.pending[key]
+            if pending is None:
+                raise BlockNotFoundError(f"no block {key!r} in {self.path}", key=key)
+            return pending, _location(pending)
+        if self.readonly:
+            version = self._catalog.data_version()
+            if version != self._data_version:  # a writer committed: cached rows may be stale
+                with self._rows_lock:
+                    self._rows.clear()
+                    self._generation += 1
+                    self._data_version = version
+        hit = self._rows.get(key)
+        if hit is not None:
+            return hit
+        generation = self._generation
+        row = self._catalog.get_block(key)
         if row is None:
             raise BlockNotFoundError(f"no block {key!r} in {self.path}", key=key)
-        return row
+        located = (row, _location(row))
+        with self._rows_lock:
+            if generation == self._generation:  # no commit raced this lookup
+                if len(self._rows) >= _ROW_CACHE:
+                    self._rows.clear()
+                self._rows[key] = located
+        return located
 
-    def _read(self, row: BlockRow) -> torch.Tensor:
+    def _read(self, row: BlockRow, loc: Location | None = None) -> torch.Tensor:
         buf = np.empty(row.nbytes, dtype=np.uint8)
         for _attempt in range(3):
-            loc = _location(row)
+            if loc is None:
+                loc = _location(row)
             try:
                 self._l3.read_into(loc, buf)
                 break
@@ -401,7 +440,7 @@ class TierStore:
                         f"block {row.key!r}: its data file {self._l3.shard_path(loc.array, loc.shard)} is "
                         "missing; run 'tierstore verify --fix' to drop damaged blocks", key=row.key,
                         path=str(self._l3.shard_path(loc.array, loc.shard)), tier="L3") from None
-                row = newer
+                row, loc = newer, None
                 buf = np.empty(row.nbytes, dtype=np.uint8)
             except CorruptBlockError as exc:
                 raise CorruptBlockError(f"block {row.key!r}: {exc.message}", key=row.key, path=exc.path,

@@ -10,10 +10,13 @@ byte apart from its mantissa bytes, which is what lets bf16 weights compress
 
 from __future__ import annotations
 
+import functools
+import threading
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import zstandard
 from numcodecs import Blosc, Shuffle, Zstd
 
 __all__ = ["Codec", "RAW", "codec_from_id", "choose_codec", "MIN_RATIO"]
@@ -62,10 +65,10 @@ class Codec:
         if self.kind == "raw":
             return chunk
         if self.kind == "zstd":
-            return _zstd(self.level).encode(chunk)  # type: ignore[no-any-return]
+            return _compressor(self.level).compress(chunk)
         if self.kind == "shuffle-zstd":
             shuffled = _shuffle(self.elementsize).encode(chunk)
-            return _zstd(self.level).encode(shuffled)  # type: ignore[no-any-return]
+            return _compressor(self.level).compress(shuffled)
         return _blosc(self.elementsize).encode(chunk)  # type: ignore[no-any-return]
 
     def decode_into(self, data: Any, out: np.ndarray) -> None:
@@ -78,17 +81,47 @@ class Codec:
                 raise ValueError(f"raw chunk is {len(data)} bytes, expected {out.nbytes}")
             out[:] = np.frombuffer(data, dtype=np.uint8)
         elif self.kind == "zstd":
-            _zstd(self.level).decode(data, out=out)
+            if out.nbytes >= _LARGE:
+                _zstd(self.level).decode(data, out=out)  # straight into out, without the GIL
+            else:
+                out[:] = np.frombuffer(_decompress(data, out.nbytes), dtype=np.uint8)
         elif self.kind == "shuffle-zstd":
-            scratch = _zstd(self.level).decode(data)
-            if len(scratch) != out.nbytes:
-                raise ValueError(f"chunk decodes to {len(scratch)} bytes, expected {out.nbytes}")
+            scratch = _decompress(data, out.nbytes)
             _shuffle(self.elementsize).decode(scratch, out=out)
         else:
             _blosc(self.elementsize).decode(data, out=out)
 
 
 RAW = Codec("raw")
+
+_LARGE = 256 << 10
+"""From this chunk size on, numcodecs' zstd (decodes into the output, releases the GIL) beats python-zstandard."""
+_LOCAL = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    # python-zstandard contexts are not thread-safe: one per thread and level. They are ~2x faster
+    # than numcodecs' on small chunks because a context is reused instead of made per call.
+    cache: dict[int, zstandard.ZstdCompressor] | None = getattr(_LOCAL, "compressors", None)
+    if cache is None:
+        cache = _LOCAL.compressors = {}
+    codec = cache.get(level)
+    if codec is None:
+        codec = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    return codec
+
+
+def _decompress(data: Any, size: int) -> bytes:
+    codec: zstandard.ZstdDecompressor | None = getattr(_LOCAL, "decompressor", None)
+    if codec is None:
+        codec = _LOCAL.decompressor = zstandard.ZstdDecompressor()
+    try:
+        out = codec.decompress(data, max_output_size=size)
+    except zstandard.ZstdError as exc:
+        raise ValueError(f"zstd: {exc}") from None
+    if len(out) != size:
+        raise ValueError(f"chunk decodes to {len(out)} bytes, expected {size}")
+    return out
 
 _ZSTD: dict[int, Zstd] = {}
 _SHUFFLE: dict[int, Shuffle] = {}
@@ -116,6 +149,7 @@ def _blosc(typesize: int) -> Blosc:
     return codec
 
 
+@functools.lru_cache(maxsize=64)
 def codec_from_id(codec_id: str) -> Codec:
     """Inverse of ``Codec.id``; raises ``ValueError`` for an unknown id."""
     if codec_id == "raw":

@@ -51,6 +51,8 @@ PACK_MAX = GRANULE * PACK_SLOTS
 """Blocks up to this many bytes are packed; larger ones get an array of their own."""
 ARRAY_CHUNK = 1 << 20
 """Target inner chunk of a large block: big enough to compress well, small enough to decode in parallel."""
+_FD_CACHE = 128
+"""Read descriptors kept open per thread (shard files are append-only, so a cached one never goes stale)."""
 _EMPTY = np.uint64(2**64 - 1)
 _PACK_SHAPE = PACK_MAX * (1 << 32)
 
@@ -174,6 +176,10 @@ class ZarrL3:
 
     def __init__(self, store_dir: str | os.PathLike[str], *, fsync: bool = True, readonly: bool = False) -> None:
         self.root = Path(store_dir) / "l3"
+        self._root = str(self.root)
+        self._local = threading.local()
+        self._fd_caches: list[dict[str, int]] = []
+        self._fd_lock = threading.Lock()
         self.fsync = fsync
         self.readonly = readonly
         self._next_shard: dict[str, int] = {}
@@ -201,6 +207,25 @@ class ZarrL3:
     def shard_path(self, array: str, shard: int) -> Path:
         """The file of ``shard`` in ``array``."""
         return self.root / array / str(shard)
+
+    def _read_fd(self, path: str) -> int:
+        """A cached read-only descriptor of ``path``, per thread (so no thread closes another's)."""
+        cache: dict[str, int] | None = getattr(self._local, "fds", None)
+        if cache is None:
+            cache = self._local.fds = {}
+            with self._fd_lock:
+                self._fd_caches.append(cache)
+        fd = cache.get(path)
+        if fd is None:
+            if len(cache) >= _FD_CACHE:
+                os.close(cache.pop(next(iter(cache))))
+            fd = cache[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        return fd
+
+    def _forget_fd(self, path: str) -> None:
+        cache: dict[str, int] | None = getattr(self._local, "fds", None)
+        if cache is not None and path in cache:
+            os.close(cache.pop(path))
 
     def start_shards_after(self, last: dict[str, int]) -> None:
         """Appends go to fresh shard numbers after those the catalog knows (one per pack)."""
@@ -362,6 +387,7 @@ class ZarrL3:
         """Release committed blocks that no row points at any more (after the catalog commit)."""
         for loc in locations:
             if loc.array.startswith("blocks/"):
+                self._forget_fd(f"{self._root}/{loc.array}/0")
                 shutil.rmtree(self.root / loc.array, ignore_errors=True)
         # packed bytes stay as dead space in their shard until compaction rewrites it
 
@@ -375,21 +401,28 @@ class ZarrL3:
         """
         if not loc.sizes:
             return
-        path = self.shard_path(loc.array, loc.shard)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            data = os.pread(fd, loc.length, loc.offset)
-        finally:
-            os.close(fd)
+        path = f"{self._root}/{loc.array}/{loc.shard}"
+        data = os.pread(self._read_fd(path), loc.length, loc.offset)
         if len(data) != loc.length:
             raise CorruptBlockError(f"{path} is truncated: {len(data)} of {loc.length} bytes at "
                                     f"offset {loc.offset}", path=str(path), tier="L3")
         self._decode(loc, memoryview(data), out, path)
 
-    def _decode(self, loc: Location, data: memoryview, out: np.ndarray, path: Path) -> None:
+    def _decode(self, loc: Location, data: memoryview, out: np.ndarray, path: str) -> None:
         codec = codec_from_id(loc.codec)
         inner, nbytes = loc.inner, out.nbytes
-        starts = [0, *np.cumsum(loc.sizes[:-1]).tolist()] if len(loc.sizes) > 1 else [0]
+        if len(loc.sizes) == 1:  # the common small block: one granule, no bookkeeping
+            try:
+                if nbytes == inner:
+                    codec.decode_into(data, out)
+                else:
+                    scratch = np.empty(inner, dtype=np.uint8)
+                    codec.decode_into(data, scratch)
+                    out[:] = scratch[:nbytes]
+            except (RuntimeError, ValueError, TypeError) as exc:
+                raise CorruptBlockError(f"{path}: chunk does not decode ({exc})", path=path, tier="L3") from None
+            return
+        starts = [0, *np.cumsum(loc.sizes[:-1]).tolist()]
 
         def one(i: int) -> None:
             piece = data[starts[i]:starts[i] + loc.sizes[i]]
@@ -408,7 +441,7 @@ class ZarrL3:
                 for i in range(len(loc.sizes)):
                     one(i)
         except (RuntimeError, ValueError, TypeError) as exc:
-            raise CorruptBlockError(f"{path}: chunk does not decode ({exc})", path=str(path), tier="L3") from None
+            raise CorruptBlockError(f"{path}: chunk does not decode ({exc})", path=path, tier="L3") from None
 
     # -- recovery -------------------------------------------------------------------------------
 
@@ -469,6 +502,14 @@ class ZarrL3:
                 pass
         self._active.clear()
         self._touched.clear()
+        with self._fd_lock:
+            for cache in self._fd_caches:
+                for fd in cache.values():
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+                cache.clear()
 
 
 def chunk_count(nbytes: int) -> int:
