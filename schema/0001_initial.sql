@@ -28,6 +28,8 @@ CREATE TABLE blocks (
     updated      REAL NOT NULL               -- unix time of the last put of this key
 ) WITHOUT ROWID;
 CREATE INDEX blocks_by_type ON blocks (dtype, shape, updated);
+CREATE INDEX blocks_by_location ON blocks (l3_array, l3_shard);
+CREATE INDEX blocks_volatile ON blocks (key) WHERE durable = 0;
 
 -- Committed length of every L3 shard file; anything past it is a torn append.
 CREATE TABLE shards (

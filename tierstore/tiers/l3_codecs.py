@@ -65,7 +65,7 @@ class Codec:
         if self.kind == "raw":
             return chunk
         if self.kind == "zstd":
-            return _compressor(self.level).compress(chunk)
+            return _compressor(self.level).compress(chunk.data)
         if self.kind == "shuffle-zstd":
             shuffled = _shuffle(self.elementsize).encode(chunk)
             return _compressor(self.level).compress(shuffled)

@@ -50,6 +50,8 @@ PACK_SLOTS = 64
 PACK_MAX = GRANULE * PACK_SLOTS
 """Blocks up to this many bytes are packed; larger ones get an array of their own."""
 ARRAY_CHUNK = 1 << 20
+_BATCH = 64
+"""Chunks encoded, written or read at a time for a large block: bounds the memory beside the block."""
 """Target inner chunk of a large block: big enough to compress well, small enough to decode in parallel."""
 _FD_CACHE = 128
 """Read descriptors kept open per thread (shard files are append-only, so a cached one never goes stale)."""
@@ -299,32 +301,40 @@ class ZarrL3:
         count = -(-nbytes // ARRAY_CHUNK)
         per_chunk = -(-nbytes // count)
         inner = -(-per_chunk // GRANULE) * GRANULE
-        chunks = [data[i * inner:(i + 1) * inner] for i in range(count)]
-        pad = count * inner - nbytes
-        if pad:
-            last = np.zeros(inner, dtype=np.uint8)
-            last[:chunks[-1].nbytes] = chunks[-1]
-            chunks[-1] = last
-        pieces: list[Any]
-        if codec is not RAW and len(codec.encode(chunks[0])) * MIN_RATIO > inner:
+
+        def chunk(i: int) -> np.ndarray:
+            piece = data[i * inner:(i + 1) * inner]
+            if piece.nbytes < inner:  # zarr decodes every inner chunk to full size: pad the last one
+                padded = np.zeros(inner, dtype=np.uint8)
+                padded[:piece.nbytes] = piece
+                piece = padded
+            return piece
+
+        if codec is not RAW and len(codec.encode(chunk(0))) * MIN_RATIO > inner:
             codec = RAW  # the first chunk says compression will not pay
-        if codec is RAW:
-            pieces = chunks
-        else:
-            pieces = list(_pool().map(codec.encode, chunks)) if count > 1 else [codec.encode(chunks[0])]
-        sizes = tuple(len(p) for p in pieces)
         folder = self.root / "blocks" / f"{block_id:016x}"
         folder.mkdir()
         self._new_arrays.append(folder)
         path = folder / "0"
-        index = np.empty((count, 2), dtype=np.uint64)
-        index[:, 1] = sizes
-        index[:, 0] = np.concatenate(([0], np.cumsum(sizes[:-1], dtype=np.int64)))
+        sizes: list[int] = []
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            total = sum(sizes)
-            if os.pwritev(fd, [*pieces, _index_bytes(index)], 0) != total + count * 16 + 4:
-                raise OSError(f"short write to {path}")
+            offset = 0
+            for first in range(0, count, _BATCH):  # bounded memory: at most a batch of encoded chunks
+                indices = range(first, min(first + _BATCH, count))
+                if codec is RAW:
+                    pieces: list[Any] = [chunk(i) for i in indices]
+                else:
+                    pieces = list(_pool().map(lambda i: codec.encode(chunk(i)), indices))
+                written = os.pwritev(fd, pieces, offset)
+                if written != sum(len(p) for p in pieces):
+                    raise OSError(f"short write to {path}")
+                sizes.extend(len(p) for p in pieces)
+                offset += written
+            index = np.empty((count, 2), dtype=np.uint64)
+            index[:, 1] = sizes
+            index[:, 0] = np.concatenate(([0], np.cumsum(sizes[:-1], dtype=np.int64)))
+            os.pwrite(fd, _index_bytes(index), offset)
             if self.fsync:
                 os.fdatasync(fd)
         finally:
@@ -332,7 +342,7 @@ class ZarrL3:
         _write_json(folder / "zarr.json", _array_meta(nbytes, count * inner, inner, codec, "block"),
                     sync=self.fsync)
         self._dirs_to_sync.update((folder, folder.parent))
-        return Location(f"blocks/{block_id:016x}", 0, 0, sizes, inner, codec.id)
+        return Location(f"blocks/{block_id:016x}", 0, 0, tuple(sizes), inner, codec.id)
 
     def prepare(self) -> dict[tuple[str, int], int]:
         """Make everything written since the last commit durable; return the shard lengths to commit."""
@@ -402,11 +412,34 @@ class ZarrL3:
         if not loc.sizes:
             return
         path = f"{self._root}/{loc.array}/{loc.shard}"
-        data = os.pread(self._read_fd(path), loc.length, loc.offset)
-        if len(data) != loc.length:
-            raise CorruptBlockError(f"{path} is truncated: {len(data)} of {loc.length} bytes at "
-                                    f"offset {loc.offset}", path=str(path), tier="L3")
-        self._decode(loc, memoryview(data), out, path)
+        fd = self._read_fd(path)
+        if len(loc.sizes) <= _BATCH:
+            self._read_chunks(fd, path, loc, 0, len(loc.sizes), loc.offset, out)
+            return
+        offset = loc.offset
+        for first in range(0, len(loc.sizes), _BATCH):  # bounded memory for huge blocks
+            last = min(first + _BATCH, len(loc.sizes))
+            self._read_chunks(fd, path, loc, first, last, offset, out)
+            offset += sum(loc.sizes[first:last])
+
+    def _read_chunks(self, fd: int, path: str, loc: Location, first: int, last: int, offset: int,
+                     out: np.ndarray) -> None:
+        length = sum(loc.sizes[first:last])
+        lo, hi = first * loc.inner, min(last * loc.inner, out.nbytes)
+        if loc.codec == "raw":  # no decoding: read straight into the output
+            buffers: list[Any] = [out[lo:hi]]
+            if last * loc.inner > hi:
+                buffers.append(bytearray(last * loc.inner - hi))
+            got = os.preadv(fd, buffers, offset)
+        else:
+            data = os.pread(fd, length, offset)
+            got = len(data)
+        if got != length:
+            raise CorruptBlockError(f"{path} is truncated: {got} of {length} bytes at offset {offset}",
+                                    path=path, tier="L3")
+        if loc.codec != "raw":
+            sub = Location(loc.array, loc.shard, offset, loc.sizes[first:last], loc.inner, loc.codec)
+            self._decode(sub, memoryview(data), out[lo:hi], path)
 
     def _decode(self, loc: Location, data: memoryview, out: np.ndarray, path: str) -> None:
         codec = codec_from_id(loc.codec)
