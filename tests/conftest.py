@@ -27,5 +27,5 @@ def store_path(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def db(store_path: Path) -> Iterator[tierstore.TierStore]:
-    with tierstore.open(store_path) as handle:
+    with tierstore.open(store_path, l2_cache_size="16MiB") as handle:
         yield handle

@@ -34,7 +34,7 @@ class StoreMachine(RuleBasedStateMachine):
     @initialize()
     def start(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="ts-state-"))
-        self.db = tierstore.open(self.dir / "s", fsync=False)
+        self.db = tierstore.open(self.dir / "s", fsync=False, l2_cache_size="4MiB")
         self.model: dict[str, torch.Tensor] = {}
         self.seed = 0
 
@@ -99,7 +99,7 @@ class StoreMachine(RuleBasedStateMachine):
     @rule()
     def reopen(self) -> None:
         self.db.close()
-        self.db = tierstore.open(self.dir / "s", fsync=False)
+        self.db = tierstore.open(self.dir / "s", fsync=False, l2_cache_size="4MiB")
 
     @invariant()
     def same_keys(self) -> None:

@@ -92,7 +92,7 @@ def test_info_and_stats(db: tierstore.TierStore) -> None:
     db.get("w")
     info = db.info("w")
     assert info.dtype == torch.bfloat16 and info.shape == (2048, 256) and info.nbytes == t.numel() * 2
-    assert info.tiers == ("L3",) and info.durable
+    assert info.tiers == ("L2", "L3") and info.durable  # a put lands in L2 and, durable, in L3
     assert info.access_count == 3  # one put, two gets
     assert 0 < info.stored_bytes < info.nbytes  # bf16 compresses
     stats = db.stats()

@@ -48,6 +48,7 @@ ON CONFLICT(key) DO UPDATE SET
 DELETE_BLOCK = "DELETE FROM blocks WHERE key = ?"
 COUNT_BLOCKS = "SELECT count(*), coalesce(sum(nbytes), 0), coalesce(sum(stored_bytes), 0) FROM blocks"
 KEYS_PAGE = "SELECT key FROM blocks WHERE key > ? ORDER BY key LIMIT ?"
+KEYS_FROM_PAGE = "SELECT key FROM blocks WHERE key >= ? ORDER BY key LIMIT ?"
 KEYS_PREFIX_PAGE = "SELECT key FROM blocks WHERE key > ? AND key >= ? AND key < ? ORDER BY key LIMIT ?"
 FIND_BY_TYPE = "SELECT key FROM blocks WHERE dtype = ? AND shape = ? ORDER BY updated DESC LIMIT ?"
 MAX_BLOCK_ID = "SELECT coalesce(max(block_id), 0) FROM blocks"
@@ -295,8 +296,9 @@ class Catalog:
         if prefix is None:
             return [r[0] for r in self.query(KEYS_PAGE, (after, limit))]
         high = _prefix_upper_bound(prefix)
-        if high is None:
-            rows = self.query(KEYS_PAGE, (max(after, prefix), limit))
+        if high is None:  # the prefix ends in U+10FFFF: no string bounds it from above
+            rows = self.query(KEYS_PAGE, (after, limit)) if after >= prefix else self.query(
+                KEYS_FROM_PAGE, (prefix, limit))
             return [r[0] for r in rows if r[0].startswith(prefix)]
         return [r[0] for r in self.query(KEYS_PREFIX_PAGE, (after, prefix, high, limit))]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -54,7 +54,7 @@ class AccessRecorder:
 
     def __init__(self, sink: Callable[[list[Access]], None] | None, interval: float = 1.0,
                  max_pending: int = 100_000) -> None:
-        self._buffer: list[Access] = []
+        self._buffer: deque[Access] = deque()  # append and popleft are atomic: no lock on the hot path
         self._sink = sink
         self._interval = interval
         self._max_pending = max_pending
@@ -81,18 +81,18 @@ class AccessRecorder:
     def flush(self) -> None:
         """Write everything recorded so far (no-op for a read-only handle)."""
         if self._sink is None:
-            if len(self._buffer) > self._max_pending:  # read-only: keep memory bounded
-                drop = len(self._buffer) - self._max_pending
-                del self._buffer[:drop]
-                self.dropped += drop
+            while len(self._buffer) > self._max_pending:  # read-only: keep memory bounded
+                self._buffer.popleft()
+                self.dropped += 1
             return
         with self._flush_lock:
-            batch, self._buffer = self._buffer, []
+            take = self._buffer.popleft
+            batch = [take() for _ in range(len(self._buffer))]
             if batch:
                 try:
                     self._sink(batch)
                 except BaseException:
-                    self._buffer[:0] = batch[-self._max_pending:]
+                    self._buffer.extendleft(reversed(batch[-self._max_pending:]))
                     raise
 
     def _run(self) -> None:

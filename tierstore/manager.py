@@ -8,9 +8,10 @@ of this shape and dtype" — a buffer-pool style lookup::
     tensor, level = manager.get_tensor((100, 100), torch.float16)
 
 ``get_tensor`` returns the newest stored block of that shape and dtype with
-the tier it came from, or, when none matches, a fresh zeroed tensor and
-``"new"``. Without a path the manager keeps its store in a temporary folder
-that is removed on ``close()``.
+the tier it came from, or, when none matches, a fresh zeroed tensor drawn
+from the L2 pool (returned to it when garbage-collected) and ``"new"``.
+Without a path the manager keeps its store in a temporary folder that is
+removed on ``close()``.
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ class HierarchicalCacheManager:
         if keys:
             info = self.store.info(keys[0])
             return self.store.get(keys[0]), info.tiers[0] if info.tiers else "L3"
-        return torch.zeros(shape, dtype=dtype), "new"
+        fresh = self.store.allocate(shape, dtype)
+        fresh.zero_()
+        return fresh, "new"
 
     def get_tensor_by_key(self, key: str) -> torch.Tensor:
         """The tensor stored under ``key``."""

@@ -10,13 +10,16 @@ switches them in, then the bytes of replaced versions are freed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from heapq import merge
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,7 @@ from .config import CacheConfig
 from .errors import (
     BlockNotFoundError,
     CorruptBlockError,
+    InvalidKeyError,
     ReadOnlyError,
     StoreClosedError,
     StoreFullError,
@@ -40,15 +44,20 @@ from .errors import (
 )
 from .history import Access, AccessRecorder, summarize
 from .lockfile import WriterLock
+from .residency import Residency, Resident
 from .tensors import check_key, check_tensor, dtype_from_name, dtype_name, tensor_bytes, tensor_from_bytes
+from .tiers.l2_slab import HostArena
 from .tiers.l3_codecs import choose_codec
 from .tiers.l3_zarr import Location, RecoveryReport, ZarrL3
+from .txn import Change, Txn, location_of
 
 __all__ = ["TierStore", "BlockInfo", "StoreStats", "open_store"]
 
 CATALOG_NAME = "catalog.sqlite"
+L2_FILE = "l2.slab"
 _ROW_CACHE = 1 << 16
 """Committed rows kept in memory for the hot path (cleared whole when full: simple and O(1))."""
+L2_BIT = 2
 L3_BIT = 4
 
 
@@ -92,42 +101,6 @@ class StoreStats:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(slots=True)
-class _Txn:
-    """Pending changes of one transaction (owned by one thread)."""
-
-    owner: int
-    pending: dict[str, BlockRow | None] = field(default_factory=dict)
-    undo: list[tuple[str, BlockRow | None, bool]] = field(default_factory=list)
-    garbage: list[Location] = field(default_factory=list)
-
-    def set(self, key: str, row: BlockRow | None) -> None:
-        had = key in self.pending
-        old = self.pending.get(key)
-        self.undo.append((key, old, had))
-        if old is not None:
-            self.garbage.append(_location(old))
-        self.pending[key] = row
-
-    def rollback_to(self, mark: int) -> None:
-        while len(self.undo) > mark:
-            key, old, had = self.undo.pop()
-            current = self.pending.get(key)
-            if current is not None:
-                self.garbage.append(_location(current))
-            if had:
-                self.pending[key] = old
-            else:
-                del self.pending[key]
-
-
-def _location(row: BlockRow) -> Location:
-    if row.l3_array is None or row.l3_sizes is None:
-        return Location("", 0, 0, (), 0, row.codec)
-    return Location(row.l3_array, row.l3_shard or 0, row.l3_offset or 0,
-                    Location.sizes_from_blob(row.l3_sizes), row.l3_inner or 0, row.codec)
-
-
 class TierStore:
     """A handle on one store. Use :func:`tierstore.open` to get one; it is a context manager."""
 
@@ -169,11 +142,17 @@ class TierStore:
         if not self.readonly:
             self._recover()
         self._next_block_id = self._catalog.next_block_id()
+        self._ids_lock = threading.Lock()
         self._rows: dict[str, tuple[BlockRow, Location]] = {}
         self._rows_lock = threading.Lock()
         self._generation = 0
         self._data_version = self._catalog.data_version()
         self._count, self._logical_bytes, self._stored_bytes = self._catalog.totals()
+        self._l2: Residency | None = None
+        if self.config.l2_cache_size > 0:
+            backing = self.path / L2_FILE if self.config.l2_file_backed and not self.readonly else None
+            arena = HostArena(self.config.l2_cache_size, path=backing, pin=self.config.l2_pin_memory)
+            self._l2 = Residency("L2", arena, self.config.l2_eviction_policy)
         sink = None if self.readonly else self._write_history
         self._recorder = AccessRecorder(sink, interval=self.config.history_flush_interval)
 
@@ -234,6 +213,9 @@ class TierStore:
                 pass  # history is best-effort; blocks are already committed
             self._l3.close()
             self._catalog.close()
+            if self._l2 is not None:
+                self._l2.clear()
+                self._l2.arena.close()  # type: ignore[attr-defined]
             if self._lock is not None:
                 self._lock.release()
 
@@ -264,7 +246,7 @@ class TierStore:
         the outermost transaction ends; their reads see the last committed state.
         """
         self._check_writable()
-        txn: _Txn | None = getattr(self._local, "txn", None)
+        txn: Txn | None = getattr(self._local, "txn", None)
         if txn is not None:
             mark = len(txn.undo)
             try:
@@ -275,49 +257,76 @@ class TierStore:
             return
         with self._write_mutex:
             self._check_open()
-            txn = _Txn(threading.get_ident())
+            txn = Txn(threading.get_ident())
             self._local.txn = txn
             try:
                 yield self
             except BaseException:
                 self._local.txn = None
-                self._l3.rollback()
+                self._abort(txn)
                 raise
             self._local.txn = None
             self._commit(txn)
 
-    def _commit(self, txn: _Txn) -> None:
-        rows = [row for row in txn.pending.values() if row is not None]
-        deletes = [key for key, row in txn.pending.items() if row is None]
+    def _abort(self, txn: Txn) -> None:
+        self._l3.rollback()
+        if self._l2 is not None:
+            for change in txn.pending.values():
+                if change.slot is not None:
+                    self._l2.release(change.slot)
+            for slot in txn.dropped_slots:
+                self._l2.release(slot)
+
+    def _commit(self, txn: Txn) -> None:
+        txn.superseded()
+        l2_only = {k for k, c in txn.pending.items() if c.row is not None and c.row.l3_array is None
+                   and c.row.nbytes > 0}
+        rows = [c.row for k, c in txn.pending.items() if c.row is not None and k not in l2_only]
+        deletes = [k for k, c in txn.pending.items() if c.row is None or k in l2_only]
         try:
             lengths = self._l3.prepare()
         except OSError as exc:
-            self._l3.rollback()
+            self._abort(txn)
             raise translate_os_error(exc, what="sync block data", path=self._l3.root) from None
         try:
             replaced = self._catalog.commit_blocks(rows, deletes, lengths, self._next_block_id)
         except BaseException:
-            self._l3.rollback()
+            self._abort(txn)
             raise
         self._l3.commit()
         with self._rows_lock:
             self._generation += 1
             for row in rows:
-                self._rows[row.key] = (row, _location(row))
+                self._rows[row.key] = (row, location_of(row))
             for key in deletes:
                 self._rows.pop(key, None)
         existed = {row.key for row in replaced}
-        self._count += sum(1 for row in rows if row.key not in existed) - sum(1 for k in deletes if k in existed)
+        deleted = [k for k in deletes if k not in l2_only]
+        self._count += sum(1 for row in rows if row.key not in existed) - sum(1 for k in deleted if k in existed)
+        self._count -= sum(1 for k in l2_only if k in existed)
         self._logical_bytes += sum(r.nbytes for r in rows) - sum(r.nbytes for r in replaced)
         self._stored_bytes += sum(r.stored_bytes for r in rows) - sum(r.stored_bytes for r in replaced)
-        self._l3.free([_location(row) for row in replaced] + txn.garbage)
-        for row in rows:
-            self._recorder.record(row.key, "put")
-        for key in deletes:
-            self._recorder.record(key, "delete")
+        self._l3.free([location_of(row) for row in replaced] + txn.garbage)
+        self._settle_l2(txn, l2_only)
+        for key, change in txn.pending.items():
+            self._recorder.record(key, "put" if change.row is not None else "delete")
 
-    def _txn(self) -> _Txn | None:
-        txn: _Txn | None = getattr(self._local, "txn", None)
+    def _settle_l2(self, txn: Txn, l2_only: set[str]) -> None:
+        """After a commit: committed puts become resident, replaced and deleted blocks leave L2."""
+        l2 = self._l2
+        if l2 is None:
+            return
+        for slot in txn.dropped_slots:
+            l2.release(slot)
+        for key, change in txn.pending.items():
+            l2.discard(key)
+            row = change.row
+            if row is not None and change.slot is not None:
+                l2.admit(key, row.block_id, change.slot, dtype_from_name(row.dtype), row.shape, row.checksum,
+                         volatile=key in l2_only)
+
+    def _txn(self) -> Txn | None:
+        txn: Txn | None = getattr(self._local, "txn", None)
         return txn
 
     # -- blocks -------------------------------------------------------------------------------------
@@ -327,7 +336,8 @@ class TierStore:
 
         Outside a transaction the put is its own transaction: when it returns, the block is on
         disk and survives a crash. ``durable=False`` marks a cache-only block (a KV cache entry,
-        say): it is dropped when the store is next opened.
+        say): it stays in memory (L2) and reaches the disk only when evicted from there, and it
+        is dropped when the store is next opened.
         """
         self._check_writable()
         check_key(key)
@@ -340,73 +350,195 @@ class TierStore:
             self._put(txn, key, tensor, durable)
         self._counts["put"] += 1
 
-    def _txn_or_fail(self) -> _Txn:
+    def _txn_or_fail(self) -> Txn:
         txn = self._txn()
         if txn is None:  # pragma: no cover - transaction() always sets it
             raise TransactionError("no transaction is open in this thread")
         return txn
 
-    def _put(self, txn: _Txn, key: str, tensor: torch.Tensor, durable: bool) -> None:
+    def _put(self, txn: Txn, key: str, tensor: torch.Tensor, durable: bool) -> None:
         data = tensor_bytes(tensor)
-        cap = self.config.l3_cache_size
-        if cap is not None and self._stored_bytes + data.nbytes > cap:
-            raise StoreFullError(
-                f"put {key!r}: L3 holds {self._stored_bytes} of l3_cache_size={cap} bytes and the block "
-                f"needs up to {data.nbytes}; delete blocks or raise l3_cache_size", key=key, tier="L3")
         checksum = crc32c.crc32c(data.data)
-        codec = choose_codec(str(self.config.l3_compression), tensor.element_size())
-        block_id = self._next_block_id
-        self._next_block_id += 1
+        slot = None
+        if self._l2 is not None and data.nbytes > 0:
+            slot = self._l2.reserve(data.nbytes, self._spill)
+            if slot is not None:
+                np.copyto(self._l2.arena.as_numpy(slot), data)  # a snapshot: the caller may reuse its tensor
+        block_id = self._new_block_id()
         try:
-            loc = self._l3.write(block_id, data, codec)
-        except OSError as exc:
-            raise translate_os_error(exc, what=f"write block {key!r}", path=self._l3.root, key=key) from None
+            if durable or slot is None:
+                loc = self._write_l3(key, block_id, data, tensor.element_size())
+            else:
+                loc = Location("", 0, 0, (), 0, "raw")  # cache-only and in L2: no disk write now
+        except BaseException:
+            if slot is not None:
+                self._l2.release(slot)  # type: ignore[union-attr]
+            raise
         stamp = now()
-        old = txn.pending.get(key) if key in txn.pending else self._catalog.get_block(key)
+        previous = txn.pending.get(key)
+        old = previous.row if previous is not None else self._committed_row(key)
         row = BlockRow(
             key=key, block_id=block_id, dtype=dtype_name(tensor.dtype), shape=tuple(tensor.shape),
             nbytes=data.nbytes, checksum=checksum, durable=durable, codec=loc.codec,
             l3_array=loc.array or None, l3_shard=loc.shard, l3_offset=loc.offset, l3_sizes=loc.sizes_blob(),
-            l3_inner=loc.inner, stored_bytes=loc.length, tiers=L3_BIT,
+            l3_inner=loc.inner, stored_bytes=loc.length, tiers=(L3_BIT if loc.array else 0) | (L2_BIT if slot else 0),
             created=old.created if old is not None else stamp, updated=stamp)
-        txn.set(key, row)
+        txn.set(key, Change(row, slot))
 
-    def get(self, key: str, device: str | torch.device | None = None) -> torch.Tensor:
+    def _check_l3_room(self, key: str, nbytes: int) -> None:
+        cap = self.config.l3_cache_size
+        if cap is not None and self._stored_bytes + nbytes > cap:
+            raise StoreFullError(
+                f"put {key!r}: L3 holds {self._stored_bytes} of l3_cache_size={cap} bytes and the block "
+                f"needs up to {nbytes}; delete blocks or raise l3_cache_size", key=key, tier="L3")
+
+    def _write_l3(self, key: str, block_id: int, data: np.ndarray, itemsize: int) -> Location:
+        self._check_l3_room(key, data.nbytes)
+        codec = choose_codec(str(self.config.l3_compression), itemsize)
+        try:
+            return self._l3.write(block_id, data, codec)
+        except OSError as exc:
+            raise translate_os_error(exc, what=f"write block {key!r}", path=self._l3.root, key=key) from None
+
+    def _spill(self, entry: Resident) -> bool:
+        """Write a cache-only block leaving L2 to L3, as a cache-only row; False if that failed.
+
+        It runs inside whatever operation needed the room, possibly in the middle of another
+        transaction, so it writes a standalone array and commits its own catalog row: neither
+        joins the open transaction nor is undone by its rollback.
+        """
+        if self._closed or self.readonly:
+            return False
+        data = self._l2.arena.as_numpy(entry.alloc)  # type: ignore[union-attr]
+        block_id = self._new_block_id()
+        try:
+            self._check_l3_room(entry.key, data.nbytes)
+            codec = choose_codec(str(self.config.l3_compression), entry.dtype.itemsize)
+            loc = self._l3.write_now(block_id, data, codec)
+            stamp = now()
+            row = BlockRow(entry.key, block_id, dtype_name(entry.dtype), entry.shape, data.nbytes, entry.checksum,
+                           False, loc.codec, loc.array or None, loc.shard, loc.offset, loc.sizes_blob(), loc.inner,
+                           loc.length, L3_BIT, stamp, stamp)
+            self._catalog.commit_blocks([row], [], {}, self._next_block_id)
+        except (TierStoreError, OSError):
+            return False
+        with self._rows_lock:
+            self._generation += 1
+            self._rows[row.key] = (row, loc)
+        self._count += 1
+        self._logical_bytes += row.nbytes
+        self._stored_bytes += row.stored_bytes
+        self._l2.mark_durable(entry)  # type: ignore[union-attr]
+        return True
+
+    def _new_block_id(self) -> int:
+        with self._ids_lock:
+            block_id = self._next_block_id
+            self._next_block_id += 1
+            return block_id
+
+    def get(self, key: str, device: str | torch.device | None = None, *, copy: bool = False) -> torch.Tensor:
         """The tensor stored under ``key`` (on ``device`` if given).
 
-        The returned tensor is the caller's own: later store activity never changes it.
-        Raises ``BlockNotFoundError`` (a ``KeyError``) for a missing key and
-        ``CorruptBlockError`` when the stored bytes fail their checksum.
+        From L2 the tensor is a zero-copy view whose slot stays reserved for as long as any tensor
+        derived from it lives, so later store activity never changes it; do not modify it in
+        place (pass ``copy=True`` for a tensor of your own). Raises ``BlockNotFoundError`` (a
+        ``KeyError``) for a missing key and ``CorruptBlockError`` when stored bytes are damaged.
         """
         self._check_open()
         check_key(key)
-        row, loc = self._lookup_located(key)
-        tensor = self._read(row, loc)
+        tensor, tier = self._get(key, copy)
         self._counts["get"] += 1
-        self._hits["L3"] += 1
-        self._recorder.record(key, "get", "L3")
+        self._hits[tier] += 1
+        self._recorder.record(key, "get", tier)
         if device is not None:
             tensor = tensor.to(device)
         return tensor
 
-    def _lookup(self, key: str) -> BlockRow:
-        return self._lookup_located(key)[0]
+    def _get(self, key: str, copy: bool) -> tuple[torch.Tensor, str]:
+        l2 = self._l2
+        txn = self._txn()
+        pending = txn.pending.get(key) if txn is not None else None
+        if pending is not None:
+            if pending.row is None:
+                raise BlockNotFoundError(f"no block {key!r} in {self.path}", key=key)
+            if pending.slot is not None and l2 is not None:
+                view = l2.arena.view(pending.slot, dtype_from_name(pending.row.dtype), pending.row.shape)
+                return view.clone(), "L2"
+            return self._read(pending.row, location_of(pending.row)), "L3"
+        if l2 is not None and not self.readonly:  # the writer's L2 only ever holds current versions
+            entry = l2.lookup(key)
+            if entry is not None:
+                return l2.view(entry, copy=copy), "L2"
+        generation = l2.generation if l2 is not None else 0
+        row, loc = self._lookup_located(key)
+        if l2 is not None and self.readonly:
+            entry = l2.lookup(key, row.block_id)
+            if entry is not None:
+                return l2.view(entry, copy=copy), "L2"
+        if l2 is None or row.nbytes == 0:
+            return self._read(row, loc), "L3"
+        slot = l2.reserve(row.nbytes, self._spill)
+        if slot is None:
+            return self._read(row, loc), "L3"
+        try:
+            out = l2.arena.as_numpy(slot)
+            self._read_into(row, loc, out)  # decompress straight into the L2 slot
+        except BaseException:
+            l2.release(slot)
+            raise
+        entry = l2.admit(key, row.block_id, slot, dtype_from_name(row.dtype), row.shape, row.checksum,
+                         generation=generation)
+        if entry is None:  # the block was replaced while we read it: hand out these bytes, cache nothing
+            return tensor_from_bytes(bytearray(out), dtype_from_name(row.dtype), row.shape), "L3"
+        return l2.view(entry, copy=copy), "L3"
 
-    def _lookup_located(self, key: str) -> tuple[BlockRow, Location]:
-        """The row of ``key`` as this thread sees it, with its L3 location (cached for committed rows)."""
+    def _committed_row(self, key: str) -> BlockRow | None:
+        try:
+            return self._lookup_located(key)[0]
+        except BlockNotFoundError:
+            return None
+
+    def _lookup(self, key: str) -> BlockRow:
         txn = self._txn()
         if txn is not None and key in txn.pending:
-            pending = txn.pending[key]
-            if pending is None:
+            row = txn.pending[key].row
+            if row is None:
                 raise BlockNotFoundError(f"no block {key!r} in {self.path}", key=key)
-            return pending, _location(pending)
-        if self.readonly:
-            version = self._catalog.data_version()
-            if version != self._data_version:  # a writer committed: cached rows may be stale
-                with self._rows_lock:
-                    self._rows.clear()
-                    self._generation += 1
-                    self._data_version = version
+            return row
+        entry = self._volatile(key)
+        if entry is not None:
+            return self._volatile_row(entry)
+        return self._lookup_located(key)[0]
+
+    def _volatile(self, key: str) -> Resident | None:
+        l2 = self._l2
+        if l2 is None or key not in l2.volatile_keys:
+            return None
+        entry = l2.entries.get(key)
+        return entry if entry is not None and entry.volatile and not entry.dead else None
+
+    @staticmethod
+    def _volatile_row(entry: Resident) -> BlockRow:
+        return BlockRow(entry.key, entry.block_id, dtype_name(entry.dtype), entry.shape, entry.alloc.nbytes,
+                        entry.checksum, False, "raw", None, None, None, None, None, 0, L2_BIT, 0.0, 0.0)
+
+    def _refresh(self) -> None:
+        """Read-only handles: forget cached rows and totals once a writer has committed."""
+        if not self.readonly:
+            return
+        version = self._catalog.data_version()
+        if version != self._data_version:
+            totals = self._catalog.totals()
+            with self._rows_lock:
+                self._rows.clear()
+                self._generation += 1
+                self._data_version = version
+                self._count, self._logical_bytes, self._stored_bytes = totals
+
+    def _lookup_located(self, key: str) -> tuple[BlockRow, Location]:
+        """The committed row of ``key`` with its L3 location (cached)."""
+        self._refresh()
         hit = self._rows.get(key)
         if hit is not None:
             return hit
@@ -414,7 +546,7 @@ class TierStore:
         row = self._catalog.get_block(key)
         if row is None:
             raise BlockNotFoundError(f"no block {key!r} in {self.path}", key=key)
-        located = (row, _location(row))
+        located = (row, location_of(row))
         with self._rows_lock:
             if generation == self._generation:  # no commit raced this lookup
                 if len(self._rows) >= _ROW_CACHE:
@@ -422,34 +554,50 @@ class TierStore:
                 self._rows[key] = located
         return located
 
-    def _read(self, row: BlockRow, loc: Location | None = None) -> torch.Tensor:
+    def _read(self, row: BlockRow, loc: Location) -> torch.Tensor:
         buf = np.empty(row.nbytes, dtype=np.uint8)
+        row = self._read_into(row, loc, buf)
+        return tensor_from_bytes(buf, dtype_from_name(row.dtype), row.shape)
+
+    def _read_into(self, row: BlockRow, loc: Location, out: np.ndarray) -> BlockRow:
+        """Read and verify ``row``'s bytes into ``out``; returns the row actually read."""
         for _attempt in range(3):
-            if loc is None:
-                loc = _location(row)
             try:
-                self._l3.read_into(loc, buf)
+                self._l3.read_into(loc, out)
                 break
             except FileNotFoundError:
                 newer = self._catalog.get_block(row.key)  # a writer may have replaced it meanwhile
                 if newer is None:
                     raise BlockNotFoundError(f"block {row.key!r} was deleted while being read",
                                              key=row.key) from None
-                if newer.block_id == row.block_id:
+                path = self._l3.shard_path(loc.array, loc.shard)
+                if newer.block_id == row.block_id or newer.nbytes != out.nbytes:
                     raise CorruptBlockError(
-                        f"block {row.key!r}: its data file {self._l3.shard_path(loc.array, loc.shard)} is "
-                        "missing; run 'tierstore verify --fix' to drop damaged blocks", key=row.key,
-                        path=str(self._l3.shard_path(loc.array, loc.shard)), tier="L3") from None
-                row, loc = newer, None
-                buf = np.empty(row.nbytes, dtype=np.uint8)
+                        f"block {row.key!r}: its data file {path} is missing; run 'tierstore verify --fix' "
+                        "to drop damaged blocks", key=row.key, path=str(path), tier="L3") from None
+                row, loc = newer, location_of(newer)
             except CorruptBlockError as exc:
                 raise CorruptBlockError(f"block {row.key!r}: {exc.message}", key=row.key, path=exc.path,
                                         tier="L3") from None
-        if crc32c.crc32c(buf.data) != row.checksum:
+        if crc32c.crc32c(out.data) != row.checksum:
             raise CorruptBlockError(
-                f"block {row.key!r} failed its checksum in L3 ({_location(row).array}); the stored bytes are "
+                f"block {row.key!r} failed its checksum in L3 ({loc.array}); the stored bytes are "
                 "damaged — restore them or run 'tierstore verify --fix'", key=row.key, tier="L3")
-        return tensor_from_bytes(buf, dtype_from_name(row.dtype), row.shape)
+        return row
+
+    def allocate(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised tensor from the L2 pool (ordinary memory if L2 is off or full).
+
+        Its memory goes back to the pool when the tensor and every view of it are collected.
+        """
+        self._check_open()
+        shape = tuple(int(s) for s in shape)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if self._l2 is not None and nbytes > 0:
+            tensor = self._l2.scratch(nbytes, dtype, shape)
+            if tensor is not None:
+                return tensor
+        return torch.empty(shape, dtype=dtype)
 
     def delete(self, key: str) -> None:
         """Remove ``key``; raises ``BlockNotFoundError`` if it is not there."""
@@ -463,29 +611,34 @@ class TierStore:
             self._delete(txn, key)
         self._counts["delete"] += 1
 
-    def _delete(self, txn: _Txn, key: str) -> None:
+    def _delete(self, txn: Txn, key: str) -> None:
         self._lookup(key)
-        txn.set(key, None)
+        txn.set(key, Change(None))
 
     def __contains__(self, key: object) -> bool:
         self._check_open()
-        if not isinstance(key, str):
-            return False
+        try:
+            check_key(key)
+        except InvalidKeyError:
+            return False  # no invalid key can ever be stored
+        assert isinstance(key, str)
         txn = self._txn()
         if txn is not None and key in txn.pending:
-            return txn.pending[key] is not None
-        return self._catalog.has_block(key)
+            return txn.pending[key].row is not None
+        return self._exists(key)
+
+    def _exists(self, key: str) -> bool:
+        return self._volatile(key) is not None or self._catalog.has_block(key)
 
     def __len__(self) -> int:
         self._check_open()
+        self._refresh()
+        count = self._count + (len(self._l2.volatile_keys) if self._l2 is not None else 0)
         txn = self._txn()
-        if txn is None:
-            return self._count
-        delta = 0
-        for key, row in txn.pending.items():
-            committed = self._catalog.has_block(key)
-            delta += (row is not None and not committed) - (row is None and committed)
-        return self._count + delta
+        if txn is not None:
+            for key, change in txn.pending.items():
+                count += (change.row is not None) - self._exists(key)
+        return count
 
     def __iter__(self) -> Iterator[str]:
         return self.keys()
@@ -493,18 +646,22 @@ class TierStore:
     def keys(self, prefix: str | None = None) -> Iterator[str]:
         """Keys in sorted order (those starting with ``prefix`` if given)."""
         self._check_open()
+        volatile = sorted(k for k in (self._l2.volatile_keys if self._l2 is not None else ())
+                          if prefix is None or k.startswith(prefix))
+        keys: Iterator[str] = merge(self._iter_keys(prefix), volatile) if volatile else self._iter_keys(prefix)
         txn = self._txn()
         if txn is not None and txn.pending:
-            committed = set(self._iter_keys(prefix))
-            for key, row in txn.pending.items():
+            present = set(keys)
+            for key, change in txn.pending.items():
                 if prefix is None or key.startswith(prefix):
-                    (committed.add if row is not None else committed.discard)(key)
-            return iter(sorted(committed))
-        return self._iter_keys(prefix)
+                    (present.add if change.row is not None else present.discard)(key)
+            return iter(sorted(present))
+        return keys
 
     def _iter_keys(self, prefix: str | None) -> Iterator[str]:
         after = ""
         while True:
+            self._check_open()
             page = self._catalog.keys_page(after, 1000, prefix)
             yield from page
             if len(page) < 1000:
@@ -524,9 +681,19 @@ class TierStore:
         last = max([stats.get("last_access") or 0.0] + [a[0] for a in pending]) or None
         return BlockInfo(
             key=key, dtype=dtype_from_name(row.dtype), shape=row.shape, nbytes=row.nbytes,
-            tiers=("L3",) if row.l3_array is not None or row.nbytes == 0 else (), checksum=row.checksum,
+            tiers=self._tiers_of(row), checksum=row.checksum,
             stored_bytes=row.stored_bytes, codec=row.codec, durable=row.durable, block_id=row.block_id,
             access_count=count, last_access=last, created=row.created, updated=row.updated)
+
+    def _tiers_of(self, row: BlockRow) -> tuple[str, ...]:
+        tiers = []
+        if self._l2 is not None:
+            entry = self._l2.entries.get(row.key)
+            if entry is not None and entry.block_id == row.block_id and not entry.dead:
+                tiers.append("L2")
+        if row.l3_array is not None or row.nbytes == 0:
+            tiers.append("L3")
+        return tuple(tiers)
 
     def history(self, key: str | None = None, limit: int = 100) -> list[Access]:
         """The newest ``limit`` accesses (of ``key``), newest first."""
@@ -543,17 +710,32 @@ class TierStore:
     def stats(self) -> StoreStats:
         """Counts, sizes and activity, per tier."""
         self._check_open()
+        self._refresh()
         ratio = self._logical_bytes / self._stored_bytes if self._stored_bytes else 1.0
         error = self._recorder.last_error
         return StoreStats(
             path=str(self.path), readonly=self.readonly, blocks=self._count, logical_bytes=self._logical_bytes,
             stored_bytes=self._stored_bytes, compression_ratio=ratio, gets=self._counts["get"],
             puts=self._counts["put"], deletes=self._counts["delete"], hits=dict(self._hits),
-            tiers={"L3": {"capacity": self.config.l3_cache_size, "used": self._stored_bytes,
-                          "blocks": self._count, "compression": self.config.l3_compression}},
+            tiers=self._tier_stats(),
             recovery={"removed": list(self.recovery.removed_files), "truncated": list(self.recovery.truncated),
                       "missing": list(self.recovery.missing)},
             history_error=None if error is None else str(error))
+
+    def _tier_stats(self) -> dict[str, dict[str, Any]]:
+        tiers: dict[str, dict[str, Any]] = {}
+        if self._l2 is not None:
+            arena = self._l2.arena.stats()  # type: ignore[attr-defined]
+            alloc = arena.allocator
+            tiers["L2"] = {"capacity": arena.capacity, "used": alloc.used, "requested": alloc.requested,
+                           "free": alloc.free, "fragmentation": alloc.fragmentation, "pinned": arena.pinned,
+                           "pin_reason": arena.pin_reason, "memlock_limit": arena.memlock_limit,
+                           "file": arena.path, "policy": self.config.l2_eviction_policy,
+                           "size_classes": [dataclasses.asdict(c) for c in alloc.per_class if c.slabs],
+                           **self._l2.stats()}
+        tiers["L3"] = {"capacity": self.config.l3_cache_size, "used": self._stored_bytes, "blocks": self._count,
+                       "compression": self.config.l3_compression}
+        return tiers
 
     def _write_history(self, batch: list[Access]) -> None:
         stats, successors = summarize(batch)

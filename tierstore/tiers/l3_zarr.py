@@ -296,7 +296,21 @@ class ZarrL3:
         self._dirs_to_sync.add(folder)
         return shard
 
-    def _write_array(self, block_id: int, data: np.ndarray, codec: Codec) -> Location:
+    def write_now(self, block_id: int, data: np.ndarray, codec: Codec) -> Location:
+        """Write a block as an array of its own, synced at once, outside any pending batch.
+
+        For a spill from a volatile tier in the middle of a transaction: the write neither joins
+        nor disturbs the transaction's pending appends, and a rollback leaves it alone.
+        """
+        if data.nbytes == 0:
+            return EMPTY_LOCATION
+        loc = self._write_array(block_id, data, codec, standalone=True)
+        if self.fsync:
+            _fsync_dir(self.root / loc.array)
+            _fsync_dir(self.root / "blocks")
+        return loc
+
+    def _write_array(self, block_id: int, data: np.ndarray, codec: Codec, *, standalone: bool = False) -> Location:
         nbytes = data.nbytes
         count = -(-nbytes // ARRAY_CHUNK)
         per_chunk = -(-nbytes // count)
@@ -314,7 +328,8 @@ class ZarrL3:
             codec = RAW  # the first chunk says compression will not pay
         folder = self.root / "blocks" / f"{block_id:016x}"
         folder.mkdir()
-        self._new_arrays.append(folder)
+        if not standalone:
+            self._new_arrays.append(folder)
         path = folder / "0"
         sizes: list[int] = []
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -341,7 +356,8 @@ class ZarrL3:
             os.close(fd)
         _write_json(folder / "zarr.json", _array_meta(nbytes, count * inner, inner, codec, "block"),
                     sync=self.fsync)
-        self._dirs_to_sync.update((folder, folder.parent))
+        if not standalone:
+            self._dirs_to_sync.update((folder, folder.parent))
         return Location(f"blocks/{block_id:016x}", 0, 0, tuple(sizes), inner, codec.id)
 
     def prepare(self) -> dict[tuple[str, int], int]:

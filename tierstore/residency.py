@@ -1,0 +1,256 @@
+"""Which blocks a volatile tier holds, who is using them, and what it gives up next.
+
+A :class:`Residency` sits on top of one tier's memory (an arena with
+``alloc``/``free``/``as_numpy``/``view``: the L2 host arena now, the L1 device
+pool later) and keeps, per resident block, its slot, its version (block id)
+and how many views of it are alive. It knows nothing of the catalog or of
+other tiers: the store tells it what to admit and what was replaced, and
+hands it a ``spill`` callback for blocks whose only copy is here.
+
+The rule that no tensor changes under its holder lives here: a slot with live
+views is taken out of the eviction policy, and a slot whose block was
+replaced or deleted is freed only when its last view is garbage-collected.
+View finalizers only append to a deque (they may run in any thread, inside
+any lock); the releases are applied at the next operation under the lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from .alloc import Allocation
+from .policies import Policy, make_policy
+
+__all__ = ["Arena", "Resident", "Residency"]
+
+
+class Arena(Protocol):
+    """The memory of a volatile tier."""
+
+    @property
+    def capacity(self) -> int: ...
+
+    def alloc(self, nbytes: int) -> Allocation | None: ...
+
+    def free(self, a: Allocation) -> None: ...
+
+    def as_numpy(self, a: Allocation) -> np.ndarray: ...
+
+    def view(self, a: Allocation, dtype: torch.dtype, shape: tuple[int, ...],
+             on_release: Callable[[], None] | None = None) -> torch.Tensor: ...
+
+
+@dataclass(slots=True, eq=False)  # identity semantics: entries live in sets
+class Resident:
+    """One block held by the tier."""
+
+    key: str
+    block_id: int
+    alloc: Allocation
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    checksum: int
+    volatile: bool
+    """True while this is the block's only copy (a cache-only block not yet spilled to L3)."""
+    views: int = 0
+    pins: int = 0
+    dead: bool = False
+
+    @property
+    def evictable(self) -> bool:
+        """Neither viewed nor pinned nor already gone."""
+        return not self.views and not self.pins and not self.dead
+
+
+class Residency:
+    """The residency map and eviction of one volatile tier (thread-safe)."""
+
+    def __init__(self, name: str, arena: Arena, policy: str = "lru") -> None:
+        self.name = name
+        self.arena = arena
+        self.lock = threading.RLock()
+        self.entries: dict[str, Resident] = {}
+        # The predictive policy sizes its shadow caches in entries; until the catalog says how big
+        # blocks are, assume 64 KiB ones (the migrator resizes it from real statistics).
+        self.policy: Policy[str] = make_policy(policy, capacity=max(1, arena.capacity >> 16))
+        self._released: deque[Resident | Allocation] = deque()
+        self.generation = 0
+        """Bumped whenever a block is replaced or deleted: an admission that raced it is refused."""
+        self.volatile_keys: set[str] = set()
+        self._zombies: set[Resident] = set()
+        """Replaced or deleted entries whose slots are still viewed (freed when the last view goes)."""
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+        self.spills = 0
+        self.bypasses = 0
+
+    # -- lookups ------------------------------------------------------------------------------------
+
+    def lookup(self, key: str, block_id: int | None = None) -> Resident | None:
+        """The live entry of ``key`` (of that ``block_id`` if given), noting the access."""
+        with self.lock:
+            self._drain()
+            entry = self.entries.get(key)
+            if entry is None or entry.dead or (block_id is not None and entry.block_id != block_id):
+                self.misses += 1
+                return None
+            self.hits += 1
+            self.policy.record_access(key, 0.0)
+            return entry
+
+    def view(self, entry: Resident, *, copy: bool = False) -> torch.Tensor:
+        """A tensor over the entry's bytes that keeps the slot alive (or an owned copy)."""
+        with self.lock:
+            if copy:
+                tensor = self.arena.view(entry.alloc, entry.dtype, entry.shape)
+                return tensor.clone()
+            if entry.evictable:
+                self.policy.remove(entry.key)  # held: not a candidate until the last view goes
+            entry.views += 1
+            release = self._released.append
+            return self.arena.view(entry.alloc, entry.dtype, entry.shape, on_release=lambda: release(entry))
+
+    def scratch(self, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor | None:
+        """An unkeyed tensor from the tier's memory, returned to it when garbage-collected."""
+        with self.lock:
+            self._drain()
+            alloc = self.arena.alloc(nbytes)
+            if alloc is None:
+                return None
+            release = self._released.append
+            return self.arena.view(alloc, dtype, shape, on_release=lambda: release(alloc))
+
+    def __contains__(self, key: object) -> bool:
+        entry = self.entries.get(key) if isinstance(key, str) else None
+        return entry is not None and not entry.dead
+
+    def __iter__(self) -> Iterator[Resident]:
+        return iter(list(self.entries.values()))
+
+    # -- admission and eviction ---------------------------------------------------------------------
+
+    def reserve(self, nbytes: int, spill: Callable[[Resident], bool] | None = None) -> Allocation | None:
+        """A slot of ``nbytes``, evicting by policy as needed; None when it cannot be made.
+
+        Volatile entries are evicted only if ``spill`` writes them elsewhere first (and returns
+        True); the others are skipped this time.
+        """
+        with self.lock:
+            self._drain()
+            if nbytes > self.arena.capacity:
+                self.bypasses += 1
+                return None
+            skipped: list[Resident] = []
+            try:
+                while True:
+                    alloc = self.arena.alloc(nbytes)
+                    if alloc is not None:
+                        return alloc
+                    if not len(self.policy):
+                        self.bypasses += 1
+                        return None
+                    entry = self.entries[self.policy.victim()]
+                    if entry.volatile:
+                        if spill is None or not spill(entry):
+                            self.policy.remove(entry.key)
+                            skipped.append(entry)
+                            continue
+                        self.spills += 1
+                    self.evictions += 1
+                    self._forget(entry)
+            finally:
+                for entry in skipped:
+                    if entry.evictable and self.entries.get(entry.key) is entry:
+                        self.policy.insert(entry.key, entry.alloc.size)
+
+    def admit(self, key: str, block_id: int, alloc: Allocation, dtype: torch.dtype, shape: tuple[int, ...],
+              checksum: int, *, volatile: bool = False, generation: int | None = None) -> Resident | None:
+        """Make the block in ``alloc`` resident; None (and the slot freed) if a newer version raced it."""
+        with self.lock:
+            if generation is not None and generation != self.generation:
+                self.arena.free(alloc)
+                return None
+            old = self.entries.get(key)
+            if old is not None:
+                self._kill(old)
+            entry = Resident(key, block_id, alloc, dtype, shape, checksum, volatile)
+            self.entries[key] = entry
+            if volatile:
+                self.volatile_keys.add(key)
+            self.policy.insert(key, alloc.size)
+            return entry
+
+    def discard(self, key: str) -> None:
+        """``key`` was replaced or deleted: its entry goes (its slot when the last view does)."""
+        with self.lock:
+            self.generation += 1
+            entry = self.entries.get(key)
+            if entry is not None:
+                self._kill(entry)
+
+    def release(self, alloc: Allocation) -> None:
+        """Give back a reserved slot that was never admitted."""
+        with self.lock:
+            self.arena.free(alloc)
+
+    def mark_durable(self, entry: Resident) -> None:
+        """The entry now has a copy in L3 (it was spilled): it may be evicted like any other."""
+        with self.lock:
+            entry.volatile = False
+            self.volatile_keys.discard(entry.key)
+
+    def clear(self) -> None:
+        """Drop every entry whose slot is not in use (close, or a reset)."""
+        with self.lock:
+            self._drain()
+            for entry in list(self.entries.values()):
+                self._kill(entry)
+
+    # -- internals ------------------------------------------------------------------------------------
+
+    def _kill(self, entry: Resident) -> None:
+        if self.entries.get(entry.key) is entry:
+            del self.entries[entry.key]
+            self.volatile_keys.discard(entry.key)
+        self.policy.remove(entry.key)
+        entry.dead = True
+        if not entry.views and not entry.pins:
+            self.arena.free(entry.alloc)
+        else:
+            self._zombies.add(entry)
+
+    def _forget(self, entry: Resident) -> None:
+        self._kill(entry)
+
+    def _drain(self) -> None:
+        while self._released:
+            item = self._released.popleft()
+            if isinstance(item, Resident):
+                item.views -= 1
+                if item.views or item.pins:
+                    continue
+                if item.dead:
+                    self._zombies.discard(item)
+                    self.arena.free(item.alloc)
+                elif self.entries.get(item.key) is item:
+                    self.policy.insert(item.key, item.alloc.size)
+            else:
+                self.arena.free(item)
+
+    def stats(self) -> dict[str, int]:
+        """Counters and occupancy."""
+        with self.lock:
+            self._drain()
+            held = sum(1 for e in self.entries.values() if e.views or e.pins) + len(self._zombies)
+            return {"blocks": len(self.entries), "held": held, "volatile": len(self.volatile_keys),
+                    "bytes": sum(e.alloc.nbytes for e in self.entries.values()), "hits": self.hits,
+                    "misses": self.misses, "evictions": self.evictions, "spills": self.spills,
+                    "bypasses": self.bypasses}
