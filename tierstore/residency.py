@@ -47,6 +47,12 @@ class Arena(Protocol):
              on_release: Callable[[], None] | None = None) -> torch.Tensor: ...
 
 
+def _storage_uses(tensor: torch.Tensor) -> int:
+    # How many tensors (and storage handles) share ``tensor``'s memory: PyTorch counts them in the
+    # storage's reference count, which is the one place that sees every view, slice and export.
+    return int(torch._C._storage_Use_Count(tensor.untyped_storage()._cdata))
+
+
 @dataclass(slots=True, eq=False)  # identity semantics: entries live in sets
 class Resident:
     """One block held by the tier."""
@@ -59,14 +65,21 @@ class Resident:
     checksum: int
     volatile: bool
     """True while this is the block's only copy (a cache-only block not yet spilled to L3)."""
-    views: int = 0
     pins: int = 0
     dead: bool = False
+    base: torch.Tensor | None = None
+    """A tensor over the slot, made on the first get; every get hands out an alias of it."""
+    base_uses: int = 0
+
+    @property
+    def in_use(self) -> bool:
+        """Whether some tensor handed out (or derived from one) still views the slot."""
+        return self.base is not None and _storage_uses(self.base) > self.base_uses
 
     @property
     def evictable(self) -> bool:
         """Neither viewed nor pinned nor already gone."""
-        return not self.views and not self.pins and not self.dead
+        return not self.pins and not self.dead and not self.in_use
 
 
 class Residency:
@@ -80,12 +93,12 @@ class Residency:
         # The predictive policy sizes its shadow caches in entries; until the catalog says how big
         # blocks are, assume 64 KiB ones (the migrator resizes it from real statistics).
         self.policy: Policy[str] = make_policy(policy, capacity=max(1, arena.capacity >> 16))
-        self._released: deque[Resident | Allocation] = deque()
+        self._released: deque[Allocation] = deque()
+        self._zombies: dict[int, Resident] = {}
+        """Replaced or deleted entries whose slots are still viewed, by slot offset."""
         self.generation = 0
         """Bumped whenever a block is replaced or deleted: an admission that raced it is refused."""
         self.volatile_keys: set[str] = set()
-        self._zombies: set[Resident] = set()
-        """Replaced or deleted entries whose slots are still viewed (freed when the last view goes)."""
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -97,9 +110,10 @@ class Residency:
     def lookup(self, key: str, block_id: int | None = None) -> Resident | None:
         """The live entry of ``key`` (of that ``block_id`` if given), noting the access."""
         with self.lock:
-            self._drain()
+            if self._released:
+                self._drain()
             entry = self.entries.get(key)
-            if entry is None or entry.dead or (block_id is not None and entry.block_id != block_id):
+            if entry is None or (block_id is not None and entry.block_id != block_id):
                 self.misses += 1
                 return None
             self.hits += 1
@@ -109,14 +123,15 @@ class Residency:
     def view(self, entry: Resident, *, copy: bool = False) -> torch.Tensor:
         """A tensor over the entry's bytes that keeps the slot alive (or an owned copy)."""
         with self.lock:
-            if copy:
-                tensor = self.arena.view(entry.alloc, entry.dtype, entry.shape)
-                return tensor.clone()
-            if entry.evictable:
-                self.policy.remove(entry.key)  # held: not a candidate until the last view goes
-            entry.views += 1
-            release = self._released.append
-            return self.arena.view(entry.alloc, entry.dtype, entry.shape, on_release=lambda: release(entry))
+            base = entry.base
+            if base is None:
+                if copy:
+                    return self.arena.view(entry.alloc, entry.dtype, entry.shape).clone()
+                release, alloc = self._released.append, entry.alloc
+                base = self.arena.view(entry.alloc, entry.dtype, entry.shape, on_release=lambda: release(alloc))
+                entry.base = base
+                entry.base_uses = _storage_uses(base)
+            return base.clone() if copy else base.detach()
 
     def scratch(self, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor | None:
         """An unkeyed tensor from the tier's memory, returned to it when garbage-collected."""
@@ -129,8 +144,7 @@ class Residency:
             return self.arena.view(alloc, dtype, shape, on_release=lambda: release(alloc))
 
     def __contains__(self, key: object) -> bool:
-        entry = self.entries.get(key) if isinstance(key, str) else None
-        return entry is not None and not entry.dead
+        return isinstance(key, str) and key in self.entries
 
     def __iter__(self) -> Iterator[Resident]:
         return iter(list(self.entries.values()))
@@ -140,8 +154,8 @@ class Residency:
     def reserve(self, nbytes: int, spill: Callable[[Resident], bool] | None = None) -> Allocation | None:
         """A slot of ``nbytes``, evicting by policy as needed; None when it cannot be made.
 
-        Volatile entries are evicted only if ``spill`` writes them elsewhere first (and returns
-        True); the others are skipped this time.
+        Entries still viewed or pinned are skipped; volatile entries are evicted only if
+        ``spill`` writes them elsewhere first (and returns True).
         """
         with self.lock:
             self._drain()
@@ -158,17 +172,18 @@ class Residency:
                         self.bypasses += 1
                         return None
                     entry = self.entries[self.policy.victim()]
-                    if entry.volatile:
-                        if spill is None or not spill(entry):
-                            self.policy.remove(entry.key)
-                            skipped.append(entry)
-                            continue
-                        self.spills += 1
+                    if entry.evictable and entry.volatile:
+                        if spill is not None and spill(entry):
+                            self.spills += 1
+                    if not entry.evictable or entry.volatile:  # held, pinned, or its only copy
+                        self.policy.remove(entry.key)
+                        skipped.append(entry)
+                        continue
                     self.evictions += 1
-                    self._forget(entry)
+                    self._kill(entry)
             finally:
                 for entry in skipped:
-                    if entry.evictable and self.entries.get(entry.key) is entry:
+                    if self.entries.get(entry.key) is entry:
                         self.policy.insert(entry.key, entry.alloc.size)
 
     def admit(self, key: str, block_id: int, alloc: Allocation, dtype: torch.dtype, shape: tuple[int, ...],
@@ -208,11 +223,11 @@ class Residency:
             self.volatile_keys.discard(entry.key)
 
     def clear(self) -> None:
-        """Drop every entry whose slot is not in use (close, or a reset)."""
+        """Drop every entry (slots still viewed are freed when their views go)."""
         with self.lock:
-            self._drain()
             for entry in list(self.entries.values()):
                 self._kill(entry)
+            self._drain()
 
     # -- internals ------------------------------------------------------------------------------------
 
@@ -222,34 +237,26 @@ class Residency:
             self.volatile_keys.discard(entry.key)
         self.policy.remove(entry.key)
         entry.dead = True
-        if not entry.views and not entry.pins:
+        if entry.base is None:
             self.arena.free(entry.alloc)
         else:
-            self._zombies.add(entry)
-
-    def _forget(self, entry: Resident) -> None:
-        self._kill(entry)
+            # The slot is freed by the view finalizer once the last tensor over it is gone (at once,
+            # if nobody else holds one).
+            self._zombies[entry.alloc.offset] = entry
+            entry.base = None
+            self._drain()
 
     def _drain(self) -> None:
         while self._released:
-            item = self._released.popleft()
-            if isinstance(item, Resident):
-                item.views -= 1
-                if item.views or item.pins:
-                    continue
-                if item.dead:
-                    self._zombies.discard(item)
-                    self.arena.free(item.alloc)
-                elif self.entries.get(item.key) is item:
-                    self.policy.insert(item.key, item.alloc.size)
-            else:
-                self.arena.free(item)
+            alloc = self._released.popleft()
+            self._zombies.pop(alloc.offset, None)
+            self.arena.free(alloc)
 
     def stats(self) -> dict[str, int]:
         """Counters and occupancy."""
         with self.lock:
             self._drain()
-            held = sum(1 for e in self.entries.values() if e.views or e.pins) + len(self._zombies)
+            held = sum(1 for e in self.entries.values() if e.pins or e.in_use) + len(self._zombies)
             return {"blocks": len(self.entries), "held": held, "volatile": len(self.volatile_keys),
                     "bytes": sum(e.alloc.nbytes for e in self.entries.values()), "hits": self.hits,
                     "misses": self.misses, "evictions": self.evictions, "spills": self.spills,
