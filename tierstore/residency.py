@@ -172,9 +172,8 @@ class Residency:
                         self.bypasses += 1
                         return None
                     entry = self.entries[self.policy.victim()]
-                    if entry.evictable and entry.volatile:
-                        if spill is not None and spill(entry):
-                            self.spills += 1
+                    if entry.evictable and entry.volatile and spill is not None and spill(entry):
+                        self.spills += 1
                     if not entry.evictable or entry.volatile:  # held, pinned, or its only copy
                         self.policy.remove(entry.key)
                         skipped.append(entry)
