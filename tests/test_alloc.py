@@ -233,3 +233,32 @@ def test_bad_geometry_is_a_config_error(kwargs: dict[str, int]) -> None:
         SlabAllocator(1 << 20, **kwargs)
     with pytest.raises(ConfigError):
         SlabAllocator(-1)
+
+
+def test_restore_recreates_allocations_of_the_same_geometry() -> None:
+    import random
+
+    from tierstore.alloc import SlabAllocator
+
+    rng = random.Random(5)
+    first = SlabAllocator(512 << 20)
+    live = []
+    for _ in range(400):
+        a = first.alloc(rng.choice([100, 3000, 70_000, 300_000, 2_000_000]))
+        assert a is not None
+        live.append(a)
+    for a in live[::3]:
+        first.free(a)
+    kept = [a for i, a in enumerate(live) if i % 3]
+    second = SlabAllocator(512 << 20)
+    restored = second.restore([(a.offset, a.nbytes, a.slab) for a in kept])
+    assert [(r.offset, r.size) for r in restored if r is not None] == [(a.offset, a.size) for a in kept]
+    assert second.stats().used == first.stats().used
+    assert second.restore([(kept[0].offset, kept[0].nbytes, kept[0].slab)]) == [None]  # already live
+    fresh = [second.alloc(rng.choice([100, 70_000, 1_000_000])) for _ in range(50)]
+    spans = sorted((a.offset, a.offset + a.size) for a in [*restored, *fresh] if a is not None)
+    assert all(end <= start for (_, end), (start, _) in itertools.pairwise(spans))  # no overlap
+    for a in [*restored, *fresh]:
+        if a is not None:
+            second.free(a)
+    assert second.stats().used == 0

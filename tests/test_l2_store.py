@@ -148,3 +148,38 @@ def test_seed_get_tensor_draws_from_the_l2_pool(tmp_path: Path) -> None:
         assert manager.store.stats().tiers["L2"]["used"] >= 512 * 512 * 2
     finally:
         manager.close()
+
+
+def test_file_backed_l2_restarts_warm(store_path: Path) -> None:
+    blocks = {f"w{i}": torch.randn(30_000) for i in range(6)}
+    with tierstore.open(store_path, l2_cache_size="4MiB", l2_file_backed=True) as db:
+        for key, value in blocks.items():
+            db.put(key, value)
+        db.put("kv", torch.ones(10), durable=False)
+    assert (store_path / "l2.index").exists()
+    with tierstore.open(store_path, l2_cache_size="4MiB", l2_file_backed=True) as db:
+        assert db.warm_blocks == len(blocks)
+        l3_reads = db._l3.read_into
+        db._l3.read_into = None  # type: ignore[assignment]  # any L3 read would now fail
+        for key, value in blocks.items():
+            assert same_bits(db.get(key), value)
+        db._l3.read_into = l3_reads  # type: ignore[method-assign]
+        assert db.stats().hits["L2"] == len(blocks) and "kv" not in db
+
+
+def test_damaged_or_stale_l2_file_is_discarded(store_path: Path) -> None:
+    with tierstore.open(store_path, l2_cache_size="4MiB", l2_file_backed=True) as db:
+        db.put("a", torch.arange(1000.0))
+        db.put("b", torch.arange(2000.0))
+    index = (store_path / "l2.index").read_text()
+    with open(store_path / "l2.slab", "r+b") as fh:  # damage the slot of one block
+        entry = __import__("json").loads(index)["entries"][0]
+        fh.seek(entry[1] + 8)
+        fh.write(b"\xff\xff\xff\xff")
+    with tierstore.open(store_path, l2_cache_size="4MiB", l2_file_backed=True) as db:
+        assert db.warm_blocks == 1
+        assert same_bits(db.get("a"), torch.arange(1000.0)) and same_bits(db.get("b"), torch.arange(2000.0))
+        db.put("a", torch.zeros(3))  # a newer version after the close below makes the saved one stale
+    (store_path / "l2.index").write_text(index)  # an index from an older generation
+    with tierstore.open(store_path, l2_cache_size="4MiB", l2_file_backed=True) as db:
+        assert db.warm_blocks == 0 and same_bits(db.get("a"), torch.zeros(3))

@@ -147,6 +147,18 @@ class _PageRuns:
             start = left
         self._add(start, length)
 
+    def take_at(self, start: int, length: int) -> bool:
+        """Take exactly ``[start, start + length)`` if it is free (a restore; O(free runs))."""
+        for run_start, run in list(self.by_start.items()):
+            if run_start <= start and start + length <= run_start + run:
+                self._remove(run_start, run)
+                if start > run_start:
+                    self._add(run_start, start - run_start)
+                if run_start + run > start + length:
+                    self._add(start + length, run_start + run - start - length)
+                return True
+        return False
+
     def _add(self, start: int, length: int) -> None:
         insort(self.by_size, (length, start))
         self.by_start[start] = length
@@ -336,6 +348,57 @@ class SlabAllocator:
             largest_free_run=largest, fragmentation=1.0 - largest / free if free else 0.0,
             per_class=per_class,
         )
+
+    def restore(self, records: list[tuple[int, int, int]]) -> list[Allocation | None]:
+        """Re-create allocations made by an allocator of the same geometry (an L2 file reopened).
+
+        ``records`` are ``(offset, nbytes, slab)`` of allocations that allocator handed out; the
+        result holds the matching live allocation, or None where a record does not fit this
+        allocator's state (overlap, wrong geometry). Meant for a fresh allocator.
+        """
+        restored: list[Allocation | None] = []
+        touched: dict[int, set[int]] = {}
+        for offset, nbytes, slab_base in records:
+            a = self._restore_one(offset, nbytes, slab_base, touched)
+            if a is not None:
+                self._live[a.offset] = a
+                self._used += a.size
+                self._requested += nbytes
+            restored.append(a)
+        for base, used in touched.items():
+            slab = self._slabs[base]
+            slab.bump = max(used) + 1
+            slab.free = [i for i in range(slab.bump) if i not in used]
+            if slab.used < slab.nslots:
+                self._partial[slab.cls][base] = slab
+        return restored
+
+    def _restore_one(self, offset: int, nbytes: int, slab_base: int,
+                     touched: dict[int, set[int]]) -> Allocation | None:
+        if offset in self._live or nbytes < 0:
+            return None
+        if slab_base == _LARGE:
+            size = self._round_pages(nbytes)
+            if nbytes <= self._max_small or offset % self._page or not self._runs.take_at(offset, size):
+                return None
+            return _new_allocation(offset, size, nbytes, _LARGE, self._owner)
+        ci = self.class_index(nbytes)
+        if ci < 0:
+            return None
+        slab = self._slabs.get(slab_base)
+        if slab is None:
+            if slab_base % self._page or not self._runs.take_at(slab_base, self._slab_size):
+                return None
+            slab = self._slabs[slab_base] = _Slab(slab_base, ci, self._classes[ci], self._nslots[ci])
+            self._class_slabs[ci] += 1
+            touched[slab_base] = set()
+        slot, rest = divmod(offset - slab_base, slab.size)
+        if slab.cls != ci or rest or not 0 <= slot < slab.nslots or slot in touched.get(slab_base, ()):
+            return None
+        touched.setdefault(slab_base, set()).add(slot)
+        slab.used += 1
+        self._class_used[ci] += 1
+        return _new_allocation(offset, slab.size, nbytes, slab_base, self._owner)
 
     def _round_pages(self, nbytes: int) -> int:
         page = self._page

@@ -36,6 +36,7 @@ BLOCK_COLUMNS = ("key, block_id, dtype, shape, nbytes, checksum, durable, codec,
                  "l3_offset, l3_sizes, l3_inner, stored_bytes, tiers, created, updated")
 GET_BLOCK = f"SELECT {BLOCK_COLUMNS} FROM blocks WHERE key = ?"
 HAS_BLOCK = "SELECT 1 FROM blocks WHERE key = ?"
+GET_BLOCK_BY_ID = f"SELECT {BLOCK_COLUMNS} FROM blocks WHERE block_id = ?"
 UPSERT_BLOCK = f"""
 INSERT INTO blocks ({BLOCK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT(key) DO UPDATE SET
@@ -261,6 +262,11 @@ class Catalog:
     def get_block(self, key: str) -> BlockRow | None:
         """The committed row of ``key``."""
         row = self.query_one(GET_BLOCK, (key,))
+        return None if row is None else BlockRow.from_tuple(row)
+
+    def block_by_id(self, block_id: int) -> BlockRow | None:
+        """The committed row holding ``block_id``, if any."""
+        row = self.query_one(GET_BLOCK_BY_ID, (block_id,))
         return None if row is None else BlockRow.from_tuple(row)
 
     def has_block(self, key: str) -> bool:

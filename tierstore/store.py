@@ -50,6 +50,7 @@ from .tiers.l2_slab import HostArena
 from .tiers.l3_codecs import choose_codec
 from .tiers.l3_zarr import Location, RecoveryReport, ZarrL3
 from .txn import Change, Txn, location_of
+from .warm import bytes_match, load_index, save_index
 
 __all__ = ["TierStore", "BlockInfo", "StoreStats", "open_store"]
 
@@ -149,12 +150,38 @@ class TierStore:
         self._data_version = self._catalog.data_version()
         self._count, self._logical_bytes, self._stored_bytes = self._catalog.totals()
         self._l2: Residency | None = None
+        self._l2_generation = 0
+        self.warm_blocks = 0
+        """Blocks taken back from a file-backed L2 at open (restart-warm)."""
         if self.config.l2_cache_size > 0:
             backing = self.path / L2_FILE if self.config.l2_file_backed and not self.readonly else None
             arena = HostArena(self.config.l2_cache_size, path=backing, pin=self.config.l2_pin_memory)
             self._l2 = Residency("L2", arena, self.config.l2_eviction_policy)
+            if backing is not None:
+                self._warm_l2()
         sink = None if self.readonly else self._write_history
         self._recorder = AccessRecorder(sink, interval=self.config.history_flush_interval)
+
+    def _warm_l2(self) -> None:
+        """Take back what the last clean close left in the L2 file (validated block by block)."""
+        l2 = self._l2
+        assert l2 is not None
+        store_id = self._catalog.meta("store_id") or ""
+        generation = int(self._catalog.meta("l2_generation") or 0)
+        entries = load_index(self.path, store_id, generation, l2.arena.capacity)
+        self._catalog.set_meta({"l2_generation": str(generation + 1)})
+        self._l2_generation = generation + 1
+        allocs = l2.arena.restore([(e.offset, e.nbytes, e.slab) for e in entries])  # type: ignore[attr-defined]
+        for entry, alloc in zip(entries, allocs, strict=True):
+            if alloc is None:
+                continue
+            row = self._catalog.block_by_id(entry.block_id)
+            if row is None or row.checksum != entry.checksum or row.nbytes != entry.nbytes or \
+                    not bytes_match(l2, alloc, entry.checksum):
+                l2.release(alloc)
+                continue
+            l2.admit(row.key, row.block_id, alloc, dtype_from_name(row.dtype), row.shape, row.checksum)
+            self.warm_blocks += 1
 
     def _resolve_config(self, config: CacheConfig | None, overrides: dict[str, Any]) -> CacheConfig:
         stored = self._catalog.meta("config")
@@ -212,6 +239,11 @@ class TierStore:
             except TierStoreError:
                 pass  # history is best-effort; blocks are already committed
             self._l3.close()
+            if self._l2 is not None and self._l2.arena.path is not None:  # type: ignore[attr-defined]
+                try:
+                    save_index(self.path, self._catalog.meta("store_id") or "", self._l2_generation, self._l2)
+                except OSError:
+                    pass  # the next open starts cold
             self._catalog.close()
             if self._l2 is not None:
                 self._l2.clear()

@@ -278,6 +278,11 @@ class HostArena:
         self._mm()
         self._alloc.free(a)
 
+    def restore(self, records: list[tuple[int, int, int]]) -> list[Allocation | None]:
+        """Re-create allocations recorded as ``(offset, nbytes, slab)`` by an earlier arena on this file."""
+        self._mm()
+        return self._alloc.restore(records)
+
     def can_fit(self, nbytes: int) -> bool:
         """Whether ``alloc(nbytes)`` would succeed now."""
         self._mm()
