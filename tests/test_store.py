@@ -159,3 +159,18 @@ def test_seed_manager_first_example() -> None:
         assert same_bits(retrieved, tensor) and level in ("L1", "L2", "L3")
         fresh, level = manager.get_tensor((7, 7), torch.float32)
         assert fresh.shape == (7, 7) and level == "new"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_lost_catalog_does_not_delete_data(store_path: Path, damage: str) -> None:
+    with tierstore.open(store_path) as db:
+        db.put("w", torch.randn(1000, 1000))
+    catalog = store_path / "catalog.sqlite"
+    if damage == "truncate":
+        catalog.write_bytes(b"")
+    else:
+        catalog.unlink()
+    files = sorted(p for p in (store_path / "l3").rglob("*") if p.is_file())
+    with pytest.raises(tierstore.CatalogError, match="missing or empty"):
+        tierstore.open(store_path)
+    assert sorted(p for p in (store_path / "l3").rglob("*") if p.is_file()) == files

@@ -66,7 +66,7 @@ def _block_rows(db: TierStore, prefix: str | None) -> list[dict[str, Any]]:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     """List keys with dtype, shape, size, stored size, tiers and access count."""
-    with open_store(args.store, readonly=True) as db:
+    with open_store(args.store, readonly=True, l2_cache_size=0) as db:
         rows = _block_rows(db, args.prefix)
     _emit(args, rows, lambda: _table(f"{args.store}: {len(rows)} blocks",
                                      ["key", "dtype", "shape", "size", "stored", "codec", "tiers", "accesses"],
@@ -78,7 +78,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Show everything the catalog knows of one block."""
-    with open_store(args.store, readonly=True) as db:
+    with open_store(args.store, readonly=True, l2_cache_size=0) as db:
         info = db.info(args.key)
         history = db.history(args.key, limit=10)
     data = {f.name: getattr(info, f.name) for f in dataclasses.fields(info)}
@@ -91,7 +91,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     """Show counts, sizes and compression of a store."""
-    with open_store(args.store, readonly=True) as db:
+    with open_store(args.store, readonly=True, l2_cache_size=0) as db:
         stats = db.stats()
     data = {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)}
     _emit(args, data, lambda: _stats_table(stats))
@@ -109,7 +109,7 @@ def _stats_table(stats: Any) -> Table:
 
 def cmd_history(args: argparse.Namespace) -> int:
     """Show the access log, newest first."""
-    with open_store(args.store, readonly=True) as db:
+    with open_store(args.store, readonly=True, l2_cache_size=0) as db:
         rows = db.history(args.key, limit=args.limit)
     data = [{"time": ts, "key": key, "op": op, "tier": tier} for ts, key, op, tier in rows]
     _emit(args, data, lambda: _table("access log", ["time", "key", "op", "tier"], [

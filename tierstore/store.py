@@ -32,6 +32,7 @@ from .catalog import BlockRow, Catalog, now
 from .config import CacheConfig
 from .errors import (
     BlockNotFoundError,
+    CatalogError,
     CorruptBlockError,
     InvalidKeyError,
     ReadOnlyError,
@@ -131,6 +132,8 @@ class TierStore:
         self._closed = False
 
     def _open(self, catalog_path: Path, config: CacheConfig | None, overrides: dict[str, Any]) -> None:
+        if not self.readonly:
+            _refuse_orphaned_data(self.path, catalog_path)
         fsync = config.fsync if config is not None else overrides.get("fsync", True)
         self._catalog = Catalog(catalog_path, readonly=self.readonly, durable=bool(fsync))
         self.config = self._resolve_config(config, overrides)
@@ -772,6 +775,24 @@ class TierStore:
     def _write_history(self, batch: list[Access]) -> None:
         stats, successors = summarize(batch)
         self._catalog.write_history(batch, stats, successors, self.config.history_max_rows)
+
+
+def _refuse_orphaned_data(store_dir: Path, catalog_path: Path) -> None:
+    """A missing or empty catalog beside L3 data means a lost catalog, not a new store.
+
+    Opening would treat every block file as an orphan of an uncommitted write and delete it,
+    so refuse instead and leave the data for a restore.
+    """
+    if catalog_path.exists() and catalog_path.stat().st_size > 0:
+        return
+    l3 = store_dir / "l3"
+    data = [p for sub in ("packs", "blocks") if (l3 / sub).is_dir()
+            for p in (l3 / sub).iterdir() if p.name != "zarr.json"]
+    if data:
+        raise CatalogError(
+            f"store {store_dir} has L3 data but its catalog {catalog_path.name} is missing or empty; "
+            "restore the catalog from a backup (opening now would delete the data as orphans)",
+            path=str(catalog_path))
 
 
 def open_store(path: str | Path, config: CacheConfig | None = None, *, readonly: bool = False,
