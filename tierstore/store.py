@@ -18,7 +18,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from heapq import merge
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,6 @@ from .catalog import BlockRow, Catalog, now
 from .config import CacheConfig
 from .errors import (
     BlockNotFoundError,
-    CatalogError,
     CorruptBlockError,
     InvalidKeyError,
     ReadOnlyError,
@@ -45,13 +43,15 @@ from .errors import (
 )
 from .history import Access, AccessRecorder, summarize
 from .lockfile import WriterLock
+from .records import BlockInfo, StoreStats
+from .recovery import recover, refuse_orphaned_data
 from .residency import Residency, Resident
 from .tensors import check_key, check_tensor, dtype_from_name, dtype_name, tensor_bytes, tensor_from_bytes
 from .tiers.l2_slab import HostArena
 from .tiers.l3_codecs import choose_codec
 from .tiers.l3_zarr import Location, RecoveryReport, ZarrL3
 from .txn import Change, Txn, location_of
-from .warm import bytes_match, load_index, save_index
+from .warm import save_index, warm_l2
 
 __all__ = ["TierStore", "BlockInfo", "StoreStats", "open_store"]
 
@@ -63,46 +63,6 @@ UNHASHED = -1
 """Checksum of a cache-only block not hashed yet (it has never left L2)."""
 L2_BIT = 2
 L3_BIT = 4
-
-
-@dataclass(frozen=True, slots=True)
-class BlockInfo:
-    """What the catalog knows of one block."""
-
-    key: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    nbytes: int
-    tiers: tuple[str, ...]
-    checksum: int
-    stored_bytes: int
-    codec: str
-    durable: bool
-    block_id: int
-    access_count: int
-    last_access: float | None
-    created: float
-    updated: float
-
-
-@dataclass(frozen=True, slots=True)
-class StoreStats:
-    """A snapshot of a store's contents and activity since it was opened."""
-
-    path: str
-    readonly: bool
-    blocks: int
-    logical_bytes: int
-    stored_bytes: int
-    compression_ratio: float
-    gets: int
-    puts: int
-    deletes: int
-    hits: dict[str, int]
-    tiers: dict[str, dict[str, Any]]
-    recovery: dict[str, list[str]]
-    history_error: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class TierStore:
@@ -135,7 +95,7 @@ class TierStore:
 
     def _open(self, catalog_path: Path, config: CacheConfig | None, overrides: dict[str, Any]) -> None:
         if not self.readonly:
-            _refuse_orphaned_data(self.path, catalog_path)
+            refuse_orphaned_data(self.path, catalog_path)
         fsync = config.fsync if config is not None else overrides.get("fsync", True)
         self._catalog = Catalog(catalog_path, readonly=self.readonly, durable=bool(fsync))
         self.config = self._resolve_config(config, overrides)
@@ -168,25 +128,8 @@ class TierStore:
         self._recorder = AccessRecorder(sink, interval=self.config.history_flush_interval)
 
     def _warm_l2(self) -> None:
-        """Take back what the last clean close left in the L2 file (validated block by block)."""
-        l2 = self._l2
-        assert l2 is not None
-        store_id = self._catalog.meta("store_id") or ""
-        generation = int(self._catalog.meta("l2_generation") or 0)
-        entries = load_index(self.path, store_id, generation, l2.arena.capacity)
-        self._catalog.set_meta({"l2_generation": str(generation + 1)})
-        self._l2_generation = generation + 1
-        allocs = l2.arena.restore([(e.offset, e.nbytes, e.slab) for e in entries])  # type: ignore[attr-defined]
-        for entry, alloc in zip(entries, allocs, strict=True):
-            if alloc is None:
-                continue
-            row = self._catalog.block_by_id(entry.block_id)
-            if row is None or row.checksum != entry.checksum or row.nbytes != entry.nbytes or \
-                    not bytes_match(l2, alloc, entry.checksum):
-                l2.release(alloc)
-                continue
-            l2.admit(row.key, row.block_id, alloc, dtype_from_name(row.dtype), row.shape, row.checksum)
-            self.warm_blocks += 1
+        assert self._l2 is not None
+        self._l2_generation, self.warm_blocks = warm_l2(self.path, self._catalog, self._l2)
 
     def _resolve_config(self, config: CacheConfig | None, overrides: dict[str, Any]) -> CacheConfig:
         stored = self._catalog.meta("config")
@@ -206,18 +149,7 @@ class TierStore:
         return config
 
     def _recover(self) -> None:
-        """Finish what a crashed writer left: drop cache-only rows, cut torn appends, remove orphans."""
-        self._catalog.drop_volatile()
-        self._catalog.forget_unused_shards()
-        lengths = self._catalog.shard_lengths()
-        try:
-            self.recovery = self._l3.recover(lengths, self._catalog.live_arrays())
-        except OSError as exc:
-            raise translate_os_error(exc, what="recover the L3 tier", path=self._l3.root) from None
-        last: dict[str, int] = {}
-        for array, shard in lengths:
-            last[array] = max(last.get(array, -1), shard)
-        self._l3.start_shards_after(last)
+        self.recovery = recover(self._catalog, self._l3)
 
     # -- handle -------------------------------------------------------------------------------------
 
@@ -782,24 +714,6 @@ class TierStore:
     def _write_history(self, batch: list[Access]) -> None:
         stats, successors = summarize(batch)
         self._catalog.write_history(batch, stats, successors, self.config.history_max_rows)
-
-
-def _refuse_orphaned_data(store_dir: Path, catalog_path: Path) -> None:
-    """A missing or empty catalog beside L3 data means a lost catalog, not a new store.
-
-    Opening would treat every block file as an orphan of an uncommitted write and delete it,
-    so refuse instead and leave the data for a restore.
-    """
-    if catalog_path.exists() and catalog_path.stat().st_size > 0:
-        return
-    l3 = store_dir / "l3"
-    data = [p for sub in ("packs", "blocks") if (l3 / sub).is_dir()
-            for p in (l3 / sub).iterdir() if p.name != "zarr.json"]
-    if data:
-        raise CatalogError(
-            f"store {store_dir} has L3 data but its catalog {catalog_path.name} is missing or empty; "
-            "restore the catalog from a backup (opening now would delete the data as orphans)",
-            path=str(catalog_path))
 
 
 def open_store(path: str | Path, config: CacheConfig | None = None, *, readonly: bool = False,

@@ -17,9 +17,12 @@ from pathlib import Path
 
 import crc32c
 
+from .alloc import Allocation
+from .catalog import Catalog
 from .residency import Residency
+from .tensors import dtype_from_name
 
-__all__ = ["WarmEntry", "save_index", "load_index", "INDEX_NAME"]
+__all__ = ["WarmEntry", "save_index", "load_index", "warm_l2", "INDEX_NAME"]
 
 INDEX_NAME = "l2.index"
 _FORMAT = 1
@@ -72,7 +75,23 @@ def load_index(store_dir: Path, store_id: str, generation: int, capacity: int) -
         return []  # a damaged index only costs a cold start
 
 
-def bytes_match(l2: Residency, entry_alloc: object, checksum: int) -> bool:
-    """Whether the slot's bytes hash to ``checksum``."""
-    data = l2.arena.as_numpy(entry_alloc)  # type: ignore[arg-type]
-    return bool(crc32c.crc32c(data.data) == checksum)
+def warm_l2(store_dir: Path, catalog: Catalog, l2: Residency) -> tuple[int, int]:
+    """Take back what the last clean close left in the L2 file; returns (new generation, blocks)."""
+    store_id = catalog.meta("store_id") or ""
+    generation = int(catalog.meta("l2_generation") or 0)
+    entries = load_index(store_dir, store_id, generation, l2.arena.capacity)
+    catalog.set_meta({"l2_generation": str(generation + 1)})
+    restore = l2.arena.restore  # type: ignore[attr-defined]
+    allocs: list[Allocation | None] = restore([(e.offset, e.nbytes, e.slab) for e in entries])
+    warm = 0
+    for entry, alloc in zip(entries, allocs, strict=True):
+        if alloc is None:
+            continue
+        row = catalog.block_by_id(entry.block_id)
+        if (row is None or row.checksum != entry.checksum or row.nbytes != entry.nbytes
+                or crc32c.crc32c(l2.arena.as_numpy(alloc).data) != entry.checksum):
+            l2.release(alloc)
+            continue
+        l2.admit(row.key, row.block_id, alloc, dtype_from_name(row.dtype), row.shape, row.checksum)
+        warm += 1
+    return generation + 1, warm

@@ -10,4 +10,4 @@ python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
 python -m pip install -q -e '.[dev]'
 ruff check tierstore tests tools
 mypy
-python -m pytest -q -p no:cacheprovider "$@"
+python -m pytest -q "$@"
