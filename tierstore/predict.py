@@ -1,0 +1,354 @@
+"""Access statistics -> predictions (reuse, next access, successors) and the predictive policy.
+
+Pure: no I/O, no threads, no clocks. The caller passes ``now`` with each access (seconds in the
+store, the access index in the simulator); everything else is counted in *ticks*, one per access.
+
+* :class:`AccessPatternTracker` (from :mod:`tierstore.access_tracker`) keeps per-key statistics
+  online: count, last access, an EWMA of the gap between accesses, a bounded "which key followed
+  which" table and a window of the last ``prediction_window`` keys.
+* :class:`SimpleMLPredictor` is an online logistic regression over the tracker's features, trained
+  on the stream itself: each access is a sample, labelled 1 when the key comes back within
+  ``horizon`` ticks and 0 when the horizon passes first. Logistic regression, not something
+  heavier, because it trains in O(features) per access in pure Python, never needs a batch, and its
+  output is a probability that ``prediction_threshold`` can gate directly.
+* :class:`PredictedNextUse` applies Belady's rule to those predictions (evict the key expected back
+  last); :class:`PredictivePolicy` follows it or, where they do better on the recent stream, one of
+  a panel of classic policies run as shadows (:mod:`tierstore.shadow_caches`).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import OrderedDict, deque
+from collections.abc import Hashable, Iterator
+from typing import Generic, TypeVar
+
+from .access_tracker import AccessPatternTracker, KeyStats
+from .errors import ConfigError, TierFullError
+from .shadow_caches import ShadowARC, ShadowCache, ShadowLRU, ShadowS3FIFO, ShadowWTinyLFU
+
+__all__ = ["KeyStats", "AccessPatternTracker", "SimpleMLPredictor", "PredictivePolicy"]
+
+K = TypeVar("K", bound=Hashable)
+
+
+_FEATURES = 8
+EXPERTS = ("predicted", "lru", "arc", "s3fifo", "wtinylfu")
+
+
+class SimpleMLPredictor(Generic[K]):
+    """Online logistic regression: P(a key is accessed again within ``horizon`` ticks).
+
+    Call :meth:`observe` after each ``tracker.record``. Each access becomes one training sample
+    (features as of that access), labelled when its key returns (1) or when ``horizon`` ticks pass
+    without it (0); at most one sample per key is pending, so memory is bounded by the horizon.
+    """
+
+    def __init__(self, tracker: AccessPatternTracker[K], *, horizon: int = 1000, threshold: float = 0.7,
+                 learning_rate: float = 0.05) -> None:
+        self.tracker = tracker
+        self.horizon = max(1, horizon)
+        self.threshold = threshold
+        self.learning_rate = learning_rate
+        self.weights = [0.0] * _FEATURES
+        self.samples = 0
+        self._log_horizon = math.log1p(self.horizon)
+        self._pending: dict[K, tuple[int, list[float]]] = {}
+        self._expiry: deque[tuple[int, K]] = deque()
+        self._probability: dict[K, float] = {}
+
+    def features(self, key: K, transition: float = 0.0) -> list[float]:
+        """The features of ``key`` as of its last access; ``transition``: P(it followed its predecessor)."""
+        tracker = self.tracker
+        state = tracker.state(key)
+        if state is None:
+            return [1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+        log_h = self._log_horizon
+        repeat = state.count > 1
+        return [
+            1.0,
+            math.log1p(state.count) * 0.25,
+            0.0 if repeat else 1.0,
+            min(2.0, math.log1p(state.gap) / log_h) if repeat else 1.0,
+            min(2.0, math.log1p(state.last_gap) / log_h) if repeat else 1.0,
+            1.0 if repeat and state.gap <= self.horizon else 0.0,
+            transition,
+            min(1.0, (tracker.in_window(key) - 1) * 0.25),
+        ]
+
+    def _score(self, x: list[float]) -> float:
+        z = sum(w * v for w, v in zip(self.weights, x, strict=True))
+        return 1.0 / (1.0 + math.exp(-max(-30.0, min(30.0, z))))
+
+    def _train(self, x: list[float], label: float) -> None:
+        step = self.learning_rate * (label - self._score(x))
+        self.weights = [w + step * v for w, v in zip(self.weights, x, strict=True)]
+        self.samples += 1
+
+    def observe(self, key: K) -> float:
+        """Learn from the access just recorded for ``key``; return its new reuse probability."""
+        tick = self.tracker.tick
+        pending = self._pending
+        sample = pending.pop(key, None)
+        if sample is not None:
+            self._train(sample[1], 1.0)
+        expiry, limit = self._expiry, tick - self.horizon
+        while expiry and expiry[0][0] < limit:
+            born, old = expiry.popleft()
+            stale = pending.get(old)
+            if stale is not None and stale[0] == born:
+                del pending[old]
+                self._train(stale[1], 0.0)
+        x = self.features(key, self.tracker.transition)
+        pending[key] = (tick, x)
+        expiry.append((tick, key))
+        p = self._probability[key] = self._score(x)
+        return p
+
+    def reuse_probability(self, key: K) -> float:
+        """P(``key`` is accessed within ``horizon`` ticks of its last access), decayed past that horizon."""
+        p = self._probability.get(key)
+        state = self.tracker.state(key)
+        if p is None or state is None:
+            return self._score(self.features(key))
+        age = self.tracker.tick - state.last_tick
+        return p if age <= self.horizon else p * self.horizon / age
+
+    def expected_next_tick(self, key: K) -> float:
+        """Expected tick of the next access: soon (one gap) with the reuse probability, far otherwise."""
+        state = self.tracker.state(key)
+        if state is None:
+            return float(self.tracker.tick + 2 * self.horizon)
+        gap = state.gap if state.count > 1 else max(1.0, self.tracker.first_gap)
+        p = self._probability.get(key, 0.5)
+        return state.last_tick + p * gap + (1.0 - p) * max(2.0 * self.horizon, 2.0 * gap)
+
+    def expected_next_access(self, key: K) -> float | None:
+        """Expected time of the next access in the caller's ``now`` unit, or None for an unseen key."""
+        state = self.tracker.state(key)
+        if state is None:
+            return None
+        ticks = self.expected_next_tick(key) - state.last_tick
+        per_tick = state.time_gap / state.gap if state.gap > 0 else self.tracker.time_per_tick
+        return state.last_time + ticks * per_tick
+
+    def likely_successors(self, key: K, k: int = 4) -> list[tuple[K, float]]:
+        """Up to ``k`` keys likely to be accessed right after ``key``, with probability >= threshold."""
+        return [(other, p) for other, p in self.tracker.successors(key)[:k] if p >= self.threshold]
+
+
+
+class PredictedNextUse(Generic[K]):
+    """Shadow expert: Belady's rule on predictions, evicting the key expected back last.
+
+    A key expected back sooner than everything resident is kept; a newcomer expected back later
+    than every resident key is not admitted at all (on a loop longer than the cache that keeps a
+    fixed subset and scores like OPT, where LRU scores zero). A key that overstays twice its
+    expected gap is taken for dead and goes first, so stale predictions cannot pin it forever.
+    Two lazy heaps (furthest expected access, earliest deadline) make each access O(log n).
+    """
+
+    name = "predicted"
+
+    def __init__(self, capacity: int, predictor: SimpleMLPredictor[K], *, patience: float = 2.0) -> None:
+        self.capacity = max(1, capacity)
+        self.predictor = predictor
+        self.patience = patience
+        self._version: dict[K, int] = {}
+        self._far: list[tuple[float, int, K]] = []  # (-expected tick, version, key)
+        self._due: list[tuple[float, int, K]] = []  # (deadline tick, version, key)
+        self._serial = 0
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._version
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(self._version)
+
+    def _push(self, key: K, expected: float, now: int) -> None:
+        self._serial += 1
+        serial = self._version[key] = self._serial
+        heapq.heappush(self._far, (-expected, serial, key))
+        heapq.heappush(self._due, (now + self.patience * max(1.0, expected - now), serial, key))
+        if len(self._far) > 4 * self.capacity + 64:  # drop stale entries now and then
+            self._far = [e for e in self._far if self._version.get(e[2]) == e[1]]
+            self._due = [e for e in self._due if self._version.get(e[2]) == e[1]]
+            heapq.heapify(self._far)
+            heapq.heapify(self._due)
+
+    def _top(self, heap: list[tuple[float, int, K]]) -> tuple[float, int, K]:
+        version = self._version
+        while version.get(heap[0][2]) != heap[0][1]:
+            heapq.heappop(heap)
+        return heap[0]
+
+    def access(self, key: K) -> K | None:
+        now = self.predictor.tracker.tick
+        expected = self.predictor.expected_next_tick(key)
+        if key in self._version or len(self._version) < self.capacity:
+            self._push(key, expected, now)
+            return None
+        deadline, _, victim = self._top(self._due)
+        if deadline >= now:
+            far, _, victim = self._top(self._far)
+            if -far <= expected:
+                return None  # the newcomer is expected back last: do not admit it
+        del self._version[victim]
+        self._push(key, expected, now)
+        return victim
+
+
+def _build_experts(names: tuple[str, ...], capacity: int, patience: float,
+                   predictor: SimpleMLPredictor[K]) -> list[ShadowCache[K]]:
+    experts: list[ShadowCache[K]] = []
+    for name in names:
+        if name == PredictedNextUse.name:
+            experts.append(PredictedNextUse(capacity, predictor, patience=patience))
+        elif name == "lru":
+            experts.append(ShadowLRU(capacity))
+        elif name == "arc":
+            experts.append(ShadowARC(capacity))
+        elif name == "s3fifo":
+            experts.append(ShadowS3FIFO(capacity))
+        elif name == "wtinylfu":
+            experts.append(ShadowWTinyLFU(capacity))
+        else:
+            raise ConfigError(f"unknown expert {name!r}; choose from {', '.join(EXPERTS)}")
+    return experts
+
+
+class PredictivePolicy(Generic[K]):
+    """Evict by prediction, following whichever expert of a small panel currently scores best.
+
+    The panel: the predictor's own Belady approximation (:class:`PredictedNextUse`) plus shadow
+    copies of ARC, S3-FIFO and W-TinyLFU (:mod:`tierstore.shadow_caches`). Every access is fed to
+    all of them; each counts the hits it would have had at ``capacity``. Every ``epoch`` accesses
+    the scores decay and the leader may change (only on a clear margin, to avoid flapping). The real
+    tier follows the leader's *contents*: it evicts first the resident keys the leader no longer
+    holds (oldest first) and admits only what the leader admitted, so under a steady leader the tier
+    holds exactly what that expert would, and under a changing workload it tracks the best one.
+
+    Chains: ``insert(key, parent=...)`` links a key to the prefix it extends. The victim is always
+    a key with no resident extensions: when the chosen key has some, its chain tail goes first,
+    because a block is useless once any block before it is gone.
+    """
+
+    name = "predictive"
+
+    def __init__(self, capacity: int, *, prediction_window: int = 200, prediction_threshold: float = 0.7,
+                 experts: tuple[str, ...] = ("s3fifo", "arc", "wtinylfu", "predicted"),
+                 epoch: int | None = None, window: int | None = None, switch_cost: float = 1.0,
+                 horizon_factor: int = 2, patience: float = 2.0) -> None:
+        if capacity < 1:
+            raise ConfigError(f"the predictive policy needs a capacity of at least 1 entry, got {capacity}")
+        self.capacity = capacity
+        self.tracker: AccessPatternTracker[K] = AccessPatternTracker(prediction_window)
+        horizon = max(prediction_window, horizon_factor * capacity)
+        self.predictor = SimpleMLPredictor(self.tracker, horizon=horizon, threshold=prediction_threshold)
+        self.experts = _build_experts(experts, capacity, patience, self.predictor)
+        self.epoch = epoch or max(64, capacity // 8)
+        self.window = max(window or max(8192, 16 * capacity), 2 * self.epoch)
+        self.decay = 1.0 - self.epoch / self.window
+        self.switch_cost = switch_cost
+        self.scores = [0.0] * len(self.experts)
+        self.switches = 0
+        self._hits = [0] * len(self.experts)
+        self._leader = 0
+        self._countdown = self.epoch
+        self._resident: OrderedDict[K, int] = OrderedDict()  # key -> size, least recently used first
+        self._outside: OrderedDict[K, None] = OrderedDict()  # resident, but not held by the leader
+        self._used = 0
+        self._parent: dict[K, K] = {}
+        self._children: dict[K, set[K]] = {}  # resident extensions of each key
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    @property
+    def leader(self) -> str:
+        """Name of the expert the tier currently follows."""
+        return self.experts[self._leader].name
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._resident
+
+    def __len__(self) -> int:
+        return len(self._resident)
+
+    def record_access(self, key: K, now: float) -> None:
+        self.tracker.record(key, now)
+        self.predictor.observe(key)
+        lead = self.experts[self._leader]
+        resident, outside, hits = self._resident, self._outside, self._hits
+        for i, expert in enumerate(self.experts):
+            if key in expert:
+                hits[i] += 1
+            gone = expert.access(key)
+            if expert is lead and gone is not None and gone in resident:
+                outside[gone] = None
+        if key in resident:
+            resident.move_to_end(key)
+            if key in outside and key in lead:
+                del outside[key]
+        self._countdown -= 1
+        if not self._countdown:
+            self._choose_leader()
+
+    def _choose_leader(self) -> None:
+        self._countdown = self.epoch
+        scores, hits = self.scores, self._hits
+        for i, count in enumerate(hits):
+            scores[i] = scores[i] * self.decay + count  # ~ hits over the last `window` accesses
+            hits[i] = 0
+        best = max(range(len(scores)), key=scores.__getitem__)
+        gain = scores[best] - scores[self._leader]
+        if best == self._leader or gain < 1.0:
+            return
+        # Switching is not free: the tier lacks what the new leader holds and misses once on each
+        # of those keys that comes back. Switch only when the advantage outweighs that cost.
+        lead, resident = self.experts[best], self._resident
+        if gain <= self.switch_cost * sum(1 for key in lead if key not in resident):
+            return
+        self._leader = best
+        self.switches += 1
+        self._outside = OrderedDict((k, None) for k in resident if k not in lead)
+
+    def admit(self, key: K, size: int = 1) -> bool:
+        return key in self.experts[self._leader] or self._used + size <= self.capacity
+
+    def insert(self, key: K, size: int = 1, parent: K | None = None) -> None:
+        old = self._resident.get(key)
+        self._resident[key] = size
+        self._used += size - (old or 0)
+        if key not in self.experts[self._leader]:
+            self._outside[key] = None
+        if parent is not None and parent != key and old is None:
+            self._parent[key] = parent
+            self._children.setdefault(parent, set()).add(key)
+
+    def remove(self, key: K) -> None:
+        size = self._resident.pop(key, None)
+        if size is None:
+            return
+        self._used -= size
+        self._outside.pop(key, None)
+        parent = self._parent.pop(key, None)
+        if parent is not None:
+            siblings = self._children[parent]
+            siblings.discard(key)
+            if not siblings:
+                del self._children[parent]
+
+    def victim(self) -> K:
+        if not self._resident:
+            raise TierFullError("predictive policy has no resident key to evict; the block is larger "
+                                "than the tier's free space or the tier is empty: raise the capacity")
+        key = next(iter(self._outside)) if self._outside else next(iter(self._resident))
+        for _ in range(len(self._resident)):  # walk to the chain's tail; bounded against cycles
+            children = self._children.get(key)
+            if not children:
+                break
+            key = next(iter(children))
+        return key

@@ -1,0 +1,273 @@
+"""Shadow caches: keys-only replicas of eviction policies, run beside a tier to score them.
+
+:class:`tierstore.predict.PredictivePolicy` feeds every access to a small panel of these, counts the
+hits each would have had at the tier's capacity, and makes the real tier follow the current best.
+A shadow cache holds keys and a few counters, never bytes, so a panel costs a few dict operations
+per access and memory proportional to the capacity in entries.
+
+Each shadow implements one published policy faithfully (the same decisions, access for access, as
+the reference simulators in ``tools/replay_policies.py``, which the tests check), and reports the one
+resident key an access pushed out, if any; that is all the panel needs to follow it.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Hashable, Iterator
+from typing import Generic, Protocol, TypeVar
+
+__all__ = ["ShadowCache", "ShadowLRU", "ShadowARC", "ShadowS3FIFO", "ShadowWTinyLFU"]
+
+K = TypeVar("K", bound=Hashable)
+
+
+class ShadowCache(Protocol[K]):
+    """A keys-only cache of fixed capacity (in entries)."""
+
+    name: str
+
+    def access(self, key: K) -> K | None:
+        """Process one access (hit or miss); return the resident key it evicted, if any."""
+        ...
+
+    def __contains__(self, key: object) -> bool: ...
+
+    def __iter__(self) -> Iterator[K]: ...
+
+
+class ShadowLRU(Generic[K]):
+    """Least recently used."""
+
+    name = "lru"
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1, capacity)
+        self._order: OrderedDict[K, None] = OrderedDict()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._order
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(self._order)
+
+    def access(self, key: K) -> K | None:
+        order = self._order
+        if key in order:
+            order.move_to_end(key)
+            return None
+        gone = order.popitem(False)[0] if len(order) >= self.capacity else None
+        order[key] = None
+        return gone
+
+
+class ShadowARC(Generic[K]):
+    """ARC (Megiddo and Modha, FAST'03): recency and frequency lists sized by ghost hits."""
+
+    name = "arc"
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1, capacity)
+        self._t1: OrderedDict[K, None] = OrderedDict()
+        self._t2: OrderedDict[K, None] = OrderedDict()
+        self._b1: OrderedDict[K, None] = OrderedDict()
+        self._b2: OrderedDict[K, None] = OrderedDict()
+        self._where: dict[K, int] = {}  # 1 T1, 2 T2, 3 B1, 4 B2
+        self._p = 0.0
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._t1 or key in self._t2
+
+    def __iter__(self) -> Iterator[K]:
+        yield from self._t1
+        yield from self._t2
+
+    def _replace(self, in_b2: bool) -> K:
+        t1 = self._t1
+        if t1 and (len(t1) > self._p or (in_b2 and len(t1) == self._p)):
+            gone = t1.popitem(False)[0]
+            self._b1[gone] = None
+            self._where[gone] = 3
+        else:
+            gone = self._t2.popitem(False)[0]
+            self._b2[gone] = None
+            self._where[gone] = 4
+        return gone
+
+    def access(self, key: K) -> K | None:
+        where, c = self._where, self.capacity
+        t1, t2, b1, b2 = self._t1, self._t2, self._b1, self._b2
+        w = where.get(key, 0)
+        gone: K | None = None
+        if w == 1:
+            del t1[key]
+        elif w == 2:
+            t2.move_to_end(key)
+            return None
+        elif w == 3:
+            self._p = min(float(c), self._p + max(len(b2) / len(b1), 1.0))
+            gone = self._replace(False)
+            del b1[key]
+        elif w == 4:
+            self._p = max(0.0, self._p - max(len(b1) / len(b2), 1.0))
+            gone = self._replace(True)
+            del b2[key]
+        else:
+            l1 = len(t1) + len(b1)
+            if l1 >= c:
+                if len(t1) < c:
+                    del where[b1.popitem(False)[0]]
+                    gone = self._replace(False)
+                else:
+                    gone = t1.popitem(False)[0]
+                    del where[gone]
+            elif l1 + len(t2) + len(b2) >= c:
+                if l1 + len(t2) + len(b2) >= 2 * c:
+                    del where[b2.popitem(False)[0]]
+                gone = self._replace(False)
+            t1[key] = None
+            where[key] = 1
+            return gone
+        t2[key] = None
+        where[key] = 2
+        return gone
+
+
+class ShadowS3FIFO(Generic[K]):
+    """S3-FIFO (Yang et al., SOSP'23): a 10% probation FIFO, a main FIFO with a 2-bit clock, a ghost."""
+
+    name = "s3fifo"
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1, capacity)
+        self._small_cap = max(1, self.capacity // 10)
+        self._main_cap = max(1, self.capacity - self._small_cap)
+        self._small: deque[K] = deque()
+        self._main: deque[K] = deque()
+        self._ghost: OrderedDict[K, None] = OrderedDict()
+        self._freq: dict[K, int] = {}  # resident keys only
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._freq
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(self._freq)
+
+    def _evict_main(self) -> K | None:
+        main, freq = self._main, self._freq
+        while main:
+            key = main.popleft()
+            if freq[key]:
+                freq[key] -= 1
+                main.append(key)
+            else:
+                del freq[key]
+                return key
+        return None
+
+    def _evict(self) -> K | None:
+        small, freq = self._small, self._freq
+        if small and (len(small) >= self._small_cap or not self._main):
+            while small:
+                key = small.popleft()
+                if freq[key]:  # touched while on probation: earns a place in main
+                    freq[key] = 0
+                    self._main.append(key)
+                    if len(self._main) > self._main_cap:
+                        return self._evict_main()
+                else:
+                    del freq[key]
+                    self._ghost[key] = None
+                    if len(self._ghost) > self._main_cap:
+                        self._ghost.popitem(False)
+                    return key
+        return self._evict_main()
+
+    def access(self, key: K) -> K | None:
+        freq = self._freq
+        count = freq.get(key)
+        if count is not None:
+            if count < 3:
+                freq[key] = count + 1
+            return None
+        gone = self._evict() if len(freq) >= self.capacity else None
+        freq[key] = 0
+        if key in self._ghost:
+            del self._ghost[key]
+            self._main.append(key)
+        else:
+            self._small.append(key)
+        return gone
+
+
+class ShadowWTinyLFU(Generic[K]):
+    """W-TinyLFU (Einziger et al.; Caffeine): 1% LRU window, segmented-LRU main, frequency admission.
+
+    Frequencies are exact 4-bit counters halved every ``10 * capacity`` accesses: the count-min
+    sketch of the paper without its collisions.
+    """
+
+    name = "wtinylfu"
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1, capacity)
+        self._window_cap = max(1, self.capacity // 100)
+        self._main_cap = max(1, self.capacity - self._window_cap)
+        self._protected_cap = max(1, int(self._main_cap * 0.8))
+        self._window: OrderedDict[K, None] = OrderedDict()
+        self._probation: OrderedDict[K, None] = OrderedDict()
+        self._protected: OrderedDict[K, None] = OrderedDict()
+        self._where: dict[K, int] = {}  # 1 window, 2 probation, 3 protected
+        self._freq: dict[K, int] = {}
+        self._sample = 10 * self.capacity
+        self._seen = 0
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._where
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(self._where)
+
+    def access(self, key: K) -> K | None:
+        freq, where = self._freq, self._where
+        count = freq.get(key, 0)
+        if count < 15:
+            freq[key] = count + 1
+        self._seen += 1
+        if self._seen >= self._sample:  # age the counts so yesterday's favourites can leave
+            self._freq = freq = {k: v >> 1 for k, v in freq.items() if v > 1}
+            self._seen //= 2
+        w = where.get(key, 0)
+        if w == 1:
+            self._window.move_to_end(key)
+            return None
+        if w == 3:
+            self._protected.move_to_end(key)
+            return None
+        if w == 2:
+            del self._probation[key]
+            self._protected[key] = None
+            where[key] = 3
+            if len(self._protected) > self._protected_cap:
+                demoted = self._protected.popitem(False)[0]
+                self._probation[demoted] = None
+                where[demoted] = 2
+            return None
+        self._window[key] = None
+        where[key] = 1
+        if len(self._window) <= self._window_cap:
+            return None
+        candidate = self._window.popitem(False)[0]
+        if len(self._probation) + len(self._protected) < self._main_cap:
+            self._probation[candidate] = None
+            where[candidate] = 2
+            return None
+        queue = self._probation if self._probation else self._protected
+        victim = next(iter(queue))
+        if freq.get(candidate, 0) > freq.get(victim, 0):
+            del queue[victim]
+            del where[victim]
+            self._probation[candidate] = None
+            where[candidate] = 2
+            return victim
+        del where[candidate]
+        return candidate
