@@ -435,7 +435,8 @@ def _random(n: int, seed: int) -> torch.Tensor:
 
 def _damage_blocks() -> dict[str, torch.Tensor]:
     return {
-        "small/raw": _random(700, 1), "small/raw2": _random(900, 2),
+        # whole 4 KiB granules of noise: compression cannot pay, so they are packed raw
+        "small/raw": _random(1024, 1), "small/raw2": _random(2048, 2),
         "small/zstd": _compressible(800, 3), "small/zstd2": _compressible(600, 4),
         "large/raw": _random(200_000, 5), "large/raw2": _random(150_000, 6),
         "large/zstd": _compressible(300_000, 7), "large/zstd2": _compressible(100_000, 8),

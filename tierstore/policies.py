@@ -241,10 +241,11 @@ class LFU(_Sized[K]):
 
 
 def make_policy(name: str, *, capacity: int | None = None, prediction_window: int = 200,
-                prediction_threshold: float = 0.7) -> Policy[Any]:
+                prediction_threshold: float = 0.7, block_size: int = 1) -> Policy[Any]:
     """A fresh policy by its config name (``lru``, ``fifo``, ``lfu`` or ``predictive``).
 
-    ``predictive`` needs ``capacity`` (in entries): it scores its shadow experts at that size.
+    ``predictive`` needs ``capacity`` (in the unit of the sizes passed to ``insert``): it scores
+    its shadow experts at ``capacity // block_size`` entries.
     """
     key = name.lower()
     if key == "lru":
@@ -259,5 +260,5 @@ def make_policy(name: str, *, capacity: int | None = None, prediction_window: in
         from .predict import PredictivePolicy  # predict imports this module's protocol; import late
 
         return PredictivePolicy(capacity, prediction_window=prediction_window,
-                                prediction_threshold=prediction_threshold)
+                                prediction_threshold=prediction_threshold, block_size=block_size)
     raise ConfigError(f"unknown eviction policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")

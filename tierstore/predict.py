@@ -78,12 +78,16 @@ class SimpleMLPredictor(Generic[K]):
         ]
 
     def _score(self, x: list[float]) -> float:
-        z = sum(w * v for w, v in zip(self.weights, x, strict=True))
+        w = self.weights  # unrolled: this runs twice per access, a generator costs 3x more
+        z = (w[0] * x[0] + w[1] * x[1] + w[2] * x[2] + w[3] * x[3]
+             + w[4] * x[4] + w[5] * x[5] + w[6] * x[6] + w[7] * x[7])
         return 1.0 / (1.0 + math.exp(-max(-30.0, min(30.0, z))))
 
     def _train(self, x: list[float], label: float) -> None:
         step = self.learning_rate * (label - self._score(x))
-        self.weights = [w + step * v for w, v in zip(self.weights, x, strict=True)]
+        w = self.weights
+        for i in range(_FEATURES):
+            w[i] += step * x[i]
         self.samples += 1
 
     def observe(self, key: K) -> float:
@@ -136,7 +140,6 @@ class SimpleMLPredictor(Generic[K]):
     def likely_successors(self, key: K, k: int = 4) -> list[tuple[K, float]]:
         """Up to ``k`` keys likely to be accessed right after ``key``, with probability >= threshold."""
         return [(other, p) for other, p in self.tracker.successors(key)[:k] if p >= self.threshold]
-
 
 
 class PredictedNextUse(Generic[K]):
@@ -222,12 +225,20 @@ class PredictivePolicy(Generic[K]):
     """Evict by prediction, following whichever expert of a small panel currently scores best.
 
     The panel: the predictor's own Belady approximation (:class:`PredictedNextUse`) plus shadow
-    copies of ARC, S3-FIFO and W-TinyLFU (:mod:`tierstore.shadow_caches`). Every access is fed to
+    copies of S3-FIFO, ARC, W-TinyLFU and LRU (:mod:`tierstore.shadow_caches`). Every access is fed to
     all of them; each counts the hits it would have had at ``capacity``. Every ``epoch`` accesses
-    the scores decay and the leader may change (only on a clear margin, to avoid flapping). The real
+    the scores decay (a memory of about ``window`` accesses) and the leader may change. The real
     tier follows the leader's *contents*: it evicts first the resident keys the leader no longer
     holds (oldest first) and admits only what the leader admitted, so under a steady leader the tier
     holds exactly what that expert would, and under a changing workload it tracks the best one.
+
+    Changing leader costs one miss for each key the new leader holds and the tier lacks (measured
+    on the traces: it is that expensive), so a challenger must be ahead by more hits than that.
+    The first expert leads until then: S3-FIFO, the best classic policy on most traces measured.
+
+    ``capacity`` is in the unit of the sizes given to ``insert`` (entries by default). With byte
+    sizes, pass ``block_size``, a typical block's size: the experts count ``capacity // block_size``
+    entries. The knobs after it are the panel's tuning, measured in ``tools/replay.py``.
 
     Chains: ``insert(key, parent=...)`` links a key to the prefix it extends. The victim is always
     a key with no resident extensions: when the chosen key has some, its chain tail goes first,
@@ -237,12 +248,14 @@ class PredictivePolicy(Generic[K]):
     name = "predictive"
 
     def __init__(self, capacity: int, *, prediction_window: int = 200, prediction_threshold: float = 0.7,
-                 experts: tuple[str, ...] = ("s3fifo", "arc", "wtinylfu", "predicted"),
+                 experts: tuple[str, ...] = ("s3fifo", "arc", "wtinylfu", "predicted", "lru"),
                  epoch: int | None = None, window: int | None = None, switch_cost: float = 1.0,
-                 horizon_factor: int = 2, patience: float = 2.0) -> None:
-        if capacity < 1:
-            raise ConfigError(f"the predictive policy needs a capacity of at least 1 entry, got {capacity}")
+                 horizon_factor: int = 2, patience: float = 2.0, block_size: int = 1) -> None:
+        if capacity < 1 or block_size < 1:
+            raise ConfigError(f"the predictive policy needs a capacity of at least 1 entry, got {capacity} "
+                              f"with block_size={block_size}")
         self.capacity = capacity
+        capacity = max(1, capacity // block_size)  # the experts count entries
         self.tracker: AccessPatternTracker[K] = AccessPatternTracker(prediction_window)
         horizon = max(prediction_window, horizon_factor * capacity)
         self.predictor = SimpleMLPredictor(self.tracker, horizon=horizon, threshold=prediction_threshold)
@@ -260,7 +273,8 @@ class PredictivePolicy(Generic[K]):
         self._outside: OrderedDict[K, None] = OrderedDict()  # resident, but not held by the leader
         self._used = 0
         self._parent: dict[K, K] = {}
-        self._children: dict[K, set[K]] = {}  # resident extensions of each key
+        # resident extensions of each key; dicts, not sets, so the walk to a tail is reproducible
+        self._children: dict[K, dict[K, None]] = {}
 
     @property
     def used(self) -> int:
@@ -326,7 +340,7 @@ class PredictivePolicy(Generic[K]):
             self._outside[key] = None
         if parent is not None and parent != key and old is None:
             self._parent[key] = parent
-            self._children.setdefault(parent, set()).add(key)
+            self._children.setdefault(parent, {})[key] = None
 
     def remove(self, key: K) -> None:
         size = self._resident.pop(key, None)
@@ -337,7 +351,7 @@ class PredictivePolicy(Generic[K]):
         parent = self._parent.pop(key, None)
         if parent is not None:
             siblings = self._children[parent]
-            siblings.discard(key)
+            siblings.pop(key, None)
             if not siblings:
                 del self._children[parent]
 

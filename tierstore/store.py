@@ -265,7 +265,9 @@ class TierStore:
         self._l3.commit()
         with self._rows_lock:
             self._generation += 1
-            for row in rows:
+            if len(self._rows) + len(rows) > _ROW_CACHE:
+                self._rows.clear()
+            for row in rows[-_ROW_CACHE:]:
                 self._rows[row.key] = (row, location_of(row))
             for key in deletes:
                 self._rows.pop(key, None)
@@ -346,7 +348,7 @@ class TierStore:
             raise
         stamp = now()
         previous = txn.pending.get(key)
-        old = previous.row if previous is not None else self._committed_row(key)
+        old = previous.row if previous is not None else None  # the catalog keeps `created` on replace
         row = BlockRow(
             key=key, block_id=block_id, dtype=dtype_name(tensor.dtype), shape=tuple(tensor.shape),
             nbytes=data.nbytes, checksum=checksum, durable=durable, codec=loc.codec,
@@ -464,12 +466,6 @@ class TierStore:
         if entry is None:  # the block was replaced while we read it: hand out these bytes, cache nothing
             return tensor_from_bytes(bytearray(out), dtype_from_name(row.dtype), row.shape), "L3"
         return l2.view(entry, copy=copy), "L3"
-
-    def _committed_row(self, key: str) -> BlockRow | None:
-        try:
-            return self._lookup_located(key)[0]
-        except BlockNotFoundError:
-            return None
 
     def _lookup(self, key: str) -> BlockRow:
         txn = self._txn()
@@ -647,6 +643,8 @@ class TierStore:
         self._check_open()
         check_key(key)
         row = self._lookup(key)
+        if row.block_id == getattr(self._catalog.get_block(key), "block_id", None):
+            row = self._catalog.get_block(key) or row  # the catalog's row has the first `created`
         if not self.readonly:
             self._recorder.flush()
         stats = self._catalog.block_stats(key) or {}

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import zstandard
-from numcodecs import Blosc, Shuffle, Zstd
+from numcodecs import Blosc, Zstd
 
 __all__ = ["Codec", "RAW", "codec_from_id", "choose_codec", "MIN_RATIO"]
 
@@ -67,8 +67,7 @@ class Codec:
         if self.kind == "zstd":
             return _compressor(self.level).compress(chunk.data)
         if self.kind == "shuffle-zstd":
-            shuffled = _shuffle(self.elementsize).encode(chunk)
-            return _compressor(self.level).compress(shuffled)
+            return _compressor(self.level).compress(_shuffle_into_scratch(chunk, self.elementsize).data)
         return _blosc(self.elementsize).encode(chunk)  # type: ignore[no-any-return]
 
     def decode_into(self, data: Any, out: np.ndarray) -> None:
@@ -86,8 +85,12 @@ class Codec:
             else:
                 out[:] = np.frombuffer(_decompress(data, out.nbytes), dtype=np.uint8)
         elif self.kind == "shuffle-zstd":
-            scratch = _decompress(data, out.nbytes)
-            _shuffle(self.elementsize).decode(scratch, out=out)
+            if out.nbytes >= _LARGE:
+                scratch = _scratch(out.nbytes)
+                _zstd(self.level).decode(data, out=scratch)  # without the GIL, into reused memory
+                _unshuffle(scratch, out, self.elementsize)
+            else:
+                _unshuffle(np.frombuffer(_decompress(data, out.nbytes), dtype=np.uint8), out, self.elementsize)
         else:
             _blosc(self.elementsize).decode(data, out=out)
 
@@ -107,8 +110,58 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
         cache = _LOCAL.compressors = {}
     codec = cache.get(level)
     if codec is None:
-        codec = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+        if level == 1:
+            # Weights are near-random mantissas beside a few exponent values: a small hash table and
+            # long minimum matches find what repeats at twice level 1's speed, with a slightly better
+            # ratio here (bf16: 1.465x -> 1.491x, 212 -> 412 MB/s).
+            params = zstandard.ZstdCompressionParameters.from_level(
+                1, strategy=zstandard.STRATEGY_FAST, hash_log=10, min_match=7, write_content_size=1)
+            codec = zstandard.ZstdCompressor(compression_params=params)
+        else:
+            codec = zstandard.ZstdCompressor(level=level, write_content_size=True)
+        cache[level] = codec
     return codec
+
+
+def _scratch(size: int) -> np.ndarray:
+    buffers: dict[int, np.ndarray] | None = getattr(_LOCAL, "scratch", None)
+    if buffers is None:
+        buffers = _LOCAL.scratch = {}
+    buf = buffers.get(size)
+    if buf is None:
+        buf = buffers[size] = np.empty(size, dtype=np.uint8)
+    return buf
+
+
+def _shuffle_into_scratch(chunk: np.ndarray, elementsize: int) -> np.ndarray:
+    """numcodecs' byte shuffle (byte 0 of every element, then byte 1, ...) into a reused buffer."""
+    grouped = _scratch(chunk.nbytes)
+    if elementsize == 1 or chunk.nbytes % elementsize:
+        np.copyto(grouped, chunk)
+        return grouped
+    count = chunk.nbytes // elementsize
+    for byte in range(elementsize):  # one strided read per byte of the element
+        np.copyto(grouped[byte * count:(byte + 1) * count], chunk[byte::elementsize])
+    return grouped
+
+
+def _unshuffle(grouped: np.ndarray, out: np.ndarray, elementsize: int) -> None:
+    """Inverse of numcodecs' byte shuffle, in numpy (which, unlike numcodecs' wrapper, drops the GIL).
+
+    ``grouped`` holds byte 0 of every element, then byte 1, ...; ``out`` gets the elements back.
+    """
+    if elementsize == 1:
+        np.copyto(out, grouped)
+        return
+    count = out.nbytes // elementsize
+    if elementsize == 2 and out.nbytes % 2 == 0:  # bf16/fp16: (high << 8) | low, ~2.5x a strided copy
+        pairs = out.view(np.uint16)
+        np.left_shift(grouped[count:], 8, out=pairs, dtype=np.uint16)
+        np.bitwise_or(pairs, grouped[:count], out=pairs)
+        return
+    columns = out.reshape(-1, elementsize)
+    for byte in range(elementsize):  # one strided copy per byte of the element, not per element
+        columns[:, byte] = grouped[byte * count:(byte + 1) * count]
 
 
 def _decompress(data: Any, size: int) -> bytes:
@@ -124,7 +177,6 @@ def _decompress(data: Any, size: int) -> bytes:
     return out
 
 _ZSTD: dict[int, Zstd] = {}
-_SHUFFLE: dict[int, Shuffle] = {}
 _BLOSC: dict[int, Blosc] = {}
 
 
@@ -132,13 +184,6 @@ def _zstd(level: int) -> Zstd:
     codec = _ZSTD.get(level)
     if codec is None:
         codec = _ZSTD[level] = Zstd(level=level)
-    return codec
-
-
-def _shuffle(elementsize: int) -> Shuffle:
-    codec = _SHUFFLE.get(elementsize)
-    if codec is None:
-        codec = _SHUFFLE[elementsize] = Shuffle(elementsize=elementsize)
     return codec
 
 
