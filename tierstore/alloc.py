@@ -18,12 +18,15 @@ walks all free runs or pages.
 from __future__ import annotations
 
 import itertools
+import math
 from bisect import bisect_left, insort
 from dataclasses import dataclass
 
-from .errors import ConfigError
+import torch
 
-__all__ = ["Allocation", "AllocatorStats", "ClassStats", "SlabAllocator"]
+from .errors import ConfigError, UnsupportedTensorError
+
+__all__ = ["Allocation", "AllocatorStats", "ClassStats", "SlabAllocator", "view_nbytes"]
 
 # Each allocator (and each reset()) gets a fresh token, so an Allocation from another
 # allocator, or from before a reset, is refused instead of freeing someone else's bytes.
@@ -62,6 +65,22 @@ def _new_allocation(offset: int, size: int, nbytes: int, slab: int, owner: int) 
     _set_slab(a, slab)
     _set_owner(a, owner)
     return a
+
+
+_QUANTIZED = frozenset({torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4})
+
+
+def view_nbytes(a: Allocation, dtype: torch.dtype, shape: tuple[int, ...], tier: str) -> int:
+    """Bytes a ``dtype`` tensor of ``shape`` takes, checked against the slot ``a`` (for a tier's ``view``)."""
+    if dtype in _QUANTIZED:
+        raise UnsupportedTensorError(f"quantized dtype {dtype} cannot be viewed from raw bytes", tier=tier)
+    if any(d < 0 for d in shape):
+        raise ValueError(f"shape {shape} has a negative dimension")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > a.nbytes:
+        raise ValueError(f"a {dtype} tensor of shape {shape} needs {nbytes} bytes, "
+                         f"but the slot holds {a.nbytes}; allocate a bigger slot")
+    return nbytes
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from ..alloc import Allocation, ClassStats, SlabAllocator
+from ..alloc import Allocation, ClassStats, SlabAllocator, view_nbytes
 from ..config import parse_size
 from ..errors import ConfigError, StoreClosedError, TierFullError, UnsupportedTensorError
 
@@ -48,7 +48,6 @@ _SLAB = 1 << 20
 # Chunk k's allocator spans [0, (k << 40) + size) with [0, k << 40) taken at birth, so offsets are
 # unique across chunks (owners key slots by offset) and ``offset >> 40`` finds the chunk.
 _SPAN_BITS = 40
-_QUANTIZED = frozenset({torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4})
 # Compute capability from which a GPU does native math in the dtype; below it, cast on the way in.
 _NATIVE_FROM: dict[torch.dtype, tuple[int, int]] = {torch.bfloat16: (8, 0)}
 
@@ -264,14 +263,7 @@ class DevicePool:
         keeps the slot until then. ``record_stream`` does not cover pool memory: order other streams.
         """
         chunk = self._chunk_of(a)
-        if dtype in _QUANTIZED:
-            raise UnsupportedTensorError(f"quantized dtype {dtype} cannot be viewed from raw bytes", tier="L1")
-        if any(d < 0 for d in shape):
-            raise ValueError(f"shape {shape} has a negative dimension")
-        nbytes = math.prod(shape) * dtype.itemsize
-        if nbytes > a.nbytes:
-            raise ValueError(f"a {dtype} tensor of shape {shape} needs {nbytes} bytes, "
-                             f"but the slot holds {a.nbytes}; allocate a bigger slot")
+        nbytes = view_nbytes(a, dtype, shape, "L1")
         start = a.offset - chunk.base
         storage: torch.UntypedStorage = chunk.storage[start : start + nbytes]  # a new storage holding the chunk
         raw = torch.empty(0, dtype=torch.uint8, device=self._device).set_(storage)

@@ -20,7 +20,6 @@ import contextlib
 import ctypes
 import errno
 import functools
-import math
 import mmap
 import os
 import resource
@@ -35,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from ..alloc import Allocation, AllocatorStats, SlabAllocator
+from ..alloc import Allocation, AllocatorStats, SlabAllocator, view_nbytes
 from ..config import parse_size
 from ..errors import (
     ConfigError,
@@ -52,7 +51,6 @@ __all__ = ["ArenaStats", "HostArena"]
 _MADV_POPULATE_WRITE: int | None = getattr(
     mmap, "MADV_POPULATE_WRITE", 23 if sys.platform.startswith("linux") else None)
 _CUDA_HOST_REGISTER_PORTABLE = 1  # pinned for every CUDA context, not just the current one
-_QUANTIZED = frozenset({torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4})
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,15 +308,7 @@ class HostArena:
         """
         mm = self._mm()
         self._check(a)
-        if dtype in _QUANTIZED:
-            raise UnsupportedTensorError(f"quantized dtype {dtype} cannot be viewed from raw bytes",
-                                         tier="L2")
-        if any(d < 0 for d in shape):
-            raise ValueError(f"shape {shape} has a negative dimension")
-        nbytes = math.prod(shape) * dtype.itemsize
-        if nbytes > a.nbytes:
-            raise ValueError(f"a {dtype} tensor of shape {shape} needs {nbytes} bytes, "
-                             f"but the slot holds {a.nbytes}; allocate a bigger slot")
+        nbytes = view_nbytes(a, dtype, shape, "L2")
         # torch.from_numpy keeps `raw` alive for as long as any tensor shares its storage,
         # so a finalizer on `raw` fires after the last derived tensor is gone.
         raw = np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=a.offset)
