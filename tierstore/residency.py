@@ -20,9 +20,8 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
-import numpy as np
 import torch
 
 from .alloc import Allocation
@@ -41,8 +40,6 @@ class Arena(Protocol):
     def alloc(self, nbytes: int) -> Allocation | None: ...
 
     def free(self, a: Allocation) -> None: ...
-
-    def as_numpy(self, a: Allocation) -> np.ndarray: ...
 
     def view(self, a: Allocation, dtype: torch.dtype, shape: tuple[int, ...],
              on_release: Callable[[], None] | None = None) -> torch.Tensor: ...
@@ -83,12 +80,15 @@ class Resident:
         return not self.pins and not self.dead and not self.in_use
 
 
-class Residency:
-    """The residency map and eviction of one volatile tier (thread-safe)."""
+A = TypeVar("A", bound=Arena)
 
-    def __init__(self, name: str, arena: Arena, policy: str = "lru") -> None:
+
+class Residency(Generic[A]):
+    """The residency map and eviction of one volatile tier (thread-safe), over its memory ``A``."""
+
+    def __init__(self, name: str, arena: A, policy: str = "lru") -> None:
         self.name = name
-        self.arena = arena
+        self.arena: A = arena
         self.lock = threading.RLock()
         self.entries: dict[str, Resident] = {}
         # The predictive policy sizes its shadow caches in entries; until the catalog says how big
@@ -129,6 +129,8 @@ class Residency:
                 # Into reused pool memory when there is room: a fresh allocation faults in its pages
                 # and copies at a fraction of memcpy speed. The copy is the caller's alone.
                 source = base if base is not None else self.arena.view(entry.alloc, entry.dtype, entry.shape)
+                if source.device.type != "cpu":
+                    return source.clone()
                 owned = self.scratch(entry.alloc.nbytes, entry.dtype, entry.shape)
                 return source.clone() if owned is None else copy_bytes(owned, source)
             if base is None:

@@ -47,6 +47,7 @@ from .records import BlockInfo, StoreStats
 from .recovery import recover, refuse_orphaned_data
 from .residency import Residency, Resident
 from .tensors import check_key, check_tensor, dtype_from_name, dtype_name, tensor_bytes, tensor_from_bytes
+from .tiers.l1_cuda import DevicePool
 from .tiers.l2_slab import HostArena
 from .tiers.l3_codecs import choose_codec
 from .tiers.l3_zarr import Location, RecoveryReport, ZarrL3
@@ -114,7 +115,8 @@ class TierStore:
         self._generation = 0
         self._data_version = self._catalog.data_version()
         self._count, self._logical_bytes, self._stored_bytes = self._catalog.totals()
-        self._l2: Residency | None = None
+        self._l1: Residency[DevicePool] | None = self._open_l1()
+        self._l2: Residency[HostArena] | None = None
         self._l2_generation = 0
         self.warm_blocks = 0
         """Blocks taken back from a file-backed L2 at open (restart-warm)."""
@@ -126,6 +128,19 @@ class TierStore:
                 self._warm_l2()
         sink = None if self.readonly else self._write_history
         self._recorder = AccessRecorder(sink, interval=self.config.history_flush_interval)
+
+    def _open_l1(self) -> Residency[DevicePool] | None:
+        """The device tier: on ``l1_device`` (default: the first GPU; none without one)."""
+        device = self.config.l1_device or ("cuda" if torch.cuda.is_available() else None)
+        if device is None:
+            return None
+        size = self.config.l1_cache_size
+        if size is None:  # half of what the device has free now; the hardware optimizer refines this
+            size = torch.cuda.mem_get_info(torch.device(device))[0] // 2 if torch.device(device).type == "cuda" else 0
+        if size <= 0:
+            return None
+        pool = DevicePool(size, device=device, chunk_size=min(size, 256 << 20))
+        return Residency("L1", pool, self.config.l1_eviction_policy)
 
     def _warm_l2(self) -> None:
         assert self._l2 is not None
@@ -176,15 +191,18 @@ class TierStore:
             except TierStoreError:
                 pass  # history is best-effort; blocks are already committed
             self._l3.close()
-            if self._l2 is not None and self._l2.arena.path is not None:  # type: ignore[attr-defined]
+            if self._l2 is not None and self._l2.arena.path is not None:
                 try:
                     save_index(self.path, self._catalog.meta("store_id") or "", self._l2_generation, self._l2)
                 except OSError:
                     pass  # the next open starts cold
             self._catalog.close()
+            if self._l1 is not None:
+                self._l1.clear()
+                self._l1.arena.close()
             if self._l2 is not None:
                 self._l2.clear()
-                self._l2.arena.close()  # type: ignore[attr-defined]
+                self._l2.arena.close()
             if self._lock is not None:
                 self._lock.release()
 
@@ -283,7 +301,10 @@ class TierStore:
             self._recorder.record(key, "put" if change.row is not None else "delete")
 
     def _settle_l2(self, txn: Txn, l2_only: set[str]) -> None:
-        """After a commit: committed puts become resident, replaced and deleted blocks leave L2."""
+        """After a commit: committed puts become resident, replaced and deleted blocks leave L1 and L2."""
+        if self._l1 is not None:
+            for key in txn.pending:
+                self._l1.discard(key)
         l2 = self._l2
         if l2 is None:
             return
@@ -421,13 +442,56 @@ class TierStore:
         """
         self._check_open()
         check_key(key)
-        tensor, tier = self._get(key, copy)
+        if device is not None and self._l1 is not None and self._on_l1(device):
+            tensor, tier = self._get_l1(key, copy)
+        else:
+            tensor, tier = self._get(key, copy)
+            if device is not None:
+                tensor = tensor.to(device)
         self._counts["get"] += 1
         self._hits[tier] += 1
         self._recorder.record(key, "get", tier)
-        if device is not None:
-            tensor = tensor.to(device)
         return tensor
+
+    def _on_l1(self, device: str | torch.device) -> bool:
+        pool_device: torch.device = self._l1.arena.device  # type: ignore[union-attr]
+        target = torch.device(device)
+        return target.type == pool_device.type and target.index in (None, pool_device.index)
+
+    def _get_l1(self, key: str, copy: bool) -> tuple[torch.Tensor, str]:
+        """A get for the L1 device: an L1 hit, or a promotion from L2/L3 into an L1 slot.
+
+        A bf16 block is cast (on the device) to fp16 where the GPU has no bf16 math. A device
+        out-of-memory during the promotion raises ``TierFullError``; the block stays in L2.
+        """
+        l1 = self._l1
+        assert l1 is not None
+        pool = l1.arena
+        txn = self._txn()
+        if txn is not None and key in txn.pending:  # uncommitted: never cached in L1
+            tensor, tier = self._get(key, copy)
+            return tensor.to(pool.device), tier
+        row = self._lookup(key)
+        entry = l1.lookup(key, row.block_id)
+        if entry is not None:
+            return l1.view(entry, copy=copy), "L1"
+        generation = l1.generation
+        host, tier = self._get(key, False)
+        target = pool.needs_cast(host.dtype) or host.dtype
+        slot = l1.reserve(host.numel() * target.itemsize) if host.numel() else None
+        if slot is None:
+            return host.to(pool.device, dtype=target), tier
+        try:
+            event = pool.cast_into(slot, host, target) if target != host.dtype else pool.copy_in(slot, host)
+            if event is not None:  # the caller's stream waits for the copy, not the whole device
+                torch.cuda.current_stream(pool.device).wait_event(event)
+        except BaseException:
+            l1.release(slot)
+            raise
+        entry = l1.admit(key, row.block_id, slot, target, row.shape, row.checksum, generation=generation)
+        if entry is None:  # replaced meanwhile: serve this read, cache nothing
+            return host.to(pool.device, dtype=target), tier
+        return l1.view(entry, copy=copy), tier
 
     def _get(self, key: str, copy: bool) -> tuple[torch.Tensor, str]:
         l2 = self._l2
@@ -659,6 +723,10 @@ class TierStore:
 
     def _tiers_of(self, row: BlockRow) -> tuple[str, ...]:
         tiers = []
+        if self._l1 is not None:
+            entry1 = self._l1.entries.get(row.key)
+            if entry1 is not None and entry1.block_id == row.block_id:
+                tiers.append("L1")
         if self._l2 is not None:
             entry = self._l2.entries.get(row.key)
             if entry is not None and entry.block_id == row.block_id and not entry.dead:
@@ -697,7 +765,7 @@ class TierStore:
     def _tier_stats(self) -> dict[str, dict[str, Any]]:
         tiers: dict[str, dict[str, Any]] = {}
         if self._l2 is not None:
-            arena = self._l2.arena.stats()  # type: ignore[attr-defined]
+            arena = self._l2.arena.stats()
             alloc = arena.allocator
             tiers["L2"] = {"capacity": arena.capacity, "used": alloc.used, "requested": alloc.requested,
                            "free": alloc.free, "fragmentation": alloc.fragmentation, "pinned": arena.pinned,
@@ -705,6 +773,11 @@ class TierStore:
                            "file": arena.path, "policy": self.config.l2_eviction_policy,
                            "size_classes": [dataclasses.asdict(c) for c in alloc.per_class if c.slabs],
                            **self._l2.stats()}
+        if self._l1 is not None:
+            pool = self._l1.arena.stats()
+            tiers["L1"] = {"capacity": pool.capacity, "used": pool.used, "free": pool.free,
+                           "fragmentation": pool.fragmentation, "device": str(pool.device),
+                           "policy": self.config.l1_eviction_policy, **self._l1.stats()}
         tiers["L3"] = {"capacity": self.config.l3_cache_size, "used": self._stored_bytes, "blocks": self._count,
                        "compression": self.config.l3_compression}
         return tiers

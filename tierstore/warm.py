@@ -21,6 +21,7 @@ from .alloc import Allocation
 from .catalog import Catalog
 from .residency import Residency
 from .tensors import dtype_from_name
+from .tiers.l2_slab import HostArena
 
 __all__ = ["WarmEntry", "save_index", "load_index", "warm_l2", "INDEX_NAME"]
 
@@ -39,7 +40,7 @@ class WarmEntry:
     checksum: int
 
 
-def save_index(store_dir: Path, store_id: str, generation: int, l2: Residency) -> int:
+def save_index(store_dir: Path, store_id: str, generation: int, l2: Residency[HostArena]) -> int:
     """Write the list of durable resident blocks; returns how many were listed."""
     entries = [[e.block_id, e.alloc.offset, e.alloc.nbytes, e.alloc.slab, e.checksum]
                for e in l2 if not e.volatile and not e.dead]
@@ -75,13 +76,13 @@ def load_index(store_dir: Path, store_id: str, generation: int, capacity: int) -
         return []  # a damaged index only costs a cold start
 
 
-def warm_l2(store_dir: Path, catalog: Catalog, l2: Residency) -> tuple[int, int]:
+def warm_l2(store_dir: Path, catalog: Catalog, l2: Residency[HostArena]) -> tuple[int, int]:
     """Take back what the last clean close left in the L2 file; returns (new generation, blocks)."""
     store_id = catalog.meta("store_id") or ""
     generation = int(catalog.meta("l2_generation") or 0)
     entries = load_index(store_dir, store_id, generation, l2.arena.capacity)
     catalog.set_meta({"l2_generation": str(generation + 1)})
-    restore = l2.arena.restore  # type: ignore[attr-defined]
+    restore = l2.arena.restore
     allocs: list[Allocation | None] = restore([(e.offset, e.nbytes, e.slab) for e in entries])
     warm = 0
     for entry, alloc in zip(entries, allocs, strict=True):
