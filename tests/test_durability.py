@@ -307,13 +307,14 @@ def _wait_opened(log: Path, deadline: float) -> None:
 
 def run_crash_rounds(tmp_path: Path, launcher: Callable[[Path, Path], AbstractContextManager[Launch]], kills: int,
                      seed: int,
-                     wait_for_open: bool) -> None:
+                     wait_for_open: bool) -> tuple[int, int]:
+    """Kill a writer ``kills`` times and check the store after each; returns (writers SIGKILLed, acked txns)."""
     store = tmp_path / "store"
     errlog = tmp_path / "writer-stderr.txt"
     rng = random.Random(seed)
     state: dict[str, int] = {}
     next_txn = 1
-    acked_total = unacked_committed = 0
+    acked_total = unacked_committed = killed = 0
     with launcher(store, errlog) as launch:
         for round_no in range(kills):
             log = tmp_path / f"round{round_no}.log"
@@ -328,6 +329,7 @@ def run_crash_rounds(tmp_path: Path, launcher: Callable[[Path, Path], AbstractCo
             assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (
                 f"round {round_no}: the writer ended on its own (status {status}) before the kill:\n"
                 f"{errlog.read_text()}")
+            killed += 1
 
             lines = _log_lines(log)
             acked = [int(m.group(1)) for m in map(re.compile(r"committed (\d+)$").match, lines) if m]
@@ -373,17 +375,20 @@ def run_crash_rounds(tmp_path: Path, launcher: Callable[[Path, Path], AbstractCo
     assert acked_total >= 5, f"only {acked_total} transactions were acknowledged in {kills} rounds"
     with tierstore.open(store, readonly=True) as ro:
         assert read_state(ro) == state
+    return killed, acked_total
 
 
 def test_sigkill_during_transactions_loses_nothing_acknowledged(tmp_path: Path) -> None:
     seed = int(os.environ.get("TIERSTORE_CRASH_SEED", "20240611"))
-    run_crash_rounds(tmp_path, zygote_launcher, kills=20, seed=seed, wait_for_open=True)
+    kills, acknowledged = run_crash_rounds(tmp_path, zygote_launcher, kills=20, seed=seed, wait_for_open=True)
+    assert kills == 20 and acknowledged >= 5
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("TIERSTORE_SLOW_TESTS"), reason="set TIERSTORE_SLOW_TESTS=1 (~80 s)")
 def test_sigkill_fresh_interpreter_per_kill(tmp_path: Path) -> None:
-    run_crash_rounds(tmp_path, spawn_launcher, kills=15, seed=7, wait_for_open=True)
+    kills, acknowledged = run_crash_rounds(tmp_path, spawn_launcher, kills=15, seed=7, wait_for_open=True)
+    assert kills == 15 and acknowledged >= 5
 
 
 def test_child_code_helpers_agree_with_parent() -> None:

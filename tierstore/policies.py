@@ -40,27 +40,21 @@ class Policy(Protocol[K]):
     @property
     def used(self) -> int:
         """Sum of the sizes of the resident keys."""
-        ...
 
     def record_access(self, key: K, now: float) -> None:
         """Note an access to ``key`` at time ``now`` (seconds, or the access index in a simulation)."""
-        ...
 
     def admit(self, key: K, size: int = 1) -> bool:
         """Whether a missed ``key`` should be cached at all."""
-        ...
 
     def insert(self, key: K, size: int = 1, parent: K | None = None) -> None:
         """Make ``key`` resident (the caller has made room)."""
-        ...
 
     def remove(self, key: K) -> None:
         """Forget a resident ``key`` (evicted or deleted); unknown keys are ignored."""
-        ...
 
     def victim(self) -> K:
         """The resident key to evict next; raises ``TierFullError`` when nothing is resident."""
-        ...
 
     def __contains__(self, key: object) -> bool: ...
 

@@ -28,7 +28,6 @@ class ShadowCache(Protocol[K]):
 
     def access(self, key: K) -> K | None:
         """Process one access (hit or miss); return the resident key it evicted, if any."""
-        ...
 
     def __contains__(self, key: object) -> bool: ...
 
