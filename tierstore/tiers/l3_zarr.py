@@ -504,12 +504,17 @@ class ZarrL3:
         """Bring the files in line with what the catalog committed (writer only, at open).
 
         Shard files the catalog does not know are orphans of an uncommitted write and go; a shard
-        longer than committed had a torn append and is cut back; a known file that is missing or
-        short is reported, never invented.
+        longer than committed had a torn append and is cut back; a known file that is missing (or,
+        for the shard last appended to, short) is reported, never invented. Only the highest
+        committed shard of a pack can have a torn tail (appends never go back to older shards), so
+        only it is stat()ed: open() stays fast with many thousands of shard files.
         """
         report = RecoveryReport()
         packs = self.root / "packs"
         seen: set[tuple[str, int]] = set()
+        last: dict[str, int] = {}
+        for array, number in shard_lengths:
+            last[array] = max(last.get(array, -1), number)
         for folder in sorted(p for p in packs.iterdir() if p.is_dir()) if packs.exists() else []:
             array = f"packs/{folder.name}"
             for entry in folder.iterdir():
@@ -521,6 +526,8 @@ class ZarrL3:
                     report.removed_files.append(str(entry))
                     continue
                 seen.add(key)
+                if key[1] < last[array]:
+                    continue
                 size, want = entry.stat().st_size, shard_lengths[key]
                 if size > want:
                     os.truncate(entry, want)
