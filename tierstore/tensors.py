@@ -57,10 +57,13 @@ def check_key(key: object) -> str:
         raise InvalidKeyError("keys must not be empty")
     if "\x00" in key:
         raise InvalidKeyError(f"keys must not contain NUL: {key!r:.80}", key=key)
-    try:
-        size = len(key.encode("utf-8"))
-    except UnicodeEncodeError as exc:
-        raise InvalidKeyError(f"key {key!r:.80} is not valid Unicode text ({exc.reason})") from None
+    if key.isascii():  # the common case, on every get: no encoding needed to know the size
+        size = len(key)
+    else:
+        try:
+            size = len(key.encode("utf-8"))
+        except UnicodeEncodeError as exc:
+            raise InvalidKeyError(f"key {key!r:.80} is not valid Unicode text ({exc.reason})") from None
     if size > MAX_KEY_BYTES:
         raise InvalidKeyError(f"key is {size} UTF-8 bytes; the limit is {MAX_KEY_BYTES}", key=key[:64])
     return key
