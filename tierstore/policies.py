@@ -122,15 +122,31 @@ class _Sized(Generic[K]):
         return True
 
 
-class LRU(_Sized[K]):
-    """Least recently used first."""
+class _Ordered(_Sized[K]):
+    """Keys in one order; the victim is the first. LRU and FIFO differ only in what moves a key."""
 
     __slots__ = ("_order",)
-    name = "lru"
+    name = "ordered"
 
     def __init__(self) -> None:
         super().__init__()
         self._order: OrderedDict[K, None] = OrderedDict()
+
+    def remove(self, key: K) -> None:
+        if self._drop(key):
+            del self._order[key]
+
+    def victim(self) -> K:
+        if not self._order:
+            raise _empty(self.name)
+        return next(iter(self._order))
+
+
+class LRU(_Ordered[K]):
+    """Least recently used first."""
+
+    __slots__ = ()
+    name = "lru"
 
     def record_access(self, key: K, now: float) -> None:
         if key in self._order:
@@ -141,25 +157,12 @@ class LRU(_Sized[K]):
         self._order[key] = None
         self._order.move_to_end(key)
 
-    def remove(self, key: K) -> None:
-        if self._drop(key):
-            del self._order[key]
 
-    def victim(self) -> K:
-        if not self._order:
-            raise _empty(self.name)
-        return next(iter(self._order))
-
-
-class FIFO(_Sized[K]):
+class FIFO(_Ordered[K]):
     """First inserted first out; hits do not reorder."""
 
-    __slots__ = ("_order",)
+    __slots__ = ()
     name = "fifo"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._order: OrderedDict[K, None] = OrderedDict()
 
     def record_access(self, key: K, now: float) -> None:
         pass  # FIFO ignores hits by definition
@@ -167,15 +170,6 @@ class FIFO(_Sized[K]):
     def insert(self, key: K, size: int = 1, parent: K | None = None) -> None:
         if self._add(key, size):
             self._order[key] = None
-
-    def remove(self, key: K) -> None:
-        if self._drop(key):
-            del self._order[key]
-
-    def victim(self) -> K:
-        if not self._order:
-            raise _empty(self.name)
-        return next(iter(self._order))
 
 
 class LFU(_Sized[K]):

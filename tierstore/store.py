@@ -50,7 +50,7 @@ from .tensors import check_key, check_tensor, dtype_from_name, dtype_name, tenso
 from .tiers.l1_cuda import DevicePool
 from .tiers.l2_slab import HostArena
 from .tiers.l3_codecs import choose_codec
-from .tiers.l3_zarr import Location, RecoveryReport, ZarrL3
+from .tiers.l3_zarr import EMPTY_LOCATION, Location, RecoveryReport, ZarrL3
 from .txn import Change, Txn, location_of
 from .warm import save_index, warm_l2
 
@@ -289,10 +289,8 @@ class TierStore:
                 self._rows[row.key] = (row, location_of(row))
             for key in deletes:
                 self._rows.pop(key, None)
-        existed = {row.key for row in replaced}
-        deleted = [k for k in deletes if k not in l2_only]
-        self._count += sum(1 for row in rows if row.key not in existed) - sum(1 for k in deleted if k in existed)
-        self._count -= sum(1 for k in l2_only if k in existed)
+        existed = {row.key for row in replaced}  # cache-only keys kept in L2 are counted as volatile
+        self._count += sum(row.key not in existed for row in rows) - sum(key in existed for key in deletes)
         self._logical_bytes += sum(r.nbytes for r in rows) - sum(r.nbytes for r in replaced)
         self._stored_bytes += sum(r.stored_bytes for r in rows) - sum(r.stored_bytes for r in replaced)
         self._l3.free([location_of(row) for row in replaced] + txn.garbage)
@@ -362,7 +360,7 @@ class TierStore:
             if durable or slot is None:
                 loc = self._write_l3(key, block_id, data, tensor.element_size())
             else:
-                loc = Location("", 0, 0, (), 0, "raw")  # cache-only and in L2: no disk write now
+                loc = EMPTY_LOCATION  # cache-only and in L2: no disk write now
         except BaseException:
             if slot is not None:
                 self._l2.release(slot)  # type: ignore[union-attr]
@@ -707,8 +705,9 @@ class TierStore:
         self._check_open()
         check_key(key)
         row = self._lookup(key)
-        if row.block_id == getattr(self._catalog.get_block(key), "block_id", None):
-            row = self._catalog.get_block(key) or row  # the catalog's row has the first `created`
+        committed = self._catalog.get_block(key)
+        if committed is not None and committed.block_id == row.block_id:
+            row = committed  # the catalog's row has the first `created` (the row cache has the latest put's)
         if not self.readonly:
             self._recorder.flush()
         stats = self._catalog.block_stats(key) or {}
