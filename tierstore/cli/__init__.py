@@ -1,0 +1,54 @@
+"""The ``tierstore`` command: a thin mirror of the library, one command one call.
+
+Examples::
+
+    tierstore demo                      # put and get tensors in a temporary store, show the catalog
+    tierstore ls STORE [PREFIX]         # keys with dtype, shape, sizes, tiers
+    tierstore info STORE KEY            # everything the catalog knows of one block
+    tierstore stats STORE               # counts, sizes, compression
+    tierstore history STORE [KEY]       # the access log, newest first
+
+Every listing command takes ``--json``. Errors are printed as one line and a
+non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from ..errors import TierStoreError
+from . import catalog, demo
+
+__all__ = ["main"]
+
+# Each module adds its own subcommands; one line here per module.
+_COMMANDS = (demo, catalog)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tierstore", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in _COMMANDS:
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``tierstore`` command."""
+    args = _parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except KeyError as exc:  # BlockNotFoundError and friends
+        print(f"tierstore: {exc}", file=sys.stderr)
+        return 1
+    except TierStoreError as exc:
+        print(f"tierstore: {exc}", file=sys.stderr)
+        return 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

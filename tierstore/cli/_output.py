@@ -1,0 +1,67 @@
+"""What every command shares: the console, tables, ``--json`` output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from ..config import format_size
+from ..store import TierStore
+
+__all__ = ["console", "table", "emit", "block_rows", "stats_table", "add_json"]
+
+console = Console(width=None if sys.stdout.isatty() else 160)
+
+_RIGHT = frozenset({"size", "stored", "ratio", "accesses", "used", "free", "capacity", "blocks", "hits"})
+
+
+def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
+    """A rich table; numeric-looking columns are right-aligned."""
+    out = Table(title=title, title_justify="left")
+    for name in columns:
+        out.add_column(name, justify="right" if name in _RIGHT else "left")
+    for row in rows:
+        out.add_row(*(str(v) for v in row))
+    return out
+
+
+def emit(args: argparse.Namespace, data: Any, render: Callable[[], Table]) -> None:
+    """Print ``data`` as JSON when ``--json`` was given, else the table ``render()`` builds."""
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=1, default=str))
+    else:
+        console.print(render())
+
+
+def add_json(parser: argparse.ArgumentParser) -> None:
+    """Give a listing command its ``--json`` flag."""
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def block_rows(db: TierStore, prefix: str | None) -> list[dict[str, Any]]:
+    """One dict per key under ``prefix``: what ``ls`` shows."""
+    rows = []
+    for key in db.keys(prefix=prefix):
+        info = db.info(key)
+        rows.append({"key": key, "dtype": str(info.dtype).removeprefix("torch."), "shape": list(info.shape),
+                     "nbytes": info.nbytes, "stored_bytes": info.stored_bytes, "codec": info.codec,
+                     "tiers": list(info.tiers), "accesses": info.access_count})
+    return rows
+
+
+def stats_table(stats: Any) -> Table:
+    """The ``stats`` table of a :class:`StoreStats`."""
+    return table(f"store {stats.path}", ["what", "value"], [
+        ["blocks", stats.blocks], ["logical size", format_size(stats.logical_bytes)],
+        ["stored in L3", format_size(stats.stored_bytes)], ["compression", f"{stats.compression_ratio:.2f}x"],
+        ["gets / puts / deletes", f"{stats.gets} / {stats.puts} / {stats.deletes}"],
+        ["hits L1 / L2 / L3", " / ".join(str(stats.hits[t]) for t in ("L1", "L2", "L3"))],
+    ])
+
+

@@ -1,0 +1,81 @@
+"""Looking at a store: ``ls``, ``info``, ``stats``, ``history``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+from .. import open as open_store
+from ..config import format_size
+from ._output import add_json, block_rows, emit, stats_table, table
+
+__all__ = ["register"]
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    """List keys with dtype, shape, size, stored size, tiers and access count."""
+    with open_store(args.store, readonly=True, l2_cache_size=0) as db:
+        rows = block_rows(db, args.prefix)
+    emit(args, rows, lambda: table(f"{args.store}: {len(rows)} blocks",
+                                     ["key", "dtype", "shape", "size", "stored", "codec", "tiers", "accesses"],
+                                     [[r["key"], r["dtype"], tuple(r["shape"]), format_size(r["nbytes"]),
+                                       format_size(r["stored_bytes"]), r["codec"], ",".join(r["tiers"]),
+                                       r["accesses"]] for r in rows]))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Show everything the catalog knows of one block."""
+    with open_store(args.store, readonly=True, l2_cache_size=0) as db:
+        info = db.info(args.key)
+        history = db.history(args.key, limit=10)
+    data = {f.name: getattr(info, f.name) for f in dataclasses.fields(info)}
+    data["dtype"] = str(info.dtype).removeprefix("torch.")
+    data["recent"] = [{"time": ts, "op": op, "tier": tier} for ts, _, op, tier in history]
+    emit(args, data, lambda: table(f"block {args.key!r}", ["field", "value"],
+                                     [[k, v] for k, v in data.items() if k != "recent"]))
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    """Show counts, sizes and compression of a store."""
+    with open_store(args.store, readonly=True, l2_cache_size=0) as db:
+        stats = db.stats()
+    data = {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)}
+    emit(args, data, lambda: stats_table(stats))
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    """Show the access log, newest first."""
+    with open_store(args.store, readonly=True, l2_cache_size=0) as db:
+        rows = db.history(args.key, limit=args.limit)
+    data = [{"time": ts, "key": key, "op": op, "tier": tier} for ts, key, op, tier in rows]
+    emit(args, data, lambda: table("access log", ["time", "key", "op", "tier"], [
+        [time.strftime("%H:%M:%S", time.localtime(float(r["time"] or 0))), r["key"], r["op"], r["tier"] or ""]
+        for r in data]))
+    return 0
+
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the catalog commands to the ``tierstore`` parser."""
+    ls = sub.add_parser("ls", help="list keys (example: tierstore ls weights.ts model.layers.0.)")
+    ls.add_argument("store")
+    ls.add_argument("prefix", nargs="?")
+    ls.set_defaults(func=cmd_ls)
+    info = sub.add_parser("info", help="one block (example: tierstore info weights.ts lm_head.weight)")
+    info.add_argument("store")
+    info.add_argument("key")
+    info.set_defaults(func=cmd_info)
+    stats = sub.add_parser("stats", help="counts and sizes (example: tierstore stats weights.ts)")
+    stats.add_argument("store")
+    stats.set_defaults(func=cmd_stats)
+    history = sub.add_parser("history", help="access log (example: tierstore history weights.ts --limit 20)")
+    history.add_argument("store")
+    history.add_argument("key", nargs="?")
+    history.add_argument("--limit", type=int, default=50)
+    history.set_defaults(func=cmd_history)
+    for command in (ls, info, stats, history):
+        add_json(command)
