@@ -24,6 +24,7 @@ milliseconds per call); reads are one ``pread`` of contiguous chunks.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import math
@@ -169,6 +170,26 @@ def _array_meta(shape: int, shard: int, inner: int, codec: Codec, kind: str) -> 
     }
 
 
+def _write_all(fd: int, pieces: list[Any], offset: int) -> int:
+    """``pwritev`` every byte of ``pieces`` at ``offset``; returns the byte count.
+
+    A short write (a full disk, a file size limit) is finished piece by piece, so the failure
+    surfaces as the ``OSError`` with its real errno (``ENOSPC``, ``EFBIG``), which callers turn
+    into ``StoreFullError``, instead of a write that silently stopped early.
+    """
+    total = sum(len(memoryview(p).cast("B")) for p in pieces)
+    written = os.pwritev(fd, pieces, offset)
+    if written < total:  # rare: copy the rest once and keep writing until the OS says why it stops
+        rest = memoryview(b"".join(bytes(p) for p in pieces))[written:]
+        while rest:
+            n = os.pwrite(fd, rest, offset + written)
+            if n <= 0:
+                raise OSError(errno.ENOSPC, "no progress writing", str(fd))
+            written += n
+            rest = rest[n:]
+    return written
+
+
 def _index_bytes(index: np.ndarray) -> bytes:
     raw = index.astype("<u8", copy=False).tobytes()
     return raw + crc32c.crc32c(raw).to_bytes(4, "little")
@@ -268,9 +289,7 @@ class ZarrL3:
         shard = self._active_shard(codec, len(pieces))
         offset = shard.length
         sizes = tuple(len(p) for p in pieces)
-        written = os.pwritev(shard.fd, pieces, offset)
-        if written != sum(sizes):
-            raise OSError(f"short write to {shard.path}: {written} of {sum(sizes)} bytes")
+        written = _write_all(shard.fd, pieces, offset)
         shard.index[shard.slot:shard.slot + len(sizes), 0] = list(itertools.accumulate(sizes[:-1], initial=offset))
         shard.index[shard.slot:shard.slot + len(sizes), 1] = sizes
         shard.slot += len(sizes)
@@ -347,15 +366,13 @@ class ZarrL3:
                     pieces: list[Any] = [chunk(i) for i in indices]
                 else:
                     pieces = list(_pool().map(lambda i: probe if i == 0 else codec.encode(chunk(i)), indices))
-                written = os.pwritev(fd, pieces, offset)
-                if written != sum(len(p) for p in pieces):
-                    raise OSError(f"short write to {path}")
+                written = _write_all(fd, pieces, offset)
                 sizes.extend(len(p) for p in pieces)
                 offset += written
             index = np.empty((count, 2), dtype=np.uint64)
             index[:, 1] = sizes
             index[:, 0] = np.concatenate(([0], np.cumsum(sizes[:-1], dtype=np.int64)))
-            os.pwrite(fd, _index_bytes(index), offset)
+            _write_all(fd, [_index_bytes(index)], offset)
             if self.fsync:
                 os.fdatasync(fd)
         finally:
@@ -371,7 +388,7 @@ class ZarrL3:
         lengths: dict[tuple[str, int], int] = {}
         for key, shard in self._touched.items():
             tail = _index_bytes(shard.index)  # the shard stays a valid zarr shard after every commit
-            os.pwrite(shard.fd, tail, shard.length)
+            _write_all(shard.fd, [tail], shard.length)
             shard.length += len(tail)
             if self.fsync:
                 os.fdatasync(shard.fd)
