@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import importlib.resources
 import json
+import os
 import re
+import resource
 import sqlite3
 import threading
 import time
@@ -98,6 +100,10 @@ ON CONFLICT(key, next_key) DO UPDATE SET count = successors.count + excluded.cou
 RECENT_ACCESS = "SELECT ts, key, op, tier FROM access_log ORDER BY id DESC LIMIT ?"
 RECENT_ACCESS_KEY = "SELECT ts, key, op, tier FROM access_log WHERE key = ? ORDER BY id DESC LIMIT ?"
 JOURNAL_COUNT = "SELECT count(*) FROM journal"
+
+HEADROOM_SUFFIX = "-headroom"
+HEADROOM = 1 << 20
+"""Disk held beside the catalog and given back when the disk is full, so that deletes can still commit."""
 
 _SCRIPT_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
@@ -194,6 +200,9 @@ class Catalog:
             self._migrate(version)
         if readonly:
             conn.execute("PRAGMA query_only = 1")
+        self._headroom_gone = False
+        if not readonly:
+            self._reserve_headroom()
         self.db = sqlite_utils.Database(conn)
 
     # -- plumbing ---------------------------------------------------------------------------------
@@ -201,13 +210,29 @@ class Catalog:
     def _fail(self, exc: sqlite3.Error, what: str) -> TierStoreError:
         """The one place sqlite3 errors become tierstore errors."""
         text = str(exc)
-        if isinstance(exc, sqlite3.OperationalError) and ("disk is full" in text or "too big" in text):
+        if isinstance(exc, sqlite3.OperationalError) and ("disk is full" in text or "too big" in text
+                                                          or self._write_refused_for_size(exc)):
             return StoreFullError(f"{what}: the disk under {self.path} is full ({text}); "
                                   "free space and retry (nothing committed was lost)", path=str(self.path))
         if isinstance(exc, sqlite3.DatabaseError) and ("malformed" in text or "not a database" in text):
             return CatalogError(f"{what}: catalog {self.path} is damaged ({text}); restore it from a backup "
                                 "or run 'tierstore verify --fix' on a copy", path=str(self.path))
         return CatalogError(f"{what}: {text} (catalog {self.path})", path=str(self.path))
+
+    def _write_refused_for_size(self, exc: sqlite3.Error) -> bool:
+        """A failed write that is a size limit, not a broken disk (SQLite reports EFBIG as an I/O error)."""
+        if getattr(exc, "sqlite_errorname", "") != "SQLITE_IOERR_WRITE":
+            return False
+        try:
+            if os.statvfs(self.path.parent).f_bavail * os.statvfs(self.path.parent).f_frsize < HEADROOM:
+                return True
+            soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+            if soft == resource.RLIM_INFINITY:
+                return False
+            files = (self.path, self.path.with_name(self.path.name + "-wal"))
+            return any(f.exists() and f.stat().st_size + (1 << 16) >= soft for f in files)
+        except OSError:
+            return False
 
     def _migrate(self, current: int) -> None:
         for version, name, sql in schema_scripts():
@@ -280,6 +305,45 @@ class Catalog:
         ``next_block_id`` is recorded too, so block ids (and so file names) are never reused, even
         after the highest block is deleted: a reader's cached file can never alias a newer block.
         """
+        if self._headroom_gone:
+            self._reserve_headroom()
+        try:
+            return self._commit_blocks(rows, deletes, shard_lengths, next_block_id)
+        except StoreFullError:
+            # On a full disk SQLite cannot grow its WAL, so even a delete (the way to free space) would
+            # fail: a commit that only deletes gets the space held in reserve for this, and one retry.
+            if rows or not self._release_headroom():
+                raise
+            return self._commit_blocks(rows, deletes, shard_lengths, next_block_id)
+
+    def _reserve_headroom(self) -> None:
+        """Hold ``HEADROOM`` bytes of disk beside the catalog (best effort: a full disk leaves none)."""
+        path = self.path.with_name(self.path.name + HEADROOM_SUFFIX)
+        self._headroom_gone = True
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError:
+            return
+        try:
+            os.posix_fallocate(fd, 0, HEADROOM)
+            self._headroom_gone = False
+        except OSError:
+            os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)
+
+    def _release_headroom(self) -> bool:
+        path = self.path.with_name(self.path.name + HEADROOM_SUFFIX)
+        try:
+            held = path.stat().st_size > 0
+            path.unlink()
+        except OSError:
+            return False
+        self._headroom_gone = True
+        return held
+
+    def _commit_blocks(self, rows: Sequence[BlockRow], deletes: Sequence[str],
+                       shard_lengths: dict[tuple[str, int], int], next_block_id: int) -> list[BlockRow]:
         replaced: list[BlockRow] = []
         with self.write("commit blocks") as conn:
             conn.execute(SET_META, ("next_block_id", str(next_block_id)))
