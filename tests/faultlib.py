@@ -565,3 +565,14 @@ def tiny_tmpfs(where: Path, size: str) -> Iterator[Path]:
         yield where
     finally:
         subprocess.run(["umount", "-l", str(where)], check=False, capture_output=True)
+
+
+def pickle_bomb(marker: Path) -> bytes:
+    """Bytes whose unpickling creates ``marker`` (so a test can tell whether anything unpickled them)."""
+    import pickle
+
+    class _Bomb:
+        def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+            return (os.system, (f"touch {marker}",))
+
+    return pickle.dumps(_Bomb())

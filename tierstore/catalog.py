@@ -30,7 +30,7 @@ from typing import Any
 
 import sqlite_utils
 
-from .errors import CatalogError, SchemaVersionError, StoreFullError, TierStoreError
+from .errors import CatalogError, CorruptBlockError, SchemaVersionError, StoreFullError, TierStoreError
 
 __all__ = ["Catalog", "BlockRow", "SCHEMA_VERSION", "schema_scripts"]
 
@@ -135,7 +135,8 @@ class BlockRow:
         """Build from a ``SELECT {BLOCK_COLUMNS}`` row."""
         (key, block_id, dtype, shape, nbytes, checksum, durable, codec, array, shard, offset, sizes, inner,
          stored, tiers, created, updated) = row
-        return BlockRow(key, block_id, dtype, tuple(json.loads(shape)), nbytes, checksum, bool(durable), codec,
+        _check_location(key, nbytes, array, shard, offset, sizes, inner)
+        return BlockRow(key, block_id, dtype, _checked_shape(key, shape), nbytes, checksum, bool(durable), codec,
                         array, shard, offset, sizes, inner, stored, tiers, created, updated)
 
     def to_tuple(self) -> tuple[Any, ...]:
@@ -143,6 +144,42 @@ class BlockRow:
         return (self.key, self.block_id, self.dtype, json.dumps(list(self.shape)), self.nbytes, self.checksum,
                 int(self.durable), self.codec, self.l3_array, self.l3_shard, self.l3_offset, self.l3_sizes,
                 self.l3_inner, self.stored_bytes, self.tiers, self.created, self.updated)
+
+
+_ARRAY_NAME = re.compile(r"packs/[a-z0-9-]+|blocks/[0-9a-f]{16}")
+"""The only L3 array names tierstore writes: a row naming anything else (``blocks/../..``) is damaged."""
+
+
+def _damaged(key: str, what: str) -> CorruptBlockError:
+    return CorruptBlockError(f"block {key!r}: its catalog row is damaged ({what}); restore the catalog or "
+                             "delete the key", key=key, tier="L3")
+
+
+def _checked_shape(key: str, text: Any) -> tuple[int, ...]:
+    try:
+        shape = json.loads(text)
+    except (TypeError, ValueError):
+        shape = None
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise _damaged(key, f"shape {str(text)[:60]!r}")
+    return tuple(shape)
+
+
+def _check_location(key: str, nbytes: Any, array: Any, shard: Any, offset: Any, sizes: Any, inner: Any) -> None:
+    """CorruptBlockError unless the L3 columns of a row can describe a block tierstore wrote."""
+    if type(nbytes) is not int or nbytes < 0:
+        raise _damaged(key, f"nbytes {nbytes!r}")
+    if array is None:
+        return
+    if not isinstance(array, str) or not _ARRAY_NAME.fullmatch(array):
+        raise _damaged(key, f"L3 array {str(array)[:60]!r}")
+    if any(type(v) is not int or v < 0 for v in (shard, offset)) or type(inner) is not int or inner <= 0:
+        raise _damaged(key, f"L3 shard/offset/inner {shard!r}/{offset!r}/{inner!r}")
+    if not isinstance(sizes, bytes) or len(sizes) % 4:
+        raise _damaged(key, "L3 chunk sizes")
+    chunks = len(sizes) // 4
+    if not 0 < nbytes <= chunks * inner:
+        raise _damaged(key, f"{nbytes} bytes cannot be {chunks} chunks of {inner}")
 
 
 def schema_scripts() -> list[tuple[int, str, str]]:
@@ -350,7 +387,7 @@ class Catalog:
             for key in [r.key for r in rows] + list(deletes):
                 old = conn.execute(GET_BLOCK, (key,)).fetchone()
                 if old is not None:
-                    replaced.append(BlockRow.from_tuple(old))
+                    replaced.append(_replaced_row(old))
             conn.executemany(UPSERT_SHARD, [(a, s, n) for (a, s), n in shard_lengths.items()])
             conn.executemany(UPSERT_BLOCK, [r.to_tuple() for r in rows])
             conn.executemany(DELETE_BLOCK, [(k,) for k in deletes])
@@ -458,6 +495,17 @@ class Catalog:
                 self._conn.close()
             except sqlite3.Error:
                 pass
+
+
+def _replaced_row(old: Sequence[Any]) -> BlockRow:
+    """The row being replaced or deleted; a damaged one is replaced all the same, its bytes left to recovery."""
+    try:
+        return BlockRow.from_tuple(old)
+    except CorruptBlockError:
+        nbytes = old[4] if type(old[4]) is int else 0
+        stored = old[13] if type(old[13]) is int else 0
+        return BlockRow(old[0], -1, "uint8", (nbytes,), nbytes, 0, bool(old[6]), "raw", None, None, None, None,
+                        None, stored, 0, 0.0, 0.0)
 
 
 def _prefix_upper_bound(prefix: str) -> str | None:

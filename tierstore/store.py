@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import operator
+import os
 import threading
 import time
 import uuid
@@ -37,8 +39,10 @@ from .errors import (
     StoreClosedError,
     StoreFullError,
     StoreNotFoundError,
+    TierFullError,
     TierStoreError,
     TransactionError,
+    UnsupportedTensorError,
     translate_os_error,
 )
 from .history import Access, AccessRecorder, summarize
@@ -578,7 +582,7 @@ class TierStore:
         row = self._catalog.get_block(key)
         if row is None:
             raise BlockNotFoundError(f"no block {key!r} in {self.path}", key=key)
-        located = (row, location_of(row))
+        located = (_checked_size(row), location_of(row))
         with self._rows_lock:
             if generation == self._generation:  # no commit raced this lookup
                 if len(self._rows) >= _ROW_CACHE:
@@ -587,7 +591,10 @@ class TierStore:
         return located
 
     def _read(self, row: BlockRow, loc: Location) -> torch.Tensor:
-        buf = np.empty(row.nbytes, dtype=np.uint8)
+        try:
+            buf = np.empty(row.nbytes, dtype=np.uint8)
+        except MemoryError:
+            raise _no_memory(row.nbytes, f"read block {row.key!r}") from None
         row = self._read_into(row, loc, buf)
         return tensor_from_bytes(buf, dtype_from_name(row.dtype), row.shape)
 
@@ -607,7 +614,7 @@ class TierStore:
                     raise CorruptBlockError(
                         f"block {row.key!r}: its data file {path} is missing; run 'tierstore verify --fix' "
                         "to drop damaged blocks", key=row.key, path=str(path), tier="L3") from None
-                row, loc = newer, location_of(newer)
+                row, loc = _checked_size(newer), location_of(newer)
             except CorruptBlockError as exc:
                 raise CorruptBlockError(f"block {row.key!r}: {exc.message}", key=row.key, path=exc.path,
                                         tier="L3") from None
@@ -623,13 +630,23 @@ class TierStore:
         Its memory goes back to the pool when the tensor and every view of it are collected.
         """
         self._check_open()
-        shape = tuple(int(s) for s in shape)
+        try:
+            shape = tuple(operator.index(s) for s in shape)
+        except TypeError:
+            raise UnsupportedTensorError(f"allocate() takes a shape of ints, not {shape!r:.80}") from None
+        if not isinstance(dtype, torch.dtype) or any(s < 0 for s in shape):
+            raise UnsupportedTensorError(f"allocate() needs a torch.dtype and sizes >= 0, got {dtype!r}, {shape}")
         nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes > _physical_memory():
+            raise _no_memory(nbytes, f"allocate {shape} {dtype}")
         if self._l2 is not None and nbytes > 0:
             tensor = self._l2.scratch(nbytes, dtype, shape)
             if tensor is not None:
                 return tensor
-        return torch.empty(shape, dtype=dtype)
+        try:
+            return torch.empty(shape, dtype=dtype)
+        except (RuntimeError, MemoryError):
+            raise _no_memory(nbytes, f"allocate {shape} {dtype}") from None
 
     def delete(self, key: str) -> None:
         """Remove ``key``; raises ``BlockNotFoundError`` if it is not there."""
@@ -678,6 +695,8 @@ class TierStore:
     def keys(self, prefix: str | None = None) -> Iterator[str]:
         """Keys in sorted order (those starting with ``prefix`` if given)."""
         self._check_open()
+        if prefix is not None and not isinstance(prefix, str):
+            raise InvalidKeyError(f"keys(prefix=...) takes a str, not {type(prefix).__name__}")
         volatile = sorted(k for k in (self._l2.volatile_keys if self._l2 is not None else ())
                           if prefix is None or k.startswith(prefix))
         keys: Iterator[str] = merge(self._iter_keys(prefix), volatile) if volatile else self._iter_keys(prefix)
@@ -784,6 +803,31 @@ class TierStore:
     def _write_history(self, batch: list[Access]) -> None:
         stats, successors = summarize(batch)
         self._catalog.write_history(batch, stats, successors, self.config.history_max_rows)
+
+
+def _checked_size(row: BlockRow) -> BlockRow:
+    """``row`` if its byte count is what its dtype and shape need (a damaged catalog row is refused)."""
+    try:
+        itemsize = dtype_from_name(row.dtype).itemsize
+    except UnsupportedTensorError as exc:
+        raise UnsupportedTensorError(f"block {row.key!r}: {exc.message}", key=row.key) from None
+    if math.prod(row.shape) * itemsize != row.nbytes:
+        raise CorruptBlockError(
+            f"block {row.key!r}: its catalog row is damaged ({row.nbytes} bytes for {row.dtype} {row.shape}); "
+            "restore the catalog or delete the key", key=row.key, tier="L3")
+    return row
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # pragma: no cover - every Linux has both
+        return 1 << 62
+
+
+def _no_memory(nbytes: int, what: str) -> TierFullError:
+    return TierFullError(f"{what}: {nbytes} bytes is more memory than this machine has "
+                         f"({_physical_memory()} bytes); use a smaller block", tier="L2")
 
 
 def open_store(path: str | Path, config: CacheConfig | None = None, *, readonly: bool = False,

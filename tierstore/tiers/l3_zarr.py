@@ -29,6 +29,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import threading
 from collections.abc import Iterable
@@ -58,6 +59,7 @@ _BATCH = 64
 _FD_CACHE = 128
 """Read descriptors kept open per thread (shard files are append-only, so a cached one never goes stale)."""
 _EMPTY = np.uint64(2**64 - 1)
+_BLOCK_ARRAY = re.compile(r"blocks/[0-9a-f]{16}")
 _PACK_SHAPE = PACK_MAX * (1 << 32)
 
 
@@ -435,7 +437,7 @@ class ZarrL3:
     def free(self, locations: Iterable[Location]) -> None:
         """Release committed blocks that no row points at any more (after the catalog commit)."""
         for loc in locations:
-            if loc.array.startswith("blocks/"):
+            if _BLOCK_ARRAY.fullmatch(loc.array):  # never a path a damaged catalog row made up
                 self._forget_fd(f"{self._root}/{loc.array}/0")
                 shutil.rmtree(self.root / loc.array, ignore_errors=True)
         # packed bytes stay as dead space in their shard until compaction rewrites it
@@ -481,7 +483,10 @@ class ZarrL3:
             self._decode(sub, memoryview(data), out[lo:hi], path)
 
     def _decode(self, loc: Location, data: memoryview, out: np.ndarray, path: str) -> None:
-        codec = codec_from_id(loc.codec)
+        try:
+            codec = codec_from_id(loc.codec)
+        except ValueError as exc:
+            raise CorruptBlockError(f"{path}: {exc}", path=path, tier="L3") from None
         inner, nbytes = loc.inner, out.nbytes
         if len(loc.sizes) == 1:  # the common small block: one granule, no bookkeeping
             try:
