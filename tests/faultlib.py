@@ -500,7 +500,54 @@ def run_crashes(tmp: Path, kills: int, seed: int, *, rw_check_every: int = 2,
 
 
 def in_child(fn: Callable[[], dict[str, Any]], timeout: float = 120.0) -> dict[str, Any]:
-    """Run ``fn`` in a forked child and return its JSON result; a signal death or a hang fails.
+    """Run ``fn`` in a forked child and return its JSON result; a signal death or a hang fails."""
+    return start_child(fn).result(timeout)
+
+
+@dataclass
+class Child:
+    """A forked child running a function; :meth:`result` waits for its JSON result."""
+
+    pid: int
+    fd: int
+
+    def result(self, timeout: float = 120.0) -> dict[str, Any]:
+        """Wait for the child; its result, or AssertionError if it failed, died of a signal or hung."""
+        import json
+
+        chunks = []
+        end = time.monotonic() + timeout
+        os.set_blocking(self.fd, False)
+        while True:
+            try:
+                while chunk := os.read(self.fd, 1 << 16):
+                    chunks.append(chunk)
+            except BlockingIOError:
+                pass
+            done, status = os.waitpid(self.pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > end:
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+                os.close(self.fd)
+                raise AssertionError(f"the child did not finish in {timeout} s")
+            time.sleep(0.01)
+        try:
+            while chunk := os.read(self.fd, 1 << 16):
+                chunks.append(chunk)
+        except BlockingIOError:
+            pass
+        os.close(self.fd)
+        if os.WIFSIGNALED(status):
+            raise AssertionError(f"the child died of signal {signal.Signals(os.WTERMSIG(status)).name}")
+        result: dict[str, Any] = json.loads(b"".join(chunks) or b"{}")
+        assert "child_error" not in result, f"{result['child_error']}\n{result.get('traceback')}"
+        return result
+
+
+def start_child(fn: Callable[[], dict[str, Any]]) -> Child:
+    """Fork a child that runs ``fn`` and sends back its JSON-able result (no pickle).
 
     The child resets the L3 codec thread pool and runs torch single-threaded (thread pools do not
     survive a fork).
@@ -516,37 +563,21 @@ def in_child(fn: Callable[[], dict[str, Any]], timeout: float = 120.0) -> dict[s
         code = 0
         try:
             l3_zarr._POOL = None
-            torch.set_num_threads(1)  # the parent's intra-op thread pool does not survive the fork either
+            torch.set_num_threads(1)
             out = json.dumps(fn()).encode()
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
             import traceback
 
             out = json.dumps({"child_error": f"{type(exc).__name__}: {exc}",
                               "traceback": traceback.format_exc()}).encode()
             code = 1
-        os.write(write, out)
+        view = memoryview(out)
+        while view:
+            view = view[os.write(write, view):]
         os.close(write)
         os._exit(code)
     os.close(write)
-    chunks = []
-    end = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > end:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise AssertionError(f"the child did not finish in {timeout} s")
-        time.sleep(0.01)
-    while chunk := os.read(read, 1 << 16):
-        chunks.append(chunk)
-    os.close(read)
-    if os.WIFSIGNALED(status):
-        raise AssertionError(f"the child died of signal {signal.Signals(os.WTERMSIG(status)).name}")
-    result: dict[str, Any] = json.loads(b"".join(chunks) or b"{}")
-    assert "child_error" not in result, f"{result['child_error']}\n{result.get('traceback')}"
-    return result
+    return Child(pid, read)
 
 
 @contextmanager
