@@ -565,7 +565,7 @@ def start_child(fn: Callable[[], dict[str, Any]]) -> Child:
             l3_zarr._POOL = None
             torch.set_num_threads(1)
             out = json.dumps(fn()).encode()
-        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        except BaseException as exc:  # reported to the parent
             import traceback
 
             out = json.dumps({"child_error": f"{type(exc).__name__}: {exc}",
