@@ -155,8 +155,11 @@ class TierStore:
         if config is None:
             base = CacheConfig()
             if stored is not None:
-                known = {k: v for k, v in json.loads(stored).items() if k in CacheConfig.__slots__}
-                base = CacheConfig(**known)
+                try:  # a damaged remembered config falls back to the defaults: it holds no data
+                    known = {k: v for k, v in json.loads(stored).items() if k in CacheConfig.__slots__}
+                    base = CacheConfig(**known)
+                except (ValueError, TypeError, AttributeError, RecursionError):
+                    base = CacheConfig()
             config = base
         if overrides:
             config = config.replace(**overrides)
