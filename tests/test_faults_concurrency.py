@@ -279,3 +279,31 @@ def test_second_handle_in_process_keeps_sqlite_locks(tmp_path: Path) -> None:
         db.put("k2", torch.arange(5))  # the writer still works
     with tierstore.open(store, readonly=True) as ro:
         assert sorted(ro.keys()) == ["k", "k2"]
+
+
+def test_reads_racing_overwrites_of_another_size(tmp_path: Path) -> None:
+    """L3 reads (L2 off) while another thread replaces the block with one of another size and frees the old
+    file: every read returns one whole version, never 'data file missing' (found by the register test)."""
+    errors: list[str] = []
+    reads = [0]
+    with tierstore.open(tmp_path / "store", fsync=False, l2_cache_size=0) as db:
+        db.put("k", _value(0, True))
+        stop = time.monotonic() + 1.0
+
+        def reader() -> None:
+            try:
+                while time.monotonic() < stop:
+                    _vid(db.get("k"))
+                    reads[0] += 1
+            except BaseException as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        n = 0
+        while time.monotonic() < stop:
+            n += 1
+            db.put("k", torch.full((40_000 + 20_000 * (n % 2),), n, dtype=torch.int64))
+        thread.join(60)
+    assert not errors, errors[:3]
+    assert reads[0] > 10 and n > 10, (reads, n)

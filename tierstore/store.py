@@ -499,6 +499,14 @@ class TierStore:
         return l1.view(entry, copy=copy), tier
 
     def _get(self, key: str, copy: bool) -> tuple[torch.Tensor, str]:
+        for _attempt in range(4):
+            try:
+                return self._get_once(key, copy)
+            except _Replaced:  # a writer replaced the block (and freed its file) while we read it
+                continue
+        raise TierStoreError(f"block {key!r} was replaced four times while being read; read it again", key=key)
+
+    def _get_once(self, key: str, copy: bool) -> tuple[torch.Tensor, str]:
         l2 = self._l2
         txn = self._txn()
         pending = txn.pending.get(key) if txn is not None else None
@@ -602,25 +610,26 @@ class TierStore:
         return tensor_from_bytes(buf, dtype_from_name(row.dtype), row.shape)
 
     def _read_into(self, row: BlockRow, loc: Location, out: np.ndarray) -> BlockRow:
-        """Read and verify ``row``'s bytes into ``out``; returns the row actually read."""
-        for _attempt in range(3):
-            try:
-                self._l3.read_into(loc, out)
-                break
-            except FileNotFoundError:
-                newer = self._catalog.get_block(row.key)  # a writer may have replaced it meanwhile
-                if newer is None:
-                    raise BlockNotFoundError(f"block {row.key!r} was deleted while being read",
-                                             key=row.key) from None
-                path = self._l3.shard_path(loc.array, loc.shard)
-                if newer.block_id == row.block_id or newer.nbytes != out.nbytes:
-                    raise CorruptBlockError(
-                        f"block {row.key!r}: its data file {path} is missing; run 'tierstore verify --fix' "
-                        "to drop damaged blocks", key=row.key, path=str(path), tier="L3") from None
-                row, loc = _checked_size(newer), location_of(newer)
-            except CorruptBlockError as exc:
-                raise CorruptBlockError(f"block {row.key!r}: {exc.message}", key=row.key, path=exc.path,
-                                        tier="L3") from None
+        """Read and verify ``row``'s bytes into ``out``; returns the row read.
+
+        Raises ``_Replaced`` when a writer replaced the block and freed its file meanwhile (the
+        caller reads the key again: the new version may differ in size, dtype and shape).
+        """
+        try:
+            self._l3.read_into(loc, out)
+        except FileNotFoundError:
+            newer = self._catalog.get_block(row.key)
+            if newer is None:
+                raise BlockNotFoundError(f"block {row.key!r} was deleted while being read", key=row.key) from None
+            if newer.block_id != row.block_id:
+                raise _Replaced from None
+            path = self._l3.shard_path(loc.array, loc.shard)
+            raise CorruptBlockError(
+                f"block {row.key!r}: its data file {path} is missing; run 'tierstore verify --fix' "
+                "to drop damaged blocks", key=row.key, path=str(path), tier="L3") from None
+        except CorruptBlockError as exc:
+            raise CorruptBlockError(f"block {row.key!r}: {exc.message}", key=row.key, path=exc.path,
+                                    tier="L3") from None
         if crc32c.crc32c(out.data) != row.checksum:
             raise CorruptBlockError(
                 f"block {row.key!r} failed its checksum in L3 ({loc.array}); the stored bytes are "
@@ -806,6 +815,10 @@ class TierStore:
     def _write_history(self, batch: list[Access]) -> None:
         stats, successors = summarize(batch)
         self._catalog.write_history(batch, stats, successors, self.config.history_max_rows)
+
+
+class _Replaced(Exception):
+    """A block was replaced while being read (its file is gone): read the key again."""
 
 
 def _checked_size(row: BlockRow) -> BlockRow:
