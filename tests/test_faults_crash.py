@@ -49,9 +49,9 @@ def test_plan_covers_every_operation_kind() -> None:
 
 def test_sigkill_quick_profile(tmp_path: Path) -> None:
     seed = int(os.environ.get("TIERSTORE_FAULT_SEED", "8"))
-    result = faultlib.run_crashes(tmp_path, kills=16, seed=seed)
+    result = faultlib.run_crashes(tmp_path, kills=12, seed=seed)
     print("crash quick profile:", _report(result))
-    assert result.kills == 16
+    assert result.kills == 12
     assert result.kills_while_opening >= 1
     assert result.acked >= 10
 
