@@ -14,6 +14,7 @@ waits for the writer instead of failing half-way.
 
 from __future__ import annotations
 
+import errno
 import importlib.resources
 import json
 import os
@@ -364,8 +365,9 @@ class Catalog:
         try:
             os.posix_fallocate(fd, 0, HEADROOM)
             self._headroom_gone = False
-        except OSError:
+        except OSError as exc:
             os.ftruncate(fd, 0)
+            self._headroom_gone = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # else: unsupported here
         finally:
             os.close(fd)
 
