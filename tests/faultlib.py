@@ -431,7 +431,7 @@ def run_crashes(tmp: Path, kills: int, seed: int, *, rw_check_every: int = 2,
             while_opening = round_no % 4 == 3 and open_times
             if while_opening:
                 typical = sorted(open_times)[len(open_times) // 2]
-                time.sleep(rng.uniform(0.0, typical * 0.9))
+                time.sleep(max(0.0, rng.uniform(0.0, typical * 0.9) - (time.monotonic() - launched)))
             else:
                 end = launched + 120
                 while "opened" not in _log_lines(log) and _alive(pid):

@@ -66,7 +66,7 @@ def test_sigkill_long_profile(tmp_path: Path) -> None:
                                   deadline=time.monotonic() + 3 * 3600)
     print("crash long profile:", _report(result))
     assert result.kills == kills
-    assert result.kills_while_opening >= kills // 10
+    assert result.kills_while_opening >= kills // 20
     assert result.recoveries_with_work >= 1
 
 
