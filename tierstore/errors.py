@@ -32,6 +32,8 @@ __all__ = [
     "StoreFullError",
     "TierFullError",
     "TransactionError",
+    "SharedTierError",
+    "SharedTierUnavailableError",
     "translate_os_error",
 ]
 
@@ -111,6 +113,14 @@ class TierFullError(TierStoreError, MemoryError):
 
 class TransactionError(TierStoreError, RuntimeError):
     """A transaction was used wrongly (for example, left from another thread)."""
+
+
+class SharedTierError(TierStoreError, OSError):
+    """The shared (S3) tier refused a request or holds something unexpected (never a credential)."""
+
+
+class SharedTierUnavailableError(SharedTierError, ConnectionError):
+    """The shared tier could not be reached in time; local tiers keep working, retried with backoff."""
 
 
 _FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}

@@ -1,0 +1,406 @@
+"""The shared tier: immutable, content-addressed blocks in an S3-compatible bucket.
+
+Several machines point at one ``s3://BUCKET/PREFIX``; each keeps its own catalog
+and local tiers. Under the prefix::
+
+    blocks/<h[:2]>/<h>        one object per block, named by the SHA-256 of its dtype, shape and
+                              raw bytes: a header (JSON) then the bytes, encoded by an L3 codec
+    refs/<k[:2]>/<k>          a small JSON pointer from a store key (k = SHA-256 of the key) to
+                              the content hash of its block (last publisher wins)
+    manifests/<name>.json     one per published name: store keys -> content hashes, written last
+
+Because a block's name is its content, uploads are idempotent and two machines
+publishing the same block at once end with one object; an S3 PUT is atomic, so
+a reader sees a whole object or none; every download is checked against its
+name. This module knows nothing of the catalog or of other tiers: it stores and
+fetches objects, with timeouts, retries and redacted errors. Its I/O goes through
+zarr's ``ObjectStore`` over obstore's ``S3Store``, on one event-loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import configparser
+import hashlib
+import json
+import os
+import re
+import struct
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import obstore
+import obstore.store
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.buffer.cpu import Buffer
+from zarr.storage import ObjectStore
+
+from ..config import SharedCredentials
+from ..errors import CorruptBlockError, SharedTierError, SharedTierUnavailableError
+from .l3_codecs import MIN_RATIO, RAW, Codec, codec_from_id
+
+__all__ = ["SharedS3Tier", "BlockHeader", "content_hash", "encode_block", "decode_block", "parse_shared_url",
+           "ref_path", "block_path", "manifest_path"]
+
+_MAGIC = b"TSB1"
+_HEAD = struct.Struct("<4sI")
+_T = TypeVar("_T")
+_SIGNED = re.compile(r"(?i)(x-amz-(?:signature|credential|security-token)=|signature=|credential=|"
+                     r"authorization:\s*)[^&\s\"',]+")
+
+
+def parse_shared_url(url: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> ``("bucket", "a/b")``."""
+    if not url.startswith("s3://"):
+        raise SharedTierError(f"shared_url={url!r} is not an s3:// URL", tier="shared")
+    bucket, _, prefix = url[5:].partition("/")
+    return bucket, prefix.strip("/")
+
+
+def _hex(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def block_path(digest: str) -> str:
+    """Object name of the block whose content hash is ``digest``."""
+    return f"blocks/{digest[:2]}/{digest}"
+
+
+def ref_path(key: str) -> str:
+    """Object name of the pointer for store key ``key`` (the key itself is hashed: any str is safe)."""
+    digest = _hex(key)
+    return f"refs/{digest[:2]}/{digest}"
+
+
+def manifest_path(name: str) -> str:
+    """Object name of the manifest of ``name`` (``model/tiny`` -> ``manifests/model/tiny.json``)."""
+    if not name or name.startswith("/") or ".." in name.split("/") or "\0" in name or len(name) > 512:
+        raise SharedTierError(f"manifest name {name!r} must be a relative path without '..' (at most 512 chars)",
+                              tier="shared")
+    return f"manifests/{name}.json"
+
+
+def content_hash(data: np.ndarray, dtype: str, shape: tuple[int, ...]) -> str:
+    """SHA-256 (hex) of a block's dtype, shape and raw bytes: its name in the shared tier."""
+    digest = hashlib.sha256(f"tierstore-block-v1\0{dtype}\0{list(shape)}\0".encode())
+    digest.update(data.data)  # hashlib drops the GIL for large buffers
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class BlockHeader:
+    """What an object says of its block (and a manifest or ref of each key)."""
+
+    hash: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    crc32c: int
+    durable: bool = True
+    codec: str = "raw"
+
+    def to_json(self) -> dict[str, Any]:
+        """As a JSON-able dict."""
+        return {"hash": self.hash, "dtype": self.dtype, "shape": list(self.shape), "nbytes": self.nbytes,
+                "crc32c": self.crc32c, "durable": self.durable, "codec": self.codec}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> BlockHeader:
+        """Inverse of :meth:`to_json`; raises ``SharedTierError`` on a malformed entry."""
+        try:
+            header = cls(str(obj["hash"]), str(obj["dtype"]), tuple(int(s) for s in obj["shape"]),
+                         int(obj["nbytes"]), int(obj["crc32c"]), bool(obj.get("durable", True)),
+                         str(obj.get("codec", "raw")))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SharedTierError(f"malformed shared-tier entry ({exc!r})", tier="shared") from None
+        if not re.fullmatch(r"[0-9a-f]{64}", header.hash) or header.nbytes < 0:
+            raise SharedTierError(f"malformed shared-tier entry (hash {header.hash[:80]!r})", tier="shared")
+        return header
+
+
+def encode_block(data: np.ndarray, header: BlockHeader, codec: Codec) -> tuple[BlockHeader, bytes]:
+    """The object body of a block: magic, header length, JSON header, then the encoded bytes.
+
+    ``codec`` is tried and dropped for raw when it saves less than ``MIN_RATIO``.
+    """
+    payload: Any = data
+    if codec is not RAW and data.nbytes:
+        encoded = codec.encode(data)
+        if len(encoded) * MIN_RATIO <= data.nbytes:
+            payload, header = encoded, BlockHeader(**{**_fields(header), "codec": codec.id})
+    head = json.dumps(header.to_json(), separators=(",", ":")).encode()
+    return header, b"".join((_HEAD.pack(_MAGIC, len(head)), head, memoryview(payload).cast("B")))
+
+
+def _fields(header: BlockHeader) -> dict[str, Any]:
+    return {name: getattr(header, name) for name in BlockHeader.__slots__}
+
+
+def decode_block(body: memoryview | bytes, expected: str) -> tuple[BlockHeader, np.ndarray]:
+    """Decode an object body and check it against its name ``expected`` (the content hash).
+
+    Raises ``CorruptBlockError`` when the body is damaged or is not the block it is named for.
+    """
+    view = memoryview(body)
+    try:
+        magic, size = _HEAD.unpack_from(view)
+        if magic != _MAGIC:
+            raise ValueError("not a tierstore block object")
+        header = BlockHeader.from_json(json.loads(bytes(view[_HEAD.size:_HEAD.size + size])))
+        out = np.empty(header.nbytes, dtype=np.uint8)
+        codec_from_id(header.codec).decode_into(view[_HEAD.size + size:], out)
+    except (ValueError, struct.error, SharedTierError, RuntimeError) as exc:
+        raise CorruptBlockError(f"shared block {expected[:16]}... is damaged ({exc})", tier="shared") from None
+    if header.hash != expected or content_hash(out, header.dtype, header.shape) != expected:
+        raise CorruptBlockError(f"shared block {expected[:16]}... failed its content hash (damaged or replaced "
+                                "in the bucket); it was not used", tier="shared")
+    return header, out
+
+
+def aws_profile_credentials() -> SharedCredentials | None:
+    """Credentials of ``AWS_PROFILE`` (or default) from ``~/.aws/credentials``, when the env has none."""
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        return None  # obstore reads the environment itself
+    path = Path(os.environ.get("AWS_SHARED_CREDENTIALS_FILE", Path.home() / ".aws" / "credentials"))
+    profile = os.environ.get("AWS_PROFILE", "default")
+    parser = configparser.ConfigParser()
+    try:
+        parser.read(path)
+        section = parser[profile]
+        return SharedCredentials(section["aws_access_key_id"], section["aws_secret_access_key"],
+                                 section.get("aws_session_token"))
+    except (KeyError, configparser.Error, OSError):
+        return None
+
+
+def aws_profile_region() -> str | None:
+    """``region`` of ``AWS_PROFILE`` in ``~/.aws/config``, when the env names none."""
+    if os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"):
+        return None
+    path = Path(os.environ.get("AWS_CONFIG_FILE", Path.home() / ".aws" / "config"))
+    profile = os.environ.get("AWS_PROFILE", "default")
+    parser = configparser.ConfigParser()
+    try:
+        parser.read(path)
+        section = parser[profile if profile == "default" else f"profile {profile}"]
+        return section.get("region")
+    except (KeyError, configparser.Error, OSError):
+        return None
+
+
+class SharedS3Tier:
+    """Objects in ``s3://bucket/prefix``: blocks by content hash, refs, manifests.
+
+    Every call is bounded by ``timeout`` seconds; a server that does not answer, refuses the
+    connection or fails with a 5xx raises ``SharedTierUnavailableError``; any other refusal
+    ``SharedTierError``. Messages never carry credentials or request signatures.
+    """
+
+    def __init__(self, url: str, *, endpoint: str | None = None, region: str | None = None,
+                 credentials: SharedCredentials | None = None, timeout: float = 10.0,
+                 concurrency: int = 16) -> None:
+        self.url = url
+        self.bucket, self.prefix = parse_shared_url(url)
+        self.timeout = timeout
+        self.concurrency = concurrency
+        credentials = credentials or aws_profile_credentials()
+        env_secrets = (os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY"),
+                       os.environ.get("AWS_SESSION_TOKEN"))
+        self._secrets = tuple(s for s in (*(credentials.secrets() if credentials else ()), *env_secrets) if s)
+        self.endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        options: dict[str, Any] = {"region": region or aws_profile_region() or os.environ.get("AWS_REGION")
+                                   or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+        if self.endpoint:
+            options.update(endpoint=self.endpoint, virtual_hosted_style_request=False)
+        if credentials is not None:
+            options.update(access_key_id=credentials.access_key_id,
+                           secret_access_key=credentials.secret_access_key)
+            if credentials.session_token:
+                options["session_token"] = credentials.session_token
+        client: dict[str, Any] = {"timeout": timedelta(seconds=timeout),
+                                  "connect_timeout": timedelta(seconds=min(timeout, 5.0)),
+                                  "allow_http": bool(self.endpoint and self.endpoint.startswith("http://"))}
+        retry: dict[str, Any] = {"max_retries": 2, "retry_timeout": timedelta(seconds=timeout),
+                                 "backoff": {"init_backoff": timedelta(milliseconds=50),
+                                             "max_backoff": timedelta(seconds=1), "base": 2}}
+        try:
+            s3 = obstore.store.S3Store(self.bucket, prefix=self.prefix or None, client_options=client,  # type: ignore[arg-type]
+                                       retry_config=retry, **options)  # type: ignore[arg-type]
+        except Exception as exc:  # obstore's config errors (bad region, endpoint...)
+            raise SharedTierError(f"shared tier {self.url}: {self.redact(str(exc))}", tier="shared") from None
+        self.store = ObjectStore(s3)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="tierstore-shared", daemon=True)
+        self._thread.start()
+        self._limit = asyncio.Semaphore(concurrency)
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<SharedS3Tier {self.url!r} endpoint={self.endpoint!r}>"
+
+    def close(self) -> None:
+        """Stop the event-loop thread; calling it twice is fine."""
+        if self._closed:
+            return
+        self._closed = True
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=self.timeout)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    # -- errors ------------------------------------------------------------------------------------
+
+    def redact(self, text: str) -> str:
+        """``text`` without credentials or request signatures, and without obstore's debug dump."""
+        text = text.split("\n\nDebug source", 1)[0]
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return _SIGNED.sub(r"\1***", text)
+
+    def _translate(self, exc: BaseException, what: str) -> SharedTierError:
+        if isinstance(exc, (asyncio.TimeoutError, concurrent.futures.TimeoutError, TimeoutError)):
+            return SharedTierUnavailableError(
+                f"{what}: no answer from {self.endpoint or 'S3'} within shared_timeout={self.timeout:g}s",
+                tier="shared")
+        message = self.redact(str(exc))
+        if isinstance(exc, (obstore.exceptions.PermissionDeniedError, obstore.exceptions.UnauthenticatedError)):
+            return SharedTierError(f"{what}: access denied by {self.url} ({message}); check the credentials "
+                                   "(AWS_* variables, ~/.aws/credentials or shared_credentials)", tier="shared")
+        if isinstance(exc, obstore.exceptions.GenericError) and not re.search(r"status code: 4\d\d", message):
+            return SharedTierUnavailableError(f"{what}: {message}", tier="shared")
+        return SharedTierError(f"{what}: {message}", tier="shared")
+
+    # -- running coroutines ------------------------------------------------------------------------
+
+    def submit(self, coro: Coroutine[Any, Any, _T]) -> concurrent.futures.Future[_T]:
+        """Run ``coro`` on the tier's loop (bounded by the concurrency limit); a future for its result."""
+        if self._closed:
+            coro.close()
+            raise SharedTierError(f"shared tier {self.url} is closed", tier="shared")
+        return asyncio.run_coroutine_threadsafe(self._bounded(coro), self._loop)
+
+    async def _bounded(self, coro: Awaitable[_T]) -> _T:
+        async with self._limit:
+            return await asyncio.wait_for(coro, self.timeout)
+
+    def wait(self, future: concurrent.futures.Future[_T], what: str, *, queued: bool = False) -> _T:
+        """The result of ``future``, translated to tierstore errors.
+
+        Each coroutine is cut off on the loop after ``timeout`` seconds; a lone call
+        (``queued=False``) is also given up here one second later, whatever the loop does.
+        """
+        try:
+            return future.result(timeout=None if queued else self.timeout + 1.0)
+        except (SharedTierError, CorruptBlockError):
+            raise
+        except Exception as exc:
+            future.cancel()
+            raise self._translate(exc, what) from None
+
+    def run(self, coro: Coroutine[Any, Any, _T], what: str) -> _T:
+        """Run one coroutine on the loop and wait for it."""
+        return self.wait(self.submit(coro), what)
+
+    # -- objects (coroutines: batch them with submit) ----------------------------------------------
+
+    async def put_object(self, path: str, body: bytes, *, skip_existing: bool = False) -> bool:
+        """Write ``body`` at ``path``; with ``skip_existing``, only if absent. True if it was written."""
+        if skip_existing and await self.store.exists(path):
+            return False
+        await self.store.set(path, Buffer.from_bytes(body))
+        return True
+
+    async def get_object(self, path: str) -> bytes | None:
+        """The bytes at ``path``, or None if there is no such object."""
+        buf = await self.store.get(path, default_buffer_prototype())
+        return None if buf is None else buf.to_bytes()
+
+    async def exists(self, path: str) -> bool:
+        """Whether an object is at ``path``."""
+        return await self.store.exists(path)
+
+    async def delete(self, path: str) -> None:
+        """Remove the object at ``path`` (no error if absent)."""
+        await self.store.delete(path)
+
+    async def list_objects(self, prefix: str) -> list[tuple[str, int]]:
+        """``(path, size)`` of every object under ``prefix`` (relative to the tier's prefix)."""
+        out: list[tuple[str, int]] = []
+        async for meta in self._metas(prefix):
+            out.append((meta["path"], int(meta["size"])))
+        return out
+
+    async def _metas(self, prefix: str) -> AsyncIterator[Any]:
+        stream = obstore.list(self.store.store, prefix=prefix)
+        async for batch in stream:
+            for meta in batch:
+                yield meta
+
+    # -- blocks, refs, manifests -------------------------------------------------------------------
+
+    async def put_block(self, digest: str, body: bytes) -> bool:
+        """Upload a block object (skipped when one with this hash exists: it holds the same bytes)."""
+        return await self.put_object(block_path(digest), body, skip_existing=len(body) >= (1 << 20))
+
+    async def get_block(self, digest: str) -> tuple[BlockHeader, np.ndarray] | None:
+        """Download and verify the block ``digest``; None if the bucket has no such block."""
+        body = await self.get_object(block_path(digest))
+        if body is None:
+            return None
+        return await asyncio.to_thread(decode_block, body, digest)  # hashing/decoding off the loop
+
+    async def put_ref(self, key: str, header: BlockHeader) -> None:
+        """Point store key ``key`` at a block."""
+        await self.put_object(ref_path(key), json.dumps({"key": key, **header.to_json()}).encode())
+
+    async def get_ref(self, key: str) -> BlockHeader | None:
+        """Where ``key`` points, or None."""
+        body = await self.get_object(ref_path(key))
+        if body is None:
+            return None
+        obj = _json(body, ref_path(key))
+        if obj.get("key") != key:  # two keys with one SHA-256: never, but never wrong either
+            return None
+        return BlockHeader.from_json(obj)
+
+    async def put_manifest(self, name: str, entries: dict[str, BlockHeader], info: dict[str, Any]) -> None:
+        """Write the manifest of ``name`` (call it after every block it lists is uploaded)."""
+        body = {"format": "tierstore-manifest-v1", "name": name, **info,
+                "blocks": {key: header.to_json() for key, header in entries.items()}}
+        await self.put_object(manifest_path(name), json.dumps(body, separators=(",", ":")).encode())
+
+    async def get_manifest(self, name: str) -> tuple[dict[str, Any], dict[str, BlockHeader]] | None:
+        """``(info, {key: header})`` of ``name``, or None if nothing was published under it."""
+        body = await self.get_object(manifest_path(name))
+        if body is None:
+            return None
+        obj = _json(body, manifest_path(name))
+        blocks = obj.pop("blocks", None)
+        if not isinstance(blocks, dict):
+            raise SharedTierError(f"manifest {name!r} lists no blocks", tier="shared")
+        return obj, {str(k): BlockHeader.from_json(v) for k, v in blocks.items()}
+
+    async def manifests(self) -> list[tuple[str, int]]:
+        """``(name, size)`` of every manifest."""
+        return [(path[len("manifests/"):-len(".json")], size) for path, size in await self.list_objects("manifests/")
+                if path.endswith(".json")]
+
+    def call(self, fn: Callable[[], Coroutine[Any, Any, _T]], what: str) -> _T:
+        """``run(fn(), what)``: a convenience for one-off calls."""
+        return self.run(fn(), what)
+
+
+def _json(body: bytes, path: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        obj = None
+    if not isinstance(obj, dict):
+        raise SharedTierError(f"shared object {path} is not a JSON object", tier="shared")
+    return obj
