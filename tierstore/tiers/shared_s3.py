@@ -283,7 +283,9 @@ class SharedS3Tier:
         if self._closed:
             coro.close()
             raise SharedTierError(f"shared tier {self.url} is closed", tier="shared")
-        return asyncio.run_coroutine_threadsafe(self._bounded(coro), self._loop)
+        future = asyncio.run_coroutine_threadsafe(self._bounded(coro), self._loop)
+        future.add_done_callback(lambda done: _discard(coro) if done.cancelled() else None)
+        return future
 
     async def _bounded(self, coro: Awaitable[_T]) -> _T:
         async with self._limit:
@@ -394,6 +396,14 @@ class SharedS3Tier:
     def call(self, fn: Callable[[], Coroutine[Any, Any, _T]], what: str) -> _T:
         """``run(fn(), what)``: a convenience for one-off calls."""
         return self.run(fn(), what)
+
+
+def _discard(coro: Coroutine[Any, Any, Any]) -> None:
+    """Close a coroutine whose task was cancelled before it ran (so it is not reported as never awaited)."""
+    try:
+        coro.close()
+    except (RuntimeError, ValueError):  # it is running on the loop right now: it finishes by itself
+        pass
 
 
 def _json(body: bytes, path: str) -> dict[str, Any]:
