@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import json
 import multiprocessing
 import socket
 import threading
@@ -25,6 +26,7 @@ import torch
 from s3_server import S3Server, s3_server  # noqa: F401  (the session fixture)
 
 import tierstore
+from tierstore.cli import main
 from tierstore.config import SharedCredentials
 from tierstore.errors import CorruptBlockError, SharedTierError, SharedTierUnavailableError
 from tierstore.shared import BlockUnavailableError
@@ -314,3 +316,34 @@ def test_credentials_stay_out_of_errors_and_catalog(tmp_path: Path, shared: dict
             assert wrong.secret_access_key.encode() not in data and wrong.access_key_id.encode() not in data
     with tierstore.open(tmp_path / "s") as db:  # the stored config has the URL, not the credentials
         assert db.config.shared_url == shared["shared_url"] and db.config.shared_credentials is None
+
+
+# -- command line ----------------------------------------------------------------------------------
+
+def test_cli_publish_pull_ls_stats_verify(tmp_path: Path, shared: dict[str, Any], s3_server: S3Server,  # noqa: F811
+                                          monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)  # the CLI takes credentials the usual way
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    settings = {k: v for k, v in shared.items() if k != "shared_credentials"}
+    with tierstore.open(tmp_path / "a", **settings) as db:
+        db.put("m/w", torch.randn(64, 64))
+        db.put("m/b", torch.zeros(64))
+        db.put("other", torch.ones(1))
+    assert main(["publish", str(tmp_path / "a"), "m/", "--name", "model/cli", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["keys"] == 2
+    assert main(["shared", "ls", str(tmp_path / "a"), "--json"]) == 0
+    assert [row["name"] for row in json.loads(capsys.readouterr().out)] == ["model/cli"]
+    assert main(["shared", "ls", str(tmp_path / "a"), "model/cli", "--json"]) == 0
+    assert sorted(row["key"] for row in json.loads(capsys.readouterr().out)["blocks"]) == ["m/b", "m/w"]
+    url = settings["shared_url"]
+    assert main(["pull", str(tmp_path / "b"), "model/cli", "--url", url, "--endpoint", s3_server.endpoint]) == 0
+    assert "pulled" in capsys.readouterr().out
+    with tierstore.open(tmp_path / "b") as b:
+        assert sorted(b.keys()) == ["m/b", "m/w"] and b.config.shared_url == url
+    assert main(["shared", "stats", str(tmp_path / "b"), "--json"]) == 0
+    objects = json.loads(capsys.readouterr().out)["objects"]
+    assert objects["blocks"]["count"] == 2 and objects["manifests"]["count"] == 1
+    assert main(["shared", "verify", str(tmp_path / "b"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"manifests": 1, "blocks": 2, "problems": []}
+    assert main(["shared", "ls", str(tmp_path / "b"), "no/such"]) == 1
+    assert s3_server.secret_key not in capsys.readouterr().err

@@ -7,6 +7,9 @@ Examples::
     tierstore info STORE KEY            # everything the catalog knows of one block
     tierstore stats STORE               # counts, sizes, compression
     tierstore history STORE [KEY]       # the access log, newest first
+    tierstore publish STORE [PREFIX] --name NAME   # upload blocks (and a manifest) to the shared tier
+    tierstore pull STORE NAME           # fetch a published name from the shared tier
+    tierstore shared ls|stats|verify STORE          # what the shared tier holds, its health, a check
 
 Every listing command takes ``--json``. Errors are printed as one line and a
 non-zero exit status, never a traceback.
@@ -19,12 +22,12 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import TierStoreError
-from . import catalog, demo
+from . import catalog, demo, shared
 
 __all__ = ["main"]
 
 # Each module adds its own subcommands; one line here per module.
-_COMMANDS = (demo, catalog)
+_COMMANDS = (demo, catalog, shared)
 
 
 def _parser() -> argparse.ArgumentParser:
