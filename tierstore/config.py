@@ -162,6 +162,8 @@ class CacheConfig:
     blocks spilled from L2), ``write-through`` (every durable put too, after commit)."""
     shared_concurrency: int = 16
     """Requests in flight at once to the shared tier."""
+    shared_compression: bool | str | None = None
+    """Codec of objects in the shared tier, as ``l3_compression``; None: the same as ``l3_compression``."""
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -200,6 +202,8 @@ class CacheConfig:
         set_(self, "prediction_threshold", float(value))
         if self.l1_device is not None and not isinstance(self.l1_device, str):
             raise ConfigError(f"l1_device must be a device string such as 'cuda:0', not {self.l1_device!r}")
+        if self.shared_compression is not None:
+            set_(self, "shared_compression", _normalize_compression(self.shared_compression))
         self._check_shared()
 
     def _check_shared(self) -> None:

@@ -15,8 +15,10 @@ queue keys for a background thread that does the same in batches.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import concurrent.futures
+import os
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable
@@ -104,7 +106,7 @@ class SharedCoordinator:
                                  credentials=config.shared_credentials, timeout=config.shared_timeout,
                                  concurrency=config.shared_concurrency)
         self.policy = config.shared_publish
-        self._compression = str(config.l3_compression)
+        self._compression = str(config.shared_compression or config.l3_compression)
         self._read = read
         self._health = threading.Lock()
         self._failures = 0
@@ -117,6 +119,8 @@ class SharedCoordinator:
         self._busy = False
         self._publisher: threading.Thread | None = None
         self._stopping = False
+        self._encoder = concurrent.futures.ThreadPoolExecutor(min(4, os.cpu_count() or 1),
+                                                              thread_name_prefix="tierstore-encode")
 
     # -- health ------------------------------------------------------------------------------------
 
@@ -189,7 +193,7 @@ class SharedCoordinator:
         ref = await self.tier.get_ref(key)
         if ref is None:
             return None
-        return await self.tier.get_block(ref.hash)
+        return await self.tier.get_block(ref.hash, ref.nbytes)
 
     def manifest(self, name: str) -> tuple[dict[str, Any], dict[str, BlockHeader]]:
         """``(info, {key: header})`` of the manifest ``name``; ``BlockNotFoundError`` if none."""
@@ -225,50 +229,56 @@ class SharedCoordinator:
         return PublishReport(name, len(entries), uploaded, len(entries) - uploaded, sent)
 
     def _upload(self, keys: Iterable[str], progress: Progress | None) -> tuple[dict[str, BlockHeader], int, int]:
+        """Read each block here, hash and encode it on the encoder threads, upload it on the loop."""
         entries: dict[str, BlockHeader] = {}
-        window: collections.deque[tuple[concurrent.futures.Future[bool], int]] = collections.deque()
+        window: collections.deque[tuple[str, concurrent.futures.Future[tuple[BlockHeader, bool, int]], int]] = \
+            collections.deque()
         held = uploaded = sent = done = 0
         limit = 2 * self.tier.concurrency
+
+        def drain() -> None:
+            nonlocal held, uploaded, sent, done
+            key, future, size = window.popleft()
+            header, written, stored = self._wait(future, f"upload {key!r}")
+            entries[key] = header
+            held -= size
+            uploaded += written
+            sent += stored if written else 0
+            done += size
+            if progress is not None:
+                progress(done, 0 if window else done)
+
         try:
             for key in keys:
                 block = self._read(key)
                 if block is None:
                     continue  # deleted since it was listed
-                header = BlockHeader(content_hash(block.data, block.dtype, block.shape), block.dtype, block.shape,
-                                     block.data.nbytes, block.crc32c, block.durable)
-                header, body = encode_block(block.data, header, choose_codec(self._compression, block.itemsize))
-                entries[key] = header
-                window.append((self.tier.submit(self._put(key, header, body)), len(body)))
-                held += len(body)
+                encoded = self._encoder.submit(self._encode, block)
+                window.append((key, self.tier.submit(self._put(key, encoded)), block.data.nbytes))
+                held += block.data.nbytes
                 while window and (len(window) >= limit or held > _WINDOW_BYTES):
-                    future, size = window.popleft()
-                    written = self._wait(future, f"upload {key!r}")
-                    held -= size
-                    uploaded += written
-                    sent += size if written else 0
-                    done += size
-                    if progress is not None:
-                        progress(done, 0)
+                    drain()
             while window:
-                future, size = window.popleft()
-                written = self._wait(future, "upload blocks")
-                uploaded += written
-                sent += size if written else 0
-                done += size
-                if progress is not None:
-                    progress(done, done)
+                drain()
         except BaseException:
-            for future, _ in window:
+            for _, future, _ in window:
                 future.cancel()
             raise
         self.counts["uploaded"] += uploaded
         self.counts["bytes_up"] += sent
         return entries, uploaded, sent
 
-    async def _put(self, key: str, header: BlockHeader, body: bytes) -> bool:
+    def _encode(self, block: LocalBlock) -> tuple[BlockHeader, bytes]:
+        header = BlockHeader(content_hash(block.data, block.dtype, block.shape), block.dtype, block.shape,
+                             block.data.nbytes, block.crc32c, block.durable)
+        return encode_block(block.data, header, choose_codec(self._compression, block.itemsize))
+
+    async def _put(self, key: str, encoded: concurrent.futures.Future[tuple[BlockHeader, bytes]]
+                   ) -> tuple[BlockHeader, bool, int]:
+        header, body = await asyncio.wrap_future(encoded)
         written = await self.tier.put_block(header.hash, body)
         await self.tier.put_ref(key, header)  # after the block: a ref never points at nothing
-        return written
+        return header, written, len(body)
 
     # -- background publishing ---------------------------------------------------------------------
 
@@ -347,7 +357,7 @@ class SharedCoordinator:
                     if item is None:
                         break
                     self._check_available(f"pull {name!r}")
-                    window.append((item[0], self.tier.submit(self.tier.get_block(item[1].hash))))
+                    window.append((item[0], self.tier.submit(self.tier.get_block(item[1].hash, item[1].nbytes))))
                 if not window:
                     break
                 key, future = window.popleft()
@@ -380,7 +390,7 @@ class SharedCoordinator:
         """Check that every block the manifests list is there (and, if ``deep``, matches its hash)."""
         names = [n for n, _ in self.manifests()] if names is None else list(names)
         problems: list[str] = []
-        hashes: dict[str, str] = {}
+        hashes: dict[str, tuple[str, int]] = {}
         for name in names:
             try:
                 _, entries = self.manifest(name)
@@ -390,8 +400,8 @@ class SharedCoordinator:
                 problems.append(f"manifest {name!r}: {exc}")
                 continue
             for key, header in entries.items():
-                hashes.setdefault(header.hash, f"{name}:{key}")
-        futures = [(h, where, self.tier.submit(self._check(h, deep))) for h, where in hashes.items()]
+                hashes.setdefault(header.hash, (f"{name}:{key}", header.nbytes))
+        futures = [(h, where, self.tier.submit(self._check(h, size, deep))) for h, (where, size) in hashes.items()]
         for done, (digest, where, future) in enumerate(futures, 1):
             try:
                 problem = self._wait(future, f"check block {digest[:16]}")
@@ -407,10 +417,10 @@ class SharedCoordinator:
                 progress(done, len(futures))
         return SharedVerifyReport(len(names), len(hashes), problems)
 
-    async def _check(self, digest: str, deep: bool) -> str | None:
+    async def _check(self, digest: str, size: int, deep: bool) -> str | None:
         if not deep:
             return None if await self.tier.exists(f"blocks/{digest[:2]}/{digest}") else "missing"
-        return None if await self.tier.get_block(digest) is not None else "missing"
+        return None if await self.tier.get_block(digest, size) is not None else "missing"
 
     # -- the rest ----------------------------------------------------------------------------------
 
@@ -437,4 +447,5 @@ class SharedCoordinator:
         if self._publisher is not None:
             self._publisher.join(timeout=self.tier.timeout + 1.0)
         self.tier.close()
+        self._encoder.shutdown(wait=False, cancel_futures=True)
         return left

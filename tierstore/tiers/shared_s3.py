@@ -48,6 +48,8 @@ from .l3_codecs import MIN_RATIO, RAW, Codec, codec_from_id
 __all__ = ["SharedS3Tier", "BlockHeader", "content_hash", "encode_block", "decode_block", "parse_shared_url",
            "ref_path", "block_path", "manifest_path"]
 
+_PART = 4 << 20
+"""Range size of parallel GETs of large objects."""
 _MAGIC = b"TSB1"
 _HEAD = struct.Struct("<4sI")
 _T = TypeVar("_T")
@@ -142,7 +144,7 @@ def _fields(header: BlockHeader) -> dict[str, Any]:
     return {name: getattr(header, name) for name in BlockHeader.__slots__}
 
 
-def decode_block(body: memoryview | bytes, expected: str) -> tuple[BlockHeader, np.ndarray]:
+def decode_block(body: memoryview | bytes | bytearray, expected: str) -> tuple[BlockHeader, np.ndarray]:
     """Decode an object body and check it against its name ``expected`` (the content hash).
 
     Raises ``CorruptBlockError`` when the body is damaged or is not the block it is named for.
@@ -153,8 +155,12 @@ def decode_block(body: memoryview | bytes, expected: str) -> tuple[BlockHeader, 
         if magic != _MAGIC:
             raise ValueError("not a tierstore block object")
         header = BlockHeader.from_json(json.loads(bytes(view[_HEAD.size:_HEAD.size + size])))
-        out = np.empty(header.nbytes, dtype=np.uint8)
-        codec_from_id(header.codec).decode_into(view[_HEAD.size + size:], out)
+        payload = view[_HEAD.size + size:]
+        if header.codec == "raw" and isinstance(body, bytearray) and len(payload) == header.nbytes:
+            out = np.frombuffer(body, dtype=np.uint8, offset=_HEAD.size + size)  # ours and writable: no copy
+        else:
+            out = np.empty(header.nbytes, dtype=np.uint8)
+            codec_from_id(header.codec).decode_into(payload, out)
     except (ValueError, struct.error, SharedTierError, RuntimeError) as exc:
         raise CorruptBlockError(f"shared block {expected[:16]}... is damaged ({exc})", tier="shared") from None
     if header.hash != expected or content_hash(out, header.dtype, header.shape) != expected:
@@ -350,9 +356,32 @@ class SharedS3Tier:
         """Upload a block object (skipped when one with this hash exists: it holds the same bytes)."""
         return await self.put_object(block_path(digest), body, skip_existing=len(body) >= (1 << 20))
 
-    async def get_block(self, digest: str) -> tuple[BlockHeader, np.ndarray] | None:
-        """Download and verify the block ``digest``; None if the bucket has no such block."""
-        body = await self.get_object(block_path(digest))
+    async def get_object_ranged(self, path: str) -> bytearray | None:
+        """A large object in ``_PART``-sized ranges fetched at once (one stream is slower than several)."""
+        try:
+            first = await obstore.get_async(self.store.store, path, options={"range": (0, _PART)})
+        except FileNotFoundError:
+            return None
+        total = int(first.meta["size"])
+        out = bytearray(total)
+        head = memoryview(await first.bytes_async())
+        out[:len(head)] = head
+        starts = range(len(head), total, _PART)
+        parts = await asyncio.gather(*(obstore.get_range_async(self.store.store, path, start=start,
+                                                               end=min(total, start + _PART)) for start in starts))
+        for start, part in zip(starts, parts, strict=True):
+            view = memoryview(part)
+            out[start:start + len(view)] = view
+        return out
+
+    async def get_block(self, digest: str, size_hint: int = 0) -> tuple[BlockHeader, np.ndarray] | None:
+        """Download and verify the block ``digest``; None if the bucket has no such block.
+
+        ``size_hint`` (the block's raw size, from a ref or manifest) of 8 MiB or more fetches the
+        object in parallel ranges.
+        """
+        path = block_path(digest)
+        body = await (self.get_object_ranged(path) if size_hint >= 2 * _PART else self.get_object(path))
         if body is None:
             return None
         return await asyncio.to_thread(decode_block, body, digest)  # hashing/decoding off the loop
