@@ -340,6 +340,8 @@ def test_cli_publish_pull_ls_stats_verify(tmp_path: Path, shared: dict[str, Any]
     assert "pulled" in capsys.readouterr().out
     with tierstore.open(tmp_path / "b") as b:
         assert sorted(b.keys()) == ["m/b", "m/w"] and b.config.shared_url == url
+    assert main(["stats", str(tmp_path / "b")]) == 0
+    assert "shared tier" in capsys.readouterr().out
     assert main(["shared", "stats", str(tmp_path / "b"), "--json"]) == 0
     objects = json.loads(capsys.readouterr().out)["objects"]
     assert objects["blocks"]["count"] == 2 and objects["manifests"]["count"] == 1
