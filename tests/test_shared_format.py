@@ -11,8 +11,7 @@ import torch
 
 import tierstore
 from tierstore.config import CacheConfig, SharedCredentials
-from tierstore.errors import ConfigError, CorruptBlockError, SharedTierUnavailableError
-from tierstore.shared import BlockUnavailableError
+from tierstore.errors import BlockUnavailableError, ConfigError, CorruptBlockError, SharedTierUnavailableError
 from tierstore.tensors import dtype_name, tensor_bytes
 from tierstore.tiers.l3_codecs import RAW, choose_codec
 from tierstore.tiers.shared_s3 import (

@@ -28,8 +28,7 @@ from s3_server import S3Server, s3_server  # noqa: F401  (the session fixture)
 import tierstore
 from tierstore.cli import main
 from tierstore.config import SharedCredentials
-from tierstore.errors import CorruptBlockError, SharedTierError, SharedTierUnavailableError
-from tierstore.shared import BlockUnavailableError
+from tierstore.errors import BlockUnavailableError, CorruptBlockError, SharedTierError, SharedTierUnavailableError
 from tierstore.tiers.shared_s3 import SharedS3Tier, block_path
 
 

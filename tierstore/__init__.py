@@ -22,15 +22,18 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
-from .config import CacheConfig, format_size, parse_size
+from .config import CacheConfig, SharedCredentials, format_size, parse_size
 from .errors import (
     BlockNotFoundError,
+    BlockUnavailableError,
     CatalogError,
     ConfigError,
     CorruptBlockError,
     InvalidKeyError,
     ReadOnlyError,
     SchemaVersionError,
+    SharedTierError,
+    SharedTierUnavailableError,
     StoreClosedError,
     StoreFullError,
     StoreLockedError,
@@ -50,6 +53,7 @@ __all__ = [
     "BlockInfo",
     "StoreStats",
     "CacheConfig",
+    "SharedCredentials",
     "HierarchicalCacheManager",
     "parse_size",
     "format_size",
@@ -68,6 +72,9 @@ __all__ = [
     "TierFullError",
     "TransactionError",
     "UnsupportedTensorError",
+    "SharedTierError",
+    "SharedTierUnavailableError",
+    "BlockUnavailableError",
 ]
 
 

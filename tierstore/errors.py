@@ -34,6 +34,7 @@ __all__ = [
     "TransactionError",
     "SharedTierError",
     "SharedTierUnavailableError",
+    "BlockUnavailableError",
     "translate_os_error",
 ]
 
@@ -121,6 +122,10 @@ class SharedTierError(TierStoreError, OSError):
 
 class SharedTierUnavailableError(SharedTierError, ConnectionError):
     """The shared tier could not be reached in time; local tiers keep working, retried with backoff."""
+
+
+class BlockUnavailableError(BlockNotFoundError, SharedTierUnavailableError):
+    """Not in the local tiers, and the shared tier could not be asked: a ``KeyError`` and a ``ConnectionError``."""
 
 
 _FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from .config import CacheConfig
-from .errors import BlockNotFoundError, SharedTierError, SharedTierUnavailableError
+from .errors import BlockNotFoundError, BlockUnavailableError, SharedTierError, SharedTierUnavailableError
 from .tiers.l3_codecs import choose_codec
 from .tiers.shared_s3 import BlockHeader, SharedS3Tier, content_hash, encode_block
 
@@ -42,10 +42,6 @@ _WINDOW_BYTES = 256 << 20
 """Encoded bytes held for uploads (or downloads) in flight at once."""
 _LAND_BATCH = 64
 _BACKOFF_MIN, _BACKOFF_MAX = 0.25, 30.0
-
-
-class BlockUnavailableError(BlockNotFoundError, SharedTierUnavailableError):
-    """Not in the local tiers, and the shared tier could not be asked (it is a ``KeyError`` too)."""
 
 
 @dataclass(frozen=True, slots=True)

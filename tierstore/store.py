@@ -129,12 +129,12 @@ class TierStore:
             self._l2 = Residency("L2", arena, self.config.l2_eviction_policy)
             if backing is not None:
                 self._warm_l2()
-        sink = None if self.readonly else self._write_history
-        self._recorder = AccessRecorder(sink, interval=self.config.history_flush_interval)
         self._shared: SharedCoordinator | None = None
         if self.config.shared_url is not None:  # no network until first used
             self._shared = SharedCoordinator(self.config, self._shared_block)
             self._hits["shared"] = 0
+        sink = None if self.readonly else self._write_history
+        self._recorder = AccessRecorder(sink, interval=self.config.history_flush_interval)
 
     def _open_l1(self) -> Residency[DevicePool] | None:
         """The device tier: on ``l1_device`` (default: the first GPU; none without one)."""
