@@ -145,14 +145,14 @@ class SharedCoordinator:
             with self._health:
                 self._failures, self._retry_at, self._since = 0, 0.0, None
 
-    def _call(self, coro: Coroutine[Any, Any, _T], what: str) -> _T:
+    def _call(self, coro: Coroutine[Any, Any, _T], what: str, *, size: int | None = 0) -> _T:
         try:
             self._check_available(what)
         except SharedTierUnavailableError:
             coro.close()
             raise
         try:
-            result = self.tier.run(coro, what)
+            result = self.tier.run(coro, what, size=size)
         except SharedTierUnavailableError as exc:
             self._failed(exc)
             raise
@@ -176,7 +176,7 @@ class SharedCoordinator:
         Raises ``BlockUnavailableError`` (a ``KeyError``) when the shared tier cannot be reached.
         """
         try:
-            found = self._call(self._fetch(key), f"fetch {key!r} from the shared tier")
+            found = self._call(self._fetch(key), f"fetch {key!r} from the shared tier", size=None)
         except SharedTierUnavailableError as exc:
             raise BlockUnavailableError(f"no block {key!r} in the local tiers, and {exc.message}",
                                         key=key, tier="shared") from None
@@ -186,10 +186,10 @@ class SharedCoordinator:
         return found
 
     async def _fetch(self, key: str) -> tuple[BlockHeader, np.ndarray] | None:
-        ref = await self.tier.get_ref(key)
+        ref = await self.tier.bounded(self.tier.get_ref(key))
         if ref is None:
             return None
-        return await self.tier.get_block(ref.hash, ref.nbytes)
+        return await self.tier.bounded(self.tier.get_block(ref.hash, ref.nbytes), ref.nbytes)
 
     def manifest(self, name: str) -> tuple[dict[str, Any], dict[str, BlockHeader]]:
         """``(info, {key: header})`` of the manifest ``name``; ``BlockNotFoundError`` if none."""
@@ -250,7 +250,7 @@ class SharedCoordinator:
                 if block is None:
                     continue  # deleted since it was listed
                 encoded = self._encoder.submit(self._encode, block)
-                window.append((key, self.tier.submit(self._put(key, encoded)), block.data.nbytes))
+                window.append((key, self.tier.submit(self._put(key, encoded), size=None), block.data.nbytes))
                 held += block.data.nbytes
                 while window and (len(window) >= limit or held > _WINDOW_BYTES):
                     drain()
@@ -271,9 +271,9 @@ class SharedCoordinator:
 
     async def _put(self, key: str, encoded: concurrent.futures.Future[tuple[BlockHeader, bytes]]
                    ) -> tuple[BlockHeader, bool, int]:
-        header, body = await asyncio.wrap_future(encoded)
-        written = await self.tier.put_block(header.hash, body)
-        await self.tier.put_ref(key, header)  # after the block: a ref never points at nothing
+        header, body = await asyncio.wrap_future(encoded)  # encoding time is not the server's: unbounded
+        written = await self.tier.bounded(self.tier.put_block(header.hash, body), len(body))
+        await self.tier.bounded(self.tier.put_ref(key, header))  # after the block: never a ref to nothing
         return header, written, len(body)
 
     # -- background publishing ---------------------------------------------------------------------
@@ -353,7 +353,8 @@ class SharedCoordinator:
                     if item is None:
                         break
                     self._check_available(f"pull {name!r}")
-                    window.append((item[0], self.tier.submit(self.tier.get_block(item[1].hash, item[1].nbytes))))
+                    window.append((item[0], self.tier.submit(self.tier.get_block(item[1].hash, item[1].nbytes),
+                                                                             size=item[1].nbytes)))
                 if not window:
                     break
                 key, future = window.popleft()
@@ -397,7 +398,8 @@ class SharedCoordinator:
                 continue
             for key, header in entries.items():
                 hashes.setdefault(header.hash, (f"{name}:{key}", header.nbytes))
-        futures = [(h, where, self.tier.submit(self._check(h, size, deep))) for h, (where, size) in hashes.items()]
+        futures = [(h, where, self.tier.submit(self._check(h, size, deep), size=size))
+                   for h, (where, size) in hashes.items()]
         for done, (digest, where, future) in enumerate(futures, 1):
             try:
                 problem = self._wait(future, f"check block {digest[:16]}")

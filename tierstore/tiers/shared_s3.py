@@ -28,7 +28,7 @@ import os
 import re
 import struct
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -284,24 +284,36 @@ class SharedS3Tier:
 
     # -- running coroutines ------------------------------------------------------------------------
 
-    def submit(self, coro: Coroutine[Any, Any, _T]) -> concurrent.futures.Future[_T]:
-        """Run ``coro`` on the tier's loop (bounded by the concurrency limit); a future for its result."""
+    def submit(self, coro: Coroutine[Any, Any, _T], *, size: int | None = 0) -> concurrent.futures.Future[_T]:
+        """Run ``coro`` on the tier's loop; a future for its result.
+
+        It runs under :meth:`bounded` for an object of ``size`` bytes, or, with ``size=None``,
+        as it is: it must then bound its own requests with :meth:`bounded`.
+        """
         if self._closed:
             coro.close()
             raise SharedTierError(f"shared tier {self.url} is closed", tier="shared")
-        future = asyncio.run_coroutine_threadsafe(self._bounded(coro), self._loop)
+        future = asyncio.run_coroutine_threadsafe(coro if size is None else self.bounded(coro, size), self._loop)
         future.add_done_callback(lambda done: _discard(coro) if done.cancelled() else None)
         return future
 
-    async def _bounded(self, coro: Awaitable[_T]) -> _T:
-        async with self._limit:
-            return await asyncio.wait_for(coro, self.timeout)
+    def deadline(self, size: int = 0) -> float:
+        """Seconds a request for an object of ``size`` bytes may take: ``timeout``, plus as much per 64 MiB."""
+        return self.timeout * (1.0 + size / (64 << 20))
+
+    async def bounded(self, coro: Coroutine[Any, Any, _T], size: int = 0) -> _T:
+        """Await ``coro`` holding one of the ``concurrency`` slots, cut off after :meth:`deadline`."""
+        try:
+            async with self._limit:
+                return await asyncio.wait_for(coro, self.deadline(size))
+        finally:
+            _discard(coro)  # cancelled while waiting for a slot: it never ran
 
     def wait(self, future: concurrent.futures.Future[_T], what: str, *, queued: bool = False) -> _T:
         """The result of ``future``, translated to tierstore errors.
 
-        Each coroutine is cut off on the loop after ``timeout`` seconds; a lone call
-        (``queued=False``) is also given up here one second later, whatever the loop does.
+        Each request is cut off on the loop after its :meth:`deadline`; a lone small call
+        (``queued=False``) is also given up here one second after ``timeout``, whatever the loop does.
         """
         try:
             return future.result(timeout=None if queued else self.timeout + 1.0)
@@ -311,9 +323,9 @@ class SharedS3Tier:
             future.cancel()
             raise self._translate(exc, what) from None
 
-    def run(self, coro: Coroutine[Any, Any, _T], what: str) -> _T:
-        """Run one coroutine on the loop and wait for it."""
-        return self.wait(self.submit(coro), what)
+    def run(self, coro: Coroutine[Any, Any, _T], what: str, *, size: int | None = 0) -> _T:
+        """Run one coroutine on the loop (see :meth:`submit` for ``size``) and wait for it."""
+        return self.wait(self.submit(coro, size=size), what, queued=size != 0)
 
     # -- objects (coroutines: batch them with submit) ----------------------------------------------
 
