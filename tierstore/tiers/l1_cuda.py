@@ -249,6 +249,20 @@ class DevicePool:
         """Whether close() has run."""
         return self._closed
 
+    @property
+    def headroom(self) -> int:
+        """Device bytes the pool leaves to the model when it grows."""
+        return self._headroom
+
+    @property
+    def probe(self) -> MemoryProbe:
+        """Where ``pressure()`` reads the device's memory; assign one to simulate a model's needs."""
+        return self._probe
+
+    @probe.setter
+    def probe(self, probe: MemoryProbe | None) -> None:
+        self._probe = probe if probe is not None else _device_memory
+
     # -- slots --------------------------------------------------------------------------------------------
 
     def alloc(self, nbytes: int) -> Allocation | None:
