@@ -171,13 +171,26 @@ def _flat_bytes(data: HostBytes, *, out: bool = False) -> torch.Tensor:
     return tensor.contiguous().view(-1).view(torch.uint8)
 
 
+def _after_birth(chunk: _Chunk, stream: torch.cuda.Stream) -> None:
+    """Order ``stream`` after the work queued when ``chunk`` was allocated (until that has run)."""
+    born = chunk.born
+    if born is not None:
+        if born.query():  # type: ignore[no-untyped-call]
+            chunk.born = None
+        else:
+            stream.wait_event(born)
+
+
 class _Chunk:
     """One device allocation and the allocator carving it."""
 
-    __slots__ = ("alloc", "base", "host", "id", "size", "storage", "tensor")
+    __slots__ = ("alloc", "base", "born", "host", "id", "size", "storage", "tensor")
 
     def __init__(self, cid: int, tensor: torch.Tensor) -> None:
         self.id, self.base, self.size, self.tensor = cid, cid << _SPAN_BITS, tensor.numel(), tensor
+        self.born: Event | None = None
+        """CUDA: recorded on the allocating stream. PyTorch may hand out memory that stream's queued
+        kernels still use (they run before anything queued later on it); side-stream copies wait on it."""
         self.storage = tensor.untyped_storage()
         self.host: npt.NDArray[np.uint8] | None = tensor.numpy() if tensor.device.type == "cpu" else None
         slab = max(_PAGE, min(_SLAB, self.size // 8 // _PAGE * _PAGE))
@@ -229,6 +242,7 @@ class DevicePool:
         self._hot: _Chunk | None = None
         self._released: deque[Allocation] = deque()  # scratch slots whose tensors died; freed at next alloc
         self._cooling: deque[tuple[Event, Allocation]] = deque()  # freed on CUDA, until their readers ran
+        self._spare: list[Event] = []  # completed events, recorded again by the next frees
         # (event, what the copy reads, staging slot to free) until the event has completed
         self._inflight: deque[tuple[Event, torch.Tensor | None, Allocation | None]] = deque()
         self._stream: torch.cuda.Stream | None = None
@@ -307,7 +321,7 @@ class DevicePool:
         if chunk.host is None:
             if not chunk.alloc.is_live(a):
                 raise ValueError(f"{a!r} is not a live allocation of this L1 pool (freed twice?)")
-            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            event = self._spare.pop() if self._spare else torch.cuda.Event()  # type: ignore[no-untyped-call]
             event.record(torch.cuda.current_stream(self._device))
             self._cooling.append((event, a))
             return
@@ -376,7 +390,8 @@ class DevicePool:
         self._reap()
         side = stream if stream is not None else self._side_stream()
         # No wait on the current stream: a freed slot is reused only after its readers ran (see free),
-        # so the copy may overlap the compute queued before it.
+        # so the copy may overlap the compute queued before it. Only a new chunk waits for its birth.
+        _after_birth(chunk, side)
         with _oom_as_tier_full("copying into L1"):
             with torch.cuda.stream(side):
                 out.copy_(data, non_blocking=True)
@@ -406,6 +421,7 @@ class DevicePool:
             raise TierFullError(f"L1 has no room for a {src.nbytes}-byte staging slot to cast {src.dtype} to "
                                 f"{dtype}; evict from L1 or raise its capacity", tier="L1")
         side = stream if stream is not None else self._side_stream()
+        _after_birth(chunk, side)
         try:
             self.copy_in(staging, src, stream=side)
             with _oom_as_tier_full("casting into L1"), torch.cuda.stream(side):
@@ -579,6 +595,9 @@ class DevicePool:
             self._ooms += 1
             raise
         chunk = self._chunks[self._next_id] = _Chunk(self._next_id, tensor)
+        if self._device.type == "cuda":
+            chunk.born = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            chunk.born.record(torch.cuda.current_stream(self._device))
         self._next_id += 1
         self._reserved += size
         return chunk
@@ -610,6 +629,8 @@ class DevicePool:
             elif not event.query():  # type: ignore[no-untyped-call]
                 break
             self._cooling.popleft()
+            if len(self._spare) < 64:
+                self._spare.append(event)
             chunk = self._chunks.get(a.offset >> _SPAN_BITS)
             if chunk is not None and chunk.alloc.is_live(a):
                 chunk.alloc.free(a)
