@@ -353,6 +353,50 @@ def test_an_injected_probe_drives_pressure_and_growth() -> None:
         pool.free(a)
 
 
+class FakeEvent:
+    """Stands in for a CUDA event: completes when the test says so (or when waited on)."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self.waited = 0
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.waited += 1
+        self.done = True
+
+
+def test_freed_slots_wait_for_their_readers_before_reuse(pool: DevicePool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA rule, run with fake events: a freed slot returns to its free list only once the work
+    queued before the free has run; out of room, the pool waits for it rather than fail."""
+    fences: list[FakeEvent] = []
+
+    def fence() -> FakeEvent:
+        fences.append(FakeEvent())
+        return fences[-1]
+
+    monkeypatch.setattr(pool, "_fence", fence)
+    a = _alloc(pool, 5000)
+    pool.free(a)
+    assert pool.stats().used > 0 and pool.stats().inflight == 1  # still cooling
+    b = _alloc(pool, 5000)
+    assert b.offset != a.offset  # not reused while a reader may still use it
+    fences[0].done = True
+    c = _alloc(pool, 5000)
+    assert c.offset == a.offset and pool.stats().inflight == 0
+    pool.free(c)
+    with pytest.raises(ValueError, match="freed twice"):
+        pool.free(c)
+    pool.free(b)
+    assert [f.waited for f in fences] == [0, 0, 0]
+    big = [_alloc(pool, CHUNK) for _ in range(3)]  # the third fits only in chunk 0, once b and c are back
+    assert [f.waited for f in fences] == [0, 1, 1] and pool.stats().inflight == 0
+    for x in big:
+        pool.free(x)
+
+
 # -- the seed's adapter helpers ---------------------------------------------------------------------------
 
 def test_adapter_helpers_have_the_seed_shapes_and_give_their_slots_back() -> None:

@@ -243,6 +243,7 @@ class DevicePool:
         self._released: deque[Allocation] = deque()  # scratch slots whose tensors died; freed at next alloc
         self._cooling: deque[tuple[Event, Allocation]] = deque()  # freed on CUDA, until their readers ran
         self._spare: list[Event] = []  # completed events, recorded again by the next frees
+        self._cooling_at: set[int] = set()
         # (event, what the copy reads, staging slot to free) until the event has completed
         self._inflight: deque[tuple[Event, torch.Tensor | None, Allocation | None]] = deque()
         self._stream: torch.cuda.Stream | None = None
@@ -318,14 +319,22 @@ class DevicePool:
         run (they may still read it); until then it counts as used.
         """
         chunk = self._chunk_of(a, live=False)
-        if chunk.host is None:
-            if not chunk.alloc.is_live(a):
-                raise ValueError(f"{a!r} is not a live allocation of this L1 pool (freed twice?)")
-            event = self._spare.pop() if self._spare else torch.cuda.Event()  # type: ignore[no-untyped-call]
-            event.record(torch.cuda.current_stream(self._device))
-            self._cooling.append((event, a))
-            return
-        chunk.alloc.free(a)
+        if not chunk.alloc.is_live(a) or a.offset in self._cooling_at:
+            raise ValueError(f"{a!r} is not a live allocation of this L1 pool (freed twice?)")
+        fence = self._fence()
+        if fence is None:
+            chunk.alloc.free(a)
+        else:
+            self._cooling.append((fence, a))
+            self._cooling_at.add(a.offset)
+
+    def _fence(self) -> Event | None:
+        """An event marking the work queued so far on the current stream (None on the CPU: nothing queued)."""
+        if self._device.type != "cuda":
+            return None
+        event = self._spare.pop() if self._spare else torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event.record(torch.cuda.current_stream(self._device))
+        return event
 
     def as_tensor(self, a: Allocation) -> torch.Tensor:
         """A flat uint8 device tensor over the ``a.nbytes`` requested bytes of the slot (no release hook)."""
@@ -545,6 +554,7 @@ class DevicePool:
         self._closed = True
         self._inflight.clear()
         self._cooling.clear()
+        self._cooling_at.clear()
         self._released.clear()
         self._chunks.clear()
         self._hot, self._reserved = None, 0
@@ -629,6 +639,7 @@ class DevicePool:
             elif not event.query():  # type: ignore[no-untyped-call]
                 break
             self._cooling.popleft()
+            self._cooling_at.discard(a.offset)
             if len(self._spare) < 64:
                 self._spare.append(event)
             chunk = self._chunks.get(a.offset >> _SPAN_BITS)
