@@ -450,13 +450,7 @@ class TierStore:
         """
         if self._closed or self.readonly:
             return False
-        if not self._write_back_l3(entry, self._l2.arena.as_numpy(entry.alloc)):  # type: ignore[union-attr]
-            return False
-        self._l2.mark_durable(entry)  # type: ignore[union-attr]
-        return True
-
-    def _write_back_l3(self, entry: Resident, data: np.ndarray) -> bool:
-        """Write the only copy of cache-only ``entry`` (its bytes ``data``) to L3 as a cache-only row."""
+        data = self._l2.arena.as_numpy(entry.alloc)  # type: ignore[union-attr]
         block_id = self._new_block_id()
         try:
             self._check_l3_room(entry.key, data.nbytes)
@@ -477,6 +471,7 @@ class TierStore:
         self._count += 1
         self._logical_bytes += row.nbytes
         self._stored_bytes += row.stored_bytes
+        self._l2.mark_durable(entry)  # type: ignore[union-attr]
         return True
 
     def _spill_l1(self, entry: Resident) -> bool:
@@ -516,6 +511,31 @@ class TierStore:
         if entry.checksum == UNHASHED:
             entry.checksum = crc32c.crc32c(data.data)
         return data
+
+    def _write_back_l3(self, entry: Resident, data: np.ndarray) -> bool:
+        """Write L1-only ``entry`` (its bytes ``data``, hashed) to L3 as a cache-only row; False if that failed.
+
+        As ``_spill`` does for L2 (standalone write, own catalog commit); the migrator is meant to own both.
+        """
+        block_id = self._new_block_id()
+        try:
+            self._check_l3_room(entry.key, data.nbytes)
+            codec = choose_codec(str(self.config.l3_compression), entry.dtype.itemsize)
+            loc = self._l3.write_now(block_id, data, codec)
+            stamp = now()
+            row = BlockRow(entry.key, block_id, dtype_name(entry.dtype), entry.shape, data.nbytes, entry.checksum,
+                           False, loc.codec, loc.array or None, loc.shard, loc.offset, loc.sizes_blob(), loc.inner,
+                           loc.length, L3_BIT, stamp, stamp)
+            self._catalog.commit_blocks([row], [], {}, self._next_block_id)
+        except (TierStoreError, OSError):
+            return False
+        with self._rows_lock:
+            self._generation += 1
+            self._rows[row.key] = (row, loc)
+        self._count += 1
+        self._logical_bytes += row.nbytes
+        self._stored_bytes += row.stored_bytes
+        return True
 
     def shrink_l1(self, nbytes: int | str | None = None) -> int:
         """Give L1 device memory back to PyTorch (for the model); returns the bytes released.
