@@ -812,11 +812,12 @@ class TierStore:
 
     def allocate(self, shape: tuple[int, ...], dtype: torch.dtype,
                  device: str | torch.device | None = None) -> torch.Tensor:
-        """An uninitialised tensor from the L2 pool, or from the L1 pool with ``device`` (the L1 device).
+        """An uninitialised tensor from the L2 pool (ordinary memory if L2 is off or full).
 
-        Its memory goes back to the pool when the tensor and every view of it are collected. For
-        L1 it makes room by ``l1_eviction_policy`` (writing back what only L1 holds). Ordinary
-        memory on the device when the pool is off or cannot make room.
+        With ``device`` it is on that device: from the L1 pool when L1 lives there and has room,
+        else ordinary device memory. Its memory goes back to the pool when the tensor and every
+        view of it are collected. L1 makes room by ``l1_eviction_policy`` (writing back what
+        only it holds).
         """
         self._check_open()
         shape = tuple(int(s) for s in shape)
@@ -976,6 +977,7 @@ class TierStore:
                            "size_classes": [dataclasses.asdict(c) for c in alloc.per_class if c.slabs],
                            **self._l2.stats()}
         if self._l1 is not None:
+            residency = self._l1.stats()  # first: it returns the slots of collected views to the arena
             pool = self._l1.arena.stats()
             tiers["L1"] = {"capacity": pool.capacity, "reserved": pool.reserved, "used": pool.used,
                            "requested": pool.requested, "free": pool.free, "fragmentation": pool.fragmentation,
@@ -983,7 +985,7 @@ class TierStore:
                            "bf16_native": pool.bf16_native, "oom_events": pool.oom_events,
                            "policy": self.config.l1_eviction_policy,
                            "size_classes": [dataclasses.asdict(c) for c in pool.per_class if c.slabs],
-                           **self._l1.stats()}
+                           **residency}
         tiers["L3"] = {"capacity": self.config.l3_cache_size, "used": self._stored_bytes, "blocks": self._count,
                        "compression": self.config.l3_compression}
         return tiers
