@@ -94,9 +94,9 @@ class HierarchicalCacheIntegration:
         short = want - mem.available
         if short <= 0:
             return 0
+        # The chunks go to PyTorch's cache, no empty_cache(): an allocation the cache cannot serve
+        # makes PyTorch release cached segments to the driver and retry before it reports OOM.
         released = self.store.shrink_l1(short)
-        if released and self.device.type == "cuda":
-            torch.cuda.empty_cache()  # only if PyTorch's cache would not serve the model anyway
         self.relieved_bytes += released
         return released
 
