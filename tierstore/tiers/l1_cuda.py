@@ -18,8 +18,10 @@ Streams. Copies in run on the pool's side stream, so they overlap whatever the c
 computing. A freed slot is not reused at once: on CUDA ``free`` records an event on the current stream
 (where the slot's readers queued their kernels) and the slot returns to its free list only once that
 event has completed, as PyTorch's caching allocator does for ``record_stream``. A reader on another
-stream must make the current stream wait for it (``wait_stream``) before dropping its tensor. The same
-bookkeeping runs on the CPU device with no events, so CI covers the logic.
+stream must make the current stream wait for it (``wait_stream``) before dropping its tensor. The
+event comes from one method, ``_fence`` (None on the CPU: slots are reused at once); tests substitute
+fake events for it, so CI runs the CUDA reuse logic too. A new chunk may be memory PyTorch just took
+back from the current stream's queued kernels, so the first copies into it wait for its birth event.
 """
 
 from __future__ import annotations
