@@ -19,12 +19,12 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import TierStoreError
-from . import catalog, demo
+from . import catalog, demo, maintenance
 
 __all__ = ["main"]
 
 # Each module adds its own subcommands; one line here per module.
-_COMMANDS = (demo, catalog)
+_COMMANDS = (demo, catalog, maintenance)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -5,16 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from ..config import format_size
 from ..store import TierStore
 
-__all__ = ["console", "table", "emit", "block_rows", "stats_table", "add_json"]
+__all__ = ["console", "table", "emit", "block_rows", "stats_table", "add_json", "progress_bar"]
 
 console = Console(width=None if sys.stdout.isatty() else 160)
 
@@ -65,3 +67,15 @@ def stats_table(stats: Any) -> Table:
     ])
 
 
+@contextmanager
+def progress_bar(what: str) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar on stderr (shown only on a terminal); yields ``update(done, total)`` in bytes."""
+    err = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                  console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task(what, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
