@@ -785,9 +785,9 @@ class TierStore:
                        "compression": self.config.l3_compression}
         return tiers
 
-    def compact(self, *, min_fill: float = 0.5, progress: Callable[[int, int], None] | None = None) -> MaintenanceReport:
-        """Rewrite the live blocks of packs filled below ``min_fill`` and free the space; see
-        :func:`tierstore.maintenance.compact`."""
+    def compact(self, *, min_fill: float = 0.5,
+                progress: Callable[[int, int], None] | None = None) -> MaintenanceReport:
+        """Rewrite the live blocks of packs filled below ``min_fill``; see :func:`tierstore.maintenance.compact`."""
         from .maintenance import compact
 
         return compact(self, min_fill=min_fill, progress=progress)
