@@ -19,12 +19,12 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import TierStoreError
-from . import catalog, demo, maintenance
+from . import catalog, demo, maintenance, probe
 
 __all__ = ["main"]
 
 # Each module adds its own subcommands; one line here per module.
-_COMMANDS = (demo, catalog, maintenance)
+_COMMANDS = (demo, catalog, maintenance, probe)
 
 
 def _parser() -> argparse.ArgumentParser:
