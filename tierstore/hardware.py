@@ -120,8 +120,9 @@ def _cgroup_limit() -> tuple[int | None, int]:
 
 
 def _cpu(cpuinfo: str) -> tuple[str, int]:
-    model, cores, physical, core = "unknown", set(), "0", "0"
-    for line in cpuinfo.splitlines() + [""]:
+    """Model name and physical cores (distinct physical/core id pairs; 0 when the file does not say)."""
+    model, cores, physical, core = "unknown", set(), "0", None
+    for line in [*cpuinfo.splitlines(), ""]:
         name, _, value = (s.strip() for s in line.partition(":"))
         if name == "model name" and model == "unknown":
             model = value
@@ -129,7 +130,7 @@ def _cpu(cpuinfo: str) -> tuple[str, int]:
             physical = value
         elif name == "core id":
             core = value
-        elif not name:
+        elif not name and core is not None:
             cores.add((physical, core))
     return model, len(cores)
 

@@ -27,7 +27,7 @@ import crc32c
 import numpy as np
 
 from .catalog import BLOCK_COLUMNS, BlockRow, Catalog
-from .errors import CorruptBlockError, TransactionError, translate_os_error
+from .errors import ConfigError, CorruptBlockError, TransactionError, translate_os_error
 from .tiers.l3_zarr import PACK_SLOTS
 from .txn import location_of
 
@@ -150,7 +150,7 @@ def compact(db: TierStore, *, min_fill: float = 0.5, progress: Progress | None =
     with encoded bytes copied so far. One catalog commit switches every moved block.
     """
     if not 0.0 <= min_fill <= 1.0:
-        raise ValueError(f"min_fill must be in [0, 1], got {min_fill!r}")
+        raise ConfigError(f"min_fill must be a share in [0, 1], got {min_fill!r}")
     _begin(db)
     catalog, l3 = db._catalog, db._l3
     with db._write_mutex:

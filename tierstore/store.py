@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ._version import __version__
+from .activity import save_counters
 from .catalog import BlockRow, Catalog, now
 from .config import CacheConfig
 from .errors import (
@@ -194,6 +195,11 @@ class TierStore:
             except TierStoreError:
                 pass  # history is best-effort; blocks are already committed
             self._l3.close()
+            if not self.readonly and (self._l1 is not None or self._l2 is not None):
+                try:  # per-tier counters add up across runs (tierstore stats)
+                    save_counters(self._catalog, {t: s for t, s in self._tier_stats().items() if t != "L3"})
+                except TierStoreError:
+                    pass
             if self._l2 is not None and self._l2.arena.path is not None:
                 try:
                     save_index(self.path, self._catalog.meta("store_id") or "", self._l2_generation, self._l2)

@@ -19,12 +19,12 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import TierStoreError
-from . import catalog, demo, maintenance, probe
+from . import catalog, demo, maintenance, plot, probe
 
 __all__ = ["main"]
 
 # Each module adds its own subcommands; one line here per module.
-_COMMANDS = (demo, catalog, maintenance, probe)
+_COMMANDS = (demo, catalog, maintenance, probe, plot)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -16,7 +16,8 @@ from rich.table import Table
 from ..config import format_size
 from ..store import TierStore
 
-__all__ = ["console", "table", "emit", "block_rows", "stats_table", "add_json", "progress_bar"]
+__all__ = ["console", "table", "emit", "block_rows", "stats_table", "add_json", "progress_bar",
+           "tier_table", "windows_table"]
 
 console = Console(width=None if sys.stdout.isatty() else 160)
 
@@ -79,3 +80,28 @@ def progress_bar(what: str) -> Iterator[Callable[[int, int], None]]:
             bar.update(task, completed=done, total=total)
 
         yield update
+
+
+def _size_or_dash(value: Any) -> str:
+    return "-" if value is None else format_size(value)
+
+
+def tier_table(overview: dict[str, dict[str, Any]]) -> Table:
+    """Per-tier capacity, use, hit rate and moves (``tierstore.activity.tier_overview``)."""
+    rows = []
+    for tier, row in overview.items():
+        rate = "-" if row["hit_rate"] is None else f"{row['hit_rate']:.1%}"
+        extra = (f"compression {row['compression_ratio']:.2f}x, fragmentation {row['fragmentation']:.1%} "
+                 f"({format_size(row['dead_bytes'])} reclaimable)") if tier == "L3" else \
+            f"promotions {row['promotions']}, demotions {row['demotions']}"
+        capacity = row["capacity"]
+        rows.append([tier, "auto" if capacity is None and tier == "L1" else
+                     ("disk" if capacity is None else format_size(capacity)), _size_or_dash(row["used"]),
+                     "-" if row["blocks"] is None else row["blocks"], rate, extra])
+    return table("tiers", ["tier", "capacity", "used", "blocks", "hit rate", "moves / L3"], rows)
+
+
+def windows_table(windows: dict[str, dict[str, int]]) -> Table:
+    """Accesses in the last minute, hour and day (``tierstore.activity.access_windows``)."""
+    return table("accesses", ["window", "gets", "puts", "deletes", "from L1", "from L2", "from L3"],
+                 [[name, w["get"], w["put"], w["delete"], w["L1"], w["L2"], w["L3"]] for name, w in windows.items()])
