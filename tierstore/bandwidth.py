@@ -100,7 +100,7 @@ def _codecs(nbytes: int) -> tuple[dict[str, float], dict[str, float]]:
 
         def run(codec: Codec = codec, encoded: list[tuple[bytes | np.ndarray, int]] = encoded) -> None:
             for piece, size in encoded:
-                codec.decode_into(memoryview(piece), out[:size])
+                codec.decode_into(piece, out[:size])
 
         decode[name] = data.nbytes / _best(run, 3)
     return decode, ratio

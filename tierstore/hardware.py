@@ -157,8 +157,9 @@ def _gpus() -> tuple[GpuFacts, ...]:
     for i in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(i)
         free, total = torch.cuda.mem_get_info(i)
-        found.append(GpuFacts(i, props.name, int(total), int(free), tuple(torch.cuda.get_device_capability(i))))
-    return tuple(found)  # type: ignore[arg-type]
+        major, minor = torch.cuda.get_device_capability(i)
+        found.append(GpuFacts(i, props.name, int(total), int(free), (int(major), int(minor))))
+    return tuple(found)
 
 
 def detect(disk_path: str | os.PathLike[str] = ".") -> HardwareFacts:

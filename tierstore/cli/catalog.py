@@ -7,8 +7,8 @@ import dataclasses
 import time
 
 from .. import open as open_store
-from ..config import format_size
 from ..activity import access_windows, tier_overview
+from ..config import format_size
 from ._output import add_json, block_rows, console, emit, stats_table, table, tier_table, windows_table
 
 __all__ = ["register"]
