@@ -133,3 +133,29 @@ def test_verify_refuses_a_locked_store_and_a_newer_schema(tmp_path: Path, capsys
         conn.execute("PRAGMA user_version = 99")
     assert main(["verify", str(store)]) == 1
     assert "schema version 99" in capsys.readouterr().err
+
+
+def test_a_deleted_pack_shard_loses_its_blocks_and_its_row(tmp_path: Path) -> None:
+    store = tmp_path / "s"
+    _make(store)
+    array, shard, _ = _where(store, "small/0")
+    (store / "l3" / array / str(shard)).unlink()
+    report = verify(store)
+    assert {p.subject for p in report.problems if p.kind == "missing"} == set(SMALL)
+    fixed = verify(store, fix=True)
+    assert fixed.ok and sorted(fixed.lost) == sorted(SMALL)
+    assert any("shard file" in line for line in fixed.repaired)
+    with tierstore.open(store) as db:
+        assert db.recovery.missing == [] and sorted(db.keys()) == sorted(LARGE)
+        db.put("again", torch.ones(8))  # the pack takes appends again
+        assert same_bits(db.get("again"), torch.ones(8))
+    assert verify(store).ok
+
+
+def test_a_shard_row_whose_file_is_gone_is_stale(tmp_path: Path) -> None:
+    store = tmp_path / "s"
+    _make(store)
+    with sqlite3.connect(store / "catalog.sqlite") as conn:
+        conn.execute("INSERT INTO shards (array, shard, length) VALUES ('packs/raw', 7, 5000)")
+    assert [(p.kind, p.subject) for p in verify(store).problems] == [("stale", "l3/packs/raw/7")]
+    assert verify(store, fix=True).ok and verify(store).ok

@@ -45,7 +45,9 @@ def load_counters(catalog: Catalog) -> dict[str, dict[str, int]]:
 
 
 def save_counters(catalog: Catalog, tiers: dict[str, dict[str, Any]]) -> None:
-    """Add a closing handle's per-tier counters to those of earlier runs."""
+    """Add a closing handle's per-tier counters to those of earlier runs (no write when all are zero)."""
+    if not any(int(values.get(n, 0)) for t, values in tiers.items() if t != "L3" for n in COUNTERS):
+        return
     total = load_counters(catalog)
     for tier, values in tiers.items():
         if tier == "L3":

@@ -37,12 +37,15 @@ CATALOG_NAME = "catalog.sqlite"
 ALL_BLOCKS = f"SELECT {BLOCK_COLUMNS} FROM blocks ORDER BY l3_array, l3_shard, l3_offset"
 ALL_JOURNAL = "SELECT id, block_id, key, op, src, dst, state FROM journal ORDER BY id"
 DELETE_JOURNAL = "DELETE FROM journal WHERE id = ?"
+USED_SHARDS = "SELECT DISTINCT l3_array, l3_shard FROM blocks WHERE l3_array >= 'packs/' AND l3_array < 'packs0'"
+DELETE_SHARD = "DELETE FROM shards WHERE array = ? AND shard = ?"
 TEMP_SUFFIXES = (".tmp", ".partial")
 """Names a writer gives files it has not finished (zarr.json.tmp, l2.index.tmp, zarr's .partial)."""
 
-PROBLEM_KINDS = ("schema", "corrupt", "missing", "orphan", "torn", "journal", "temp")
+PROBLEM_KINDS = ("schema", "corrupt", "missing", "orphan", "torn", "stale", "journal", "temp")
 """``corrupt``: bytes fail their checksum or do not decode; ``missing``: a row's data file is gone;
-``orphan``: a data file no row points at; ``torn``: a shard longer than committed; ``journal``: a
+``orphan``: a data file no row points at; ``torn``: a shard longer than committed; ``stale``: a shard
+row whose file is gone (with no block left in it); ``journal``: a
 move left in flight; ``temp``: an unfinished temporary file; ``schema``: an old catalog schema."""
 
 Progress = Callable[[int, int], None]
@@ -201,6 +204,11 @@ def _check_files(store: Path, l3: ZarrL3, catalog: Catalog, report: VerifyReport
             elif entry.stat().st_size > lengths[key]:
                 report.problems.append(Problem("torn", rel, f"{entry.stat().st_size} bytes, committed "
                                                f"{lengths[key]}"))
+    used = {(r[0], r[1]) for r in catalog.query(USED_SHARDS)}
+    for array, number in sorted(lengths):
+        if (array, number) not in used and not l3.shard_path(array, number).exists():
+            report.problems.append(Problem("stale", _rel(l3, array, number), "the catalog lists this shard file, "
+                                           "which is gone; no block is in it"))
     blocks = l3.root / "blocks"
     for entry in sorted(blocks.iterdir()) if blocks.is_dir() else []:
         if entry.name == "zarr.json" or entry.name.endswith(TEMP_SUFFIXES):
@@ -240,6 +248,13 @@ def _repair(store: Path, report: VerifyReport) -> None:
             report.repaired.append(f"dropped {len(journal)} leftover journal row(s); committed blocks are "
                                    "unaffected (a move copies before it commits)")
         lengths = catalog.shard_lengths()
+        used = {(r[0], r[1]) for r in catalog.query(USED_SHARDS)}
+        stale = [(a, n) for (a, n) in lengths if (a, n) not in used and not l3.shard_path(a, n).exists()]
+        if stale:  # including those whose blocks were just dropped as lost
+            with catalog.write("drop rows of missing shard files") as conn:
+                conn.executemany(DELETE_SHARD, stale)
+            report.repaired.append(f"dropped {len(stale)} catalog row(s) of shard files that are gone: "
+                                   + ", ".join(_rel(l3, a, n) for a, n in sorted(stale)))
         for problem in report.problems:
             target = store / problem.subject
             if problem.kind in ("orphan", "temp") and (target.exists() or target.is_symlink()):
