@@ -44,7 +44,7 @@ def one_round(folder: Path, small: int, large: int) -> dict[str, float]:
     assert report.ok
     with tierstore.open(folder, l2_cache_size=0) as db:
         start = time.perf_counter()
-        for key in db.keys():
+        for key in db:
             db.get(key)
         read_s = time.perf_counter() - start
         share, _dead = fragmentation(db._catalog)
