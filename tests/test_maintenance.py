@@ -4,6 +4,8 @@ store that opens clean."""
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -160,3 +162,75 @@ def test_gc_and_compact_commands(tmp_path: Path, capsys: pytest.CaptureFixture[s
         _check(db, live)
     assert main(["gc", str(tmp_path / "nowhere")]) == 1
     assert "no tierstore store" in capsys.readouterr().err and not (tmp_path / "nowhere").exists()
+
+
+_ZYGOTE = r'''
+import os, signal, sys
+import tierstore
+for line in sys.stdin:  # one store folder per line: fork a compactor, report its pid, then its exit
+    pid = os.fork()
+    if pid == 0:
+        with tierstore.open(line.strip(), l2_cache_size=0) as db:
+            print("ready", flush=True)
+            db.compact()
+        os._exit(0)
+    print(pid, flush=True)
+    _, status = os.waitpid(pid, 0)
+    print(f"exit {status}", flush=True)
+'''
+
+
+def test_sigkill_at_random_moments_of_a_compaction(tmp_path: Path) -> None:
+    """A compactor killed (SIGKILL) at random points: the next open finds every block intact, no orphan left."""
+    import random
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    base = tmp_path / "base"
+    with tierstore.open(base, l2_cache_size=0, fsync=True) as db:
+        gen = torch.Generator().manual_seed(1)
+        live: dict[str, torch.Tensor] = {}
+        with db.transaction():
+            for i in range(600):
+                live[f"k{i}"] = torch.randn(1000, generator=gen)
+                db.put(f"k{i}", live[f"k{i}"])
+        with db.transaction():
+            for i in range(600):
+                if i % 3:
+                    del live[f"k{i}"]
+                    db.delete(f"k{i}")
+    shutil.copytree(base, tmp_path / "timed")
+    with tierstore.open(tmp_path / "timed", l2_cache_size=0) as db:
+        start = time.perf_counter()
+        assert db.compact().blocks_moved == 200  # what the killed runs do
+        window = time.perf_counter() - start
+    zygote = subprocess.Popen([sys.executable, "-c", _ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    assert zygote.stdin is not None and zygote.stdout is not None
+    rng = random.Random(7)
+    killed = 0
+    outcomes: set[bool] = set()
+    try:
+        for r in range(6):
+            store = tmp_path / f"r{r}"
+            shutil.copytree(base, store)
+            zygote.stdin.write(f"{store}\n")
+            zygote.stdin.flush()
+            pid = int(zygote.stdout.readline())
+            assert zygote.stdout.readline().strip() == "ready"
+            time.sleep(rng.uniform(0.0, 1.5 * window))
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            killed += zygote.stdout.readline().strip() == f"exit {signal.SIGKILL}"
+            with tierstore.open(store, l2_cache_size=0) as db:
+                _check(db, live)
+                outcomes.add(bool(db.recovery.removed_files or db.recovery.truncated))
+            assert verify(store).ok
+    finally:
+        zygote.stdin.close()
+        zygote.wait(timeout=60)
+    assert killed >= 1  # some kills landed mid-compaction
