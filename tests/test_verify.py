@@ -159,3 +159,29 @@ def test_a_shard_row_whose_file_is_gone_is_stale(tmp_path: Path) -> None:
         conn.execute("INSERT INTO shards (array, shard, length) VALUES ('packs/raw', 7, 5000)")
     assert [(p.kind, p.subject) for p in verify(store).problems] == [("stale", "l3/packs/raw/7")]
     assert verify(store, fix=True).ok and verify(store).ok
+
+
+def test_lost_zarr_metadata_is_written_again(tmp_path: Path) -> None:
+    import numpy as np
+    import zarr
+
+    store = tmp_path / "s"
+    _make(store)
+    large, _, _ = _where(store, "large/0")
+    pack, shard, offset = _where(store, "small/0")
+    assert offset == 0  # the first block of its pack: the array's first bytes
+    (store / "l3" / large / "zarr.json").unlink()
+    (store / "l3" / pack / "zarr.json").write_text("not json")
+    (store / "l3" / "blocks" / "zarr.json").unlink()
+    found = {(p.kind, p.subject) for p in verify(store).problems}
+    assert found == {("meta", f"l3/{large}/zarr.json"), ("meta", f"l3/{pack}/zarr.json"),
+                     ("meta", "l3/blocks/zarr.json")}
+    fixed = verify(store, fix=True)
+    assert fixed.ok and fixed.lost == [] and len(fixed.repaired) == 3
+    raw = LARGE["large/0"].numpy().tobytes()
+    assert np.asarray(zarr.open_array(str(store / "l3" / large), mode="r")[:]).tobytes() == raw
+    packed = zarr.open_array(str(store / "l3" / pack), mode="r")
+    start = shard * 4096 * 64
+    small = SMALL["small/0"].numpy().tobytes()
+    assert np.asarray(packed[start:start + len(small)]).tobytes() == small
+    assert zarr.open_group(str(store / "l3"), mode="r") is not None

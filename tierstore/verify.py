@@ -15,6 +15,7 @@ is checked again afterwards and what is still wrong is in ``remaining``.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sqlite3
@@ -39,13 +40,16 @@ ALL_JOURNAL = "SELECT id, block_id, key, op, src, dst, state FROM journal ORDER 
 DELETE_JOURNAL = "DELETE FROM journal WHERE id = ?"
 USED_SHARDS = "SELECT DISTINCT l3_array, l3_shard FROM blocks WHERE l3_array >= 'packs/' AND l3_array < 'packs0'"
 DELETE_SHARD = "DELETE FROM shards WHERE array = ? AND shard = ?"
+BLOCK_IN_ARRAY = f"SELECT {BLOCK_COLUMNS} FROM blocks WHERE l3_array = ? LIMIT 1"
+GROUPS = ("l3/zarr.json", "l3/packs/zarr.json", "l3/blocks/zarr.json")
 TEMP_SUFFIXES = (".tmp", ".partial")
 """Names a writer gives files it has not finished (zarr.json.tmp, l2.index.tmp, zarr's .partial)."""
 
-PROBLEM_KINDS = ("schema", "corrupt", "missing", "orphan", "torn", "stale", "journal", "temp")
+PROBLEM_KINDS = ("schema", "corrupt", "missing", "orphan", "torn", "stale", "meta", "journal", "temp")
 """``corrupt``: bytes fail their checksum or do not decode; ``missing``: a row's data file is gone;
 ``orphan``: a data file no row points at; ``torn``: a shard longer than committed; ``stale``: a shard
-row whose file is gone (with no block left in it); ``journal``: a
+row whose file is gone (with no block left in it); ``meta``: an array's ``zarr.json`` is missing or
+damaged (zarr readers need it, tierstore does not); ``journal``: a
 move left in flight; ``temp``: an unfinished temporary file; ``schema``: an old catalog schema."""
 
 Progress = Callable[[int, int], None]
@@ -158,6 +162,7 @@ def _check(store: Path, progress: Progress | None) -> VerifyReport:
 def _check_blocks(l3: ZarrL3, rows: list[BlockRow], report: VerifyReport, progress: Progress | None) -> None:
     buf = np.empty(0, dtype=np.uint8)
     total = sum(r.nbytes for r in rows)
+    metas: set[str] = set()
     for row in rows:
         if row.nbytes > buf.nbytes:
             buf = np.empty(max(row.nbytes, 2 * buf.nbytes), dtype=np.uint8)
@@ -174,10 +179,23 @@ def _check_blocks(l3: ZarrL3, rows: list[BlockRow], report: VerifyReport, progre
                 report.problems.append(Problem("missing", row.key, f"{_rel(l3, loc.array, loc.shard)} is gone"))
             except CorruptBlockError as exc:
                 report.problems.append(Problem("corrupt", row.key, exc.message))
+        if loc.array and loc.array not in metas:
+            metas.add(loc.array)
+            if not _meta_ok(l3.root / loc.array / "zarr.json"):
+                report.problems.append(Problem("meta", f"l3/{loc.array}/zarr.json", f"missing or damaged; --fix "
+                                               f"writes it again from the catalog (block {row.key!r})"))
         report.blocks += 1
         report.bytes_checked += row.nbytes
         if progress is not None:
             progress(report.bytes_checked, total)
+
+
+def _meta_ok(path: Path, node_type: str = "array") -> bool:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and doc.get("zarr_format") == 3 and doc.get("node_type") == node_type
 
 
 def _rel(l3: ZarrL3, array: str, shard: int) -> str:
@@ -190,6 +208,9 @@ def _check_files(store: Path, l3: ZarrL3, catalog: Catalog, report: VerifyReport
     for entry in sorted(store.rglob("*")):
         if entry.is_file() and entry.name.endswith(TEMP_SUFFIXES):
             report.problems.append(Problem("temp", str(entry.relative_to(store)), "unfinished temporary file"))
+    for group in GROUPS:
+        if (store / group).parent.is_dir() and not _meta_ok(store / group, "group"):
+            report.problems.append(Problem("meta", group, "zarr group metadata missing or damaged"))
     packs = l3.root / "packs"
     for folder in sorted(p for p in packs.iterdir() if p.is_dir()) if packs.is_dir() else []:
         array = f"packs/{folder.name}"
@@ -230,7 +251,12 @@ def _repair(store: Path, report: VerifyReport) -> None:
     if any(p.kind == "schema" for p in report.problems):
         report.repaired.append(f"upgraded the catalog schema from version {report.schema_version} to "
                                f"{SCHEMA_VERSION}")
+    groups = [p.subject for p in report.problems if p.kind == "meta" and p.subject in GROUPS]
+    for group in groups:
+        (store / group).unlink(missing_ok=True)
     l3 = ZarrL3(store, readonly=True)
+    l3_rw = ZarrL3(store)  # writes missing group metadata
+    report.repaired.extend(f"wrote {group} again" for group in groups)
     try:
         lost = sorted({p.subject for p in report.problems if p.kind in ("corrupt", "missing")})
         if lost:
@@ -256,6 +282,14 @@ def _repair(store: Path, report: VerifyReport) -> None:
             report.repaired.append(f"dropped {len(stale)} catalog row(s) of shard files that are gone: "
                                    + ", ".join(_rel(l3, a, n) for a, n in sorted(stale)))
         for problem in report.problems:
+            if problem.kind == "meta" and problem.subject not in GROUPS:
+                array = problem.subject.removeprefix("l3/").removesuffix("/zarr.json")
+                rows = [BlockRow.from_tuple(r) for r in catalog.query(BLOCK_IN_ARRAY, (array,))]
+                if rows:
+                    l3_rw.restore_meta(location_of(rows[0]), rows[0].nbytes)
+                    report.repaired.append(f"wrote {problem.subject} again")
+            if problem.kind == "meta":
+                continue
             target = store / problem.subject
             if problem.kind in ("orphan", "temp") and (target.exists() or target.is_symlink()):
                 shutil.rmtree(target) if target.is_dir() else target.unlink()
@@ -266,4 +300,5 @@ def _repair(store: Path, report: VerifyReport) -> None:
                 report.repaired.append(f"cut torn append of {problem.subject} back to its committed length")
     finally:
         l3.close()
+        l3_rw.close()
         catalog.close()

@@ -555,6 +555,19 @@ class ZarrL3:
         except (RuntimeError, ValueError, TypeError) as exc:
             raise CorruptBlockError(f"{path}: chunk does not decode ({exc})", path=path, tier="L3") from None
 
+    def restore_meta(self, loc: Location, nbytes: int) -> None:
+        """Write the ``zarr.json`` of the array holding ``loc`` again (it was lost or damaged).
+
+        Only zarr readers need it (tierstore reads by the catalog's offsets); ``nbytes`` is the
+        block's size, the shape of a large block's array.
+        """
+        codec = codec_from_id(loc.codec)
+        if loc.array.startswith("packs/"):
+            doc = _array_meta(_PACK_SHAPE, PACK_MAX, GRANULE, codec, "pack")
+        else:
+            doc = _array_meta(nbytes, len(loc.sizes) * loc.inner, loc.inner, codec, "block")
+        _write_json(self.root / loc.array / "zarr.json", doc, sync=self.fsync)
+
     # -- recovery -------------------------------------------------------------------------------
 
     def recover(self, shard_lengths: dict[tuple[str, int], int], live_arrays: set[str]) -> RecoveryReport:
