@@ -185,3 +185,20 @@ def test_lost_zarr_metadata_is_written_again(tmp_path: Path) -> None:
     small = SMALL["small/0"].numpy().tobytes()
     assert np.asarray(packed[start:start + len(small)]).tobytes() == small
     assert zarr.open_group(str(store / "l3"), mode="r") is not None
+
+
+def test_a_damaged_catalog_row_is_reported_and_dropped(tmp_path: Path) -> None:
+    store = tmp_path / "s"
+    _make(store)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    with sqlite3.connect(store / "catalog.sqlite") as conn:
+        conn.execute("UPDATE blocks SET shape = 'not json' WHERE key = 'small/4'")
+        conn.execute("UPDATE blocks SET l3_array = 'blocks/../../../outside' WHERE key = 'large/1'")
+    report = verify(store)
+    kinds = {p.subject: p.kind for p in report.problems}
+    assert kinds["small/4"] == "corrupt" and kinds["large/1"] in ("missing", "corrupt")  # corrupt once rows are checked
+    fixed = verify(store, fix=True)
+    assert fixed.ok and sorted(fixed.lost) == ["large/1", "small/4"] and outside.is_dir()
+    with tierstore.open(store) as db:
+        assert "small/4" not in db and same_bits(db.get("small/3"), SMALL["small/3"])

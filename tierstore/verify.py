@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from pathlib import Path
 import crc32c
 import numpy as np
 
-from .catalog import BLOCK_COLUMNS, SCHEMA_VERSION, BlockRow, Catalog
+from .catalog import BLOCK_COLUMNS, DELETE_BLOCK, SCHEMA_VERSION, BlockRow, Catalog
 from .errors import CatalogError, CorruptBlockError, SchemaVersionError, StoreNotFoundError
 from .lockfile import WriterLock
 from .tiers.l3_zarr import ZarrL3
@@ -40,6 +41,8 @@ ALL_JOURNAL = "SELECT id, block_id, key, op, src, dst, state FROM journal ORDER 
 DELETE_JOURNAL = "DELETE FROM journal WHERE id = ?"
 USED_SHARDS = "SELECT DISTINCT l3_array, l3_shard FROM blocks WHERE l3_array >= 'packs/' AND l3_array < 'packs0'"
 DELETE_SHARD = "DELETE FROM shards WHERE array = ? AND shard = ?"
+ARRAY_OF = "SELECT l3_array FROM blocks WHERE key = ? AND l3_array >= 'blocks/' AND l3_array < 'blocks0'"
+_OWN_ARRAY = re.compile(r"blocks/[0-9a-f]{16}")
 BLOCK_IN_ARRAY = f"SELECT {BLOCK_COLUMNS} FROM blocks WHERE l3_array = ? LIMIT 1"
 GROUPS = ("l3/zarr.json", "l3/packs/zarr.json", "l3/blocks/zarr.json")
 TEMP_SUFFIXES = (".tmp", ".partial")
@@ -147,7 +150,12 @@ def _check(store: Path, progress: Progress | None) -> VerifyReport:
     catalog = Catalog(catalog_path, readonly=True)
     l3 = ZarrL3(store, readonly=True)
     try:
-        rows = [BlockRow.from_tuple(r) for r in catalog.query(ALL_BLOCKS)]
+        rows = []
+        for raw in catalog.query(ALL_BLOCKS):
+            try:
+                rows.append(BlockRow.from_tuple(raw))
+            except (CorruptBlockError, ValueError, TypeError) as exc:  # a row no block could have
+                report.problems.append(Problem("corrupt", str(raw[0]), f"catalog row is damaged ({exc})"))
         _check_blocks(l3, rows, report, progress)
         _check_files(store, l3, catalog, report)
         for jid, block_id, key, op, src, dst, state in catalog.query(ALL_JOURNAL):
@@ -260,11 +268,12 @@ def _repair(store: Path, report: VerifyReport) -> None:
     try:
         lost = sorted({p.subject for p in report.problems if p.kind in ("corrupt", "missing")})
         if lost:
-            rows = [r for r in (catalog.get_block(k) for k in lost) if r is not None]
-            catalog.commit_blocks([], lost, {}, catalog.next_block_id())
-            for row in rows:
-                if row.l3_array is not None and row.l3_array.startswith("blocks/"):
-                    shutil.rmtree(l3.root / row.l3_array, ignore_errors=True)
+            arrays = [r[0] for k in lost for r in catalog.query(ARRAY_OF, (k,))]
+            with catalog.write("drop damaged blocks") as conn:  # plain deletes: a damaged row need not parse
+                conn.executemany(DELETE_BLOCK, [(k,) for k in lost])
+            for array in arrays:
+                if isinstance(array, str) and _OWN_ARRAY.fullmatch(array):  # never a path a damaged row made up
+                    shutil.rmtree(l3.root / array, ignore_errors=True)
             report.lost.extend(lost)
             report.repaired.append(f"dropped {len(lost)} damaged block(s) from the catalog: {', '.join(lost)}")
         journal = catalog.query(ALL_JOURNAL)
