@@ -29,6 +29,8 @@ __all__ = ["WINDOWS", "COUNTERS", "save_counters", "load_counters", "access_wind
 
 WINDOWS = {"1m": 60.0, "1h": 3600.0, "1d": 86400.0}
 COUNTERS = ("hits", "misses", "evictions", "spills", "bypasses")
+VOLATILE = ("L1", "L2")
+"""The tiers whose counters live only in a running handle."""
 META_COUNTERS = "tier_counters"
 WINDOW_COUNTS = "SELECT op, tier, count(*) FROM access_log WHERE ts >= ? GROUP BY op, tier"
 HIT_TOTALS = ("SELECT coalesce(sum(get_count), 0), coalesce(sum(hits_l1), 0), coalesce(sum(hits_l2), 0), "
@@ -46,12 +48,11 @@ def load_counters(catalog: Catalog) -> dict[str, dict[str, int]]:
 
 def save_counters(catalog: Catalog, tiers: dict[str, dict[str, Any]]) -> None:
     """Add a closing handle's per-tier counters to those of earlier runs (no write when all are zero)."""
-    if not any(int(values.get(n, 0)) for t, values in tiers.items() if t != "L3" for n in COUNTERS):
+    tiers = {t: v for t, v in tiers.items() if t in VOLATILE}
+    if not any(int(values.get(n, 0)) for values in tiers.values() for n in COUNTERS):
         return
     total = load_counters(catalog)
     for tier, values in tiers.items():
-        if tier == "L3":
-            continue
         row = total.setdefault(tier, dict.fromkeys(COUNTERS, 0))
         for name in COUNTERS:
             row[name] = row.get(name, 0) + int(values.get(name, 0))

@@ -197,7 +197,7 @@ class TierStore:
             self._l3.close()
             if not self.readonly and (self._l1 is not None or self._l2 is not None):
                 try:  # per-tier counters add up across runs (tierstore stats)
-                    save_counters(self._catalog, {t: s for t, s in self._tier_stats().items() if t != "L3"})
+                    save_counters(self._catalog, self._tier_stats())
                 except TierStoreError:
                     pass
             if self._l2 is not None and self._l2.arena.path is not None:
