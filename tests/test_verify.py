@@ -202,3 +202,15 @@ def test_a_damaged_catalog_row_is_reported_and_dropped(tmp_path: Path) -> None:
     assert fixed.ok and sorted(fixed.lost) == ["large/1", "small/4"] and outside.is_dir()
     with tierstore.open(store) as db:
         assert "small/4" not in db and same_bits(db.get("small/3"), SMALL["small/3"])
+
+
+def test_a_lost_catalog_beside_data_is_refused_not_repaired(tmp_path: Path) -> None:
+    store = tmp_path / "s"
+    _make(store)
+    (store / "catalog.sqlite").unlink()
+    for extra in store.glob("catalog.sqlite-*"):
+        extra.unlink()
+    sqlite3.connect(store / "catalog.sqlite").execute("CREATE TABLE x (y)").connection.close()  # tables, no schema
+    with pytest.raises(tierstore.CatalogError, match="restore the catalog"):
+        verify(store, fix=True)
+    assert len(list((store / "l3" / "blocks").iterdir())) == 1 + len(LARGE)  # nothing deleted

@@ -30,6 +30,7 @@ import numpy as np
 from .catalog import BLOCK_COLUMNS, DELETE_BLOCK, SCHEMA_VERSION, BlockRow, Catalog
 from .errors import CatalogError, CorruptBlockError, SchemaVersionError, StoreNotFoundError
 from .lockfile import WriterLock
+from .recovery import refuse_orphaned_data
 from .tiers.l3_zarr import ZarrL3
 from .txn import location_of
 
@@ -143,6 +144,13 @@ def _check(store: Path, progress: Progress | None) -> VerifyReport:
         raise SchemaVersionError(f"catalog {catalog_path} has schema version {version}, newer than this "
                                  f"tierstore knows ({SCHEMA_VERSION}); upgrade tierstore to verify it",
                                  path=str(catalog_path))
+    if version == 0:
+        refuse_orphaned_data(store, catalog_path)  # no schema beside data: a lost catalog, not a new store
+        if any((store / "l3" / sub).is_dir() and any(p.name != "zarr.json" for p in (store / "l3" / sub).iterdir())
+               for sub in ("packs", "blocks")):
+            raise CatalogError(f"catalog {catalog_path} has no tables but the store holds L3 data; restore the "
+                               "catalog from a backup (a repair now would delete the data as orphans)",
+                               path=str(catalog_path))
     if version < SCHEMA_VERSION:
         report.problems.append(Problem("schema", CATALOG_NAME, f"schema version {version}, current is "
                                        f"{SCHEMA_VERSION}; --fix upgrades it"))
