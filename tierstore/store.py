@@ -16,17 +16,18 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from heapq import merge
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import crc32c
 import numpy as np
 import torch
 
 from ._version import __version__
+from .activity import save_counters
 from .alloc import Allocation
 from .catalog import BlockRow, Catalog, now
 from .config import CacheConfig, parse_size
@@ -55,6 +56,9 @@ from .tiers.l3_codecs import choose_codec
 from .tiers.l3_zarr import EMPTY_LOCATION, Location, RecoveryReport, ZarrL3
 from .txn import Change, Txn, location_of
 from .warm import save_index, warm_l2
+
+if TYPE_CHECKING:
+    from .maintenance import MaintenanceReport
 
 __all__ = ["TierStore", "BlockInfo", "StoreStats", "open_store"]
 
@@ -197,6 +201,11 @@ class TierStore:
             except TierStoreError:
                 pass  # history is best-effort; blocks are already committed
             self._l3.close()
+            if not self.readonly and (self._l1 is not None or self._l2 is not None):
+                try:  # per-tier counters add up across runs (tierstore stats)
+                    save_counters(self._catalog, self._tier_stats())
+                except TierStoreError:
+                    pass
             if self._l2 is not None and self._l2.arena.path is not None:
                 try:
                     save_index(self.path, self._catalog.meta("store_id") or "", self._l2_generation, self._l2)
@@ -796,7 +805,8 @@ class TierStore:
                     raise BlockNotFoundError(f"block {row.key!r} was deleted while being read",
                                              key=row.key) from None
                 path = self._l3.shard_path(loc.array, loc.shard)
-                if newer.block_id == row.block_id or newer.nbytes != out.nbytes:
+                moved = location_of(newer) != loc  # compaction relocates a block under the same id
+                if (newer.block_id == row.block_id and not moved) or newer.nbytes != out.nbytes:
                     raise CorruptBlockError(
                         f"block {row.key!r}: its data file {path} is missing; run 'tierstore verify --fix' "
                         "to drop damaged blocks", key=row.key, path=str(path), tier="L3") from None
@@ -989,6 +999,19 @@ class TierStore:
         tiers["L3"] = {"capacity": self.config.l3_cache_size, "used": self._stored_bytes, "blocks": self._count,
                        "compression": self.config.l3_compression}
         return tiers
+
+    def compact(self, *, min_fill: float = 0.5,
+                progress: Callable[[int, int], None] | None = None) -> MaintenanceReport:
+        """Rewrite the live blocks of packs filled below ``min_fill``; see :func:`tierstore.maintenance.compact`."""
+        from .maintenance import compact
+
+        return compact(self, min_fill=min_fill, progress=progress)
+
+    def gc(self) -> MaintenanceReport:
+        """Delete shard files no block points at any more; see :func:`tierstore.maintenance.gc`."""
+        from .maintenance import gc
+
+        return gc(self)
 
     def _write_history(self, batch: list[Access]) -> None:
         stats, successors = summarize(batch)
