@@ -29,6 +29,7 @@ from .errors import (
     CatalogError,
     ConfigError,
     CorruptBlockError,
+    DeviceMemoryError,
     InvalidKeyError,
     ReadOnlyError,
     SchemaVersionError,
@@ -43,8 +44,12 @@ from .errors import (
     TransactionError,
     UnsupportedTensorError,
 )
+from .hardware import HardwareFacts, HardwareOptimizer, Recommendation
+from .hardware_manager import IntelNvidiaCacheManager, create_hardware_optimized_cache_manager
+from .maintenance import MaintenanceReport
 from .manager import HierarchicalCacheManager
 from .store import BlockInfo, StoreStats, TierStore
+from .verify import VerifyReport, verify
 
 __all__ = [
     "__version__",
@@ -55,6 +60,14 @@ __all__ = [
     "CacheConfig",
     "SharedCredentials",
     "HierarchicalCacheManager",
+    "HardwareOptimizer",
+    "HardwareFacts",
+    "Recommendation",
+    "IntelNvidiaCacheManager",
+    "create_hardware_optimized_cache_manager",
+    "verify",
+    "VerifyReport",
+    "MaintenanceReport",
     "parse_size",
     "format_size",
     "TierStoreError",
@@ -62,6 +75,7 @@ __all__ = [
     "CatalogError",
     "ConfigError",
     "CorruptBlockError",
+    "DeviceMemoryError",
     "InvalidKeyError",
     "ReadOnlyError",
     "SchemaVersionError",

@@ -7,6 +7,10 @@ Examples::
     tierstore info STORE KEY            # everything the catalog knows of one block
     tierstore stats STORE               # counts, sizes, compression
     tierstore history STORE [KEY]       # the access log, newest first
+    tierstore verify STORE [--fix]      # check every block and file; repair, naming what was lost
+    tierstore gc STORE / compact STORE  # give back the space of replaced and deleted blocks
+    tierstore plot STORE -o use.png     # tier use, hit rate and an access heat map over time
+    tierstore probe [STORE] [--measure] # the hardware and the CacheConfig it calls for
     tierstore publish STORE [PREFIX] --name NAME   # upload blocks (and a manifest) to the shared tier
     tierstore pull STORE NAME           # fetch a published name from the shared tier
     tierstore shared ls|stats|verify STORE          # what the shared tier holds, its health, a check
@@ -22,12 +26,12 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import TierStoreError
-from . import catalog, demo, shared
+from . import catalog, demo, maintenance, plot, probe, shared
 
 __all__ = ["main"]
 
 # Each module adds its own subcommands; one line here per module.
-_COMMANDS = (demo, catalog, shared)
+_COMMANDS = (demo, catalog, maintenance, probe, plot, shared)
 
 
 def _parser() -> argparse.ArgumentParser:
