@@ -18,11 +18,11 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from .. import open as open_store
 from ..config import format_size
 from ..errors import ConfigError
-from ..shared import SharedCoordinator
+from ..shared import SharedCoordinator, SharedVerifyReport
 from ..store import TierStore
 from ._output import add_json, console, emit, table
 
-__all__ = ["register"]
+__all__ = ["register", "verify_shared_tier", "print_shared_verify"]
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -121,6 +121,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
         f"shared tier: {report.manifests} manifests, {report.blocks} blocks, {len(report.problems)} problems",
         ["problem"], [[p] for p in report.problems]))
     return 0 if report.ok else 1
+
+
+def verify_shared_tier(store: str) -> SharedVerifyReport:
+    """``tierstore verify --shared``: check the shared tier of ``store`` (blocks fetched and hashed)."""
+    with open_store(store, readonly=True, l2_cache_size=0) as db:
+        return _shared_of(db).verify()
+
+
+def print_shared_verify(report: SharedVerifyReport) -> None:
+    """The human lines of a shared-tier check."""
+    for problem in report.problems:
+        console.print(f"[red]shared[/]: {problem}")
+    console.print(f"{'ok' if report.ok else 'DAMAGED'}: shared tier, {report.manifests} manifest(s), "
+                  f"{report.blocks} block(s), {len(report.problems)} problem(s)")
 
 
 def _connection(parser: argparse.ArgumentParser) -> None:
