@@ -134,11 +134,14 @@ class SharedCoordinator:
 
     def _failed(self, exc: SharedTierUnavailableError) -> None:
         with self._health:
-            self._failures += 1
-            self._retry_at = time.monotonic() + min(_BACKOFF_MAX, _BACKOFF_MIN * 2 ** (self._failures - 1))
-            self._since = self._since or time.time()
             self._last_error = exc.message
             self.counts["errors"] += 1
+            now = time.monotonic()
+            if now < self._retry_at:
+                return  # one of a burst of requests in flight together: one failure, one backoff step
+            self._failures += 1
+            self._retry_at = now + min(_BACKOFF_MAX, _BACKOFF_MIN * 2 ** (self._failures - 1))
+            self._since = self._since or time.time()
 
     def _succeeded(self) -> None:
         if self._since is not None or self._failures:
