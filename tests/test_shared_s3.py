@@ -236,14 +236,16 @@ def test_gateway_stopped_and_restarted(tmp_path: Path, shared: dict[str, Any], s
     with tierstore.open(tmp_path / "a", **shared) as a:
         a.put("x", torch.arange(10))
         a.publish(keys=["x"])
-    with tierstore.open(tmp_path / "b", **shared) as b:
+    with tierstore.open(tmp_path / "b", **shared, shared_publish="write-through") as b:
         b.put("mine", torch.zeros(3))
+        assert b.wait_published(timeout=30)
         s3_server.rgw("rgw-stop")
         try:
             with pytest.raises(BlockUnavailableError):
                 b.get("x")
             assert b.stats().tiers["shared"]["degraded"]
             assert torch.equal(b.get("mine"), torch.zeros(3))  # local tiers keep working
+            b.put("made offline", torch.full((5,), 7))  # published once the server is back
         finally:
             s3_server.rgw("rgw-start")
         deadline = time.monotonic() + 60
@@ -256,6 +258,9 @@ def test_gateway_stopped_and_restarted(tmp_path: Path, shared: dict[str, Any], s
                 time.sleep(0.2)
         assert torch.equal(got, torch.arange(10))
         assert not b.stats().tiers["shared"]["degraded"]
+        assert b.wait_published(timeout=60)  # the background queue kept the key and retried
+    with tierstore.open(tmp_path / "c", **shared) as c:
+        assert torch.equal(c.get("made offline"), torch.full((5,), 7))
 
 
 @pytest.mark.parametrize("damage", ["flipped", "swapped"])
