@@ -11,6 +11,9 @@ Examples::
     tierstore gc STORE / compact STORE  # give back the space of replaced and deleted blocks
     tierstore plot STORE -o use.png     # tier use, hit rate and an access heat map over time
     tierstore probe [STORE] [--measure] # the hardware and the CacheConfig it calls for
+    tierstore publish STORE [PREFIX] --name NAME   # upload blocks (and a manifest) to the shared tier
+    tierstore pull STORE NAME           # fetch a published name from the shared tier
+    tierstore shared ls|stats|verify STORE          # what the shared tier holds, its health, a check
 
 Every listing command takes ``--json``. Errors are printed as one line and a
 non-zero exit status, never a traceback.
@@ -23,12 +26,12 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import TierStoreError
-from . import catalog, demo, maintenance, plot, probe
+from . import catalog, demo, maintenance, plot, probe, shared
 
 __all__ = ["main"]
 
 # Each module adds its own subcommands; one line here per module.
-_COMMANDS = (demo, catalog, maintenance, probe, plot)
+_COMMANDS = (demo, catalog, maintenance, probe, plot, shared)
 
 
 def _parser() -> argparse.ArgumentParser:
