@@ -26,6 +26,7 @@ from .config import CacheConfig, format_size, parse_size
 from .errors import (
     BlockNotFoundError,
     CatalogError,
+    CheckpointError,
     ConfigError,
     CorruptBlockError,
     InvalidKeyError,
@@ -56,6 +57,7 @@ __all__ = [
     "TierStoreError",
     "BlockNotFoundError",
     "CatalogError",
+    "CheckpointError",
     "ConfigError",
     "CorruptBlockError",
     "InvalidKeyError",

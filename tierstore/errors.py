@@ -32,6 +32,7 @@ __all__ = [
     "StoreFullError",
     "TierFullError",
     "TransactionError",
+    "CheckpointError",
     "translate_os_error",
 ]
 
@@ -111,6 +112,10 @@ class TierFullError(TierStoreError, MemoryError):
 
 class TransactionError(TierStoreError, RuntimeError):
     """A transaction was used wrongly (for example, left from another thread)."""
+
+
+class CheckpointError(TierStoreError, ValueError):
+    """A model checkpoint (safetensors file or folder) is missing, malformed or inconsistent."""
 
 
 _FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
