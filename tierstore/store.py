@@ -617,14 +617,23 @@ class TierStore:
                 "damaged — restore them or run 'tierstore verify --fix'", key=row.key, tier="L3")
         return row
 
-    def allocate(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def allocate(self, shape: tuple[int, ...], dtype: torch.dtype,
+                 device: str | torch.device | None = None) -> torch.Tensor:
         """An uninitialised tensor from the L2 pool (ordinary memory if L2 is off or full).
 
-        Its memory goes back to the pool when the tensor and every view of it are collected.
+        With ``device`` it is on that device: from the L1 pool when L1 lives there and has room,
+        else ordinary device memory. Its memory goes back to the pool when the tensor and every
+        view of it are collected.
         """
         self._check_open()
         shape = tuple(int(s) for s in shape)
         nbytes = math.prod(shape) * dtype.itemsize
+        if device is not None:
+            if self._l1 is not None and nbytes > 0 and self._on_l1(device):
+                tensor = self._l1.scratch(nbytes, dtype, shape)
+                if tensor is not None:
+                    return tensor
+            return torch.empty(shape, dtype=dtype, device=device)
         if self._l2 is not None and nbytes > 0:
             tensor = self._l2.scratch(nbytes, dtype, shape)
             if tensor is not None:

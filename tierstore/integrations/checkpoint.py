@@ -201,11 +201,7 @@ def import_checkpoint(checkpoint: str | Path, store: TierStore, *, prefix: str =
     count = 0
     with _progress_bar(progress, f"importing {len(seen)} tensors", total) as advance, store.transaction():
         for f, entries, _ in headers:
-            try:
-                stream = open(f, "rb", buffering=0)
-            except OSError as exc:
-                raise CheckpointError(f"cannot read {f}: {exc.strerror or exc}", path=str(f)) from None
-            with stream:
+            with _open_shard(f) as stream:
                 for e in entries:
                     store.put(prefix + e.name, _read_tensor(stream, f, e))
                     count += 1
@@ -216,6 +212,13 @@ def import_checkpoint(checkpoint: str | Path, store: TierStore, *, prefix: str =
                 _put_bytes(store, prefix + HF_META + name, (folder / name).read_bytes())
         _put_bytes(store, prefix + HF_META + ST_METADATA, json.dumps(metadata, sort_keys=True).encode())
     return count
+
+
+def _open_shard(path: Path) -> BinaryIO:
+    try:
+        return open(path, "rb", buffering=0)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}", path=str(path)) from None
 
 
 def _read_tensor(stream: BinaryIO, path: Path, e: TensorEntry) -> torch.Tensor:
@@ -265,7 +268,7 @@ def export_safetensors(store: TierStore, out: str | Path, *, prefix: str = "", p
     if not keys:
         raise CheckpointError(f"no tensors under prefix {prefix!r} in {store.path}", path=str(store.path))
     infos = [(key[len(prefix):], key, store.info(key)) for key in keys]
-    for name, key, info in infos:
+    for _, key, info in infos:
         if info.dtype not in _FROM_TORCH:
             raise CheckpointError(f"block {key!r} is {info.dtype}, which safetensors cannot hold", key=key)
     infos.sort(key=lambda t: (-_RANK[_FROM_TORCH[t[2].dtype]], t[0]))
@@ -285,7 +288,7 @@ def export_safetensors(store: TierStore, out: str | Path, *, prefix: str = "", p
             f.write(raw)
             for _, key, info in infos:
                 if info.nbytes:
-                    f.write(memoryview(store.get(key).reshape(-1).view(torch.uint8).numpy()))
+                    f.write(store.get(key).reshape(-1).view(torch.uint8).numpy().data)
                 if advance is not None:
                     advance(info.nbytes)
         os.replace(tmp, out)

@@ -211,7 +211,7 @@ def _realize_buffers(model: nn.Module, device: torch.device, dtype: torch.dtype 
             continue
         if any(True for _ in module.parameters(recurse=False)) or not hasattr(module, "config"):
             raise CheckpointError(f"cannot rebuild the buffers of {name} ({type(module).__name__}) off the meta device")
-        fresh = type(module)(module.config)  # type: ignore[call-arg]
+        fresh = type(module)(module.config)
         fresh = fresh.to(device=device, dtype=dtype) if dtype is not None else fresh.to(device)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, fresh)
