@@ -7,6 +7,9 @@ Examples::
     tierstore info STORE KEY            # everything the catalog knows of one block
     tierstore stats STORE               # counts, sizes, compression
     tierstore history STORE [KEY]       # the access log, newest first
+    tierstore import-hf MODEL_DIR STORE # a Hugging Face model folder into a store
+    tierstore import STORE FILE|DIR     # safetensors into a store
+    tierstore export STORE OUT.safetensors [--prefix P]
 
 Every listing command takes ``--json``. Errors are printed as one line and a
 non-zero exit status, never a traceback.
@@ -19,12 +22,12 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import TierStoreError
-from . import catalog, demo
+from . import catalog, demo, models
 
 __all__ = ["main"]
 
 # Each module adds its own subcommands; one line here per module.
-_COMMANDS = (demo, catalog)
+_COMMANDS = (demo, catalog, models)
 
 
 def _parser() -> argparse.ArgumentParser:
