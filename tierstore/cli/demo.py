@@ -28,7 +28,7 @@ from ._output import console, stats_table, table
 
 __all__ = ["register"]
 
-DEMO_MODEL = {"layers": 6, "hidden": 256, "intermediate": 1024, "vocab": 2048, "vision_depth": 4}
+DEMO_MODEL: dict[str, Any] = {"layers": 6, "hidden": 256, "intermediate": 1024, "vocab": 2048, "vision_depth": 4}
 """The demo model: ~30 MB of float32 weights, six 4 MiB decoder layers; a few seconds on a laptop CPU."""
 PROMPT, SUFFIX = [17, 101, 29, 64], [33, 7, 250]
 
@@ -114,7 +114,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 label = "the model held in memory"
             start = time.perf_counter()
             expected = _generate(reference, inputs, args.tokens)
-            runs = [["in memory (reference)", f"{time.perf_counter() - start:.2f} s", *[""] * 7]]
+            runs: list[list[Any]] = [["in memory (reference)", f"{time.perf_counter() - start:.2f} s", *[""] * 7]]
             del reference
             console.print(f"[bold]3.[/] generate {args.tokens} tokens from a synthetic image + prompt, twice, on "
                           f"{device} with layers streamed from the store (L2 {format_size(l2)}, "
