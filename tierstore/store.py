@@ -773,6 +773,7 @@ class TierStore:
     def _tier_stats(self) -> dict[str, dict[str, Any]]:
         tiers: dict[str, dict[str, Any]] = {}
         if self._l2 is not None:
+            residency = self._l2.stats()  # first: it returns the slots of collected views to the arena
             arena = self._l2.arena.stats()
             alloc = arena.allocator
             tiers["L2"] = {"capacity": arena.capacity, "used": alloc.used, "requested": alloc.requested,
@@ -780,12 +781,13 @@ class TierStore:
                            "pin_reason": arena.pin_reason, "memlock_limit": arena.memlock_limit,
                            "file": arena.path, "policy": self.config.l2_eviction_policy,
                            "size_classes": [dataclasses.asdict(c) for c in alloc.per_class if c.slabs],
-                           **self._l2.stats()}
+                           **residency}
         if self._l1 is not None:
+            residency = self._l1.stats()
             pool = self._l1.arena.stats()
             tiers["L1"] = {"capacity": pool.capacity, "used": pool.used, "free": pool.free,
                            "fragmentation": pool.fragmentation, "device": str(pool.device),
-                           "policy": self.config.l1_eviction_policy, **self._l1.stats()}
+                           "policy": self.config.l1_eviction_policy, **residency}
         tiers["L3"] = {"capacity": self.config.l3_cache_size, "used": self._stored_bytes, "blocks": self._count,
                        "compression": self.config.l3_compression}
         return tiers

@@ -210,7 +210,7 @@ def import_checkpoint(checkpoint: str | Path, store: TierStore, *, prefix: str =
         for name in CONFIG_FILES:
             if (folder / name).is_file() and Path(checkpoint).is_dir():
                 _put_bytes(store, prefix + HF_META + name, (folder / name).read_bytes())
-        _put_bytes(store, prefix + HF_META + ST_METADATA, json.dumps(metadata, sort_keys=True).encode())
+        _put_bytes(store, prefix + HF_META + ST_METADATA, json.dumps(metadata).encode())  # in the source order
     return count
 
 

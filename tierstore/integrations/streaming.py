@@ -223,7 +223,8 @@ def load_streamed(store: TierStore, *, prefix: str = "", device: str | torch.dev
 
     ``device`` is where it computes (None: the CPU); ``dtype`` casts the weights (say
     ``torch.float16`` on GPUs without bf16, ``torch.cuda.get_device_capability() < (8, 0)``);
-    ``resident_bytes`` keeps the first units that fit in it loaded for good; ``prefetch`` is how
+    ``resident_bytes`` keeps the units that fit in it (text layers first: they run for every
+    token) loaded for good; ``prefetch`` is how
     many units ahead the background thread fetches (0: none). The model is in eval mode; its
     ``weight_streamer`` attribute holds the :class:`WeightStreamer` (``close()`` it when done).
     """
@@ -244,15 +245,20 @@ def load_streamed(store: TierStore, *, prefix: str = "", device: str | torch.dev
         raise CheckpointError(f"the store lacks {len(missing)} weights of the model under prefix {prefix!r}: "
                               f"{missing[:5]}{' ...' if len(missing) > 5 else ''}", path=str(store.path))
     budget = parse_size(resident_bytes) if isinstance(resident_bytes, str) else int(resident_bytes)
-    units, kept, resident = [], 0, set()
-    for unit_name in streamed_unit_names(config):
-        module = model.get_submodule(unit_name)
-        names = [f"{unit_name}.{n}" for n, _ in module.named_parameters()]
+    kept, resident = 0, set[str]()
+    order = streamed_unit_names(config)
+    for unit_name in sorted(order, key=lambda n: ".visual." in n):  # text layers run every token: first
+        names = [f"{unit_name}.{n}" for n, _ in model.get_submodule(unit_name).named_parameters()]
         nbytes = sum(store.info(prefix + n).nbytes for n in names)
         if kept + nbytes <= budget:
             kept += nbytes
-            resident.update(names)
+            resident.add(unit_name)
+    units: list[_Unit] = []
+    for unit_name in order:
+        if unit_name in resident:
             continue
+        module = model.get_submodule(unit_name)
+        nbytes = sum(store.info(prefix + f"{unit_name}.{n}").nbytes for n, _ in module.named_parameters())
         entries = []
         for n, p in module.named_parameters():
             owner_name, _, pname = n.rpartition(".")
@@ -264,7 +270,7 @@ def load_streamed(store: TierStore, *, prefix: str = "", device: str | torch.dev
         if name in streamed or name in tied:
             continue
         tensor = store.get(prefix + name, device=None if target.type == "cpu" else target, copy=True)
-        if name not in resident:
+        if not any(name.startswith(unit + ".") for unit in resident):
             kept += tensor.nbytes  # as stored, like the units' sizes
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
