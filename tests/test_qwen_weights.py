@@ -63,8 +63,9 @@ def _generate(model: Any, inputs: dict[str, torch.Tensor], tokens: int = 5) -> t
 
 
 @pytest.mark.parametrize("image_seed", [None, 0], ids=["text-only", "image+text"])
-@pytest.mark.parametrize("options", [{}, {"prefetch": 0}, {"resident_bytes": "600KiB", "prefetch": 1}],
-                         ids=["prefetch2", "no-prefetch", "some-resident"])
+@pytest.mark.parametrize("options", [{}, {"prefetch": 0}, {"resident_bytes": "600KiB", "prefetch": 1},
+                                     {"resident_bytes": 1 << 40}],
+                         ids=["prefetch2", "no-prefetch", "some-resident", "all-resident"])
 def test_streamed_logits_are_identical(tiny: tuple[Any, Path], store: Any, image_seed: int | None,
                                        options: dict[str, Any]) -> None:
     reference, _ = tiny

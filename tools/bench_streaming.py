@@ -12,7 +12,8 @@ runs text-only greedy decoding four ways, in one process, interleaved repeat by 
 
 Per token time: a ``generate`` streamer stamps each new token; the first (prefill) is dropped and
 the median gap over the others is the decode time of that repeat; the report is the median over
-repeats, and ratios are taken against ``memory`` measured in the same run.
+repeats, and ratios are taken against ``memory`` measured in the same run (also paired: the median
+over repeats of the ratio within each repeat, which a noisy shared machine disturbs less).
 
     python tools/bench_streaming.py                      # ~2-3 min on a 2-core VM
     python tools/bench_streaming.py --repeat 3 --tokens 8 --json run.json
@@ -119,6 +120,13 @@ def main() -> None:
         print(f"\n{'variant':<18}{'ms/token':>10}{'vs memory':>11}{'vs accelerate':>15}")
         for name, m in medians.items():
             print(f"{name:<18}{m * 1e3:>10.1f}{m / base:>10.2f}x{medians['accelerate disk'] / m:>14.2f}x")
+        paired = {name: statistics.median(a / b for a, b in zip(s, samples["memory"], strict=True))
+                  for name, s in samples.items()}
+        speedup = {name: statistics.median(a / b for a, b in zip(samples["accelerate disk"], s, strict=True))
+                   for name, s in samples.items()}
+        print("paired (median over repeats of the ratio within a repeat): "
+              + ", ".join(f"{n} {paired[n]:.2f}x memory, {speedup[n]:.2f}x faster than accelerate"
+                          for n in samples if n != "memory"))
         print(f"tierstore L3: {statistics.median(l3_hits)} L3 reads per generate of {args.tokens} tokens")
         for model in (streamed, streamed_cold):
             model.weight_streamer.close()
@@ -129,7 +137,8 @@ def main() -> None:
                 "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(),
                             "torch": torch.__version__},
                 "settings": vars(args), "layer_bytes": layer_bytes, "model_bytes": model_bytes,
-                "samples_s": samples, "median_s": medians}, indent=1))
+                "samples_s": samples, "median_s": medians, "paired_vs_memory": paired,
+                "paired_speedup_vs_accelerate": speedup}, indent=1))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

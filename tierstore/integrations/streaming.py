@@ -86,11 +86,11 @@ class WeightStreamer:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tierstore-prefetch") if self.depth else None
         self._pending: dict[int, Future[list[torch.Tensor]]] = {}
         self._lock = threading.Lock()
-        self._text0 = next((i for i, u in enumerate(units) if ".language_model." in f".{u.name}."), 0)
+        self._text0 = next((i for i, u in enumerate(units) if ".language_model." in f".{u.name}."), None)
         self.reset_stats()
         for index, unit in enumerate(units):
             unit.hooks = [unit.module.register_forward_pre_hook(self._pre_hook(index)),
-                          unit.module.register_forward_hook(self._post_hook(index))]
+                          unit.module.register_forward_hook(self._post_hook(index), always_call=True)]
 
     def reset_stats(self) -> None:
         """Start counting afresh (the demo does it per run)."""
@@ -116,7 +116,7 @@ class WeightStreamer:
             out.append(tensor)
         return out
 
-    def _next(self, index: int) -> int:
+    def _next(self, index: int) -> int | None:
         """The unit that runs after ``index``: the next one, or text layer 0 (the next token) after the last."""
         return index + 1 if index + 1 < len(self.units) else self._text0
 
@@ -124,11 +124,11 @@ class WeightStreamer:
         """Prefetch the ``depth`` units after ``index``; drop prefetches no longer expected."""
         if self._pool is None or not self.units:
             return
-        wanted = []
-        nxt = index
-        for _ in range(min(self.depth, len(self.units) - 1)):
-            nxt = self._next(nxt)
+        wanted: list[int] = []
+        nxt = self._next(index)
+        while nxt is not None and len(wanted) < min(self.depth, len(self.units) - 1):
             wanted.append(nxt)
+            nxt = self._next(nxt)
         with self._lock:
             for stale in [i for i in self._pending if i not in wanted]:
                 self._drop(stale)
