@@ -266,6 +266,11 @@ def test_cli_import_hf_import_and_export(tiny: tuple[Any, Path], tmp_path: Path,
     assert main(["import", str(store), str(single), "--prefix", "extra/"]) == 0
     assert main(["export", str(store), str(tmp_path / "x.safetensors"), "--prefix", "extra/"]) == 0
     assert (tmp_path / "x.safetensors").read_bytes() == single.read_bytes()
+    assert main(["export", str(store), str(tmp_path / "all.safetensors")]) == 0  # no prefix: both models' tensors
+    with safe_open(tmp_path / "all.safetensors", "pt") as f:
+        names = list(f.keys())
+    assert "extra/x" in names and "q/model.language_model.norm.weight" in names
+    assert not any(HF_META in name for name in names)
     with tierstore.open(store, readonly=True) as db:
         assert read_json(db, "config.json", prefix="q/")["model_type"] == "qwen3_vl"
     assert main(["import-hf", str(tmp_path / "nowhere"), str(tmp_path / "s2")]) == 1

@@ -251,9 +251,8 @@ def read_json(store: TierStore, name: str, *, prefix: str = "") -> Any:
 
 
 def stored_tensor_keys(store: TierStore, prefix: str = "") -> list[str]:
-    """The keys of the model tensors under ``prefix`` (not the reserved ``__hf__/`` blocks)."""
-    meta = prefix + HF_META
-    return [k for k in store.keys(prefix=prefix or None) if not k.startswith(meta)]
+    """The keys of the model tensors under ``prefix`` (not the reserved ``__hf__/`` blocks of any model)."""
+    return [k for k in store.keys(prefix=prefix or None) if HF_META not in k]
 
 
 def export_safetensors(store: TierStore, out: str | Path, *, prefix: str = "", progress: bool = False) -> int:
