@@ -14,7 +14,7 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
     """Import a Hugging Face model folder (config.json + safetensors shards) into a store."""
     from ..integrations.checkpoint import checkpoint_files, import_checkpoint
 
-    checkpoint_files(args.checkpoint)  # a bad folder fails before any store is created
+    checkpoint_files(args.checkpoint, require_config=True)  # a bad folder fails before any store is created
     with open_store(args.store) as db:
         count = import_checkpoint(args.checkpoint, db, prefix=args.prefix, require_config=True, progress=True)
     console.print(f"imported {count} tensors and the model config from {args.checkpoint} into {args.store}")

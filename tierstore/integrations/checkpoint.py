@@ -131,9 +131,15 @@ def _entry(path: Path, name: str, spec: Any, base: int, size: int) -> TensorEntr
     return TensorEntry(name, dtype, tuple(shape), base + offsets[0], nbytes)
 
 
-def checkpoint_files(checkpoint: str | Path) -> list[Path]:
-    """The safetensors files of a checkpoint: the file itself, the index's shards, or every ``*.safetensors``."""
+def checkpoint_files(checkpoint: str | Path, *, require_config: bool = False) -> list[Path]:
+    """The safetensors files of a checkpoint: the file itself, the index's shards, or every ``*.safetensors``.
+
+    ``require_config`` wants a Hugging Face model folder (with ``config.json``). Raises
+    ``CheckpointError`` when there is nothing to import.
+    """
     path = Path(checkpoint)
+    if require_config and not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} is not a Hugging Face model folder (no config.json)", path=str(path))
     if path.is_file():
         return [path]
     if not path.is_dir():
@@ -180,10 +186,8 @@ def import_checkpoint(checkpoint: str | Path, store: TierStore, *, prefix: str =
     without ``config.json`` (what ``tierstore import-hf`` wants); ``progress`` shows a progress bar.
     Returns the number of tensors imported.
     """
-    files = checkpoint_files(checkpoint)
-    folder = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
-    if require_config and not (folder / "config.json").is_file():
-        raise CheckpointError(f"{folder} has no config.json (not a Hugging Face model folder)", path=str(folder))
+    files = checkpoint_files(checkpoint, require_config=require_config)
+    folder = Path(checkpoint) if Path(checkpoint).is_dir() else None
     headers = [(f, *read_header(f)) for f in files]  # validate every header before writing anything
     seen: dict[str, Path] = {}
     metadata: dict[str, str] = {}
@@ -208,7 +212,7 @@ def import_checkpoint(checkpoint: str | Path, store: TierStore, *, prefix: str =
                     if advance is not None:
                         advance(e.nbytes)
         for name in CONFIG_FILES:
-            if (folder / name).is_file() and Path(checkpoint).is_dir():
+            if folder is not None and (folder / name).is_file():
                 _put_bytes(store, prefix + HF_META + name, (folder / name).read_bytes())
         _put_bytes(store, prefix + HF_META + ST_METADATA, json.dumps(metadata).encode())  # in the source order
     return count
