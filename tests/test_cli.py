@@ -50,3 +50,12 @@ def test_errors_are_one_line_and_exit_1(tmp_path: Path, capsys: pytest.CaptureFi
         db.put("x", torch.ones(1))
     assert main(["info", str(tmp_path / "s"), "nope"]) == 1
     assert "no block 'nope'" in capsys.readouterr().err
+
+
+def test_demo_with_a_checkpoint_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tierstore.integrations.tiny_model import save_tiny_checkpoint, tiny_config
+
+    folder = save_tiny_checkpoint(tmp_path / "ckpt", config=tiny_config(layers=2, vision_depth=1))
+    assert main(["demo", "--checkpoint", str(folder), "--tokens", "3", "--l2", "1MiB"]) == 0
+    out = capsys.readouterr().out
+    assert f"model: {folder}" in out and "identical to the model held in memory in both runs" in out

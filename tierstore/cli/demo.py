@@ -55,9 +55,6 @@ def _checkpoint(args: argparse.Namespace, work: Path) -> tuple[Path | None, Any]
             if "__hf__/config.json" in db:
                 console.print(f"[bold]1.[/] model: the one already in {store}")
                 return None, None
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
     model = build_tiny_model(tiny_config(**DEMO_MODEL))
     folder = work / "checkpoint"
     model.save_pretrained(folder, max_shard_size="8MB")
@@ -79,10 +76,13 @@ def _generate(model: Any, inputs: dict[str, torch.Tensor], tokens: int) -> torch
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Import a model into a store, generate twice with weights streamed from its tiers, show what happened."""
+    from transformers.utils import logging
+
     from ..integrations.checkpoint import import_checkpoint, read_json
     from ..integrations.streaming import load_streamed
     from ..integrations.tiny_model import synthetic_inputs
 
+    logging.disable_progress_bar()  # tierstore shows its own
     work = Path(tempfile.mkdtemp(prefix="tierstore-demo-"))
     try:
         folder = Path(args.store) if args.store else work / "store"
