@@ -29,6 +29,7 @@ from .errors import (
     CheckpointError,
     ConfigError,
     CorruptBlockError,
+    DeviceMemoryError,
     InvalidKeyError,
     ReadOnlyError,
     SchemaVersionError,
@@ -41,8 +42,12 @@ from .errors import (
     TransactionError,
     UnsupportedTensorError,
 )
+from .hardware import HardwareFacts, HardwareOptimizer, Recommendation
+from .hardware_manager import IntelNvidiaCacheManager, create_hardware_optimized_cache_manager
+from .maintenance import MaintenanceReport
 from .manager import HierarchicalCacheManager
 from .store import BlockInfo, StoreStats, TierStore
+from .verify import VerifyReport, verify
 
 __all__ = [
     "__version__",
@@ -52,6 +57,14 @@ __all__ = [
     "StoreStats",
     "CacheConfig",
     "HierarchicalCacheManager",
+    "HardwareOptimizer",
+    "HardwareFacts",
+    "Recommendation",
+    "IntelNvidiaCacheManager",
+    "create_hardware_optimized_cache_manager",
+    "verify",
+    "VerifyReport",
+    "MaintenanceReport",
     "parse_size",
     "format_size",
     "TierStoreError",
@@ -60,6 +73,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "CorruptBlockError",
+    "DeviceMemoryError",
     "InvalidKeyError",
     "ReadOnlyError",
     "SchemaVersionError",
