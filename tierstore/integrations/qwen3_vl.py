@@ -17,9 +17,7 @@ The code lives in modules named for their job: :mod:`.checkpoint` (safetensors i
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from ..hardware_manager import create_hardware_optimized_cache_manager
 from .adapter import Qwen3VLHierarchicalCacheAdapter
 from .checkpoint import export_safetensors, import_checkpoint, read_json
 from .streaming import StreamStats, WeightStreamer, load_streamed
@@ -29,9 +27,3 @@ __all__ = ["import_checkpoint", "export_safetensors", "export", "read_json", "lo
 
 export = export_safetensors
 """Alias: ``export(store, "out.safetensors", prefix=...)``."""
-
-
-def create_hardware_optimized_cache_manager(*args: Any, **kwargs: Any) -> Any:
-    """A cache manager sized for this machine (see ``tierstore.hardware``, imported on first use)."""
-    hardware = importlib.import_module("tierstore.hardware")  # imported on use: it probes the machine
-    return hardware.create_hardware_optimized_cache_manager(*args, **kwargs)
