@@ -22,15 +22,20 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
-from .config import CacheConfig, format_size, parse_size
+from .config import CacheConfig, SharedCredentials, format_size, parse_size
 from .errors import (
     BlockNotFoundError,
+    BlockUnavailableError,
     CatalogError,
+    CheckpointError,
     ConfigError,
     CorruptBlockError,
+    DeviceMemoryError,
     InvalidKeyError,
     ReadOnlyError,
     SchemaVersionError,
+    SharedTierError,
+    SharedTierUnavailableError,
     StoreClosedError,
     StoreFullError,
     StoreLockedError,
@@ -40,8 +45,12 @@ from .errors import (
     TransactionError,
     UnsupportedTensorError,
 )
+from .hardware import HardwareFacts, HardwareOptimizer, Recommendation
+from .hardware_manager import IntelNvidiaCacheManager, create_hardware_optimized_cache_manager
+from .maintenance import MaintenanceReport
 from .manager import HierarchicalCacheManager
 from .store import BlockInfo, StoreStats, TierStore
+from .verify import VerifyReport, verify
 
 __all__ = [
     "__version__",
@@ -50,14 +59,25 @@ __all__ = [
     "BlockInfo",
     "StoreStats",
     "CacheConfig",
+    "SharedCredentials",
     "HierarchicalCacheManager",
+    "HardwareOptimizer",
+    "HardwareFacts",
+    "Recommendation",
+    "IntelNvidiaCacheManager",
+    "create_hardware_optimized_cache_manager",
+    "verify",
+    "VerifyReport",
+    "MaintenanceReport",
     "parse_size",
     "format_size",
     "TierStoreError",
     "BlockNotFoundError",
     "CatalogError",
+    "CheckpointError",
     "ConfigError",
     "CorruptBlockError",
+    "DeviceMemoryError",
     "InvalidKeyError",
     "ReadOnlyError",
     "SchemaVersionError",
@@ -68,6 +88,9 @@ __all__ = [
     "TierFullError",
     "TransactionError",
     "UnsupportedTensorError",
+    "SharedTierError",
+    "SharedTierUnavailableError",
+    "BlockUnavailableError",
 ]
 
 

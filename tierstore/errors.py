@@ -31,7 +31,12 @@ __all__ = [
     "StoreClosedError",
     "StoreFullError",
     "TierFullError",
+    "DeviceMemoryError",
     "TransactionError",
+    "SharedTierError",
+    "SharedTierUnavailableError",
+    "BlockUnavailableError",
+    "CheckpointError",
     "translate_os_error",
 ]
 
@@ -109,8 +114,32 @@ class TierFullError(TierStoreError, MemoryError):
     """A volatile tier has no room for a block, even after eviction."""
 
 
+class DeviceMemoryError(TierFullError):
+    """The L1 device ran out of memory (a CUDA out-of-memory error, say) while taking a block in.
+
+    Recoverable: nothing stored is lost (the block is still in L2/L3). Free device memory (drop
+    tensors, shrink L1 with ``TierStore.shrink_l1``) and retry.
+    """
+
+
 class TransactionError(TierStoreError, RuntimeError):
     """A transaction was used wrongly (for example, left from another thread)."""
+
+
+class SharedTierError(TierStoreError, OSError):
+    """The shared (S3) tier refused a request or holds something unexpected (never a credential)."""
+
+
+class SharedTierUnavailableError(SharedTierError, ConnectionError):
+    """The shared tier could not be reached in time; local tiers keep working, retried with backoff."""
+
+
+class BlockUnavailableError(BlockNotFoundError, SharedTierUnavailableError):
+    """Not in the local tiers, and the shared tier could not be asked: a ``KeyError`` and a ``ConnectionError``."""
+
+
+class CheckpointError(TierStoreError, ValueError):
+    """A model checkpoint (safetensors file or folder) is missing, malformed or inconsistent."""
 
 
 _FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
