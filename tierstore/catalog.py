@@ -494,6 +494,9 @@ class Catalog:
             try:
                 if not self.readonly:
                     self._conn.execute("PRAGMA optimize")
+            except sqlite3.Error:
+                pass  # (a full disk): the close below must still run, or the WAL is never checkpointed
+            try:
                 self._conn.close()
             except sqlite3.Error:
                 pass
