@@ -75,6 +75,7 @@ def _full_disk_scenario(store: Path, **options: Any) -> dict[str, Any]:
     with tierstore.open(store, l2_cache_size="1MiB", **options) as db:
         _check(db, model)
         faultlib.check_clean(db, store)
+    faultlib.verify_clean(store)
     return {"committed_when_full": full_count, "error": str(error), "small_error": str(small_error)}
 
 
@@ -106,6 +107,7 @@ def test_writes_past_rlimit_fsize_fail_cleanly(tmp_path: Path) -> None:
             faultlib.check_clean(db, store)
             db.put("after", _block(4, 100_000))  # a fresh shard / array under the limit works
             assert torch.equal(db.get("after"), _block(4, 100_000))
+        faultlib.verify_clean(store)
         return {"error": str(info.value), "fill_error": str(error), "kept": len(model)}
 
     result = faultlib.in_child(scenario)
