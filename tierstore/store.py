@@ -835,23 +835,31 @@ class TierStore:
         """Read and verify ``row``'s bytes into ``out``; returns the row read.
 
         Raises ``_Replaced`` when a writer replaced the block and freed its file meanwhile (the
-        caller reads the key again: the new version may differ in size, dtype and shape).
+        caller reads the key again: the new version may differ in size, dtype and shape); a
+        block that compaction moved (same block id, same bytes) is followed to its new place.
         """
-        try:
-            self._l3.read_into(loc, out)
-        except FileNotFoundError:
-            newer = self._catalog.get_block(row.key)
-            if newer is None:
-                raise BlockNotFoundError(f"block {row.key!r} was deleted while being read", key=row.key) from None
-            if newer.block_id != row.block_id or location_of(newer) != loc:  # replaced, or moved by compaction
-                raise _Replaced from None
-            path = self._l3.shard_path(loc.array, loc.shard)
-            raise CorruptBlockError(
-                f"block {row.key!r}: its data file {path} is missing; run 'tierstore verify --fix' "
-                "to drop damaged blocks", key=row.key, path=str(path), tier="L3") from None
-        except CorruptBlockError as exc:
-            raise CorruptBlockError(f"block {row.key!r}: {exc.message}", key=row.key, path=exc.path,
-                                    tier="L3") from None
+        for _attempt in range(3):
+            try:
+                self._l3.read_into(loc, out)
+                break
+            except FileNotFoundError:
+                newer = self._catalog.get_block(row.key)
+                if newer is None:
+                    raise BlockNotFoundError(f"block {row.key!r} was deleted while being read",
+                                             key=row.key) from None
+                if newer.block_id != row.block_id:
+                    raise _Replaced from None
+                if location_of(newer) == loc:
+                    path = self._l3.shard_path(loc.array, loc.shard)
+                    raise CorruptBlockError(
+                        f"block {row.key!r}: its data file {path} is missing; run 'tierstore verify --fix' "
+                        "to drop damaged blocks", key=row.key, path=str(path), tier="L3") from None
+                row, loc = newer, location_of(newer)
+            except CorruptBlockError as exc:
+                raise CorruptBlockError(f"block {row.key!r}: {exc.message}", key=row.key, path=exc.path,
+                                        tier="L3") from None
+        else:
+            raise TierStoreError(f"block {row.key!r} kept moving while being read; read it again", key=row.key)
         if crc32c.crc32c(out.data) != row.checksum:
             raise CorruptBlockError(
                 f"block {row.key!r} failed its checksum in L3 ({loc.array}); the stored bytes are "
