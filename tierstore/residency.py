@@ -100,6 +100,8 @@ class Residency(Generic[A]):
         self.generation = 0
         """Bumped whenever a block is replaced or deleted: an admission that raced it is refused."""
         self.volatile_keys: set[str] = set()
+        self.pinned: dict[str, int] = {}
+        """Pin counts by key (see :meth:`pin`): a key's entry carries them across replacements."""
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -202,7 +204,7 @@ class Residency(Generic[A]):
             old = self.entries.get(key)
             if old is not None:
                 self._kill(old)
-            entry = Resident(key, block_id, alloc, dtype, shape, checksum, volatile)
+            entry = Resident(key, block_id, alloc, dtype, shape, checksum, volatile, self.pinned.get(key, 0))
             self.entries[key] = entry
             if volatile:
                 self.volatile_keys.add(key)
@@ -216,6 +218,41 @@ class Residency(Generic[A]):
             entry = self.entries.get(key)
             if entry is not None:
                 self._kill(entry)
+
+    def pin(self, key: str) -> None:
+        """Keep ``key``'s entry (now and any later version of it) out of eviction until :meth:`unpin`."""
+        with self.lock:
+            self.pinned[key] = self.pinned.get(key, 0) + 1
+            entry = self.entries.get(key)
+            if entry is not None:
+                entry.pins += 1
+
+    def unpin(self, key: str) -> None:
+        """Undo one :meth:`pin` of ``key`` (unknown keys are ignored)."""
+        with self.lock:
+            count = self.pinned.get(key, 0)
+            if not count:
+                return
+            if count == 1:
+                del self.pinned[key]
+            else:
+                self.pinned[key] = count - 1
+            entry = self.entries.get(key)
+            if entry is not None and entry.pins:
+                entry.pins -= 1
+
+    def evict(self, key: str, block_id: int | None = None) -> bool:
+        """Give up ``key``'s entry now (of that version if given) unless it is pinned or the only copy.
+
+        A slot still viewed by a tensor is freed when its last view goes, as with any eviction.
+        """
+        with self.lock:
+            entry = self.entries.get(key)
+            if entry is None or entry.pins or entry.volatile or (block_id is not None and entry.block_id != block_id):
+                return False
+            self.evictions += 1
+            self._kill(entry)
+            return True
 
     def release(self, alloc: Allocation) -> None:
         """Give back a reserved slot that was never admitted."""

@@ -1,0 +1,263 @@
+"""The migrator: journaled moves, crash points, prefetch, pins, the simple plan, learned successors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import tierstore
+from tests.conftest import same_bits
+from tierstore.errors import BlockNotFoundError, ConfigError, InvalidKeyError, StoreClosedError, TierFullError
+from tierstore.migrator import CRASH_ENV, CRASH_POINTS, Move, Plan
+from tierstore.predict import SuccessorTable
+
+BLOCK = 64 * 1024  # float32 elements: 256 KiB a block
+
+
+def tensor(i: int) -> torch.Tensor:
+    return torch.arange(BLOCK, dtype=torch.float32) * 0.5 + i
+
+
+def open_small(path: Path, **overrides: object) -> tierstore.TierStore:
+    options: dict[str, object] = {"l2_cache_size": "4MiB", "fsync": False}
+    options.update(overrides)
+    return tierstore.open(path, **options)
+
+
+def tiers(db: tierstore.TierStore, key: str) -> tuple[str, ...]:
+    return db.info(key).tiers
+
+
+def test_prefetch_brings_blocks_to_l2(store_path: Path) -> None:
+    with open_small(store_path) as db:
+        for i in range(24):  # 6 MiB through a 4 MiB L2: the first ones are evicted
+            db.put(f"d{i}", tensor(i))
+        assert "L2" not in tiers(db, "d0")
+        future = db.prefetch(["d0", "d1", "missing"])
+        assert future.result(timeout=60) == ["d0", "d1"]
+        assert "L2" in tiers(db, "d0") and "L2" in tiers(db, "d1")
+        assert same_bits(db.get("d0"), tensor(0))
+        assert db.prefetch("d1").result(timeout=60) == ["d1"]
+        assert db.migrator.stats()["prefetched"] == 2
+        assert db._catalog.journal_size() == 0
+
+
+def test_prefetch_and_pin_refuse_bad_input(store_path: Path) -> None:
+    with open_small(store_path) as db:
+        db.put("a", tensor(0))
+        with pytest.raises(ConfigError):
+            db.prefetch(["a"], tier="L7")
+        with pytest.raises(ConfigError):  # no L1 in this store
+            db.prefetch(["a"], tier="L1")
+        with pytest.raises(InvalidKeyError):
+            db.prefetch(["a", ""])
+        with pytest.raises(BlockNotFoundError):
+            db.pin("missing")
+        with pytest.raises(ConfigError):
+            db.pin("a", tier="L3")
+        assert same_bits(db.get("a"), tensor(0))
+    with pytest.raises(StoreClosedError):
+        db.prefetch(["a"])
+
+
+def test_pin_keeps_a_block_resident_until_released(store_path: Path) -> None:
+    with open_small(store_path) as db:
+        for i in range(24):
+            db.put(f"d{i}", tensor(i))
+        with db.pin("d0") as pin:
+            assert "L2" in tiers(db, "d0")
+            for i in range(1, 24):  # churn L2 twice over
+                db.get(f"d{i}")
+            assert "L2" in tiers(db, "d0")
+            db.put("d0", tensor(100))  # a newer version stays pinned too
+            for i in range(1, 24):
+                db.get(f"d{i}")
+            assert "L2" in tiers(db, "d0") and same_bits(db.get("d0"), tensor(100))
+        assert pin.released
+        for i in range(1, 24):
+            db.get(f"d{i}")
+        assert "L2" not in tiers(db, "d0")
+
+
+def test_pin_that_cannot_fit_raises_tier_full(store_path: Path) -> None:
+    with open_small(store_path, l2_cache_size="1MiB") as db:
+        db.put("big", torch.zeros(1 << 19))  # 2 MiB: larger than L2
+        with pytest.raises(TierFullError):
+            db.pin("big")
+        assert db._l2 is not None and not db._l2.pinned
+
+
+def test_pin_and_prefetch_into_l1(store_path: Path) -> None:
+    with open_small(store_path, l1_device="cpu", l1_cache_size="2MiB") as db:
+        db.put("w", tensor(3).to(torch.bfloat16))
+        with db.pin("w", tier="L1"):
+            assert "L1" in tiers(db, "w")
+            assert same_bits(db.get("w", device="cpu"), tensor(3).to(torch.bfloat16))
+        db.put("v", tensor(4))
+        assert db.prefetch(["v"], tier="L1").result(timeout=60) == ["v"]
+        assert "L1" in tiers(db, "v")
+
+
+def test_migrate_dry_run_promotes_hot_and_demotes_idle(store_path: Path) -> None:
+    with open_small(store_path, l1_device="cpu", l1_cache_size="2MiB", migration_time_threshold=600) as db:
+        for i in range(24):
+            db.put(f"d{i}", tensor(i))
+        for _ in range(5):
+            db.get("d0")  # -> L1 (>= migration_threshold_high_freq = 4)
+        for _ in range(2):
+            db.get("d1")  # stays in L2 after its gets (>= medium = 2): already there, no move
+        plan = db.migrate(dry_run=True)
+        assert isinstance(plan, Plan)
+        assert [(m.key, m.src, m.dst) for m in plan] == [("d0", "L2", "L1")]
+        assert "promote L2->L1" in str(plan) and "migration_threshold_high_freq=4" in str(plan)
+        assert "L1" not in tiers(db, "d0")  # a dry run moves nothing
+        done = db.migrate()
+        assert [(m.key, m.dst) for m in done] == [("d0", "L1")]
+        assert "L1" in tiers(db, "d0")
+        assert str(Plan()) == "nothing to move"
+    with open_small(store_path, migration_time_threshold=0.05) as db:
+        db.put("kv", tensor(7), durable=False)  # cache-only: its only copy is in L2
+        db.get("kv")
+        time.sleep(0.2)
+        plan = db.migrate(dry_run=True)
+        assert ("kv", "L2", "L3") in [(m.key, m.src, m.dst) for m in plan]
+        assert db._catalog.get_block("kv") is None
+        db.migrate()
+        assert tiers(db, "kv") == ("L3",)  # written to L3 first, then freed from L2
+        assert db._catalog.get_block("kv") is not None
+        assert same_bits(db.get("kv"), tensor(7))
+        assert db._catalog.journal_size() == 0
+        assert db.migrator.stats()["spilled"] == 1
+
+
+def test_move_prints() -> None:
+    move = Move("layers.0.w", "L3", "L2", 1 << 20, "prefetch")
+    assert move.op == "promote" and str(move).startswith("promote L3->L2")
+    assert Move("k", "L1", "L3", 0, "idle").op == "demote"
+    assert "2 moves" in str(Plan([move, move]))
+
+
+def test_successor_table() -> None:
+    table: SuccessorTable[str] = SuccessorTable(threshold=0.7, min_count=2, max_successors=2, max_keys=3)
+    table.add("a", "b")
+    assert table.likely("a") == ()  # seen once: not enough support
+    table.add("a", "b")
+    assert table.likely("a") == ("b",)
+    table.add("a", "c")
+    assert table.likely("a") == ()  # 2 of 3 < 0.7
+    assert table.probability("a", "b") == pytest.approx(2 / 3)
+    table.add("a", "d", 5)  # a third follower wears the others down (Misra-Gries)
+    assert table.probability("a", "b") <= 2 / 8
+    for key in ("x", "y", "z"):
+        table.add(key, "q")
+    assert len(table) == 3 and table.probability("a", "d") == 0.0  # "a" was the least recently fed
+
+
+def test_gets_prefetch_learned_successors_and_history_persists(store_path: Path) -> None:
+    with open_small(store_path, prediction_threshold=0.6) as db:
+        for i in range(24):
+            db.put(f"d{i}", tensor(i))
+        for _ in range(4):  # d0 is always followed by d1
+            db.get("d0")
+            db.get("d1")
+            db.get("d5")
+        db.flush()
+        assert db.migrator.successors.likely("d0") == ("d1",)
+        count = db.info("d0").access_count
+        for i in range(6, 24):
+            db.get(f"d{i}")  # push d1 out of L2
+        assert "L2" not in tiers(db, "d1")
+        db.get("d0")
+        assert db.migrator.wait(timeout=60)
+        assert "L2" in tiers(db, "d1")
+        assert db.migrator.stats()["predicted"] >= 1
+    with open_small(store_path, prediction_threshold=0.6) as db:  # a new process would see the same
+        assert db.migrator.successors.likely("d0") == ("d1",)
+        assert db.info("d0").access_count == count + 1
+        assert [a[1] for a in db.history(limit=3)] == ["d0", "d23", "d22"]
+        assert "L2" not in tiers(db, "d1")  # a fresh L2 (not file-backed)
+        db.get("d0")
+        assert db.migrator.wait(timeout=60)
+        assert "L2" in tiers(db, "d1")
+
+
+# -- crash points: a real child process kills itself at each step of a move ----------------------
+
+CHILD = r"""
+import sys, time, torch, tierstore
+path, scenario = sys.argv[1], sys.argv[2]
+def tensor(i):
+    return torch.arange(64 * 1024, dtype=torch.float32) * 0.5 + i
+with tierstore.open(path, l2_cache_size="4MiB", fsync=False) as db:
+    for i in range(16):
+        db.put(f"d{i}", tensor(i))
+idle = 0.05 if scenario == "demote" else 600.0  # no periodic plan in the other scenarios
+db = tierstore.open(path, l2_cache_size="4MiB", fsync=False, migration_time_threshold=idle)
+print("ready", flush=True)
+if scenario == "spill":  # cache-only blocks pushed out of L2 by later ones
+    for i in range(24):
+        db.put(f"c{i}", tensor(100 + i), durable=False)
+elif scenario == "demote":  # an idle cache-only block demoted by the plan
+    db.put("c0", tensor(100), durable=False)
+    time.sleep(0.2)
+    db.migrate()
+elif scenario == "promote":
+    db.prefetch([f"d{i}" for i in range(16)]).result()
+print("survived", flush=True)
+db.close()
+"""
+
+CASES = [("demote", p) for p in CRASH_POINTS] + [("promote", "intent"), ("promote", "committed"),
+                                                  ("spill", "verified")]
+"""Every step of a move into L3 (the one whose crash leaves files to clean up), and a sample of the
+others: each case is a fresh interpreter importing torch, and the suite must stay quick."""
+
+
+def orphan_arrays(store: Path) -> set[str]:
+    blocks = store / "l3" / "blocks"
+    on_disk = {f"blocks/{p.name}" for p in blocks.iterdir() if p.name != "zarr.json"} if blocks.exists() else set()
+    with sqlite3.connect(store / "catalog.sqlite") as conn:
+        live = {r[0] for r in conn.execute("SELECT l3_array FROM blocks WHERE l3_array LIKE 'blocks/%'")}
+    return on_disk - live
+
+
+def test_crash_at_every_step_of_a_move_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+    children = []
+    for scenario, point in CASES:
+        store = tmp_path / f"{scenario}-{point}"
+        env = {**os.environ, CRASH_ENV: point}
+        proc = subprocess.Popen([sys.executable, "-c", CHILD, str(store), scenario], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        children.append((scenario, point, store, proc))
+    for scenario, point, store, proc in children:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == -signal.SIGKILL, (scenario, point, proc.returncode, out, err[-2000:])
+        assert "ready" in out and "survived" not in out
+        with sqlite3.connect(store / "catalog.sqlite") as conn:
+            journal = conn.execute("SELECT key, op, src, dst FROM journal").fetchall()
+        uncommitted_copy = bool(orphan_arrays(store))
+        if scenario == "promote" or point in ("intent", "copied", "verified"):
+            assert journal, (scenario, point)  # the crash came mid-move
+        else:
+            assert not journal, (scenario, point)  # committed: the row went in the same transaction
+        if scenario != "promote" and point in ("copied", "verified"):
+            assert uncommitted_copy, (scenario, point)
+        with tierstore.open(store, l2_cache_size="4MiB", fsync=False) as db:
+            assert sorted(db.journal_recovery.undone) == sorted(r[0] for r in journal)
+            assert db._catalog.journal_size() == 0
+            assert sorted(db.keys()) == sorted(f"d{i}" for i in range(16))  # cache-only blocks dropped
+            assert len(db) == 16
+            for i in range(16):
+                assert same_bits(db.get(f"d{i}"), tensor(i)), (scenario, point, i)
+        assert not orphan_arrays(store), (scenario, point)
+        with tierstore.open(store, l2_cache_size="4MiB", fsync=False) as db:
+            assert not db.journal_recovery.undone and not db.recovery.removed_files
+            assert len(db) == 16
