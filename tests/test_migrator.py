@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import hypothesis.strategies as st
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import tierstore
 from tests.conftest import same_bits
 from tierstore.errors import BlockNotFoundError, ConfigError, InvalidKeyError, StoreClosedError, TierFullError
-from tierstore.migrator import CRASH_ENV, CRASH_POINTS, Move, Plan
+from tierstore.migrator import CRASH_ENV, CRASH_POINTS, Move, Pin, Plan
 from tierstore.predict import SuccessorTable
 
 BLOCK = 64 * 1024  # float32 elements: 256 KiB a block
@@ -261,3 +266,104 @@ def test_crash_at_every_step_of_a_move_loses_and_duplicates_nothing(tmp_path: Pa
         with tierstore.open(store, l2_cache_size="4MiB", fsync=False) as db:
             assert not db.journal_recovery.undone and not db.recovery.removed_files
             assert len(db) == 16
+
+
+# -- model check: the store with moves in the mix equals a dict ----------------------------------
+
+KEYS = st.sampled_from(["a", "b", "c", "layer.0/w", "kv/1"])
+COUNTS = st.sampled_from([0, 1, 25, 20_000, 70_000])  # float32 elements: up to 280 KB against a 1 MiB L2
+TIERS = st.sampled_from(["L1", "L2"])
+
+
+class MigratorMachine(RuleBasedStateMachine):
+    """Puts (durable and cache-only), gets, deletes, prefetches, pins, plans and reopens against a dict."""
+
+    @initialize()
+    def start(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="ts-migrate-"))
+        self.db = self._open()
+        self.model: dict[str, tuple[torch.Tensor, bool]] = {}
+        self.pins: list[Pin] = []
+        self.seed = 0
+
+    def _open(self) -> tierstore.TierStore:
+        return tierstore.open(self.dir / "s", fsync=False, l2_cache_size="1MiB", l1_device="cpu",
+                              l1_cache_size="512KiB", migration_threshold_high_freq=3,
+                              migration_threshold_medium_freq=1, prediction_threshold=0.5,
+                              history_flush_interval=0.05)
+
+    def teardown(self) -> None:
+        for pin in self.pins:
+            pin.release()
+        self.db.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    @rule(key=KEYS, count=COUNTS, durable=st.booleans())
+    def put(self, key: str, count: int, durable: bool) -> None:
+        self.seed += 1
+        value = torch.arange(count, dtype=torch.float32) + self.seed
+        self.db.put(key, value, durable=durable)
+        self.model[key] = (value, durable)
+
+    @rule(key=KEYS, device=st.sampled_from([None, "cpu"]))
+    def get(self, key: str, device: str | None) -> None:
+        if key in self.model:
+            assert same_bits(self.db.get(key, device=device, copy=True), self.model[key][0])
+        else:
+            with pytest.raises(BlockNotFoundError):
+                self.db.get(key)
+
+    @rule(key=KEYS)
+    def delete(self, key: str) -> None:
+        if key in self.model:
+            self.db.delete(key)
+            del self.model[key]
+
+    @rule(keys=st.lists(KEYS, max_size=4), tier=TIERS)
+    def prefetch(self, keys: list[str], tier: str) -> None:
+        resident = self.db.prefetch(keys, tier=tier).result(timeout=60)
+        assert set(resident) <= set(keys) & set(self.model)
+
+    @rule(key=KEYS, tier=TIERS)
+    def pin(self, key: str, tier: str) -> None:
+        if key not in self.model:
+            with pytest.raises(BlockNotFoundError):
+                self.db.pin(key, tier=tier)
+            return
+        try:
+            pin = self.db.pin(key, tier=tier)
+        except TierFullError:
+            return
+        assert tier in self.db.info(key).tiers or self.model[key][0].numel() == 0
+        self.pins.append(pin)
+
+    @precondition(lambda self: bool(self.pins))
+    @rule()
+    def unpin(self) -> None:
+        self.pins.pop(0).release()
+
+    @rule(dry_run=st.booleans())
+    def migrate(self, dry_run: bool) -> None:
+        plan = self.db.migrate(dry_run=dry_run)
+        assert all(m.key in self.model for m in plan)
+
+    @rule()
+    def reopen(self) -> None:
+        for pin in self.pins:
+            pin.release()
+        self.pins.clear()
+        self.db.close()
+        self.model = {k: v for k, v in self.model.items() if v[1]}  # cache-only blocks do not survive
+        self.db = self._open()
+
+    @invariant()
+    def matches_model(self) -> None:
+        assert self.db.migrator.wait(timeout=60)
+        assert len(self.db) == len(self.model)
+        assert self.db._catalog.journal_size() == 0
+        assert self.db.migrator.stats()["last_error"] is None
+
+
+TestMigratorMachine = MigratorMachine.TestCase
+TestMigratorMachine.settings = settings(max_examples=15, stateful_step_count=25, deadline=None,
+                                        suppress_health_check=[HealthCheck.too_slow])

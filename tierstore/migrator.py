@@ -45,7 +45,6 @@ from typing import Any
 
 import crc32c
 import numpy as np
-import torch
 
 from .catalog import BlockRow, Catalog, now
 from .config import CacheConfig, format_size
@@ -59,7 +58,7 @@ from .errors import (
 )
 from .predict import SuccessorTable
 from .residency import Residency, Resident
-from .tensors import dtype_from_name, dtype_name
+from .tensors import dtype_from_name, dtype_name, tensor_from_bytes
 from .tiers.l1_cuda import DevicePool
 from .tiers.l2_slab import HostArena
 from .tiers.l3_codecs import choose_codec
@@ -269,8 +268,7 @@ class Migrator:
         try:
             if self._resident(residency, key) is None:
                 self._promote([key], tier, residency, "pin", strict=True)
-            if self._resident(residency, key) is None:
-                self.hooks.lookup(key)  # BlockNotFoundError for a key that is not there
+            if self._resident(residency, key) is None and self._nbytes(key):
                 raise TierFullError(f"cannot pin {key!r} in {tier}: it does not fit beside the blocks held "
                                     f"there; release pins or raise the tier's size", key=key, tier=tier)
         except BaseException:
@@ -420,6 +418,11 @@ class Migrator:
             return None
         entry = residency.entries.get(key)
         return entry if entry is not None and not entry.dead else None
+
+    def _nbytes(self, key: str) -> int:
+        """Size of ``key``'s block (BlockNotFoundError for a key that is not there)."""
+        entry = self._resident(self.l2, key)
+        return entry.alloc.nbytes if entry is not None else self.hooks.lookup(key)[0].nbytes
 
     def _tier_of(self, key: str) -> str:
         if self._resident(self.l1, key) is not None:
@@ -577,13 +580,15 @@ class Migrator:
                 row, loc = self.hooks.lookup(key)
             except BlockNotFoundError:
                 return False
+            if row.nbytes == 0:
+                return False
             buf = np.empty(row.nbytes, dtype=np.uint8)
             self.l3.read_into(loc, buf)
             if crc32c.crc32c(buf.data) != row.checksum:
                 raise CorruptBlockError(f"block {key!r} failed its checksum in L3 ({loc.array}) while being "
                                         "promoted; restore it or run 'tierstore verify --fix'", key=key, tier="L3")
             block_id, dtype, shape, checksum = row.block_id, dtype_from_name(row.dtype), row.shape, row.checksum
-            host = torch.from_numpy(buf).view(dtype).reshape(shape)
+            host = tensor_from_bytes(buf, dtype, shape)
         pool = l1.arena
         target = pool.needs_cast(dtype) or dtype
         if host.numel() == 0:
