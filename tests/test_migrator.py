@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 import signal
 import sqlite3
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -196,29 +195,34 @@ def test_gets_prefetch_learned_successors_and_history_persists(store_path: Path)
 
 # -- crash points: a real child process kills itself at each step of a move ----------------------
 
-CHILD = r"""
-import sys, time, torch, tierstore
-path, scenario = sys.argv[1], sys.argv[2]
-def tensor(i):
-    return torch.arange(64 * 1024, dtype=torch.float32) * 0.5 + i
-with tierstore.open(path, l2_cache_size="4MiB", fsync=False) as db:
-    for i in range(16):
-        db.put(f"d{i}", tensor(i))
-idle = 0.05 if scenario == "demote" else 600.0  # no periodic plan in the other scenarios
-db = tierstore.open(path, l2_cache_size="4MiB", fsync=False, migration_time_threshold=idle)
-print("ready", flush=True)
-if scenario == "spill":  # cache-only blocks pushed out of L2 by later ones
-    for i in range(24):
-        db.put(f"c{i}", tensor(100 + i), durable=False)
-elif scenario == "demote":  # an idle cache-only block demoted by the plan
-    db.put("c0", tensor(100), durable=False)
-    time.sleep(0.2)
-    db.migrate()
-elif scenario == "promote":
-    db.prefetch([f"d{i}" for i in range(16)]).result()
-print("survived", flush=True)
-db.close()
-"""
+DURABLE = 8
+
+
+def small(i: int) -> torch.Tensor:
+    return torch.arange(BLOCK // 4, dtype=torch.float32) * 0.5 + i  # 64 KiB
+
+
+def crash_child(path: str, scenario: str, point: str, marks: str) -> None:
+    """A writer that kills itself (SIGKILL) when a move reaches ``point``; runs in a real child process."""
+    os.environ[CRASH_ENV] = point
+    with tierstore.open(path, l2_cache_size="1MiB", fsync=False) as db:
+        for i in range(DURABLE):
+            db.put(f"d{i}", small(i))
+    idle = 0.05 if scenario == "demote" else 600.0  # no periodic plan in the other scenarios
+    db = tierstore.open(path, l2_cache_size="1MiB", fsync=False, migration_time_threshold=idle)
+    Path(marks, "ready").touch()
+    if scenario == "spill":  # cache-only blocks pushed out of L2 by later ones
+        for i in range(24):
+            db.put(f"c{i}", small(100 + i), durable=False)
+    elif scenario == "demote":  # an idle cache-only block demoted by the plan
+        db.put("c0", small(100), durable=False)
+        time.sleep(0.2)
+        db.migrate()
+    elif scenario == "promote":
+        db.prefetch([f"d{i}" for i in range(DURABLE)]).result()
+    Path(marks, "survived").touch()
+    db.close()
+
 
 CASES = [("demote", p) for p in CRASH_POINTS] + [("promote", "intent"), ("promote", "committed"),
                                                   ("spill", "verified")]
@@ -235,17 +239,21 @@ def orphan_arrays(store: Path) -> set[str]:
 
 
 def test_crash_at_every_step_of_a_move_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+    # Real child processes, forked from a server that imported torch once (a fresh interpreter each
+    # would spend most of the test importing it); each child SIGKILLs itself at its crash point.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "tierstore"])
     children = []
     for scenario, point in CASES:
-        store = tmp_path / f"{scenario}-{point}"
-        env = {**os.environ, CRASH_ENV: point}
-        proc = subprocess.Popen([sys.executable, "-c", CHILD, str(store), scenario], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        children.append((scenario, point, store, proc))
-    for scenario, point, store, proc in children:
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode == -signal.SIGKILL, (scenario, point, proc.returncode, out, err[-2000:])
-        assert "ready" in out and "survived" not in out
+        store, marks = tmp_path / f"{scenario}-{point}", tmp_path / f"{scenario}-{point}.marks"
+        marks.mkdir()
+        proc = context.Process(target=crash_child, args=(str(store), scenario, point, str(marks)))
+        proc.start()
+        children.append((scenario, point, store, marks, proc))
+    for scenario, point, store, marks, proc in children:
+        proc.join(300)
+        assert proc.exitcode == -signal.SIGKILL, (scenario, point, proc.exitcode)
+        assert (marks / "ready").exists() and not (marks / "survived").exists()
         with sqlite3.connect(store / "catalog.sqlite") as conn:
             journal = conn.execute("SELECT key, op, src, dst FROM journal").fetchall()
         uncommitted_copy = bool(orphan_arrays(store))
@@ -255,17 +263,17 @@ def test_crash_at_every_step_of_a_move_loses_and_duplicates_nothing(tmp_path: Pa
             assert not journal, (scenario, point)  # committed: the row went in the same transaction
         if scenario != "promote" and point in ("copied", "verified"):
             assert uncommitted_copy, (scenario, point)
-        with tierstore.open(store, l2_cache_size="4MiB", fsync=False) as db:
+        with tierstore.open(store, l2_cache_size="1MiB", fsync=False) as db:
             assert sorted(db.journal_recovery.undone) == sorted(r[0] for r in journal)
             assert db._catalog.journal_size() == 0
-            assert sorted(db.keys()) == sorted(f"d{i}" for i in range(16))  # cache-only blocks dropped
-            assert len(db) == 16
-            for i in range(16):
-                assert same_bits(db.get(f"d{i}"), tensor(i)), (scenario, point, i)
+            assert sorted(db.keys()) == sorted(f"d{i}" for i in range(DURABLE))  # cache-only blocks dropped
+            assert len(db) == DURABLE
+            for i in range(DURABLE):
+                assert same_bits(db.get(f"d{i}"), small(i)), (scenario, point, i)
         assert not orphan_arrays(store), (scenario, point)
-        with tierstore.open(store, l2_cache_size="4MiB", fsync=False) as db:
+        with tierstore.open(store, l2_cache_size="1MiB", fsync=False) as db:
             assert not db.journal_recovery.undone and not db.recovery.removed_files
-            assert len(db) == 16
+            assert len(db) == DURABLE
 
 
 # -- model check: the store with moves in the mix equals a dict ----------------------------------
