@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import random
 import shutil
 import signal
 import sqlite3
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -375,3 +377,19 @@ class MigratorMachine(RuleBasedStateMachine):
 TestMigratorMachine = MigratorMachine.TestCase
 TestMigratorMachine.settings = settings(max_examples=15, stateful_step_count=25, deadline=None,
                                         suppress_health_check=[HealthCheck.too_slow])
+
+
+def test_replay_through_a_real_store_makes_the_simulated_decisions(tmp_path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import replay_store
+
+    rng = random.Random(3)
+    hot = list(range(200))
+    keys = [rng.choice(hot) if rng.random() < 0.6 else rng.randrange(200, 700) for _ in range(2500)]
+    capacity = replay_store.round_capacity(100)
+    assert capacity == 256
+    for policy in ("lru", "lfu"):
+        simulated = replay_store.simulate_policy(keys, policy, capacity)
+        stored = replay_store.replay_store(keys, 700, policy, capacity, tmp_path)
+        assert 0 < sum(stored) < len(keys)
+        assert stored == simulated, policy  # the same hit or miss at every access

@@ -206,6 +206,11 @@ class Migrator:
         for key, follower, count in catalog.successor_counts(_SEED_SUCCESSORS):
             self.successors.add(key, follower, count)
         self._likely = self.successors.likely
+        count, logical, _stored = catalog.totals()
+        for residency in (l1, l2):
+            if residency is not None and count:
+                residency.tune(logical // count)  # the predictive policy counts entries of the mean block
+        self._paused = False
         self._last_get: str | None = None
         self.counters = {"promoted": 0, "demoted": 0, "spilled": 0, "prefetched": 0, "predicted": 0,
                          "planned": 0, "failed": 0}
@@ -227,7 +232,7 @@ class Migrator:
     def on_get(self, key: str) -> None:
         """A get of ``key`` happened: queue its likely successors for L2 (a dict lookup when none)."""
         likely = self._likely(key)
-        if not likely or self.l2 is None:
+        if not likely or self.l2 is None or self._paused:
             return
         entries, wanted = self.l2.entries, self._wanted
         added = False
@@ -336,6 +341,15 @@ class Migrator:
             time.sleep(0.001)
         return True
 
+    def pause(self) -> None:
+        """Stop background moves (predicted prefetches, the periodic plan); explicit calls still run."""
+        self._paused = True
+
+    def resume(self) -> None:
+        """Undo :meth:`pause`."""
+        self._paused = False
+        self._wake.set()
+
     def stats(self) -> dict[str, Any]:
         """Counters of moves done, the queue, and the last error a background move hit."""
         return {**self.counters, "queued": len(self._jobs) + len(self._wanted),
@@ -378,6 +392,9 @@ class Migrator:
                             future.set_result(job())
                         except BaseException as exc:
                             future.set_exception(exc)
+                if self._paused:
+                    self._wanted.clear()
+                    continue
                 if self._wanted and self.l2 is not None:
                     self._background(self._prefetch_predicted, "predicted")
                 if time.monotonic() >= due:

@@ -92,8 +92,9 @@ class Residency(Generic[A]):
         self.lock = threading.RLock()
         self.entries: dict[str, Resident] = {}
         # The predictive policy sizes its shadow caches in entries; until the catalog says how big
-        # blocks are, assume 64 KiB ones (the migrator resizes it from real statistics).
-        self.policy: Policy[str] = make_policy(policy, capacity=max(1, arena.capacity >> 16))
+        # blocks are, assume 64 KiB ones (the migrator resizes it from real statistics: tune()).
+        self.policy_name = policy
+        self.policy: Policy[str] = make_policy(policy, capacity=max(1, arena.capacity), block_size=1 << 16)
         self._released: deque[Allocation] = deque()
         self._zombies: dict[int, Resident] = {}
         """Replaced or deleted entries whose slots are still viewed, by slot offset."""
@@ -118,6 +119,7 @@ class Residency(Generic[A]):
             entry = self.entries.get(key)
             if entry is None or (block_id is not None and entry.block_id != block_id):
                 self.misses += 1
+                self.policy.record_access(key, 0.0)  # a learning policy sees misses too (a no-op for the classic ones)
                 return None
             self.hits += 1
             self.policy.record_access(key, 0.0)
@@ -218,6 +220,13 @@ class Residency(Generic[A]):
             entry = self.entries.get(key)
             if entry is not None:
                 self._kill(entry)
+
+    def tune(self, block_size: int) -> None:
+        """Re-create a predictive policy for blocks of about ``block_size`` bytes (only while empty)."""
+        with self.lock:
+            if self.policy_name == "predictive" and not self.entries and block_size > 0:
+                self.policy = make_policy("predictive", capacity=max(1, self.arena.capacity),
+                                          block_size=min(block_size, max(1, self.arena.capacity)))
 
     def pin(self, key: str) -> None:
         """Keep ``key``'s entry (now and any later version of it) out of eviction until :meth:`unpin`."""
