@@ -393,3 +393,20 @@ def test_replay_through_a_real_store_makes_the_simulated_decisions(tmp_path: Pat
         stored = replay_store.replay_store(keys, 700, policy, capacity, tmp_path)
         assert 0 < sum(stored) < len(keys)
         assert stored == simulated, policy  # the same hit or miss at every access
+
+
+def test_device_gets_prefetch_the_next_layer_into_l1(store_path: Path) -> None:
+    layers = [f"layer.{i}.w" for i in range(6)]
+    with open_small(store_path, l1_device="cpu", l1_cache_size="1MiB", prediction_threshold=0.9) as db:
+        for i, key in enumerate(layers):
+            db.put(key, tensor(i))
+        for _ in range(3):  # a forward pass reads the layers in order
+            for key in layers:
+                db.get(key, device="cpu")
+        db.flush()
+        assert db.migrator.successors.likely("layer.2.w") == ("layer.3.w",)
+        for key in layers[:4]:  # 1 MiB of L1 holds 4 layers: the last ones read are there
+            db.get(key, device="cpu")
+        assert db.migrator.wait(timeout=60)
+        assert "L1" in tiers(db, "layer.4.w")  # prefetched after layer.3 was read
+        assert same_bits(db.get("layer.4.w", device="cpu"), tensor(4))

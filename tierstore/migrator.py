@@ -45,6 +45,7 @@ from typing import Any
 
 import crc32c
 import numpy as np
+import torch
 
 from .catalog import BlockRow, Catalog, now
 from .config import CacheConfig, format_size
@@ -218,7 +219,7 @@ class Migrator:
         self._jobs: deque[_Job] = deque()
         self._settled: set[int] = set()
         """Journal rows a spill already removed (its commit deletes the row in the same transaction)."""
-        self._wanted: dict[str, None] = {}
+        self._wanted: dict[str, str] = {}
         """Predicted successors to bring into L2, filled by gets and drained by the worker."""
         self._wake = threading.Event()
         self._stop = False
@@ -229,16 +230,28 @@ class Migrator:
 
     # -- the hot path ---------------------------------------------------------------------------
 
-    def on_get(self, key: str) -> None:
-        """A get of ``key`` happened: queue its likely successors for L2 (a dict lookup when none)."""
+    def on_get(self, key: str, device: str | torch.device | None = None) -> None:
+        """A get of ``key`` (to ``device``) happened: queue its likely successors (a dict lookup when none).
+
+        They go to L1 when the get was for the L1 device (the next layer's weights while this one
+        computes), else to L2.
+        """
         likely = self._likely(key)
-        if not likely or self.l2 is None or self._paused:
+        if not likely or self._paused:
             return
-        entries, wanted = self.l2.entries, self._wanted
+        tier = "L2"
+        residency: Residency[Any] | None = self.l2
+        if device is not None and self.l1 is not None:
+            target, pool = torch.device(device), self.l1.arena.device
+            if target.type == pool.type and target.index in (None, pool.index):
+                tier, residency = "L1", self.l1
+        if residency is None:
+            return
+        entries, wanted = residency.entries, self._wanted
         added = False
         for other in likely:
             if other not in entries and other not in wanted:
-                wanted[other] = None
+                wanted[other] = tier
                 added = True
         if added:
             self._wake.set()
@@ -395,7 +408,7 @@ class Migrator:
                 if self._paused:
                     self._wanted.clear()
                     continue
-                if self._wanted and self.l2 is not None:
+                if self._wanted:
                     self._background(self._prefetch_predicted, "predicted")
                 if time.monotonic() >= due:
                     due = time.monotonic() + self._interval
@@ -403,11 +416,16 @@ class Migrator:
                         self._background(lambda: self._execute(self.plan(), "planned"), None)
 
     def _prefetch_predicted(self) -> list[str]:
-        keys: list[str] = []
+        by_tier: dict[str, list[str]] = {"L1": [], "L2": []}
         while self._wanted:
-            keys.append(self._wanted.popitem()[0])
-        assert self.l2 is not None
-        return self._promote(keys, "L2", self.l2, "predicted successor")
+            key, tier = self._wanted.popitem()
+            by_tier[tier].append(key)
+        done: list[str] = []
+        for tier, keys in by_tier.items():
+            residency = self.l1 if tier == "L1" else self.l2
+            if keys and residency is not None:
+                done += self._promote(keys, tier, residency, "predicted successor")
+        return done
 
     def _background(self, work: Callable[[], Any], counter: str | None) -> None:
         try:

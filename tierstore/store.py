@@ -441,7 +441,7 @@ class TierStore:
         self._counts["get"] += 1
         self._hits[tier] += 1
         self._recorder.record(key, "get", tier)
-        self._migrator.on_get(key)
+        self._migrator.on_get(key, device)
         return tensor
 
     def _on_l1(self, device: str | torch.device) -> bool:
