@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import random
@@ -410,3 +411,27 @@ def test_device_gets_prefetch_the_next_layer_into_l1(store_path: Path) -> None:
         assert db.migrator.wait(timeout=60)
         assert "L1" in tiers(db, "layer.4.w")  # prefetched after layer.3 was read
         assert same_bits(db.get("layer.4.w", device="cpu"), tensor(4))
+
+
+def test_cli_journal_and_successors(store_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tierstore.cli import main
+
+    with open_small(store_path) as db:
+        db.put("a", tensor(0))
+        db.put("b", tensor(1))
+        for _ in range(3):
+            db.get("a")
+            db.get("b")
+    assert main(["successors", str(store_path), "a", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows == [{"next_key": "b", "count": 3, "probability": 1.0, "prefetched": True}]
+    assert main(["journal", str(store_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    with open_small(store_path) as db:  # a move in flight, as a crash would leave it
+        db.migrator.catalog.journal_begin([(99, "a", "promote", "L3", "L2")])
+        assert main(["journal", str(store_path)]) == 0
+        assert "1 moves in flight" in " ".join(capsys.readouterr().out.split())
+        assert main(["journal", str(store_path), "--json"]) == 0
+        assert [(r["key"], r["src"], r["dst"]) for r in json.loads(capsys.readouterr().out)] == [("a", "L3", "L2")]
+    with open_small(store_path) as db:
+        assert db.journal_recovery.undone == ["a"] and db.migrator.catalog.journal_size() == 0

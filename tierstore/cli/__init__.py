@@ -7,6 +7,8 @@ Examples::
     tierstore info STORE KEY            # everything the catalog knows of one block
     tierstore stats STORE               # counts, sizes, compression
     tierstore history STORE [KEY]       # the access log, newest first
+    tierstore journal STORE             # tier moves in flight (left by a crash until the next open)
+    tierstore successors STORE KEY      # blocks read after KEY; those a get of KEY prefetches
 
 Every listing command takes ``--json``. Errors are printed as one line and a
 non-zero exit status, never a traceback.
@@ -19,12 +21,12 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import TierStoreError
-from . import catalog, demo
+from . import catalog, demo, migrate
 
 __all__ = ["main"]
 
 # Each module adds its own subcommands; one line here per module.
-_COMMANDS = (demo, catalog)
+_COMMANDS = (demo, catalog, migrate)
 
 
 def _parser() -> argparse.ArgumentParser:
