@@ -76,6 +76,9 @@ _RANK = {"L1": 0, "L2": 1, "L3": 2}
 _L3_BIT = 4
 _SEED_SUCCESSORS = 200_000
 """Transitions read back from the catalog at open (the most frequent first)."""
+_LOOKAHEAD = 2
+"""How many successors deep a get prefetches (the next two layers, say): one step ahead is too
+little when reading a block from L3 takes longer than what the caller does between gets."""
 _HOT_LIMIT = 10_000
 """Hot blocks the periodic plan considers for promotion."""
 
@@ -234,7 +237,7 @@ class Migrator:
         """A get of ``key`` (to ``device``) happened: queue its likely successors (a dict lookup when none).
 
         They go to L1 when the get was for the L1 device (the next layer's weights while this one
-        computes), else to L2.
+        computes), else to L2; successors of successors too, ``_LOOKAHEAD`` steps deep.
         """
         likely = self._likely(key)
         if not likely or self._paused:
@@ -249,10 +252,14 @@ class Migrator:
             return
         entries, wanted = residency.entries, self._wanted
         added = False
-        for other in likely:
-            if other not in entries and other not in wanted:
-                wanted[other] = tier
-                added = True
+        for _depth in range(_LOOKAHEAD):
+            ahead: tuple[str, ...] = ()
+            for other in likely:
+                if other not in entries and other not in wanted and other != key:
+                    wanted[other] = tier
+                    added = True
+                ahead += self._likely(other)
+            likely = ahead
         if added:
             self._wake.set()
 
