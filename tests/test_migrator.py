@@ -435,3 +435,20 @@ def test_cli_journal_and_successors(store_path: Path, capsys: pytest.CaptureFixt
         assert [(r["key"], r["src"], r["dst"]) for r in json.loads(capsys.readouterr().out)] == [("a", "L3", "L2")]
     with open_small(store_path) as db:
         assert db.journal_recovery.undone == ["a"] and db.migrator.catalog.journal_size() == 0
+
+
+def test_successor_history_is_bounded(store_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tierstore.migrator, "TRIM_EVERY", 1)
+    with open_small(store_path, history_max_rows=5) as db:
+        db.put("a", torch.zeros(4))
+        for i in range(12):
+            db.put(f"k{i}", torch.zeros(4))
+        for _ in range(3):
+            db.get("a")
+            db.get("k0")  # the frequent pair survives the trim
+        for i in range(1, 12):
+            db.get(f"k{i}")
+        db.flush()
+        assert len(db.migrator.catalog.successor_counts(100)) == 5
+        assert ("a", "k0", 3) in db.migrator.catalog.successor_counts(100)
+        assert len(db.history(limit=100)) == 5

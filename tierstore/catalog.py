@@ -101,6 +101,10 @@ JOURNAL_COUNT = "SELECT count(*) FROM journal"
 JOURNAL_INSERT = "INSERT INTO journal (block_id, key, op, src, dst, state, created) VALUES (?, ?, ?, ?, ?, ?, ?)"
 JOURNAL_ROWS = "SELECT id, block_id, key, op, src, dst, state, created FROM journal ORDER BY id"
 JOURNAL_DELETE = "DELETE FROM journal WHERE id = ?"
+TRIM_SUCCESSORS = """
+DELETE FROM successors WHERE (key, next_key) IN (
+  SELECT key, next_key FROM successors ORDER BY count ASC LIMIT max(0, (SELECT count(*) FROM successors) - ?))
+"""
 SUCCESSOR_ROWS = "SELECT key, next_key, count FROM successors ORDER BY count DESC LIMIT ?"
 HOT_BLOCKS = """
 SELECT s.key, s.access_count, s.last_access, b.nbytes FROM block_stats s JOIN blocks b ON b.key = s.key
@@ -419,6 +423,11 @@ class Catalog:
             conn.execute(SET_META, ("next_block_id", str(next_block_id)))
             conn.execute(UPSERT_BLOCK, row.to_tuple())
             conn.execute(JOURNAL_DELETE, (journal_id,))
+
+    def trim_successors(self, max_rows: int) -> None:
+        """Keep only the ``max_rows`` most frequent transitions."""
+        with self.write("trim the successor table") as conn:
+            conn.execute(TRIM_SUCCESSORS, (max_rows,))
 
     def successor_counts(self, limit: int) -> list[tuple[str, str, int]]:
         """The ``limit`` most frequent ``(key, next_key, count)`` transitions."""

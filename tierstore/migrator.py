@@ -76,6 +76,8 @@ _RANK = {"L1": 0, "L2": 1, "L3": 2}
 _L3_BIT = 4
 _SEED_SUCCESSORS = 200_000
 """Transitions read back from the catalog at open (the most frequent first)."""
+TRIM_EVERY = 128
+"""History batches between trims of the catalog's successor table to ``history_max_rows`` rows."""
 _LOOKAHEAD = 2
 """How many successors deep a get prefetches (the next two layers, say): one step ahead is too
 little when reading a block from L3 takes longer than what the caller does between gets."""
@@ -216,6 +218,7 @@ class Migrator:
                 residency.tune(logical // count)  # the predictive policy counts entries of the mean block
         self._paused = False
         self._last_get: str | None = None
+        self._batches = 0
         self.counters = {"promoted": 0, "demoted": 0, "spilled": 0, "prefetched": 0, "predicted": 0,
                          "planned": 0, "failed": 0}
         self.last_error: BaseException | None = None
@@ -273,6 +276,9 @@ class Migrator:
                 add(previous, key)
             previous = key
         self._last_get = previous
+        self._batches += 1
+        if self._batches % TRIM_EVERY == 0:
+            self.catalog.trim_successors(self.config.history_max_rows)
 
     # -- public operations ------------------------------------------------------------------------
 
