@@ -47,6 +47,7 @@ import crc32c
 import numpy as np
 import torch
 
+from .alloc import Allocation
 from .catalog import BlockRow, Catalog, now
 from .config import CacheConfig, format_size
 from .errors import (
@@ -225,6 +226,8 @@ class Migrator:
         self._jobs: deque[_Job] = deque()
         self._settled: set[int] = set()
         """Journal rows a spill already removed (its commit deletes the row in the same transaction)."""
+        self._inflight: dict[str, threading.Event] = {}
+        """Keys being copied into L2 by the worker now, with an event set when the copy is done."""
         self._wanted: dict[str, str] = {}
         """Predicted successors to bring into L2, filled by gets and drained by the worker."""
         self._wake = threading.Event()
@@ -265,6 +268,15 @@ class Migrator:
             likely = ahead
         if added:
             self._wake.set()
+
+    def await_move(self, key: str) -> None:
+        """Before a get reads ``key`` itself: wait for a promotion of it already in flight (and drop
+        a queued one), so the get takes the prefetched copy instead of reading the block twice."""
+        if self._wanted:
+            self._wanted.pop(key, None)
+        event = self._inflight.get(key)
+        if event is not None:
+            event.wait()
 
     def learn(self, batch: Sequence[tuple[float, str, str, str | None]]) -> None:
         """Fold a batch of the access history into the successor table (the history thread calls it)."""
@@ -582,9 +594,23 @@ class Migrator:
             return False
         if row.nbytes == 0:
             return False
-        slot = l2.reserve(row.nbytes, self.spill)
-        if slot is None:
-            return False
+        done = threading.Event()
+        other = self._inflight.setdefault(key, done)
+        if other is not done:  # another thread is promoting it: take its result
+            other.wait()
+            return self._resident(l2, key) is not None
+        try:
+            slot = l2.reserve(row.nbytes, self.spill)
+            if slot is None:
+                return False
+            return self._copy_to_l2(key, row, loc, slot, generation)
+        finally:
+            del self._inflight[key]
+            done.set()
+
+    def _copy_to_l2(self, key: str, row: BlockRow, loc: Location, slot: Allocation, generation: int) -> bool:
+        l2 = self.l2
+        assert l2 is not None
         try:
             out = l2.arena.as_numpy(slot)
             try:

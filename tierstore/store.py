@@ -496,6 +496,7 @@ class TierStore:
                 return view.clone(), "L2"
             return self._read(pending.row, location_of(pending.row)), "L3"
         if l2 is not None and not self.readonly:  # the writer's L2 only ever holds current versions
+            self._migrator.await_move(key)  # a prefetch of this block in flight: take its copy
             entry = l2.lookup(key)
             if entry is not None:
                 return l2.view(entry, copy=copy), "L2"
