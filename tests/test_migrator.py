@@ -452,3 +452,25 @@ def test_successor_history_is_bounded(store_path: Path, monkeypatch: pytest.Monk
         assert len(db.migrator.catalog.successor_counts(100)) == 5
         assert ("a", "k0", 3) in db.migrator.catalog.successor_counts(100)
         assert len(db.history(limit=100)) == 5
+
+
+def test_l3_admission_reused_drops_cache_only_blocks_never_read(store_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        open_small(store_path, l3_admission="sometimes")
+    with open_small(store_path, l2_cache_size="1MiB", l3_admission="reused") as db:
+        db.put("kv0", small(0), durable=False)
+        db.put("kv1", small(1), durable=False)
+        assert same_bits(db.get("kv0"), small(0))  # read since its put: worth an SSD write
+        for i in range(2, 40):  # 2.5 MiB of cache-only blocks through 1 MiB of L2
+            db.put(f"kv{i}", small(i), durable=False)
+        assert same_bits(db.get("kv0"), small(0)) and "L3" in tiers(db, "kv0")
+        assert "kv1" not in db
+        with pytest.raises(BlockNotFoundError):
+            db.get("kv1")
+        stats = db.migrator.stats()
+        assert stats["dropped"] >= 20 and stats["spilled"] >= 1
+        assert len(db) == 40 - stats["dropped"]
+    with open_small(store_path.with_name("other"), l2_cache_size="1MiB") as db:  # the default keeps every one
+        for i in range(40):
+            db.put(f"kv{i}", small(i), durable=False)
+        assert len(db) == 40 and same_bits(db.get("kv1"), small(1))

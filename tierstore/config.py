@@ -115,6 +115,9 @@ class CacheConfig:
 
     prediction_window: int = 200
     prediction_threshold: float = 0.7
+    l3_admission: str = "all"
+    """Which cache-only blocks leaving L2 are written to L3: ``all``, or ``reused`` (only those read
+    since their put; the others are dropped, sparing the SSD writes of blocks never reused)."""
 
     # tierstore's own knobs
     l1_device: str | None = None
@@ -163,6 +166,8 @@ class CacheConfig:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
             raise ConfigError(f"prediction_threshold must be a probability in [0, 1], got {value!r}")
         set_(self, "prediction_threshold", float(value))
+        if self.l3_admission not in ("all", "reused"):
+            raise ConfigError(f"l3_admission={self.l3_admission!r}; choose 'all' or 'reused'")
         if self.l1_device is not None and not isinstance(self.l1_device, str):
             raise ConfigError(f"l1_device must be a device string such as 'cuda:0', not {self.l1_device!r}")
 

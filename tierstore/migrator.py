@@ -221,7 +221,8 @@ class Migrator:
         self._last_get: str | None = None
         self._batches = 0
         self.counters = {"promoted": 0, "demoted": 0, "spilled": 0, "prefetched": 0, "predicted": 0,
-                         "planned": 0, "failed": 0}
+                         "planned": 0, "failed": 0,
+                         "dropped": 0, "dropped_bytes": 0}
         self.last_error: BaseException | None = None
         self._jobs: deque[_Job] = deque()
         self._settled: set[int] = set()
@@ -693,6 +694,11 @@ class Migrator:
         """
         if self._stop or self.readonly:
             return False
+        if self.config.l3_admission == "reused" and not self._reused(entry.key):
+            self.l2.mark_durable(entry)  # type: ignore[union-attr] # let it go without a copy: dropped
+            self.counters["dropped"] += 1
+            self.counters["dropped_bytes"] += entry.alloc.nbytes
+            return True
         block_id = self.hooks.new_block_id()
         try:
             journal_id = self.catalog.journal_begin([(block_id, entry.key, "demote", "L2", "L3")])[0]
@@ -702,6 +708,15 @@ class Migrator:
         done = self._spill(entry, block_id, journal_id)
         self._settled.discard(journal_id)
         return done
+
+    def _reused(self, key: str) -> bool:
+        """Whether ``key`` was read since it was last put (the newest access in its history is a get)."""
+        try:
+            self.hooks.flush_history()
+            newest = self.catalog.history(key, 1)
+        except TierStoreError:
+            return True  # when in doubt, keep it
+        return bool(newest) and newest[0][2] == "get"
 
     def _spill(self, entry: Resident, block_id: int, journal_id: int) -> bool:
         l2 = self.l2
