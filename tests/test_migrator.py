@@ -52,7 +52,7 @@ def test_prefetch_brings_blocks_to_l2(store_path: Path) -> None:
         assert future.result(timeout=60) == ["d0", "d1"]
         assert "L2" in tiers(db, "d0") and "L2" in tiers(db, "d1")
         assert same_bits(db.get("d0"), tensor(0))
-        assert db.prefetch("d1").result(timeout=60) == ["d1"]
+        assert db.prefetch("d1", tier="l2").result(timeout=60) == ["d1"]
         assert db.migrator.stats()["prefetched"] == 2
         assert db._catalog.journal_size() == 0
 

@@ -290,8 +290,11 @@ class Migrator:
             previous = key
         self._last_get = previous
         self._batches += 1
-        if self._batches % TRIM_EVERY == 0:
-            self.catalog.trim_successors(self.config.history_max_rows)
+        if self._batches % TRIM_EVERY == 0 and not self.readonly:
+            try:  # never raise: the history batch is already committed and must not be written twice
+                self.catalog.trim_successors(self.config.history_max_rows)
+            except TierStoreError as exc:
+                self.last_error = exc
 
     # -- public operations ------------------------------------------------------------------------
 
@@ -301,12 +304,14 @@ class Migrator:
         Keys not in the store are skipped. The future raises what a move raised (a damaged block's
         ``CorruptBlockError``, say) after the other keys have been moved.
         """
+        tier = str(tier).upper()
         residency = self._residency(tier)
         wanted = list(dict.fromkeys(keys))
         return self._submit(lambda: self._promote(wanted, tier, residency, "prefetch", strict=True))
 
     def pin(self, key: str, tier: str = "L2") -> Pin:
         """Bring ``key`` to ``tier`` now and keep it there until the returned pin is released."""
+        tier = str(tier).upper()
         residency = self._residency(tier)
         residency.pin(key)  # first, so that the admission below already carries the pin
         try:
