@@ -332,19 +332,21 @@ class Migrator:
         idle_after = config.migration_time_threshold
         moves = Plan()
         budget: dict[str, int] = {}
+        leaving: set[str] = set()
         for name, residency in (("L1", self.l1), ("L2", self.l2)):
             if residency is None:
                 continue
             held = 0
             for entry in list(residency.entries.values()):
                 held += entry.alloc.nbytes
-                if entry.pins or entry.dead or (name == "L1" and entry.volatile):
+                if entry.pins or entry.dead or (name == "L1" and entry.volatile) or entry.key in leaving:
                     continue
                 stats = self.catalog.block_stats(entry.key) or {}
                 last = float(stats.get("last_access") or 0.0)
                 if last and t - last > idle_after:
                     moves.append(Move(entry.key, name, "L3", entry.alloc.nbytes,
                                       f"idle {t - last:.0f}s > migration_time_threshold={idle_after:g}s"))
+                    leaving.add(entry.key)  # an L1 -> L3 move frees its L2 copy too
                     held -= entry.alloc.nbytes
             budget[name] = residency.arena.capacity - held
         high, medium = config.migration_threshold_high_freq, config.migration_threshold_medium_freq
