@@ -130,15 +130,21 @@ def test_migrate_dry_run_promotes_hot_and_demotes_idle(store_path: Path) -> None
         assert [(m.key, m.dst) for m in done] == [("d0", "L1")]
         assert "L1" in tiers(db, "d0")
         assert str(Plan()) == "nothing to move"
-    with open_small(store_path, migration_time_threshold=0.05) as db:
-        db.put("kv", tensor(7), durable=False)  # cache-only: its only copy is in L2
+    with open_small(store_path, migration_time_threshold=0.05) as db:  # L1 on the CPU still (remembered)
+        db.put("kv", tensor(7), durable=False)  # cache-only, on the L1 device: its only copy is in L1
+        assert tiers(db, "kv") == ("L1",)
         db.get("kv")
         time.sleep(0.2)
         plan = db.migrate(dry_run=True)
-        assert ("kv", "L2", "L3") in [(m.key, m.src, m.dst) for m in plan]
+        assert ("kv", "L1", "L3") in [(m.key, m.src, m.dst) for m in plan]
         assert db._catalog.get_block("kv") is None
-        db.migrate()
-        assert tiers(db, "kv") == ("L3",)  # written to L3 first, then freed from L2
+        db.migrate()  # written back to L2 (where there is room), then on to L3 while it stays idle
+        for _ in range(3):
+            if tiers(db, "kv") == ("L3",):
+                break
+            time.sleep(0.1)
+            db.migrate()
+        assert tiers(db, "kv") == ("L3",)  # written to L3 first, then freed from the volatile tiers
         assert db._catalog.get_block("kv") is not None
         assert same_bits(db.get("kv"), tensor(7))
         assert db._catalog.journal_size() == 0
@@ -345,7 +351,7 @@ class MigratorMachine(RuleBasedStateMachine):
             pin = self.db.pin(key, tier=tier)
         except TierFullError:
             return
-        assert tier in self.db.info(key).tiers or self.model[key][0].numel() == 0
+        assert pin.tier in self.db.info(key).tiers or self.model[key][0].numel() == 0
         self.pins.append(pin)
 
     @precondition(lambda self: bool(self.pins))

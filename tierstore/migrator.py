@@ -141,6 +141,8 @@ class StoreHooks:
     spilled: Callable[[BlockRow, Location], None]
     """A block was committed to L3 by the migrator: update the store's caches and totals."""
     flush_history: Callable[[], None]
+    spill_l1: Callable[[Resident], bool]
+    """Write back a cache-only block whose only copy is in L1 (to L2, or through :meth:`Migrator.write_back`)."""
 
 
 def recover_journal(catalog: Catalog, l3: ZarrL3) -> JournalReport:
@@ -310,9 +312,17 @@ class Migrator:
         return self._submit(lambda: self._promote(wanted, tier, residency, "prefetch", strict=True))
 
     def pin(self, key: str, tier: str = "L2") -> Pin:
-        """Bring ``key`` to ``tier`` now and keep it there until the returned pin is released."""
+        """Bring ``key`` to ``tier`` now and keep it there until the returned pin is released.
+
+        A cache-only block whose only copy is in L1 is pinned there when L2 is asked for (it is
+        held at or above the tier asked for); ``Pin.tier`` says where.
+        """
         tier = str(tier).upper()
         residency = self._residency(tier)
+        if tier == "L2" and self._resident(self.l2, key) is None:
+            above = self._resident(self.l1, key)
+            if above is not None and above.volatile:
+                return self.pin(key, "L1")
         residency.pin(key)  # first, so that the admission below already carries the pin
         try:
             if self._resident(residency, key) is None:
@@ -339,7 +349,7 @@ class Migrator:
             held = 0
             for entry in list(residency.entries.values()):
                 held += entry.alloc.nbytes
-                if entry.pins or entry.dead or (name == "L1" and entry.volatile) or entry.key in leaving:
+                if entry.pins or entry.dead or entry.key in leaving:
                     continue
                 stats = self.catalog.block_stats(entry.key) or {}
                 last = float(stats.get("last_access") or 0.0)
@@ -489,7 +499,7 @@ class Migrator:
 
     def _nbytes(self, key: str) -> int:
         """Size of ``key``'s block (BlockNotFoundError for a key that is not there)."""
-        entry = self._resident(self.l2, key)
+        entry = self._resident(self.l2, key) or self._resident(self.l1, key)
         return entry.alloc.nbytes if entry is not None else self.hooks.lookup(key)[0].nbytes
 
     def _tier_of(self, key: str) -> str:
@@ -570,7 +580,7 @@ class Migrator:
             return self._to_l2(move.key) if move.dst == "L2" else self._to_l1(move.key)
         if move.src == "L1":
             entry = self._resident(self.l1, move.key)
-            if entry is None or entry.volatile:
+            if entry is None or (entry.volatile and not self.hooks.spill_l1(entry)):
                 return False
             if move.dst == "L2" and self.l2 is not None and not self._to_l2(move.key):
                 return False
@@ -725,10 +735,26 @@ class Migrator:
             return True  # when in doubt, keep it
         return bool(newest) and newest[0][2] == "get"
 
-    def _spill(self, entry: Resident, block_id: int, journal_id: int) -> bool:
+    def write_back(self, entry: Resident, data: np.ndarray) -> bool:
+        """Write a cache-only block leaving L1 (its bytes ``data``, copied out) to L3, journaled as a spill."""
+        if self._stop or self.readonly:
+            return False
+        block_id = self.hooks.new_block_id()
+        try:
+            journal_id = self.catalog.journal_begin([(block_id, entry.key, "demote", "L1", "L3")])[0]
+        except TierStoreError:
+            return False
+        self._crash("intent")
+        done = self._spill(entry, block_id, journal_id, data)
+        self._settled.discard(journal_id)
+        return done
+
+    def _spill(self, entry: Resident, block_id: int, journal_id: int, data: np.ndarray | None = None) -> bool:
         l2 = self.l2
-        assert l2 is not None
-        data = l2.arena.as_numpy(entry.alloc)
+        from_l2 = data is None
+        if data is None:
+            assert l2 is not None
+            data = l2.arena.as_numpy(entry.alloc)
         loc: Location | None = None
         try:
             self.hooks.check_room(entry.key, data.nbytes)
@@ -762,6 +788,7 @@ class Migrator:
         self._settled.add(journal_id)
         self._crash("committed")
         self.hooks.spilled(row, loc)
-        l2.mark_durable(entry)
+        if from_l2 and l2 is not None:
+            l2.mark_durable(entry)
         self.counters["spilled"] += 1
         return True

@@ -7,6 +7,10 @@ Examples::
     tierstore info STORE KEY            # everything the catalog knows of one block
     tierstore stats STORE               # counts, sizes, compression
     tierstore history STORE [KEY]       # the access log, newest first
+    tierstore verify STORE [--fix]      # check every block and file; repair, naming what was lost
+    tierstore gc STORE / compact STORE  # give back the space of replaced and deleted blocks
+    tierstore plot STORE -o use.png     # tier use, hit rate and an access heat map over time
+    tierstore probe [STORE] [--measure] # the hardware and the CacheConfig it calls for
     tierstore journal STORE             # tier moves in flight (left by a crash until the next open)
     tierstore successors STORE KEY      # blocks read after KEY; those a get of KEY prefetches
 
@@ -21,12 +25,12 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import TierStoreError
-from . import catalog, demo, migrate
+from . import catalog, demo, maintenance, migrate, plot, probe
 
 __all__ = ["main"]
 
 # Each module adds its own subcommands; one line here per module.
-_COMMANDS = (demo, catalog, migrate)
+_COMMANDS = (demo, catalog, maintenance, probe, plot, migrate)
 
 
 def _parser() -> argparse.ArgumentParser:
