@@ -479,8 +479,9 @@ class TierStore:
     def _spill_l1(self, entry: Resident) -> bool:
         """Write back a cache-only block leaving L1 whose only copy is there: to L2, or L3 if L2 is full.
 
-        The one move from L1 down (the migrator is meant to own it). False, and the block stays
-        in L1, when neither tier took it: nothing is ever dropped.
+        The L1 -> L2 copy is done here (both ends volatile: a crash loses both, nothing to journal);
+        the L3 write goes through the migrator's journaled spill. False, and the block stays in L1,
+        when neither tier took it: nothing is ever dropped.
         """
         l1, l2 = self._l1, self._l2
         if self._closed or self.readonly or l1 is None:
