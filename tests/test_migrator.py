@@ -218,9 +218,12 @@ def crash_child(path: str, scenario: str, point: str, marks: str) -> None:
         for i in range(DURABLE):
             db.put(f"d{i}", small(i))
     idle = 0.05 if scenario == "demote" else 600.0  # no periodic plan in the other scenarios
-    db = tierstore.open(path, l2_cache_size="1MiB", fsync=False, migration_time_threshold=idle)
+    # writeback: no L2, so cache-only blocks leaving L1 go straight to L3 (Migrator.write_back)
+    sizes = {"l1_device": "cpu", "l1_cache_size": "512KiB", "l2_cache_size": 0} if scenario == "writeback" else {
+        "l2_cache_size": "1MiB"}
+    db = tierstore.open(path, fsync=False, migration_time_threshold=idle, **sizes)
     Path(marks, "ready").touch()
-    if scenario == "spill":  # cache-only blocks pushed out of L2 by later ones
+    if scenario in ("spill", "writeback"):  # cache-only blocks pushed out of L2 (or L1) by later ones
         for i in range(24):
             db.put(f"c{i}", small(100 + i), durable=False)
     elif scenario == "demote":  # an idle cache-only block demoted by the plan
@@ -234,7 +237,8 @@ def crash_child(path: str, scenario: str, point: str, marks: str) -> None:
 
 
 CASES = [("demote", p) for p in CRASH_POINTS] + [("promote", "intent"), ("promote", "committed"),
-                                                  ("spill", "verified")]
+                                                  ("spill", "verified"), ("writeback", "copied"),
+                                                  ("writeback", "committed")]
 """Every step of a move into L3 (the one whose crash leaves files to clean up), and a sample of the
 others: each case is a fresh interpreter importing torch, and the suite must stay quick."""
 
