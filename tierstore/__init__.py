@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
-from .config import CacheConfig, format_size, parse_size
+from .config import CacheConfig, SharedCredentials, format_size, parse_size
 from .errors import (
     BlockNotFoundError,
+    BlockUnavailableError,
     CatalogError,
     ConfigError,
     CorruptBlockError,
@@ -32,6 +33,8 @@ from .errors import (
     InvalidKeyError,
     ReadOnlyError,
     SchemaVersionError,
+    SharedTierError,
+    SharedTierUnavailableError,
     StoreClosedError,
     StoreFullError,
     StoreLockedError,
@@ -55,6 +58,7 @@ __all__ = [
     "BlockInfo",
     "StoreStats",
     "CacheConfig",
+    "SharedCredentials",
     "HierarchicalCacheManager",
     "HardwareOptimizer",
     "HardwareFacts",
@@ -82,6 +86,9 @@ __all__ = [
     "TierFullError",
     "TransactionError",
     "UnsupportedTensorError",
+    "SharedTierError",
+    "SharedTierUnavailableError",
+    "BlockUnavailableError",
 ]
 
 

@@ -33,6 +33,9 @@ __all__ = [
     "TierFullError",
     "DeviceMemoryError",
     "TransactionError",
+    "SharedTierError",
+    "SharedTierUnavailableError",
+    "BlockUnavailableError",
     "translate_os_error",
 ]
 
@@ -120,6 +123,18 @@ class DeviceMemoryError(TierFullError):
 
 class TransactionError(TierStoreError, RuntimeError):
     """A transaction was used wrongly (for example, left from another thread)."""
+
+
+class SharedTierError(TierStoreError, OSError):
+    """The shared (S3) tier refused a request or holds something unexpected (never a credential)."""
+
+
+class SharedTierUnavailableError(SharedTierError, ConnectionError):
+    """The shared tier could not be reached in time; local tiers keep working, retried with backoff."""
+
+
+class BlockUnavailableError(BlockNotFoundError, SharedTierUnavailableError):
+    """Not in the local tiers, and the shared tier could not be asked: a ``KeyError`` and a ``ConnectionError``."""
 
 
 _FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}

@@ -11,6 +11,9 @@ Examples::
     tierstore gc STORE / compact STORE  # give back the space of replaced and deleted blocks
     tierstore plot STORE -o use.png     # tier use, hit rate and an access heat map over time
     tierstore probe [STORE] [--measure] # the hardware and the CacheConfig it calls for
+    tierstore publish STORE [PREFIX] --name NAME   # upload blocks (and a manifest) to the shared tier
+    tierstore pull STORE NAME           # fetch a published name from the shared tier
+    tierstore shared ls|stats|verify STORE          # what the shared tier holds, its health, a check
     tierstore journal STORE             # tier moves in flight (left by a crash until the next open)
     tierstore successors STORE KEY      # blocks read after KEY; those a get of KEY prefetches
 
@@ -25,12 +28,12 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import TierStoreError
-from . import catalog, demo, maintenance, migrate, plot, probe
+from . import catalog, demo, maintenance, migrate, plot, probe, shared
 
 __all__ = ["main"]
 
 # Each module adds its own subcommands; one line here per module.
-_COMMANDS = (demo, catalog, maintenance, probe, plot, migrate)
+_COMMANDS = (demo, catalog, maintenance, probe, plot, shared, migrate)
 
 
 def _parser() -> argparse.ArgumentParser:
