@@ -211,13 +211,15 @@ class Migrator:
         self.hooks = hooks
         self.readonly = readonly
         self._crash_at = os.environ.get(CRASH_ENV) or None
-        self.successors: SuccessorTable[str] = SuccessorTable(threshold=config.prediction_threshold)
-        for key, follower, count in catalog.successor_counts(_SEED_SUCCESSORS):
-            self.successors.add(key, follower, count)
-        self._likely = self.successors.likely
-        count, logical, _stored = catalog.totals()
-        for residency in (l1, l2):
-            if residency is not None and count:
+        self._table: SuccessorTable[str] = SuccessorTable(threshold=config.prediction_threshold)
+        self._likely = self._table.likely
+        self._learn_lock = threading.Lock()
+        self._seeded = threading.Event()
+        """Set once the worker has read the catalog's successor table (off the open path)."""
+        tuned = [r for r in (l1, l2) if r is not None and r.policy_name == "predictive"]
+        count, logical, _stored = catalog.totals() if tuned else (0, 0, 0)
+        for residency in tuned:
+            if count:
                 residency.tune(logical // count)  # the predictive policy counts entries of the mean block
         self._paused = False
         self._last_get: str | None = None
@@ -283,14 +285,15 @@ class Migrator:
 
     def learn(self, batch: Sequence[tuple[float, str, str, str | None]]) -> None:
         """Fold a batch of the access history into the successor table (the history thread calls it)."""
-        previous, add = self._last_get, self.successors.add
-        for _ts, key, op, _tier in batch:
-            if op != "get":
-                continue
-            if previous is not None and previous != key:
-                add(previous, key)
-            previous = key
-        self._last_get = previous
+        with self._learn_lock:
+            previous, add = self._last_get, self._table.add
+            for _ts, key, op, _tier in batch:
+                if op != "get":
+                    continue
+                if previous is not None and previous != key:
+                    add(previous, key)
+                previous = key
+            self._last_get = previous
         self._batches += 1
         if self._batches % TRIM_EVERY == 0 and not self.readonly:
             try:  # never raise: the history batch is already committed and must not be written twice
@@ -299,6 +302,12 @@ class Migrator:
                 self.last_error = exc
 
     # -- public operations ------------------------------------------------------------------------
+
+    @property
+    def successors(self) -> SuccessorTable[str]:
+        """Which block follows which (learned from the history, seeded from the catalog at open)."""
+        self._seeded.wait(60.0)
+        return self._table
 
     def prefetch(self, keys: Iterable[str], tier: str = "L2") -> Future[list[str]]:
         """Bring ``keys`` up to ``tier`` in the background; the future gives the keys resident there.
@@ -409,7 +418,7 @@ class Migrator:
     def stats(self) -> dict[str, Any]:
         """Counters of moves done, the queue, and the last error a background move hit."""
         return {**self.counters, "queued": len(self._jobs) + len(self._wanted),
-                "successor_keys": len(self.successors),
+                "successor_keys": len(self._table),
                 "last_error": None if self.last_error is None else str(self.last_error)}
 
     def close(self) -> None:
@@ -433,7 +442,19 @@ class Migrator:
         self._wake.set()
         return future
 
+    def _seed(self) -> None:
+        """Read back the transitions the last process saw (the most frequent first)."""
+        try:
+            with self._learn_lock:
+                for key, follower, count in self.catalog.successor_counts(_SEED_SUCCESSORS):
+                    self._table.add(key, follower, count)
+        except TierStoreError as exc:
+            self.last_error = exc
+        finally:
+            self._seeded.set()
+
     def _run(self) -> None:
+        self._seed()
         due = time.monotonic() + self._interval
         while True:
             self._wake.wait(max(0.0, due - time.monotonic()))
