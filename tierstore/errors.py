@@ -36,6 +36,7 @@ __all__ = [
     "SharedTierError",
     "SharedTierUnavailableError",
     "BlockUnavailableError",
+    "CheckpointError",
     "translate_os_error",
 ]
 
@@ -135,6 +136,10 @@ class SharedTierUnavailableError(SharedTierError, ConnectionError):
 
 class BlockUnavailableError(BlockNotFoundError, SharedTierUnavailableError):
     """Not in the local tiers, and the shared tier could not be asked: a ``KeyError`` and a ``ConnectionError``."""
+
+
+class CheckpointError(TierStoreError, ValueError):
+    """A model checkpoint (safetensors file or folder) is missing, malformed or inconsistent."""
 
 
 _FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}

@@ -976,6 +976,7 @@ class TierStore:
     def _tier_stats(self) -> dict[str, dict[str, Any]]:
         tiers: dict[str, dict[str, Any]] = {}
         if self._l2 is not None:
+            residency = self._l2.stats()  # first: it returns the slots of collected views to the arena
             arena = self._l2.arena.stats()
             alloc = arena.allocator
             tiers["L2"] = {"capacity": arena.capacity, "used": alloc.used, "requested": alloc.requested,
@@ -983,7 +984,7 @@ class TierStore:
                            "pin_reason": arena.pin_reason, "memlock_limit": arena.memlock_limit,
                            "file": arena.path, "policy": self.config.l2_eviction_policy,
                            "size_classes": [dataclasses.asdict(c) for c in alloc.per_class if c.slabs],
-                           **self._l2.stats()}
+                           **residency}
         if self._l1 is not None:
             residency = self._l1.stats()  # first: it returns the slots of collected views to the arena
             pool = self._l1.arena.stats()

@@ -2,7 +2,7 @@
 
 Examples::
 
-    tierstore demo                      # put and get tensors in a temporary store, show the catalog
+    tierstore demo                      # a Qwen3-VL streamed from a store, checked against the in-memory model
     tierstore ls STORE [PREFIX]         # keys with dtype, shape, sizes, tiers
     tierstore info STORE KEY            # everything the catalog knows of one block
     tierstore stats STORE               # counts, sizes, compression
@@ -14,6 +14,9 @@ Examples::
     tierstore publish STORE [PREFIX] --name NAME   # upload blocks (and a manifest) to the shared tier
     tierstore pull STORE NAME           # fetch a published name from the shared tier
     tierstore shared ls|stats|verify STORE          # what the shared tier holds, its health, a check
+    tierstore import-hf MODEL_DIR STORE # a Hugging Face model folder into a store
+    tierstore import STORE FILE|DIR     # safetensors into a store
+    tierstore export STORE OUT.safetensors [--prefix P]
     tierstore journal STORE             # tier moves in flight (left by a crash until the next open)
     tierstore successors STORE KEY      # blocks read after KEY; those a get of KEY prefetches
 
@@ -28,12 +31,12 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import TierStoreError
-from . import catalog, demo, maintenance, migrate, plot, probe, shared
+from . import catalog, demo, maintenance, migrate, models, plot, probe, shared
 
 __all__ = ["main"]
 
 # Each module adds its own subcommands; one line here per module.
-_COMMANDS = (demo, catalog, maintenance, probe, plot, shared, migrate)
+_COMMANDS = (demo, catalog, maintenance, probe, plot, models, shared, migrate)
 
 
 def _parser() -> argparse.ArgumentParser:
