@@ -484,3 +484,19 @@ def test_l3_admission_reused_drops_cache_only_blocks_never_read(store_path: Path
         for i in range(40):
             db.put(f"kv{i}", small(i), durable=False)
         assert len(db) == 40 and same_bits(db.get("kv1"), small(1))
+
+
+def test_read_only_handles_prefetch_and_pin_without_writing(store_path: Path) -> None:
+    with open_small(store_path) as db:
+        db.put("a", tensor(0))
+        db.put("b", tensor(1))
+    before = (store_path / "catalog.sqlite").stat().st_mtime_ns
+    with tierstore.open(store_path, readonly=True, l2_cache_size="4MiB") as reader:
+        assert reader.prefetch(["a"]).result(timeout=60) == ["a"]
+        assert "L2" in reader.info("a").tiers
+        with reader.pin("b"):
+            assert same_bits(reader.get("b"), tensor(1))
+        assert reader.migrate(dry_run=True) is not None
+        with pytest.raises(tierstore.ReadOnlyError):
+            reader.migrate()
+    assert (store_path / "catalog.sqlite").stat().st_mtime_ns == before
