@@ -386,7 +386,7 @@ class SlabAllocator:
             restored.append(a)
         for base, used in touched.items():
             slab = self._slabs[base]
-            slab.bump = max(used) + 1
+            slab.bump = max(used, default=-1) + 1  # a slab whose only record was refused is empty
             slab.free = [i for i in range(slab.bump) if i not in used]
             if slab.used < slab.nslots:
                 self._partial[slab.cls][base] = slab

@@ -14,9 +14,12 @@ waits for the writer instead of failing half-way.
 
 from __future__ import annotations
 
+import errno
 import importlib.resources
 import json
+import os
 import re
+import resource
 import sqlite3
 import threading
 import time
@@ -28,7 +31,7 @@ from typing import Any
 
 import sqlite_utils
 
-from .errors import CatalogError, SchemaVersionError, StoreFullError, TierStoreError
+from .errors import CatalogError, CorruptBlockError, SchemaVersionError, StoreFullError, TierStoreError
 
 __all__ = ["Catalog", "BlockRow", "SCHEMA_VERSION", "schema_scripts"]
 
@@ -111,6 +114,10 @@ SELECT s.key, s.access_count, s.last_access, b.nbytes FROM block_stats s JOIN bl
 WHERE s.access_count >= ? ORDER BY s.access_count DESC, s.last_access DESC LIMIT ?
 """
 
+HEADROOM_SUFFIX = "-headroom"
+HEADROOM = 1 << 20
+"""Disk held beside the catalog and given back when the disk is full, so that deletes can still commit."""
+
 _SCRIPT_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 
@@ -141,7 +148,8 @@ class BlockRow:
         """Build from a ``SELECT {BLOCK_COLUMNS}`` row."""
         (key, block_id, dtype, shape, nbytes, checksum, durable, codec, array, shard, offset, sizes, inner,
          stored, tiers, created, updated) = row
-        return BlockRow(key, block_id, dtype, tuple(json.loads(shape)), nbytes, checksum, bool(durable), codec,
+        _check_location(key, nbytes, array, shard, offset, sizes, inner)
+        return BlockRow(key, block_id, dtype, _checked_shape(key, shape), nbytes, checksum, bool(durable), codec,
                         array, shard, offset, sizes, inner, stored, tiers, created, updated)
 
     def to_tuple(self) -> tuple[Any, ...]:
@@ -149,6 +157,42 @@ class BlockRow:
         return (self.key, self.block_id, self.dtype, json.dumps(list(self.shape)), self.nbytes, self.checksum,
                 int(self.durable), self.codec, self.l3_array, self.l3_shard, self.l3_offset, self.l3_sizes,
                 self.l3_inner, self.stored_bytes, self.tiers, self.created, self.updated)
+
+
+_ARRAY_NAME = re.compile(r"packs/[a-z0-9-]+|blocks/[0-9a-f]{16}")
+"""The only L3 array names tierstore writes: a row naming anything else (``blocks/../..``) is damaged."""
+
+
+def _damaged(key: str, what: str) -> CorruptBlockError:
+    return CorruptBlockError(f"block {key!r}: its catalog row is damaged ({what}); restore the catalog or "
+                             "delete the key", key=key, tier="L3")
+
+
+def _checked_shape(key: str, text: Any) -> tuple[int, ...]:
+    try:
+        shape = json.loads(text)
+    except (TypeError, ValueError):
+        shape = None
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise _damaged(key, f"shape {str(text)[:60]!r}")
+    return tuple(shape)
+
+
+def _check_location(key: str, nbytes: Any, array: Any, shard: Any, offset: Any, sizes: Any, inner: Any) -> None:
+    """CorruptBlockError unless the L3 columns of a row can describe a block tierstore wrote."""
+    if type(nbytes) is not int or nbytes < 0:
+        raise _damaged(key, f"nbytes {nbytes!r}")
+    if array is None:
+        return
+    if not isinstance(array, str) or not _ARRAY_NAME.fullmatch(array):
+        raise _damaged(key, f"L3 array {str(array)[:60]!r}")
+    if any(type(v) is not int or v < 0 for v in (shard, offset)) or type(inner) is not int or inner <= 0:
+        raise _damaged(key, f"L3 shard/offset/inner {shard!r}/{offset!r}/{inner!r}")
+    if not isinstance(sizes, bytes) or len(sizes) % 4:
+        raise _damaged(key, "L3 chunk sizes")
+    chunks = len(sizes) // 4
+    if not 0 < nbytes <= chunks * inner:
+        raise _damaged(key, f"{nbytes} bytes cannot be {chunks} chunks of {inner}")
 
 
 def schema_scripts() -> list[tuple[int, str, str]]:
@@ -206,6 +250,9 @@ class Catalog:
             self._migrate(version)
         if readonly:
             conn.execute("PRAGMA query_only = 1")
+        self._headroom_gone = False
+        if not readonly:
+            self._reserve_headroom()
         self.db = sqlite_utils.Database(conn)
 
     # -- plumbing ---------------------------------------------------------------------------------
@@ -213,13 +260,29 @@ class Catalog:
     def _fail(self, exc: sqlite3.Error, what: str) -> TierStoreError:
         """The one place sqlite3 errors become tierstore errors."""
         text = str(exc)
-        if isinstance(exc, sqlite3.OperationalError) and ("disk is full" in text or "too big" in text):
+        if isinstance(exc, sqlite3.OperationalError) and ("disk is full" in text or "too big" in text
+                                                          or self._write_refused_for_size(exc)):
             return StoreFullError(f"{what}: the disk under {self.path} is full ({text}); "
                                   "free space and retry (nothing committed was lost)", path=str(self.path))
         if isinstance(exc, sqlite3.DatabaseError) and ("malformed" in text or "not a database" in text):
             return CatalogError(f"{what}: catalog {self.path} is damaged ({text}); restore it from a backup "
                                 "or run 'tierstore verify --fix' on a copy", path=str(self.path))
         return CatalogError(f"{what}: {text} (catalog {self.path})", path=str(self.path))
+
+    def _write_refused_for_size(self, exc: sqlite3.Error) -> bool:
+        """A failed write that is a size limit, not a broken disk (SQLite reports EFBIG as an I/O error)."""
+        if getattr(exc, "sqlite_errorname", "") != "SQLITE_IOERR_WRITE":
+            return False
+        try:
+            if os.statvfs(self.path.parent).f_bavail * os.statvfs(self.path.parent).f_frsize < HEADROOM:
+                return True
+            soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+            if soft == resource.RLIM_INFINITY:
+                return False
+            files = (self.path, self.path.with_name(self.path.name + "-wal"))
+            return any(f.exists() and f.stat().st_size + (1 << 16) >= soft for f in files)
+        except OSError:
+            return False
 
     def _migrate(self, current: int) -> None:
         for version, name, sql in schema_scripts():
@@ -292,13 +355,53 @@ class Catalog:
         ``next_block_id`` is recorded too, so block ids (and so file names) are never reused, even
         after the highest block is deleted: a reader's cached file can never alias a newer block.
         """
+        if self._headroom_gone:
+            self._reserve_headroom()
+        try:
+            return self._commit_blocks(rows, deletes, shard_lengths, next_block_id)
+        except StoreFullError:
+            # On a full disk SQLite cannot grow its WAL, so even a delete (the way to free space) would
+            # fail: a commit that only deletes gets the space held in reserve for this, and one retry.
+            if rows or not self._release_headroom():
+                raise
+            return self._commit_blocks(rows, deletes, shard_lengths, next_block_id)
+
+    def _reserve_headroom(self) -> None:
+        """Hold ``HEADROOM`` bytes of disk beside the catalog (best effort: a full disk leaves none)."""
+        path = self.path.with_name(self.path.name + HEADROOM_SUFFIX)
+        self._headroom_gone = True
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError:
+            return
+        try:
+            os.posix_fallocate(fd, 0, HEADROOM)
+            self._headroom_gone = False
+        except OSError as exc:
+            os.ftruncate(fd, 0)
+            self._headroom_gone = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # else: unsupported here
+        finally:
+            os.close(fd)
+
+    def _release_headroom(self) -> bool:
+        path = self.path.with_name(self.path.name + HEADROOM_SUFFIX)
+        try:
+            held = path.stat().st_size > 0
+            path.unlink()
+        except OSError:
+            return False
+        self._headroom_gone = True
+        return held
+
+    def _commit_blocks(self, rows: Sequence[BlockRow], deletes: Sequence[str],
+                       shard_lengths: dict[tuple[str, int], int], next_block_id: int) -> list[BlockRow]:
         replaced: list[BlockRow] = []
         with self.write("commit blocks") as conn:
             conn.execute(SET_META, ("next_block_id", str(next_block_id)))
             for key in [r.key for r in rows] + list(deletes):
                 old = conn.execute(GET_BLOCK, (key,)).fetchone()
                 if old is not None:
-                    replaced.append(BlockRow.from_tuple(old))
+                    replaced.append(_replaced_row(old))
             conn.executemany(UPSERT_SHARD, [(a, s, n) for (a, s), n in shard_lengths.items()])
             conn.executemany(UPSERT_BLOCK, [r.to_tuple() for r in rows])
             conn.executemany(DELETE_BLOCK, [(k,) for k in deletes])
@@ -443,9 +546,23 @@ class Catalog:
             try:
                 if not self.readonly:
                     self._conn.execute("PRAGMA optimize")
+            except sqlite3.Error:
+                pass  # (a full disk): the close below must still run, or the WAL is never checkpointed
+            try:
                 self._conn.close()
             except sqlite3.Error:
                 pass
+
+
+def _replaced_row(old: Sequence[Any]) -> BlockRow:
+    """The row being replaced or deleted; a damaged one is replaced all the same, its bytes left to recovery."""
+    try:
+        return BlockRow.from_tuple(old)
+    except CorruptBlockError:
+        nbytes = old[4] if type(old[4]) is int else 0
+        stored = old[13] if type(old[13]) is int else 0
+        return BlockRow(old[0], -1, "uint8", (nbytes,), nbytes, 0, bool(old[6]), "raw", None, None, None, None,
+                        None, stored, 0, 0.0, 0.0)
 
 
 def _prefix_upper_bound(prefix: str) -> str | None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import operator
+import os
 import threading
 import time
 import uuid
@@ -42,8 +44,10 @@ from .errors import (
     StoreClosedError,
     StoreFullError,
     StoreNotFoundError,
+    TierFullError,
     TierStoreError,
     TransactionError,
+    UnsupportedTensorError,
     translate_os_error,
 )
 from .history import Access, AccessRecorder, summarize
@@ -177,8 +181,11 @@ class TierStore:
         if config is None:
             base = CacheConfig()
             if stored is not None:
-                known = {k: v for k, v in json.loads(stored).items() if k in CacheConfig.__slots__}
-                base = CacheConfig(**known)
+                try:  # a damaged remembered config falls back to the defaults: it holds no data
+                    known = {k: v for k, v in json.loads(stored).items() if k in CacheConfig.__slots__}
+                    base = CacheConfig(**known)
+                except (ValueError, TypeError, AttributeError, RecursionError):
+                    base = CacheConfig()
             config = base
         if overrides:
             config = config.replace(**overrides)
@@ -665,6 +672,14 @@ class TierStore:
                                     tier="L1") from exc
 
     def _get(self, key: str, copy: bool) -> tuple[torch.Tensor, str]:
+        for _attempt in range(4):
+            try:
+                return self._get_once(key, copy)
+            except _Replaced:  # a writer replaced the block (and freed its file) while we read it
+                continue
+        raise TierStoreError(f"block {key!r} was replaced four times while being read; read it again", key=key)
+
+    def _get_once(self, key: str, copy: bool) -> tuple[torch.Tensor, str]:
         l2 = self._l2
         txn = self._txn()
         pending = txn.pending.get(key) if txn is not None else None
@@ -778,7 +793,7 @@ class TierStore:
         row = self._catalog.get_block(key)
         if row is None:
             raise BlockNotFoundError(f"no block {key!r} in {self.path}", key=key)
-        located = (row, location_of(row))
+        located = (_checked_size(row), location_of(row))
         with self._rows_lock:
             if generation == self._generation:  # no commit raced this lookup
                 if len(self._rows) >= _ROW_CACHE:
@@ -787,24 +802,33 @@ class TierStore:
         return located
 
     def _read(self, row: BlockRow, loc: Location) -> torch.Tensor:
-        buf = np.empty(row.nbytes, dtype=np.uint8)
+        try:
+            buf = np.empty(row.nbytes, dtype=np.uint8)
+        except MemoryError:
+            raise _no_memory(row.nbytes, f"read block {row.key!r}") from None
         row = self._read_into(row, loc, buf)
         return tensor_from_bytes(buf, dtype_from_name(row.dtype), row.shape)
 
     def _read_into(self, row: BlockRow, loc: Location, out: np.ndarray) -> BlockRow:
-        """Read and verify ``row``'s bytes into ``out``; returns the row actually read."""
+        """Read and verify ``row``'s bytes into ``out``; returns the row read.
+
+        Raises ``_Replaced`` when a writer replaced the block and freed its file meanwhile (the
+        caller reads the key again: the new version may differ in size, dtype and shape); a
+        block that compaction moved (same block id, same bytes) is followed to its new place.
+        """
         for _attempt in range(3):
             try:
                 self._l3.read_into(loc, out)
                 break
             except FileNotFoundError:
-                newer = self._catalog.get_block(row.key)  # a writer may have replaced it meanwhile
+                newer = self._catalog.get_block(row.key)
                 if newer is None:
                     raise BlockNotFoundError(f"block {row.key!r} was deleted while being read",
                                              key=row.key) from None
-                path = self._l3.shard_path(loc.array, loc.shard)
-                moved = location_of(newer) != loc  # compaction relocates a block under the same id
-                if (newer.block_id == row.block_id and not moved) or newer.nbytes != out.nbytes:
+                if newer.block_id != row.block_id:
+                    raise _Replaced from None
+                if location_of(newer) == loc:
+                    path = self._l3.shard_path(loc.array, loc.shard)
                     raise CorruptBlockError(
                         f"block {row.key!r}: its data file {path} is missing; run 'tierstore verify --fix' "
                         "to drop damaged blocks", key=row.key, path=str(path), tier="L3") from None
@@ -812,6 +836,8 @@ class TierStore:
             except CorruptBlockError as exc:
                 raise CorruptBlockError(f"block {row.key!r}: {exc.message}", key=row.key, path=exc.path,
                                         tier="L3") from None
+        else:
+            raise TierStoreError(f"block {row.key!r} kept moving while being read; read it again", key=row.key)
         if crc32c.crc32c(out.data) != row.checksum:
             raise CorruptBlockError(
                 f"block {row.key!r} failed its checksum in L3 ({loc.array}); the stored bytes are "
@@ -828,8 +854,15 @@ class TierStore:
         only it holds).
         """
         self._check_open()
-        shape = tuple(int(s) for s in shape)
+        try:
+            shape = tuple(operator.index(s) for s in shape)
+        except TypeError:
+            raise UnsupportedTensorError(f"allocate() takes a shape of ints, not {shape!r:.80}") from None
+        if not isinstance(dtype, torch.dtype) or any(s < 0 for s in shape):
+            raise UnsupportedTensorError(f"allocate() needs a torch.dtype and sizes >= 0, got {dtype!r}, {shape}")
         nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes > _physical_memory():
+            raise _no_memory(nbytes, f"allocate {shape} {dtype}")
         if device is not None:
             if self._l1 is not None and nbytes > 0 and self._on_l1(device):
                 tensor = self._l1.scratch(nbytes, dtype, shape, evict=True, spill=self._spill_l1)
@@ -840,7 +873,10 @@ class TierStore:
             tensor = self._l2.scratch(nbytes, dtype, shape)
             if tensor is not None:
                 return tensor
-        return torch.empty(shape, dtype=dtype)
+        try:
+            return torch.empty(shape, dtype=dtype)
+        except (RuntimeError, MemoryError):
+            raise _no_memory(nbytes, f"allocate {shape} {dtype}") from None
 
     def delete(self, key: str) -> None:
         """Remove ``key``; raises ``BlockNotFoundError`` if it is not there."""
@@ -889,6 +925,8 @@ class TierStore:
     def keys(self, prefix: str | None = None) -> Iterator[str]:
         """Keys in sorted order (those starting with ``prefix`` if given)."""
         self._check_open()
+        if prefix is not None and not isinstance(prefix, str):
+            raise InvalidKeyError(f"keys(prefix=...) takes a str, not {type(prefix).__name__}")
         volatile = sorted(k for k in self._volatile_keys() if prefix is None or k.startswith(prefix))
         keys: Iterator[str] = merge(self._iter_keys(prefix), volatile) if volatile else self._iter_keys(prefix)
         txn = self._txn()
@@ -1144,6 +1182,35 @@ class TierStore:
     def migrator(self) -> Migrator:
         """The store's mover (``stats()``, ``wait()``, ``plan()``, the successor table)."""
         return self._migrator
+
+
+class _Replaced(Exception):
+    """A block was replaced while being read (its file is gone): read the key again."""
+
+
+def _checked_size(row: BlockRow) -> BlockRow:
+    """``row`` if its byte count is what its dtype and shape need (a damaged catalog row is refused)."""
+    try:
+        itemsize = dtype_from_name(row.dtype).itemsize
+    except UnsupportedTensorError as exc:
+        raise UnsupportedTensorError(f"block {row.key!r}: {exc.message}", key=row.key) from None
+    if math.prod(row.shape) * itemsize != row.nbytes:
+        raise CorruptBlockError(
+            f"block {row.key!r}: its catalog row is damaged ({row.nbytes} bytes for {row.dtype} {row.shape}); "
+            "restore the catalog or delete the key", key=row.key, tier="L3")
+    return row
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # pragma: no cover - every Linux has both
+        return 1 << 62
+
+
+def _no_memory(nbytes: int, what: str) -> TierFullError:
+    return TierFullError(f"{what}: {nbytes} bytes is more memory than this machine has "
+                         f"({_physical_memory()} bytes); use a smaller block", tier="L2")
 
 
 def open_store(path: str | Path, config: CacheConfig | None = None, *, readonly: bool = False,

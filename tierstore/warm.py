@@ -60,7 +60,7 @@ def load_index(store_dir: Path, store_id: str, generation: int, capacity: int) -
     """The entries of a matching index (consumed: the file is removed), or none."""
     path = store_dir / INDEX_NAME
     try:
-        raw = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         return []
     finally:
@@ -72,8 +72,8 @@ def load_index(store_dir: Path, store_id: str, generation: int, capacity: int) -
                 or doc.get("generation") != generation or doc.get("capacity") != capacity):
             return []
         return [WarmEntry(*(int(v) for v in item)) for item in doc["entries"]]
-    except (ValueError, TypeError, KeyError):
-        return []  # a damaged index only costs a cold start
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        return []  # a damaged index only costs a cold start (UnicodeDecodeError is a ValueError)
 
 
 def warm_l2(store_dir: Path, catalog: Catalog, l2: Residency[HostArena]) -> tuple[int, int]:

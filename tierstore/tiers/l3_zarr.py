@@ -24,10 +24,12 @@ milliseconds per call); reads are one ``pread`` of contiguous chunks.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import math
 import os
+import re
 import shutil
 import threading
 from collections.abc import Iterable
@@ -57,6 +59,7 @@ _BATCH = 64
 _FD_CACHE = 128
 """Read descriptors kept open per thread (shard files are append-only, so a cached one never goes stale)."""
 _EMPTY = np.uint64(2**64 - 1)
+_BLOCK_ARRAY = re.compile(r"blocks/[0-9a-f]{16}")
 _PACK_SHAPE = PACK_MAX * (1 << 32)
 
 
@@ -167,6 +170,26 @@ def _array_meta(shape: int, shard: int, inner: int, codec: Codec, kind: str) -> 
         "dimension_names": None,
         "storage_transformers": [],
     }
+
+
+def _write_all(fd: int, pieces: list[Any], offset: int) -> int:
+    """``pwritev`` every byte of ``pieces`` at ``offset``; returns the byte count.
+
+    A short write (a full disk, a file size limit) is finished piece by piece, so the failure
+    surfaces as the ``OSError`` with its real errno (``ENOSPC``, ``EFBIG``), which callers turn
+    into ``StoreFullError``, instead of a write that silently stopped early.
+    """
+    total = sum(len(memoryview(p).cast("B")) for p in pieces)
+    written = os.pwritev(fd, pieces, offset)
+    if written < total:  # rare: copy the rest once and keep writing until the OS says why it stops
+        rest = memoryview(b"".join(bytes(p) for p in pieces))[written:]
+        while rest:
+            n = os.pwrite(fd, rest, offset + written)
+            if n <= 0:
+                raise OSError(errno.ENOSPC, "no progress writing", str(fd))
+            written += n
+            rest = rest[n:]
+    return written
 
 
 def _index_bytes(index: np.ndarray) -> bytes:
@@ -325,9 +348,7 @@ class ZarrL3:
     def _append(self, codec: Codec, pieces: list[Any], sizes: tuple[int, ...]) -> Location:
         shard = self._active_shard(codec, len(pieces))
         offset = shard.length
-        written = os.pwritev(shard.fd, pieces, offset)
-        if written != sum(sizes):
-            raise OSError(f"short write to {shard.path}: {written} of {sum(sizes)} bytes")
+        written = _write_all(shard.fd, pieces, offset)
         shard.index[shard.slot:shard.slot + len(sizes), 0] = list(itertools.accumulate(sizes[:-1], initial=offset))
         shard.index[shard.slot:shard.slot + len(sizes), 1] = sizes
         shard.slot += len(sizes)
@@ -404,15 +425,13 @@ class ZarrL3:
                     pieces: list[Any] = [chunk(i) for i in indices]
                 else:
                     pieces = list(_pool().map(lambda i: probe if i == 0 else codec.encode(chunk(i)), indices))
-                written = os.pwritev(fd, pieces, offset)
-                if written != sum(len(p) for p in pieces):
-                    raise OSError(f"short write to {path}")
+                written = _write_all(fd, pieces, offset)
                 sizes.extend(len(p) for p in pieces)
                 offset += written
             index = np.empty((count, 2), dtype=np.uint64)
             index[:, 1] = sizes
             index[:, 0] = np.concatenate(([0], np.cumsum(sizes[:-1], dtype=np.int64)))
-            os.pwrite(fd, _index_bytes(index), offset)
+            _write_all(fd, [_index_bytes(index)], offset)
             if self.fsync:
                 os.fdatasync(fd)
         finally:
@@ -428,7 +447,7 @@ class ZarrL3:
         lengths: dict[tuple[str, int], int] = {}
         for key, shard in self._touched.items():
             tail = _index_bytes(shard.index)  # the shard stays a valid zarr shard after every commit
-            os.pwrite(shard.fd, tail, shard.length)
+            _write_all(shard.fd, [tail], shard.length)
             shard.length += len(tail)
             if self.fsync:
                 os.fdatasync(shard.fd)
@@ -475,7 +494,7 @@ class ZarrL3:
     def free(self, locations: Iterable[Location]) -> None:
         """Release committed blocks that no row points at any more (after the catalog commit)."""
         for loc in locations:
-            if loc.array.startswith("blocks/"):
+            if _BLOCK_ARRAY.fullmatch(loc.array):  # never a path a damaged catalog row made up
                 self._forget_fd(f"{self._root}/{loc.array}/0")
                 shutil.rmtree(self.root / loc.array, ignore_errors=True)
         # packed bytes stay as dead space in their shard until compaction rewrites it
@@ -521,7 +540,10 @@ class ZarrL3:
             self._decode(sub, memoryview(data), out[lo:hi], path)
 
     def _decode(self, loc: Location, data: memoryview, out: np.ndarray, path: str) -> None:
-        codec = codec_from_id(loc.codec)
+        try:
+            codec = codec_from_id(loc.codec)
+        except ValueError as exc:
+            raise CorruptBlockError(f"{path}: {exc}", path=path, tier="L3") from None
         inner, nbytes = loc.inner, out.nbytes
         if len(loc.sizes) == 1:  # the common small block: one granule, no bookkeeping
             try:
