@@ -369,3 +369,21 @@ def test_replay_text_output(tmp_path: Path) -> None:
                 out=lambda line: buffer.write(line + "\n"))
     text = buffer.getvalue()
     assert "lru" in text and "opt" in text and "0.000" in text
+
+
+def test_replay_successor_prefetch(tmp_path: Path) -> None:
+    # 3 chains of 4 blocks, round robin, through 2 entries: on demand nothing is ever a hit; with
+    # successor prefetch, once a follower has been seen twice (min_count) it is fetched ahead and hits
+    trace = tmp_path / "chains.txt"
+    chains = [[10 * c + b for b in range(4)] for c in range(3)]
+    keys = [k for _ in range(10) for chain in chains for k in chain]
+    trace.write_text("\n".join(map(str, keys)))
+    printed: list[str] = []
+    replay.main([str(trace), "--capacity", "2", "--policy", "lru,predictive", "--json", "--quiet",
+                 "--prefetch"], out=printed.append)
+    document = json.loads(printed[0])
+    assert document["results"]["lru"]["2"] == 0.0
+    # passes 1 and 2 learn each follower (the last block of a chain is followed by the next chain's
+    # first); from pass 3 on every access hits, but the first of pass 3, whose pair was seen once
+    assert document["results"]["predictive"]["2"] == pytest.approx((11 + 7 * 12) / len(keys))
+    assert document["prefetched"]["2"] >= 11 + 7 * 12
