@@ -175,7 +175,8 @@ class PredictivePolicy(Generic[K]):
 
     ``capacity`` is in the unit of the sizes given to ``insert`` (entries by default). With byte
     sizes, pass ``block_size``, a typical block's size: the experts count ``capacity // block_size``
-    entries.
+    entries. ``prediction_window`` and ``prediction_threshold`` (the config's knobs) are kept as
+    attributes for the store's successor prefetch; the panel itself does not use them.
 
     Chains: ``insert(key, parent=...)`` links a key to the prefix it extends. The victim is always
     a key with no resident extensions: when the chosen key has some, its chain tail goes first,
