@@ -105,6 +105,10 @@ class Residency(Generic[A]):
         self.volatile_keys: set[str] = set()
         self.pinned: dict[str, int] = {}
         """Pin counts by key (see :meth:`pin`): a key's entry carries them across replacements."""
+        self._parent: dict[str, str] = {}
+        """Chain links of resident keys (``put(..., parent=...)``): key -> the block it extends."""
+        self._children: dict[str, dict[str, None]] = {}
+        """Resident extensions of each key (dicts, not sets: the walk to a tail is reproducible)."""
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -212,7 +216,7 @@ class Residency(Generic[A]):
         """Evict (or skip, into ``skipped``) the policy's next victim; False when there is none left."""
         if not len(self.policy):
             return False
-        entry = self.entries[self.policy.victim()]
+        entry = self.entries[self._chain_tail(self.policy.victim())]
         if entry.evictable and entry.volatile and spill is not None and spill(entry):
             self.spills += 1
         if not entry.evictable or entry.volatile:  # held, pinned, or its only copy
@@ -223,14 +227,31 @@ class Residency(Generic[A]):
         self._kill(entry)
         return True
 
+    def _chain_tail(self, key: str) -> str:
+        """``key``, or the tail of its resident chain: a block is useless once a block before it is
+        gone, so a chain is evicted from its tail (children before their parents)."""
+        children, policy = self._children, self.policy
+        for _ in range(len(children)):  # bounded against cycles
+            below = children.get(key)
+            nxt = next((c for c in below if c in policy), None) if below else None
+            if nxt is None:
+                break
+            key = nxt
+        return key
+
     def _restore(self, skipped: list[Resident]) -> None:
         for entry in skipped:
             if self.entries.get(entry.key) is entry:
                 self.policy.insert(entry.key, entry.alloc.size)
 
     def admit(self, key: str, block_id: int, alloc: Allocation, dtype: torch.dtype, shape: tuple[int, ...],
-              checksum: int, *, volatile: bool = False, generation: int | None = None) -> Resident | None:
-        """Make the block in ``alloc`` resident; None (and the slot freed) if a newer version raced it."""
+              checksum: int, *, volatile: bool = False, generation: int | None = None,
+              parent: str | None = None) -> Resident | None:
+        """Make the block in ``alloc`` resident; None (and the slot freed) if a newer version raced it.
+
+        ``parent`` names the block this one extends in a chain (a KV-cache prefix block): while
+        both are resident, eviction takes this one (the chain's tail) before its parent.
+        """
         with self.lock:
             if generation is not None and generation != self.generation:
                 self.arena.free(alloc)
@@ -242,6 +263,9 @@ class Residency(Generic[A]):
             self.entries[key] = entry
             if volatile:
                 self.volatile_keys.add(key)
+            if parent is not None and parent != key:
+                self._parent[key] = parent
+                self._children.setdefault(parent, {})[key] = None
             self.policy.insert(key, alloc.size)
             return entry
 
@@ -319,6 +343,13 @@ class Residency(Generic[A]):
         if self.entries.get(entry.key) is entry:
             del self.entries[entry.key]
             self.volatile_keys.discard(entry.key)
+            parent = self._parent.pop(entry.key, None)
+            if parent is not None:
+                siblings = self._children.get(parent)
+                if siblings is not None:
+                    siblings.pop(entry.key, None)
+                    if not siblings:
+                        del self._children[parent]
         self.policy.remove(entry.key)
         entry.dead = True
         if entry.base is None:

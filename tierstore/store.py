@@ -120,6 +120,7 @@ class TierStore:
         self._write_mutex = threading.RLock()
         self._local = threading.local()
         self._counts = {"get": 0, "put": 0, "delete": 0}
+        self._chain_parent: dict[str, str] = {}  # put(parent=...) links until the commit settles L2
         self._hits = {"L1": 0, "L2": 0, "L3": 0}
         self._l3 = ZarrL3(self.path, fsync=self.config.fsync, readonly=self.readonly)
         self.recovery = RecoveryReport()
@@ -370,9 +371,10 @@ class TierStore:
         for key, change in txn.pending.items():
             l2.discard(key)
             row = change.row
+            parent = self._chain_parent.pop(key, None)
             if row is not None and change.slot is not None:
                 l2.admit(key, row.block_id, change.slot, dtype_from_name(row.dtype), row.shape, row.checksum,
-                         volatile=key in l2_only)
+                         volatile=key in l2_only, parent=parent)
 
     def _txn(self) -> Txn | None:
         txn: Txn | None = getattr(self._local, "txn", None)
@@ -380,7 +382,7 @@ class TierStore:
 
     # -- blocks -------------------------------------------------------------------------------------
 
-    def put(self, key: str, tensor: torch.Tensor, *, durable: bool = True) -> None:
+    def put(self, key: str, tensor: torch.Tensor, *, durable: bool = True, parent: str | None = None) -> None:
         """Store ``tensor`` under ``key`` (replacing any earlier version).
 
         Outside a transaction the put is its own transaction: when it returns, the block is on
@@ -389,10 +391,17 @@ class TierStore:
         is dropped when the store is next opened. A cache-only tensor already on the L1 device
         stays there (a device-to-device copy, no trip through the host); evicted from L1, it is
         written back to L2, or to L3 when L2 has no room, never dropped.
+
+        ``parent`` names the block this one extends in a chain (KV-cache blocks keyed by a chain of
+        prefix hashes): while both are in L2, L2 evicts the chain's tail first, since a block helps
+        only if every block before it is present. The link lives in memory, for this handle.
         """
         self._check_writable()
         check_key(key)
         check_tensor(tensor)
+        if parent is not None:
+            check_key(parent)
+            self._chain_parent[key] = parent
         txn = self._txn()
         if txn is None:
             with self.transaction():

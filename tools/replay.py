@@ -38,7 +38,7 @@ from replay_policies import CHUNK, SIMULATORS, Progress
 from replay_store import STORE_POLICIES, replay_store, round_capacity, simulate_policy
 
 from tierstore.policies import access
-from tierstore.predict import PredictivePolicy
+from tierstore.predict import PredictivePolicy, SuccessorTable
 
 DEFAULT_CAPACITIES = "1%,5%,10%,25%"
 DEFAULT_POLICIES = "lru,fifo,lfu,arc,s3fifo,wtinylfu,opt,predictive"
@@ -46,17 +46,36 @@ POLICIES = (*SIMULATORS, "predictive")
 
 
 def simulate_predictive(keys: list[int], capacity: int, progress: Progress,
-                        parents: list[int] | None = None) -> bytearray:
-    """Drive the store's predictive policy through the protocol's reference driver."""
+                        parents: list[int] | None = None, prefetch: list[int] | None = None) -> bytearray:
+    """Drive the store's predictive policy through the protocol's reference driver.
+
+    With ``prefetch`` (a one-item list that receives the count of blocks fetched ahead), after each
+    access the likely successors of the key, as the store's prefetcher learns them
+    (:class:`tierstore.predict.SuccessorTable`, fed with the stream), are brought in ahead of use:
+    evicting by policy like a miss does, but not counted as an access.
+    """
     policy: PredictivePolicy[int] = PredictivePolicy(capacity)
+    table: SuccessorTable[int] | None = SuccessorTable() if prefetch is not None else None
     hits = bytearray(len(keys))
+    previous = -1
     for start in range(0, len(keys), CHUNK):
         stop = min(start + CHUNK, len(keys))
         for i in range(start, stop):
+            key = keys[i]
             parent = parents[i] if parents is not None else None
             chain = None if parent is None or parent < 0 else parent
-            if access(policy, keys[i], float(i), capacity, 1, chain):
+            if access(policy, key, float(i), capacity, 1, chain):
                 hits[i] = 1
+            if table is not None and prefetch is not None:
+                if previous >= 0:
+                    table.add(previous, key)
+                previous = key
+                for ahead in table.likely(key)[:1]:
+                    if ahead not in policy:
+                        while policy.used + 1 > capacity:
+                            policy.remove(policy.victim())
+                        policy.insert(ahead, 1, key if parents is not None else None)
+                        prefetch[0] += 1
         progress(stop)
     return hits
 
@@ -113,8 +132,13 @@ class Reporter:
 
 
 def run(trace: Trace, policies: Sequence[str], capacities: dict[str, int], prefix_aware: bool,
-        quiet: bool) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]], dict[str, float]]:
-    """Hit rates per policy and capacity; prefix-aware ones for request traces; accesses/s per policy."""
+        quiet: bool, prefetched: dict[str, int] | None = None
+        ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]], dict[str, float]]:
+    """Hit rates per policy and capacity; prefix-aware ones for request traces; accesses/s per policy.
+
+    With ``prefetched`` (a dict), the predictive policy prefetches likely successors and the count
+    of blocks it fetched ahead, per capacity, is stored there.
+    """
     uniques, inverse = np.unique(trace.keys, return_inverse=True)
     dense = inverse.reshape(-1).astype(np.int64)
     keys = [int(k) for k in dense.tolist()]
@@ -130,7 +154,10 @@ def run(trace: Trace, policies: Sequence[str], capacities: dict[str, int], prefi
             progress = reporter.start(f"{name} @ {label} ({capacity} entries)")
             began = time.perf_counter()
             if name == "predictive":
-                hits = simulate_predictive(keys, capacity, progress, parents)
+                ahead = [0] if prefetched is not None else None
+                hits = simulate_predictive(keys, capacity, progress, parents, ahead)
+                if prefetched is not None and ahead is not None:
+                    prefetched[label] = ahead[0]
             else:
                 hits = SIMULATORS[name](keys, unique, capacity, progress)
             took = time.perf_counter() - began
@@ -224,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot", type=Path, default=None, help="write hit rate vs capacity to this PNG")
     parser.add_argument("--prefix-aware", action="store_true",
                         help="give the predictive policy each block's chain parent (request traces)")
+    parser.add_argument("--prefetch", action="store_true",
+                        help="the predictive policy also fetches each key's likely successor ahead of use "
+                             "(not demand caching: compare with OPT only with the prefetch count in view)")
     parser.add_argument("--store", action="store_true",
                         help="also replay through a real store (lru, fifo, lfu, predictive); use --limit")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -247,7 +277,8 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
               + ", ".join(f"{k}={v}" for k, v in capacities.items()), file=sys.stderr)
         if trace.note:
             print(f"note: {trace.note}", file=sys.stderr)
-    results, prefix, speed = run(trace, policies, capacities, args.prefix_aware, args.quiet)
+    prefetched: dict[str, int] | None = {} if args.prefetch else None
+    results, prefix, speed = run(trace, policies, capacities, args.prefix_aware, args.quiet, prefetched)
     store = run_store(trace, policies, capacities, args.quiet) if args.store else {}
     if args.json:
         document: dict[str, object] = {"trace": path.name, "accesses": n, "unique": unique,
@@ -255,6 +286,8 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
         if prefix:
             document["prefix_results"] = prefix
         document["accesses_per_second"] = {k: round(v) for k, v in speed.items()}
+        if prefetched is not None:
+            document["prefetched"] = prefetched
         if store:
             document["store"] = store
         out(json.dumps(document))
@@ -264,6 +297,9 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
         if prefix:
             out(format_table(prefix, "prefix-aware hit rate (a request's hits stop at its first miss)"))
         out("accesses/s: " + ", ".join(f"{k} {v / 1e3:.0f}k" for k, v in speed.items()))
+        if prefetched is not None:
+            out("prefetched by predictive (blocks fetched ahead of use): "
+                + ", ".join(f"{k} {v}" for k, v in prefetched.items()))
         if store:
             out(format_store(store))
     if args.plot is not None:
