@@ -18,16 +18,7 @@ import pytest
 from tierstore.errors import ConfigError, TierFullError
 from tierstore.policies import FIFO, LFU, LRU, Policy, access, make_policy
 from tierstore.predict import AccessPatternTracker, PredictivePolicy, SimpleMLPredictor
-from tierstore.shadow_caches import (
-    ShadowARC,
-    ShadowCache,
-    ShadowFIFO,
-    ShadowLFU,
-    ShadowLRU,
-    ShadowNextUse,
-    ShadowS3FIFO,
-    ShadowWTinyLFU,
-)
+from tierstore.shadow_caches import ShadowARC, ShadowCache, ShadowLRU, ShadowS3FIFO, ShadowWTinyLFU
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
 sys.path.insert(0, str(TOOLS))
@@ -142,7 +133,7 @@ def test_scan_resistant_policies_beat_lru_on_hot_set_plus_scan() -> None:
         assert sum(simulate(name, keys, 30)) > lru, name
 
 
-@pytest.mark.parametrize("shadow", [ShadowLRU, ShadowFIFO, ShadowLFU, ShadowARC, ShadowS3FIFO, ShadowWTinyLFU])
+@pytest.mark.parametrize("shadow", [ShadowLRU, ShadowARC, ShadowS3FIFO, ShadowWTinyLFU])
 def test_shadows_reproduce_reference_simulators(shadow: Callable[[int], ShadowCache[int]]) -> None:
     keys = zipf_trace(4000, 500, seed=3)
     dense = np.unique(np.asarray(keys), return_inverse=True)[1].reshape(-1).tolist()
@@ -236,55 +227,6 @@ def test_predictive_stays_within_capacity_and_is_deterministic() -> None:
     assert sum(runs[0]) <= sum(simulate("opt", keys, 40))
 
 
-def test_next_use_shadow_keeps_a_fixed_subset_of_a_loop() -> None:
-    cache: ShadowNextUse[int] = ShadowNextUse(4)
-    hits = 0
-    for key in loop_trace(10, 20):
-        hits += key in cache
-        cache.access(key)
-    # like OPT with bypass on a loop of 10 through 4 slots: 4 hits on every pass after the first
-    assert hits == sum(simulate("opt", loop_trace(10, 20), 4)) == 4 * 19
-    assert sum(1 for _ in cache) == 4
-
-
-def test_next_use_shadow_evicts_the_key_expected_back_last() -> None:
-    cache: ShadowNextUse[str] = ShadowNextUse(2)  # an unseen key is given a gap of 2 * 2
-    for key in ["a", "b", "a", "c", "c", "b"]:  # ticks 1..6
-        assert cache.access(key) is None
-    # c (expected at 4 + 4, then 5 + 1) never came before b (expected at 2 + 4): never admitted.
-    # Now a is expected at 3 + 2 = 5 (overdue at 3 + 2 * 2 = 7), b at 6 + 4 = 10.
-    assert set(cache) == {"a", "b"}
-    assert cache.access("d") is None and "d" not in cache  # tick 7: expected at 11, after b
-    assert cache.access("e") == "a"  # tick 8: a has overstayed twice its gap and goes first
-    assert set(cache) == {"b", "e"}
-
-
-def test_predictive_follows_the_best_expert() -> None:
-    # a loop longer than the cache: only the next-use expert scores, so the tier must follow it
-    keys = loop_trace(300, 40)
-    policy: PredictivePolicy[int] = PredictivePolicy(100)
-    ours = sum(replay_policy(policy, keys, 100))
-    assert policy.leader == "nextuse" and policy.switches >= 1
-    assert ours >= 0.8 * sum(simulate("opt", keys, 100))
-    # one expert only: the tier holds exactly what that policy would, access for access
-    zipf = zipf_trace(3000, 300, seed=5)
-    for name in ("lru", "arc", "s3fifo", "wtinylfu", "lfu"):
-        only: PredictivePolicy[int] = PredictivePolicy(40, experts=(name,))
-        assert replay_policy(only, zipf, 40) == [bool(h) for h in simulate(name, zipf, 40)], name
-
-
-def test_predictive_sampled_panel_stays_within_capacity() -> None:
-    keys = zipf_trace(20000, 4000, seed=6)
-    policy: PredictivePolicy[int] = PredictivePolicy(1000, sample_entries=64)
-    assert policy.rate == pytest.approx(0.064)
-    hits = replay_policy(policy, keys, 1000)
-    assert len(policy) <= 1000 and policy.used == len(policy)
-    assert sum(hits) >= sum(simulate("lru", keys, 1000)) * 0.95
-    assert sum(hits) <= sum(simulate("opt", keys, 1000))
-    with pytest.raises(ConfigError):
-        PredictivePolicy(10, experts=("belady",))
-
-
 def test_predictive_evicts_chain_tails_first() -> None:
     policy: PredictivePolicy[str] = PredictivePolicy(3)
     replay_policy(policy, ["a", "b", "c"], 3, parents=[None, "a", "b"])
@@ -369,25 +311,3 @@ def test_replay_text_output(tmp_path: Path) -> None:
                 out=lambda line: buffer.write(line + "\n"))
     text = buffer.getvalue()
     assert "lru" in text and "opt" in text and "0.000" in text
-
-
-def test_replay_successor_prefetch(tmp_path: Path) -> None:
-    # 3 chains of 4 blocks, round robin, through 2 entries: on demand nothing is ever a hit; with
-    # successor prefetch, once a follower has been seen twice (min_count) it is fetched ahead and hits
-    trace = tmp_path / "chains.txt"
-    chains = [[10 * c + b for b in range(4)] for c in range(3)]
-    keys = [k for _ in range(10) for chain in chains for k in chain]
-    trace.write_text("\n".join(map(str, keys)))
-    printed: list[str] = []
-    replay.main([str(trace), "--capacity", "2", "--policy", "lru,predictive", "--json", "--quiet",
-                 "--prefetch"], out=printed.append)
-    document = json.loads(printed[0])
-    assert document["results"]["lru"]["2"] == 0.0
-    # passes 1 and 2 learn each follower (the last block of a chain is followed by the next chain's
-    # first); from pass 3 on every access hits, but the first of pass 3, whose pair was seen once
-    assert document["results"]["predictive"]["2"] == pytest.approx((11 + 7 * 12) / len(keys))
-    assert 0 < document["prefetched"]["2"] <= len(keys)
-    printed.clear()
-    replay.main([str(trace), "--capacity", "2", "--policy", "predictive", "--json", "--quiet"], out=printed.append)
-    plain = json.loads(printed[0])
-    assert "prefetched" not in plain and plain["results"]["predictive"]["2"] < 0.1

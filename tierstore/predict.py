@@ -11,21 +11,22 @@ store, the access index in the simulator); everything else is counted in *ticks*
   ``horizon`` ticks and 0 when the horizon passes first. Logistic regression, not something
   heavier, because it trains in O(features) per access in pure Python, never needs a batch, and its
   output is a probability that ``prediction_threshold`` can gate directly.
-* :class:`PredictivePolicy` follows whichever of a panel of policies run as sampled shadows
-  (:mod:`tierstore.shadow_caches`: the classics and a predicted-next-use expert) currently scores
-  best on the recent stream.
+* :class:`PredictedNextUse` applies Belady's rule to those predictions (evict the key expected back
+  last); :class:`PredictivePolicy` follows it or, where they do better on the recent stream, one of
+  a panel of classic policies run as shadows (:mod:`tierstore.shadow_caches`).
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import OrderedDict, deque
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from typing import Generic, TypeVar
 
 from .access_tracker import AccessPatternTracker, KeyStats
 from .errors import ConfigError, TierFullError
-from .shadow_caches import SHADOWS, ShadowCache, ShadowNextUse
+from .shadow_caches import ShadowARC, ShadowCache, ShadowLRU, ShadowS3FIFO, ShadowWTinyLFU
 
 __all__ = ["KeyStats", "AccessPatternTracker", "SimpleMLPredictor", "PredictivePolicy", "SuccessorTable"]
 
@@ -33,7 +34,7 @@ K = TypeVar("K", bound=Hashable)
 
 
 _FEATURES = 8
-EXPERTS = tuple(SHADOWS)
+EXPERTS = ("predicted", "lru", "arc", "s3fifo", "wtinylfu")
 
 
 class SimpleMLPredictor(Generic[K]):
@@ -141,42 +142,103 @@ class SimpleMLPredictor(Generic[K]):
         return [(other, p) for other, p in self.tracker.successors(key)[:k] if p >= self.threshold]
 
 
-_MIX = 0x9E3779B97F4A7C15  # Fibonacci hashing: spreads consecutive ids over the sample space
-_SPACE = 1 << 24
-_MASK = _SPACE - 1
+class PredictedNextUse(Generic[K]):
+    """Shadow expert: Belady's rule on predictions, evicting the key expected back last.
+
+    A key expected back sooner than everything resident is kept; a newcomer expected back later
+    than every resident key is not admitted at all (on a loop longer than the cache that keeps a
+    fixed subset and scores like OPT, where LRU scores zero). A key that overstays twice its
+    expected gap is taken for dead and goes first, so stale predictions cannot pin it forever.
+    Two lazy heaps (furthest expected access, earliest deadline) make each access O(log n).
+    """
+
+    name = "predicted"
+
+    def __init__(self, capacity: int, predictor: SimpleMLPredictor[K], *, patience: float = 2.0) -> None:
+        self.capacity = max(1, capacity)
+        self.predictor = predictor
+        self.patience = patience
+        self._version: dict[K, int] = {}
+        self._far: list[tuple[float, int, K]] = []  # (-expected tick, version, key)
+        self._due: list[tuple[float, int, K]] = []  # (deadline tick, version, key)
+        self._serial = 0
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._version
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(self._version)
+
+    def _push(self, key: K, expected: float, now: int) -> None:
+        self._serial += 1
+        serial = self._version[key] = self._serial
+        heapq.heappush(self._far, (-expected, serial, key))
+        heapq.heappush(self._due, (now + self.patience * max(1.0, expected - now), serial, key))
+        if len(self._far) > 4 * self.capacity + 64:  # drop stale entries now and then
+            self._far = [e for e in self._far if self._version.get(e[2]) == e[1]]
+            self._due = [e for e in self._due if self._version.get(e[2]) == e[1]]
+            heapq.heapify(self._far)
+            heapq.heapify(self._due)
+
+    def _top(self, heap: list[tuple[float, int, K]]) -> tuple[float, int, K]:
+        version = self._version
+        while version.get(heap[0][2]) != heap[0][1]:
+            heapq.heappop(heap)
+        return heap[0]
+
+    def access(self, key: K) -> K | None:
+        now = self.predictor.tracker.tick
+        expected = self.predictor.expected_next_tick(key)
+        if key in self._version or len(self._version) < self.capacity:
+            self._push(key, expected, now)
+            return None
+        deadline, _, victim = self._top(self._due)
+        if deadline >= now:
+            far, _, victim = self._top(self._far)
+            if -far <= expected:
+                return None  # the newcomer is expected back last: do not admit it
+        del self._version[victim]
+        self._push(key, expected, now)
+        return victim
 
 
-def _spot(key: Hashable) -> int:
-    """Where ``key`` falls in ``[0, 2**24)``: a key is sampled when this is below rate * 2**24."""
-    return ((hash(key) * _MIX) >> 20) & _MASK
+def _build_experts(names: tuple[str, ...], capacity: int, patience: float,
+                   predictor: SimpleMLPredictor[K]) -> list[ShadowCache[K]]:
+    experts: list[ShadowCache[K]] = []
+    for name in names:
+        if name == PredictedNextUse.name:
+            experts.append(PredictedNextUse(capacity, predictor, patience=patience))
+        elif name == "lru":
+            experts.append(ShadowLRU(capacity))
+        elif name == "arc":
+            experts.append(ShadowARC(capacity))
+        elif name == "s3fifo":
+            experts.append(ShadowS3FIFO(capacity))
+        elif name == "wtinylfu":
+            experts.append(ShadowWTinyLFU(capacity))
+        else:
+            raise ConfigError(f"unknown expert {name!r}; choose from {', '.join(EXPERTS)}")
+    return experts
 
 
 class PredictivePolicy(Generic[K]):
-    """Follow whichever of a panel of policies currently scores best, scored on a sample of keys.
+    """Evict by prediction, following whichever expert of a small panel currently scores best.
 
-    The panel: shadow copies (:mod:`tierstore.shadow_caches`) of LRU, FIFO, LFU, ARC, S3-FIFO,
-    W-TinyLFU and a predicted-next-use expert (:class:`~tierstore.shadow_caches.ShadowNextUse`,
-    Belady's rule on each key's last reuse gap, which is what wins on loops and scans). Like the
-    miniature simulations of Waldspurger et al. (ATC'17, SHARDS), the panel sees only the keys whose
-    hash falls in a spatial sample of rate ``sample_entries / capacity`` (all keys for small caches),
-    each shadow scaled down to ``capacity * rate`` entries, so scoring costs one hash per access plus
-    panel work on a few percent of them.
+    The panel: the predictor's own Belady approximation (:class:`PredictedNextUse`) plus shadow
+    copies of S3-FIFO, ARC, W-TinyLFU and LRU (:mod:`tierstore.shadow_caches`). Every access is fed to
+    all of them; each counts the hits it would have had at ``capacity``. Every ``epoch`` accesses
+    the scores decay (a memory of about ``window`` accesses) and the leader may change. The real
+    tier follows the leader's *contents*: it evicts first the resident keys the leader no longer
+    holds (oldest first) and admits only what the leader admitted, so under a steady leader the tier
+    holds exactly what that expert would, and under a changing workload it tracks the best one.
 
-    One full-size copy of the leading expert runs on every access, and the tier follows its
-    *contents*: it evicts first the resident keys the leader no longer holds (oldest first) and
-    admits only what the leader admitted, so under a steady leader the tier holds exactly what that
-    policy would. Every ``epoch`` accesses the panel's hit counts decay (a memory of about
-    ``window`` accesses); a challenger takes over only when it leads by more than ``switch_cost``
-    times the number of keys the candidate holds and the tier lacks (a switch costs up to one miss
-    for each of them), and by more than ``confidence`` standard deviations of the sampled counts;
-    while the tier is still filling, switching is free. A candidate is built and warmed by
-    replaying the last ``4 * capacity`` accesses through it; a rejected one is retried after an
-    exponentially growing number of epochs, so building candidates stays rare.
+    Changing leader costs one miss for each key the new leader holds and the tier lacks (measured
+    on the traces: it is that expensive), so a challenger must be ahead by more hits than that.
+    The first expert leads until then: S3-FIFO, the best classic policy on most traces measured.
 
     ``capacity`` is in the unit of the sizes given to ``insert`` (entries by default). With byte
     sizes, pass ``block_size``, a typical block's size: the experts count ``capacity // block_size``
-    entries. ``prediction_window`` and ``prediction_threshold`` (the config's knobs) are kept as
-    attributes for the store's successor prefetch; the panel itself does not use them.
+    entries. The knobs after it are the panel's tuning, measured in ``tools/replay.py``.
 
     Chains: ``insert(key, parent=...)`` links a key to the prefix it extends. The victim is always
     a key with no resident extensions: when the chosen key has some, its chain tail goes first,
@@ -186,40 +248,26 @@ class PredictivePolicy(Generic[K]):
     name = "predictive"
 
     def __init__(self, capacity: int, *, prediction_window: int = 200, prediction_threshold: float = 0.7,
-                 experts: tuple[str, ...] = ("s3fifo", "arc", "wtinylfu", "nextuse", "lru", "lfu", "fifo"),
+                 experts: tuple[str, ...] = ("s3fifo", "arc", "wtinylfu", "predicted", "lru"),
                  epoch: int | None = None, window: int | None = None, switch_cost: float = 1.0,
-                 sample_entries: int = 1024, confidence: float = 2.0, patience: float = 2.0,
-                 block_size: int = 1) -> None:
+                 horizon_factor: int = 2, patience: float = 2.0, block_size: int = 1) -> None:
         if capacity < 1 or block_size < 1:
             raise ConfigError(f"the predictive policy needs a capacity of at least 1 entry, got {capacity} "
                               f"with block_size={block_size}")
-        unknown = [e for e in experts if e not in SHADOWS]
-        if unknown or not experts:
-            raise ConfigError(f"unknown expert {', '.join(unknown) or '(none)'}; choose from {', '.join(SHADOWS)}")
         self.capacity = capacity
-        entries = max(1, capacity // block_size)  # the experts count entries
-        self.entries = entries
-        self.prediction_window = prediction_window
-        self.prediction_threshold = prediction_threshold
-        self.names = tuple(experts)
-        self.patience = patience
-        self.rate = min(1.0, max(1, sample_entries) / entries)
-        self._cut = int(self.rate * _SPACE) if self.rate < 1.0 else _SPACE
-        self.experts: list[ShadowCache[K]] = [self._make(name, max(1, round(entries * self.rate)))
-                                              for name in experts]
-        self.epoch = epoch or max(64, entries // 8)
-        self.window = max(window or max(8192, 16 * entries), 2 * self.epoch)
+        capacity = max(1, capacity // block_size)  # the experts count entries
+        self.tracker: AccessPatternTracker[K] = AccessPatternTracker(prediction_window)
+        horizon = max(prediction_window, horizon_factor * capacity)
+        self.predictor = SimpleMLPredictor(self.tracker, horizon=horizon, threshold=prediction_threshold)
+        self.experts = _build_experts(experts, capacity, patience, self.predictor)
+        self.epoch = epoch or max(64, capacity // 8)
+        self.window = max(window or max(8192, 16 * capacity), 2 * self.epoch)
         self.decay = 1.0 - self.epoch / self.window
         self.switch_cost = switch_cost
-        self.confidence = confidence
-        self._wait = 0
-        self._backoff = 1
-        self.scores = [0.0] * len(experts)
+        self.scores = [0.0] * len(self.experts)
         self.switches = 0
-        self._hits = [0] * len(experts)
+        self._hits = [0] * len(self.experts)
         self._leader = 0
-        self._lead: ShadowCache[K] = self._make(experts[0], entries)
-        self._history: deque[K] = deque(maxlen=4 * entries)
         self._countdown = self.epoch
         self._resident: OrderedDict[K, int] = OrderedDict()  # key -> size, least recently used first
         self._outside: OrderedDict[K, None] = OrderedDict()  # resident, but not held by the leader
@@ -228,12 +276,6 @@ class PredictivePolicy(Generic[K]):
         # resident extensions of each key; dicts, not sets, so the walk to a tail is reproducible
         self._children: dict[K, dict[K, None]] = {}
 
-    def _make(self, name: str, entries: int) -> ShadowCache[K]:
-        if name == "nextuse":
-            return ShadowNextUse(entries, patience=self.patience)
-        shadow: ShadowCache[K] = SHADOWS[name](entries)
-        return shadow
-
     @property
     def used(self) -> int:
         return self._used
@@ -241,7 +283,7 @@ class PredictivePolicy(Generic[K]):
     @property
     def leader(self) -> str:
         """Name of the expert the tier currently follows."""
-        return self.names[self._leader]
+        return self.experts[self._leader].name
 
     def __contains__(self, key: object) -> bool:
         return key in self._resident
@@ -250,18 +292,16 @@ class PredictivePolicy(Generic[K]):
         return len(self._resident)
 
     def record_access(self, key: K, now: float) -> None:
-        if self._cut == _SPACE or ((hash(key) * _MIX) >> 20) & _MASK < self._cut:  # _spot, inlined
-            hits = self._hits
-            for i, expert in enumerate(self.experts):
-                if key in expert:
-                    hits[i] += 1
-                expert.access(key)
-        self._history.append(key)
-        lead = self._lead
-        gone = lead.access(key)
-        resident, outside = self._resident, self._outside
-        if gone is not None and gone in resident:
-            outside[gone] = None
+        self.tracker.record(key, now)
+        self.predictor.observe(key)
+        lead = self.experts[self._leader]
+        resident, outside, hits = self._resident, self._outside, self._hits
+        for i, expert in enumerate(self.experts):
+            if key in expert:
+                hits[i] += 1
+            gone = expert.access(key)
+            if expert is lead and gone is not None and gone in resident:
+                outside[gone] = None
         if key in resident:
             resident.move_to_end(key)
             if key in outside and key in lead:
@@ -274,43 +314,29 @@ class PredictivePolicy(Generic[K]):
         self._countdown = self.epoch
         scores, hits = self.scores, self._hits
         for i, count in enumerate(hits):
-            scores[i] = scores[i] * self.decay + count  # ~ sampled hits over the last `window` accesses
+            scores[i] = scores[i] * self.decay + count  # ~ hits over the last `window` accesses
             hits[i] = 0
         best = max(range(len(scores)), key=scores.__getitem__)
-        if best == self._leader:
-            self._wait = 0
+        gain = scores[best] - scores[self._leader]
+        if best == self._leader or gain < 1.0:
             return
-        lead_gain = scores[best] - scores[self._leader]
-        gain = lead_gain / self.rate  # in hits at full scale
-        noise = self.confidence * math.sqrt(scores[best] + scores[self._leader])  # of sampled counts
-        if gain < 1.0 or lead_gain <= noise or self._wait > 0:
-            self._wait -= 1
+        # Switching is not free: the tier lacks what the new leader holds and misses once on each
+        # of those keys that comes back. Switch only when the advantage outweighs that cost.
+        lead, resident = self.experts[best], self._resident
+        if gain <= self.switch_cost * sum(1 for key in lead if key not in resident):
             return
-        lead = self._make(self.names[best], self.entries)
-        for key in self._history:  # warm the candidate on the recent stream
-            lead.access(key)
-        # Switching is not free: the tier misses once on each key the new leader holds and the tier
-        # lacks, when it comes back. Switch only when the lead outweighs that (free while filling).
-        resident = self._resident
-        missing = sum(1 for key in lead if key not in resident)
-        if self._used >= self.capacity and gain <= self.switch_cost * missing:
-            self._backoff = min(2 * self._backoff, 64)
-            self._wait = self._backoff  # do not rebuild a candidate every epoch
-            return
-        self._backoff = 1
         self._leader = best
         self.switches += 1
-        self._lead = lead
         self._outside = OrderedDict((k, None) for k in resident if k not in lead)
 
     def admit(self, key: K, size: int = 1) -> bool:
-        return key in self._lead or self._used + size <= self.capacity
+        return key in self.experts[self._leader] or self._used + size <= self.capacity
 
     def insert(self, key: K, size: int = 1, parent: K | None = None) -> None:
         old = self._resident.get(key)
         self._resident[key] = size
         self._used += size - (old or 0)
-        if key not in self._lead:
+        if key not in self.experts[self._leader]:
             self._outside[key] = None
         if parent is not None and parent != key and old is None:
             self._parent[key] = parent
@@ -334,12 +360,11 @@ class PredictivePolicy(Generic[K]):
             raise TierFullError("predictive policy has no resident key to evict; the block is larger "
                                 "than the tier's free space or the tier is empty: raise the capacity")
         key = next(iter(self._outside)) if self._outside else next(iter(self._resident))
-        if self._children:
-            for _ in range(len(self._resident)):  # walk to the chain's tail; bounded against cycles
-                children = self._children.get(key)
-                if not children:
-                    break
-                key = next(iter(children))
+        for _ in range(len(self._resident)):  # walk to the chain's tail; bounded against cycles
+            children = self._children.get(key)
+            if not children:
+                break
+            key = next(iter(children))
         return key
 
 

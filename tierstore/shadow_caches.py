@@ -12,13 +12,11 @@ resident key an access pushed out, if any; that is all the panel needs to follow
 
 from __future__ import annotations
 
-import heapq
 from collections import OrderedDict, deque
 from collections.abc import Hashable, Iterator
 from typing import Generic, Protocol, TypeVar
 
-__all__ = ["ShadowCache", "ShadowLRU", "ShadowFIFO", "ShadowLFU", "ShadowARC", "ShadowS3FIFO",
-           "ShadowWTinyLFU", "ShadowNextUse", "SHADOWS"]
+__all__ = ["ShadowCache", "ShadowLRU", "ShadowARC", "ShadowS3FIFO", "ShadowWTinyLFU"]
 
 K = TypeVar("K", bound=Hashable)
 
@@ -58,76 +56,6 @@ class ShadowLRU(Generic[K]):
             return None
         gone = order.popitem(False)[0] if len(order) >= self.capacity else None
         order[key] = None
-        return gone
-
-
-class ShadowFIFO(Generic[K]):
-    """First in, first out; hits do not reorder."""
-
-    name = "fifo"
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = max(1, capacity)
-        self._order: OrderedDict[K, None] = OrderedDict()
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._order
-
-    def __iter__(self) -> Iterator[K]:
-        return iter(self._order)
-
-    def access(self, key: K) -> K | None:
-        order = self._order
-        if key in order:
-            return None
-        gone = order.popitem(False)[0] if len(order) >= self.capacity else None
-        order[key] = None
-        return gone
-
-
-class ShadowLFU(Generic[K]):
-    """In-cache LFU, least recently used among equal counts (as ``tierstore.policies.LFU``)."""
-
-    name = "lfu"
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = max(1, capacity)
-        self._count: dict[K, int] = {}
-        self._buckets: dict[int, OrderedDict[K, None]] = {}
-        self._lowest = 0
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._count
-
-    def __iter__(self) -> Iterator[K]:
-        return iter(self._count)
-
-    def access(self, key: K) -> K | None:
-        counts, buckets = self._count, self._buckets
-        count = counts.get(key)
-        gone: K | None = None
-        if count is not None:
-            bucket = buckets[count]
-            del bucket[key]
-            if not bucket:
-                del buckets[count]
-                if self._lowest == count:
-                    self._lowest = count + 1
-            count += 1
-        else:
-            if len(counts) >= self.capacity:
-                bucket = buckets[self._lowest]
-                gone = bucket.popitem(False)[0]
-                del counts[gone]
-                if not bucket:
-                    del buckets[self._lowest]
-            count = 1
-            self._lowest = 1
-        counts[key] = count
-        target = buckets.get(count)
-        if target is None:
-            target = buckets[count] = OrderedDict()
-        target[key] = None
         return gone
 
 
@@ -342,92 +270,3 @@ class ShadowWTinyLFU(Generic[K]):
             return victim
         del where[candidate]
         return candidate
-
-
-class ShadowNextUse(Generic[K]):
-    """Belady's rule on a cheap prediction: a key comes back one reuse gap after its last access.
-
-    Each key remembers its last access and the gap before it (an unseen key is given
-    ``2 * capacity`` accesses). The key expected back last is evicted, and a newcomer expected back
-    later than every resident key is not admitted at all: on a loop longer than the cache that
-    keeps a fixed subset and scores like OPT, where LRU scores zero. A key that overstays
-    ``patience`` times its expected gap is taken for dead and goes first, so a stale prediction
-    cannot pin it. Two lazy heaps keep each access O(log n); the per-key state is bounded by
-    forgetting keys not seen for ``forget`` accesses (default ``max(64 * capacity, 2**17)``).
-    """
-
-    name = "nextuse"
-
-    def __init__(self, capacity: int, *, patience: float = 2.0, forget: int | None = None) -> None:
-        self.capacity = max(1, capacity)
-        self.patience = patience
-        self._default = 2 * self.capacity
-        self._forget = forget or max(64 * self.capacity, 1 << 17)
-        self._tick = 0
-        self._last: dict[K, int] = {}
-        self._gap: dict[K, int] = {}
-        self._version: dict[K, int] = {}  # resident keys -> serial of their live heap entries
-        self._far: list[tuple[int, int, K]] = []  # (-expected tick, serial, key)
-        self._due: list[tuple[float, int, K]] = []  # (deadline tick, serial, key)
-        self._serial = 0
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._version
-
-    def __iter__(self) -> Iterator[K]:
-        return iter(self._version)
-
-    def _push(self, key: K, gap: int, now: int) -> None:
-        self._serial += 1
-        serial = self._version[key] = self._serial
-        heapq.heappush(self._far, (-(now + gap), serial, key))
-        heapq.heappush(self._due, (now + self.patience * gap, serial, key))
-        if len(self._far) > 4 * self.capacity + 64:  # drop stale entries now and then
-            version = self._version
-            self._far = [e for e in self._far if version.get(e[2]) == e[1]]
-            self._due = [e for e in self._due if version.get(e[2]) == e[1]]
-            heapq.heapify(self._far)
-            heapq.heapify(self._due)
-
-    def _top(self, heap: list[tuple[float, int, K]]) -> tuple[float, int, K]:
-        version = self._version
-        while version.get(heap[0][2]) != heap[0][1]:
-            heapq.heappop(heap)
-        return heap[0]
-
-    def access(self, key: K) -> K | None:
-        now = self._tick = self._tick + 1
-        last = self._last.get(key)
-        if last is None:
-            gap = self._gap.get(key, self._default)
-        else:
-            gap = self._gap[key] = now - last
-        self._last[key] = now
-        if now % self._forget == 0:
-            self._trim(now)
-        if key in self._version or len(self._version) < self.capacity:
-            self._push(key, gap, now)
-            return None
-        deadline, _, victim = self._top(self._due)
-        if deadline >= now:
-            far, _, victim = self._top(self._far)  # type: ignore[arg-type]
-            if -far <= now + gap:
-                return None  # the newcomer is expected back last: do not admit it
-        del self._version[victim]
-        self._push(key, gap, now)
-        return victim
-
-    def _trim(self, now: int) -> None:
-        """Forget the history of keys neither resident nor seen for ``forget`` accesses."""
-        limit, version = now - self._forget, self._version
-        stale = [k for k, t in self._last.items() if t < limit and k not in version]
-        for k in stale:
-            del self._last[k]
-            self._gap.pop(k, None)
-
-
-SHADOWS: dict[str, type] = {
-    "lru": ShadowLRU, "fifo": ShadowFIFO, "lfu": ShadowLFU, "arc": ShadowARC,
-    "s3fifo": ShadowS3FIFO, "wtinylfu": ShadowWTinyLFU, "nextuse": ShadowNextUse,
-}
-"""Every shadow cache by name; each takes its capacity in entries."""
