@@ -32,6 +32,7 @@ __all__ = [
     "StoreFullError",
     "TierFullError",
     "TransactionError",
+    "CacheUsageError",
     "translate_os_error",
 ]
 
@@ -111,6 +112,10 @@ class TierFullError(TierStoreError, MemoryError):
 
 class TransactionError(TierStoreError, RuntimeError):
     """A transaction was used wrongly (for example, left from another thread)."""
+
+
+class CacheUsageError(TierStoreError, ValueError):
+    """A model cache (KV or vision features) was given inputs or a state it cannot handle."""
 
 
 _FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
