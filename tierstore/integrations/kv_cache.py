@@ -85,7 +85,7 @@ class TieredLayer(DynamicLayer):  # type: ignore[misc]  # transformers is not ty
         self.block_keys: list[str] = []
         self.tail_keys: torch.Tensor | None = None
         self.tail_values: torch.Tensor | None = None
-        self.pending: Future[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.pending: Future[list[torch.Tensor]] | None = None
 
     def __repr__(self) -> str:
         state = "live" if self.live else "spilled"
@@ -110,29 +110,37 @@ class TieredLayer(DynamicLayer):  # type: ignore[misc]  # transformers is not ty
         """Append the new states and return the whole sequence's keys and values."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        keys, values = self.materialize()
-        self.keys = torch.cat([keys, key_states], dim=-2)
-        self.values = torch.cat([values, value_states], dim=-2)
+        self.keys, self.values = self._join([key_states], [value_states])
         self.length = self.keys.shape[-2]
         self.owner._write_blocks(self)
         return self.keys, self.values
 
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Make the layer live (from the background fetch when one ran) and return its keys and values."""
+        self.keys, self.values = self._join([], [])
+        return self.keys, self.values
+
+    def _join(self, new_keys: list[torch.Tensor], new_values: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole sequence followed by ``new_*``, with one ``cat`` per tensor (as DynamicLayer does)."""
         if self.keys is not None and self.values is not None:
-            return self.keys, self.values
+            if not new_keys:
+                return self.keys, self.values
+            return torch.cat([self.keys, *new_keys], dim=-2), torch.cat([self.values, *new_values], dim=-2)
         if self.pending is not None:
             future, self.pending = self.pending, None
-            keys, values = future.result()
+            blocks = future.result()
             self.owner.stats.prefetch_hits += 1
         else:
-            keys, values = self.owner._fetch(self.index, list(self.block_keys), self.device)
+            blocks = self.owner._fetch(self.index, list(self.block_keys), self.device)
+        keys = [kv[0] for kv in blocks]
+        values = [kv[1] for kv in blocks]
         if self.tail_keys is not None and self.tail_values is not None:
-            keys = torch.cat([keys, self.tail_keys], dim=-2)
-            values = torch.cat([values, self.tail_values], dim=-2)
-        self.keys, self.values = keys, values
+            keys.append(self.tail_keys)
+            values.append(self.tail_values)
         self.tail_keys = self.tail_values = None
-        return keys, values
+        keys += new_keys
+        values += new_values
+        return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
 
     def spill(self) -> bool:
         """Drop the live tensors the store already holds; keep the partial last block. True if it did."""
@@ -322,14 +330,13 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
                             self._temp_keys.add(key)
                 layer.block_keys.append(key)
 
-    def _fetch(self, index: int, keys: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Read ``keys`` back and join them into ``(keys, values)`` of ``index``'s stored blocks."""
+    def _fetch(self, index: int, keys: Sequence[str], device: torch.device) -> list[torch.Tensor]:
+        """Read ``keys`` back: ``index``'s stored blocks, each ``[2, batch, heads, tokens, head_dim]``."""
         if not keys:
             raise CacheUsageError(f"layer {index} has neither live tensors nor stored blocks")
         parts = [self.store.get(key, device=device) for key in keys]
-        kv = torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
         self.stats.blocks_fetched += len(parts)
-        return kv[0], kv[1]
+        return parts
 
     def _prefetch(self, index: int) -> None:
         """Start fetching layer ``index``'s blocks on the background thread if it is spilled."""

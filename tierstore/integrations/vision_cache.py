@@ -93,6 +93,7 @@ class VisionFeatureCache:
         self._had_attribute = False
         self._previous: Any = None
         self._prefix = ""
+        self._device = torch.device("cpu")
 
     # -- attaching ----------------------------------------------------------------------------------
 
@@ -111,7 +112,8 @@ class VisionFeatureCache:
         self._previous = vars(base).get("get_image_features")
         self._original = base.get_image_features
         self._prefix = f"{PREFIX}/{config_fingerprint(base.config.vision_config, self.namespace)}/"
-        self._merge = int(getattr(base.visual, "spatial_merge_size", 1))
+        params = list(base.visual.parameters())
+        self._device = params[0].device if params else torch.device("cpu")
         base.get_image_features = self.image_features
         self._base = base
         return self
@@ -179,12 +181,12 @@ class VisionFeatureCache:
         """``[1 + deepstack levels, tokens, hidden]`` for one image: from the store, or encoded and stored."""
         key = self.key_of(pixels, grid)
         try:
-            stacked = self.store.get(key)
+            stacked = self.store.get(key, device=self._device)  # on a GPU: through the L1 pool
         except BlockNotFoundError:
             pass
         else:
             self.stats.hits += 1
-            return stacked.to(pixels.device) if pixels.device.type != "cpu" else stacked
+            return stacked
         self.stats.misses += 1
         out = original(pixels, grid.reshape(1, 3), return_dict=True, **kwargs)
         stacked = torch.stack([out.pooler_output[0], *(level[0] for level in out.deepstack_features)])
