@@ -14,7 +14,8 @@ pytest.importorskip("transformers")
 import tierstore
 from tierstore.errors import CacheUsageError
 from tierstore.integrations.kv_cache import TieredCache, block_hashes
-from tierstore.integrations.tiny_model import build_tiny_model, synthetic_inputs
+from tierstore.integrations.tiny_model import build_tiny_model, synthetic_inputs, tiny_config
+from tierstore.integrations.vision_cache import config_fingerprint
 
 GEN: dict[str, Any] = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True)
 TEXT = list(range(1, 40))
@@ -199,3 +200,10 @@ def test_misuse_raises_typed_errors(model: Any, db: tierstore.TierStore) -> None
     cache.reset()
     assert cache.get_seq_length() == 0 and cache.prepare(torch.tensor([TEXT])) == 0
     assert len(db) == len(list(db.keys(prefix="kv/prefix/")))  # nothing left but durable prefix blocks
+
+
+def test_fingerprint_is_stable_and_tells_configs_apart() -> None:
+    """Prefix keys must match in a later process (same config) and differ for another model."""
+    assert config_fingerprint(tiny_config()) == config_fingerprint(tiny_config())
+    assert config_fingerprint(tiny_config()) != config_fingerprint(tiny_config(layers=3))
+    assert config_fingerprint(tiny_config()) != config_fingerprint(tiny_config(), namespace="other-checkpoint")

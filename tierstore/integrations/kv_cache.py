@@ -132,8 +132,10 @@ class TieredLayer(DynamicLayer):  # type: ignore[misc]  # transformers is not ty
             self.owner.stats.prefetch_hits += 1
         else:
             blocks = self.owner._fetch(self.index, list(self.block_keys), self.device)
-        keys = [kv[0] for kv in blocks]
-        values = [kv[1] for kv in blocks]
+        device = new_keys[0].device if new_keys else self.device  # a prepared prefix may be read elsewhere
+        self.device = device
+        keys = [kv[0].to(device) for kv in blocks]
+        values = [kv[1].to(device) for kv in blocks]
         if self.tail_keys is not None and self.tail_values is not None:
             keys.append(self.tail_keys)
             values.append(self.tail_values)
@@ -366,14 +368,17 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
     # -- prefix reuse -------------------------------------------------------------------------------
 
     def prepare(self, input_ids: torch.Tensor, *, pixel_values: torch.Tensor | None = None,
-                image_grid_thw: torch.Tensor | None = None, mm_token_type_ids: torch.Tensor | None = None) -> int:
+                image_grid_thw: torch.Tensor | None = None, mm_token_type_ids: torch.Tensor | None = None,
+                device: torch.device | str | None = None) -> int:
         """Load the longest stored prefix of this prompt; returns how many tokens it covers.
 
         Call it on an empty cache before the prompt is run. With ``persist=False`` it only
         returns 0. At least the prompt's last token is always left to compute (its logits are
         needed), and only whole blocks are restored. After it, pass the *full* ``input_ids`` to
         ``generate`` with this cache (see :meth:`generate` / :func:`prefix_inputs`, which also
-        handle Qwen3-VL's image features and 3D positions).
+        handle Qwen3-VL's image features and 3D positions). ``device`` is where the restored
+        blocks are read to (default: ``input_ids``' device; blocks are moved to the model's
+        device anyway when the layer first runs).
         """
         if self.get_seq_length() > 0:
             raise CacheUsageError("prepare() needs an empty cache; use a new TieredCache (or reset()) per request")
@@ -391,11 +396,11 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
         while blocks < usable and all(self._block_key(i, blocks)[0] in self.store for i in (0, last)):
             blocks += 1
         if blocks:
-            device = input_ids.device
+            target = torch.device(device) if device is not None else input_ids.device
             for layer in self._tiered():
                 layer.block_keys = [self._block_key(layer.index, b)[0] for b in range(blocks)]
                 layer.length = blocks * self.block_tokens
-                layer.device = device
+                layer.device = target
                 layer.is_initialized = True
                 layer.keys = layer.values = None
             self._prefetch(0)
@@ -438,7 +443,8 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
         input_ids = kwargs["input_ids"]
         restored = self.prepare(input_ids, pixel_values=kwargs.get("pixel_values"),
                                 image_grid_thw=kwargs.get("image_grid_thw"),
-                                mm_token_type_ids=kwargs.get("mm_token_type_ids"))
+                                mm_token_type_ids=kwargs.get("mm_token_type_ids"),
+                                device=getattr(model, "device", None))
         return model.generate(cache=self, **prefix_inputs(model, kwargs, restored))
 
 
