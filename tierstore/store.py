@@ -276,7 +276,10 @@ class TierStore:
             self._abort(txn)
             raise translate_os_error(exc, what="sync block data", path=self._l3.root) from None
         try:
-            replaced = self._catalog.commit_blocks(rows, deletes, lengths, self._next_block_id)
+            if rows or lengths or any(self._catalog.has_block(key) for key in deletes):
+                replaced = self._catalog.commit_blocks(rows, deletes, lengths, self._next_block_id)
+            else:  # only cache-only blocks that stay in L2 and replace no committed row: no catalog commit
+                replaced = []
         except BaseException:
             self._abort(txn)
             raise

@@ -11,7 +11,9 @@ Builds a small random Qwen3-VL text stack (4 layers, hidden 256) and measures, a
 - the same generation with ``TieredCache`` under a live budget of one layer (blocks spilled to
   the store and fetched back, next layer in the background) against ``DynamicCache``.
 
-Outputs are checked equal to ``DynamicCache``'s; a mismatch stops the benchmark.
+The variants run round-robin (one run of each per round, after a warm-up round), so load
+changes on a shared machine hit them alike. Outputs are checked equal to ``DynamicCache``'s; a
+mismatch stops the benchmark.
 """
 
 from __future__ import annotations
@@ -32,15 +34,19 @@ from tierstore.integrations.kv_cache import TieredCache
 from tierstore.integrations.tiny_model import build_tiny_model, synthetic_inputs, tiny_config
 
 
-def timed(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
-    """Median wall time of ``fn`` over ``repeat`` runs (after one warm-up) and its last result."""
-    result = fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+def round_robin(variants: dict[str, Callable[[int], Any]], repeat: int) -> dict[str, tuple[float, Any]]:
+    """Median wall time and last result of each variant, run one after another ``repeat`` times.
+
+    Round ``i`` (0 is the warm-up) passes ``i`` to every variant, so they can work on the same input.
+    """
+    results = {name: fn(0) for name, fn in variants.items()}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for i in range(1, repeat + 1):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            results[name] = fn(i)
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(times[name]), results[name]) for name in variants}
 
 
 def main() -> None:
@@ -56,67 +62,65 @@ def main() -> None:
     model = build_tiny_model(tiny_config(layers=4, hidden=256, intermediate=512))
     shared = torch.randint(1, 400, (args.prefix,)).tolist()
     first = synthetic_inputs(shared + torch.randint(1, 400, (args.new,)).tolist(), image_seed=None)
-    second = synthetic_inputs(shared + torch.randint(1, 400, (args.new,)).tolist(), image_seed=None)
+    # each round's request 2 has its own fresh tokens, so no round reuses blocks an earlier round stored
+    seconds = [synthetic_inputs(shared + torch.randint(1, 400, (args.new,)).tolist(), image_seed=None)
+               for _ in range(args.repeat + 1)]
     gen: dict[str, Any] = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False)
+    one: dict[str, Any] = dict(gen, max_new_tokens=1, min_new_tokens=1)
+    text = model.config.text_config
+    layer_bytes = 2 * text.num_key_value_heads * text.head_dim * 4 * (args.prefix + args.new + args.tokens)
     computed: list[int] = []
     model.model.language_model.register_forward_pre_hook(
         lambda _m, _a, kw: computed.append(int(kw["inputs_embeds"].shape[1])), with_kwargs=True)
 
-    def counted(fn: Callable[[], Any]) -> tuple[float, Any, int]:
-        computed.clear()
-        seconds, out = timed(fn, args.repeat)
-        return seconds, out, sum(computed) // (args.repeat + 1)
-
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}; prompt {args.prefix}+{args.new} tokens, {args.tokens} generated, "
-          f"{args.repeat} repeats (medians)")
+          f"{args.repeat} rounds (medians)")
     with torch.inference_mode(), tempfile.TemporaryDirectory() as tmp, \
             tierstore.open(Path(tmp) / "kv", l2_cache_size="256MiB") as db:
         with TieredCache(db, config=model.config, persist=True, block_tokens=args.block) as cache:
             cache.generate(model, **first, **gen)  # request 1 stores the prefix blocks
-        t_dyn, ref, pos_dyn = counted(lambda: model.generate(**second, **gen))
 
-        def reuse() -> Any:
-            with TieredCache(db, config=model.config, persist=True, block_tokens=args.block) as cache:
-                return cache.generate(model, **second, **gen), cache.stats.restored_tokens
-
-        t_reuse, (out, restored), pos_reuse = counted(reuse)
-        if not torch.equal(out, ref):
-            raise SystemExit("prefix reuse changed the generated tokens")
-        one = dict(gen, max_new_tokens=1, min_new_tokens=1)
-        ttft_dyn, _ = timed(lambda: model.generate(**second, **one), args.repeat)
-
-        def reuse_first() -> Any:
-            with TieredCache(db, config=model.config, persist=True, block_tokens=args.block) as cache:
-                return cache.generate(model, **second, **one)
-
-        ttft_reuse, _ = timed(reuse_first, args.repeat)
-        print("\n| request 2 | wall s | first token s | positions computed | restored | speed-up (all / first) |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: |")
-        print(f"| DynamicCache (no reuse) | {t_dyn:.3f} | {ttft_dyn:.3f} | {pos_dyn} | 0 | 1.00x / 1.00x |")
-        print(f"| TieredCache persist=True | {t_reuse:.3f} | {ttft_reuse:.3f} | {pos_reuse} | {restored} | "
-              f"{t_dyn / t_reuse:.2f}x / {ttft_dyn / ttft_reuse:.2f}x |")
-
-        text = model.config.text_config
-        layer_bytes = (2 * text.num_key_value_heads * text.head_dim * 4  # K and V, fp32
-                       * (args.prefix + args.new + args.tokens))
-
-        def spilled(prefetch: bool) -> Callable[[], Any]:
-            def run() -> Any:
-                with TieredCache(db, config=model.config, budget=layer_bytes, block_tokens=args.block,
-                                 prefetch=prefetch) as cache:
-                    return model.generate(**second, cache=cache, **gen), cache.stats
+        def dynamic(kwargs: dict[str, Any]) -> Callable[[int], Any]:
+            def run(i: int) -> Any:
+                computed.clear()
+                return model.generate(**seconds[i], **kwargs), computed[0], 0
             return run
 
-        print("\n| decoding with a 1-layer live budget | wall s | blocks fetched | prefetch hits | vs Dynamic |")
+        def reuse(kwargs: dict[str, Any]) -> Callable[[int], Any]:
+            def run(i: int) -> Any:
+                computed.clear()
+                with TieredCache(db, config=model.config, persist=True, block_tokens=args.block) as cache:
+                    return cache.generate(model, **seconds[i], **kwargs), computed[0], cache.stats.restored_tokens
+            return run
+
+        def spilled(prefetch: bool) -> Callable[[int], Any]:
+            def run(i: int) -> Any:
+                with TieredCache(db, config=model.config, budget=layer_bytes, block_tokens=args.block,
+                                 prefetch=prefetch) as cache:
+                    return model.generate(**seconds[i], cache=cache, **gen), cache.stats
+            return run
+
+        res = round_robin({"dyn": dynamic(gen), "reuse": reuse(gen), "dyn1": dynamic(one), "reuse1": reuse(one),
+                           "spill": spilled(True), "spill_noprefetch": spilled(False)}, args.repeat)
+        ref = res["dyn"][1][0]
+        for name in ("reuse", "spill", "spill_noprefetch"):
+            if not torch.equal(res[name][1][0], ref):
+                raise SystemExit(f"{name} changed the generated tokens")
+        t_dyn, t_reuse = res["dyn"][0], res["reuse"][0]
+        f_dyn, f_reuse = res["dyn1"][0], res["reuse1"][0]
+        print("\n| request 2 | wall s | first token s | prefill positions | restored | speed-up (all / first token) |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        print(f"| DynamicCache (no reuse) | {t_dyn:.3f} | {f_dyn:.3f} | {res['dyn'][1][1]} | 0 | 1.00x / 1.00x |")
+        print(f"| TieredCache persist=True | {t_reuse:.3f} | {f_reuse:.3f} | {res['reuse'][1][1]} | "
+              f"{res['reuse'][1][2]} | {t_dyn / t_reuse:.2f}x / {f_dyn / f_reuse:.2f}x |")
+        print("\n| decoding, live budget of one layer | wall s | blocks fetched | prefetch hits | vs DynamicCache |")
         print("| --- | ---: | ---: | ---: | ---: |")
         print(f"| DynamicCache | {t_dyn:.3f} | - | - | 1.00x |")
-        for prefetch in (True, False):
-            seconds, (out, stats) = timed(spilled(prefetch), args.repeat)
-            if not torch.equal(out, ref):
-                raise SystemExit("spilling changed the generated tokens")
-            print(f"| TieredCache, prefetch={prefetch} | {seconds:.3f} | {stats.blocks_fetched} | "
-                  f"{stats.prefetch_hits} | {t_dyn / seconds:.2f}x |")
+        for name, label in (("spill", "prefetch on"), ("spill_noprefetch", "prefetch off")):
+            wall, (_out, stats) = res[name]
+            print(f"| TieredCache, {label} | {wall:.3f} | {stats.blocks_fetched} | {stats.prefetch_hits} | "
+                  f"{t_dyn / wall:.2f}x |")
 
 
 if __name__ == "__main__":

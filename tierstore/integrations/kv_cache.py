@@ -239,6 +239,7 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
         self._session = uuid.uuid4().hex[:16]
         self._chain: list[str] = []
         self._temp_keys: set[str] = set()
+        self._unwritten: list[tuple[str, torch.Tensor, bool]] = []
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tierstore-kv") if prefetch else None
         layers: list[Any] = [TieredLayer(self, i) for i in range(num_layers or 0)]
@@ -253,6 +254,8 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
             self.layers.append(TieredLayer(self, len(self.layers)))
         self._prefetch((layer_idx + 1) % len(self.layers))
         keys, values = self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
+        if layer_idx == len(self.layers) - 1:
+            self._flush()
         self._enforce_budget(layer_idx)
         return keys, values
 
@@ -260,6 +263,7 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
         """Forget every token and delete this cache's cache-only blocks (durable prefix blocks stay)."""
         super().reset()
         self._chain = []
+        self._unwritten = []
         self._delete_temp()
 
     # -- lifetime -----------------------------------------------------------------------------------
@@ -268,6 +272,7 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
         """Delete this cache's cache-only blocks from the store and stop its fetch thread."""
         for layer in self._tiered():
             layer.pending = None
+        self._unwritten = []
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -306,7 +311,7 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
         return f"{PREFIX}/tmp/{self._session}/{layer}/{block}", False
 
     def _write_blocks(self, layer: TieredLayer) -> None:
-        """Store the blocks ``layer`` completed since it last wrote (none without budget or persist)."""
+        """Queue the blocks ``layer`` completed since it last wrote (none without budget or persist)."""
         if self.budget is None and not self.persist:
             return
         t = self.block_tokens
@@ -315,22 +320,32 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
         if full <= start or layer.keys is None or layer.values is None:
             return
         keys, values = layer.keys, layer.values
-        with self.store.transaction():
-            for block in range(start, full):
-                key, durable = self._block_key(layer.index, block)
-                if not durable and self.budget is None:
-                    break  # nothing will ever be spilled: only the prefix blocks are worth writing
-                if durable and key in self.store:
-                    self.stats.blocks_reused += 1
-                else:
-                    span = slice(block * t, (block + 1) * t)
-                    kv = torch.stack([keys[..., span, :], values[..., span, :]])
+        for block in range(start, full):
+            key, durable = self._block_key(layer.index, block)
+            if not durable and self.budget is None:
+                break  # nothing will ever be spilled: only the prefix blocks are worth writing
+            if durable and key in self.store:
+                self.stats.blocks_reused += 1
+            else:
+                span = slice(block * t, (block + 1) * t)
+                self._unwritten.append((key, torch.stack([keys[..., span, :], values[..., span, :]]), durable))
+            layer.block_keys.append(key)
+
+    def _flush(self) -> None:
+        """Put the queued blocks in one transaction (one sync for a whole forward's prefix blocks)."""
+        if not self._unwritten:
+            return
+        batch, self._unwritten = self._unwritten, []
+        try:
+            with self.store.transaction():
+                for key, kv, durable in batch:
                     self.store.put(key, kv, durable=durable)
-                    self.stats.blocks_written += 1
-                    if not durable:
-                        with self._lock:
-                            self._temp_keys.add(key)
-                layer.block_keys.append(key)
+        except BaseException:
+            self._unwritten = batch + self._unwritten  # nothing was stored: try again at the next flush
+            raise
+        self.stats.blocks_written += len(batch)
+        with self._lock:
+            self._temp_keys.update(key for key, _kv, durable in batch if not durable)
 
     def _fetch(self, index: int, keys: Sequence[str], device: torch.device) -> list[torch.Tensor]:
         """Read ``keys`` back: ``index``'s stored blocks, each ``[2, batch, heads, tokens, head_dim]``."""
@@ -354,6 +369,9 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
         if self.budget is None:
             return
         total = self.live_bytes
+        if total <= self.budget:
+            return
+        self._flush()  # a layer is dropped only once the store holds its blocks
         n = len(self.layers)
         for step in range(n - 1):  # never the next layer, which is about to run
             if total <= self.budget:
