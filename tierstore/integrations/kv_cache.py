@@ -241,7 +241,8 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
         self._temp_keys: set[str] = set()
         self._unwritten: list[tuple[str, torch.Tensor, bool]] = []
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tierstore-kv") if prefetch else None
+        self.prefetch_enabled = prefetch
+        self._pool: ThreadPoolExecutor | None = None  # started at the first prefetch
         layers: list[Any] = [TieredLayer(self, i) for i in range(num_layers or 0)]
         super().__init__(layers=layers)
 
@@ -358,9 +359,11 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
     def _prefetch(self, index: int) -> None:
         """Start fetching layer ``index``'s blocks on the background thread if it is spilled."""
         layer = self.layers[index] if index < len(self.layers) else None
-        if (self._pool is None or not isinstance(layer, TieredLayer) or layer.live or layer.pending is not None
-                or not layer.block_keys or not layer.is_initialized):
+        if (not self.prefetch_enabled or not isinstance(layer, TieredLayer) or layer.live
+                or layer.pending is not None or not layer.block_keys or not layer.is_initialized):
             return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tierstore-kv")
         layer.pending = self._pool.submit(self._fetch, index, list(layer.block_keys), layer.device)
         self.stats.prefetches += 1
 
