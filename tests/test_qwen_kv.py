@@ -207,3 +207,19 @@ def test_fingerprint_is_stable_and_tells_configs_apart() -> None:
     assert config_fingerprint(tiny_config()) == config_fingerprint(tiny_config())
     assert config_fingerprint(tiny_config()) != config_fingerprint(tiny_config(layers=3))
     assert config_fingerprint(tiny_config()) != config_fingerprint(tiny_config(), namespace="other-checkpoint")
+
+
+@pytest.mark.parametrize("mode", ["batch", "beams"])
+def test_batches_and_beam_search_match_dynamic_cache(model: Any, tmp_path: Path, mode: str) -> None:
+    """Batch expansion and beam reordering rewrite the stored blocks; the output stays DynamicCache's."""
+    ids = torch.tensor([list(range(1, 41)), list(range(101, 141))])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    kwargs: dict[str, Any] = dict(max_new_tokens=6, do_sample=False)
+    if mode == "beams":
+        inputs = {k: v[:1] for k, v in inputs.items()}
+        kwargs.update(num_beams=3, num_return_sequences=2)
+    ref = model.generate(**inputs, **kwargs)
+    with tiny_tiers(tmp_path / "b") as db, TieredCache(db, config=model.config, budget=4_000) as cache:
+        out = model.generate(**inputs, cache=cache, **kwargs)
+        assert cache.stats.spills > 0
+    assert torch.equal(out, ref)
