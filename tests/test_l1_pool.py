@@ -15,7 +15,7 @@ from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from tierstore.alloc import Allocation
-from tierstore.errors import ConfigError, StoreClosedError, TierFullError, UnsupportedTensorError
+from tierstore.errors import ConfigError, DeviceMemoryError, StoreClosedError, TierFullError, UnsupportedTensorError
 from tierstore.residency import Residency
 from tierstore.tiers import l1_cuda
 from tierstore.tiers.l1_cuda import DevicePool, allocate_attention_weights, allocate_kv_cache, needs_cast
@@ -246,6 +246,15 @@ def test_cpu_needs_no_cast(pool: DevicePool) -> None:
     assert s.bf16_native and s.capability is None and s.device == "cpu"
 
 
+def test_forced_cast_runs_the_cast_path_on_the_cpu() -> None:
+    assert needs_cast(torch.bfloat16, "cpu", force=True) == torch.float16
+    assert needs_cast(torch.bfloat16, "cuda", capability=(6, 1), force=False) is None
+    assert needs_cast(torch.float32, "cpu", force=True) is None  # only bf16 is ever cast
+    assert needs_cast(torch.bfloat16, "cpu", force=True, fallback=torch.bfloat16) is None
+    with DevicePool(CAPACITY, device="cpu", chunk_size=CHUNK, cast_bf16=True, bf16_fallback=torch.float32) as p:
+        assert p.needs_cast(torch.bfloat16) == torch.float32 and not p.stats().bf16_native
+
+
 # -- growth, shrink, pressure, OOM ------------------------------------------------------------------------
 
 def test_grows_by_chunks_and_shrink_gives_back_only_empty_ones(pool: DevicePool) -> None:
@@ -282,9 +291,9 @@ def test_device_oom_is_no_room_for_alloc_and_tier_full_for_grow(monkeypatch: pyt
     with DevicePool(CAPACITY, device="cpu", chunk_size=CHUNK) as pool:
         monkeypatch.setattr(l1_cuda, "_new_chunk_tensor", oom)
         assert pool.alloc(100) is None
-        with pytest.raises(TierFullError, match="out of memory") as info:
+        with pytest.raises(DeviceMemoryError, match="out of memory") as info:
             pool.grow()
-        assert info.value.tier == "L1" and isinstance(info.value, MemoryError)
+        assert info.value.tier == "L1" and isinstance(info.value, TierFullError)
         assert pool.stats().oom_events == 2
         monkeypatch.undo()
         assert pool.alloc(100) is not None  # recoverable: the next try succeeds
@@ -319,6 +328,73 @@ def test_headroom_limits_growth_and_reports_pressure(monkeypatch: pytest.MonkeyP
         with pytest.raises(TierFullError, match="headroom"):
             pool.grow()
         assert pool.stats().oom_events == 0
+
+
+def test_an_injected_probe_drives_pressure_and_growth() -> None:
+    model = [0]
+
+    def probe(device: torch.device) -> tuple[int, int, int, int]:
+        held = model[0] + pool.stats().reserved
+        return 8 * CHUNK - held, 8 * CHUNK, held, held
+
+    with DevicePool(CAPACITY, device="cpu", chunk_size=CHUNK, headroom=2 * CHUNK, probe=probe) as pool:
+        a = _alloc(pool, CHUNK)
+        b = _alloc(pool, 10)
+        m = pool.pressure()
+        assert m.pool_reserved == 2 * CHUNK and m.available == 6 * CHUNK and m.model_allocated == 0
+        model[0] = 5 * CHUNK
+        assert pool.alloc(CHUNK) is None  # growing would leave the model less than its headroom
+        assert pool.reclaimable() == 0
+        pool.free(b)
+        assert pool.reclaimable() == CHUNK and pool.shrink(1) == CHUNK
+        assert pool.pressure().available == 2 * CHUNK
+        pool.probe = None  # back to the real query
+        assert pool.pressure().total > 0
+        pool.free(a)
+
+
+class FakeEvent:
+    """Stands in for a CUDA event: completes when the test says so (or when waited on)."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self.waited = 0
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.waited += 1
+        self.done = True
+
+
+def test_freed_slots_wait_for_their_readers_before_reuse(pool: DevicePool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA rule, run with fake events: a freed slot returns to its free list only once the work
+    queued before the free has run; out of room, the pool waits for it rather than fail."""
+    fences: list[FakeEvent] = []
+
+    def fence() -> FakeEvent:
+        fences.append(FakeEvent())
+        return fences[-1]
+
+    monkeypatch.setattr(pool, "_fence", fence)
+    a = _alloc(pool, 5000)
+    pool.free(a)
+    assert pool.stats().used > 0 and pool.stats().inflight == 1  # still cooling
+    b = _alloc(pool, 5000)
+    assert b.offset != a.offset  # not reused while a reader may still use it
+    fences[0].done = True
+    c = _alloc(pool, 5000)
+    assert c.offset == a.offset and pool.stats().inflight == 0
+    pool.free(c)
+    with pytest.raises(ValueError, match="freed twice"):
+        pool.free(c)
+    pool.free(b)
+    assert [f.waited for f in fences] == [0, 0, 0]
+    big = [_alloc(pool, CHUNK) for _ in range(3)]  # the third fits only in chunk 0, once b and c are back
+    assert [f.waited for f in fences] == [0, 1, 1] and pool.stats().inflight == 0
+    for x in big:
+        pool.free(x)
 
 
 # -- the seed's adapter helpers ---------------------------------------------------------------------------

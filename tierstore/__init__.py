@@ -28,6 +28,7 @@ from .errors import (
     CatalogError,
     ConfigError,
     CorruptBlockError,
+    DeviceMemoryError,
     InvalidKeyError,
     ReadOnlyError,
     SchemaVersionError,
@@ -40,8 +41,12 @@ from .errors import (
     TransactionError,
     UnsupportedTensorError,
 )
+from .hardware import HardwareFacts, HardwareOptimizer, Recommendation
+from .hardware_manager import IntelNvidiaCacheManager, create_hardware_optimized_cache_manager
+from .maintenance import MaintenanceReport
 from .manager import HierarchicalCacheManager
 from .store import BlockInfo, StoreStats, TierStore
+from .verify import VerifyReport, verify
 
 __all__ = [
     "__version__",
@@ -51,6 +56,14 @@ __all__ = [
     "StoreStats",
     "CacheConfig",
     "HierarchicalCacheManager",
+    "HardwareOptimizer",
+    "HardwareFacts",
+    "Recommendation",
+    "IntelNvidiaCacheManager",
+    "create_hardware_optimized_cache_manager",
+    "verify",
+    "VerifyReport",
+    "MaintenanceReport",
     "parse_size",
     "format_size",
     "TierStoreError",
@@ -58,6 +71,7 @@ __all__ = [
     "CatalogError",
     "ConfigError",
     "CorruptBlockError",
+    "DeviceMemoryError",
     "InvalidKeyError",
     "ReadOnlyError",
     "SchemaVersionError",

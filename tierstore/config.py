@@ -127,6 +127,13 @@ class CacheConfig:
     """Cap on rows kept in the catalog's access log (oldest dropped first)."""
     history_flush_interval: float = 1.0
     """Seconds between background writes of the in-memory access record."""
+    l1_bf16_cast: str = "auto"
+    """bf16 blocks entering L1: ``"auto"`` casts them to ``l1_bf16_fallback`` on GPUs without bf16
+    math (compute capability < 8.0), ``"always"`` casts on any device (CPU too), ``"never"`` keeps bf16."""
+    l1_bf16_fallback: str = "float16"
+    """What bf16 becomes in L1 when cast: ``"float16"`` or ``"float32"``."""
+    l1_headroom: int | None = None
+    """Device bytes L1 leaves free for the model when it grows (None: 256 MiB on CUDA, 0 on CPU)."""
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -163,6 +170,12 @@ class CacheConfig:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
             raise ConfigError(f"prediction_threshold must be a probability in [0, 1], got {value!r}")
         set_(self, "prediction_threshold", float(value))
+        if self.l1_bf16_cast not in ("auto", "always", "never"):
+            raise ConfigError(f"l1_bf16_cast={self.l1_bf16_cast!r}; choose 'auto', 'always' or 'never'")
+        if self.l1_bf16_fallback not in ("float16", "float32"):
+            raise ConfigError(f"l1_bf16_fallback={self.l1_bf16_fallback!r}; choose 'float16' or 'float32'")
+        if self.l1_headroom is not None:
+            set_(self, "l1_headroom", parse_size(self.l1_headroom, name="l1_headroom"))
         if self.l1_device is not None and not isinstance(self.l1_device, str):
             raise ConfigError(f"l1_device must be a device string such as 'cuda:0', not {self.l1_device!r}")
 

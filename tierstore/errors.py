@@ -31,6 +31,7 @@ __all__ = [
     "StoreClosedError",
     "StoreFullError",
     "TierFullError",
+    "DeviceMemoryError",
     "TransactionError",
     "CacheUsageError",
     "translate_os_error",
@@ -108,6 +109,14 @@ class StoreFullError(TierStoreError, OSError):
 
 class TierFullError(TierStoreError, MemoryError):
     """A volatile tier has no room for a block, even after eviction."""
+
+
+class DeviceMemoryError(TierFullError):
+    """The L1 device ran out of memory (a CUDA out-of-memory error, say) while taking a block in.
+
+    Recoverable: nothing stored is lost (the block is still in L2/L3). Free device memory (drop
+    tensors, shrink L1 with ``TierStore.shrink_l1``) and retry.
+    """
 
 
 class TransactionError(TierStoreError, RuntimeError):

@@ -68,6 +68,8 @@ class Resident:
     base: torch.Tensor | None = None
     """A tensor over the slot, made on the first get; every get hands out an alias of it."""
     base_uses: int = 0
+    ready: object = None
+    """L1 on CUDA: the event of the copy that filled the slot, until a reader has waited on it."""
 
     @property
     def in_use(self) -> bool:
@@ -140,11 +142,15 @@ class Residency(Generic[A]):
                 entry.base_uses = _storage_uses(base)
             return base.detach()
 
-    def scratch(self, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor | None:
-        """An unkeyed tensor from the tier's memory, returned to it when garbage-collected."""
+    def scratch(self, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...], *, evict: bool = False,
+                spill: Callable[[Resident], bool] | None = None) -> torch.Tensor | None:
+        """An unkeyed tensor from the tier's memory, returned to it when garbage-collected.
+
+        With ``evict`` it makes room by policy as :meth:`reserve` does; otherwise it only uses free room.
+        """
         with self.lock:
             self._drain()
-            alloc = self.arena.alloc(nbytes)
+            alloc = self.reserve(nbytes, spill) if evict else self.arena.alloc(nbytes)
             if alloc is None:
                 return None
             release = self._released.append
@@ -175,22 +181,48 @@ class Residency(Generic[A]):
                     alloc = self.arena.alloc(nbytes)
                     if alloc is not None:
                         return alloc
-                    if not len(self.policy):
+                    if not self._evict_next(spill, skipped):
                         self.bypasses += 1
                         return None
-                    entry = self.entries[self.policy.victim()]
-                    if entry.evictable and entry.volatile and spill is not None and spill(entry):
-                        self.spills += 1
-                    if not entry.evictable or entry.volatile:  # held, pinned, or its only copy
-                        self.policy.remove(entry.key)
-                        skipped.append(entry)
-                        continue
-                    self.evictions += 1
-                    self._kill(entry)
             finally:
-                for entry in skipped:
-                    if self.entries.get(entry.key) is entry:
-                        self.policy.insert(entry.key, entry.alloc.size)
+                self._restore(skipped)
+
+    def shed(self, enough: Callable[[], bool], spill: Callable[[Resident], bool] | None = None) -> int:
+        """Evict by policy until ``enough()`` is true or nothing more can go; returns how many went.
+
+        The same rules as :meth:`reserve`: held or pinned entries stay, volatile ones go only once
+        ``spill`` has written them elsewhere. This is how a tier gives memory back under pressure.
+        """
+        with self.lock:
+            self._drain()
+            before = self.evictions
+            skipped: list[Resident] = []
+            try:
+                while not enough() and self._evict_next(spill, skipped):
+                    pass
+            finally:
+                self._restore(skipped)
+            return self.evictions - before
+
+    def _evict_next(self, spill: Callable[[Resident], bool] | None, skipped: list[Resident]) -> bool:
+        """Evict (or skip, into ``skipped``) the policy's next victim; False when there is none left."""
+        if not len(self.policy):
+            return False
+        entry = self.entries[self.policy.victim()]
+        if entry.evictable and entry.volatile and spill is not None and spill(entry):
+            self.spills += 1
+        if not entry.evictable or entry.volatile:  # held, pinned, or its only copy
+            self.policy.remove(entry.key)
+            skipped.append(entry)
+            return True
+        self.evictions += 1
+        self._kill(entry)
+        return True
+
+    def _restore(self, skipped: list[Resident]) -> None:
+        for entry in skipped:
+            if self.entries.get(entry.key) is entry:
+                self.policy.insert(entry.key, entry.alloc.size)
 
     def admit(self, key: str, block_id: int, alloc: Allocation, dtype: torch.dtype, shape: tuple[int, ...],
               checksum: int, *, volatile: bool = False, generation: int | None = None) -> Resident | None:

@@ -16,22 +16,25 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from heapq import merge
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import crc32c
 import numpy as np
 import torch
 
 from ._version import __version__
+from .activity import save_counters
+from .alloc import Allocation
 from .catalog import BlockRow, Catalog, now
-from .config import CacheConfig
+from .config import CacheConfig, parse_size
 from .errors import (
     BlockNotFoundError,
     CorruptBlockError,
+    DeviceMemoryError,
     InvalidKeyError,
     ReadOnlyError,
     StoreClosedError,
@@ -47,12 +50,15 @@ from .records import BlockInfo, StoreStats
 from .recovery import recover, refuse_orphaned_data
 from .residency import Residency, Resident
 from .tensors import check_key, check_tensor, dtype_from_name, dtype_name, tensor_bytes, tensor_from_bytes
-from .tiers.l1_cuda import DevicePool
+from .tiers.l1_cuda import DevicePool, is_device_oom
 from .tiers.l2_slab import HostArena
 from .tiers.l3_codecs import choose_codec
 from .tiers.l3_zarr import EMPTY_LOCATION, Location, RecoveryReport, ZarrL3
 from .txn import Change, Txn, location_of
 from .warm import save_index, warm_l2
+
+if TYPE_CHECKING:
+    from .maintenance import MaintenanceReport
 
 __all__ = ["TierStore", "BlockInfo", "StoreStats", "open_store"]
 
@@ -62,8 +68,10 @@ _ROW_CACHE = 1 << 16
 """Committed rows kept in memory for the hot path (cleared whole when full: simple and O(1))."""
 UNHASHED = -1
 """Checksum of a cache-only block not hashed yet (it has never left L2)."""
+L1_BIT = 1
 L2_BIT = 2
 L3_BIT = 4
+_BF16_CAST = {"auto": None, "always": True, "never": False}
 
 
 class TierStore:
@@ -139,7 +147,9 @@ class TierStore:
             size = torch.cuda.mem_get_info(torch.device(device))[0] // 2 if torch.device(device).type == "cuda" else 0
         if size <= 0:
             return None
-        pool = DevicePool(size, device=device, chunk_size=min(size, 256 << 20))
+        pool = DevicePool(size, device=device, chunk_size=min(size, 256 << 20), headroom=self.config.l1_headroom,
+                          bf16_fallback=getattr(torch, self.config.l1_bf16_fallback),
+                          cast_bf16=_BF16_CAST[self.config.l1_bf16_cast])
         return Residency("L1", pool, self.config.l1_eviction_policy)
 
     def _warm_l2(self) -> None:
@@ -191,6 +201,11 @@ class TierStore:
             except TierStoreError:
                 pass  # history is best-effort; blocks are already committed
             self._l3.close()
+            if not self.readonly and (self._l1 is not None or self._l2 is not None):
+                try:  # per-tier counters add up across runs (tierstore stats)
+                    save_counters(self._catalog, self._tier_stats())
+                except TierStoreError:
+                    pass
             if self._l2 is not None and self._l2.arena.path is not None:
                 try:
                     save_index(self.path, self._catalog.meta("store_id") or "", self._l2_generation, self._l2)
@@ -210,6 +225,11 @@ class TierStore:
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
         return self._closed
+
+    @property
+    def l1_pool(self) -> DevicePool | None:
+        """The L1 device pool (None when L1 is off), for integrations that watch device memory."""
+        return self._l1.arena if self._l1 is not None else None
 
     def _check_open(self) -> None:
         if self._closed:
@@ -257,6 +277,9 @@ class TierStore:
 
     def _abort(self, txn: Txn) -> None:
         self._l3.rollback()
+        if self._l1 is not None:
+            for slot in [c.l1_slot for c in txn.pending.values() if c.l1_slot is not None] + txn.dropped_l1:
+                self._l1.release(slot)
         if self._l2 is not None:
             for change in txn.pending.values():
                 if change.slot is not None:
@@ -303,9 +326,16 @@ class TierStore:
 
     def _settle_l2(self, txn: Txn, l2_only: set[str]) -> None:
         """After a commit: committed puts become resident, replaced and deleted blocks leave L1 and L2."""
-        if self._l1 is not None:
-            for key in txn.pending:
-                self._l1.discard(key)
+        l1 = self._l1
+        if l1 is not None:
+            for slot in txn.dropped_l1:
+                l1.release(slot)
+            for key, change in txn.pending.items():
+                l1.discard(key)
+                row = change.row
+                if row is not None and change.l1_slot is not None:  # a device tensor, cache-only: only in L1
+                    l1.admit(key, row.block_id, change.l1_slot, dtype_from_name(row.dtype), row.shape,
+                             row.checksum, volatile=True)
         l2 = self._l2
         if l2 is None:
             return
@@ -330,7 +360,9 @@ class TierStore:
         Outside a transaction the put is its own transaction: when it returns, the block is on
         disk and survives a crash. ``durable=False`` marks a cache-only block (a KV cache entry,
         say): it stays in memory (L2) and reaches the disk only when evicted from there, and it
-        is dropped when the store is next opened.
+        is dropped when the store is next opened. A cache-only tensor already on the L1 device
+        stays there (a device-to-device copy, no trip through the host); evicted from L1, it is
+        written back to L2, or to L3 when L2 has no room, never dropped.
         """
         self._check_writable()
         check_key(key)
@@ -350,6 +382,17 @@ class TierStore:
         return txn
 
     def _put(self, txn: Txn, key: str, tensor: torch.Tensor, durable: bool) -> None:
+        if not durable and self._l1 is not None and tensor.numel() and self._on_l1(tensor.device):
+            l1_slot = self._put_l1(tensor)
+            if l1_slot is not None:
+                stamp = now()
+                previous = txn.pending.get(key)
+                created = previous.row.created if previous is not None and previous.row is not None else stamp
+                row = BlockRow(key, self._new_block_id(), dtype_name(tensor.dtype), tuple(tensor.shape),
+                               l1_slot.nbytes, UNHASHED, False, "raw", None, None, None, None, None, 0, L1_BIT,
+                               created, stamp)
+                txn.set(key, Change(row, None, l1_slot))
+                return
         data = tensor_bytes(tensor)
         slot = None
         if self._l2 is not None and data.nbytes > 0:
@@ -378,6 +421,22 @@ class TierStore:
             l3_inner=loc.inner, stored_bytes=loc.length, tiers=(L3_BIT if loc.array else 0) | (L2_BIT if slot else 0),
             created=old.created if old is not None else stamp, updated=stamp)
         txn.set(key, Change(row, slot))
+
+    def _put_l1(self, tensor: torch.Tensor) -> Allocation | None:
+        """A snapshot of device tensor ``tensor`` in a fresh L1 slot (None when L1 has no room)."""
+        l1 = self._l1
+        assert l1 is not None
+        src = tensor.detach().resolve_conj().resolve_neg()
+        slot = l1.reserve(src.numel() * src.element_size(), self._spill_l1)
+        if slot is None:
+            return None
+        try:
+            with self._device_oom("put into L1"):
+                l1.arena.copy_in(slot, src)  # on the current stream: no event to wait for
+        except BaseException:
+            l1.release(slot)
+            raise
+        return slot
 
     def _check_l3_room(self, key: str, nbytes: int) -> None:
         cap = self.config.l3_cache_size
@@ -427,6 +486,87 @@ class TierStore:
         self._l2.mark_durable(entry)  # type: ignore[union-attr]
         return True
 
+    def _spill_l1(self, entry: Resident) -> bool:
+        """Write back a cache-only block leaving L1 whose only copy is there: to L2, or L3 if L2 is full.
+
+        The one move from L1 down (the migrator is meant to own it). False, and the block stays
+        in L1, when neither tier took it: nothing is ever dropped.
+        """
+        l1, l2 = self._l1, self._l2
+        if self._closed or self.readonly or l1 is None:
+            return False
+        if l2 is not None:
+            slot = l2.reserve(entry.alloc.nbytes, self._spill)
+            if slot is not None:
+                out = l2.arena.as_numpy(slot)
+                try:
+                    l1.arena.copy_out(entry.alloc, out)
+                except BaseException:
+                    l2.release(slot)
+                    raise
+                if entry.checksum == UNHASHED:
+                    entry.checksum = crc32c.crc32c(out.data)
+                l2.admit(entry.key, entry.block_id, slot, entry.dtype, entry.shape, entry.checksum, volatile=True)
+                l1.mark_durable(entry)
+                return True
+        data = self._l1_bytes(entry)
+        if not self._write_back_l3(entry, data):
+            return False
+        l1.mark_durable(entry)
+        return True
+
+    def _l1_bytes(self, entry: Resident) -> np.ndarray:
+        """A host copy of an L1 entry's bytes (hashing it if it was not yet)."""
+        assert self._l1 is not None
+        data = np.empty(entry.alloc.nbytes, dtype=np.uint8)
+        self._l1.arena.copy_out(entry.alloc, data)
+        if entry.checksum == UNHASHED:
+            entry.checksum = crc32c.crc32c(data.data)
+        return data
+
+    def _write_back_l3(self, entry: Resident, data: np.ndarray) -> bool:
+        """Write L1-only ``entry`` (its bytes ``data``, hashed) to L3 as a cache-only row; False if that failed.
+
+        As ``_spill`` does for L2 (standalone write, own catalog commit); the migrator is meant to own both.
+        """
+        block_id = self._new_block_id()
+        try:
+            self._check_l3_room(entry.key, data.nbytes)
+            codec = choose_codec(str(self.config.l3_compression), entry.dtype.itemsize)
+            loc = self._l3.write_now(block_id, data, codec)
+            stamp = now()
+            row = BlockRow(entry.key, block_id, dtype_name(entry.dtype), entry.shape, data.nbytes, entry.checksum,
+                           False, loc.codec, loc.array or None, loc.shard, loc.offset, loc.sizes_blob(), loc.inner,
+                           loc.length, L3_BIT, stamp, stamp)
+            self._catalog.commit_blocks([row], [], {}, self._next_block_id)
+        except (TierStoreError, OSError):
+            return False
+        with self._rows_lock:
+            self._generation += 1
+            self._rows[row.key] = (row, loc)
+        self._count += 1
+        self._logical_bytes += row.nbytes
+        self._stored_bytes += row.stored_bytes
+        return True
+
+    def shrink_l1(self, nbytes: int | str | None = None) -> int:
+        """Give L1 device memory back to PyTorch (for the model); returns the bytes released.
+
+        Evicts blocks by ``l1_eviction_policy`` until ``nbytes`` (default: all it can) of whole
+        pool chunks are free, then hands those chunks to PyTorch's caching allocator. Blocks whose
+        only copy is in L1 are written back to L2 (or L3) first; blocks still viewed stay. 0 if
+        L1 is off.
+        """
+        self._check_open()
+        l1 = self._l1
+        if l1 is None:
+            return 0
+        pool = l1.arena
+        want = None if nbytes is None else parse_size(nbytes, name="nbytes")
+        with l1.lock:
+            l1.shed(lambda: want is not None and pool.reclaimable() >= want, self._spill_l1)
+            return pool.shrink(want)
+
     def _new_block_id(self) -> int:
         with self._ids_lock:
             block_id = self._next_block_id
@@ -463,7 +603,9 @@ class TierStore:
         """A get for the L1 device: an L1 hit, or a promotion from L2/L3 into an L1 slot.
 
         A bf16 block is cast (on the device) to fp16 where the GPU has no bf16 math. A device
-        out-of-memory during the promotion raises ``TierFullError``; the block stays in L2.
+        out-of-memory during the promotion shrinks L1 (writing back what only it holds) and tries
+        once more; if the device is still out of memory it raises ``DeviceMemoryError`` (a
+        ``TierFullError``) and the block stays in L2/L3, readable with ``get(key)``.
         """
         l1 = self._l1
         assert l1 is not None
@@ -473,13 +615,32 @@ class TierStore:
             tensor, tier = self._get(key, copy)
             return tensor.to(pool.device), tier
         row = self._lookup(key)
+        try:
+            with self._device_oom(f"get {key!r} into L1"):
+                return self._promote(key, row, copy)
+        except DeviceMemoryError:
+            self.shrink_l1()  # give the device everything L1 can spare, then try once more
+            if pool.device.type == "cuda":
+                torch.cuda.empty_cache()
+        with self._device_oom(f"get {key!r} into L1 (after shrinking L1)"):
+            return self._promote(key, row, copy)
+
+    def _promote(self, key: str, row: BlockRow, copy: bool) -> tuple[torch.Tensor, str]:
+        l1 = self._l1
+        assert l1 is not None
+        pool = l1.arena
         entry = l1.lookup(key, row.block_id)
         if entry is not None:
+            ready = entry.ready
+            if ready is not None:  # a promotion still copying: the caller's stream waits for it
+                torch.cuda.current_stream(pool.device).wait_event(ready)  # type: ignore[arg-type]
+                if ready.query():  # type: ignore[attr-defined]
+                    entry.ready = None
             return l1.view(entry, copy=copy), "L1"
         generation = l1.generation
         host, tier = self._get(key, False)
         target = pool.needs_cast(host.dtype) or host.dtype
-        slot = l1.reserve(host.numel() * target.itemsize) if host.numel() else None
+        slot = l1.reserve(host.numel() * target.itemsize, self._spill_l1) if host.numel() else None
         if slot is None:
             return host.to(pool.device, dtype=target), tier
         try:
@@ -492,7 +653,22 @@ class TierStore:
         entry = l1.admit(key, row.block_id, slot, target, row.shape, row.checksum, generation=generation)
         if entry is None:  # replaced meanwhile: serve this read, cache nothing
             return host.to(pool.device, dtype=target), tier
+        entry.ready = event
         return l1.view(entry, copy=copy), tier
+
+    @contextmanager
+    def _device_oom(self, what: str) -> Iterator[None]:
+        """Turn the L1 device running out of memory into ``DeviceMemoryError`` (nothing stored is lost)."""
+        try:
+            yield
+        except DeviceMemoryError:
+            raise
+        except RuntimeError as exc:
+            if not is_device_oom(exc):
+                raise
+            raise DeviceMemoryError(f"{what}: the device is out of memory ({exc}); the block is still in "
+                                    "L2/L3 - free device memory or call shrink_l1(), then retry",
+                                    tier="L1") from exc
 
     def _get(self, key: str, copy: bool) -> tuple[torch.Tensor, str]:
         l2 = self._l2
@@ -504,7 +680,15 @@ class TierStore:
             if pending.slot is not None and l2 is not None:
                 view = l2.arena.view(pending.slot, dtype_from_name(pending.row.dtype), pending.row.shape)
                 return view.clone(), "L2"
+            if pending.l1_slot is not None:
+                return self._l1_host(pending.l1_slot, dtype_from_name(pending.row.dtype), pending.row.shape), "L1"
             return self._read(pending.row, location_of(pending.row)), "L3"
+        l1 = self._l1
+        if l1 is not None and key in l1.volatile_keys:  # checked before L2: a write-back admits there first
+            with l1.lock:
+                entry1 = l1.entries.get(key)
+                if entry1 is not None and entry1.volatile:
+                    return self._l1_host(entry1.alloc, entry1.dtype, entry1.shape), "L1"
         if l2 is not None and not self.readonly:  # the writer's L2 only ever holds current versions
             entry = l2.lookup(key)
             if entry is not None:
@@ -532,6 +716,13 @@ class TierStore:
             return tensor_from_bytes(bytearray(out), dtype_from_name(row.dtype), row.shape), "L3"
         return l2.view(entry, copy=copy), "L3"
 
+    def _l1_host(self, alloc: Allocation, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """A host copy of an L1 slot's block (in L2 scratch memory when there is room)."""
+        out = self.allocate(shape, dtype)
+        if out.numel():
+            self._l1.arena.copy_out(alloc, tensor_bytes(out))  # type: ignore[union-attr]
+        return out
+
     def _lookup(self, key: str) -> BlockRow:
         txn = self._txn()
         if txn is not None and key in txn.pending:
@@ -540,6 +731,8 @@ class TierStore:
                 raise BlockNotFoundError(f"no block {key!r} in {self.path}", key=key)
             return row
         entry = self._volatile(key)
+        if entry is not None and self._l1 is not None and self._l1.entries.get(key) is entry:
+            return self._volatile_row(entry, L1_BIT)  # hashed when it leaves L1 (or by info())
         if entry is not None:
             if entry.checksum == UNHASHED:
                 entry.checksum = crc32c.crc32c(self._l2.arena.as_numpy(entry.alloc).data)  # type: ignore[union-attr]
@@ -547,16 +740,25 @@ class TierStore:
         return self._lookup_located(key)[0]
 
     def _volatile(self, key: str) -> Resident | None:
-        l2 = self._l2
-        if l2 is None or key not in l2.volatile_keys:
-            return None
-        entry = l2.entries.get(key)
-        return entry if entry is not None and entry.volatile and not entry.dead else None
+        """The entry holding the only copy of cache-only ``key`` (in L1 or L2), if any."""
+        for tier in (self._l1, self._l2):
+            if tier is not None and key in tier.volatile_keys:
+                entry = tier.entries.get(key)
+                if entry is not None and entry.volatile and not entry.dead:
+                    return entry
+        return None
+
+    def _volatile_keys(self) -> set[str]:
+        keys: set[str] = set()
+        for tier in (self._l1, self._l2):
+            if tier is not None:
+                keys |= tier.volatile_keys
+        return keys
 
     @staticmethod
-    def _volatile_row(entry: Resident) -> BlockRow:
+    def _volatile_row(entry: Resident, tier_bit: int = L2_BIT) -> BlockRow:
         return BlockRow(entry.key, entry.block_id, dtype_name(entry.dtype), entry.shape, entry.alloc.nbytes,
-                        entry.checksum, False, "raw", None, None, None, None, None, 0, L2_BIT, 0.0, 0.0)
+                        entry.checksum, False, "raw", None, None, None, None, None, 0, tier_bit, 0.0, 0.0)
 
     def _refresh(self) -> None:
         """Read-only handles: forget cached rows and totals once a writer has committed."""
@@ -606,7 +808,8 @@ class TierStore:
                     raise BlockNotFoundError(f"block {row.key!r} was deleted while being read",
                                              key=row.key) from None
                 path = self._l3.shard_path(loc.array, loc.shard)
-                if newer.block_id == row.block_id or newer.nbytes != out.nbytes:
+                moved = location_of(newer) != loc  # compaction relocates a block under the same id
+                if (newer.block_id == row.block_id and not moved) or newer.nbytes != out.nbytes:
                     raise CorruptBlockError(
                         f"block {row.key!r}: its data file {path} is missing; run 'tierstore verify --fix' "
                         "to drop damaged blocks", key=row.key, path=str(path), tier="L3") from None
@@ -620,14 +823,24 @@ class TierStore:
                 "damaged — restore them or run 'tierstore verify --fix'", key=row.key, tier="L3")
         return row
 
-    def allocate(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def allocate(self, shape: tuple[int, ...], dtype: torch.dtype,
+                 device: str | torch.device | None = None) -> torch.Tensor:
         """An uninitialised tensor from the L2 pool (ordinary memory if L2 is off or full).
 
-        Its memory goes back to the pool when the tensor and every view of it are collected.
+        With ``device`` it is on that device: from the L1 pool when L1 lives there and has room,
+        else ordinary device memory. Its memory goes back to the pool when the tensor and every
+        view of it are collected. L1 makes room by ``l1_eviction_policy`` (writing back what
+        only it holds).
         """
         self._check_open()
         shape = tuple(int(s) for s in shape)
         nbytes = math.prod(shape) * dtype.itemsize
+        if device is not None:
+            if self._l1 is not None and nbytes > 0 and self._on_l1(device):
+                tensor = self._l1.scratch(nbytes, dtype, shape, evict=True, spill=self._spill_l1)
+                if tensor is not None:
+                    return tensor
+            return torch.empty(shape, dtype=dtype, device=device)
         if self._l2 is not None and nbytes > 0:
             tensor = self._l2.scratch(nbytes, dtype, shape)
             if tensor is not None:
@@ -668,7 +881,7 @@ class TierStore:
     def __len__(self) -> int:
         self._check_open()
         self._refresh()
-        count = self._count + (len(self._l2.volatile_keys) if self._l2 is not None else 0)
+        count = self._count + len(self._volatile_keys())
         txn = self._txn()
         if txn is not None:
             for key, change in txn.pending.items():
@@ -681,8 +894,7 @@ class TierStore:
     def keys(self, prefix: str | None = None) -> Iterator[str]:
         """Keys in sorted order (those starting with ``prefix`` if given)."""
         self._check_open()
-        volatile = sorted(k for k in (self._l2.volatile_keys if self._l2 is not None else ())
-                          if prefix is None or k.startswith(prefix))
+        volatile = sorted(k for k in self._volatile_keys() if prefix is None or k.startswith(prefix))
         keys: Iterator[str] = merge(self._iter_keys(prefix), volatile) if volatile else self._iter_keys(prefix)
         txn = self._txn()
         if txn is not None and txn.pending:
@@ -708,6 +920,8 @@ class TierStore:
         self._check_open()
         check_key(key)
         row = self._lookup(key)
+        if row.checksum == UNHASHED and (entry := self._volatile(key)) is not None and row.tiers == L1_BIT:
+            row = dataclasses.replace(row, checksum=crc32c.crc32c(self._l1_bytes(entry).data))
         committed = self._catalog.get_block(key)
         if committed is not None and committed.block_id == row.block_id:
             row = committed  # the catalog's row has the first `created` (the row cache has the latest put's)
@@ -776,13 +990,31 @@ class TierStore:
                            "size_classes": [dataclasses.asdict(c) for c in alloc.per_class if c.slabs],
                            **self._l2.stats()}
         if self._l1 is not None:
+            residency = self._l1.stats()  # first: it returns the slots of collected views to the arena
             pool = self._l1.arena.stats()
-            tiers["L1"] = {"capacity": pool.capacity, "used": pool.used, "free": pool.free,
-                           "fragmentation": pool.fragmentation, "device": str(pool.device),
-                           "policy": self.config.l1_eviction_policy, **self._l1.stats()}
+            tiers["L1"] = {"capacity": pool.capacity, "reserved": pool.reserved, "used": pool.used,
+                           "requested": pool.requested, "free": pool.free, "fragmentation": pool.fragmentation,
+                           "device": str(pool.device), "capability": pool.capability, "chunks": pool.chunks,
+                           "bf16_native": pool.bf16_native, "oom_events": pool.oom_events,
+                           "policy": self.config.l1_eviction_policy,
+                           "size_classes": [dataclasses.asdict(c) for c in pool.per_class if c.slabs],
+                           **residency}
         tiers["L3"] = {"capacity": self.config.l3_cache_size, "used": self._stored_bytes, "blocks": self._count,
                        "compression": self.config.l3_compression}
         return tiers
+
+    def compact(self, *, min_fill: float = 0.5,
+                progress: Callable[[int, int], None] | None = None) -> MaintenanceReport:
+        """Rewrite the live blocks of packs filled below ``min_fill``; see :func:`tierstore.maintenance.compact`."""
+        from .maintenance import compact
+
+        return compact(self, min_fill=min_fill, progress=progress)
+
+    def gc(self) -> MaintenanceReport:
+        """Delete shard files no block points at any more; see :func:`tierstore.maintenance.gc`."""
+        from .maintenance import gc
+
+        return gc(self)
 
     def _write_history(self, batch: list[Access]) -> None:
         stats, successors = summarize(batch)

@@ -20,10 +20,12 @@ __all__ = ["Change", "Txn", "location_of"]
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """A pending put (``row``) or delete (``row is None``); ``slot`` holds an L2 copy of a put."""
+    """A pending put (``row``) or delete (``row is None``); ``slot`` holds an L2 copy of a put,
+    ``l1_slot`` the L1 copy of a cache-only put of a device tensor (its only copy)."""
 
     row: BlockRow | None
     slot: Allocation | None = None
+    l1_slot: Allocation | None = None
 
 
 @dataclass(slots=True)
@@ -37,6 +39,8 @@ class Txn:
     """L3 bytes written in this transaction that no committed row will point at."""
     dropped_slots: list[Allocation] = field(default_factory=list)
     """L2 slots of superseded puts, to give back."""
+    dropped_l1: list[Allocation] = field(default_factory=list)
+    """L1 slots of superseded puts, to give back."""
 
     def set(self, key: str, change: Change) -> None:
         """Record ``change`` for ``key`` (superseding an earlier one in this transaction)."""
@@ -48,6 +52,8 @@ class Txn:
             self.garbage.append(location_of(change.row))
             if change.slot is not None:
                 self.dropped_slots.append(change.slot)
+            if change.l1_slot is not None:
+                self.dropped_l1.append(change.l1_slot)
 
     def rollback_to(self, mark: int) -> None:
         """Undo every change made after ``len(undo) == mark`` (a savepoint)."""

@@ -7,6 +7,10 @@ Examples::
     tierstore info STORE KEY            # everything the catalog knows of one block
     tierstore stats STORE               # counts, sizes, compression
     tierstore history STORE [KEY]       # the access log, newest first
+    tierstore verify STORE [--fix]      # check every block and file; repair, naming what was lost
+    tierstore gc STORE / compact STORE  # give back the space of replaced and deleted blocks
+    tierstore plot STORE -o use.png     # tier use, hit rate and an access heat map over time
+    tierstore probe [STORE] [--measure] # the hardware and the CacheConfig it calls for
 
 Every listing command takes ``--json``. Errors are printed as one line and a
 non-zero exit status, never a traceback.
@@ -19,12 +23,12 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import TierStoreError
-from . import catalog, demo
+from . import catalog, demo, maintenance, plot, probe
 
 __all__ = ["main"]
 
 # Each module adds its own subcommands; one line here per module.
-_COMMANDS = (demo, catalog)
+_COMMANDS = (demo, catalog, maintenance, probe, plot)
 
 
 def _parser() -> argparse.ArgumentParser:

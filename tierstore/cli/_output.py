@@ -5,16 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from ..config import format_size
 from ..store import TierStore
 
-__all__ = ["console", "table", "emit", "block_rows", "stats_table", "add_json"]
+__all__ = ["console", "table", "emit", "block_rows", "stats_table", "add_json", "progress_bar",
+           "tier_table", "windows_table"]
 
 console = Console(width=None if sys.stdout.isatty() else 160)
 
@@ -65,3 +68,40 @@ def stats_table(stats: Any) -> Table:
     ])
 
 
+@contextmanager
+def progress_bar(what: str) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar on stderr (shown only on a terminal); yields ``update(done, total)`` in bytes."""
+    err = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                  console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task(what, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def _size_or_dash(value: Any) -> str:
+    return "-" if value is None else format_size(value)
+
+
+def tier_table(overview: dict[str, dict[str, Any]]) -> Table:
+    """Per-tier capacity, use, hit rate and moves (``tierstore.activity.tier_overview``)."""
+    rows = []
+    for tier, row in overview.items():
+        rate = "-" if row["hit_rate"] is None else f"{row['hit_rate']:.1%}"
+        extra = (f"compression {row['compression_ratio']:.2f}x, fragmentation {row['fragmentation']:.1%} "
+                 f"({format_size(row['dead_bytes'])} reclaimable)") if tier == "L3" else \
+            f"promotions {row['promotions']}, demotions {row['demotions']}"
+        capacity = row["capacity"]
+        rows.append([tier, "auto" if capacity is None and tier == "L1" else
+                     ("disk" if capacity is None else format_size(capacity)), _size_or_dash(row["used"]),
+                     "-" if row["blocks"] is None else row["blocks"], rate, extra])
+    return table("tiers", ["tier", "capacity", "used", "blocks", "hit rate", "moves / L3"], rows)
+
+
+def windows_table(windows: dict[str, dict[str, int]]) -> Table:
+    """Accesses in the last minute, hour and day (``tierstore.activity.access_windows``)."""
+    return table("accesses", ["window", "gets", "puts", "deletes", "from L1", "from L2", "from L3"],
+                 [[name, w["get"], w["put"], w["delete"], w["L1"], w["L2"], w["L3"]] for name, w in windows.items()])

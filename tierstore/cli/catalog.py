@@ -7,15 +7,16 @@ import dataclasses
 import time
 
 from .. import open as open_store
+from ..activity import access_windows, tier_overview
 from ..config import format_size
-from ._output import add_json, block_rows, emit, stats_table, table
+from ._output import add_json, block_rows, console, emit, stats_table, table, tier_table, windows_table
 
 __all__ = ["register"]
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
     """List keys with dtype, shape, size, stored size, tiers and access count."""
-    with open_store(args.store, readonly=True, l2_cache_size=0) as db:
+    with open_store(args.store, readonly=True, l1_cache_size=0, l2_cache_size=0) as db:
         rows = block_rows(db, args.prefix)
     emit(args, rows, lambda: table(f"{args.store}: {len(rows)} blocks",
                                      ["key", "dtype", "shape", "size", "stored", "codec", "tiers", "accesses"],
@@ -27,7 +28,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Show everything the catalog knows of one block."""
-    with open_store(args.store, readonly=True, l2_cache_size=0) as db:
+    with open_store(args.store, readonly=True, l1_cache_size=0, l2_cache_size=0) as db:
         info = db.info(args.key)
         history = db.history(args.key, limit=10)
     data = {f.name: getattr(info, f.name) for f in dataclasses.fields(info)}
@@ -40,16 +41,22 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     """Show counts, sizes and compression of a store."""
-    with open_store(args.store, readonly=True, l2_cache_size=0) as db:
+    with open_store(args.store, readonly=True, l1_cache_size=0, l2_cache_size=0) as db:
         stats = db.stats()
+        overview, windows = tier_overview(db), access_windows(db._catalog)
     data = {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)}
-    emit(args, data, lambda: stats_table(stats))
+    data.update(tier_overview=overview, windows=windows)
+    if args.json:
+        emit(args, data, lambda: stats_table(stats))
+    else:
+        for part in (stats_table(stats), tier_table(overview), windows_table(windows)):
+            console.print(part)
     return 0
 
 
 def cmd_history(args: argparse.Namespace) -> int:
     """Show the access log, newest first."""
-    with open_store(args.store, readonly=True, l2_cache_size=0) as db:
+    with open_store(args.store, readonly=True, l1_cache_size=0, l2_cache_size=0) as db:
         rows = db.history(args.key, limit=args.limit)
     data = [{"time": ts, "key": key, "op": op, "tier": tier} for ts, key, op, tier in rows]
     emit(args, data, lambda: table("access log", ["time", "key", "op", "tier"], [

@@ -13,6 +13,15 @@ slice or ``.numpy()`` of it), so a finalizer on that object fires once, after th
 caller's stream to wait on; ``cast_into`` also converts on the device (bf16 -> fp16 where the GPU lacks
 bf16 math, see :func:`needs_cast`); ``copy_out`` writes back synchronously. On a CPU device (CI) all
 of them are a memcpy. Not thread-safe: the owner serialises calls; release callbacks may run anywhere.
+
+Streams. Copies in run on the pool's side stream, so they overlap whatever the current stream is
+computing. A freed slot is not reused at once: on CUDA ``free`` records an event on the current stream
+(where the slot's readers queued their kernels) and the slot returns to its free list only once that
+event has completed, as PyTorch's caching allocator does for ``record_stream``. A reader on another
+stream must make the current stream wait for it (``wait_stream``) before dropping its tensor. The
+event comes from one method, ``_fence`` (None on the CPU: slots are reused at once); tests substitute
+fake events for it, so CI runs the CUDA reuse logic too. A new chunk may be memory PyTorch just took
+back from the current stream's queued kernels, so the first copies into it wait for its birth event.
 """
 
 from __future__ import annotations
@@ -34,13 +43,16 @@ import torch
 
 from ..alloc import Allocation, ClassStats, SlabAllocator, view_nbytes
 from ..config import parse_size
-from ..errors import ConfigError, StoreClosedError, TierFullError, UnsupportedTensorError
+from ..errors import ConfigError, DeviceMemoryError, StoreClosedError, TierFullError, UnsupportedTensorError
 
-__all__ = ["DeviceMemory", "DevicePool", "PoolStats", "allocate_attention_weights", "allocate_kv_cache",
-           "needs_cast"]
+__all__ = ["DeviceMemory", "DevicePool", "MemoryProbe", "PoolStats", "allocate_attention_weights",
+           "allocate_kv_cache", "is_device_oom", "needs_cast"]
 
 HostBytes: TypeAlias = "torch.Tensor | npt.NDArray[np.generic]"
 Event: TypeAlias = "torch.cuda.Event"
+MemoryProbe: TypeAlias = "Callable[[torch.device], tuple[int, int, int, int]]"
+"""``device -> (free, total, torch reserved, torch allocated)`` bytes: how the pool sees memory pressure.
+The default asks the driver and PyTorch's caching allocator; tests pass their own to simulate a model."""
 
 _PAGE = 4096
 _ALIGN = 256  # what cudaMalloc guarantees, and what some kernels quietly assume
@@ -53,14 +65,19 @@ _NATIVE_FROM: dict[torch.dtype, tuple[int, int]] = {torch.bfloat16: (8, 0)}
 
 
 def needs_cast(dtype: torch.dtype, device: str | torch.device, *, capability: tuple[int, int] | None = None,
-               fallback: torch.dtype = torch.float16) -> torch.dtype | None:
+               fallback: torch.dtype = torch.float16, force: bool | None = None) -> torch.dtype | None:
     """The dtype ``dtype`` should become in L1 on ``device``, or None to keep it.
 
     bf16 on a GPU below compute capability 8.0 (Pascal to Turing) becomes ``fallback``; values beyond
-    its range (65504 for fp16) become inf. ``capability`` overrides the device query.
+    its range (65504 for fp16) become inf. ``capability`` overrides the device query. ``force=True``
+    casts bf16 on any device (the CPU included, which is how CI covers the path); ``False`` never does.
     """
+    if dtype not in _NATIVE_FROM or force is False or fallback == dtype:
+        return None
+    if force:
+        return fallback
     dev = torch.device(device)
-    if dev.type != "cuda" or dtype not in _NATIVE_FROM:
+    if dev.type != "cuda":
         return None
     cap = capability if capability is not None else torch.cuda.get_device_capability(dev)
     return fallback if tuple(cap) < _NATIVE_FROM[dtype] else None
@@ -105,6 +122,11 @@ class DeviceMemory:
         """Bytes a new PyTorch allocation can get without the pool shrinking (driver free + torch's cache)."""
         return self.free + self.torch_reserved - self.torch_allocated
 
+    @property
+    def model_allocated(self) -> int:
+        """Bytes PyTorch has handed out to everything but the pool (the model, its activations)."""
+        return max(0, self.torch_allocated - self.pool_reserved)
+
 
 def _device_memory(device: torch.device) -> tuple[int, int, int, int]:
     """(free, total, torch reserved, torch allocated) bytes; PyTorch's counters are 0 on CPU."""
@@ -122,15 +144,21 @@ def _new_chunk_tensor(nbytes: int, device: torch.device) -> torch.Tensor:
     return tensor
 
 
+def is_device_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` is the device (or the CPU allocator) running out of memory."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+
+
 @contextmanager
 def _oom_as_tier_full(what: str) -> Iterator[None]:
     try:
         yield
-    except RuntimeError as exc:  # torch.cuda.OutOfMemoryError, or the CPU allocator's RuntimeError
-        if not isinstance(exc, torch.cuda.OutOfMemoryError) and "can't allocate memory" not in str(exc):
+    except RuntimeError as exc:  # torch.OutOfMemoryError, or the CPU allocator's RuntimeError
+        if not is_device_oom(exc):
             raise
-        raise TierFullError(f"{what}: the device is out of memory ({exc}); the block stays in L2 - "
-                            "shrink L1 or free device memory, then retry", tier="L1") from exc
+        raise DeviceMemoryError(f"{what}: the device is out of memory ({exc}); the block stays in L2 - "
+                                "shrink L1 or free device memory, then retry", tier="L1") from exc
 
 
 def _flat_bytes(data: HostBytes, *, out: bool = False) -> torch.Tensor:
@@ -145,13 +173,26 @@ def _flat_bytes(data: HostBytes, *, out: bool = False) -> torch.Tensor:
     return tensor.contiguous().view(-1).view(torch.uint8)
 
 
+def _after_birth(chunk: _Chunk, stream: torch.cuda.Stream) -> None:
+    """Order ``stream`` after the work queued when ``chunk`` was allocated (until that has run)."""
+    born = chunk.born
+    if born is not None:
+        if born.query():  # type: ignore[no-untyped-call]
+            chunk.born = None
+        else:
+            stream.wait_event(born)
+
+
 class _Chunk:
     """One device allocation and the allocator carving it."""
 
-    __slots__ = ("alloc", "base", "host", "id", "size", "storage", "tensor")
+    __slots__ = ("alloc", "base", "born", "host", "id", "size", "storage", "tensor")
 
     def __init__(self, cid: int, tensor: torch.Tensor) -> None:
         self.id, self.base, self.size, self.tensor = cid, cid << _SPAN_BITS, tensor.numel(), tensor
+        self.born: Event | None = None
+        """CUDA: recorded on the allocating stream. PyTorch may hand out memory that stream's queued
+        kernels still use (they run before anything queued later on it); side-stream copies wait on it."""
         self.storage = tensor.untyped_storage()
         self.host: npt.NDArray[np.uint8] | None = tensor.numpy() if tensor.device.type == "cpu" else None
         slab = max(_PAGE, min(_SLAB, self.size // 8 // _PAGE * _PAGE))
@@ -168,11 +209,14 @@ class DevicePool:
 
     Sizes take bytes or strings (``"1GiB"``). ``headroom`` is device memory the pool leaves to the
     model when it grows (default 256 MiB on CUDA, unchecked on CPU); ``bf16_fallback`` is what bf16
-    becomes on GPUs without bf16 math. ``close()`` is idempotent; use after it raises StoreClosedError.
+    becomes on GPUs without bf16 math, ``cast_bf16`` forces the cast on (True) or off (False) instead
+    of asking the GPU. ``probe`` replaces the driver query behind ``pressure()``.
+    ``close()`` is idempotent; use after it raises StoreClosedError.
     """
 
     def __init__(self, capacity: int | str, *, device: str | torch.device = "cuda", chunk_size: int | str = "256MiB",
-                 headroom: int | str | None = None, bf16_fallback: torch.dtype = torch.float16) -> None:
+                 headroom: int | str | None = None, bf16_fallback: torch.dtype = torch.float16,
+                 cast_bf16: bool | None = None, probe: MemoryProbe | None = None) -> None:
         size = parse_size(capacity, name="L1 pool capacity")
         chunk = parse_size(chunk_size, name="L1 chunk_size")
         self._capacity, self._chunk_size = size - size % _PAGE, chunk - chunk % _PAGE
@@ -193,11 +237,15 @@ class DevicePool:
         self._device = dev
         default_headroom = "256MiB" if dev.type == "cuda" else 0
         self._headroom = parse_size(default_headroom if headroom is None else headroom, name="L1 headroom")
-        self._fallback = bf16_fallback
+        self._fallback, self._cast_bf16 = bf16_fallback, cast_bf16
+        self._probe: MemoryProbe = probe if probe is not None else _device_memory
         self._chunks: dict[int, _Chunk] = {}
         self._next_id = self._reserved = self._ooms = 0
         self._hot: _Chunk | None = None
         self._released: deque[Allocation] = deque()  # scratch slots whose tensors died; freed at next alloc
+        self._cooling: deque[tuple[Event, Allocation]] = deque()  # freed on CUDA, until their readers ran
+        self._spare: list[Event] = []  # completed events, recorded again by the next frees
+        self._cooling_at: set[int] = set()
         # (event, what the copy reads, staging slot to free) until the event has completed
         self._inflight: deque[tuple[Event, torch.Tensor | None, Allocation | None]] = deque()
         self._stream: torch.cuda.Stream | None = None
@@ -218,6 +266,20 @@ class DevicePool:
         """Whether close() has run."""
         return self._closed
 
+    @property
+    def headroom(self) -> int:
+        """Device bytes the pool leaves to the model when it grows."""
+        return self._headroom
+
+    @property
+    def probe(self) -> MemoryProbe:
+        """Where ``pressure()`` reads the device's memory; assign one to simulate a model's needs."""
+        return self._probe
+
+    @probe.setter
+    def probe(self, probe: MemoryProbe | None) -> None:
+        self._probe = probe if probe is not None else _device_memory
+
     # -- slots --------------------------------------------------------------------------------------------
 
     def alloc(self, nbytes: int) -> Allocation | None:
@@ -229,8 +291,20 @@ class DevicePool:
         self._open()
         if nbytes < 0:
             raise ValueError(f"cannot allocate a negative size ({nbytes} bytes)")
-        if self._released or self._inflight:
+        if self._released or self._inflight or self._cooling:
             self._drain()
+        if (a := self._carve(nbytes)) is not None:
+            return a
+        try:
+            self._hot = self._grow_for(nbytes)
+        except TierFullError:
+            if not self._cooling:
+                return None
+            self._cool(wait=True)  # out of room: wait for the readers of freed slots rather than fail
+            return self._carve(nbytes)
+        return self._hot.alloc.alloc(nbytes)
+
+    def _carve(self, nbytes: int) -> Allocation | None:
         hot = self._hot
         if hot is not None and (a := hot.alloc.alloc(nbytes)) is not None:
             return a
@@ -238,15 +312,31 @@ class DevicePool:
             if chunk is not hot and (a := chunk.alloc.alloc(nbytes)) is not None:
                 self._hot = chunk
                 return a
-        try:
-            self._hot = self._grow_for(nbytes)
-        except TierFullError:
-            return None
-        return self._hot.alloc.alloc(nbytes)
+        return None
 
     def free(self, a: Allocation) -> None:
-        """Return a slot; views over it must already be released (see ``view``)."""
-        self._chunk_of(a, live=False).alloc.free(a)
+        """Return a slot; views over it must already be released (see ``view``).
+
+        On CUDA the slot is reused only after the kernels queued so far on the current stream have
+        run (they may still read it); until then it counts as used.
+        """
+        chunk = self._chunk_of(a, live=False)
+        if not chunk.alloc.is_live(a) or a.offset in self._cooling_at:
+            raise ValueError(f"{a!r} is not a live allocation of this L1 pool (freed twice?)")
+        fence = self._fence()
+        if fence is None:
+            chunk.alloc.free(a)
+        else:
+            self._cooling.append((fence, a))
+            self._cooling_at.add(a.offset)
+
+    def _fence(self) -> Event | None:
+        """An event marking the work queued so far on the current stream (None on the CPU: nothing queued)."""
+        if self._device.type != "cuda":
+            return None
+        event = self._spare.pop() if self._spare else torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event.record(torch.cuda.current_stream(self._device))
+        return event
 
     def as_tensor(self, a: Allocation) -> torch.Tensor:
         """A flat uint8 device tensor over the ``a.nbytes`` requested bytes of the slot (no release hook)."""
@@ -310,8 +400,10 @@ class DevicePool:
             return None
         self._reap()
         side = stream if stream is not None else self._side_stream()
+        # No wait on the current stream: a freed slot is reused only after its readers ran (see free),
+        # so the copy may overlap the compute queued before it. Only a new chunk waits for its birth.
+        _after_birth(chunk, side)
         with _oom_as_tier_full("copying into L1"):
-            side.wait_stream(torch.cuda.current_stream(self._device))  # readers of the slot's last tenant
             with torch.cuda.stream(side):
                 out.copy_(data, non_blocking=True)
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]
@@ -340,6 +432,7 @@ class DevicePool:
             raise TierFullError(f"L1 has no room for a {src.nbytes}-byte staging slot to cast {src.dtype} to "
                                 f"{dtype}; evict from L1 or raise its capacity", tier="L1")
         side = stream if stream is not None else self._side_stream()
+        _after_birth(chunk, side)
         try:
             self.copy_in(staging, src, stream=side)
             with _oom_as_tier_full("casting into L1"), torch.cuda.stream(side):
@@ -373,10 +466,12 @@ class DevicePool:
         """Wait for every pending copy and free the staging slots they used."""
         self._open()
         self._reap(wait=True)
+        self._cool(wait=True)
 
     def needs_cast(self, dtype: torch.dtype) -> torch.dtype | None:
         """What ``dtype`` should become in this pool (see :func:`needs_cast`)."""
-        return needs_cast(dtype, self._device, capability=self._capability, fallback=self._fallback)
+        return needs_cast(dtype, self._device, capability=self._capability, fallback=self._fallback,
+                          force=self._cast_bf16)
 
     # -- memory pressure ----------------------------------------------------------------------------------
 
@@ -400,6 +495,7 @@ class DevicePool:
         """
         self._open()
         self._drain()
+        self._cool(wait=True)
         want = math.inf if nbytes is None else parse_size(nbytes)
         released = 0
         for chunk in reversed(list(self._chunks.values())):
@@ -411,10 +507,16 @@ class DevicePool:
             torch.cuda.empty_cache()
         return released
 
-    def pressure(self) -> DeviceMemory:
-        """The device's memory now, as the driver, PyTorch and the pool see it."""
+    def reclaimable(self) -> int:
+        """Bytes ``shrink()`` would hand back now: the chunks no live slot uses."""
         self._open()
-        free, total, reserved, allocated = _device_memory(self._device)
+        self._drain()
+        return sum(c.size for c in self._chunks.values() if c.is_empty())
+
+    def pressure(self) -> DeviceMemory:
+        """The device's memory now, as the driver (or ``probe``), PyTorch and the pool see it."""
+        self._open()
+        free, total, reserved, allocated = self._probe(self._device)
         return DeviceMemory(str(self._device), free, total, reserved, allocated, self._reserved)
 
     def headroom_ok(self, headroom: int | str | None = None) -> bool:
@@ -442,7 +544,7 @@ class DevicePool:
             largest_free_run=largest, fragmentation=1.0 - largest / free if free else 0.0,
             per_class=tuple(ClassStats(s, *classes[s]) for s in sorted(classes)), chunks=len(self._chunks),
             chunk_size=self._chunk_size, device=str(self._device), capability=self._capability,
-            bf16_native=self.needs_cast(torch.bfloat16) is None, inflight=len(self._inflight),
+            bf16_native=self.needs_cast(torch.bfloat16) is None, inflight=len(self._inflight) + len(self._cooling),
             oom_events=self._ooms)
 
     def close(self) -> None:
@@ -453,6 +555,8 @@ class DevicePool:
             self._stream.synchronize()
         self._closed = True
         self._inflight.clear()
+        self._cooling.clear()
+        self._cooling_at.clear()
         self._released.clear()
         self._chunks.clear()
         self._hot, self._reserved = None, 0
@@ -503,6 +607,9 @@ class DevicePool:
             self._ooms += 1
             raise
         chunk = self._chunks[self._next_id] = _Chunk(self._next_id, tensor)
+        if self._device.type == "cuda":
+            chunk.born = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            chunk.born.record(torch.cuda.current_stream(self._device))
         self._next_id += 1
         self._reserved += size
         return chunk
@@ -521,8 +628,25 @@ class DevicePool:
             a = self._released.popleft()
             chunk = self._chunks.get(a.offset >> _SPAN_BITS)
             if chunk is not None and chunk.alloc.is_live(a):
-                chunk.alloc.free(a)
+                self.free(a)
         self._reap()
+        self._cool()
+
+    def _cool(self, *, wait: bool = False) -> None:
+        """Return freed slots whose readers have run (all of them, waiting, with ``wait``)."""
+        while self._cooling:
+            event, a = self._cooling[0]
+            if wait:
+                event.synchronize()
+            elif not event.query():  # type: ignore[no-untyped-call]
+                break
+            self._cooling.popleft()
+            self._cooling_at.discard(a.offset)
+            if len(self._spare) < 64:
+                self._spare.append(event)
+            chunk = self._chunks.get(a.offset >> _SPAN_BITS)
+            if chunk is not None and chunk.alloc.is_live(a):
+                chunk.alloc.free(a)
 
     def _reap(self, *, wait: bool = False) -> None:
         while self._inflight:

@@ -183,6 +183,9 @@ class ZarrL3:
         self._local = threading.local()
         self._fd_caches: list[dict[str, int]] = []
         self._fd_lock = threading.Lock()
+        self._epoch = 0
+        self._stale: frozenset[str] | set[str] = frozenset()
+        """Paths of removed shard files: each thread closes its descriptors of them (see remove_shards)."""
         self.fsync = fsync
         self.readonly = readonly
         self._next_shard: dict[str, int] = {}
@@ -218,6 +221,8 @@ class ZarrL3:
             cache = self._local.fds = {}
             with self._fd_lock:
                 self._fd_caches.append(cache)
+        if getattr(self._local, "epoch", 0) != self._epoch:
+            self._drop_stale(cache)
         fd = cache.get(path)
         if fd is None:
             if len(cache) >= _FD_CACHE:
@@ -227,6 +232,41 @@ class ZarrL3:
             # disk read per small block (cold small gets ~40% faster here).
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
         return fd
+
+    def _drop_stale(self, cache: dict[str, int]) -> None:
+        with self._fd_lock:
+            epoch, stale = self._epoch, self._stale
+        for path in stale & cache.keys():
+            os.close(cache.pop(path))
+        self._local.epoch = epoch
+
+    def remove_shards(self, shards: Iterable[tuple[str, int]]) -> int:
+        """Delete shard files the catalog no longer knows (after its commit); returns the bytes freed.
+
+        Each thread closes its cached descriptors of them at its next read, so the space is
+        returned to the disk once every reading thread has moved on.
+        """
+        freed = 0
+        paths = []
+        for array, number in shards:
+            path = self.shard_path(array, number)
+            try:
+                freed += path.stat().st_size
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            paths.append(str(path))
+        if paths:
+            with self._fd_lock:
+                self._stale = self._stale | set(paths)
+                self._epoch += 1
+            cache: dict[str, int] | None = getattr(self._local, "fds", None)
+            if cache is not None:
+                self._drop_stale(cache)
+            if self.fsync:
+                for folder in {Path(p).parent for p in paths}:
+                    _fsync_dir(folder)
+        return freed
 
     def _forget_fd(self, path: str) -> None:
         cache: dict[str, int] | None = getattr(self._local, "fds", None)
@@ -265,9 +305,26 @@ class ZarrL3:
         if codec is not RAW and sum(len(p) for p in pieces) * MIN_RATIO > len(pieces) * GRANULE:
             codec = RAW
             pieces = self._encode_granules(data, RAW)
+        return self._append(codec, pieces, tuple(len(p) for p in pieces))
+
+    def copy_packed(self, loc: Location) -> Location:
+        """Append a packed block's encoded chunks, as they are, to the active shard of its pack.
+
+        For compaction: the bytes are not decoded or re-encoded; like :meth:`write`, the copy is
+        durable only after :meth:`prepare` and the catalog commit.
+        """
+        path = f"{self._root}/{loc.array}/{loc.shard}"
+        data = os.pread(self._read_fd(path), loc.length, loc.offset)
+        if len(data) != loc.length:
+            raise CorruptBlockError(f"{path} is truncated: {len(data)} of {loc.length} bytes at offset "
+                                    f"{loc.offset}", path=path, tier="L3")
+        starts = list(itertools.accumulate(loc.sizes, initial=0))
+        view = memoryview(data)
+        return self._append(codec_from_id(loc.codec), [view[a:b] for a, b in itertools.pairwise(starts)], loc.sizes)
+
+    def _append(self, codec: Codec, pieces: list[Any], sizes: tuple[int, ...]) -> Location:
         shard = self._active_shard(codec, len(pieces))
         offset = shard.length
-        sizes = tuple(len(p) for p in pieces)
         written = os.pwritev(shard.fd, pieces, offset)
         if written != sum(sizes):
             raise OSError(f"short write to {shard.path}: {written} of {sum(sizes)} bytes")
@@ -497,6 +554,19 @@ class ZarrL3:
                     one(i)
         except (RuntimeError, ValueError, TypeError) as exc:
             raise CorruptBlockError(f"{path}: chunk does not decode ({exc})", path=path, tier="L3") from None
+
+    def restore_meta(self, loc: Location, nbytes: int) -> None:
+        """Write the ``zarr.json`` of the array holding ``loc`` again (it was lost or damaged).
+
+        Only zarr readers need it (tierstore reads by the catalog's offsets); ``nbytes`` is the
+        block's size, the shape of a large block's array.
+        """
+        codec = codec_from_id(loc.codec)
+        if loc.array.startswith("packs/"):
+            doc = _array_meta(_PACK_SHAPE, PACK_MAX, GRANULE, codec, "pack")
+        else:
+            doc = _array_meta(nbytes, len(loc.sizes) * loc.inner, loc.inner, codec, "block")
+        _write_json(self.root / loc.array / "zarr.json", doc, sync=self.fsync)
 
     # -- recovery -------------------------------------------------------------------------------
 
