@@ -12,12 +12,19 @@ import tierstore
 from tierstore.cli import main
 
 
-def test_demo_runs_and_shows_cold_and_warm_reads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--store", str(tmp_path / "demo")]) == 0
+def test_demo_streams_a_model_and_matches_the_in_memory_one(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--store", str(tmp_path / "demo"), "--tokens", "4"]) == 0
     out = capsys.readouterr().out
-    assert "cold (from L3)" in out and "warm (from L2)" in out and "model.layers.3.mlp.weight" in out
+    assert "1: cold (L3 -> L2)" in out and "2: warm (L2)" in out and "tier occupancy" in out
+    assert "identical to the model held in memory in both runs" in out
     with tierstore.open(tmp_path / "demo", readonly=True) as db:
-        assert len(db) == 8
+        assert "model.language_model.layers.5.mlp.down_proj.weight" in db and "__hf__/config.json" in db
+    run1, run2 = (line for line in out.splitlines() if "cold (L3" in line or "warm (L2)" in line)
+    l3_reads = [int(cells.split("│")[5]) for cells in (run1, run2)]
+    assert l3_reads[0] > 0 and l3_reads[1] == 0  # the second run found every layer in L2
+    assert main(["demo", "--store", str(tmp_path / "demo"), "--tokens", "2"]) == 0  # the model already there
+    assert "the one already in" in capsys.readouterr().out
 
 
 def test_listing_commands_print_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -43,3 +50,12 @@ def test_errors_are_one_line_and_exit_1(tmp_path: Path, capsys: pytest.CaptureFi
         db.put("x", torch.ones(1))
     assert main(["info", str(tmp_path / "s"), "nope"]) == 1
     assert "no block 'nope'" in capsys.readouterr().err
+
+
+def test_demo_with_a_checkpoint_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tierstore.integrations.tiny_model import save_tiny_checkpoint, tiny_config
+
+    folder = save_tiny_checkpoint(tmp_path / "ckpt", config=tiny_config(layers=2, vision_depth=1))
+    assert main(["demo", "--checkpoint", str(folder), "--tokens", "3", "--l2", "1MiB"]) == 0
+    out = capsys.readouterr().out
+    assert f"model: {folder}" in out and "identical to the model held in memory in both runs" in out

@@ -22,16 +22,20 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
-from .config import CacheConfig, format_size, parse_size
+from .config import CacheConfig, SharedCredentials, format_size, parse_size
 from .errors import (
     BlockNotFoundError,
+    BlockUnavailableError,
     CatalogError,
+    CheckpointError,
     ConfigError,
     CorruptBlockError,
     DeviceMemoryError,
     InvalidKeyError,
     ReadOnlyError,
     SchemaVersionError,
+    SharedTierError,
+    SharedTierUnavailableError,
     StoreClosedError,
     StoreFullError,
     StoreLockedError,
@@ -55,6 +59,7 @@ __all__ = [
     "BlockInfo",
     "StoreStats",
     "CacheConfig",
+    "SharedCredentials",
     "HierarchicalCacheManager",
     "HardwareOptimizer",
     "HardwareFacts",
@@ -69,6 +74,7 @@ __all__ = [
     "TierStoreError",
     "BlockNotFoundError",
     "CatalogError",
+    "CheckpointError",
     "ConfigError",
     "CorruptBlockError",
     "DeviceMemoryError",
@@ -82,6 +88,9 @@ __all__ = [
     "TierFullError",
     "TransactionError",
     "UnsupportedTensorError",
+    "SharedTierError",
+    "SharedTierUnavailableError",
+    "BlockUnavailableError",
 ]
 
 

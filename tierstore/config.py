@@ -14,9 +14,29 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["CacheConfig", "parse_size", "format_size", "EVICTION_POLICIES"]
+__all__ = ["CacheConfig", "SharedCredentials", "parse_size", "format_size", "EVICTION_POLICIES",
+           "SHARED_PUBLISH_POLICIES"]
 
 EVICTION_POLICIES = ("lru", "fifo", "lfu", "predictive")
+SHARED_PUBLISH_POLICIES = ("explicit", "on-evict", "write-through")
+_SECRET_FIELDS = frozenset({"shared_credentials"})
+"""Fields never written anywhere (catalog, JSON, repr)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SharedCredentials:
+    """Explicit S3 credentials for the shared tier; never stored, logged or shown."""
+
+    access_key_id: str
+    secret_access_key: str = dataclasses.field(repr=False)
+    session_token: str | None = dataclasses.field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        return "SharedCredentials(access_key_id='***', secret_access_key='***')"
+
+    def secrets(self) -> tuple[str, ...]:
+        """The values to scrub from any text shown to a user."""
+        return tuple(v for v in (self.access_key_id, self.secret_access_key, self.session_token) if v)
 
 _UNITS = {
     "": 1, "b": 1,
@@ -134,6 +154,23 @@ class CacheConfig:
     """What bf16 becomes in L1 when cast: ``"float16"`` or ``"float32"``."""
     l1_headroom: int | None = None
     """Device bytes L1 leaves free for the model when it grows (None: 256 MiB on CUDA, 0 on CPU)."""
+    shared_url: str | None = None
+    """Shared tier on S3-compatible storage, ``"s3://bucket/prefix"``; None: no shared tier."""
+    shared_endpoint: str | None = None
+    """S3 endpoint (``http://127.0.0.1:7480``); None: ``AWS_ENDPOINT_URL`` or AWS itself."""
+    shared_region: str | None = None
+    """S3 region; None: ``AWS_REGION``/``AWS_DEFAULT_REGION``, ``~/.aws/config``, else us-east-1."""
+    shared_credentials: SharedCredentials | None = dataclasses.field(default=None, repr=False, compare=False)
+    """Explicit credentials; None: AWS env vars or ``~/.aws/credentials``. Never stored in the catalog."""
+    shared_timeout: float = 10.0
+    """Seconds any one shared-tier call may take before it fails (the store never hangs past it)."""
+    shared_publish: str = "explicit"
+    """When blocks reach the shared tier: ``explicit`` (``db.publish``), ``on-evict`` (cache-only
+    blocks spilled from L2), ``write-through`` (every durable put too, after commit)."""
+    shared_concurrency: int = 16
+    """Requests in flight at once to the shared tier."""
+    shared_compression: bool | str | None = None
+    """Codec of objects in the shared tier, as ``l3_compression``; None: the same as ``l3_compression``."""
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -178,6 +215,32 @@ class CacheConfig:
             set_(self, "l1_headroom", parse_size(self.l1_headroom, name="l1_headroom"))
         if self.l1_device is not None and not isinstance(self.l1_device, str):
             raise ConfigError(f"l1_device must be a device string such as 'cuda:0', not {self.l1_device!r}")
+        if self.shared_compression is not None:
+            set_(self, "shared_compression", _normalize_compression(self.shared_compression))
+        self._check_shared()
+
+    def _check_shared(self) -> None:
+        url = self.shared_url
+        if url is not None and (not isinstance(url, str) or not re.match(r"^s3://[a-z0-9][a-z0-9.\-]{1,62}(/.*)?$", url)
+                                or "@" in url):
+            raise ConfigError(f"shared_url={url!r} is not an S3 URL; write 's3://bucket/prefix' "
+                              "(credentials go in AWS_* variables, ~/.aws/credentials or shared_credentials)")
+        for name in ("shared_endpoint", "shared_region"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or "@" in value):
+                raise ConfigError(f"{name} must be a string without credentials, got a {type(value).__name__}")
+        if self.shared_credentials is not None and not isinstance(self.shared_credentials, SharedCredentials):
+            raise ConfigError("shared_credentials must be a tierstore.SharedCredentials")
+        if self.shared_publish not in SHARED_PUBLISH_POLICIES:
+            raise ConfigError(f"shared_publish={self.shared_publish!r}; choose one of "
+                              f"{', '.join(SHARED_PUBLISH_POLICIES)}")
+        timeout = self.shared_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ConfigError(f"shared_timeout must be a number of seconds > 0, got {timeout!r}")
+        object.__setattr__(self, "shared_timeout", float(timeout))
+        value = self.shared_concurrency
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 256:
+            raise ConfigError(f"shared_concurrency must be a whole number in 1..256, got {value!r}")
 
     def replace(self, **changes: Any) -> CacheConfig:
         """A copy with ``changes`` applied (and validated)."""
@@ -190,5 +253,5 @@ class CacheConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields as plain JSON-able values."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """The fields as plain JSON-able values (credentials left out: they are never stored)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _SECRET_FIELDS}

@@ -33,6 +33,10 @@ __all__ = [
     "TierFullError",
     "DeviceMemoryError",
     "TransactionError",
+    "SharedTierError",
+    "SharedTierUnavailableError",
+    "BlockUnavailableError",
+    "CheckpointError",
     "CacheUsageError",
     "translate_os_error",
 ]
@@ -121,6 +125,22 @@ class DeviceMemoryError(TierFullError):
 
 class TransactionError(TierStoreError, RuntimeError):
     """A transaction was used wrongly (for example, left from another thread)."""
+
+
+class SharedTierError(TierStoreError, OSError):
+    """The shared (S3) tier refused a request or holds something unexpected (never a credential)."""
+
+
+class SharedTierUnavailableError(SharedTierError, ConnectionError):
+    """The shared tier could not be reached in time; local tiers keep working, retried with backoff."""
+
+
+class BlockUnavailableError(BlockNotFoundError, SharedTierUnavailableError):
+    """Not in the local tiers, and the shared tier could not be asked: a ``KeyError`` and a ``ConnectionError``."""
+
+
+class CheckpointError(TierStoreError, ValueError):
+    """A model checkpoint (safetensors file or folder) is missing, malformed or inconsistent."""
 
 
 class CacheUsageError(TierStoreError, ValueError):

@@ -16,7 +16,7 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from heapq import merge
 from pathlib import Path
@@ -33,6 +33,7 @@ from .catalog import BlockRow, Catalog, now
 from .config import CacheConfig, parse_size
 from .errors import (
     BlockNotFoundError,
+    ConfigError,
     CorruptBlockError,
     DeviceMemoryError,
     InvalidKeyError,
@@ -49,11 +50,13 @@ from .lockfile import WriterLock
 from .records import BlockInfo, StoreStats
 from .recovery import recover, refuse_orphaned_data
 from .residency import Residency, Resident
+from .shared import LocalBlock, Progress, PublishReport, PullReport, SharedCoordinator, SharedVerifyReport
 from .tensors import check_key, check_tensor, dtype_from_name, dtype_name, tensor_bytes, tensor_from_bytes
 from .tiers.l1_cuda import DevicePool, is_device_oom
 from .tiers.l2_slab import HostArena
 from .tiers.l3_codecs import choose_codec
 from .tiers.l3_zarr import EMPTY_LOCATION, Location, RecoveryReport, ZarrL3
+from .tiers.shared_s3 import BlockHeader
 from .txn import Change, Txn, location_of
 from .warm import save_index, warm_l2
 
@@ -134,6 +137,10 @@ class TierStore:
             self._l2 = Residency("L2", arena, self.config.l2_eviction_policy)
             if backing is not None:
                 self._warm_l2()
+        self._shared: SharedCoordinator | None = None
+        if self.config.shared_url is not None:  # no network until first used
+            self._shared = SharedCoordinator(self.config, self._shared_block)
+            self._hits["shared"] = 0
         sink = None if self.readonly else self._write_history
         self._recorder = AccessRecorder(sink, interval=self.config.history_flush_interval)
 
@@ -195,6 +202,8 @@ class TierStore:
         if getattr(self._local, "txn", None) is not None:
             raise TransactionError("close() inside a transaction; leave the 'with' block first")
         with self._write_mutex:
+            if self._shared is not None:
+                self._shared.close()  # background publishing gets shared_timeout to finish
             self._closed = True
             try:
                 self._recorder.close()
@@ -321,6 +330,8 @@ class TierStore:
         self._stored_bytes += sum(r.stored_bytes for r in rows) - sum(r.stored_bytes for r in replaced)
         self._l3.free([location_of(row) for row in replaced] + txn.garbage)
         self._settle_l2(txn, l2_only)
+        if self._shared is not None and self._shared.policy == "write-through" and not self._landing():
+            self._shared.enqueue(row.key for row in rows if row.durable)
         for key, change in txn.pending.items():
             self._recorder.record(key, "put" if change.row is not None else "delete")
 
@@ -488,6 +499,8 @@ class TierStore:
         self._logical_bytes += row.nbytes
         self._stored_bytes += row.stored_bytes
         self._l2.mark_durable(entry)  # type: ignore[union-attr]
+        if self._shared is not None and self._shared.policy != "explicit" and not self._landing():
+            self._shared.enqueue([entry.key])
         return True
 
     def _spill_l1(self, entry: Resident) -> bool:
@@ -587,16 +600,23 @@ class TierStore:
         """
         self._check_open()
         check_key(key)
-        if device is not None and self._l1 is not None and self._on_l1(device):
-            tensor, tier = self._get_l1(key, copy)
-        else:
-            tensor, tier = self._get(key, copy)
-            if device is not None:
-                tensor = tensor.to(device)
+        try:
+            tensor, tier = self._get_local(key, device, copy)
+        except BlockNotFoundError:
+            txn = self._txn()
+            if self._shared is None or (txn is not None and key in txn.pending):
+                raise
+            tensor, tier = self._get_shared(key, device, copy)
         self._counts["get"] += 1
         self._hits[tier] += 1
         self._recorder.record(key, "get", tier)
         return tensor
+
+    def _get_local(self, key: str, device: str | torch.device | None, copy: bool) -> tuple[torch.Tensor, str]:
+        if device is not None and self._l1 is not None and self._on_l1(device):
+            return self._get_l1(key, copy)
+        tensor, tier = self._get(key, copy)
+        return (tensor if device is None else tensor.to(device)), tier
 
     def _on_l1(self, device: str | torch.device) -> bool:
         pool_device: torch.device = self._l1.arena.device  # type: ignore[union-attr]
@@ -985,6 +1005,7 @@ class TierStore:
     def _tier_stats(self) -> dict[str, dict[str, Any]]:
         tiers: dict[str, dict[str, Any]] = {}
         if self._l2 is not None:
+            residency = self._l2.stats()  # first: it returns the slots of collected views to the arena
             arena = self._l2.arena.stats()
             alloc = arena.allocator
             tiers["L2"] = {"capacity": arena.capacity, "used": alloc.used, "requested": alloc.requested,
@@ -992,7 +1013,7 @@ class TierStore:
                            "pin_reason": arena.pin_reason, "memlock_limit": arena.memlock_limit,
                            "file": arena.path, "policy": self.config.l2_eviction_policy,
                            "size_classes": [dataclasses.asdict(c) for c in alloc.per_class if c.slabs],
-                           **self._l2.stats()}
+                           **residency}
         if self._l1 is not None:
             residency = self._l1.stats()  # first: it returns the slots of collected views to the arena
             pool = self._l1.arena.stats()
@@ -1005,6 +1026,8 @@ class TierStore:
                            **residency}
         tiers["L3"] = {"capacity": self.config.l3_cache_size, "used": self._stored_bytes, "blocks": self._count,
                        "compression": self.config.l3_compression}
+        if self._shared is not None:
+            tiers["shared"] = self._shared.stats()
         return tiers
 
     def compact(self, *, min_fill: float = 0.5,
@@ -1019,6 +1042,90 @@ class TierStore:
         from .maintenance import gc
 
         return gc(self)
+
+    # -- shared tier (tierstore/shared.py does the work; these are the store's side) -------------------
+
+    @property
+    def shared(self) -> SharedCoordinator | None:
+        """The shared tier of this store (``shared_url``), or None."""
+        return self._shared
+
+    def _require_shared(self) -> SharedCoordinator:
+        self._check_open()
+        if self._shared is None:
+            raise ConfigError(f"store {self.path} has no shared tier; open it with shared_url='s3://bucket/prefix'")
+        return self._shared
+
+    def _landing(self) -> bool:
+        return bool(getattr(self._local, "landing", False))
+
+    def _get_shared(self, key: str, device: str | torch.device | None, copy: bool) -> tuple[torch.Tensor, str]:
+        """A local miss: fetch ``key`` from the shared tier; a writer keeps it locally (read-through)."""
+        assert self._shared is not None
+        found = self._shared.fetch(key)
+        if found is None:
+            raise BlockNotFoundError(f"no block {key!r} in {self.path} nor in the shared tier {self._shared.tier.url}",
+                                     key=key)
+        header, data = found
+        tensor = tensor_from_bytes(data, dtype_from_name(header.dtype), header.shape)
+        if not self.readonly:
+            self._land([(key, header, data)])
+            tensor = self._get_local(key, device, copy)[0]
+        elif device is not None:
+            tensor = tensor.to(device)
+        return tensor, "shared"
+
+    def _land(self, batch: list[tuple[str, BlockHeader, np.ndarray]]) -> None:
+        """Store blocks fetched from the shared tier, in one transaction (never re-published)."""
+        self._local.landing = True
+        try:
+            with self.transaction():
+                for key, header, data in batch:
+                    self.put(key, tensor_from_bytes(data, dtype_from_name(header.dtype), header.shape),
+                             durable=header.durable)
+        finally:
+            self._local.landing = False
+
+    def _shared_block(self, key: str) -> LocalBlock | None:
+        """The committed bytes of ``key`` for publishing (None if it is gone)."""
+        try:
+            row = self._lookup(key)
+            tensor = self._get(key, False)[0]
+        except (BlockNotFoundError, StoreClosedError):
+            return None
+        return LocalBlock(key, tensor_bytes(tensor), row.dtype, tuple(row.shape), row.checksum, row.durable,
+                          tensor.element_size())
+
+    def _holds(self, key: str, header: BlockHeader) -> bool:
+        row = self._catalog.get_block(key)
+        return (row is not None and row.checksum == header.crc32c and row.dtype == header.dtype
+                and tuple(row.shape) == header.shape)
+
+    def publish(self, prefix: str | None = None, *, keys: Iterable[str] | None = None, name: str | None = None,
+                progress: Progress | None = None) -> PublishReport:
+        """Upload blocks (``keys``, or all under ``prefix``) to the shared tier; blocks already there are skipped.
+
+        With ``name``, a manifest listing them is written last, for ``pull(name)`` on other machines.
+        Every published key can also be read by other machines' ``get`` (fallthrough).
+        """
+        shared = self._require_shared()
+        selected = list(keys) if keys is not None else list(self.keys(prefix))
+        info = {"prefix": prefix, "store_id": self._catalog.meta("store_id")}
+        return shared.publish(selected, name=name, info=info, progress=progress)
+
+    def pull(self, name: str, *, progress: Progress | None = None) -> PullReport:
+        """Fetch every block of the manifest ``name`` that this store lacks (checked by content hash)."""
+        self._check_writable()
+        return self._require_shared().pull(name, have=self._holds, land=self._land, progress=progress)
+
+    def verify_shared(self, names: Iterable[str] | None = None, *, deep: bool = True,
+                      progress: Progress | None = None) -> SharedVerifyReport:
+        """Check the shared tier: every block each manifest lists exists (``deep``: and matches its hash)."""
+        return self._require_shared().verify(names, deep=deep, progress=progress)
+
+    def wait_published(self, timeout: float | None = None) -> bool:
+        """Wait for background publishing (write-through, on-evict); False if ``timeout`` ran out."""
+        return self._require_shared().wait_published(timeout)
 
     def _write_history(self, batch: list[Access]) -> None:
         stats, successors = summarize(batch)

@@ -2,7 +2,7 @@
 
 Examples::
 
-    tierstore demo                      # put and get tensors in a temporary store, show the catalog
+    tierstore demo                      # a Qwen3-VL streamed from a store, checked against the in-memory model
     tierstore ls STORE [PREFIX]         # keys with dtype, shape, sizes, tiers
     tierstore info STORE KEY            # everything the catalog knows of one block
     tierstore stats STORE               # counts, sizes, compression
@@ -11,6 +11,12 @@ Examples::
     tierstore gc STORE / compact STORE  # give back the space of replaced and deleted blocks
     tierstore plot STORE -o use.png     # tier use, hit rate and an access heat map over time
     tierstore probe [STORE] [--measure] # the hardware and the CacheConfig it calls for
+    tierstore publish STORE [PREFIX] --name NAME   # upload blocks (and a manifest) to the shared tier
+    tierstore pull STORE NAME           # fetch a published name from the shared tier
+    tierstore shared ls|stats|verify STORE          # what the shared tier holds, its health, a check
+    tierstore import-hf MODEL_DIR STORE # a Hugging Face model folder into a store
+    tierstore import STORE FILE|DIR     # safetensors into a store
+    tierstore export STORE OUT.safetensors [--prefix P]
 
 Every listing command takes ``--json``. Errors are printed as one line and a
 non-zero exit status, never a traceback.
@@ -23,12 +29,12 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import TierStoreError
-from . import catalog, demo, maintenance, plot, probe
+from . import catalog, demo, maintenance, models, plot, probe, shared
 
 __all__ = ["main"]
 
 # Each module adds its own subcommands; one line here per module.
-_COMMANDS = (demo, catalog, maintenance, probe, plot)
+_COMMANDS = (demo, catalog, maintenance, probe, plot, models, shared)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -65,6 +65,7 @@ def stats_table(stats: Any) -> Table:
         ["stored in L3", format_size(stats.stored_bytes)], ["compression", f"{stats.compression_ratio:.2f}x"],
         ["gets / puts / deletes", f"{stats.gets} / {stats.puts} / {stats.deletes}"],
         ["hits L1 / L2 / L3", " / ".join(str(stats.hits[t]) for t in ("L1", "L2", "L3"))],
+        *_shared_rows(stats.tiers.get("shared"), stats.hits.get("shared", 0)),
     ])
 
 
@@ -105,3 +106,12 @@ def windows_table(windows: dict[str, dict[str, int]]) -> Table:
     """Accesses in the last minute, hour and day (``tierstore.activity.access_windows``)."""
     return table("accesses", ["window", "gets", "puts", "deletes", "from L1", "from L2", "from L3"],
                  [[name, w["get"], w["put"], w["delete"], w["L1"], w["L2"], w["L3"]] for name, w in windows.items()])
+
+
+def _shared_rows(shared: dict[str, Any] | None, hits: int) -> list[list[Any]]:
+    """The shared tier's lines of ``stats`` (none without one)."""
+    if shared is None:
+        return []
+    state = f"degraded: {shared['last_error']}" if shared["degraded"] else "ok"
+    return [["shared tier", shared["url"]], ["shared state", state],
+            ["shared hits / published / queued", f"{hits} / {shared['published']} / {shared['queued']}"]]

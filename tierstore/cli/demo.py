@@ -1,59 +1,163 @@
-"""``tierstore demo``: the README's main job."""
+"""``tierstore demo``: the README's main job — a Qwen3-VL generating with its weights streamed from a store.
+
+By default it builds a small randomly initialised Qwen3-VL in-process (no download), writes it as a
+Hugging Face checkpoint, imports it into a store, loads it streamed (each decoder layer and vision
+block fetched from the store right before it runs, the next ones prefetched) and generates from a
+synthetic image and prompt twice: the first run reads layers from L3 (compressed, on disk), the
+second finds them in L2. It prints the tiers, the hits per run, the prefetch accuracy, the time per
+run, and checks that the tokens are identical to those of the same model held in memory.
+
+``--checkpoint DIR`` does the same with a real model folder; ``--store STORE`` keeps the store
+(and, if it already holds a model and no checkpoint is given, uses that model as it is).
+"""
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .. import open as open_store
-from ..config import format_size
-from ._output import block_rows, console, stats_table, table
+from ..config import format_size, parse_size
+from ._output import console, stats_table, table
 
 __all__ = ["register"]
 
+DEMO_MODEL: dict[str, Any] = {"layers": 6, "hidden": 256, "intermediate": 1024, "vocab": 2048, "vision_depth": 4}
+"""The demo model: ~30 MB of float32 weights, six 4 MiB decoder layers; a few seconds on a laptop CPU."""
+PROMPT, SUFFIX = [17, 101, 29, 64], [33, 7, 250]
+
+
+def _device() -> tuple[torch.device, torch.dtype | None]:
+    """The GPU if there is one (fp16 where it lacks bf16 math), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu"), None
+    return torch.device("cuda"), torch.float16 if torch.cuda.get_device_capability() < (8, 0) else None
+
+
+def _checkpoint(args: argparse.Namespace, work: Path) -> tuple[Path | None, Any]:
+    """The checkpoint to import and an in-memory reference model (None: use an all-resident load)."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from ..integrations.tiny_model import build_tiny_model, tiny_config
+
+    if args.checkpoint:
+        console.print(f"[bold]1.[/] model: {args.checkpoint}")
+        return Path(args.checkpoint), Qwen3VLForConditionalGeneration.from_pretrained(args.checkpoint).eval()
+    store = Path(args.store) if args.store else None
+    if store is not None and (store / "catalog.sqlite").exists():
+        with open_store(store, readonly=True, l2_cache_size=0) as db:
+            if "__hf__/config.json" in db:
+                console.print(f"[bold]1.[/] model: the one already in {store}")
+                return None, None
+    model = build_tiny_model(tiny_config(**DEMO_MODEL))
+    folder = work / "checkpoint"
+    model.save_pretrained(folder, max_shard_size="8MB")
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    console.print(f"[bold]1.[/] model: a random Qwen3-VL ({DEMO_MODEL['layers']} text layers, "
+                  f"{DEMO_MODEL['vision_depth']} vision blocks), written as a checkpoint of "
+                  f"{len(list(folder.glob('*.safetensors')))} safetensors shards, {format_size(size)}, to {folder}")
+    return folder, model
+
+
+def _generate(model: Any, inputs: dict[str, torch.Tensor], tokens: int) -> torch.Tensor:
+    # MERGE: the KV prefix cache and the vision-feature cache plug in here, e.g.
+    #   past_key_values=TieredCache(store, ...) and a VisionFeatureCache around get_image_features.
+    cache_kwargs: dict[str, Any] = {}
+    with torch.inference_mode():
+        out: torch.Tensor = model.generate(**inputs, max_new_tokens=tokens, do_sample=False, **cache_kwargs)
+    return out
+
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Put tensors in a store (a temporary one by default), read them cold and warm, show tiers and hits."""
-    folder = Path(args.store) if args.store else Path(tempfile.mkdtemp(prefix="tierstore-demo-")) / "store"
-    with open_store(folder, l2_cache_size="64MiB") as db:
-        start = time.perf_counter()
-        with db.transaction():
-            for layer in range(4):
-                db.put(f"model.layers.{layer}.mlp.weight", torch.randn(1024, 1024, dtype=torch.bfloat16))
-                db.put(f"model.layers.{layer}.norm.weight", torch.ones(1024, dtype=torch.bfloat16))
-        wrote = time.perf_counter() - start
-    passes = []
-    with open_store(folder) as db:  # a new process would start here: L2 empty, everything on disk
-        for name in ("cold (from L3)", "warm (from L2)"):
-            before = dict(db.stats().hits)
-            start = time.perf_counter()
-            for key in db:
-                db.get(key)
-            seconds = time.perf_counter() - start
-            hits = {tier: n - before[tier] for tier, n in db.stats().hits.items()}
-            passes.append([name, f"{seconds * 1e3:.1f} ms", *(hits[t] for t in ("L1", "L2", "L3"))])
-        db.flush()
-        console.print(table(f"demo store at {folder}", ["key", "dtype", "shape", "size", "stored", "codec",
-                                                          "tiers", "accesses"],
-                             [[r["key"], r["dtype"], tuple(r["shape"]), format_size(r["nbytes"]),
-                               format_size(r["stored_bytes"]), r["codec"], ",".join(r["tiers"]), r["accesses"]]
-                              for r in block_rows(db, None)]))
-        console.print(table("reading every block twice", ["pass", "time", "L1 hits", "L2 hits", "L3 reads"],
-                             passes))
-        stats = db.stats()
-        console.print(stats_table(stats))
-        console.print(f"wrote {format_size(stats.logical_bytes)} durably in {wrote * 1e3:.0f} ms; stored "
-                      f"{format_size(stats.stored_bytes)} ({stats.compression_ratio:.2f}x smaller)")
-    return 0
+    """Import a model into a store, generate twice with weights streamed from its tiers, show what happened."""
+    from transformers.utils import logging
 
+    from ..integrations.checkpoint import import_checkpoint, read_json
+    from ..integrations.streaming import load_streamed
+    from ..integrations.tiny_model import synthetic_inputs
+
+    logging.disable_progress_bar()  # tierstore shows its own
+    work = Path(tempfile.mkdtemp(prefix="tierstore-demo-"))
+    try:
+        folder = Path(args.store) if args.store else work / "store"
+        checkpoint, reference = _checkpoint(args, work)
+        if checkpoint is not None:
+            console.print(f"[bold]2.[/] import into the store {folder} (L3: compressed Zarr on disk)")
+            with open_store(folder, l2_cache_size=0) as db:
+                import_checkpoint(checkpoint, db, require_config=True, progress=True)
+        device, dtype = _device()
+        with open_store(folder, readonly=True, l2_cache_size=0) as db:
+            model_bytes = db.stats().logical_bytes
+            from transformers import AutoConfig
+
+            raw = read_json(db, "config.json")
+            config = AutoConfig.for_model(raw.pop("model_type"), **raw)
+        inputs = synthetic_inputs(PROMPT, image_seed=0, suffix=SUFFIX, config=config)
+        l2 = parse_size(args.l2) if args.l2 else int(model_bytes * 1.25) + (8 << 20)
+        with open_store(folder, l2_cache_size=l2) as db:
+            model = load_streamed(db, device=device, dtype=dtype, prefetch=2)
+            streamer = model.weight_streamer
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            if dtype is not None:
+                inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+            if reference is None:  # a model already in the store: compare with all its weights loaded at once
+                reference = load_streamed(db, device=device, dtype=dtype, resident_bytes=1 << 62)
+                label = "the same weights all resident"
+            else:
+                reference = reference.to(device=device, dtype=dtype) if dtype is not None else reference.to(device)
+                label = "the model held in memory"
+            start = time.perf_counter()
+            expected = _generate(reference, inputs, args.tokens)
+            runs: list[list[Any]] = [["in memory (reference)", f"{time.perf_counter() - start:.2f} s", *[""] * 7]]
+            del reference
+            console.print(f"[bold]3.[/] generate {args.tokens} tokens from a synthetic image + prompt, twice, on "
+                          f"{device} with layers streamed from the store (L2 {format_size(l2)}, "
+                          f"{streamer.stats().units} streamed units, {format_size(streamer.stats().resident_bytes)} "
+                          "resident)")
+            same = []
+            for name in ("1: cold (L3 -> L2)", "2: warm (L2)"):
+                streamer.reset_stats()
+                before = dict(db.stats().hits)
+                start = time.perf_counter()
+                out = _generate(model, inputs, args.tokens)
+                seconds = time.perf_counter() - start
+                hits = {tier: n - before[tier] for tier, n in db.stats().hits.items()}
+                s = streamer.stats()
+                same.append(torch.equal(out, expected))
+                runs.append([name, f"{seconds:.2f} s", hits["L1"], hits["L2"],
+                             hits["L3"], s.demand_fetches, s.prefetched_blocks, s.prefetch_used_blocks,
+                             f"{s.prefetch_accuracy:.0%}"])
+            streamer.close()
+            tiers = db.stats().tiers
+            occupancy = [[t, format_size(tiers[t]["used"]),
+                          format_size(tiers[t]["capacity"]) if tiers[t]["capacity"] else "the disk",
+                          tiers[t]["blocks"]] for t in ("L1", "L2", "L3") if t in tiers]
+            console.print(table("tier occupancy after the runs", ["tier", "used", "capacity", "blocks"], occupancy))
+            console.print(table("runs", ["run", "time", "L1 hits", "L2 hits", "L3 reads",
+                                         "demand fetches", "prefetched", "prefetch used", "prefetch accuracy"], runs))
+            console.print(stats_table(db.stats()))
+        new = out[0, inputs["input_ids"].shape[1]:].tolist()
+        verdict = "[green]identical[/]" if all(same) else "[red]DIFFERENT[/]"
+        console.print(f"generated tokens {new}: {verdict} to {label} in both runs"
+                      + (" (random weights: the tokens mean nothing)" if checkpoint is not None and not args.checkpoint
+                         else ""))
+        return 0 if all(same) else 1
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``demo`` to the ``tierstore`` parser."""
-    demo = sub.add_parser("demo", help="put and get tensors in a temporary store and show the catalog")
-    demo.add_argument("--store", help="use this store folder instead of a temporary one")
+    demo = sub.add_parser("demo", help="run a Qwen3-VL with its weights streamed from a store (a small random "
+                                       "one by default)")
+    demo.add_argument("--store", help="keep the store in this folder (a model already in it is used as is)")
+    demo.add_argument("--checkpoint", help="a Hugging Face Qwen3-VL folder to import instead of the random model")
+    demo.add_argument("--tokens", type=int, default=8, help="tokens to generate per run (default 8)")
+    demo.add_argument("--l2", help="L2 size (default: the model's size plus a quarter)")
     demo.set_defaults(func=cmd_demo, json=False)

@@ -14,6 +14,7 @@ from ..maintenance import MaintenanceReport, disk_usage
 from ..store import CATALOG_NAME
 from ..verify import verify
 from ._output import add_json, console, emit, progress_bar, table
+from .shared import print_shared_verify, verify_shared_tier
 
 __all__ = ["register", "DAMAGE_EXIT"]
 
@@ -25,12 +26,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """Read every block and check it, then check the files; repair with ``--fix``."""
     with progress_bar("verifying") as update:
         report = verify(args.store, fix=args.fix, progress=update)
+    shared = verify_shared_tier(args.store) if args.shared else None  # the bucket's blocks too
     data: dict[str, Any] = {
         "path": report.path, "schema_version": report.schema_version, "blocks": report.blocks,
         "bytes_checked": report.bytes_checked, "ok": report.ok, "counts": report.by_kind(),
         "problems": [dataclasses.asdict(p) for p in report.problems], "fixed": report.fixed,
         "repaired": report.repaired, "lost": report.lost,
         "remaining": [dataclasses.asdict(p) for p in report.remaining]}
+    if shared is not None:
+        data["shared"] = {"manifests": shared.manifests, "blocks": shared.blocks, "problems": shared.problems}
     if args.json:
         emit(args, data, lambda: table("", [], []))
     else:
@@ -47,7 +51,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         state = "ok" if report.ok and not report.problems else ("repaired" if report.ok else "DAMAGED")
         console.print(f"{state}: checked {report.blocks} blocks ({format_size(report.bytes_checked)}), "
                       f"schema version {report.schema_version}, {len(report.problems)} problem(s) found")
-    return 0 if report.ok and not report.lost else DAMAGE_EXIT
+        if shared is not None:
+            print_shared_verify(shared)
+    return 0 if report.ok and not report.lost and (shared is None or shared.ok) else DAMAGE_EXIT
 
 
 def _maintain(args: argparse.Namespace, what: str) -> int:
@@ -90,6 +96,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     check.add_argument("store")
     check.add_argument("--fix", action="store_true",
                        help="repair: drop damaged blocks (listed as lost), remove orphans and leftovers")
+    check.add_argument("--shared", action="store_true",
+                       help="also check that every block the shared tier's manifests list is there and intact")
     check.set_defaults(func=cmd_verify)
     gc = sub.add_parser("gc", help="delete unused pack files (example: tierstore gc weights.ts)")
     gc.add_argument("store")

@@ -65,26 +65,36 @@ def save_tiny_checkpoint(folder: str | Path, *, seed: int = 0, max_shard_size: s
     return folder
 
 
-def synthetic_image(grid: tuple[int, int, int] = (1, 8, 8), *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def synthetic_image(grid: tuple[int, int, int] = (1, 8, 8), *, seed: int = 0, patch: int = PATCH,
+                    temporal_patch: int = TEMPORAL_PATCH) -> tuple[torch.Tensor, torch.Tensor]:
     """``(pixel_values, image_grid_thw)`` of one deterministic image with ``t*h*w`` patches."""
     t, h, w = grid
     gen = torch.Generator().manual_seed(seed)
-    pixels = torch.randn(t * h * w, 3 * TEMPORAL_PATCH * PATCH * PATCH, generator=gen)
+    pixels = torch.randn(t * h * w, 3 * temporal_patch * patch * patch, generator=gen)
     return pixels, torch.tensor([list(grid)])
 
 
 def synthetic_inputs(prompt: list[int], *, image_seed: int | None = 0, grid: tuple[int, int, int] = (1, 8, 8),
-                     suffix: list[int] | None = None) -> dict[str, torch.Tensor]:
-    """Model inputs: ``prompt`` tokens, then (unless ``image_seed`` is None) an image, then ``suffix``."""
+                     suffix: list[int] | None = None, config: Any | None = None) -> dict[str, torch.Tensor]:
+    """Model inputs: ``prompt`` tokens, then (unless ``image_seed`` is None) an image, then ``suffix``.
+
+    Token ids and patch sizes are the tiny model's, or those of ``config`` (any ``Qwen3VLConfig``).
+    """
+    image_id, start_id, end_id = IMAGE_TOKEN_ID, VISION_START_ID, VISION_END_ID
+    patch, temporal, merge = PATCH, TEMPORAL_PATCH, MERGE
+    if config is not None:
+        image_id, start_id, end_id = config.image_token_id, config.vision_start_token_id, config.vision_end_token_id
+        vision = config.vision_config
+        patch, temporal, merge = vision.patch_size, vision.temporal_patch_size, vision.spatial_merge_size
     ids = list(prompt)
     batch: dict[str, torch.Tensor] = {}
     if image_seed is not None:
-        pixels, grid_thw = synthetic_image(grid, seed=image_seed)
-        n_tokens = grid[0] * grid[1] * grid[2] // (MERGE * MERGE)
-        ids += [VISION_START_ID, *([IMAGE_TOKEN_ID] * n_tokens), VISION_END_ID]
+        pixels, grid_thw = synthetic_image(grid, seed=image_seed, patch=patch, temporal_patch=temporal)
+        n_tokens = grid[0] * grid[1] * grid[2] // (merge * merge)
+        ids += [start_id, *([image_id] * n_tokens), end_id]
         batch.update(pixel_values=pixels, image_grid_thw=grid_thw)
     ids += list(suffix or [])
     input_ids = torch.tensor([ids])
     batch.update(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                 mm_token_type_ids=(input_ids == IMAGE_TOKEN_ID).long())
+                 mm_token_type_ids=(input_ids == image_id).long())
     return batch

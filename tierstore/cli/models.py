@@ -1,0 +1,62 @@
+"""Models in and out of a store: ``import-hf``, ``import``, ``export`` (each one library call, with a progress bar)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .. import open as open_store
+from ._output import console
+
+__all__ = ["register"]
+
+
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    """Import a Hugging Face model folder (config.json + safetensors shards) into a store."""
+    from ..integrations.checkpoint import checkpoint_files, import_checkpoint
+
+    checkpoint_files(args.checkpoint, require_config=True)  # a bad folder fails before any store is created
+    with open_store(args.store) as db:
+        count = import_checkpoint(args.checkpoint, db, prefix=args.prefix, require_config=True, progress=True)
+    console.print(f"imported {count} tensors and the model config from {args.checkpoint} into {args.store}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """Import one safetensors file, or every safetensors file of a folder, into a store."""
+    from ..integrations.checkpoint import checkpoint_files, import_checkpoint
+
+    checkpoint_files(args.source)  # a bad source fails before any store is created
+    with open_store(args.store) as db:
+        count = import_checkpoint(args.source, db, prefix=args.prefix, progress=True)
+    console.print(f"imported {count} tensors from {args.source} into {args.store}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write the tensors under a prefix to one safetensors file."""
+    from ..integrations.checkpoint import export_safetensors
+
+    with open_store(args.store, readonly=True, l2_cache_size=0) as db:
+        count = export_safetensors(db, args.out, prefix=args.prefix, progress=True)
+    console.print(f"wrote {count} tensors to {args.out}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the model commands to the ``tierstore`` parser."""
+    hf = sub.add_parser("import-hf", help="import a Hugging Face model folder (example: tierstore import-hf "
+                                          "Qwen3-VL-2B-Instruct/ qwen.ts)")
+    hf.add_argument("checkpoint", help="folder with config.json and *.safetensors")
+    hf.add_argument("store")
+    hf.set_defaults(func=cmd_import_hf)
+    imp = sub.add_parser("import", help="import safetensors (example: tierstore import weights.ts model.safetensors)")
+    imp.add_argument("store")
+    imp.add_argument("source", help="a .safetensors file or a folder of them")
+    imp.set_defaults(func=cmd_import)
+    exp = sub.add_parser("export", help="write tensors to safetensors (example: tierstore export qwen.ts "
+                                        "out.safetensors)")
+    exp.add_argument("store")
+    exp.add_argument("out")
+    exp.set_defaults(func=cmd_export)
+    for command in (hf, imp, exp):
+        command.add_argument("--prefix", default="", help="key prefix of the model's tensors in the store")

@@ -1,0 +1,29 @@
+"""Qwen3-VL on tierstore: the public facade of the integration.
+
+Everything a user of the original request's Qwen3-VL names needs, under one import path::
+
+    from tierstore.integrations.qwen3_vl import (
+        import_checkpoint, export_safetensors, load_streamed,
+        Qwen3VLHierarchicalCacheAdapter, create_hardware_optimized_cache_manager)
+
+    with tierstore.open("qwen.ts", l2_cache_size="4GiB") as db:
+        import_checkpoint("Qwen3-VL-2B-Instruct/", db, progress=True)   # once
+        model = load_streamed(db, device="cuda", dtype=torch.float16)   # layers stream from the tiers
+        out = model.generate(**inputs, max_new_tokens=32)
+
+The code lives in modules named for their job: :mod:`.checkpoint` (safetensors in and out),
+:mod:`.streaming` (layer-by-layer weight streaming), :mod:`.adapter` (the request's adapter).
+"""
+
+from __future__ import annotations
+
+from ..hardware_manager import create_hardware_optimized_cache_manager
+from .adapter import Qwen3VLHierarchicalCacheAdapter
+from .checkpoint import export_safetensors, import_checkpoint, read_json
+from .streaming import StreamStats, WeightStreamer, load_streamed
+
+__all__ = ["import_checkpoint", "export_safetensors", "export", "read_json", "load_streamed", "WeightStreamer",
+           "StreamStats", "Qwen3VLHierarchicalCacheAdapter", "create_hardware_optimized_cache_manager"]
+
+export = export_safetensors
+"""Alias: ``export(store, "out.safetensors", prefix=...)``."""
