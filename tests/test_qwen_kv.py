@@ -67,11 +67,9 @@ def test_spilled_blocks_give_dynamic_cache_output(model: Any, tmp_path: Path, im
         assert cache.stats.spills > 0 and cache.stats.blocks_fetched > 0
         assert cache.stats.prefetches > 0 and cache.stats.prefetch_hits > 0
         assert cache.live_bytes <= 20_000 + 2 * cache.layers[0].live_bytes
-        stats = db.stats()
-        assert stats.tiers["L2"]["spills"] > 0  # cache-only blocks evicted from L2 were written to L3
-        assert stats.hits["L3"] > 0  # ... and read back from there
+        assert db.stats().hits["L3"] > 0  # blocks pushed out of L1/L2 were written to L3 and read back
         tiers = [db.info(k).tiers for k in db.keys(prefix="kv/tmp/")]
-        assert ("L3",) in tiers and any("L2" in t for t in tiers)
+        assert ("L3",) in tiers and any("L1" in t or "L2" in t for t in tiers)
         assert all(not db.info(k).durable for k in db.keys(prefix="kv/"))
     with tierstore.open(tmp_path / "s") as db:  # cache-only blocks do not survive a reopen
         assert list(db.keys(prefix="kv/")) == []
