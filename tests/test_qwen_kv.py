@@ -116,6 +116,21 @@ def test_prefix_reused_across_reopen(model: Any, tmp_path: Path, computed: list[
         torch.testing.assert_close(a, b)
 
 
+def test_read_only_store_restores_but_stores_nothing(model: Any, store_path: Path) -> None:
+    inputs = synthetic_inputs(TEXT, image_seed=1, suffix=SUFFIX)
+    with tierstore.open(store_path) as db:
+        TieredCache(db, config=model.config, persist=True).generate(model, **inputs, **GEN)
+        count = len(db)
+    with tierstore.open(store_path, readonly=True) as reader:
+        with pytest.raises(CacheUsageError):
+            TieredCache(reader, config=model.config, budget="1MiB")
+        cache = TieredCache(reader, config=model.config, persist=True)
+        out = cache.generate(model, **synthetic_inputs(TEXT, image_seed=1, suffix=[9, 9]), **GEN)
+        assert cache.stats.restored_tokens == 48 and cache.stats.blocks_written == 0
+        assert len(reader) == count
+    assert out.sequences.shape[1] == 59 + GEN["max_new_tokens"]
+
+
 def test_same_text_other_image_is_no_hit(model: Any, db: tierstore.TierStore, computed: list[int]) -> None:
     cache = TieredCache(db, config=model.config, persist=True)
     cache.generate(model, **synthetic_inputs(TEXT, image_seed=1, suffix=SUFFIX), **GEN)

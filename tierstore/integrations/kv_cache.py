@@ -214,6 +214,7 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
     ``None`` keeps everything live (blocks are then written only when ``persist``).
     ``namespace`` separates checkpoints that share a configuration but not their weights.
     Use one cache per request; :meth:`release` (or ``with``) deletes its cache-only blocks.
+    On a read-only store, ``persist=True`` restores stored prefixes but stores nothing.
     """
 
     def __init__(self, store: TierStore, *, config: Any | None = None, persist: bool = False,
@@ -226,6 +227,9 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
             num_layers = int(text.num_hidden_layers)
         if persist and num_layers is None:
             raise CacheUsageError("persist=True needs the model's config (or num_layers)")
+        if store.readonly and budget is not None:
+            raise CacheUsageError("a read-only store cannot take spilled K/V blocks: open it read-write or "
+                                  "pass budget=None")
         self.store = store
         self.persist = persist
         self.budget = None if budget is None else parse_size(budget)
@@ -313,8 +317,8 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
 
     def _write_blocks(self, layer: TieredLayer) -> None:
         """Queue the blocks ``layer`` completed since it last wrote (none without budget or persist)."""
-        if self.budget is None and not self.persist:
-            return
+        if (self.budget is None and not self.persist) or self.store.readonly:
+            return  # (a read-only store only restores prefixes)
         t = self.block_tokens
         full = layer.length // t
         start = len(layer.block_keys)
