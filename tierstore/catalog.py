@@ -98,6 +98,18 @@ ON CONFLICT(key, next_key) DO UPDATE SET count = successors.count + excluded.cou
 RECENT_ACCESS = "SELECT ts, key, op, tier FROM access_log ORDER BY id DESC LIMIT ?"
 RECENT_ACCESS_KEY = "SELECT ts, key, op, tier FROM access_log WHERE key = ? ORDER BY id DESC LIMIT ?"
 JOURNAL_COUNT = "SELECT count(*) FROM journal"
+JOURNAL_INSERT = "INSERT INTO journal (block_id, key, op, src, dst, state, created) VALUES (?, ?, ?, ?, ?, ?, ?)"
+JOURNAL_ROWS = "SELECT id, block_id, key, op, src, dst, state, created FROM journal ORDER BY id"
+JOURNAL_DELETE = "DELETE FROM journal WHERE id = ?"
+TRIM_SUCCESSORS = """
+DELETE FROM successors WHERE (key, next_key) IN (
+  SELECT key, next_key FROM successors ORDER BY count ASC LIMIT max(0, (SELECT count(*) FROM successors) - ?))
+"""
+SUCCESSOR_ROWS = "SELECT key, next_key, count FROM successors ORDER BY count DESC LIMIT ?"
+HOT_BLOCKS = """
+SELECT s.key, s.access_count, s.last_access, b.nbytes FROM block_stats s JOIN blocks b ON b.key = s.key
+WHERE s.access_count >= ? ORDER BY s.access_count DESC, s.last_access DESC LIMIT ?
+"""
 
 _SCRIPT_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
@@ -384,6 +396,46 @@ class Catalog:
     def journal_size(self) -> int:
         """Moves recorded as in flight."""
         return int(self.query_one(JOURNAL_COUNT)[0])
+
+    def journal_begin(self, moves: Sequence[tuple[int, str, str, str, str]]) -> list[int]:
+        """Record ``(block_id, key, op, src, dst)`` moves as intents (one transaction); their row ids."""
+        stamp = time.time()
+        ids: list[int] = []
+        with self.write("journal tier moves") as conn:
+            for block_id, key, op, src, dst in moves:
+                cursor = conn.execute(JOURNAL_INSERT, (block_id, key, op, src, dst, "intent", stamp))
+                ids.append(int(cursor.lastrowid or 0))
+        return ids
+
+    def journal_end(self, ids: Sequence[int]) -> None:
+        """Remove finished (or undone) moves from the journal."""
+        if ids:
+            with self.write("clear tier moves") as conn:
+                conn.executemany(JOURNAL_DELETE, [(i,) for i in ids])
+
+    def journal_rows(self) -> list[tuple[int, int, str, str, str, str, str, float]]:
+        """Every move in flight: ``(id, block_id, key, op, src, dst, state, created)``."""
+        return [tuple(r) for r in self.query(JOURNAL_ROWS)]
+
+    def commit_moved(self, row: BlockRow, journal_id: int, next_block_id: int) -> None:
+        """Commit the row of a block moved into L3 and close its journal entry (one transaction)."""
+        with self.write("commit a tier move") as conn:
+            conn.execute(SET_META, ("next_block_id", str(next_block_id)))
+            conn.execute(UPSERT_BLOCK, row.to_tuple())
+            conn.execute(JOURNAL_DELETE, (journal_id,))
+
+    def trim_successors(self, max_rows: int) -> None:
+        """Keep only the ``max_rows`` most frequent transitions."""
+        with self.write("trim the successor table") as conn:
+            conn.execute(TRIM_SUCCESSORS, (max_rows,))
+
+    def successor_counts(self, limit: int) -> list[tuple[str, str, int]]:
+        """The ``limit`` most frequent ``(key, next_key, count)`` transitions."""
+        return [(str(a), str(b), int(n)) for a, b, n in self.query(SUCCESSOR_ROWS, (limit,))]
+
+    def hot_blocks(self, min_count: int, limit: int) -> list[tuple[str, int, float, int]]:
+        """Blocks accessed at least ``min_count`` times: ``(key, count, last access, nbytes)``, hottest first."""
+        return [(str(k), int(c), float(t or 0.0), int(n)) for k, c, t, n in self.query(HOT_BLOCKS, (min_count, limit))]
 
     def close(self) -> None:
         """Close the connection (idempotent)."""

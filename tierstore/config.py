@@ -135,6 +135,9 @@ class CacheConfig:
 
     prediction_window: int = 200
     prediction_threshold: float = 0.7
+    l3_admission: str = "all"
+    """Which cache-only blocks leaving L2 are written to L3: ``all``, or ``reused`` (only those read
+    since their put; the others are dropped, sparing the SSD writes of blocks never reused)."""
 
     # tierstore's own knobs
     l1_device: str | None = None
@@ -213,6 +216,8 @@ class CacheConfig:
             raise ConfigError(f"l1_bf16_fallback={self.l1_bf16_fallback!r}; choose 'float16' or 'float32'")
         if self.l1_headroom is not None:
             set_(self, "l1_headroom", parse_size(self.l1_headroom, name="l1_headroom"))
+        if self.l3_admission not in ("all", "reused"):
+            raise ConfigError(f"l3_admission={self.l3_admission!r}; choose 'all' or 'reused'")
         if self.l1_device is not None and not isinstance(self.l1_device, str):
             raise ConfigError(f"l1_device must be a device string such as 'cuda:0', not {self.l1_device!r}")
         if self.shared_compression is not None:

@@ -28,7 +28,7 @@ from .access_tracker import AccessPatternTracker, KeyStats
 from .errors import ConfigError, TierFullError
 from .shadow_caches import ShadowARC, ShadowCache, ShadowLRU, ShadowS3FIFO, ShadowWTinyLFU
 
-__all__ = ["KeyStats", "AccessPatternTracker", "SimpleMLPredictor", "PredictivePolicy"]
+__all__ = ["KeyStats", "AccessPatternTracker", "SimpleMLPredictor", "PredictivePolicy", "SuccessorTable"]
 
 K = TypeVar("K", bound=Hashable)
 
@@ -366,3 +366,68 @@ class PredictivePolicy(Generic[K]):
                 break
             key = next(iter(children))
         return key
+
+
+class SuccessorTable(Generic[K]):
+    """Which key follows which, with counts: what the store's prefetcher predicts from.
+
+    Fed from the access history in batches (and, at open, from the catalog's ``successors`` table,
+    so a reopened store predicts from what the last process saw). Each key keeps at most
+    ``max_successors`` followers as a Misra-Gries summary (a frequent follower is never lost, a
+    count is never overestimated) and at most ``max_keys`` keys are tracked, the least recently fed
+    going first. :meth:`likely` answers from a cache refreshed on every :meth:`add`, so the hot
+    path (one lookup per get) does no arithmetic.
+    """
+
+    def __init__(self, *, threshold: float = 0.7, min_count: int = 2, max_successors: int = 8,
+                 max_keys: int = 1 << 20) -> None:
+        self.threshold = threshold
+        self.min_count = max(1, min_count)
+        self.max_successors = max(1, max_successors)
+        self.max_keys = max(1, max_keys)
+        self._followers: OrderedDict[K, dict[K, int]] = OrderedDict()
+        self._out: dict[K, int] = {}
+        self._likely: dict[K, tuple[K, ...]] = {}
+
+    def __len__(self) -> int:
+        return len(self._followers)
+
+    def add(self, key: K, follower: K, count: int = 1) -> None:
+        """Note that ``follower`` came right after ``key`` ``count`` more times."""
+        table = self._followers.get(key)
+        if table is None:
+            table = self._followers[key] = {}
+            if len(self._followers) > self.max_keys:
+                gone, _ = self._followers.popitem(last=False)
+                self._out.pop(gone, None)
+                self._likely.pop(gone, None)
+        else:
+            self._followers.move_to_end(key)
+        self._out[key] = self._out.get(key, 0) + count
+        if follower in table or len(table) < self.max_successors:
+            table[follower] = table.get(follower, 0) + count
+        else:  # Misra-Gries: a newcomer wears everyone down instead of taking a seat
+            cut = min(count, min(table.values()))
+            for other in list(table):
+                table[other] -= cut
+                if table[other] <= 0:
+                    del table[other]
+            if count > cut and len(table) < self.max_successors:
+                table[follower] = count - cut
+        total = self._out[key]
+        likely = tuple(k for k, n in sorted(table.items(), key=lambda kv: -kv[1])
+                       if n >= self.min_count and n >= self.threshold * total)
+        if likely:
+            self._likely[key] = likely
+        else:
+            self._likely.pop(key, None)
+
+    def probability(self, key: K, follower: K) -> float:
+        """Estimated P(``follower`` comes right after ``key``)."""
+        total = self._out.get(key, 0)
+        table = self._followers.get(key)
+        return table.get(follower, 0) / total if total and table else 0.0
+
+    def likely(self, key: K) -> tuple[K, ...]:
+        """Followers of ``key`` seen at least ``min_count`` times with probability >= ``threshold``."""
+        return self._likely.get(key, ())

@@ -94,14 +94,17 @@ class Residency(Generic[A]):
         self.lock = threading.RLock()
         self.entries: dict[str, Resident] = {}
         # The predictive policy sizes its shadow caches in entries; until the catalog says how big
-        # blocks are, assume 64 KiB ones (the migrator resizes it from real statistics).
-        self.policy: Policy[str] = make_policy(policy, capacity=max(1, arena.capacity >> 16))
+        # blocks are, assume 64 KiB ones (the migrator resizes it from real statistics: tune()).
+        self.policy_name = policy
+        self.policy: Policy[str] = make_policy(policy, capacity=max(1, arena.capacity), block_size=1 << 16)
         self._released: deque[Allocation] = deque()
         self._zombies: dict[int, Resident] = {}
         """Replaced or deleted entries whose slots are still viewed, by slot offset."""
         self.generation = 0
         """Bumped whenever a block is replaced or deleted: an admission that raced it is refused."""
         self.volatile_keys: set[str] = set()
+        self.pinned: dict[str, int] = {}
+        """Pin counts by key (see :meth:`pin`): a key's entry carries them across replacements."""
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -118,6 +121,7 @@ class Residency(Generic[A]):
             entry = self.entries.get(key)
             if entry is None or (block_id is not None and entry.block_id != block_id):
                 self.misses += 1
+                self.policy.record_access(key, 0.0)  # a learning policy sees misses too (a no-op for the classic ones)
                 return None
             self.hits += 1
             self.policy.record_access(key, 0.0)
@@ -234,7 +238,7 @@ class Residency(Generic[A]):
             old = self.entries.get(key)
             if old is not None:
                 self._kill(old)
-            entry = Resident(key, block_id, alloc, dtype, shape, checksum, volatile)
+            entry = Resident(key, block_id, alloc, dtype, shape, checksum, volatile, self.pinned.get(key, 0))
             self.entries[key] = entry
             if volatile:
                 self.volatile_keys.add(key)
@@ -248,6 +252,48 @@ class Residency(Generic[A]):
             entry = self.entries.get(key)
             if entry is not None:
                 self._kill(entry)
+
+    def tune(self, block_size: int) -> None:
+        """Re-create a predictive policy for blocks of about ``block_size`` bytes (only while empty)."""
+        with self.lock:
+            if self.policy_name == "predictive" and not self.entries and block_size > 0:
+                self.policy = make_policy("predictive", capacity=max(1, self.arena.capacity),
+                                          block_size=min(block_size, max(1, self.arena.capacity)))
+
+    def pin(self, key: str) -> None:
+        """Keep ``key``'s entry (now and any later version of it) out of eviction until :meth:`unpin`."""
+        with self.lock:
+            self.pinned[key] = self.pinned.get(key, 0) + 1
+            entry = self.entries.get(key)
+            if entry is not None:
+                entry.pins += 1
+
+    def unpin(self, key: str) -> None:
+        """Undo one :meth:`pin` of ``key`` (unknown keys are ignored)."""
+        with self.lock:
+            count = self.pinned.get(key, 0)
+            if not count:
+                return
+            if count == 1:
+                del self.pinned[key]
+            else:
+                self.pinned[key] = count - 1
+            entry = self.entries.get(key)
+            if entry is not None and entry.pins:
+                entry.pins -= 1
+
+    def evict(self, key: str, block_id: int | None = None) -> bool:
+        """Give up ``key``'s entry now (of that version if given) unless it is pinned or the only copy.
+
+        A slot still viewed by a tensor is freed when its last view goes, as with any eviction.
+        """
+        with self.lock:
+            entry = self.entries.get(key)
+            if entry is None or entry.pins or entry.volatile or (block_id is not None and entry.block_id != block_id):
+                return False
+            self.evictions += 1
+            self._kill(entry)
+            return True
 
     def release(self, alloc: Allocation) -> None:
         """Give back a reserved slot that was never admitted."""

@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from heapq import merge
 from pathlib import Path
@@ -47,6 +48,7 @@ from .errors import (
 )
 from .history import Access, AccessRecorder, summarize
 from .lockfile import WriterLock
+from .migrator import JournalReport, Migrator, Pin, Plan, StoreHooks, recover_journal
 from .records import BlockInfo, StoreStats
 from .recovery import recover, refuse_orphaned_data
 from .residency import Residency, Resident
@@ -117,6 +119,8 @@ class TierStore:
         self._hits = {"L1": 0, "L2": 0, "L3": 0}
         self._l3 = ZarrL3(self.path, fsync=self.config.fsync, readonly=self.readonly)
         self.recovery = RecoveryReport()
+        self.journal_recovery = JournalReport()
+        """Moves a crash interrupted, undone at open (see :mod:`tierstore.migrator`)."""
         if not self.readonly:
             self._recover()
         self._next_block_id = self._catalog.next_block_id()
@@ -141,6 +145,11 @@ class TierStore:
         if self.config.shared_url is not None:  # no network until first used
             self._shared = SharedCoordinator(self.config, self._shared_block)
             self._hits["shared"] = 0
+        self._migrator = Migrator(self._catalog, self._l3, self._l1, self._l2, self.config, StoreHooks(
+            lookup=self._lookup_located, new_block_id=self._new_block_id, next_block_id=lambda: self._next_block_id,
+            check_room=self._check_l3_room, spilled=self._spilled, flush_history=lambda: self._recorder.flush(),
+            spill_l1=self._spill_l1),
+            readonly=self.readonly)
         sink = None if self.readonly else self._write_history
         self._recorder = AccessRecorder(sink, interval=self.config.history_flush_interval)
 
@@ -181,6 +190,7 @@ class TierStore:
         return config
 
     def _recover(self) -> None:
+        self.journal_recovery = recover_journal(self._catalog, self._l3)
         self.recovery = recover(self._catalog, self._l3)
 
     # -- handle -------------------------------------------------------------------------------------
@@ -201,6 +211,7 @@ class TierStore:
             return
         if getattr(self._local, "txn", None) is not None:
             raise TransactionError("close() inside a transaction; leave the 'with' block first")
+        self._migrator.close()
         with self._write_mutex:
             if self._shared is not None:
                 self._shared.close()  # background publishing gets shared_timeout to finish
@@ -469,45 +480,28 @@ class TierStore:
             raise translate_os_error(exc, what=f"write block {key!r}", path=self._l3.root, key=key) from None
 
     def _spill(self, entry: Resident) -> bool:
-        """Write a cache-only block leaving L2 to L3, as a cache-only row; False if that failed.
-
-        It runs inside whatever operation needed the room, possibly in the middle of another
-        transaction, so it writes a standalone array and commits its own catalog row: neither
-        joins the open transaction nor is undone by its rollback.
-        """
+        """Write a cache-only block leaving L2 to L3 (a journaled move, see :mod:`tierstore.migrator`)."""
         if self._closed or self.readonly:
             return False
-        data = self._l2.arena.as_numpy(entry.alloc)  # type: ignore[union-attr]
-        block_id = self._new_block_id()
-        try:
-            self._check_l3_room(entry.key, data.nbytes)
-            codec = choose_codec(str(self.config.l3_compression), entry.dtype.itemsize)
-            loc = self._l3.write_now(block_id, data, codec)
-            stamp = now()
-            if entry.checksum == UNHASHED:
-                entry.checksum = crc32c.crc32c(data.data)
-            row = BlockRow(entry.key, block_id, dtype_name(entry.dtype), entry.shape, data.nbytes, entry.checksum,
-                           False, loc.codec, loc.array or None, loc.shard, loc.offset, loc.sizes_blob(), loc.inner,
-                           loc.length, L3_BIT, stamp, stamp)
-            self._catalog.commit_blocks([row], [], {}, self._next_block_id)
-        except (TierStoreError, OSError):
-            return False
+        return self._migrator.spill(entry)
+
+    def _spilled(self, row: BlockRow, loc: Location) -> None:
+        """The migrator committed ``row`` to L3: the row cache and totals follow."""
         with self._rows_lock:
             self._generation += 1
             self._rows[row.key] = (row, loc)
         self._count += 1
         self._logical_bytes += row.nbytes
         self._stored_bytes += row.stored_bytes
-        self._l2.mark_durable(entry)  # type: ignore[union-attr]
         if self._shared is not None and self._shared.policy != "explicit" and not self._landing():
-            self._shared.enqueue([entry.key])
-        return True
+            self._shared.enqueue([row.key])  # a cache-only block now in L3 can be published
 
     def _spill_l1(self, entry: Resident) -> bool:
         """Write back a cache-only block leaving L1 whose only copy is there: to L2, or L3 if L2 is full.
 
-        The one move from L1 down (the migrator is meant to own it). False, and the block stays
-        in L1, when neither tier took it: nothing is ever dropped.
+        The L1 -> L2 copy is done here (both ends volatile: a crash loses both, nothing to journal);
+        the L3 write goes through the migrator's journaled spill. False, and the block stays in L1,
+        when neither tier took it: nothing is ever dropped.
         """
         l1, l2 = self._l1, self._l2
         if self._closed or self.readonly or l1 is None:
@@ -544,27 +538,9 @@ class TierStore:
     def _write_back_l3(self, entry: Resident, data: np.ndarray) -> bool:
         """Write L1-only ``entry`` (its bytes ``data``, hashed) to L3 as a cache-only row; False if that failed.
 
-        As ``_spill`` does for L2 (standalone write, own catalog commit); the migrator is meant to own both.
+        A journaled move of the migrator, as ``_spill`` is for L2.
         """
-        block_id = self._new_block_id()
-        try:
-            self._check_l3_room(entry.key, data.nbytes)
-            codec = choose_codec(str(self.config.l3_compression), entry.dtype.itemsize)
-            loc = self._l3.write_now(block_id, data, codec)
-            stamp = now()
-            row = BlockRow(entry.key, block_id, dtype_name(entry.dtype), entry.shape, data.nbytes, entry.checksum,
-                           False, loc.codec, loc.array or None, loc.shard, loc.offset, loc.sizes_blob(), loc.inner,
-                           loc.length, L3_BIT, stamp, stamp)
-            self._catalog.commit_blocks([row], [], {}, self._next_block_id)
-        except (TierStoreError, OSError):
-            return False
-        with self._rows_lock:
-            self._generation += 1
-            self._rows[row.key] = (row, loc)
-        self._count += 1
-        self._logical_bytes += row.nbytes
-        self._stored_bytes += row.stored_bytes
-        return True
+        return self._migrator.write_back(entry, data)
 
     def shrink_l1(self, nbytes: int | str | None = None) -> int:
         """Give L1 device memory back to PyTorch (for the model); returns the bytes released.
@@ -610,6 +586,7 @@ class TierStore:
         self._counts["get"] += 1
         self._hits[tier] += 1
         self._recorder.record(key, "get", tier)
+        self._migrator.on_get(key, device)
         return tensor
 
     def _get_local(self, key: str, device: str | torch.device | None, copy: bool) -> tuple[torch.Tensor, str]:
@@ -714,6 +691,7 @@ class TierStore:
                 if entry1 is not None and entry1.volatile:
                     return self._l1_host(entry1.alloc, entry1.dtype, entry1.shape), "L1"
         if l2 is not None and not self.readonly:  # the writer's L2 only ever holds current versions
+            self._migrator.await_move(key)  # a prefetch of this block in flight: take its copy
             entry = l2.lookup(key)
             if entry is not None:
                 return l2.view(entry, copy=copy), "L2"
@@ -1130,6 +1108,49 @@ class TierStore:
     def _write_history(self, batch: list[Access]) -> None:
         stats, successors = summarize(batch)
         self._catalog.write_history(batch, stats, successors, self.config.history_max_rows)
+        self._migrator.learn(batch)
+
+    # -- tier moves (tierstore.migrator) -----------------------------------------------------------
+
+    def prefetch(self, keys: str | Iterable[str], tier: str = "L2") -> Future[list[str]]:
+        """Bring ``keys`` up to ``tier`` ("L2", or "L1") in the background, without blocking gets.
+
+        Returns a ``concurrent.futures.Future`` whose result is the keys resident in ``tier`` once
+        the moves ran; keys not in the store are skipped. Each move is journaled (crash-safe).
+        """
+        self._check_open()
+        wanted = [keys] if isinstance(keys, str) else list(keys)
+        for key in wanted:
+            check_key(key)
+        return self._migrator.prefetch(wanted, tier)
+
+    def pin(self, key: str, tier: str = "L2") -> Pin:
+        """Bring ``key`` into ``tier`` now and keep it resident there until the pin is released.
+
+        Use it as a context manager (``with db.pin(key): ...``) or call ``release()``. A newer
+        version of the key put meanwhile is pinned too. ``TierFullError`` if it cannot fit.
+        """
+        self._check_open()
+        check_key(key)
+        if key not in self:
+            raise BlockNotFoundError(f"no block {key!r} in {self.path}", key=key)
+        return self._migrator.pin(key, tier)
+
+    def migrate(self, dry_run: bool = False) -> Plan:
+        """Apply the simple migration policy now: promote hot blocks, demote idle ones.
+
+        With ``dry_run=True`` nothing moves and the returned :class:`~tierstore.migrator.Plan` (a
+        printable list of moves) says what would; otherwise it lists the moves carried out.
+        """
+        self._check_open()
+        if not dry_run:
+            self._check_writable()
+        return self._migrator.migrate(dry_run=dry_run)
+
+    @property
+    def migrator(self) -> Migrator:
+        """The store's mover (``stats()``, ``wait()``, ``plan()``, the successor table)."""
+        return self._migrator
 
 
 def open_store(path: str | Path, config: CacheConfig | None = None, *, readonly: bool = False,

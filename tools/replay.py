@@ -4,6 +4,7 @@
     python tools/replay.py synthetic_trace.jsonl --capacity 1%,5% --policy lru,opt,predictive --prefix-aware
     python tools/replay.py orm-busy.trace.xz --limit 1000000 --json
     python tools/replay.py multi2.trace.gz --plot multi2.png
+    python tools/replay.py loop.trace.gz --limit 50000 --store --capacity 1%,10%
 
 Capacities are a share of the trace's unique keys ("5%") or an entry count ("4096"); every key is
 one unit-size entry. Hit rates count cold misses as misses. For request-structured traces (Mooncake
@@ -11,6 +12,10 @@ JSONL) the prefix-aware hit rate is reported too: a request's hits stop counting
 ``--prefix-aware`` also tells the predictive policy which block each block extends, so it can evict
 chain tails first. The classic policies come from ``replay_policies`` (independent references); the
 predictive one is the store's own :class:`tierstore.predict.PredictivePolicy`.
+
+``--store`` also replays the trace through a real store (4 KiB blocks, see ``replay_store``) for each
+of lru, fifo, lfu and predictive asked for, and prints, access by access, how often the store's L2
+served the same hits as the store's policy class run in simulation.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 from replay_formats import FORMATS, Trace, read_trace
 from replay_policies import CHUNK, SIMULATORS, Progress
+from replay_store import STORE_POLICIES, replay_store, round_capacity, simulate_policy
 
 from tierstore.policies import access
 from tierstore.predict import PredictivePolicy
@@ -138,6 +144,39 @@ def run(trace: Trace, policies: Sequence[str], capacities: dict[str, int], prefi
     return results, prefix, speed
 
 
+def run_store(trace: Trace, policies: Sequence[str], capacities: dict[str, int],
+              quiet: bool) -> dict[str, dict[str, dict[str, float]]]:
+    """Per policy and capacity: the simulated and the real store's L2 hit rates and their agreement."""
+    _, inverse = np.unique(trace.keys, return_inverse=True)
+    keys = [int(k) for k in inverse.reshape(-1).tolist()]
+    unique = int(inverse.max()) + 1 if len(keys) else 0
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name in (p for p in policies if p in STORE_POLICIES):
+        for label, capacity in capacities.items():
+            entries = round_capacity(capacity)
+            began = time.perf_counter()
+            simulated = simulate_policy(keys, name, entries)
+            stored = replay_store(keys, unique, name, entries)
+            same = sum(a == b for a, b in zip(simulated, stored, strict=True))
+            out.setdefault(name, {})[label] = {
+                "capacity": entries, "simulated": sum(simulated) / max(1, len(keys)),
+                "store": sum(stored) / max(1, len(keys)), "agreement": same / max(1, len(keys))}
+            if not quiet:
+                print(f"  store {name} @ {label} ({entries} blocks): {time.perf_counter() - began:.1f}s",
+                      file=sys.stderr)
+    return out
+
+
+def format_store(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    lines = ["real store vs simulation (L2 hit rate; agreement = accesses with the same hit/miss)",
+             f"{'policy':<12}{'capacity':>12}{'simulated':>11}{'store':>9}{'agreement':>11}"]
+    for name, row in results.items():
+        for label, r in row.items():
+            lines.append(f"{name:<12}{label + ' ' + str(int(r['capacity'])):>12}{r['simulated']:11.3f}"
+                         f"{r['store']:9.3f}{r['agreement']:11.4f}")
+    return "\n".join(lines)
+
+
 def format_table(results: dict[str, dict[str, float]], title: str) -> str:
     labels = list(next(iter(results.values())).keys()) if results else []
     lines = [title, f"{'policy':<12}" + "".join(f"{label:>9}" for label in labels)]
@@ -185,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot", type=Path, default=None, help="write hit rate vs capacity to this PNG")
     parser.add_argument("--prefix-aware", action="store_true",
                         help="give the predictive policy each block's chain parent (request traces)")
+    parser.add_argument("--store", action="store_true",
+                        help="also replay through a real store (lru, fifo, lfu, predictive); use --limit")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return parser
 
@@ -207,12 +248,15 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
         if trace.note:
             print(f"note: {trace.note}", file=sys.stderr)
     results, prefix, speed = run(trace, policies, capacities, args.prefix_aware, args.quiet)
+    store = run_store(trace, policies, capacities, args.quiet) if args.store else {}
     if args.json:
         document: dict[str, object] = {"trace": path.name, "accesses": n, "unique": unique,
                                        "results": results}
         if prefix:
             document["prefix_results"] = prefix
         document["accesses_per_second"] = {k: round(v) for k, v in speed.items()}
+        if store:
+            document["store"] = store
         out(json.dumps(document))
     else:
         out(format_table(results, f"{path.name}: hit rate ({n} accesses, {unique} unique, ceiling "
@@ -220,6 +264,8 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
         if prefix:
             out(format_table(prefix, "prefix-aware hit rate (a request's hits stop at its first miss)"))
         out("accesses/s: " + ", ".join(f"{k} {v / 1e3:.0f}k" for k, v in speed.items()))
+        if store:
+            out(format_store(store))
     if args.plot is not None:
         plot(results, capacities, path.name, args.plot)
     return 0

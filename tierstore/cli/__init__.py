@@ -17,6 +17,8 @@ Examples::
     tierstore import-hf MODEL_DIR STORE # a Hugging Face model folder into a store
     tierstore import STORE FILE|DIR     # safetensors into a store
     tierstore export STORE OUT.safetensors [--prefix P]
+    tierstore journal STORE             # tier moves in flight (left by a crash until the next open)
+    tierstore successors STORE KEY      # blocks read after KEY; those a get of KEY prefetches
 
 Every listing command takes ``--json``. Errors are printed as one line and a
 non-zero exit status, never a traceback.
@@ -29,12 +31,12 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import TierStoreError
-from . import catalog, demo, maintenance, models, plot, probe, shared
+from . import catalog, demo, maintenance, migrate, models, plot, probe, shared
 
 __all__ = ["main"]
 
 # Each module adds its own subcommands; one line here per module.
-_COMMANDS = (demo, catalog, maintenance, probe, plot, models, shared)
+_COMMANDS = (demo, catalog, maintenance, probe, plot, models, shared, migrate)
 
 
 def _parser() -> argparse.ArgumentParser:
