@@ -5,8 +5,9 @@ is stored as one tensor ``[2, batch, kv_heads, block_tokens, head_dim]`` (keys, 
 ``budget`` bytes stay as live tensors: after a layer has been used and the live total is over
 budget, that layer (the one needed furthest in the future) keeps only its partial last block
 and drops the rest, which the store holds (cache-only blocks, ``durable=False``: in L2, spilled
-to L3 when L2 needs room). When layer ``i`` runs, layer ``i + 1``'s blocks are fetched on a
-background thread, so they are usually back by the time it needs them. The tensors attention
+to L3 when L2 needs room). When layer ``i`` runs, the store is asked to bring layer ``i + 1``'s
+blocks up (``store.prefetch``: L2, or L1 on a GPU) in the background, so they are usually there
+by the time it needs them. The tensors attention
 sees are bit-for-bit those a ``DynamicCache`` would hold.
 
 With ``persist=True``, the prompt's full blocks are stored durably under a hash chain (each
@@ -26,7 +27,7 @@ import hashlib
 import threading
 import uuid
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,7 +62,7 @@ class KVCacheStats:
     prefetches: int = 0
     """Background fetches started ahead of the layer that needed them."""
     prefetch_hits: int = 0
-    """Layers whose blocks a background fetch had brought back when they were needed."""
+    """Layers whose background moves (``store.prefetch``) had finished when the layer ran."""
     restored_tokens: int = 0
     """Prompt tokens :meth:`TieredCache.prepare` loaded from the store instead of computing."""
 
@@ -85,7 +86,7 @@ class TieredLayer(DynamicLayer):  # type: ignore[misc]  # transformers is not ty
         self.block_keys: list[str] = []
         self.tail_keys: torch.Tensor | None = None
         self.tail_values: torch.Tensor | None = None
-        self.pending: Future[list[torch.Tensor]] | None = None
+        self.pending: Future[list[str]] | None = None
 
     def __repr__(self) -> str:
         state = "live" if self.live else "spilled"
@@ -126,12 +127,10 @@ class TieredLayer(DynamicLayer):  # type: ignore[misc]  # transformers is not ty
             if not new_keys:
                 return self.keys, self.values
             return torch.cat([self.keys, *new_keys], dim=-2), torch.cat([self.values, *new_values], dim=-2)
-        if self.pending is not None:
+        if self.pending is not None:  # the store moved the blocks up meanwhile (or is still at it)
             future, self.pending = self.pending, None
-            blocks = future.result()
-            self.owner.stats.prefetch_hits += 1
-        else:
-            blocks = self.owner._fetch(self.index, list(self.block_keys), self.device)
+            self.owner.stats.prefetch_hits += future.done() and future.exception() is None
+        blocks = self.owner._fetch(self.index, list(self.block_keys), self.device)
         device = new_keys[0].device if new_keys else self.device  # a prepared prefix may be read elsewhere
         self.device = device
         keys = [kv[0].to(device) for kv in blocks]
@@ -245,8 +244,10 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
         self._temp_keys: set[str] = set()
         self._unwritten: list[tuple[str, torch.Tensor, bool]] = []
         self._lock = threading.Lock()
+        self._l1: bool | None = None
+        self._store_lock = threading.RLock()
+        """Held around every store call this cache makes (one thread at a time, in any case)."""
         self.prefetch_enabled = prefetch
-        self._pool: ThreadPoolExecutor | None = None  # started at the first prefetch
         layers: list[Any] = [TieredLayer(self, i) for i in range(num_layers or 0)]
         super().__init__(layers=layers)
 
@@ -274,13 +275,10 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
     # -- lifetime -----------------------------------------------------------------------------------
 
     def release(self) -> None:
-        """Delete this cache's cache-only blocks from the store and stop its fetch thread."""
+        """Delete this cache's cache-only blocks from the store."""
         for layer in self._tiered():
             layer.pending = None
         self._unwritten = []
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
         self._delete_temp()
 
     def __enter__(self) -> TieredCache:
@@ -294,7 +292,7 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
             keys, self._temp_keys = sorted(self._temp_keys), set()
         if not keys or self.store.closed:
             return
-        with self.store.transaction():
+        with self._store_lock, self.store.transaction():
             for key in keys:
                 if key in self.store:
                     self.store.delete(key)
@@ -329,7 +327,7 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
             key, durable = self._block_key(layer.index, block)
             if not durable and self.budget is None:
                 break  # nothing will ever be spilled: only the prefix blocks are worth writing
-            if durable and key in self.store:
+            if durable and self._contains(key):
                 self.stats.blocks_reused += 1
             else:
                 span = slice(block * t, (block + 1) * t)
@@ -342,7 +340,7 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
             return
         batch, self._unwritten = self._unwritten, []
         try:
-            with self.store.transaction():
+            with self._store_lock, self.store.transaction():
                 for key, kv, durable in batch:
                     self.store.put(key, kv, durable=durable)
         except BaseException:
@@ -352,23 +350,37 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
         with self._lock:
             self._temp_keys.update(key for key, _kv, durable in batch if not durable)
 
+    def _has_l1(self) -> bool:
+        if self._l1 is None:
+            self._l1 = "L1" in self.store.stats().tiers
+        return self._l1
+
+    def _contains(self, key: str) -> bool:
+        with self._store_lock:
+            return key in self.store
+
     def _fetch(self, index: int, keys: Sequence[str], device: torch.device) -> list[torch.Tensor]:
         """Read ``keys`` back: ``index``'s stored blocks, each ``[2, batch, heads, tokens, head_dim]``."""
         if not keys:
             raise CacheUsageError(f"layer {index} has neither live tensors nor stored blocks")
-        parts = [self.store.get(key, device=device) for key in keys]
+        with self._store_lock:
+            parts = [self.store.get(key, device=device) for key in keys]
         self.stats.blocks_fetched += len(parts)
         return parts
 
     def _prefetch(self, index: int) -> None:
-        """Start fetching layer ``index``'s blocks on the background thread if it is spilled."""
+        """Ask the store to bring layer ``index``'s blocks up in the background if it is spilled.
+
+        Only the store's own worker moves blocks; the tensors are read on the model's thread, so
+        every view of a store slot is created and dropped there.
+        """
         layer = self.layers[index] if index < len(self.layers) else None
         if (not self.prefetch_enabled or not isinstance(layer, TieredLayer) or layer.live
                 or layer.pending is not None or not layer.block_keys or not layer.is_initialized):
             return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tierstore-kv")
-        layer.pending = self._pool.submit(self._fetch, index, list(layer.block_keys), layer.device)
+        tier = "L1" if layer.device.type != "cpu" and self._has_l1() else "L2"
+        with self._store_lock:
+            layer.pending = self.store.prefetch(list(layer.block_keys), tier)
         self.stats.prefetches += 1
 
     def _enforce_budget(self, used: int) -> None:
@@ -418,7 +430,7 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
         usable = min(len(self._chain), (input_ids.shape[1] - 1) // self.block_tokens)
         last = len(self.layers) - 1
         blocks = 0
-        while blocks < usable and all(self._block_key(i, blocks)[0] in self.store for i in (0, last)):
+        while blocks < usable and all(self._contains(self._block_key(i, blocks)[0]) for i in (0, last)):
             blocks += 1
         if blocks:
             target = torch.device(device) if device is not None else input_ids.device
