@@ -27,7 +27,7 @@ import hashlib
 import threading
 import uuid
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -267,6 +267,7 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
 
     def reset(self) -> None:
         """Forget every token and delete this cache's cache-only blocks (durable prefix blocks stay)."""
+        self._settle_prefetches()
         super().reset()
         self._chain = []
         self._unwritten = []
@@ -276,10 +277,17 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
 
     def release(self) -> None:
         """Delete this cache's cache-only blocks from the store."""
-        for layer in self._tiered():
-            layer.pending = None
+        self._settle_prefetches()
         self._unwritten = []
         self._delete_temp()
+
+    def _settle_prefetches(self) -> None:
+        """Wait for the store's moves of our blocks still in flight: never delete a block being moved."""
+        pending = [layer.pending for layer in self._tiered() if layer.pending is not None]
+        for layer in self._tiered():
+            layer.pending = None
+        if pending:
+            wait(pending)
 
     def __enter__(self) -> TieredCache:
         return self
