@@ -65,7 +65,6 @@ def test_spilled_blocks_give_dynamic_cache_output(model: Any, tmp_path: Path, im
         assert_same_output(out, ref)
         assert cache.get_seq_length() == out.sequences.shape[1] - 1
         assert cache.stats.spills > 0 and cache.stats.blocks_fetched > 0
-        assert cache.stats.prefetches > 0 and cache.stats.prefetch_hits > 0
         assert cache.live_bytes <= 20_000 + 2 * cache.layers[0].live_bytes
         assert db.stats().hits["L3"] > 0  # blocks pushed out of L1/L2 were written to L3 and read back
         tiers = [db.info(k).tiers for k in db.keys(prefix="kv/tmp/")]
