@@ -14,15 +14,17 @@ from tierstore.cli import main
 
 def test_demo_streams_a_model_and_matches_the_in_memory_one(tmp_path: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--store", str(tmp_path / "demo"), "--tokens", "4"]) == 0
+    assert main(["demo", "--store", str(tmp_path / "demo"), "--tokens", "4", "--json"]) == 0
     out = capsys.readouterr().out
-    assert "1: cold (L3 -> L2)" in out and "2: warm (L2)" in out and "tier occupancy" in out
-    assert "identical to the model held in memory in both runs" in out
+    assert "tier occupancy" in out and "identical to the model held in memory in both runs" in out
     with tierstore.open(tmp_path / "demo", readonly=True) as db:
         assert "model.language_model.layers.5.mlp.down_proj.weight" in db and "__hf__/config.json" in db
-    run1, run2 = (line for line in out.splitlines() if "cold (L3" in line or "warm (L2)" in line)
-    l3_reads = [int(cells.split("│")[5]) for cells in (run1, run2)]
-    assert l3_reads[0] > 0 and l3_reads[1] == 0  # the second run found every layer in L2
+    summary = json.loads(out.strip().splitlines()[-1])
+    run1, run2 = summary["runs"]
+    assert summary["identical"] and run1["identical"] and run2["identical"]
+    assert run1["hits"]["L3"] > 0 and run2["hits"]["L3"] == 0  # the second run found every layer in L2
+    assert run1["kv_prefix_restored"] == 0 and run2["kv_prefix_restored"] > 0  # the prompt's K/V came back
+    assert run1["vision_tower_skipped"] == 0 and run2["vision_tower_skipped"] == 1  # the image's features too
     assert main(["demo", "--store", str(tmp_path / "demo"), "--tokens", "2"]) == 0  # the model already there
     assert "the one already in" in capsys.readouterr().out
 

@@ -306,7 +306,7 @@ def test_adapter_allocates_from_l1_then_l2(tmp_path: Path) -> None:
 
 
 def test_facade_exports_the_public_names() -> None:
-    for name in ("import_checkpoint", "export_safetensors", "export", "load_streamed",
-                 "Qwen3VLHierarchicalCacheAdapter", "create_hardware_optimized_cache_manager"):
+    for name in ("import_checkpoint", "export_safetensors", "export", "load_streamed", "TieredCache",
+                 "VisionFeatureCache", "Qwen3VLHierarchicalCacheAdapter", "create_hardware_optimized_cache_manager"):
         assert callable(getattr(qwen3_vl, name))
     assert qwen3_vl.create_hardware_optimized_cache_manager is tierstore.create_hardware_optimized_cache_manager

@@ -37,6 +37,7 @@ __all__ = [
     "SharedTierUnavailableError",
     "BlockUnavailableError",
     "CheckpointError",
+    "CacheUsageError",
     "translate_os_error",
 ]
 
@@ -140,6 +141,10 @@ class BlockUnavailableError(BlockNotFoundError, SharedTierUnavailableError):
 
 class CheckpointError(TierStoreError, ValueError):
     """A model checkpoint (safetensors file or folder) is missing, malformed or inconsistent."""
+
+
+class CacheUsageError(TierStoreError, ValueError):
+    """A model cache (KV or vision features) was given inputs or a state it cannot handle."""
 
 
 _FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}

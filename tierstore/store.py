@@ -314,6 +314,8 @@ class TierStore:
                     self._l2.release(change.slot)
             for slot in txn.dropped_slots:
                 self._l2.release(slot)
+        for key in txn.pending:
+            self._chain_parent.pop(key, None)
 
     def _commit(self, txn: Txn) -> None:
         txn.superseded()
@@ -327,7 +329,10 @@ class TierStore:
             self._abort(txn)
             raise translate_os_error(exc, what="sync block data", path=self._l3.root) from None
         try:
-            replaced = self._catalog.commit_blocks(rows, deletes, lengths, self._next_block_id)
+            if rows or lengths or any(self._catalog.has_block(key) for key in deletes):
+                replaced = self._catalog.commit_blocks(rows, deletes, lengths, self._next_block_id)
+            else:  # only cache-only blocks that stay in L2 and replace no committed row: no catalog commit
+                replaced = []
         except BaseException:
             self._abort(txn)
             raise
@@ -352,29 +357,36 @@ class TierStore:
             self._recorder.record(key, "put" if change.row is not None else "delete")
 
     def _settle_l2(self, txn: Txn, l2_only: set[str]) -> None:
-        """After a commit: committed puts become resident, replaced and deleted blocks leave L1 and L2."""
-        l1 = self._l1
+        """After a commit: committed puts become resident, replaced and deleted blocks leave L1 and L2.
+
+        Every discard comes before the first admission: a reader may evict a block admitted to L1
+        at once (writing it back to L2), and a later L2 discard of that key would drop that copy.
+        """
+        l1, l2 = self._l1, self._l2
         if l1 is not None:
             for slot in txn.dropped_l1:
                 l1.release(slot)
-            for key, change in txn.pending.items():
+            for key in txn.pending:
                 l1.discard(key)
+        if l2 is not None:
+            for slot in txn.dropped_slots:
+                l2.release(slot)
+            for key, change in txn.pending.items():
+                l2.discard(key)
+                row = change.row
+                parent = self._chain_parent.pop(key, None)
+                if row is not None and change.slot is not None:
+                    l2.admit(key, row.block_id, change.slot, dtype_from_name(row.dtype), row.shape, row.checksum,
+                             volatile=key in l2_only, parent=parent)
+        else:
+            for key in txn.pending:
+                self._chain_parent.pop(key, None)
+        if l1 is not None:
+            for key, change in txn.pending.items():
                 row = change.row
                 if row is not None and change.l1_slot is not None:  # a device tensor, cache-only: only in L1
                     l1.admit(key, row.block_id, change.l1_slot, dtype_from_name(row.dtype), row.shape,
                              row.checksum, volatile=True)
-        l2 = self._l2
-        if l2 is None:
-            return
-        for slot in txn.dropped_slots:
-            l2.release(slot)
-        for key, change in txn.pending.items():
-            l2.discard(key)
-            row = change.row
-            parent = self._chain_parent.pop(key, None)
-            if row is not None and change.slot is not None:
-                l2.admit(key, row.block_id, change.slot, dtype_from_name(row.dtype), row.shape, row.checksum,
-                         volatile=key in l2_only, parent=parent)
 
     def _txn(self) -> Txn | None:
         txn: Txn | None = getattr(self._local, "txn", None)

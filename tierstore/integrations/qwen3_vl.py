@@ -12,7 +12,9 @@ Everything a user of the original request's Qwen3-VL names needs, under one impo
         out = model.generate(**inputs, max_new_tokens=32)
 
 The code lives in modules named for their job: :mod:`.checkpoint` (safetensors in and out),
-:mod:`.streaming` (layer-by-layer weight streaming), :mod:`.adapter` (the request's adapter).
+:mod:`.streaming` (layer-by-layer weight streaming), :mod:`.kv_cache` (the tiered KV cache with
+prefix reuse), :mod:`.vision_cache` (vision-tower outputs by image content), :mod:`.adapter` (the
+request's adapter).
 """
 
 from __future__ import annotations
@@ -20,10 +22,13 @@ from __future__ import annotations
 from ..hardware_manager import create_hardware_optimized_cache_manager
 from .adapter import Qwen3VLHierarchicalCacheAdapter
 from .checkpoint import export_safetensors, import_checkpoint, read_json
+from .kv_cache import TieredCache
 from .streaming import StreamStats, WeightStreamer, load_streamed
+from .vision_cache import VisionFeatureCache
 
 __all__ = ["import_checkpoint", "export_safetensors", "export", "read_json", "load_streamed", "WeightStreamer",
-           "StreamStats", "Qwen3VLHierarchicalCacheAdapter", "create_hardware_optimized_cache_manager"]
+           "StreamStats", "TieredCache", "VisionFeatureCache", "Qwen3VLHierarchicalCacheAdapter",
+           "create_hardware_optimized_cache_manager"]
 
 export = export_safetensors
 """Alias: ``export(store, "out.safetensors", prefix=...)``."""

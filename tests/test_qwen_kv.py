@@ -1,0 +1,237 @@
+"""TieredCache: K/V blocks spilled through the tiers give DynamicCache's exact output; prefix reuse."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import tierstore
+from tierstore.errors import CacheUsageError
+from tierstore.integrations.kv_cache import TieredCache, block_hashes
+from tierstore.integrations.tiny_model import build_tiny_model, synthetic_inputs, tiny_config
+from tierstore.integrations.vision_cache import config_fingerprint
+
+GEN: dict[str, Any] = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True)
+TEXT = list(range(1, 40))
+SUFFIX = list(range(60, 75))
+
+
+@pytest.fixture(scope="module")
+def model() -> Any:
+    return build_tiny_model(seed=3)
+
+
+@pytest.fixture
+def computed(model: Any) -> Iterator[list[int]]:
+    """Sequence lengths the language model is run on (prefill first), recorded by a forward hook."""
+    seen: list[int] = []
+
+    def hook(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+        seen.append(int(kwargs["inputs_embeds"].shape[1]))
+
+    handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    yield seen
+    handle.remove()
+
+
+def reference(model: Any, inputs: dict[str, torch.Tensor]) -> Any:
+    return model.generate(**inputs, **GEN)
+
+
+def assert_same_output(out: Any, ref: Any) -> None:
+    assert torch.equal(out.sequences, ref.sequences)
+    assert len(out.logits) == len(ref.logits)
+    for a, b in zip(out.logits, ref.logits, strict=True):
+        assert torch.equal(a, b)
+
+
+def tiny_tiers(path: Path) -> tierstore.TierStore:
+    """A store whose L1 (on the CPU) and L2 hold only a few 8 KiB K/V blocks, so blocks reach L3."""
+    return tierstore.open(path, l1_device="cpu", l1_cache_size="16KiB", l2_cache_size="24KiB", fsync=False)
+
+
+@pytest.mark.parametrize("image", [False, True], ids=["text", "image+text"])
+def test_spilled_blocks_give_dynamic_cache_output(model: Any, tmp_path: Path, image: bool) -> None:
+    inputs = synthetic_inputs(TEXT, image_seed=1 if image else None, suffix=SUFFIX)
+    ref = reference(model, inputs)
+    with tiny_tiers(tmp_path / "s") as db, TieredCache(db, config=model.config, budget=20_000) as cache:
+        out = model.generate(**inputs, cache=cache, **GEN)
+        assert_same_output(out, ref)
+        assert cache.get_seq_length() == out.sequences.shape[1] - 1
+        assert cache.stats.spills > 0 and cache.stats.blocks_fetched > 0
+        assert cache.live_bytes <= 20_000 + 2 * cache.layers[0].live_bytes
+        assert db.stats().hits["L3"] > 0  # blocks pushed out of L1/L2 were written to L3 and read back
+        tiers = [db.info(k).tiers for k in db.keys(prefix="kv/tmp/")]
+        assert ("L3",) in tiers and any("L1" in t or "L2" in t for t in tiers)
+        assert all(not db.info(k).durable for k in db.keys(prefix="kv/"))
+    with tierstore.open(tmp_path / "s") as db:  # cache-only blocks do not survive a reopen
+        assert list(db.keys(prefix="kv/")) == []
+
+
+def test_release_deletes_cache_only_blocks(model: Any, db: tierstore.TierStore) -> None:
+    inputs = synthetic_inputs(TEXT, image_seed=None)
+    cache = TieredCache(db, config=model.config, budget=1)
+    model.generate(**inputs, cache=cache, **GEN)
+    assert len(list(db.keys(prefix="kv/tmp/"))) == 2 * (45 // 16)  # 2 layers, full blocks of 45 tokens
+    cache.release()
+    assert list(db.keys(prefix="kv/")) == []
+
+
+def test_no_budget_keeps_everything_live(model: Any, db: tierstore.TierStore) -> None:
+    inputs = synthetic_inputs(TEXT, image_seed=2, suffix=SUFFIX)
+    with TieredCache(db, config=model.config) as cache:
+        assert_same_output(model.generate(**inputs, cache=cache, **GEN), reference(model, inputs))
+        assert cache.stats.blocks_written == 0 and cache.stats.spills == 0
+    assert len(db) == 0
+
+
+def test_prefix_reused_across_reopen(model: Any, tmp_path: Path, computed: list[int]) -> None:
+    inputs = synthetic_inputs(TEXT, image_seed=1, suffix=SUFFIX)  # 72 tokens: 4 full blocks
+    ref = reference(model, inputs)
+    computed.clear()
+    with tierstore.open(tmp_path / "p") as db:
+        cache = TieredCache(db, config=model.config, persist=True)
+        first = cache.generate(model, **inputs, **GEN)
+        assert cache.stats.restored_tokens == 0 and cache.stats.blocks_written == 2 * 4
+        assert all(db.info(k).durable for k in db.keys(prefix="kv/prefix/"))
+        cache.release()
+    assert computed[0] == 72
+    assert_same_output(first, ref)
+    computed.clear()
+    with tierstore.open(tmp_path / "p") as db:
+        cache = TieredCache(db, config=model.config, persist=True, budget=10_000)
+        second = cache.generate(model, **inputs, **GEN)
+        cache.release()
+    assert cache.stats.restored_tokens == 64
+    assert computed[0] == 72 - 64  # the prefill ran on the 8 tokens after the restored blocks
+    assert torch.equal(second.sequences, ref.sequences)
+    for a, b in zip(second.logits, ref.logits, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_read_only_store_restores_but_stores_nothing(model: Any, store_path: Path) -> None:
+    inputs = synthetic_inputs(TEXT, image_seed=1, suffix=SUFFIX)
+    with tierstore.open(store_path) as db:
+        TieredCache(db, config=model.config, persist=True).generate(model, **inputs, **GEN)
+        count = len(db)
+    with tierstore.open(store_path, readonly=True) as reader:
+        with pytest.raises(CacheUsageError):
+            TieredCache(reader, config=model.config, budget="1MiB")
+        cache = TieredCache(reader, config=model.config, persist=True)
+        out = cache.generate(model, **synthetic_inputs(TEXT, image_seed=1, suffix=[9, 9]), **GEN)
+        assert cache.stats.restored_tokens == 48 and cache.stats.blocks_written == 0
+        assert len(reader) == count
+    assert out.sequences.shape[1] == 59 + GEN["max_new_tokens"]
+
+
+def test_same_text_other_image_is_no_hit(model: Any, db: tierstore.TierStore, computed: list[int]) -> None:
+    cache = TieredCache(db, config=model.config, persist=True)
+    cache.generate(model, **synthetic_inputs(TEXT, image_seed=1, suffix=SUFFIX), **GEN)
+    other = synthetic_inputs(TEXT, image_seed=2, suffix=SUFFIX)
+    ref = reference(model, other)
+    computed.clear()
+    cache = TieredCache(db, config=model.config, persist=True)
+    out = cache.generate(model, **other, **GEN)
+    # blocks 0 and 1 are text only (tokens 0-31); block 2 holds the image and must not match
+    assert cache.stats.restored_tokens == 32
+    assert computed[0] == 72 - 32
+    assert torch.equal(out.sequences, ref.sequences)
+
+
+def test_image_cut_by_the_restored_prefix(model: Any, db: tierstore.TierStore, computed: list[int]) -> None:
+    """The restored blocks end inside the image: only the image's remaining rows are fed to the model."""
+    first = synthetic_inputs(list(range(1, 21)), image_seed=4, suffix=list(range(100, 111)))  # image at 21..36
+    TieredCache(db, config=model.config, persist=True).generate(model, **first, **GEN)
+    second = synthetic_inputs(list(range(1, 21)), image_seed=4, suffix=list(range(200, 215)))
+    ref = reference(model, second)
+    computed.clear()
+    cache = TieredCache(db, config=model.config, persist=True)
+    out = cache.generate(model, **second, **GEN)
+    assert cache.stats.restored_tokens == 32  # block 2 (tokens 32-47) holds the new suffix
+    assert computed[0] == second["input_ids"].shape[1] - 32
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_other_text_hits_only_the_common_blocks(model: Any, db: tierstore.TierStore) -> None:
+    base = list(range(1, 60))
+    TieredCache(db, config=model.config, persist=True).generate(model, **synthetic_inputs(base, image_seed=None),
+                                                                **GEN)
+    changed = [*base[:20], 7, *base[21:]]  # differs at token 20, in block 1
+    cache = TieredCache(db, config=model.config, persist=True)
+    inputs = synthetic_inputs(changed, image_seed=None)
+    out = cache.generate(model, **inputs, **GEN)
+    assert cache.stats.restored_tokens == 16
+    assert torch.equal(out.sequences, reference(model, inputs).sequences)
+    unrelated = TieredCache(db, config=model.config, persist=True)
+    assert unrelated.prepare(torch.tensor([list(range(300, 360))])) == 0
+
+
+def test_prompt_needs_one_token_left(model: Any, db: tierstore.TierStore) -> None:
+    inputs = synthetic_inputs(list(range(1, 33)), image_seed=None)  # exactly 2 blocks
+    TieredCache(db, config=model.config, persist=True).generate(model, **inputs, **GEN)
+    cache = TieredCache(db, config=model.config, persist=True)
+    assert cache.prepare(inputs["input_ids"]) == 16  # the last token's logits must be computed
+    assert cache.get_seq_length() == 16
+
+
+def test_block_hashes_chain_and_image_content() -> None:
+    ids = torch.arange(40)
+    types = torch.zeros(40, dtype=torch.long).numpy()
+    types[20:24] = 1
+    a = block_hashes(ids, types, 8, image_digests=[(b"A" * 16, 4)])
+    b = block_hashes(ids, types, 8, image_digests=[(b"B" * 16, 4)])
+    assert len(a) == 5
+    assert a[:2] == b[:2] and a[2] != b[2] and a[3:] != b[3:]  # the chain carries the difference on
+    shifted = block_hashes(ids.roll(1), types, 8, image_digests=[(b"A" * 16, 4)])
+    assert all(x != y for x, y in zip(a, shifted, strict=True))
+    assert block_hashes(ids, types, 8, image_digests=[(b"A" * 16, 4)], seed=b"other")[0] != a[0]
+
+
+def test_misuse_raises_typed_errors(model: Any, db: tierstore.TierStore) -> None:
+    with pytest.raises(CacheUsageError):
+        TieredCache(db, persist=True)  # no config: layer count unknown
+    with pytest.raises(CacheUsageError):
+        TieredCache(db, config=model.config, block_tokens=0)
+    cache = TieredCache(db, config=model.config, persist=True)
+    with pytest.raises(CacheUsageError):
+        cache.prepare(torch.zeros(2, 20, dtype=torch.long))  # batches of one only
+    inputs = synthetic_inputs(TEXT, image_seed=1)
+    with pytest.raises(CacheUsageError):
+        cache.prepare(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"])  # no pixel_values
+    model.generate(**synthetic_inputs(TEXT, image_seed=None), cache=cache, **GEN)
+    with pytest.raises(CacheUsageError):
+        cache.prepare(inputs["input_ids"])  # not empty any more
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.prepare(torch.tensor([TEXT])) == 0
+    assert len(db) == len(list(db.keys(prefix="kv/prefix/")))  # nothing left but durable prefix blocks
+
+
+def test_fingerprint_is_stable_and_tells_configs_apart() -> None:
+    """Prefix keys must match in a later process (same config) and differ for another model."""
+    assert config_fingerprint(tiny_config()) == config_fingerprint(tiny_config())
+    assert config_fingerprint(tiny_config()) != config_fingerprint(tiny_config(layers=3))
+    assert config_fingerprint(tiny_config()) != config_fingerprint(tiny_config(), namespace="other-checkpoint")
+
+
+@pytest.mark.parametrize("mode", ["batch", "beams"])
+def test_batches_and_beam_search_match_dynamic_cache(model: Any, tmp_path: Path, mode: str) -> None:
+    """Batch expansion and beam reordering rewrite the stored blocks; the output stays DynamicCache's."""
+    ids = torch.tensor([list(range(1, 41)), list(range(101, 141))])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    kwargs: dict[str, Any] = dict(max_new_tokens=6, do_sample=False)
+    if mode == "beams":
+        inputs = {k: v[:1] for k, v in inputs.items()}
+        kwargs.update(num_beams=3, num_return_sequences=2)
+    ref = model.generate(**inputs, **kwargs)
+    with tiny_tiers(tmp_path / "b") as db, TieredCache(db, config=model.config, budget=4_000) as cache:
+        out = model.generate(**inputs, cache=cache, **kwargs)
+        assert cache.stats.spills > 0
+    assert torch.equal(out, ref)
