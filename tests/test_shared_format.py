@@ -144,12 +144,12 @@ def test_chunked_blocks_round_trip_and_hash_in_one_pass(setting: str) -> None:
 
 def test_chunked_block_with_a_damaged_chunk_is_refused() -> None:
     header, body, _ = _large("auto")
-    end, layout = parse_head(body, header.hash)
+    _, layout = parse_head(body, header.hash)
     assert isinstance(layout, ChunkLayout) and len(layout.chunks) == 3
     start, stop = layout.chunks[1][:2]
     damaged = bytearray(body)
     damaged[(start + stop) // 2] ^= 0x01
-    with pytest.raises(CorruptBlockError, match="chunk 1|damaged"):
+    with pytest.raises(CorruptBlockError, match=r"chunk 1|damaged"):
         decode_block(bytes(damaged), header.hash)
 
 
