@@ -240,6 +240,8 @@ def parse_head(view: memoryview | bytes | bytearray, expected: str) -> tuple[int
     is not a block object or whose header names another block than ``expected``.
     """
     view = memoryview(view)
+    if len(view) < _HEAD.size:
+        return _HEAD.size, None
     try:
         magic, size = _HEAD.unpack_from(view)
         if magic not in (_MAGIC, _MAGIC2):
