@@ -15,7 +15,8 @@ Peers, on the same tensors and server, taking turns inside each repeat (medians 
   zarr-python direct (``zarr.create_array`` + write per tensor over ``zarr.storage.ObjectStore``
   on ``obstore.store.S3Store``, zstd, 4 MiB chunks);
 - get: tierstore fetching the published blocks into memory, verified against their content hash
-  (``SharedCoordinator`` with its concurrency), and ``db.pull(name)`` (which also writes them to
+  (``SharedCoordinator`` with its concurrency; a 16 MiB block is a format-2 object: its header,
+  then its 2 MiB chunks by concurrent ranged GETs, each decoded and hashed on the chunk threads), and ``db.pull(name)`` (which also writes them to
   the local L3 with fsync), against zarr-python ``open_array(...)[:]`` per tensor;
 - model load: a second machine pulling a model the first imported, against importing it itself
   from a safetensors checkpoint on local disk (``load_file`` + ``put`` in one transaction).
