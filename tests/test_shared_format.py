@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import socket
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from tierstore.config import CacheConfig, SharedCredentials
 from tierstore.errors import BlockUnavailableError, ConfigError, CorruptBlockError, SharedTierUnavailableError
 from tierstore.tensors import dtype_name, tensor_bytes
 from tierstore.tiers.l3_codecs import RAW, choose_codec
+from tierstore.tiers.shared_objects import CHUNK, ChunkLayout, chunk_pool, parse_head
 from tierstore.tiers.shared_s3 import (
     BlockHeader,
     SharedS3Tier,
@@ -114,3 +117,69 @@ def test_unreachable_shared_tier_degrades_without_a_server(tmp_path: Path) -> No
             db.pull("model")
         assert torch.equal(db.get("here"), torch.ones(3))
         assert "here" in db and "there" not in db  # membership is local: no network
+
+
+# -- format 2: blocks larger than CHUNK, in independently encoded chunks ----------------------------
+
+def _large(setting: str, count: int = (CHUNK * 5) // 4 + 3) -> tuple[BlockHeader, bytes, np.ndarray]:
+    gen = torch.Generator().manual_seed(5)
+    return _encoded((torch.randn(count, generator=gen) * 0.02).to(torch.bfloat16), setting)
+
+
+@pytest.mark.parametrize("setting", ["off", "auto"])
+def test_chunked_blocks_round_trip_and_hash_in_one_pass(setting: str) -> None:
+    header, body, data = _large(setting)
+    assert body[:4] == b"TSB2" and data.nbytes > 2 * CHUNK
+    assert header.hash == content_hash(data, header.dtype, header.shape)
+    assert header.hash == content_hash(data, header.dtype, header.shape, pool=chunk_pool())
+    unnamed = BlockHeader("", header.dtype, header.shape, header.nbytes, 0)
+    again, body_again = encode_block(data, unnamed, choose_codec(setting, 2), pool=chunk_pool())
+    assert again == header and body_again == body  # deterministic: the same block, the same object
+    for pool in (None, chunk_pool()):
+        got_header, got = decode_block(body, header.hash, pool=pool)
+        assert got_header == header and got.tobytes() == data.tobytes()
+    with pytest.raises(ValueError):
+        encode_block(data, BlockHeader("0" * 64, header.dtype, header.shape, header.nbytes, 0), RAW)
+
+
+def test_chunked_block_with_a_damaged_chunk_is_refused() -> None:
+    header, body, _ = _large("auto")
+    _, layout = parse_head(body, header.hash)
+    assert isinstance(layout, ChunkLayout) and len(layout.chunks) == 3
+    start, stop = layout.chunks[1][:2]
+    damaged = bytearray(body)
+    damaged[(start + stop) // 2] ^= 0x01
+    with pytest.raises(CorruptBlockError, match=r"chunk 1|damaged"):
+        decode_block(bytes(damaged), header.hash)
+
+
+def test_chunked_block_with_a_missing_chunk_is_refused() -> None:
+    header, body, _ = _large("off")
+    _, layout = parse_head(body, header.hash)
+    assert isinstance(layout, ChunkLayout)
+    with pytest.raises(CorruptBlockError, match="missing"):
+        decode_block(body[:layout.chunks[-1][0]], header.hash)  # the last chunk never arrived
+    with pytest.raises(CorruptBlockError):
+        decode_block(body + b"extra", header.hash)
+
+
+def test_chunked_block_with_a_rewritten_chunk_list_is_refused() -> None:
+    header, body, _ = _large("off")
+    size = int.from_bytes(body[4:8], "little")
+    head = json.loads(body[8:8 + size])
+    head["chunks"][0][1] = "0" * 64  # a chunk list that no longer hashes to the object's name
+    text = json.dumps(head, separators=(",", ":")).encode()
+    forged = b"TSB2" + len(text).to_bytes(4, "little") + text + body[8 + size:]
+    with pytest.raises(CorruptBlockError, match="content hash"):
+        decode_block(forged, header.hash)
+
+
+def test_format_1_objects_of_large_blocks_still_read() -> None:
+    gen = torch.Generator().manual_seed(9)
+    data = tensor_bytes(torch.randn(CHUNK // 2 + 100, generator=gen).to(torch.float32))  # > CHUNK bytes
+    digest = hashlib.sha256(f"tierstore-block-v1\0float32\0{[data.nbytes // 4]}\0".encode() + data.tobytes())
+    header = BlockHeader(digest.hexdigest(), "float32", (data.nbytes // 4,), data.nbytes, 0)
+    text = json.dumps(header.to_json(), separators=(",", ":")).encode()
+    body = b"TSB1" + len(text).to_bytes(4, "little") + text + data.tobytes()  # as written before format 2
+    got_header, got = decode_block(bytearray(body), header.hash)
+    assert got_header == header and got.tobytes() == data.tobytes()

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import obstore
 import pytest
 import torch
 from s3_server import S3Server, s3_server  # noqa: F401  (the session fixture)
@@ -29,7 +30,10 @@ import tierstore
 from tierstore.cli import main
 from tierstore.config import SharedCredentials
 from tierstore.errors import BlockUnavailableError, CorruptBlockError, SharedTierError, SharedTierUnavailableError
-from tierstore.tiers.shared_s3 import SharedS3Tier, block_path
+from tierstore.tensors import dtype_name, tensor_bytes
+from tierstore.tiers.l3_codecs import choose_codec
+from tierstore.tiers.shared_objects import CHUNK, ChunkLayout, chunk_pool, parse_head
+from tierstore.tiers.shared_s3 import BlockHeader, SharedS3Tier, block_path, encode_block
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -355,3 +359,91 @@ def test_cli_publish_pull_ls_stats_verify(tmp_path: Path, shared: dict[str, Any]
     assert json.loads(capsys.readouterr().out)["shared"] == {"manifests": 1, "blocks": 2, "problems": []}
     assert main(["shared", "ls", str(tmp_path / "b"), "no/such"]) == 1
     assert s3_server.secret_key not in capsys.readouterr().err
+
+
+# -- chunked (format 2) blocks -----------------------------------------------------------------------
+
+def _put_large(tier: SharedS3Tier, tensor: torch.Tensor, setting: str = "auto") -> tuple[BlockHeader, bytes]:
+    data = tensor_bytes(tensor)
+    header = BlockHeader("", dtype_name(tensor.dtype), tuple(tensor.shape), data.nbytes, 0)
+    header, body = encode_block(data, header, choose_codec(setting, tensor.element_size()), pool=chunk_pool())
+    tier.run(tier.put_block(header.hash, body), "put", size=len(body))  # skipped when already there
+    return header, body
+
+
+def test_chunked_blocks_are_fetched_in_ranges_and_checked(tmp_path: Path, shared: dict[str, Any]) -> None:
+    gen = torch.Generator().manual_seed(3)
+    weights = (torch.randn(5 * CHUNK // 4 + 3, generator=gen) * 0.02).to(torch.bfloat16)  # 3 chunks
+    zeros = torch.zeros(CHUNK, dtype=torch.float32)  # 4 chunks, a whole object smaller than its first range
+    tier = _tier(shared)
+    try:
+        for tensor in (weights, zeros):
+            header, body = _put_large(tier, tensor)
+            assert body[:4] == b"TSB2"
+            got = tier.run(tier.get_block(header.hash, header.nbytes), "get", size=None)
+            assert got is not None and got[0] == header and got[1].tobytes() == tensor_bytes(tensor).tobytes()
+        header, body = _put_large(tier, weights)
+        _, layout = parse_head(body, header.hash)
+        assert isinstance(layout, ChunkLayout)
+        start, stop = layout.chunks[2][:2]
+        damaged = bytearray(body)
+        damaged[(start + stop) // 2] ^= 0x10
+        tier.run(tier.put_object(block_path(header.hash), bytes(damaged)), "put")
+        with pytest.raises(CorruptBlockError):
+            tier.run(tier.get_block(header.hash, header.nbytes), "get", size=None)
+        tier.run(tier.put_object(block_path(header.hash), body[:layout.chunks[2][0]]), "put")  # last chunk lost
+        with pytest.raises(CorruptBlockError, match="missing"):
+            tier.run(tier.get_block(header.hash, header.nbytes), "get", size=None)
+        tier.run(tier.put_object(block_path(header.hash), body), "put")
+        # what the store sees: a key published with it reads back whole on another machine
+        with tierstore.open(tmp_path / "a", **shared) as a:
+            a.put("big", weights)
+            assert a.publish(keys=["big"]).keys == 1
+        with tierstore.open(tmp_path / "b", **shared) as b:
+            assert torch.equal(b.get("big").view(torch.int16), weights.view(torch.int16))
+    finally:
+        tier.close()
+
+
+def test_format_1_large_object_still_reads(shared: dict[str, Any]) -> None:
+    data = tensor_bytes(torch.arange(3 * CHUNK // 4, dtype=torch.float32))  # 1.5 CHUNK, one blob
+    digest = hashlib.sha256(f"tierstore-block-v1\0float32\0{[data.nbytes // 4]}\0".encode() + data.tobytes())
+    header = BlockHeader(digest.hexdigest(), "float32", (data.nbytes // 4,), data.nbytes, 0)
+    text = json.dumps(header.to_json(), separators=(",", ":")).encode()
+    tier = _tier(shared)
+    try:
+        tier.run(tier.put_object(block_path(header.hash),
+                                 b"TSB1" + len(text).to_bytes(4, "little") + text + data.tobytes()), "put")
+        got = tier.run(tier.get_block(header.hash, header.nbytes), "get", size=None)
+        assert got is not None and got[1].tobytes() == data.tobytes()
+    finally:
+        tier.close()
+
+
+def test_upload_cut_off_mid_body_is_never_visible(shared: dict[str, Any]) -> None:
+    tensor = (torch.randn(4 * CHUNK) * 0.02).to(torch.bfloat16)
+    data = tensor_bytes(tensor)
+    header, body = encode_block(data, BlockHeader("", "bfloat16", tuple(tensor.shape), data.nbytes, 0),
+                                choose_codec("auto", 2))
+    path = block_path(header.hash)
+
+    def parts() -> Iterator[bytes]:  # a multipart upload whose sender dies after two parts
+        yield body[:5 << 20]
+        yield body[5 << 20:10 << 20]
+        raise ConnectionAbortedError("the uploader died")
+
+    tier = _tier(shared)
+
+    async def upload() -> None:
+        await obstore.put_async(tier.store.store, path, parts(), chunk_size=5 << 20)
+
+    try:
+        with pytest.raises(Exception, match="died"):
+            tier.run(upload(), "put", size=None)
+        assert not tier.run(tier.exists(path), "exists")
+        assert tier.run(tier.get_block(header.hash, header.nbytes), "get", size=None) is None
+        assert tier.run(tier.put_block(header.hash, body), "put", size=len(body))  # a retry stores it whole
+        got = tier.run(tier.get_block(header.hash, header.nbytes), "get", size=None)
+        assert got is not None and got[1].tobytes() == data.tobytes()
+    finally:
+        tier.close()

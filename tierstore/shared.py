@@ -30,7 +30,8 @@ import numpy as np
 from .config import CacheConfig
 from .errors import BlockNotFoundError, BlockUnavailableError, SharedTierError, SharedTierUnavailableError
 from .tiers.l3_codecs import choose_codec
-from .tiers.shared_s3 import BlockHeader, SharedS3Tier, content_hash, encode_block
+from .tiers.shared_objects import chunk_pool
+from .tiers.shared_s3 import BlockHeader, SharedS3Tier, encode_block
 
 __all__ = ["SharedCoordinator", "LocalBlock", "PublishReport", "PullReport", "SharedVerifyReport", "Progress",
            "BlockUnavailableError"]
@@ -268,9 +269,9 @@ class SharedCoordinator:
         return entries, uploaded, sent
 
     def _encode(self, block: LocalBlock) -> tuple[BlockHeader, bytes]:
-        header = BlockHeader(content_hash(block.data, block.dtype, block.shape), block.dtype, block.shape,
-                             block.data.nbytes, block.crc32c, block.durable)
-        return encode_block(block.data, header, choose_codec(self._compression, block.itemsize))
+        header = BlockHeader("", block.dtype, block.shape, block.data.nbytes, block.crc32c, block.durable)
+        # hashed and encoded in one pass; a large block chunk by chunk on the chunk threads
+        return encode_block(block.data, header, choose_codec(self._compression, block.itemsize), pool=chunk_pool())
 
     async def _put(self, key: str, encoded: concurrent.futures.Future[tuple[BlockHeader, bytes]]
                    ) -> tuple[BlockHeader, bool, int]:

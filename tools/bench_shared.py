@@ -4,19 +4,22 @@
 Run from the repository root with a server up (``bash tools/ceph_s3.sh start`` then
 ``. cephci/env``; or let the script start one, as root, with ``--start``)::
 
-    python tools/bench_shared.py                  # 8 x 16 MiB + 1,000 x 4 KiB bf16, 3 repeats
+    python tools/bench_shared.py                  # 8 x 16 MiB + 1,000 x 4 KiB bf16, 3 repeats x 3 reads
     python tools/bench_shared.py --quick          # 4 x 16 MiB + 300 x 4 KiB, 3 repeats
     python tools/bench_shared.py --json out.json  # also save every sample
 
-Peers, on the same tensors and server, taking turns inside each repeat (medians reported):
+Peers, on the same tensors and server, taking turns inside each repeat (medians reported; the
+in-memory gets take ``--reads`` turns per repeat):
 
 - put: tierstore ``db.publish(keys)`` (blocks read from the local store, hashed, encoded
   with the L3 codec, uploaded ``shared_concurrency`` at a time, plus one ref per key) against
   zarr-python direct (``zarr.create_array`` + write per tensor over ``zarr.storage.ObjectStore``
   on ``obstore.store.S3Store``, zstd, 4 MiB chunks);
 - get: tierstore fetching the published blocks into memory, verified against their content hash
-  (``SharedCoordinator`` with its concurrency), and ``db.pull(name)`` (which also writes them to
-  the local L3 with fsync), against zarr-python ``open_array(...)[:]`` per tensor;
+  (``SharedCoordinator`` with its concurrency; a 16 MiB block is a format-2 object: its header,
+  then its 2 MiB chunks by concurrent ranged GETs, each decoded and hashed on the chunk threads),
+  and ``db.pull(name)`` (which also writes them to the local L3 with fsync), against zarr-python
+  ``open_array(...)[:]`` per tensor;
 - model load: a second machine pulling a model the first imported, against importing it itself
   from a safetensors checkpoint on local disk (``load_file`` + ``put`` in one transaction).
 """
@@ -110,38 +113,17 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, out
 
 
-def run_blocks(bench: Bench, case: str, tensors: dict[str, torch.Tensor], repeat: int) -> None:
-    """put and get of one block size, tierstore against zarr direct."""
+def run_blocks(bench: Bench, case: str, tensors: dict[str, torch.Tensor], repeat: int, reads: int) -> None:
+    """put and get of one block size, tierstore against zarr direct.
+
+    Each repeat uploads both copies, then takes ``reads`` turns of tierstore fetch and zarr get
+    (reads leave the bucket as it was, so taking turns cancels much of the machine's drift).
+    """
     chunk = min(4 * MiB, next(iter(tensors.values())).nbytes) // 2
     for rep in range(repeat):
         tag = f"b{uuid.uuid4().hex[:8]}"
         src = bench.work / f"{tag}-src"
         l2_size = 2 * sum(t.nbytes for t in tensors.values())
-        with tierstore.open(src, **bench.shared(f"{tag}/ts"), l2_cache_size=l2_size) as db:
-            with db.transaction():
-                for key, tensor in tensors.items():
-                    db.put(key, tensor)
-            seconds, report = _timed(lambda: db.publish(keys=list(tensors), name="set"))
-            assert report.uploaded == len(tensors)
-            bench.record(f"{case} put", "tierstore publish", seconds)
-            shared = db.shared
-            assert shared is not None
-            _, entries = shared.manifest("set")
-
-            def fetch_all(shared: Any = shared, entries: dict[str, Any] = entries) -> int:
-                futures = [shared.tier.submit(shared.tier.get_block(h.hash, h.nbytes)) for h in entries.values()]
-                return sum(shared.tier.wait(f, "get", queued=True) is not None for f in futures)
-
-            seconds, got = _timed(fetch_all)
-            assert got == len(tensors)
-            bench.record(f"{case} get", "tierstore fetch (verified, to memory)", seconds)
-        with tierstore.open(bench.work / f"{tag}-dst", **bench.shared(f"{tag}/ts")) as dst:
-            seconds, pulled = _timed(lambda: dst.pull("set"))
-            assert pulled.fetched == len(tensors)
-            if rep == 0:
-                for key, tensor in tensors.items():
-                    assert torch.equal(dst.get(key).view(torch.int16), tensor.view(torch.int16)), key
-            bench.record(f"{case} get", "tierstore pull (to local L3, fsync)", seconds)
         store = bench.zarr_store(f"{tag}/zarr")
 
         def zarr_put(store: zarr.storage.ObjectStore = store) -> None:
@@ -150,17 +132,42 @@ def run_blocks(bench: Bench, case: str, tensors: dict[str, torch.Tensor], repeat
                                         overwrite=True)
                 arr[:] = tensor.view(torch.int16).numpy().view(np.uint16)
 
-        seconds, _ = _timed(zarr_put)
-        bench.record(f"{case} put", "zarr direct (obstore)", seconds)
-
         def zarr_get(store: zarr.storage.ObjectStore = store) -> list[np.ndarray]:
             return [zarr.open_array(store, path=key, mode="r")[:] for key in tensors]
 
-        seconds, arrays = _timed(zarr_get)
-        if rep == 0:
-            assert all(np.array_equal(a, t.view(torch.int16).numpy().view(np.uint16))
-                       for a, t in zip(arrays, tensors.values(), strict=True))
-        bench.record(f"{case} get", "zarr direct (obstore)", seconds)
+        with tierstore.open(src, **bench.shared(f"{tag}/ts"), l2_cache_size=l2_size) as db:
+            with db.transaction():
+                for key, tensor in tensors.items():
+                    db.put(key, tensor)
+            seconds, report = _timed(lambda: db.publish(keys=list(tensors), name="set"))
+            assert report.uploaded == len(tensors)
+            bench.record(f"{case} put", "tierstore publish", seconds)
+            seconds, _ = _timed(zarr_put)
+            bench.record(f"{case} put", "zarr direct (obstore)", seconds)
+            shared = db.shared
+            assert shared is not None
+            _, entries = shared.manifest("set")
+
+            def fetch_all(shared: Any = shared, entries: dict[str, Any] = entries) -> int:
+                futures = [shared.tier.submit(shared.tier.get_block(h.hash, h.nbytes)) for h in entries.values()]
+                return sum(shared.tier.wait(f, "get", queued=True) is not None for f in futures)
+
+            for turn in range(reads):
+                seconds, got = _timed(fetch_all)
+                assert got == len(tensors)
+                bench.record(f"{case} get", "tierstore fetch (verified, to memory)", seconds)
+                seconds, arrays = _timed(zarr_get)
+                if rep == 0 and turn == 0:
+                    assert all(np.array_equal(a, t.view(torch.int16).numpy().view(np.uint16))
+                               for a, t in zip(arrays, tensors.values(), strict=True))
+                bench.record(f"{case} get", "zarr direct (obstore)", seconds)
+        with tierstore.open(bench.work / f"{tag}-dst", **bench.shared(f"{tag}/ts")) as dst:
+            seconds, pulled = _timed(lambda: dst.pull("set"))
+            assert pulled.fetched == len(tensors)
+            if rep == 0:
+                for key, tensor in tensors.items():
+                    assert torch.equal(dst.get(key).view(torch.int16), tensor.view(torch.int16)), key
+            bench.record(f"{case} get", "tierstore pull (to local L3, fsync)", seconds)
         shutil.rmtree(src, ignore_errors=True)
         shutil.rmtree(bench.work / f"{tag}-dst", ignore_errors=True)
 
@@ -216,6 +223,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--reads", type=int, default=3, help="turns of fetch/zarr get per repeat (default 3)")
     parser.add_argument("--start", action="store_true", help="start a throwaway Ceph RGW (root) if none is set")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--compression", default=None,
@@ -228,8 +236,8 @@ def main() -> None:
     bench = Bench(server, work, args.compression)
     started = time.time()
     try:
-        run_blocks(bench, "16MiB", _tensors(large_n, 16 * MiB, 1), args.repeat)
-        run_blocks(bench, "4KiB", _tensors(small_n, 4096, 2), args.repeat)
+        run_blocks(bench, "16MiB", _tensors(large_n, 16 * MiB, 1), args.repeat, args.reads)
+        run_blocks(bench, "4KiB", _tensors(small_n, 4096, 2), args.repeat, args.reads)
         run_model(bench, _tensors(*sizes["model"], 3), args.repeat)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -36,12 +36,18 @@ from zarr.storage import ObjectStore
 from ..config import SharedCredentials
 from ..errors import CorruptBlockError, SharedTierError, SharedTierUnavailableError
 from .shared_objects import (
+    CHUNK,
     BlockHeader,
+    ChunkLayout,
     block_path,
+    chunk_pool,
     content_hash,
     decode_block,
+    decode_chunk,
     encode_block,
+    finish_chunked,
     manifest_path,
+    parse_head,
     parse_json,
     parse_shared_url,
     ref_path,
@@ -51,7 +57,9 @@ __all__ = ["SharedS3Tier", "BlockHeader", "content_hash", "encode_block", "decod
            "ref_path", "block_path", "manifest_path", "aws_profile_credentials", "aws_profile_region"]
 
 _PART = 4 << 20
-"""Range size of parallel GETs of large objects."""
+"""Range size of parallel GETs of large format-1 objects."""
+_HEAD_RANGE = 64 << 10
+"""First range read of a chunked block: its header (and, for a small block, all of it)."""
 _T = TypeVar("_T")
 _SIGNED = re.compile(r"(?i)(x-amz-(?:signature|credential|security-token)=|signature=|credential=|"
                      r"authorization:\s*)[^&\s\"',]+")
@@ -277,14 +285,55 @@ class SharedS3Tier:
     async def get_block(self, digest: str, size_hint: int = 0) -> tuple[BlockHeader, np.ndarray] | None:
         """Download and verify the block ``digest``; None if the bucket has no such block.
 
-        ``size_hint`` (the block's raw size, from a ref or manifest) of 8 MiB or more fetches the
-        object in parallel ranges.
+        ``size_hint`` (the block's raw size, from a ref or manifest) above ``CHUNK`` reads the
+        object's header first, then every chunk at once (one ranged GET each), each decoded and
+        checked against its hash on the chunk threads as soon as it arrives.
         """
         path = block_path(digest)
-        body = await (self.get_object_ranged(path) if size_hint >= 2 * _PART else self.get_object(path))
+        if size_hint > CHUNK:
+            return await self._get_chunked(path, digest)
+        body = await self.get_object(path)
         if body is None:
             return None
         return await asyncio.to_thread(decode_block, body, digest)  # hashing/decoding off the loop
+
+    async def _get_chunked(self, path: str, digest: str) -> tuple[BlockHeader, np.ndarray] | None:
+        try:
+            first = await obstore.get_async(self.store.store, path, options={"range": (0, _HEAD_RANGE)})
+        except FileNotFoundError:
+            return None
+        size = int(first.meta["size"])
+        head = memoryview(await first.bytes_async())
+        end, what = parse_head(head, digest)
+        if what is None and end <= size:  # a long chunk list: read the rest of the header
+            head = memoryview(b"".join((head, await obstore.get_range_async(self.store.store, path, start=len(head),
+                                                                            end=end))))
+            end, what = parse_head(head, digest)
+        if not isinstance(what, ChunkLayout):  # a format-1 object (written before format 2), or damaged
+            body = bytearray(head) if len(head) == size else await self.get_object_ranged(path)
+            if body is None:
+                return None
+            return await asyncio.to_thread(decode_block, body, digest)
+        layout = what
+        finish_chunked(layout, size, digest)
+        out = np.empty(layout.header.nbytes, dtype=np.uint8)
+        loop = asyncio.get_running_loop()
+        pool = chunk_pool()
+
+        async def one(index: int) -> None:
+            start, stop = layout.chunks[index][:2]
+            payload: Any = (head[start:stop] if stop <= len(head) else
+                            await obstore.get_range_async(self.store.store, path, start=start, end=stop))
+            await loop.run_in_executor(pool, decode_chunk, layout, index, payload, out, digest)
+
+        tasks = [asyncio.ensure_future(one(i)) for i in range(len(layout.chunks))]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
+        return layout.header, out
 
     async def put_ref(self, key: str, header: BlockHeader) -> None:
         """Point store key ``key`` at a block."""
