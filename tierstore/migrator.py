@@ -660,9 +660,7 @@ class Migrator:
             except CorruptBlockError as exc:
                 raise CorruptBlockError(f"block {key!r}: {exc.message}", key=key, path=exc.path, tier="L3") from None
             self._crash("copied")
-            if crc32c.crc32c(out.data) != row.checksum:
-                raise CorruptBlockError(f"block {key!r} failed its checksum in L3 ({loc.array}) while being "
-                                        "promoted; restore it or run 'tierstore verify --fix'", key=key, tier="L3")
+            _check_promoted(key, row, loc, out)
             self._crash("verified")
         except BaseException:
             l2.release(slot)
@@ -697,9 +695,7 @@ class Migrator:
                 return False
             buf = np.empty(row.nbytes, dtype=np.uint8)
             self.l3.read_into(loc, buf)
-            if crc32c.crc32c(buf.data) != row.checksum:
-                raise CorruptBlockError(f"block {key!r} failed its checksum in L3 ({loc.array}) while being "
-                                        "promoted; restore it or run 'tierstore verify --fix'", key=key, tier="L3")
+            _check_promoted(key, row, loc, buf)
             block_id, dtype, shape, checksum = row.block_id, dtype_from_name(row.dtype), row.shape, row.checksum
             host = tensor_from_bytes(buf, dtype, shape)
         pool = l1.arena
@@ -813,3 +809,10 @@ class Migrator:
             l2.mark_durable(entry)
         self.counters["spilled"] += 1
         return True
+
+
+def _check_promoted(key: str, row: BlockRow, loc: Location, data: np.ndarray) -> None:
+    """Raise ``CorruptBlockError`` unless ``data`` read from L3 for a promotion matches the row's checksum."""
+    if crc32c.crc32c(data.data) != row.checksum:
+        raise CorruptBlockError(f"block {key!r} failed its checksum in L3 ({loc.array}) while being "
+                                "promoted; restore it or run 'tierstore verify --fix'", key=key, tier="L3")
