@@ -101,3 +101,24 @@ def test_views_on_reader_threads_while_main_thread_commits(store_path: Path) -> 
             except BlockNotFoundError:
                 assert deleted[key]
         db.stats()  # drains released views: a slot freed twice raises here
+
+
+def test_a_view_of_an_entry_killed_after_its_lookup_is_refused(store_path: Path) -> None:
+    # The interleaving the threads above hit, made deterministic: a reader looks the entry up, a
+    # commit replaces the block (freeing the unviewed slot, which the next put reuses), then the
+    # reader asks for its view. It must get None (and look up again), not a view of the new bytes
+    # whose finalizer would free the slot a second time.
+    with tierstore.open(store_path, l1_device="cpu", l1_cache_size="192KiB", l2_cache_size="256KiB",
+                        fsync=False) as db:
+        l1 = db._l1
+        assert l1 is not None
+        db.put("a", torch.full((ELEMS,), 1, dtype=torch.int32), durable=False)
+        entry = l1.lookup("a")
+        assert entry is not None and entry.base is None
+        db.put("a", torch.full((ELEMS,), 2, dtype=torch.int32), durable=False)
+        db.put("b", torch.full((ELEMS,), 3, dtype=torch.int32), durable=False)
+        assert l1.view(entry) is None and l1.view(entry, copy=True) is None
+        assert bool((db.get("a", device="cpu") == 2).all()) and bool((db.get("b", device="cpu") == 3).all())
+        gc.collect()
+        db.stats()  # drains released views: nothing freed twice
+        assert bool((db.get("b", device="cpu") == 3).all())
