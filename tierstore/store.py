@@ -707,8 +707,10 @@ class TierStore:
         if l2 is not None and not self.readonly:  # the writer's L2 only ever holds current versions
             self._migrator.await_move(key)  # a prefetch of this block in flight: take its copy
             entry = l2.lookup(key)
-            tensor = l2.view(entry, copy=copy) if entry is not None else None
-            if tensor is not None:  # None: replaced or evicted since the lookup, read it afresh
+            if entry is not None:
+                tensor = l2.view(entry, copy=copy)
+                if tensor is None:  # replaced or evicted since the lookup (a cache-only successor may
+                    raise _Replaced  # be in L1/L2 only, not in the catalog): look it up again
                 return tensor, "L2"
         generation = l2.generation if l2 is not None else 0
         row, loc = self._lookup_located(key)
