@@ -683,7 +683,10 @@ class Migrator:
         if host_entry is None and self.l2 is not None and self._to_l2(key):
             host_entry = self._resident(self.l2, key)
         if host_entry is not None:
-            host = self.l2.view(host_entry)  # type: ignore[union-attr]
+            view = self.l2.view(host_entry)  # type: ignore[union-attr]
+            if view is None:  # replaced or evicted meanwhile: nothing to prefetch
+                return False
+            host = view
             block_id, dtype, shape = host_entry.block_id, host_entry.dtype, host_entry.shape
             checksum = host_entry.checksum
         else:

@@ -131,9 +131,17 @@ class Residency(Generic[A]):
             self.policy.record_access(key, 0.0)
             return entry
 
-    def view(self, entry: Resident, *, copy: bool = False) -> torch.Tensor:
-        """A tensor over the entry's bytes that keeps the slot alive (or an owned copy)."""
+    def view(self, entry: Resident, *, copy: bool = False) -> torch.Tensor | None:
+        """A tensor over the entry's bytes that keeps the slot alive (or an owned copy).
+
+        None when the entry was replaced, deleted or evicted since it was looked up (another
+        thread may do that between :meth:`lookup` and this call): its slot may already be free
+        or reused, so a view made now would hand out someone else's bytes and free the slot a
+        second time when collected. Look the key up again.
+        """
         with self.lock:
+            if entry.dead:
+                return None
             base = entry.base
             if copy:
                 # Into reused pool memory when there is room: a fresh allocation faults in its pages

@@ -658,7 +658,10 @@ class TierStore:
                 torch.cuda.current_stream(pool.device).wait_event(ready)  # type: ignore[arg-type]
                 if ready.query():  # type: ignore[attr-defined]
                     entry.ready = None
-            return l1.view(entry, copy=copy), "L1"
+            tensor = l1.view(entry, copy=copy)
+            if tensor is not None:
+                return tensor, "L1"
+            # replaced or evicted by another thread since the lookup: promote it afresh
         generation = l1.generation
         host, tier = self._get(key, False)
         target = pool.needs_cast(host.dtype) or host.dtype
@@ -676,7 +679,10 @@ class TierStore:
         if entry is None:  # replaced meanwhile: serve this read, cache nothing
             return host.to(pool.device, dtype=target), tier
         entry.ready = event
-        return l1.view(entry, copy=copy), tier
+        tensor = l1.view(entry, copy=copy)
+        if tensor is None:  # replaced or evicted by another thread since the admission
+            return host.to(pool.device, dtype=target), tier
+        return tensor, tier
 
     @contextmanager
     def _device_oom(self, what: str) -> Iterator[None]:
@@ -723,13 +729,17 @@ class TierStore:
             self._migrator.await_move(key)  # a prefetch of this block in flight: take its copy
             entry = l2.lookup(key)
             if entry is not None:
-                return l2.view(entry, copy=copy), "L2"
+                tensor = l2.view(entry, copy=copy)
+                if tensor is None:  # replaced or evicted since the lookup (a cache-only successor may
+                    raise _Replaced  # be in L1/L2 only, not in the catalog): look it up again
+                return tensor, "L2"
         generation = l2.generation if l2 is not None else 0
         row, loc = self._lookup_located(key)
         if l2 is not None and self.readonly:
             entry = l2.lookup(key, row.block_id)
-            if entry is not None:
-                return l2.view(entry, copy=copy), "L2"
+            tensor = l2.view(entry, copy=copy) if entry is not None else None
+            if tensor is not None:
+                return tensor, "L2"
         if l2 is None or row.nbytes == 0:
             return self._read(row, loc), "L3"
         slot = l2.reserve(row.nbytes, self._spill)
@@ -741,11 +751,15 @@ class TierStore:
         except BaseException:
             l2.release(slot)
             raise
-        entry = l2.admit(key, row.block_id, slot, dtype_from_name(row.dtype), row.shape, row.checksum,
-                         generation=generation)
-        if entry is None:  # the block was replaced while we read it: hand out these bytes, cache nothing
-            return tensor_from_bytes(bytearray(out), dtype_from_name(row.dtype), row.shape), "L3"
-        return l2.view(entry, copy=copy), "L3"
+        with l2.lock:  # a refused admission frees the slot: copy it out before another thread reuses it
+            entry = l2.admit(key, row.block_id, slot, dtype_from_name(row.dtype), row.shape, row.checksum,
+                             generation=generation)
+            if entry is None:  # the block was replaced while we read it: hand out these bytes, cache nothing
+                return tensor_from_bytes(bytearray(out), dtype_from_name(row.dtype), row.shape), "L3"
+            tensor = l2.view(entry, copy=copy)  # under the same lock: nobody killed it since the admission
+        if tensor is None:  # pragma: no cover - see above
+            raise _Replaced
+        return tensor, "L3"
 
     def _l1_host(self, alloc: Allocation, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         """A host copy of an L1 slot's block (in L2 scratch memory when there is room)."""
