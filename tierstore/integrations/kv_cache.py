@@ -214,14 +214,13 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
     ``namespace`` separates checkpoints that share a configuration but not their weights.
     Use one cache per request; :meth:`release` (or ``with``) deletes its cache-only blocks.
     On a read-only store, ``persist=True`` restores stored prefixes but stores nothing.
-    ``prefetch=True`` asks the store (``store.prefetch``) to bring the next layer's blocks up
-    while a layer runs; it is off by default until the store's race between its background
-    moves and deletes (an L2/L1 double free under stress) is fixed.
+    ``prefetch=True`` (the default) asks the store (``store.prefetch``) to bring the next layer's
+    blocks up while a layer runs.
     """
 
     def __init__(self, store: TierStore, *, config: Any | None = None, persist: bool = False,
                  budget: int | str | None = None, block_tokens: int = DEFAULT_BLOCK_TOKENS,
-                 prefetch: bool = False, num_layers: int | None = None, namespace: str = "") -> None:
+                 prefetch: bool = True, num_layers: int | None = None, namespace: str = "") -> None:
         if block_tokens < 1:
             raise CacheUsageError(f"block_tokens must be at least 1, not {block_tokens}")
         text = config.get_text_config(decoder=True) if config is not None else None
