@@ -61,3 +61,23 @@ def test_demo_with_a_checkpoint_folder(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["demo", "--checkpoint", str(folder), "--tokens", "3", "--l2", "1MiB"]) == 0
     out = capsys.readouterr().out
     assert f"model: {folder}" in out and "identical to the model held in memory in both runs" in out
+
+
+def test_info_shows_statistics_history_and_prediction(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = tmp_path / "s"
+    with tierstore.open(store) as db:
+        for key in ("a", "b", "c"):
+            db.put(key, torch.ones(4))
+        for _ in range(3):
+            for key in ("a", "b", "c"):
+                db.get(key)
+    assert main(["info", str(store), "b", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["statistics"]["get_count"] == 3 and data["statistics"]["put_count"] == 1
+    assert [p["key"] for p in data["prediction"]["prefetches"]] == ["c"]  # c always followed b
+    assert data["prediction"]["expected_at"] > data["statistics"]["last_access"]
+    assert [r["op"] for r in data["recent"]] == ["get", "get", "get", "put"]
+    assert main(["info", str(store), "a"]) == 0
+    out = capsys.readouterr().out
+    assert "a get prefetches" in out and "b (1.00)" in out and "recent accesses" in out
+

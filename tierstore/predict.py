@@ -28,7 +28,8 @@ from .access_tracker import AccessPatternTracker, KeyStats
 from .errors import ConfigError, TierFullError
 from .shadow_caches import ShadowARC, ShadowCache, ShadowLRU, ShadowS3FIFO, ShadowWTinyLFU
 
-__all__ = ["KeyStats", "AccessPatternTracker", "SimpleMLPredictor", "PredictivePolicy", "SuccessorTable"]
+__all__ = ["KeyStats", "AccessPatternTracker", "SimpleMLPredictor", "PredictivePolicy", "SuccessorTable",
+           "next_access_estimate"]
 
 K = TypeVar("K", bound=Hashable)
 
@@ -431,3 +432,19 @@ class SuccessorTable(Generic[K]):
     def likely(self, key: K) -> tuple[K, ...]:
         """Followers of ``key`` seen at least ``min_count`` times with probability >= ``threshold``."""
         return self._likely.get(key, ())
+
+
+def next_access_estimate(access_count: int, last_access: float | None, interarrival_ewma: float | None,
+                         now: float) -> dict[str, float | bool | None]:
+    """What a block's statistics say of its next access (seconds; the catalog's ``block_stats`` row).
+
+    ``expected_at`` is the last access plus the smoothed gap between accesses (None with fewer
+    than two accesses); ``due_in`` how far that is from ``now`` (negative: overdue); ``overdue_by``
+    how many gaps late it is. A block long overdue is what idle demotion and eviction give up first.
+    """
+    if access_count < 2 or last_access is None or not interarrival_ewma:
+        return {"expected_at": None, "due_in": None, "overdue_gaps": None, "likely_soon": False}
+    expected = last_access + interarrival_ewma
+    overdue = max(0.0, (now - expected) / interarrival_ewma)
+    return {"expected_at": expected, "due_in": expected - now, "overdue_gaps": overdue,
+            "likely_soon": overdue < 1.0}

@@ -9,6 +9,7 @@ import time
 from .. import open as open_store
 from ..activity import access_windows, tier_overview
 from ..config import format_size
+from ..predict import next_access_estimate
 from ._output import add_json, block_rows, console, emit, stats_table, table, tier_table, windows_table
 
 __all__ = ["register"]
@@ -27,16 +28,48 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    """Show everything the catalog knows of one block."""
+    """Show everything the catalog knows of one block: its row, statistics, recent history and prediction."""
     with open_store(args.store, readonly=True, l1_cache_size=0, l2_cache_size=0) as db:
         info = db.info(args.key)
         history = db.history(args.key, limit=10)
+        stats = db._catalog.block_stats(args.key) or {}
+        successors = db.migrator.successors
+        likely = [{"key": k, "probability": successors.probability(args.key, k)} for k in successors.likely(args.key)]
     data = {f.name: getattr(info, f.name) for f in dataclasses.fields(info)}
     data["dtype"] = str(info.dtype).removeprefix("torch.")
+    data["statistics"] = stats
+    data["prediction"] = {**next_access_estimate(int(stats.get("access_count") or 0), stats.get("last_access"),
+                                                 stats.get("interarrival_ewma"), time.time()),
+                          "prefetches": likely}
     data["recent"] = [{"time": ts, "op": op, "tier": tier} for ts, _, op, tier in history]
-    emit(args, data, lambda: table(f"block {args.key!r}", ["field", "value"],
-                                     [[k, v] for k, v in data.items() if k != "recent"]))
+    if args.json:
+        emit(args, data, lambda: table("", [], []))
+        return 0
+    nested = ("recent", "statistics", "prediction")
+    console.print(table(f"block {args.key!r}", ["field", "value"],
+                        [[k, _when(k, v)] for k, v in data.items() if k not in nested]
+                        + [[f"stats.{k}", _when(k, v)] for k, v in stats.items()]))
+    prediction = data["prediction"]
+    due = prediction["due_in"]
+    console.print(table("prediction", ["what", "value"], [
+        ["next access expected in", "unknown (fewer than two accesses)" if due is None else
+         (f"{due:.1f} s" if due >= 0 else f"overdue by {-due:.1f} s ({prediction['overdue_gaps']:.1f} gaps)")],
+        ["likely soon", "yes" if prediction["likely_soon"] else "no"],
+        ["a get prefetches", ", ".join(f"{p['key']} ({p['probability']:.2f})" for p in likely) or "nothing"],
+    ]))
+    console.print(table("recent accesses", ["time", "op", "tier"], [
+        [time.strftime("%H:%M:%S", time.localtime(float(r["time"] or 0))), r["op"], r["tier"] or ""]
+        for r in data["recent"]]))
     return 0
+
+
+def _when(name: str, value: object) -> object:
+    """Timestamps as local date and time, everything else as is."""
+    if name in ("last_access", "first_access", "created", "updated") and isinstance(value, (int, float)):
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+    if name == "interarrival_ewma" and isinstance(value, float):
+        return f"{value:.3g} s"
+    return value
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
