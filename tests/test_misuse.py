@@ -627,3 +627,20 @@ def test_threads_smoke(tmp_path: Path) -> None:
     with tierstore.open(store, readonly=True) as ro:
         check(ro)
 
+
+
+@pytest.mark.parametrize("call", [
+    lambda db: db.put("b", torch.ones(2), durable="yes"),
+    lambda db: db.put("b", torch.ones(2), durable=1),
+    lambda db: db.get("a", device="nonsense"),
+    lambda db: db.get("a", device=3.5),
+    lambda db: db.get("a", device=["cpu"]),
+], ids=["durable-str", "durable-int", "device-name", "device-float", "device-list"])
+def test_bad_flags_and_devices_get_a_typed_error_and_change_nothing(tmp_path: Path,
+                                                                   call: Callable[[Any], Any]) -> None:
+    with tierstore.open(tmp_path / "s", l2_cache_size="1MiB") as db:
+        db.put("a", torch.arange(6, dtype=torch.int16))
+        with pytest.raises(tierstore.InvalidArgumentError):
+            call(db)
+        assert "b" not in db and len(db) == 1
+        assert same_bits(db.get("a", device="cpu"), torch.arange(6, dtype=torch.int16))

@@ -20,6 +20,7 @@ __all__ = [
     "TierStoreError",
     "ConfigError",
     "InvalidKeyError",
+    "InvalidArgumentError",
     "BlockNotFoundError",
     "UnsupportedTensorError",
     "CorruptBlockError",
@@ -69,6 +70,10 @@ class ConfigError(TierStoreError, ValueError):
 
 class InvalidKeyError(TierStoreError, ValueError):
     """A key is empty, not a str, holds a NUL or is longer than 1024 UTF-8 bytes."""
+
+
+class InvalidArgumentError(TierStoreError, ValueError):
+    """An argument other than a key or a tensor is of the wrong type or names nothing (a device, a flag)."""
 
 
 class BlockNotFoundError(TierStoreError, KeyError):

@@ -39,6 +39,7 @@ from .errors import (
     ConfigError,
     CorruptBlockError,
     DeviceMemoryError,
+    InvalidArgumentError,
     InvalidKeyError,
     ReadOnlyError,
     StoreClosedError,
@@ -411,6 +412,8 @@ class TierStore:
         self._check_writable()
         check_key(key)
         check_tensor(tensor)
+        if not isinstance(durable, (bool, np.bool_)):
+            raise InvalidArgumentError(f"durable must be True or False, not {durable!r}")
         if parent is not None:
             check_key(parent)
             self._chain_parent[key] = parent
@@ -597,6 +600,8 @@ class TierStore:
         """
         self._check_open()
         check_key(key)
+        if device is not None and not isinstance(device, torch.device):
+            device = _parse_device(device)
         try:
             tensor, tier = self._get_local(key, device, copy)
         except BlockNotFoundError:
@@ -1252,3 +1257,12 @@ def open_store(path: str | Path, config: CacheConfig | None = None, *, readonly:
                **overrides: Any) -> TierStore:
     """Open (or create) the store at ``path``; see :func:`tierstore.open`."""
     return TierStore(path, config, readonly=readonly, **overrides)
+
+
+def _parse_device(device: object) -> torch.device:
+    """``device`` as a ``torch.device``, or ``InvalidArgumentError`` naming what was wrong with it."""
+    try:
+        parsed: torch.device = torch.device(device)  # type: ignore[call-overload]
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise InvalidArgumentError(f"not a device: {device!r} ({str(exc).splitlines()[0]})") from None
+    return parsed
