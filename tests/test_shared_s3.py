@@ -343,6 +343,10 @@ def test_cli_publish_pull_ls_stats_verify(tmp_path: Path, shared: dict[str, Any]
     assert [row["name"] for row in json.loads(capsys.readouterr().out)] == ["model/cli"]
     assert main(["shared", "ls", str(tmp_path / "a"), "model/cli", "--json"]) == 0
     assert sorted(row["key"] for row in json.loads(capsys.readouterr().out)["blocks"]) == ["m/b", "m/w"]
+    assert main(["ls", str(tmp_path / "a"), "--shared", "--json"]) == 0  # ls covers the shared tier too
+    assert [row["name"] for row in json.loads(capsys.readouterr().out)] == ["model/cli"]
+    assert main(["ls", str(tmp_path / "a"), "model/cli", "--shared", "--json"]) == 0
+    assert sorted(row["key"] for row in json.loads(capsys.readouterr().out)["blocks"]) == ["m/b", "m/w"]
     url = settings["shared_url"]
     assert main(["pull", str(tmp_path / "b"), "model/cli", "--url", url, "--endpoint", s3_server.endpoint]) == 0
     assert "pulled" in capsys.readouterr().out

@@ -16,7 +16,12 @@ __all__ = ["register"]
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    """List keys with dtype, shape, size, stored size, tiers and access count."""
+    """List keys with dtype, shape, size, stored size, tiers and access count (``--shared``: the shared tier)."""
+    if args.shared:  # the same listing as ``tierstore shared ls STORE [NAME]``
+        from . import shared
+
+        args.name = args.prefix
+        return shared.cmd_ls(args)
     with open_store(args.store, readonly=True, l1_cache_size=0, l2_cache_size=0) as db:
         rows = block_rows(db, args.prefix)
     emit(args, rows, lambda: table(f"{args.store}: {len(rows)} blocks",
@@ -103,7 +108,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the catalog commands to the ``tierstore`` parser."""
     ls = sub.add_parser("ls", help="list keys (example: tierstore ls weights.ts model.layers.0.)")
     ls.add_argument("store")
-    ls.add_argument("prefix", nargs="?")
+    ls.add_argument("prefix", nargs="?", help="a key prefix; with --shared, a manifest name")
+    ls.add_argument("--shared", action="store_true",
+                    help="list the shared tier's manifests (or, with a name, its blocks) instead")
     ls.set_defaults(func=cmd_ls)
     info = sub.add_parser("info", help="one block (example: tierstore info weights.ts lm_head.weight)")
     info.add_argument("store")
