@@ -6,11 +6,14 @@ handle (a transaction holds it from start to commit, as SQLite's
 ``BEGIN IMMEDIATE`` does). Committing follows "bytes before rows": block
 bytes are written to fresh L3 locations and synced, then one catalog commit
 switches them in, then the bytes of replaced versions are freed.
+
+The reports (``info``, ``history``, ``stats``) are in :mod:`tierstore.store_stats` and the
+store's side of the shared tier (``publish``, ``pull``, read-through) in
+:mod:`tierstore.store_shared`: mixins ``TierStore`` inherits.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import operator
@@ -36,7 +39,6 @@ from .catalog import BlockRow, Catalog, now
 from .config import CacheConfig, parse_size
 from .errors import (
     BlockNotFoundError,
-    ConfigError,
     CorruptBlockError,
     DeviceMemoryError,
     InvalidArgumentError,
@@ -57,13 +59,15 @@ from .migrator import JournalReport, Migrator, Pin, Plan, StoreHooks, recover_jo
 from .records import BlockInfo, StoreStats
 from .recovery import recover, refuse_orphaned_data
 from .residency import Residency, Resident
-from .shared import LocalBlock, Progress, PublishReport, PullReport, SharedCoordinator, SharedVerifyReport
+from .shared import SharedCoordinator
+from .store_rows import L1_BIT, L2_BIT, L3_BIT, UNHASHED
+from .store_shared import SharedTier
+from .store_stats import StoreReports
 from .tensors import check_key, check_tensor, dtype_from_name, dtype_name, tensor_bytes, tensor_from_bytes
 from .tiers.l1_cuda import DevicePool, is_device_oom
 from .tiers.l2_slab import HostArena
 from .tiers.l3_codecs import choose_codec
 from .tiers.l3_zarr import EMPTY_LOCATION, Location, RecoveryReport, ZarrL3
-from .tiers.shared_s3 import BlockHeader
 from .txn import Change, Txn, location_of
 from .warm import save_index, warm_l2
 
@@ -76,15 +80,10 @@ CATALOG_NAME = "catalog.sqlite"
 L2_FILE = "l2.slab"
 _ROW_CACHE = 1 << 16
 """Committed rows kept in memory for the hot path (cleared whole when full: simple and O(1))."""
-UNHASHED = -1
-"""Checksum of a cache-only block not hashed yet (it has never left L2)."""
-L1_BIT = 1
-L2_BIT = 2
-L3_BIT = 4
 _BF16_CAST = {"auto": None, "always": True, "never": False}
 
 
-class TierStore:
+class TierStore(SharedTier, StoreReports):
     """A handle on one store. Use :func:`tierstore.open` to get one; it is a context manager."""
 
     def __init__(self, path: str | Path, config: CacheConfig | None = None, *, readonly: bool = False,
@@ -988,96 +987,10 @@ class TierStore:
                 return
             after = page[-1]
 
-    def info(self, key: str) -> BlockInfo:
-        """Everything the catalog knows of ``key``."""
-        self._check_open()
-        check_key(key)
-        row = self._lookup(key)
-        if row.checksum == UNHASHED and (entry := self._volatile(key)) is not None and row.tiers == L1_BIT:
-            row = dataclasses.replace(row, checksum=crc32c.crc32c(self._l1_bytes(entry).data))
-        committed = self._catalog.get_block(key)
-        if committed is not None and committed.block_id == row.block_id:
-            row = committed  # the catalog's row has the first `created` (the row cache has the latest put's)
-        if not self.readonly:
-            self._recorder.flush()
-        stats = self._catalog.block_stats(key) or {}
-        pending = [a for a in self._recorder.pending() if a[1] == key and a[2] != "delete"]
-        count = int(stats.get("access_count", 0)) + len(pending)
-        last = max([stats.get("last_access") or 0.0] + [a[0] for a in pending]) or None
-        return BlockInfo(
-            key=key, dtype=dtype_from_name(row.dtype), shape=row.shape, nbytes=row.nbytes,
-            tiers=self._tiers_of(row), checksum=row.checksum,
-            stored_bytes=row.stored_bytes, codec=row.codec, durable=row.durable, block_id=row.block_id,
-            access_count=count, last_access=last, created=row.created, updated=row.updated)
-
-    def _tiers_of(self, row: BlockRow) -> tuple[str, ...]:
-        tiers = []
-        if self._l1 is not None:
-            entry1 = self._l1.entries.get(row.key)
-            if entry1 is not None and entry1.block_id == row.block_id:
-                tiers.append("L1")
-        if self._l2 is not None:
-            entry = self._l2.entries.get(row.key)
-            if entry is not None and entry.block_id == row.block_id and not entry.dead:
-                tiers.append("L2")
-        if row.l3_array is not None or row.nbytes == 0:
-            tiers.append("L3")
-        return tuple(tiers)
-
-    def history(self, key: str | None = None, limit: int = 100) -> list[Access]:
-        """The newest ``limit`` accesses (of ``key``), newest first."""
-        self._check_open()
-        if not self.readonly:
-            self._recorder.flush()
-        return self._catalog.history(key, limit)
-
     def flush(self) -> None:
         """Write the in-memory access history to the catalog now."""
         self._check_open()
         self._recorder.flush()
-
-    def stats(self) -> StoreStats:
-        """Counts, sizes and activity, per tier."""
-        self._check_open()
-        self._refresh()
-        ratio = self._logical_bytes / self._stored_bytes if self._stored_bytes else 1.0
-        error = self._recorder.last_error
-        return StoreStats(
-            path=str(self.path), readonly=self.readonly, blocks=self._count, logical_bytes=self._logical_bytes,
-            stored_bytes=self._stored_bytes, compression_ratio=ratio, gets=self._counts["get"],
-            puts=self._counts["put"], deletes=self._counts["delete"], hits=dict(self._hits),
-            tiers=self._tier_stats(),
-            recovery={"removed": list(self.recovery.removed_files), "truncated": list(self.recovery.truncated),
-                      "missing": list(self.recovery.missing)},
-            history_error=None if error is None else str(error))
-
-    def _tier_stats(self) -> dict[str, dict[str, Any]]:
-        tiers: dict[str, dict[str, Any]] = {}
-        if self._l2 is not None:
-            residency = self._l2.stats()  # first: it returns the slots of collected views to the arena
-            arena = self._l2.arena.stats()
-            alloc = arena.allocator
-            tiers["L2"] = {"capacity": arena.capacity, "used": alloc.used, "requested": alloc.requested,
-                           "free": alloc.free, "fragmentation": alloc.fragmentation, "pinned": arena.pinned,
-                           "pin_reason": arena.pin_reason, "memlock_limit": arena.memlock_limit,
-                           "file": arena.path, "policy": self.config.l2_eviction_policy,
-                           "size_classes": [dataclasses.asdict(c) for c in alloc.per_class if c.slabs],
-                           **residency}
-        if self._l1 is not None:
-            residency = self._l1.stats()  # first: it returns the slots of collected views to the arena
-            pool = self._l1.arena.stats()
-            tiers["L1"] = {"capacity": pool.capacity, "reserved": pool.reserved, "used": pool.used,
-                           "requested": pool.requested, "free": pool.free, "fragmentation": pool.fragmentation,
-                           "device": str(pool.device), "capability": pool.capability, "chunks": pool.chunks,
-                           "bf16_native": pool.bf16_native, "oom_events": pool.oom_events,
-                           "policy": self.config.l1_eviction_policy,
-                           "size_classes": [dataclasses.asdict(c) for c in pool.per_class if c.slabs],
-                           **residency}
-        tiers["L3"] = {"capacity": self.config.l3_cache_size, "used": self._stored_bytes, "blocks": self._count,
-                       "compression": self.config.l3_compression}
-        if self._shared is not None:
-            tiers["shared"] = self._shared.stats()
-        return tiers
 
     def compact(self, *, min_fill: float = 0.5,
                 progress: Callable[[int, int], None] | None = None) -> MaintenanceReport:
@@ -1091,90 +1004,6 @@ class TierStore:
         from .maintenance import gc
 
         return gc(self)
-
-    # -- shared tier (tierstore/shared.py does the work; these are the store's side) -------------------
-
-    @property
-    def shared(self) -> SharedCoordinator | None:
-        """The shared tier of this store (``shared_url``), or None."""
-        return self._shared
-
-    def _require_shared(self) -> SharedCoordinator:
-        self._check_open()
-        if self._shared is None:
-            raise ConfigError(f"store {self.path} has no shared tier; open it with shared_url='s3://bucket/prefix'")
-        return self._shared
-
-    def _landing(self) -> bool:
-        return bool(getattr(self._local, "landing", False))
-
-    def _get_shared(self, key: str, device: str | torch.device | None, copy: bool) -> tuple[torch.Tensor, str]:
-        """A local miss: fetch ``key`` from the shared tier; a writer keeps it locally (read-through)."""
-        assert self._shared is not None
-        found = self._shared.fetch(key)
-        if found is None:
-            raise BlockNotFoundError(f"no block {key!r} in {self.path} nor in the shared tier {self._shared.tier.url}",
-                                     key=key)
-        header, data = found
-        tensor = tensor_from_bytes(data, dtype_from_name(header.dtype), header.shape)
-        if not self.readonly:
-            self._land([(key, header, data)])
-            tensor = self._get_local(key, device, copy)[0]
-        elif device is not None:
-            tensor = tensor.to(device)
-        return tensor, "shared"
-
-    def _land(self, batch: list[tuple[str, BlockHeader, np.ndarray]]) -> None:
-        """Store blocks fetched from the shared tier, in one transaction (never re-published)."""
-        self._local.landing = True
-        try:
-            with self.transaction():
-                for key, header, data in batch:
-                    self.put(key, tensor_from_bytes(data, dtype_from_name(header.dtype), header.shape),
-                             durable=header.durable)
-        finally:
-            self._local.landing = False
-
-    def _shared_block(self, key: str) -> LocalBlock | None:
-        """The committed bytes of ``key`` for publishing (None if it is gone)."""
-        try:
-            row = self._lookup(key)
-            tensor = self._get(key, False)[0]
-        except (BlockNotFoundError, StoreClosedError):
-            return None
-        return LocalBlock(key, tensor_bytes(tensor), row.dtype, tuple(row.shape), row.checksum, row.durable,
-                          tensor.element_size())
-
-    def _holds(self, key: str, header: BlockHeader) -> bool:
-        row = self._catalog.get_block(key)
-        return (row is not None and row.checksum == header.crc32c and row.dtype == header.dtype
-                and tuple(row.shape) == header.shape)
-
-    def publish(self, prefix: str | None = None, *, keys: Iterable[str] | None = None, name: str | None = None,
-                progress: Progress | None = None) -> PublishReport:
-        """Upload blocks (``keys``, or all under ``prefix``) to the shared tier; blocks already there are skipped.
-
-        With ``name``, a manifest listing them is written last, for ``pull(name)`` on other machines.
-        Every published key can also be read by other machines' ``get`` (fallthrough).
-        """
-        shared = self._require_shared()
-        selected = list(keys) if keys is not None else list(self.keys(prefix))
-        info = {"prefix": prefix, "store_id": self._catalog.meta("store_id")}
-        return shared.publish(selected, name=name, info=info, progress=progress)
-
-    def pull(self, name: str, *, progress: Progress | None = None) -> PullReport:
-        """Fetch every block of the manifest ``name`` that this store lacks (checked by content hash)."""
-        self._check_writable()
-        return self._require_shared().pull(name, have=self._holds, land=self._land, progress=progress)
-
-    def verify_shared(self, names: Iterable[str] | None = None, *, deep: bool = True,
-                      progress: Progress | None = None) -> SharedVerifyReport:
-        """Check the shared tier: every block each manifest lists exists (``deep``: and matches its hash)."""
-        return self._require_shared().verify(names, deep=deep, progress=progress)
-
-    def wait_published(self, timeout: float | None = None) -> bool:
-        """Wait for background publishing (write-through, on-evict); False if ``timeout`` ran out."""
-        return self._require_shared().wait_published(timeout)
 
     def _write_history(self, batch: list[Access]) -> None:
         stats, successors = summarize(batch)
