@@ -274,20 +274,24 @@ def zygote_main() -> None:
 ZYGOTE = ("import sys; sys.path.insert(0, sys.argv[1]); import faultlib; faultlib.zygote_main()")
 
 
+Spawn = Callable[[str], tuple[int, Callable[[], int]]]
+"""Send one request line to a forking server -> (child pid, wait() -> the child's wait status)."""
+
+
 @contextmanager
-def zygote(errlog: Path, env: dict[str, str] | None = None,
-           ) -> Iterator[Callable[..., tuple[int, Callable[[], int]]]]:
-    """A launcher: ``launch(store, start, log, seed, round) -> (pid, wait)``; ``env`` is added to the workers'."""
+def forking_server(argv: list[str], errlog: Path, env: dict[str, str] | None = None) -> Iterator[Spawn]:
+    """Run ``argv``, a process that forks one child per line read on stdin, printing ``PID`` then ``exit STATUS``.
+
+    Forking from a process that imported torch once makes each writer start in milliseconds.
+    """
     with open(errlog, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-c", ZYGOTE, str(Path(__file__).parent)], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1,
-                                env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+                                bufsize=1, env={**os.environ, **(env or {})})
     assert proc.stdin is not None and proc.stdout is not None
     stdin, stdout = proc.stdin, proc.stdout
 
-    def launch(store: Path, start: int, log: Path, seed: int, round_no: int,
-               point: str = "") -> tuple[int, Callable[[], int]]:
-        stdin.write(f"{store} {start} {log} {seed} {round_no} {point}\n")
+    def spawn(request: str) -> tuple[int, Callable[[], int]]:
+        stdin.write(request + "\n")
         stdin.flush()
         line = stdout.readline()
         assert line.strip().isdigit(), f"zygote failed: {line!r}\n{errlog.read_text()}"
@@ -300,7 +304,7 @@ def zygote(errlog: Path, env: dict[str, str] | None = None,
         return int(line), wait
 
     try:
-        yield launch
+        yield spawn
     finally:
         stdin.close()
         try:
@@ -308,6 +312,19 @@ def zygote(errlog: Path, env: dict[str, str] | None = None,
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextmanager
+def zygote(errlog: Path, env: dict[str, str] | None = None,
+           ) -> Iterator[Callable[..., tuple[int, Callable[[], int]]]]:
+    """A launcher: ``launch(store, start, log, seed, round) -> (pid, wait)``; ``env`` is added to the workers'."""
+    with forking_server([sys.executable, "-c", ZYGOTE, str(Path(__file__).parent)], errlog, env) as spawn:
+
+        def launch(store: Path, start: int, log: Path, seed: int, round_no: int,
+                   point: str = "") -> tuple[int, Callable[[], int]]:
+            return spawn(f"{store} {start} {log} {seed} {round_no} {point}")
+
+        yield launch
 
 
 # ---------------------------------------------------------------------------------------------------------

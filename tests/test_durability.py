@@ -35,6 +35,7 @@ import pytest
 import torch
 
 import tierstore
+from tests.faultlib import forking_server
 
 # ---------------------------------------------------------------------------------------------------------
 # Deterministic transactions (this source is also sent to the child process, so keep it self-contained).
@@ -239,34 +240,8 @@ Launch = Callable[[int, Path], tuple[int, Callable[[], int]]]
 
 @contextmanager
 def zygote_launcher(store: Path, errlog: Path) -> Iterator[Launch]:
-    with open(errlog, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-c", CHILD_CODE, str(store), "serve"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1)
-    assert proc.stdin is not None and proc.stdout is not None
-    stdin, stdout = proc.stdin, proc.stdout
-
-    def launch(start: int, log: Path) -> tuple[int, Callable[[], int]]:
-        stdin.write(f"{start} {log}\n")
-        stdin.flush()
-        line = stdout.readline()
-        assert line.strip().isdigit(), f"zygote failed: {line!r}\n{errlog.read_text()}"
-
-        def wait() -> int:
-            done = stdout.readline()
-            assert done.startswith("exit "), f"zygote failed: {done!r}\n{errlog.read_text()}"
-            return int(done.split()[1])
-
-        return int(line), wait
-
-    try:
-        yield launch
-    finally:
-        stdin.close()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with forking_server([sys.executable, "-c", CHILD_CODE, str(store), "serve"], errlog) as spawn:
+        yield lambda start, log: spawn(f"{start} {log}")
 
 
 @contextmanager
