@@ -155,17 +155,15 @@ class SharedCoordinator:
         except SharedTierUnavailableError:
             coro.close()
             raise
-        try:
-            result = self.tier.run(coro, what, size=size)
-        except SharedTierUnavailableError as exc:
-            self._failed(exc)
-            raise
-        self._succeeded()
-        return result
+        return self._tracked(lambda: self.tier.run(coro, what, size=size))
 
     def _wait(self, future: concurrent.futures.Future[_T], what: str) -> _T:
+        return self._tracked(lambda: self.tier.wait(future, what, queued=True))
+
+    def _tracked(self, request: Callable[[], _T]) -> _T:
+        """``request()``, with its outcome counted towards the tier's health (degraded mode, backoff)."""
         try:
-            result = self.tier.wait(future, what, queued=True)
+            result = request()
         except SharedTierUnavailableError as exc:
             self._failed(exc)
             raise
