@@ -48,7 +48,7 @@ def test_measure_on_a_tiny_jsonl(tmp_path: Path) -> None:
     requests = [[0, 1, 2], [0, 1, 3], [4, 5], [0, 1, 2, 6], [4, 5, 7]] * 4
     trace.write_text("\n".join(json.dumps({"timestamp": i, "hash_ids": ids}) for i, ids in enumerate(requests)))
     results = mb.measure(trace, ["50%"])
-    row = results["capacities"]["50%"]  # type: ignore[index]
+    row = results["capacities"]["50%"]
     assert 0.0 <= row["lru"] <= row["opt"] <= 1.0
     assert row["dead_block_oracle"]["lru"] >= row["lru"]
     assert "turn gaps" in mb.report(results)
