@@ -163,6 +163,16 @@ def test_a_rolled_back_savepoint_keeps_the_earlier_link(store_path: Path) -> Non
         assert db.info("k").parent == "a"
 
 
+def test_compaction_moves_blocks_with_their_links(store_path: Path) -> None:
+    keys = [f"k{i}" for i in range(40)]
+    with tierstore.open(store_path, l2_cache_size=0, fsync=False) as db:
+        put_chain(db, keys)  # small blocks share pack shards
+        for key in keys[::2]:
+            db.delete(key)  # half of every shard is dead: compaction rewrites the live half
+        assert db.compact(min_fill=1.0).blocks_moved > 0
+        assert [db.info(k).parent for k in keys[1::2]] == keys[::2]  # links to deleted parents, kept as they were
+
+
 def test_a_block_cannot_be_its_own_parent(store_path: Path) -> None:
     with tierstore.open(store_path, l2_cache_size=0, fsync=False) as db:
         with pytest.raises(InvalidArgumentError):
@@ -280,3 +290,26 @@ def test_eviction_never_takes_a_block_whose_resident_child_stays(
                 kept = [c for c in children[gone] if c in before and c in after]
                 assert not kept, f"{gone} was evicted while its child {kept} stayed in L2"
             before = after
+
+
+# -- TieredCache records its blocks' links ----------------------------------------------------------------
+
+
+def test_tiered_cache_puts_each_block_with_the_previous_one_as_parent(store_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from tierstore.integrations.kv_cache import TieredCache
+    from tierstore.integrations.tiny_model import build_tiny_model, synthetic_inputs
+
+    model = build_tiny_model(seed=3)
+    inputs = synthetic_inputs(list(range(1, 40)), image_seed=None, suffix=list(range(60, 75)))  # 3 full blocks
+    gen: dict[str, Any] = {"max_new_tokens": 2, "do_sample": False}
+    with tierstore.open(store_path, fsync=False) as db:
+        cache = TieredCache(db, config=model.config, persist=True)
+        cache.generate(model, **inputs, **gen)
+        chains = [list(layer.block_keys) for layer in cache.layers]
+        cache.release()
+    assert len(chains) == 2 and all(len(c) >= 3 for c in chains)
+    with tierstore.open(store_path, readonly=True, l2_cache_size=0) as db:  # the durable prefix blocks kept them
+        for chain in chains:
+            assert all(k.startswith("kv/prefix/") for k in chain)
+            assert [db.info(k).parent for k in chain] == [None, *chain[:-1]]
