@@ -1,4 +1,7 @@
-"""KV-block chains in the store: ``put(key, t, parent=...)`` makes L2 evict a chain from its tail."""
+"""KV-block chains in the store: ``put(key, t, parent=...)`` makes L2 evict a chain from its tail.
+
+That the links persist in the catalog (reopen, promotions, upgrade) is in test_chain_persistence.py.
+"""
 
 from __future__ import annotations
 

@@ -36,18 +36,18 @@ from .errors import CatalogError, CorruptBlockError, SchemaVersionError, StoreFu
 __all__ = ["Catalog", "BlockRow", "SCHEMA_VERSION", "schema_scripts"]
 
 BLOCK_COLUMNS = ("key, block_id, dtype, shape, nbytes, checksum, durable, codec, l3_array, l3_shard, "
-                 "l3_offset, l3_sizes, l3_inner, stored_bytes, tiers, created, updated")
+                 "l3_offset, l3_sizes, l3_inner, stored_bytes, tiers, created, updated, parent")
 GET_BLOCK = f"SELECT {BLOCK_COLUMNS} FROM blocks WHERE key = ?"
 HAS_BLOCK = "SELECT 1 FROM blocks WHERE key = ?"
 GET_BLOCK_BY_ID = f"SELECT {BLOCK_COLUMNS} FROM blocks WHERE block_id = ?"
 UPSERT_BLOCK = f"""
-INSERT INTO blocks ({BLOCK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO blocks ({BLOCK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT(key) DO UPDATE SET
   block_id = excluded.block_id, dtype = excluded.dtype, shape = excluded.shape, nbytes = excluded.nbytes,
   checksum = excluded.checksum, durable = excluded.durable, codec = excluded.codec,
   l3_array = excluded.l3_array, l3_shard = excluded.l3_shard, l3_offset = excluded.l3_offset,
   l3_sizes = excluded.l3_sizes, l3_inner = excluded.l3_inner, stored_bytes = excluded.stored_bytes,
-  tiers = excluded.tiers, updated = excluded.updated
+  tiers = excluded.tiers, updated = excluded.updated, parent = excluded.parent
 """
 DELETE_BLOCK = "DELETE FROM blocks WHERE key = ?"
 COUNT_BLOCKS = "SELECT count(*), coalesce(sum(nbytes), 0), coalesce(sum(stored_bytes), 0) FROM blocks"
@@ -142,21 +142,25 @@ class BlockRow:
     tiers: int
     created: float
     updated: float
+    parent: str | None = None
+    """The key of the block this one extends in a chain (``put(..., parent=...)``); it may be gone."""
 
     @staticmethod
     def from_tuple(row: Sequence[Any]) -> BlockRow:
         """Build from a ``SELECT {BLOCK_COLUMNS}`` row."""
         (key, block_id, dtype, shape, nbytes, checksum, durable, codec, array, shard, offset, sizes, inner,
-         stored, tiers, created, updated) = row
+         stored, tiers, created, updated, parent) = row
         _check_location(key, nbytes, array, shard, offset, sizes, inner)
+        if not isinstance(parent, str) or not parent:
+            parent = None  # only an eviction hint: a damaged link is no link, never a damaged block
         return BlockRow(key, block_id, dtype, _checked_shape(key, shape), nbytes, checksum, bool(durable), codec,
-                        array, shard, offset, sizes, inner, stored, tiers, created, updated)
+                        array, shard, offset, sizes, inner, stored, tiers, created, updated, parent)
 
     def to_tuple(self) -> tuple[Any, ...]:
         """Values in ``BLOCK_COLUMNS`` order."""
         return (self.key, self.block_id, self.dtype, json.dumps(list(self.shape)), self.nbytes, self.checksum,
                 int(self.durable), self.codec, self.l3_array, self.l3_shard, self.l3_offset, self.l3_sizes,
-                self.l3_inner, self.stored_bytes, self.tiers, self.created, self.updated)
+                self.l3_inner, self.stored_bytes, self.tiers, self.created, self.updated, self.parent)
 
 
 _ARRAY_NAME = re.compile(r"packs/[a-z0-9-]+|blocks/[0-9a-f]{16}")

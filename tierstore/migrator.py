@@ -666,7 +666,7 @@ class Migrator:
             l2.release(slot)
             raise
         entry = l2.admit(key, row.block_id, slot, dtype_from_name(row.dtype), row.shape, row.checksum,
-                         generation=generation)
+                         generation=generation, parent=row.parent)
         self._crash("committed")
         self._crash("freed")  # a promotion is a copy: the source keeps the block
         return entry is not None
@@ -688,7 +688,7 @@ class Migrator:
                 return False
             host = view
             block_id, dtype, shape = host_entry.block_id, host_entry.dtype, host_entry.shape
-            checksum = host_entry.checksum
+            checksum, parent = host_entry.checksum, self.l2.parent_of(key)  # type: ignore[union-attr]
         else:
             try:
                 row, loc = self.hooks.lookup(key)
@@ -700,6 +700,7 @@ class Migrator:
             self.l3.read_into(loc, buf)
             _check_promoted(key, row, loc, buf)
             block_id, dtype, shape, checksum = row.block_id, dtype_from_name(row.dtype), row.shape, row.checksum
+            parent = row.parent
             host = tensor_from_bytes(buf, dtype, shape)
         pool = l1.arena
         target = pool.needs_cast(dtype) or dtype
@@ -717,7 +718,7 @@ class Migrator:
         except BaseException:
             l1.release(slot)
             raise
-        entry = l1.admit(key, block_id, slot, target, shape, checksum, generation=generation)
+        entry = l1.admit(key, block_id, slot, target, shape, checksum, generation=generation, parent=parent)
         self._crash("committed")
         self._crash("freed")
         return entry is not None
@@ -791,9 +792,11 @@ class Migrator:
                                             key=entry.key, tier="L3")
             self._crash("verified")
             stamp = now()
+            holder = l2 if from_l2 else self.l1
+            parent = holder.parent_of(entry.key) if holder is not None else None  # the link goes to L3 too
             row = BlockRow(entry.key, block_id, dtype_name(entry.dtype), entry.shape, data.nbytes, entry.checksum,
                            False, loc.codec, loc.array or None, loc.shard, loc.offset, loc.sizes_blob(), loc.inner,
-                           loc.length, _L3_BIT, stamp, stamp)
+                           loc.length, _L3_BIT, stamp, stamp, parent)
             self.catalog.commit_moved(row, journal_id, self.hooks.next_block_id())
         except (TierStoreError, OSError) as exc:
             self.last_error = exc

@@ -28,6 +28,8 @@ class BlockInfo:
     last_access: float | None
     created: float
     updated: float
+    parent: str | None = None
+    """The key of the block this one extends in a chain (``put(..., parent=...)``), which may be gone."""
 
 
 @dataclass(frozen=True, slots=True)

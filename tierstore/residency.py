@@ -172,6 +172,10 @@ class Residency(Generic[A]):
             release = self._released.append
             return self.arena.view(alloc, dtype, shape, on_release=lambda: release(alloc))
 
+    def parent_of(self, key: str) -> str | None:
+        """The chain parent ``key`` was admitted with (None: no link, or not resident)."""
+        return self._parent.get(key)
+
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and key in self.entries
 

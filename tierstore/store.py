@@ -120,7 +120,6 @@ class TierStore(SharedTier, StoreReports):
         self._write_mutex = threading.RLock()
         self._local = threading.local()
         self._counts = {"get": 0, "put": 0, "delete": 0}
-        self._chain_parent: dict[str, str] = {}  # put(parent=...) links until the commit settles L2
         self._hits = {"L1": 0, "L2": 0, "L3": 0}
         self._l3 = ZarrL3(self.path, fsync=self.config.fsync, readonly=self.readonly)
         self.recovery = RecoveryReport()
@@ -314,8 +313,6 @@ class TierStore(SharedTier, StoreReports):
                     self._l2.release(change.slot)
             for slot in txn.dropped_slots:
                 self._l2.release(slot)
-        for key in txn.pending:
-            self._chain_parent.pop(key, None)
 
     def _commit(self, txn: Txn) -> None:
         txn.superseded()
@@ -374,19 +371,15 @@ class TierStore(SharedTier, StoreReports):
             for key, change in txn.pending.items():
                 l2.discard(key)
                 row = change.row
-                parent = self._chain_parent.pop(key, None)
                 if row is not None and change.slot is not None:
                     l2.admit(key, row.block_id, change.slot, dtype_from_name(row.dtype), row.shape, row.checksum,
-                             volatile=key in l2_only, parent=parent)
-        else:
-            for key in txn.pending:
-                self._chain_parent.pop(key, None)
+                             volatile=key in l2_only, parent=row.parent)
         if l1 is not None:
             for key, change in txn.pending.items():
                 row = change.row
                 if row is not None and change.l1_slot is not None:  # a device tensor, cache-only: only in L1
                     l1.admit(key, row.block_id, change.l1_slot, dtype_from_name(row.dtype), row.shape,
-                             row.checksum, volatile=True)
+                             row.checksum, volatile=True, parent=row.parent)
 
     def _txn(self) -> Txn | None:
         txn: Txn | None = getattr(self._local, "txn", None)
@@ -405,8 +398,10 @@ class TierStore(SharedTier, StoreReports):
         written back to L2, or to L3 when L2 has no room, never dropped.
 
         ``parent`` names the block this one extends in a chain (KV-cache blocks keyed by a chain of
-        prefix hashes): while both are in L2, L2 evicts the chain's tail first, since a block helps
-        only if every block before it is present. The link lives in memory, for this handle.
+        prefix hashes): while both are in L2 (or L1), the tier evicts the chain's tail first, since a
+        block helps only if every block before it is present. The link is kept in the block's catalog
+        row (it survives a reopen and comes back with every promotion) and is replaced by the next
+        put of ``key``; a parent that is not stored, or deleted later, is simply no link.
         """
         self._check_writable()
         check_key(key)
@@ -415,13 +410,14 @@ class TierStore(SharedTier, StoreReports):
             raise InvalidArgumentError(f"durable must be True or False, not {durable!r}")
         if parent is not None:
             check_key(parent)
-            self._chain_parent[key] = parent
+            if parent == key:
+                raise InvalidArgumentError(f"put {key!r}: a block cannot be its own chain parent")
         txn = self._txn()
         if txn is None:
             with self.transaction():
-                self._put(self._txn_or_fail(), key, tensor, durable)
+                self._put(self._txn_or_fail(), key, tensor, durable, parent)
         else:
-            self._put(txn, key, tensor, durable)
+            self._put(txn, key, tensor, durable, parent)
         self._counts["put"] += 1
 
     def _txn_or_fail(self) -> Txn:
@@ -430,7 +426,7 @@ class TierStore(SharedTier, StoreReports):
             raise TransactionError("no transaction is open in this thread")
         return txn
 
-    def _put(self, txn: Txn, key: str, tensor: torch.Tensor, durable: bool) -> None:
+    def _put(self, txn: Txn, key: str, tensor: torch.Tensor, durable: bool, parent: str | None) -> None:
         if not durable and self._l1 is not None and tensor.numel() and self._on_l1(tensor.device):
             l1_slot = self._put_l1(tensor)
             if l1_slot is not None:
@@ -439,7 +435,7 @@ class TierStore(SharedTier, StoreReports):
                 created = previous.row.created if previous is not None and previous.row is not None else stamp
                 row = BlockRow(key, self._new_block_id(), dtype_name(tensor.dtype), tuple(tensor.shape),
                                l1_slot.nbytes, UNHASHED, False, "raw", None, None, None, None, None, 0, L1_BIT,
-                               created, stamp)
+                               created, stamp, parent)
                 txn.set(key, Change(row, None, l1_slot))
                 return
         data = tensor_bytes(tensor)
@@ -468,7 +464,7 @@ class TierStore(SharedTier, StoreReports):
             nbytes=data.nbytes, checksum=checksum, durable=durable, codec=loc.codec,
             l3_array=loc.array or None, l3_shard=loc.shard, l3_offset=loc.offset, l3_sizes=loc.sizes_blob(),
             l3_inner=loc.inner, stored_bytes=loc.length, tiers=(L3_BIT if loc.array else 0) | (L2_BIT if slot else 0),
-            created=old.created if old is not None else stamp, updated=stamp)
+            created=old.created if old is not None else stamp, updated=stamp, parent=parent)
         txn.set(key, Change(row, slot))
 
     def _put_l1(self, tensor: torch.Tensor) -> Allocation | None:
@@ -540,7 +536,8 @@ class TierStore(SharedTier, StoreReports):
                     raise
                 if entry.checksum == UNHASHED:
                     entry.checksum = crc32c.crc32c(out.data)
-                l2.admit(entry.key, entry.block_id, slot, entry.dtype, entry.shape, entry.checksum, volatile=True)
+                l2.admit(entry.key, entry.block_id, slot, entry.dtype, entry.shape, entry.checksum, volatile=True,
+                         parent=l1.parent_of(entry.key))
                 l1.mark_durable(entry)
                 return True
         data = self._l1_bytes(entry)
@@ -679,7 +676,8 @@ class TierStore(SharedTier, StoreReports):
         except BaseException:
             l1.release(slot)
             raise
-        entry = l1.admit(key, row.block_id, slot, target, row.shape, row.checksum, generation=generation)
+        entry = l1.admit(key, row.block_id, slot, target, row.shape, row.checksum, generation=generation,
+                         parent=row.parent)
         if entry is None:  # replaced meanwhile: serve this read, cache nothing
             return host.to(pool.device, dtype=target), tier
         entry.ready = event
@@ -757,7 +755,7 @@ class TierStore(SharedTier, StoreReports):
             raise
         with l2.lock:  # a refused admission frees the slot: copy it out before another thread reuses it
             entry = l2.admit(key, row.block_id, slot, dtype_from_name(row.dtype), row.shape, row.checksum,
-                             generation=generation)
+                             generation=generation, parent=row.parent)
             if entry is None:  # the block was replaced while we read it: hand out these bytes, cache nothing
                 return tensor_from_bytes(bytearray(out), dtype_from_name(row.dtype), row.shape), "L3"
             tensor = l2.view(entry, copy=copy)  # under the same lock: nobody killed it since the admission
@@ -781,11 +779,11 @@ class TierStore(SharedTier, StoreReports):
             return row
         entry = self._volatile(key)
         if entry is not None and self._l1 is not None and self._l1.entries.get(key) is entry:
-            return self._volatile_row(entry, L1_BIT)  # hashed when it leaves L1 (or by info())
+            return self._volatile_row(entry, L1_BIT, self._l1.parent_of(key))  # hashed when it leaves L1
         if entry is not None:
             if entry.checksum == UNHASHED:
                 entry.checksum = crc32c.crc32c(self._l2.arena.as_numpy(entry.alloc).data)  # type: ignore[union-attr]
-            return self._volatile_row(entry)
+            return self._volatile_row(entry, L2_BIT, self._l2.parent_of(key))  # type: ignore[union-attr]
         return self._lookup_located(key)[0]
 
     def _volatile(self, key: str) -> Resident | None:
@@ -805,9 +803,9 @@ class TierStore(SharedTier, StoreReports):
         return keys
 
     @staticmethod
-    def _volatile_row(entry: Resident, tier_bit: int = L2_BIT) -> BlockRow:
+    def _volatile_row(entry: Resident, tier_bit: int = L2_BIT, parent: str | None = None) -> BlockRow:
         return BlockRow(entry.key, entry.block_id, dtype_name(entry.dtype), entry.shape, entry.alloc.nbytes,
-                        entry.checksum, False, "raw", None, None, None, None, None, 0, tier_bit, 0.0, 0.0)
+                        entry.checksum, False, "raw", None, None, None, None, None, 0, tier_bit, 0.0, 0.0, parent)
 
     def _refresh(self) -> None:
         """Read-only handles: forget cached rows and totals once a writer has committed."""

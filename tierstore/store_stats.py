@@ -73,7 +73,7 @@ class StoreReports:
             key=key, dtype=dtype_from_name(row.dtype), shape=row.shape, nbytes=row.nbytes,
             tiers=self._tiers_of(row), checksum=row.checksum,
             stored_bytes=row.stored_bytes, codec=row.codec, durable=row.durable, block_id=row.block_id,
-            access_count=count, last_access=last, created=row.created, updated=row.updated)
+            access_count=count, last_access=last, created=row.created, updated=row.updated, parent=row.parent)
 
     def _tiers_of(self, row: BlockRow) -> tuple[str, ...]:
         tiers = []

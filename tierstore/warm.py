@@ -93,6 +93,7 @@ def warm_l2(store_dir: Path, catalog: Catalog, l2: Residency[HostArena]) -> tupl
                 or crc32c.crc32c(l2.arena.as_numpy(alloc).data) != entry.checksum):
             l2.release(alloc)
             continue
-        l2.admit(row.key, row.block_id, alloc, dtype_from_name(row.dtype), row.shape, row.checksum)
+        l2.admit(row.key, row.block_id, alloc, dtype_from_name(row.dtype), row.shape, row.checksum,
+                 parent=row.parent)
         warm += 1
     return generation + 1, warm

@@ -244,7 +244,8 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
         self._session = uuid.uuid4().hex[:16]
         self._chain: list[str] = []
         self._temp_keys: set[str] = set()
-        self._unwritten: list[tuple[str, torch.Tensor, bool]] = []
+        self._unwritten: list[tuple[str, torch.Tensor, bool, str | None]] = []
+        """Blocks to put at the next flush: key, keys+values, durable, the key of the block before it."""
         self._lock = threading.Lock()
         self._l1: bool | None = None
         self._store_lock = threading.RLock()
@@ -341,7 +342,8 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
                 self.stats.blocks_reused += 1
             else:
                 span = slice(block * t, (block + 1) * t)
-                self._unwritten.append((key, torch.stack([keys[..., span, :], values[..., span, :]]), durable))
+                parent = layer.block_keys[block - 1] if block else None  # so the store evicts chain tails first
+                self._unwritten.append((key, torch.stack([keys[..., span, :], values[..., span, :]]), durable, parent))
             layer.block_keys.append(key)
 
     def _flush(self) -> None:
@@ -351,14 +353,14 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
         batch, self._unwritten = self._unwritten, []
         try:
             with self._store_lock, self.store.transaction():
-                for key, kv, durable in batch:
-                    self.store.put(key, kv, durable=durable)
+                for key, kv, durable, parent in batch:
+                    self.store.put(key, kv, durable=durable, parent=parent)
         except BaseException:
             self._unwritten = batch + self._unwritten  # nothing was stored: try again at the next flush
             raise
         self.stats.blocks_written += len(batch)
         with self._lock:
-            self._temp_keys.update(key for key, _kv, durable in batch if not durable)
+            self._temp_keys.update(key for key, _kv, durable, _parent in batch if not durable)
 
     def _has_l1(self) -> bool:
         if self._l1 is None:
