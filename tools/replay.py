@@ -47,14 +47,24 @@ POLICIES = (*SIMULATORS, "predictive")
 
 def simulate_predictive(keys: list[int], capacity: int, progress: Progress,
                         parents: list[int] | None = None, prefetch: list[int] | None = None) -> bytearray:
-    """Drive the store's predictive policy through the protocol's reference driver.
+    """Drive the store's predictive policy: its batch replay, or per access with prefetching.
 
+    Without ``prefetch`` this is :meth:`PredictivePolicy.simulate` (the same decisions as the
+    protocol's reference driver ``tierstore.policies.access``, which the tests check), chunk by chunk.
     With ``prefetch`` (a one-item list that receives the count of blocks fetched ahead), after each
     access the likely successors of the key, as the store's prefetcher learns them
     (:class:`tierstore.predict.SuccessorTable`, fed with the stream), are brought in ahead of use:
-    evicting by policy like a miss does, but not counted as an access.
+    evicting by policy like a miss does, but not counted as an access; that runs per access.
     """
     policy: PredictivePolicy[int] = PredictivePolicy(capacity)
+    if prefetch is None:
+        chains = None if parents is None else [None if p < 0 else p for p in parents]
+        out = bytearray()
+        for start in range(0, len(keys), CHUNK):
+            stop = min(start + CHUNK, len(keys))
+            out += policy.simulate(keys[start:stop], None if chains is None else chains[start:stop])
+            progress(stop)
+        return out
     table: SuccessorTable[int] | None = SuccessorTable() if prefetch is not None else None
     hits = bytearray(len(keys))
     previous = -1
