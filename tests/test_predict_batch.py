@@ -10,10 +10,12 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tierstore.access_tracker import AccessPatternTracker
+from tierstore.errors import ConfigError
 from tierstore.policies import access
 from tierstore.predict import PredictedNextUse, PredictivePolicy, SimpleMLPredictor
 from tierstore.shadow_caches import Evictions, ShadowARC, ShadowLRU, ShadowS3FIFO, ShadowWTinyLFU
@@ -132,3 +134,13 @@ def test_belady_expert_batch_learns_like_single_accesses(keys: list[int], capaci
     for key in set(keys):
         assert one.predictor.tracker.successors(key) == batch.predictor.tracker.successors(key)
         assert one.predictor.tracker.in_window(key) == batch.predictor.tracker.in_window(key)
+
+
+def test_simulate_rejects_mismatched_input() -> None:
+    policy: PredictivePolicy[str] = PredictivePolicy(4096, block_size=1024)
+    with pytest.raises(ConfigError):
+        policy.simulate(["a", "b"], ["a"])
+    access(policy, "a", 0.0, 4096, 1024)  # byte sizes: not a unit-size replay any more
+    with pytest.raises(ConfigError):
+        policy.simulate(["b"])
+    assert "a" in policy and policy.used == 1024

@@ -23,6 +23,7 @@ from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 from .access_tracker import KeyState
+from .errors import ConfigError
 
 if TYPE_CHECKING:
     from .predict import PredictedNextUse, PredictivePolicy, SimpleMLPredictor
@@ -163,7 +164,7 @@ def learn(predictor: SimpleMLPredictor[K], keys: Sequence[K], expert: PredictedN
         # PredictedNextUse.access, with SimpleMLPredictor.expected_next_tick
         gap_ = state.gap if repeat else (first_gap if first_gap > 1.0 else 1.0)
         double = 2.0 * gap_
-        expected = state.last_tick + p * gap_ + (1.0 - p) * (double if double > far_horizon else far_horizon)
+        expected = tick + p * gap_ + (1.0 - p) * (double if double > far_horizon else far_horizon)  # last_tick
         if key in version:
             hits += 1
         elif len(version) >= capacity:
@@ -206,6 +207,11 @@ def simulate(policy: PredictivePolicy[K], keys: Sequence[K],
     """Hits (1) and misses (0) of ``keys`` through ``policy``, as :meth:`PredictivePolicy.simulate`."""
     from .predict import PredictedNextUse
 
+    if policy._used != len(policy._resident):
+        raise ConfigError("simulate replays unit-size accesses; this policy already holds keys of other "
+                          "sizes: simulate on a fresh policy, or drive it through tierstore.policies.access")
+    if parents is not None and len(parents) != len(keys):
+        raise ConfigError(f"simulate needs one parent per key: {len(parents)} parents for {len(keys)} keys")
     n, capacity = len(keys), policy.capacity
     hits = bytearray(n)
     experts, tally, predictor = policy.experts, policy._hits, policy.predictor
