@@ -144,3 +144,5 @@ def test_simulate_rejects_mismatched_input() -> None:
     with pytest.raises(ConfigError):
         policy.simulate(["b"])
     assert "a" in policy and policy.used == 1024
+    with pytest.raises(ConfigError):
+        PredictivePolicy(8, experts=("lru", "predicted", "lru"))

@@ -215,6 +215,8 @@ class PredictedNextUse(Generic[K]):
 def _build_experts(names: tuple[str, ...], capacity: int, patience: float,
                    predictor: SimpleMLPredictor[K]) -> list[ShadowCache[K]]:
     experts: list[ShadowCache[K]] = []
+    if len(set(names)) != len(names):
+        raise ConfigError(f"each expert may sit on the panel once, got {names!r}")
     for name in names:
         if name == PredictedNextUse.name:
             experts.append(PredictedNextUse(capacity, predictor, patience=patience))

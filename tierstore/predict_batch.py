@@ -3,10 +3,11 @@
 :meth:`tierstore.predict.PredictivePolicy.simulate` replays a sequence of unit-size accesses and
 makes, access for access, the decisions that driving the policy through
 :func:`tierstore.policies.access` makes (``tests/test_predict_batch.py`` checks that on random
-traces), 5-10x faster: the panel runs one epoch at a time, each expert over the epoch's keys in
-one tight loop (:meth:`tierstore.shadow_caches.ShadowCache.run`; the tracker, the predictor and its
-Belady expert in :func:`learn`), then the tier follows the leader's reported evictions through the
-same epoch, and :meth:`PredictivePolicy._choose_leader` picks the leader for the next one.
+traces), 2-4x faster (BENCHMARKS.md, trace replay): the panel runs one epoch at a time, each
+expert over the epoch's keys in one tight loop (:meth:`tierstore.shadow_caches.ShadowCache.run`;
+the tracker, the predictor and its Belady expert in :func:`learn`), then the tier follows the
+leader's reported evictions through the same epoch, and :meth:`PredictivePolicy._choose_leader`
+(the one both paths call) picks the leader for the next.
 
 :func:`learn` is the per-access work of ``AccessPatternTracker.record``, ``SimpleMLPredictor.observe``
 and ``PredictedNextUse.access`` fused into one loop over the predictor's own state, the same
@@ -234,7 +235,6 @@ def simulate(policy: PredictivePolicy[K], keys: Sequence[K],
         policy._countdown -= stop - start
         boundary = not policy._countdown
         outside = policy._outside
-        lead = experts[leader]
         events = iter(reported)
         done = (-1, chunk[0])  # past the last eviction: `at` matches no index
         at, gone = next(events, done)
@@ -257,8 +257,8 @@ def simulate(policy: PredictivePolicy[K], keys: Sequence[K],
                 continue
             if i == last and boundary:  # the epoch's last access is admitted under the next leader
                 policy._choose_leader()
-                lead, outside = experts[policy._leader], policy._outside
-                held = key in lead
+                outside = policy._outside
+                held = key in experts[policy._leader]
             if not held and used >= capacity:
                 continue
             while used >= capacity:
