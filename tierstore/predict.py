@@ -326,7 +326,7 @@ class PredictivePolicy(Generic[K]):
         """Replay ``keys`` as unit-size accesses to a tier of ``capacity`` entries; 1 per hit, 0 per miss.
 
         The same decisions as ``access(policy, keys[i], i, policy.capacity, 1, parents[i])`` for each
-        ``i`` (:func:`tierstore.policies.access`), several times faster: the panel runs an epoch at a
+        ``i`` (:func:`tierstore.policies.access`), 2-3x faster: the panel runs an epoch at a
         time (:mod:`tierstore.predict_batch`). ``parents``: each key's chain parent, or None. Time is
         counted in accesses; the tracker's caller-time statistics are left as they were.
         """

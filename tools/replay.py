@@ -53,7 +53,7 @@ def collector_paused() -> Iterator[None]:
 
     The predictive replay allocates a few small objects per access (samples, heap entries) and no
     reference cycles, so refcounting frees everything; the collector would only rescan the policy's
-    millions of live objects again and again (10-40% of the replay's time, measured on orm-busy).
+    hundreds of thousands of live objects again and again (10-40% of the replay's time on orm-busy).
     """
     enabled = gc.isenabled()
     gc.disable()
