@@ -8,17 +8,34 @@ per access and memory proportional to the capacity in entries.
 Each shadow implements one published policy faithfully (the same decisions, access for access, as
 the reference simulators in ``tools/replay_policies.py``, which the tests check), and reports the one
 resident key an access pushed out, if any; that is all the panel needs to follow it.
+
+The algorithm lives once, in each shadow's :meth:`run`, which processes a batch of accesses in one
+tight loop (the trace simulator replays whole epochs through it); :meth:`access`, the per-access
+call the store makes, is ``run`` on a batch of one.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterator, Sequence
 from typing import Generic, Protocol, TypeVar
 
-__all__ = ["ShadowCache", "ShadowLRU", "ShadowARC", "ShadowS3FIFO", "ShadowWTinyLFU"]
+__all__ = ["ShadowCache", "ShadowLRU", "ShadowARC", "ShadowS3FIFO", "ShadowWTinyLFU", "Evictions"]
 
 K = TypeVar("K", bound=Hashable)
+
+Evictions = list[tuple[int, K]]
+"""What a batch reports: ``(i, key)`` for each access ``i`` of the batch that pushed ``key`` out.
+``key`` equal to the accessed key itself means the shadow declined to hold it (an admission filter)."""
+
+
+def _single(shadow: ShadowCache[K], key: K) -> K | None:
+    """:meth:`ShadowCache.access` through the batch method: the key it evicted, if any."""
+    out: Evictions[K] = []
+    shadow.run((key,), out)
+    if not out or out[0][1] == key:
+        return None
+    return out[0][1]
 
 
 class ShadowCache(Protocol[K]):
@@ -28,6 +45,9 @@ class ShadowCache(Protocol[K]):
 
     def access(self, key: K) -> K | None:
         """Process one access (hit or miss); return the resident key it evicted, if any."""
+
+    def run(self, keys: Sequence[K], evicted: Evictions[K] | None = None) -> int:
+        """Process ``keys`` in order; return how many were hits; report evictions into ``evicted``."""
 
     def __contains__(self, key: object) -> bool: ...
 
@@ -50,13 +70,22 @@ class ShadowLRU(Generic[K]):
         return iter(self._order)
 
     def access(self, key: K) -> K | None:
-        order = self._order
-        if key in order:
-            order.move_to_end(key)
-            return None
-        gone = order.popitem(False)[0] if len(order) >= self.capacity else None
-        order[key] = None
-        return gone
+        return _single(self, key)
+
+    def run(self, keys: Sequence[K], evicted: Evictions[K] | None = None) -> int:
+        order, capacity, hits = self._order, self.capacity, 0
+        touch, pop = order.move_to_end, order.popitem
+        for i, key in enumerate(keys):
+            if key in order:
+                touch(key)
+                hits += 1
+                continue
+            if len(order) >= capacity:
+                gone = pop(False)[0]
+                if evicted is not None:
+                    evicted.append((i, gone))
+            order[key] = None
+        return hits
 
 
 class ShadowARC(Generic[K]):
@@ -80,9 +109,9 @@ class ShadowARC(Generic[K]):
         yield from self._t1
         yield from self._t2
 
-    def _replace(self, in_b2: bool) -> K:
+    def _replace(self, in_b2: bool, p: float) -> K:
         t1 = self._t1
-        if t1 and (len(t1) > self._p or (in_b2 and len(t1) == self._p)):
+        if t1 and (len(t1) > p or (in_b2 and len(t1) == p)):
             gone = t1.popitem(False)[0]
             self._b1[gone] = None
             self._where[gone] = 3
@@ -93,42 +122,54 @@ class ShadowARC(Generic[K]):
         return gone
 
     def access(self, key: K) -> K | None:
-        where, c = self._where, self.capacity
+        return _single(self, key)
+
+    def run(self, keys: Sequence[K], evicted: Evictions[K] | None = None) -> int:
+        where, c, p, hits = self._where, self.capacity, self._p, 0
         t1, t2, b1, b2 = self._t1, self._t2, self._b1, self._b2
-        w = where.get(key, 0)
-        gone: K | None = None
-        if w == 1:
-            del t1[key]
-        elif w == 2:
-            t2.move_to_end(key)
-            return None
-        elif w == 3:
-            self._p = min(float(c), self._p + max(len(b2) / len(b1), 1.0))
-            gone = self._replace(False)
-            del b1[key]
-        elif w == 4:
-            self._p = max(0.0, self._p - max(len(b1) / len(b2), 1.0))
-            gone = self._replace(True)
-            del b2[key]
-        else:
-            l1 = len(t1) + len(b1)
-            if l1 >= c:
-                if len(t1) < c:
-                    del where[b1.popitem(False)[0]]
-                    gone = self._replace(False)
-                else:
-                    gone = t1.popitem(False)[0]
-                    del where[gone]
-            elif l1 + len(t2) + len(b2) >= c:
-                if l1 + len(t2) + len(b2) >= 2 * c:
-                    del where[b2.popitem(False)[0]]
-                gone = self._replace(False)
-            t1[key] = None
-            where[key] = 1
-            return gone
-        t2[key] = None
-        where[key] = 2
-        return gone
+        replace, touch = self._replace, t2.move_to_end
+        for i, key in enumerate(keys):
+            w = where.get(key, 0)
+            gone: K | None = None
+            if w == 2:
+                touch(key)
+                hits += 1
+                continue
+            if w == 1:
+                del t1[key]
+                hits += 1
+            elif w == 3:
+                p = min(float(c), p + max(len(b2) / len(b1), 1.0))
+                gone = replace(False, p)
+                del b1[key]
+            elif w == 4:
+                p = max(0.0, p - max(len(b1) / len(b2), 1.0))
+                gone = replace(True, p)
+                del b2[key]
+            else:
+                l1 = len(t1) + len(b1)
+                if l1 >= c:
+                    if len(t1) < c:
+                        del where[b1.popitem(False)[0]]
+                        gone = replace(False, p)
+                    else:
+                        gone = t1.popitem(False)[0]
+                        del where[gone]
+                elif l1 + len(t2) + len(b2) >= c:
+                    if l1 + len(t2) + len(b2) >= 2 * c:
+                        del where[b2.popitem(False)[0]]
+                    gone = replace(False, p)
+                t1[key] = None
+                where[key] = 1
+                if gone is not None and evicted is not None:
+                    evicted.append((i, gone))
+                continue
+            t2[key] = None
+            where[key] = 2
+            if gone is not None and evicted is not None:
+                evicted.append((i, gone))
+        self._p = p
+        return hits
 
 
 class ShadowS3FIFO(Generic[K]):
@@ -182,20 +223,29 @@ class ShadowS3FIFO(Generic[K]):
         return self._evict_main()
 
     def access(self, key: K) -> K | None:
-        freq = self._freq
-        count = freq.get(key)
-        if count is not None:
-            if count < 3:
-                freq[key] = count + 1
-            return None
-        gone = self._evict() if len(freq) >= self.capacity else None
-        freq[key] = 0
-        if key in self._ghost:
-            del self._ghost[key]
-            self._main.append(key)
-        else:
-            self._small.append(key)
-        return gone
+        return _single(self, key)
+
+    def run(self, keys: Sequence[K], evicted: Evictions[K] | None = None) -> int:
+        freq, ghost, capacity, hits = self._freq, self._ghost, self.capacity, 0
+        evict, probation, main = self._evict, self._small.append, self._main.append
+        for i, key in enumerate(keys):
+            count = freq.get(key)
+            if count is not None:
+                if count < 3:
+                    freq[key] = count + 1
+                hits += 1
+                continue
+            if len(freq) >= capacity:
+                gone = evict()
+                if gone is not None and evicted is not None:
+                    evicted.append((i, gone))
+            freq[key] = 0
+            if key in ghost:
+                del ghost[key]
+                main(key)
+            else:
+                probation(key)
+        return hits
 
 
 class ShadowWTinyLFU(Generic[K]):
@@ -227,46 +277,60 @@ class ShadowWTinyLFU(Generic[K]):
         return iter(self._where)
 
     def access(self, key: K) -> K | None:
-        freq, where = self._freq, self._where
-        count = freq.get(key, 0)
-        if count < 15:
-            freq[key] = count + 1
-        self._seen += 1
-        if self._seen >= self._sample:  # age the counts so yesterday's favourites can leave
-            self._freq = freq = {k: v >> 1 for k, v in freq.items() if v > 1}
-            self._seen //= 2
-        w = where.get(key, 0)
-        if w == 1:
-            self._window.move_to_end(key)
-            return None
-        if w == 3:
-            self._protected.move_to_end(key)
-            return None
-        if w == 2:
-            del self._probation[key]
-            self._protected[key] = None
-            where[key] = 3
-            if len(self._protected) > self._protected_cap:
-                demoted = self._protected.popitem(False)[0]
-                self._probation[demoted] = None
-                where[demoted] = 2
-            return None
-        self._window[key] = None
-        where[key] = 1
-        if len(self._window) <= self._window_cap:
-            return None
-        candidate = self._window.popitem(False)[0]
-        if len(self._probation) + len(self._protected) < self._main_cap:
-            self._probation[candidate] = None
-            where[candidate] = 2
-            return None
-        queue = self._probation if self._probation else self._protected
-        victim = next(iter(queue))
-        if freq.get(candidate, 0) > freq.get(victim, 0):
-            del queue[victim]
-            del where[victim]
-            self._probation[candidate] = None
-            where[candidate] = 2
-            return victim
-        del where[candidate]
-        return candidate
+        return _single(self, key)
+
+    def run(self, keys: Sequence[K], evicted: Evictions[K] | None = None) -> int:
+        freq, where, seen, sample, hits = self._freq, self._where, self._seen, self._sample, 0
+        window, probation, protected = self._window, self._probation, self._protected
+        window_cap, main_cap, protected_cap = self._window_cap, self._main_cap, self._protected_cap
+        for i, key in enumerate(keys):
+            count = freq.get(key, 0)
+            if count < 15:
+                freq[key] = count + 1
+            seen += 1
+            if seen >= sample:  # age the counts so yesterday's favourites can leave
+                self._freq = freq = {k: v >> 1 for k, v in freq.items() if v > 1}
+                seen //= 2
+            w = where.get(key, 0)
+            if w == 1:
+                window.move_to_end(key)
+                hits += 1
+                continue
+            if w == 3:
+                protected.move_to_end(key)
+                hits += 1
+                continue
+            if w == 2:
+                hits += 1
+                del probation[key]
+                protected[key] = None
+                where[key] = 3
+                if len(protected) > protected_cap:
+                    demoted = protected.popitem(False)[0]
+                    probation[demoted] = None
+                    where[demoted] = 2
+                continue
+            window[key] = None
+            where[key] = 1
+            if len(window) <= window_cap:
+                continue
+            candidate = window.popitem(False)[0]
+            if len(probation) + len(protected) < main_cap:
+                probation[candidate] = None
+                where[candidate] = 2
+                continue
+            queue = probation if probation else protected
+            victim = next(iter(queue))
+            if freq.get(candidate, 0) > freq.get(victim, 0):
+                del queue[victim]
+                del where[victim]
+                probation[candidate] = None
+                where[candidate] = 2
+                gone = victim
+            else:
+                del where[candidate]
+                gone = candidate
+            if evicted is not None:
+                evicted.append((i, gone))
+        self._seen = seen
+        return hits
