@@ -26,7 +26,7 @@ from typing import Generic, TypeVar
 
 from .access_tracker import AccessPatternTracker, KeyStats
 from .errors import ConfigError, TierFullError
-from .shadow_caches import ShadowARC, ShadowCache, ShadowLRU, ShadowS3FIFO, ShadowWTinyLFU
+from .shadow_caches import ShadowARC, ShadowCache, ShadowLIRS, ShadowLRU, ShadowS3FIFO, ShadowWTinyLFU
 
 __all__ = ["KeyStats", "AccessPatternTracker", "SimpleMLPredictor", "PredictivePolicy", "SuccessorTable",
            "next_access_estimate"]
@@ -35,7 +35,7 @@ K = TypeVar("K", bound=Hashable)
 
 
 _FEATURES = 8
-EXPERTS = ("predicted", "lru", "arc", "s3fifo", "wtinylfu")
+EXPERTS = ("predicted", "lru", "arc", "s3fifo", "wtinylfu", "lirs")
 
 
 class SimpleMLPredictor(Generic[K]):
@@ -217,6 +217,8 @@ def _build_experts(names: tuple[str, ...], capacity: int, patience: float,
             experts.append(ShadowS3FIFO(capacity))
         elif name == "wtinylfu":
             experts.append(ShadowWTinyLFU(capacity))
+        elif name == "lirs":
+            experts.append(ShadowLIRS(capacity))
         else:
             raise ConfigError(f"unknown expert {name!r}; choose from {', '.join(EXPERTS)}")
     return experts
@@ -226,7 +228,9 @@ class PredictivePolicy(Generic[K]):
     """Evict by prediction, following whichever expert of a small panel currently scores best.
 
     The panel: the predictor's own Belady approximation (:class:`PredictedNextUse`) plus shadow
-    copies of S3-FIFO, ARC, W-TinyLFU and LRU (:mod:`tierstore.shadow_caches`). Every access is fed to
+    copies of S3-FIFO, ARC, W-TinyLFU, LRU and LIRS (:mod:`tierstore.shadow_caches`). LIRS is there
+    for mixes of loops and scans (multi2: 0.522/0.644 at 10%/25% of the keys, where the best of the
+    other classics reaches 0.502/0.617) and for Mooncake at 1% (0.046 against ARC's 0.042). Every access is fed to
     all of them; each counts the hits it would have had at ``capacity``. Every ``epoch`` accesses
     the scores decay (a memory of about ``window`` accesses) and the leader may change. The real
     tier follows the leader's *contents*: it evicts first the resident keys the leader no longer
@@ -249,7 +253,7 @@ class PredictivePolicy(Generic[K]):
     name = "predictive"
 
     def __init__(self, capacity: int, *, prediction_window: int = 200, prediction_threshold: float = 0.7,
-                 experts: tuple[str, ...] = ("s3fifo", "arc", "wtinylfu", "predicted", "lru"),
+                 experts: tuple[str, ...] = ("s3fifo", "arc", "wtinylfu", "predicted", "lru", "lirs"),
                  epoch: int | None = None, window: int | None = None, switch_cost: float = 1.0,
                  horizon_factor: int = 2, patience: float = 2.0, block_size: int = 1) -> None:
         if capacity < 1 or block_size < 1:
