@@ -1,8 +1,9 @@
-"""LIRS as a shadow expert of the predictive policy's panel (tierstore.shadow_caches.ShadowLIRS)."""
+"""The predictive policy's panel: LIRS as a shadow expert, and the rule that picks whom to follow."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 
 from tierstore.policies import access
 from tierstore.predict import EXPERTS, PredictivePolicy
@@ -69,3 +70,43 @@ def test_panel_includes_lirs_and_follows_it_where_it_leads() -> None:
     hits = sum(access(policy, key, float(i), 100) for i, key in enumerate(keys))
     assert policy.leader == "lirs"
     assert hits / len(keys) > hit_rate(ShadowS3FIFO(100), keys) + 0.15
+
+
+class FixedExpert:
+    """A shadow expert whose contents the test sets by hand."""
+
+    def __init__(self, name: str, keys: str) -> None:
+        self.name, self.keys = name, set(keys)
+
+    def access(self, key: str) -> str | None:
+        return None
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys)
+
+
+def panel(scores: list[float]) -> PredictivePolicy[str]:
+    """A tier holding a-d, following an expert that holds a-d; challengers far (w-z) and near (a-c, z)."""
+    policy: PredictivePolicy[str] = PredictivePolicy(4, experts=("lru", "lru", "lru"))
+    policy.experts = [FixedExpert("lead", "abcd"), FixedExpert("far", "wxyz"), FixedExpert("near", "abcz")]
+    for key in "abcd":
+        policy.insert(key)
+    policy.scores = scores
+    return policy
+
+
+def test_switch_goes_to_the_challenger_worth_most_after_its_switching_cost() -> None:
+    # "far" scores higher (10 vs 8) but the tier lacks all 4 of its keys: worth 10 - 4 = 6;
+    # "near" lacks only z: worth 8 - 1 = 7, so the panel follows "near"
+    assert panel([0.0, 10.0, 8.0]).switch_target() == 2
+    assert panel([0.0, 10.0, 1.5]).switch_target() == 1  # near is worth 0.5, far 6
+    assert panel([0.0, 3.5, 0.5]).switch_target() == 0  # far is worth -0.5, near is not ahead
+    policy = panel([0.0, 0.0, 0.0])
+    policy._hits = [0, 0, 9]  # an epoch in which only "near" scored; the access to a adds 1 to lead and near
+    policy._countdown = 1
+    policy.record_access("a", 0.0)
+    assert policy.leader == "near" and policy.switches == 1
+    assert policy.victim() == "d"  # the resident key the new leader does not hold goes first
