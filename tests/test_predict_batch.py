@@ -18,10 +18,10 @@ from tierstore.access_tracker import AccessPatternTracker
 from tierstore.errors import ConfigError
 from tierstore.policies import access
 from tierstore.predict import PredictedNextUse, PredictivePolicy, SimpleMLPredictor
-from tierstore.shadow_caches import Evictions, ShadowARC, ShadowLRU, ShadowS3FIFO, ShadowWTinyLFU
+from tierstore.shadow_caches import Evictions, ShadowARC, ShadowLIRS, ShadowLRU, ShadowS3FIFO, ShadowWTinyLFU
 
-PANELS = [("s3fifo", "arc", "wtinylfu", "predicted", "lru"), ("predicted", "lru"), ("lru", "arc"),
-          ("wtinylfu", "s3fifo", "predicted")]
+PANELS = [("s3fifo", "arc", "wtinylfu", "predicted", "lru", "lirs"), ("predicted", "lru"), ("lru", "arc"),
+          ("wtinylfu", "s3fifo", "predicted"), ("lirs", "s3fifo")]
 
 
 @st.composite
@@ -95,7 +95,7 @@ def test_simulate_with_default_knobs_and_string_keys() -> None:
 @settings(max_examples=40, deadline=None)
 @given(keys=traces(), capacity=st.integers(1, 40))
 def test_shadow_batches_report_what_single_accesses_do(keys: list[int], capacity: int) -> None:
-    for shadow in (ShadowLRU, ShadowARC, ShadowS3FIFO, ShadowWTinyLFU):
+    for shadow in (ShadowLRU, ShadowARC, ShadowS3FIFO, ShadowWTinyLFU, ShadowLIRS):
         one, batch = shadow(capacity), shadow(capacity)  # type: ignore[abstract]
         hits, gone = 0, []
         for i, key in enumerate(keys):

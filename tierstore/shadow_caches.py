@@ -6,8 +6,9 @@ A shadow cache holds keys and a few counters, never bytes, so a panel costs a fe
 per access and memory proportional to the capacity in entries.
 
 Each shadow implements one published policy faithfully (the same decisions, access for access, as
-the reference simulators in ``tools/replay_policies.py``, which the tests check), and reports the one
-resident key an access pushed out, if any; that is all the panel needs to follow it.
+the reference simulators in ``tools/replay_policies.py``, which the tests check; LIRS, which has no
+reference there, is checked against worked examples), and reports the one resident key an access
+pushed out, if any; that is all the panel needs to follow it.
 
 The algorithm lives once, in each shadow's :meth:`run`, which processes a batch of accesses in one
 tight loop (the trace simulator replays whole epochs through it); :meth:`access`, the per-access
@@ -20,7 +21,7 @@ from collections import OrderedDict, deque
 from collections.abc import Hashable, Iterator, Sequence
 from typing import Generic, Protocol, TypeVar
 
-__all__ = ["ShadowCache", "ShadowLRU", "ShadowARC", "ShadowS3FIFO", "ShadowWTinyLFU", "Evictions"]
+__all__ = ["ShadowCache", "ShadowLRU", "ShadowARC", "ShadowS3FIFO", "ShadowWTinyLFU", "ShadowLIRS", "Evictions"]
 
 K = TypeVar("K", bound=Hashable)
 
@@ -334,3 +335,121 @@ class ShadowWTinyLFU(Generic[K]):
                 evicted.append((i, gone))
         self._seen = seen
         return hits
+
+
+class ShadowLIRS(Generic[K]):
+    """LIRS (Jiang and Zhang, SIGMETRICS'02): keep the keys with the lowest inter-reference recency.
+
+    99% of the capacity holds LIR keys (re-referenced within the recency of the stack's bottom
+    LIR key); 1% holds resident HIR keys in a FIFO queue, from whose front eviction takes. The
+    stack also remembers non-resident HIR keys, so a key that comes back soon after leaving becomes
+    LIR; that memory is capped at twice the capacity (the oldest go first). Strong on loops longer
+    than the cache and on mixes of loops and scans (the LIRS paper's multi/2_pools traces).
+    """
+
+    name = "lirs"
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(2, capacity)
+        self._hir_cap = max(1, self.capacity // 100)
+        self._lir_cap = self.capacity - self._hir_cap
+        self._stack: OrderedDict[K, None] = OrderedDict()  # bottom (oldest) first
+        self._queue: OrderedDict[K, None] = OrderedDict()  # resident HIR keys, evicted from the front
+        self._state: dict[K, int] = {}  # 1 LIR, 2 resident HIR, 3 non-resident HIR (in the stack only)
+        self._lirs = 0
+        self._ghosts = 0
+
+    def __contains__(self, key: object) -> bool:
+        return self._state.get(key, 0) in (1, 2)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[K]:
+        return (key for key, state in self._state.items() if state != 3)
+
+    def _prune(self) -> None:
+        """Drop HIR keys from the stack's bottom so that it ends on a LIR key."""
+        stack, state = self._stack, self._state
+        while stack:
+            key = next(iter(stack))
+            if state[key] == 1:
+                return
+            del stack[key]
+            if state[key] == 3:
+                del state[key]
+                self._ghosts -= 1
+
+    def _demote_bottom(self) -> None:
+        """The bottom LIR key becomes a resident HIR key (a newly promoted key took its place)."""
+        key = next(iter(self._stack))
+        del self._stack[key]
+        self._state[key] = 2
+        self._queue[key] = None
+        self._lirs -= 1
+        self._prune()
+
+    def _promote(self, key: K) -> None:
+        self._stack[key] = None
+        self._stack.move_to_end(key)
+        self._state[key] = 1
+        self._lirs += 1
+        self._demote_bottom()
+
+    def access(self, key: K) -> K | None:
+        return _single(self, key)
+
+    def run(self, keys: Sequence[K], evicted: Evictions[K] | None = None) -> int:
+        stack, queue, state, hits = self._stack, self._queue, self._state, 0
+        capacity, lir_cap = self.capacity, self._lir_cap
+        for i, key in enumerate(keys):
+            was = state.get(key, 0)
+            if was == 1:
+                hits += 1
+                bottom = next(iter(stack)) == key
+                stack.move_to_end(key)
+                if bottom:
+                    self._prune()
+                continue
+            if was == 2:
+                hits += 1
+                del queue[key]
+                if key in stack:  # its reuse is recent enough: it becomes LIR
+                    self._promote(key)
+                else:
+                    stack[key] = None
+                    queue[key] = None
+                continue
+            if self._lirs < lir_cap and not queue:  # filling up: the first keys are LIR
+                if was == 3:
+                    self._ghosts -= 1
+                stack[key] = None
+                stack.move_to_end(key)
+                state[key] = 1
+                self._lirs += 1
+                continue
+            if self._lirs + len(queue) >= capacity:
+                gone = queue.popitem(False)[0]
+                if gone in stack:
+                    state[gone] = 3
+                    self._ghosts += 1
+                else:
+                    del state[gone]
+                if evicted is not None:
+                    evicted.append((i, gone))
+            if was == 3:  # back while still remembered: its reuse distance beats the bottom LIR key's
+                self._ghosts -= 1
+                self._promote(key)
+            else:
+                stack[key] = None
+                queue[key] = None
+                state[key] = 2
+            if self._ghosts > 2 * capacity:
+                self._forget_ghosts()
+        return hits
+
+    def _forget_ghosts(self) -> None:
+        """Drop the oldest non-resident keys until the stack remembers only ``capacity`` of them."""
+        stack, state = self._stack, self._state
+        for key in [k for k in stack if state[k] == 3][: self._ghosts - self.capacity]:
+            del stack[key]
+            del state[key]
+            self._ghosts -= 1
+        self._prune()
