@@ -30,6 +30,7 @@ import sys
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -107,6 +108,17 @@ def reject_when_full_with_oracle(keys: Sequence[int], capacity: int, keep: Calla
     return hits
 
 
+Rank = TypeVar("Rank", int, float)
+
+
+def pop_live(heap: list[tuple[Rank, int, int]], current: dict[int, tuple[Rank, int]]) -> tuple[Rank, int, int]:
+    """Pop the lowest entry of a lazily deleted heap that still describes a resident key."""
+    while True:
+        rank, stamp, key = heapq.heappop(heap)
+        if current.get(key) == (rank, stamp):
+            return rank, stamp, key
+
+
 def lfu_with_oracle(keys: Sequence[int], capacity: int, keep: Callable[[int], bool]) -> int:
     """Hits of LFU (counts over the whole trace so far, older first among equals) that admits wanted keys only."""
     count: Counter[int] = Counter()
@@ -123,11 +135,7 @@ def lfu_with_oracle(keys: Sequence[int], capacity: int, keep: Callable[[int], bo
         elif not keep(i):
             continue
         elif len(current) >= capacity:
-            while True:
-                c, stamp, victim = heapq.heappop(heap)
-                if current.get(victim) == (c, stamp):
-                    break
-            del current[victim]
+            del current[pop_live(heap, current)[2]]
         current[k] = (count[k], i)
         heapq.heappush(heap, (count[k], i, k))
     return hits
@@ -145,10 +153,7 @@ def ranked_with_scores(keys: Sequence[int], capacity: int, score: Sequence[float
         elif s < threshold:
             continue
         elif len(current) >= capacity:
-            while True:
-                low, stamp, victim = heapq.heappop(heap)
-                if current.get(victim) == (low, stamp):
-                    break
+            low, stamp, victim = pop_live(heap, current)
             if low > s:  # the newcomer is the least likely: keep what is there
                 heapq.heappush(heap, (low, stamp, victim))
                 continue
