@@ -89,12 +89,12 @@ def learn(predictor: SimpleMLPredictor[K], keys: Sequence[K], expert: PredictedN
             slide(key)
             in_window[key] = in_window.get(key, 0) + 1
             if len(recent) > window:
-                old = expire()
-                left = in_window[old] - 1
+                leaving = expire()
+                left = in_window[leaving] - 1
                 if left:
-                    in_window[old] = left
+                    in_window[leaving] = left
                 else:
-                    del in_window[old]
+                    del in_window[leaving]
         if max_successors:  # off in the predictive policy's tracker
             if previous_state is None or previous is None:
                 transition = 0.0
