@@ -131,7 +131,7 @@ def test_belady_expert_batch_learns_like_single_accesses(keys: list[int], capaci
     assert evicted == gone and list(one) == list(batch)
     assert one.predictor.weights == batch.predictor.weights
     assert one.predictor._probability == batch.predictor._probability
-    assert one.predictor.samples == batch.predictor.samples and one._deadline == batch._deadline
+    assert one.predictor.samples == batch.predictor.samples
     for key in set(keys):
         assert one.predictor.tracker.successors(key) == batch.predictor.tracker.successors(key)
         assert one.predictor.tracker.in_window(key) == batch.predictor.tracker.in_window(key)

@@ -166,10 +166,7 @@ class PredictedNextUse(Generic[K]):
     than every resident key is not admitted at all (on a loop longer than the cache that keeps a
     fixed subset and scores like OPT, where LRU scores zero). A key that overstays twice its
     expected gap is taken for dead and goes first, so stale predictions cannot pin it forever.
-    Two lazy heaps (furthest expected access, earliest deadline) make each access O(log n). The
-    deadline heap is lazier still: a hit that moves a key's deadline later (the usual case) pushes
-    nothing; the key's entry, now too early, is put right when it reaches the top, so on a stream
-    of hits the expert pays one heap push per access instead of two.
+    Two lazy heaps (furthest expected access, earliest deadline) make each access O(log n).
     """
 
     name = "predicted"
@@ -180,8 +177,7 @@ class PredictedNextUse(Generic[K]):
         self.patience = patience
         self._version: dict[K, int] = {}
         self._far: list[tuple[float, int, K]] = []  # (-expected tick, version, key)
-        self._due: list[tuple[float, int, K]] = []  # (deadline tick, version, key); lazily increased
-        self._deadline: dict[K, float] = {}  # each key's current deadline: no entry of it is later
+        self._due: list[tuple[float, int, K]] = []  # (deadline tick, version, key)
         self._serial = 0
 
     def __contains__(self, key: object) -> bool:
@@ -194,38 +190,18 @@ class PredictedNextUse(Generic[K]):
         self._serial += 1
         serial = self._version[key] = self._serial
         heapq.heappush(self._far, (-expected, serial, key))
-        deadline = now + self.patience * max(1.0, expected - now)
-        old = self._deadline.get(key)
-        self._deadline[key] = deadline
-        if old is None or deadline < old:  # else its entry is early, and _top_due puts it right
-            heapq.heappush(self._due, (deadline, serial, key))
+        heapq.heappush(self._due, (now + self.patience * max(1.0, expected - now), serial, key))
         if len(self._far) > _CROWDED * self.capacity + 64:  # drop stale entries now and then
-            self._compact()
-
-    def _compact(self) -> None:
-        version, deadlines = self._version, self._deadline
-        self._far = [e for e in self._far if version.get(e[2]) == e[1]]
-        self._due = [e for e in self._due if e[0] <= deadlines.get(e[2], -math.inf)]
-        heapq.heapify(self._far)
-        heapq.heapify(self._due)
+            self._far = [e for e in self._far if self._version.get(e[2]) == e[1]]
+            self._due = [e for e in self._due if self._version.get(e[2]) == e[1]]
+            heapq.heapify(self._far)
+            heapq.heapify(self._due)
 
     def _top(self, heap: list[tuple[float, int, K]]) -> tuple[float, int, K]:
         version = self._version
         while version.get(heap[0][2]) != heap[0][1]:
             heapq.heappop(heap)
         return heap[0]
-
-    def _top_due(self) -> tuple[float, int, K]:
-        due, deadlines = self._due, self._deadline
-        while True:
-            deadline, _, key = due[0]
-            current = deadlines.get(key)
-            if current is None or deadline > current:  # gone, or a later duplicate of an earlier entry
-                heapq.heappop(due)
-            elif deadline < current:  # a hit moved it later: put it where it belongs now
-                heapq.heapreplace(due, (current, self._version[key], key))
-            else:
-                return due[0]
 
     def run(self, keys: Sequence[K], evicted: Evictions[K] | None = None) -> int:
         """Record ``keys`` in the predictor (as the policy does first), then process them here.
@@ -241,13 +217,12 @@ class PredictedNextUse(Generic[K]):
         if key in self._version or len(self._version) < self.capacity:
             self._push(key, expected, now)
             return None
-        deadline, _, victim = self._top_due()
+        deadline, _, victim = self._top(self._due)
         if deadline >= now:
             far, _, victim = self._top(self._far)
             if -far <= expected:
                 return None  # the newcomer is expected back last: do not admit it
         del self._version[victim]
-        del self._deadline[victim]
         self._push(key, expected, now)
         return victim
 

@@ -53,7 +53,7 @@ def learn(predictor: SimpleMLPredictor[K], keys: Sequence[K], expert: PredictedN
     draw, cut = predictor._draw, predictor._cut
     w0, w1, w2, w3, w4, w5 = predictor.weights
     samples = predictor.samples
-    log1p, exp, inf = math.log1p, math.exp, math.inf
+    log1p, exp = math.log1p, math.exp
     first = (1.0, log1p(1) * 0.25, 1.0, 1.0, 1.0, 0.0)  # the features of a first access
     _, n1, n2, n3, n4, n5 = first
     far_horizon = 2.0 * horizon
@@ -62,7 +62,6 @@ def learn(predictor: SimpleMLPredictor[K], keys: Sequence[K], expert: PredictedN
         from .predict import _CROWDED
 
         version, far, due, serial = expert._version, expert._far, expert._due, expert._serial
-        deadlines = expert._deadline
         capacity, patience = expert.capacity, expert.patience
         crowded = _CROWDED * capacity + 64
     push = heapq.heappush
@@ -176,16 +175,9 @@ def learn(predictor: SimpleMLPredictor[K], keys: Sequence[K], expert: PredictedN
         if key in version:
             hits += 1
         elif len(version) >= capacity:
-            while True:  # PredictedNextUse._top_due
-                deadline, _, victim = due[0]
-                current = deadlines.get(victim)
-                if current is None or deadline > current:
-                    heapq.heappop(due)
-                elif deadline < current:
-                    heapq.heapreplace(due, (current, version[victim], victim))
-                else:
-                    break
-            if deadline >= tick:
+            while version.get(due[0][2]) != due[0][1]:
+                heapq.heappop(due)
+            if due[0][0] >= tick:
                 while version.get(far[0][2]) != far[0][1]:
                     heapq.heappop(far)
                 if -far[0][0] <= expected:
@@ -193,22 +185,19 @@ def learn(predictor: SimpleMLPredictor[K], keys: Sequence[K], expert: PredictedN
                         evicted.append((i, key))  # expected back last: not admitted
                     continue
                 victim = far[0][2]
+            else:
+                victim = due[0][2]
             del version[victim]
-            del deadlines[victim]
             if evicted is not None:
                 evicted.append((i, victim))
         serial += 1
         version[key] = serial
         push(far, (-expected, serial, key))
         ahead = expected - tick
-        deadline = tick + patience * (ahead if ahead > 1.0 else 1.0)
-        old = deadlines.get(key)
-        deadlines[key] = deadline
-        if old is None or deadline < old:
-            push(due, (deadline, serial, key))
-        if len(far) > crowded:  # drop stale entries now and then, as PredictedNextUse._compact
+        push(due, (tick + patience * (ahead if ahead > 1.0 else 1.0), serial, key))
+        if len(far) > crowded:  # drop stale entries now and then, as PredictedNextUse._push
             far = [e for e in far if version.get(e[2]) == e[1]]
-            due = [e for e in due if e[0] <= deadlines.get(e[2], -inf)]
+            due = [e for e in due if version.get(e[2]) == e[1]]
             heapq.heapify(far)
             heapq.heapify(due)
     if keys and not max_successors:  # the latest access (the successor branch tracks it as it goes)
