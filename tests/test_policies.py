@@ -199,6 +199,39 @@ def test_predictor_learns_reuse_and_gates_successors() -> None:
     assert predictor.expected_next_access(-1) is None
 
 
+def test_tracker_without_window_or_successors_keeps_the_same_statistics() -> None:
+    full: AccessPatternTracker[int] = AccessPatternTracker(window=8)
+    lean: AccessPatternTracker[int] = AccessPatternTracker(0, max_successors=0)  # the policy's tracker
+    rng = random.Random(1)
+    for i in range(500):
+        key = rng.randrange(40)
+        full.record(key, float(i))
+        lean.record(key, float(i))
+    for key in range(40):
+        assert lean.stats(key) == full.stats(key)
+    assert lean.recent() == [] and lean.in_window(3) == 0 and lean.successors(3) == []
+    assert full.successors(3) and len(full.recent()) == 8
+
+
+def test_predictor_samples_a_share_of_the_accesses_at_random() -> None:
+    """Training on every n-th access would alias with the loop below (keys on odd ticks only)."""
+    counts: dict[int, int] = {}
+    for every in (1, 2, 4):
+        tracker: AccessPatternTracker[int] = AccessPatternTracker(0, max_successors=0)
+        predictor = SimpleMLPredictor(tracker, horizon=50, sample_every=every)
+        fresh = 10_000
+        for _ in range(300):
+            for key in range(10):
+                for k in (key, fresh):
+                    tracker.record(k, 0.0)
+                    predictor.observe(k)
+                fresh += 1
+        counts[every] = predictor.samples
+        assert predictor.reuse_probability(3) > 0.7 > predictor.reuse_probability(fresh - 1)
+        assert len(predictor.weights) == len(predictor.features(3)) == 6
+    assert counts[1] > 5000 and 0.4 < counts[2] / counts[1] < 0.6 and 0.15 < counts[4] / counts[1] < 0.35
+
+
 def loop_trace(length: int, passes: int) -> list[int]:
     return list(range(length)) * passes
 

@@ -109,11 +109,11 @@ def test_shadow_batches_report_what_single_accesses_do(keys: list[int], capacity
 
 
 @settings(max_examples=40, deadline=None)
-@given(keys=traces(), capacity=st.integers(1, 40))
-def test_belady_expert_batch_learns_like_single_accesses(keys: list[int], capacity: int) -> None:
-    def expert() -> PredictedNextUse[int]:
+@given(keys=traces(), capacity=st.integers(1, 40), every=st.sampled_from([1, 2, 4]))
+def test_belady_expert_batch_learns_like_single_accesses(keys: list[int], capacity: int, every: int) -> None:
+    def expert() -> PredictedNextUse[int]:  # a tracker with a window and successors, as the policy's has not
         return PredictedNextUse(capacity, SimpleMLPredictor(AccessPatternTracker(16, max_successors=3),
-                                                            horizon=2 * capacity + 5))
+                                                            horizon=2 * capacity + 5, sample_every=every))
 
     one, batch = expert(), expert()
     hits, gone = 0, []
@@ -131,6 +131,7 @@ def test_belady_expert_batch_learns_like_single_accesses(keys: list[int], capaci
     assert evicted == gone and list(one) == list(batch)
     assert one.predictor.weights == batch.predictor.weights
     assert one.predictor._probability == batch.predictor._probability
+    assert one.predictor.samples == batch.predictor.samples
     for key in set(keys):
         assert one.predictor.tracker.successors(key) == batch.predictor.tracker.successors(key)
         assert one.predictor.tracker.in_window(key) == batch.predictor.tracker.in_window(key)

@@ -53,11 +53,14 @@ class AccessPatternTracker(Generic[K]):
 
     ``max_successors`` bounds each key's successor table: it is a Misra-Gries summary, so every
     successor that follows a key more than ``1/(max_successors+1)`` of the time is kept, and the
-    counts (hence the probabilities) are never overestimated.
+    counts (hence the probabilities) are never overestimated. ``window`` is how many of the latest
+    keys :meth:`recent` and :meth:`in_window` remember. Either at 0 turns that bookkeeping off (the
+    predictive policy's tracker keeps neither: its regression does not read them, and they were a
+    third of its per-access cost).
     """
 
     def __init__(self, window: int = 200, *, max_successors: int = 8, alpha: float = 0.3) -> None:
-        self.window = max(1, window)
+        self.window = max(0, window)
         self.max_successors = max(0, max_successors)
         self.alpha = alpha
         self.tick = 0
@@ -104,11 +107,13 @@ class AccessPatternTracker(Generic[K]):
             state.count += 1
             state.last_gap = gap
             state.last_tick, state.last_time = tick, now
-        self._slide(key)
+        if self.window:
+            self._slide(key)
         previous = self.previous
-        self.transition = self.successor_probability(previous, key)
-        if previous is not None and self._previous_state is not None and self.max_successors:
-            self._follow(previous, self._previous_state, key)
+        if self.max_successors:
+            self.transition = self.successor_probability(previous, key)
+            if previous is not None and self._previous_state is not None:
+                self._follow(previous, self._previous_state, key)
         self.previous, self._previous_state = key, state
         return state
 

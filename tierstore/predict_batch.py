@@ -50,16 +50,20 @@ def learn(predictor: SimpleMLPredictor[K], keys: Sequence[K], expert: PredictedN
     previous, previous_state = tracker.previous, tracker._previous_state
     rate, horizon, log_h = predictor.learning_rate, predictor.horizon, predictor._log_horizon
     pending, expiry, probability = predictor._pending, predictor._expiry, predictor._probability
-    w0, w1, w2, w3, w4, w5, w6, w7 = predictor.weights
+    draw, cut = predictor._draw, predictor._cut
+    w0, w1, w2, w3, w4, w5 = predictor.weights
     samples = predictor.samples
     log1p, exp = math.log1p, math.exp
-    first_count = log1p(1) * 0.25
+    first = (1.0, log1p(1) * 0.25, 1.0, 1.0, 1.0, 0.0)  # the features of a first access
+    _, n1, n2, n3, n4, n5 = first
     far_horizon = 2.0 * horizon
     belady = expert is not None
     if expert is not None:
+        from .predict import _CROWDED
+
         version, far, due, serial = expert._version, expert._far, expert._due, expert._serial
         capacity, patience = expert.capacity, expert.patience
-        crowded = 4 * capacity + 64
+        crowded = _CROWDED * capacity + 64
     push = heapq.heappush
     hits = 0
     for i, key in enumerate(keys):
@@ -80,24 +84,23 @@ def learn(predictor: SimpleMLPredictor[K], keys: Sequence[K], expert: PredictedN
             state.last_gap = gap
             state.last_tick = tick
             repeat = True
-        slide(key)
-        seen = in_window[key] = in_window.get(key, 0) + 1
-        if len(recent) > window:
-            old = expire()
-            left = in_window[old] - 1
-            if old == key:
-                seen = left
-            if left:
-                in_window[old] = left
+        if window:  # off in the predictive policy's tracker
+            slide(key)
+            in_window[key] = in_window.get(key, 0) + 1
+            if len(recent) > window:
+                leaving = expire()
+                left = in_window[leaving] - 1
+                if left:
+                    in_window[leaving] = left
+                else:
+                    del in_window[leaving]
+        if max_successors:  # off in the predictive policy's tracker
+            if previous_state is None or previous is None:
+                transition = 0.0
             else:
-                del in_window[old]
-        if previous_state is None or previous is None:
-            transition = 0.0
-        else:
-            table = successors.get(previous)
-            out = previous_state.out
-            transition = 0.0 if table is None or not out else table.get(key, 0) / out
-            if max_successors:
+                table = successors.get(previous)
+                out = previous_state.out
+                transition = 0.0 if table is None or not out else table.get(key, 0) / out
                 previous_state.out = out + 1
                 if table is None:
                     successors[previous] = {key: 1}
@@ -107,12 +110,12 @@ def learn(predictor: SimpleMLPredictor[K], keys: Sequence[K], expert: PredictedN
                     table[key] = 1
                 else:  # Misra-Gries, as AccessPatternTracker._follow (same entries, same order)
                     successors[previous] = {k: c - 1 for k, c in table.items() if c > 1}
-        previous, previous_state = key, state
+            previous, previous_state = key, state
         # SimpleMLPredictor.observe: label the pending samples, then score this access
         sample = pending.pop(key, None)
         if sample is not None:
-            _, x1, x2, x3, x4, x5, x6, x7 = sample[1]  # x0 is 1.0: w0 * x0 == w0, step * x0 == step
-            z = w0 + w1 * x1 + w2 * x2 + w3 * x3 + w4 * x4 + w5 * x5 + w6 * x6 + w7 * x7
+            _, x1, x2, x3, x4, x5 = sample[1]  # x0 is 1.0: w0 * x0 == w0, step * x0 == step
+            z = w0 + w1 * x1 + w2 * x2 + w3 * x3 + w4 * x4 + w5 * x5
             z = 30.0 if z > 30.0 else (-30.0 if z < -30.0 else z)
             step = rate * (1.0 - 1.0 / (1.0 + exp(-z)))
             w0 += step
@@ -121,43 +124,46 @@ def learn(predictor: SimpleMLPredictor[K], keys: Sequence[K], expert: PredictedN
             w3 += step * x3
             w4 += step * x4
             w5 += step * x5
-            w6 += step * x6
-            w7 += step * x7
             samples += 1
-        limit = tick - horizon
-        while expiry and expiry[0][0] < limit:
-            born, gone = expiry.popleft()
-            stale = pending.get(gone)
-            if stale is not None and stale[0] == born:
-                del pending[gone]
-                _, x1, x2, x3, x4, x5, x6, x7 = stale[1]  # x0 is 1.0: w0 * x0 == w0, step * x0 == step
-                z = w0 + w1 * x1 + w2 * x2 + w3 * x3 + w4 * x4 + w5 * x5 + w6 * x6 + w7 * x7
-                z = 30.0 if z > 30.0 else (-30.0 if z < -30.0 else z)
-                step = rate * (0.0 - 1.0 / (1.0 + exp(-z)))
-                w0 += step
-                w1 += step * x1
-                w2 += step * x2
-                w3 += step * x3
-                w4 += step * x4
-                w5 += step * x5
-                w6 += step * x6
-                w7 += step * x7
-                samples += 1
-        crowd = (seen - 1) * 0.25
-        if crowd > 1.0:
-            crowd = 1.0
+        if expiry and expiry[0][0] < tick - horizon:
+            limit = tick - horizon
+            while expiry and expiry[0][0] < limit:
+                born, gone = expiry.popleft()
+                stale = pending.get(gone)
+                if stale is not None and stale[0] == born:
+                    del pending[gone]
+                    _, x1, x2, x3, x4, x5 = stale[1]
+                    z = w0 + w1 * x1 + w2 * x2 + w3 * x3 + w4 * x4 + w5 * x5
+                    z = 30.0 if z > 30.0 else (-30.0 if z < -30.0 else z)
+                    step = rate * (0.0 - 1.0 / (1.0 + exp(-z)))
+                    w0 += step
+                    w1 += step * x1
+                    w2 += step * x2
+                    w3 += step * x3
+                    w4 += step * x4
+                    w5 += step * x5
+                    samples += 1
         if repeat:
             g = state.gap
-            f3 = log1p(g) / log_h
-            f4 = log1p(state.last_gap) / log_h
-            x = [1.0, log1p(state.count) * 0.25, 0.0, f3 if f3 < 2.0 else 2.0, f4 if f4 < 2.0 else 2.0,
-                 1.0 if g <= horizon else 0.0, transition, crowd]
+            x3 = log1p(g) / log_h
+            if x3 > 2.0:
+                x3 = 2.0
+            x4 = log1p(state.last_gap) / log_h
+            if x4 > 2.0:
+                x4 = 2.0
+            x1 = log1p(state.count) * 0.25
+            x5 = 1.0 if g <= horizon else 0.0
+            z = w0 + w1 * x1 + w2 * 0.0 + w3 * x3 + w4 * x4 + w5 * x5
+            draw = (draw * 1664525 + 1013904223) & 0xFFFFFFFF  # SimpleMLPredictor's sampling draw
+            if draw < cut:
+                pending[key] = (tick, (1.0, x1, 0.0, x3, x4, x5))
+                expiry.append((tick, key))
         else:
-            x = [1.0, first_count, 1.0, 1.0, 1.0, 0.0, transition, crowd]
-        pending[key] = (tick, x)
-        expiry.append((tick, key))
-        _, x1, x2, x3, x4, x5, x6, x7 = x
-        z = w0 + w1 * x1 + w2 * x2 + w3 * x3 + w4 * x4 + w5 * x5 + w6 * x6 + w7 * x7
+            z = w0 + w1 * n1 + w2 * n2 + w3 * n3 + w4 * n4 + w5 * n5
+            draw = (draw * 1664525 + 1013904223) & 0xFFFFFFFF
+            if draw < cut:
+                pending[key] = (tick, first)
+                expiry.append((tick, key))
         z = 30.0 if z > 30.0 else (-30.0 if z < -30.0 else z)
         p = probability[key] = 1.0 / (1.0 + exp(-z))
         if not belady:
@@ -194,10 +200,12 @@ def learn(predictor: SimpleMLPredictor[K], keys: Sequence[K], expert: PredictedN
             due = [e for e in due if version.get(e[2]) == e[1]]
             heapq.heapify(far)
             heapq.heapify(due)
+    if keys and not max_successors:  # the latest access (the successor branch tracks it as it goes)
+        previous, previous_state = keys[-1], states[keys[-1]]
     tracker.tick, tracker.first_gap, tracker.transition = tick, first_gap, transition
     tracker.previous, tracker._previous_state = previous, previous_state
-    predictor.weights[:] = [w0, w1, w2, w3, w4, w5, w6, w7]
-    predictor.samples = samples
+    predictor.weights[:] = [w0, w1, w2, w3, w4, w5]
+    predictor.samples, predictor._draw = samples, draw
     if expert is not None:
         expert._far, expert._due, expert._serial = far, due, serial
     return hits
