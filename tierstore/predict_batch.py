@@ -113,18 +113,7 @@ def learn(predictor: SimpleMLPredictor[K], keys: Sequence[K], expert: PredictedN
             previous, previous_state = key, state
         # SimpleMLPredictor.observe: label the pending samples, then score this access
         sample = pending.pop(key, None)
-        if sample is not None:
-            _, x1, x2, x3, x4, x5 = sample[1]  # x0 is 1.0: w0 * x0 == w0, step * x0 == step
-            z = w0 + w1 * x1 + w2 * x2 + w3 * x3 + w4 * x4 + w5 * x5
-            z = 30.0 if z > 30.0 else (-30.0 if z < -30.0 else z)
-            step = rate * (1.0 - 1.0 / (1.0 + exp(-z)))
-            w0 += step
-            w1 += step * x1
-            w2 += step * x2
-            w3 += step * x3
-            w4 += step * x4
-            w5 += step * x5
-            samples += 1
+        labelled = None if sample is None else [(sample[1], 1.0)]
         if expiry and expiry[0][0] < tick - horizon:
             limit = tick - horizon
             while expiry and expiry[0][0] < limit:
@@ -132,17 +121,22 @@ def learn(predictor: SimpleMLPredictor[K], keys: Sequence[K], expert: PredictedN
                 stale = pending.get(gone)
                 if stale is not None and stale[0] == born:
                     del pending[gone]
-                    _, x1, x2, x3, x4, x5 = stale[1]
-                    z = w0 + w1 * x1 + w2 * x2 + w3 * x3 + w4 * x4 + w5 * x5
-                    z = 30.0 if z > 30.0 else (-30.0 if z < -30.0 else z)
-                    step = rate * (0.0 - 1.0 / (1.0 + exp(-z)))
-                    w0 += step
-                    w1 += step * x1
-                    w2 += step * x2
-                    w3 += step * x3
-                    w4 += step * x4
-                    w5 += step * x5
-                    samples += 1
+                    if labelled is None:
+                        labelled = []
+                    labelled.append((stale[1], 0.0))
+        if labelled is not None:  # the returned key's sample (1) first, then the expired ones (0)
+            for features, label in labelled:
+                _, x1, x2, x3, x4, x5 = features  # x0 is 1.0: w0 * x0 == w0, step * x0 == step
+                z = w0 + w1 * x1 + w2 * x2 + w3 * x3 + w4 * x4 + w5 * x5
+                z = 30.0 if z > 30.0 else (-30.0 if z < -30.0 else z)
+                step = rate * (label - 1.0 / (1.0 + exp(-z)))
+                w0 += step
+                w1 += step * x1
+                w2 += step * x2
+                w3 += step * x3
+                w4 += step * x4
+                w5 += step * x5
+                samples += 1
         if repeat:
             g = state.gap
             x3 = log1p(g) / log_h
