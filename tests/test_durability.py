@@ -35,7 +35,7 @@ import pytest
 import torch
 
 import tierstore
-from tests.faultlib import forking_server
+from tests.faultlib import check_files_match_catalog, forking_server
 
 # ---------------------------------------------------------------------------------------------------------
 # Deterministic transactions (this source is also sent to the child process, so keep it self-contained).
@@ -190,45 +190,6 @@ def resolve(actual: dict[str, int], acked: dict[str, int], unacked: int, with_un
         f"store matches neither the acknowledged state nor it plus txn {unacked} (puts {puts}, deletes {delete})"
         f"\n  acknowledged state: {acked}\n  with txn {unacked}:   {with_unacked}\n  actual:             {actual}"
         f"\n  acknowledged keys lost/changed: {lost}\n  tags of txn {unacked}'s keys: {partial}")
-
-
-def check_files_match_catalog(store: Path) -> None:
-    """Every file under l3/ is referenced by the catalog (or is zarr group/array metadata), and vice versa."""
-    con = sqlite3.connect(f"file:{store / 'catalog.sqlite'}?mode=ro", uri=True)
-    try:
-        shards = {(a, s): n for a, s, n in con.execute("SELECT array, shard, length FROM shards")}
-        rows = con.execute("SELECT key, l3_array, l3_shard, l3_offset, stored_bytes FROM blocks").fetchall()
-    finally:
-        con.close()
-    l3 = store / "l3"
-    expected: dict[Path, int | None] = {l3 / a / str(s): n for (a, s), n in shards.items()}
-    live_dirs: set[Path] = set()
-    for key, array, shard, offset, stored in rows:
-        if array is None:
-            continue
-        if array.startswith("blocks/"):
-            expected[l3 / array / "0"] = None
-            expected[l3 / array / "zarr.json"] = None
-            live_dirs.add(l3 / array)
-        else:
-            assert (array, shard) in shards, f"{key!r} points at {array}/{shard}, which the shards table lacks"
-            assert offset + stored <= shards[array, shard], f"{key!r} ends past its shard's committed length"
-    found_files: set[Path] = set()
-    for root, _dirs, files in os.walk(l3):
-        here = Path(root)
-        if here.parent == l3 / "blocks":
-            assert here in live_dirs, f"orphan block folder left after recovery: {here}"
-        for name in files:
-            found_files.add(here / name)
-    metadata = {l3 / "zarr.json", l3 / "packs" / "zarr.json", l3 / "blocks" / "zarr.json"}
-    metadata |= {p / "zarr.json" for p in (l3 / "packs").iterdir() if p.is_dir()} if (l3 / "packs").exists() else set()
-    orphans = sorted(str(p.relative_to(store)) for p in found_files - set(expected) - metadata)
-    assert not orphans, f"files under l3/ that the catalog does not reference: {orphans}"
-    missing = sorted(str(p.relative_to(store)) for p in set(expected) - found_files)
-    assert not missing, f"files the catalog references but that are gone: {missing}"
-    wrong = {str(p.relative_to(store)): (p.stat().st_size, n) for p, n in expected.items()
-             if n is not None and p.stat().st_size != n}
-    assert not wrong, f"pack shards whose size is not the committed length (size, committed): {wrong}"
 
 
 # ---------------------------------------------------------------------------------------------------------
