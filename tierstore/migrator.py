@@ -619,6 +619,14 @@ class Migrator:
         self._crash("freed")
         return freed
 
+    def _promotable(self, key: str) -> tuple[BlockRow, Location] | None:
+        """The committed row and L3 location of ``key``, or None when there is nothing to promote."""
+        try:
+            row, loc = self.hooks.lookup(key)
+        except BlockNotFoundError:
+            return None
+        return None if row.nbytes == 0 else (row, loc)
+
     def _to_l2(self, key: str) -> bool:
         """Copy ``key`` from L3 into an L2 slot, verify it, make it resident."""
         l2 = self.l2
@@ -627,12 +635,10 @@ class Migrator:
         if self._resident(l2, key) is not None:
             return True
         generation = l2.generation
-        try:
-            row, loc = self.hooks.lookup(key)
-        except BlockNotFoundError:
+        found = self._promotable(key)
+        if found is None:
             return False
-        if row.nbytes == 0:
-            return False
+        row, loc = found
         done = threading.Event()
         other = self._inflight.setdefault(key, done)
         if other is not done:  # another thread is promoting it: take its result
@@ -690,12 +696,10 @@ class Migrator:
             block_id, dtype, shape = host_entry.block_id, host_entry.dtype, host_entry.shape
             checksum, parent = host_entry.checksum, self.l2.parent_of(key)  # type: ignore[union-attr]
         else:
-            try:
-                row, loc = self.hooks.lookup(key)
-            except BlockNotFoundError:
+            found = self._promotable(key)
+            if found is None:
                 return False
-            if row.nbytes == 0:
-                return False
+            row, loc = found
             buf = np.empty(row.nbytes, dtype=np.uint8)
             self.l3.read_into(loc, buf)
             _check_promoted(key, row, loc, buf)
