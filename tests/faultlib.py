@@ -182,9 +182,9 @@ MAINTENANCE: list[Maintenance] = [
 
 
 def crash_points() -> list[str]:
-    """Named crash points of this build (``tierstore.migrator.CRASH_POINTS``), none before the migrator."""
+    """Named crash points of this build (``tierstore.engine.migrator.CRASH_POINTS``), none before the migrator."""
     try:
-        from tierstore import migrator
+        from tierstore.engine import migrator
     except ImportError:
         return []
     return list(getattr(migrator, "CRASH_POINTS", ()))
@@ -413,11 +413,11 @@ def check_clean(db: Any, store: Path) -> None:
 
 
 def verify_clean(store: Path) -> None:
-    """``tierstore.verify`` (every block read and checked, every file accounted for) finds nothing.
+    """``tierstore.upkeep.verify`` (every block read and checked, every file accounted for) finds nothing.
 
     Call it with the store closed (verify takes the writer lock).
     """
-    from tierstore.verify import verify
+    from tierstore.upkeep.verify import verify
 
     report = verify(store)
     assert report.ok, f"verify found problems: {report.problems}"

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from tierstore.alloc import Allocation, SlabAllocator
 from tierstore.errors import ConfigError
+from tierstore.tiers.slab_allocator import Allocation, SlabAllocator
 
 PAGE = 4096
 CAPACITY = 32 * PAGE  # small enough that random runs fill it and hit every fallback
@@ -238,7 +238,7 @@ def test_bad_geometry_is_a_config_error(kwargs: dict[str, int]) -> None:
 def test_restore_recreates_allocations_of_the_same_geometry() -> None:
     import random
 
-    from tierstore.alloc import SlabAllocator
+    from tierstore.tiers.slab_allocator import SlabAllocator
 
     rng = random.Random(5)
     first = SlabAllocator(512 << 20)

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 import tierstore
-from tierstore.activity import access_windows, load_counters, timeline
 from tierstore.cli import main
+from tierstore.reports.activity import access_windows, load_counters, timeline
 
 
 @pytest.fixture

@@ -186,7 +186,7 @@ def test_bad_zarr_json(store: Path, damage: str, which: str) -> None:
         db.put("new-small", torch.ones(10))
         db.put("new-large", torch.ones(200_000))
         faultlib.check_clean(db, store)
-    from tierstore.verify import verify
+    from tierstore.upkeep.verify import verify
 
     report = verify(store)  # verify names the damaged metadata (where it is still damaged) and rewrites it
     assert all(p.kind == "meta" for p in report.problems), report.problems

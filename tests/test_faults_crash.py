@@ -71,7 +71,7 @@ def test_sigkill_long_profile(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not faultlib.crash_points(),
-                    reason="this build has no named crash points (tierstore.migrator.CRASH_POINTS)")
+                    reason="this build has no named crash points (tierstore.engine.migrator.CRASH_POINTS)")
 def test_sigkill_at_every_named_crash_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Writers kill themselves at each named step of a move (TIERSTORE_CRASH_AT, set in the worker only: this
     process opens the store too); most operations are maintenance (prefetch, pin, migrate, compact, gc)."""

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import tierstore
-from tierstore.bandwidth import Bandwidth
 from tierstore.cli import main
-from tierstore.hardware import PRESETS, SEED_MACHINE, GpuFacts, HardwareFacts, HardwareOptimizer, detect, recommend
+from tierstore.plan.bandwidth import Bandwidth
+from tierstore.plan.hardware import PRESETS, SEED_MACHINE, GpuFacts, HardwareFacts, HardwareOptimizer, detect, recommend
 
 GiB = 1 << 30
 

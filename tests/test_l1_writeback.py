@@ -13,8 +13,8 @@ import torch
 
 import tierstore
 from tests.conftest import same_bits
+from tierstore.compat.memory_pools import HierarchicalCacheIntegration
 from tierstore.errors import ConfigError, DeviceMemoryError, TierFullError
-from tierstore.integrations.memory_pools import HierarchicalCacheIntegration
 from tierstore.tiers.l1_cuda import DevicePool
 
 KIB = 1 << 10

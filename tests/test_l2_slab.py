@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tierstore.alloc import Allocation
 from tierstore.errors import ConfigError, StoreClosedError, StoreFullError, UnsupportedTensorError
 from tierstore.tiers import l2_slab
 from tierstore.tiers.l2_slab import HostArena
+from tierstore.tiers.slab_allocator import Allocation
 
 MiB = 1 << 20
 

@@ -13,10 +13,10 @@ import torch
 
 import tierstore
 from tests.conftest import same_bits
-from tierstore import maintenance
 from tierstore.cli import main
-from tierstore.maintenance import disk_usage, fragmentation
-from tierstore.verify import verify
+from tierstore.upkeep import compaction as maintenance
+from tierstore.upkeep.compaction import disk_usage, fragmentation
+from tierstore.upkeep.verify import verify
 
 
 def _churn(db: tierstore.TierStore) -> dict[str, torch.Tensor]:

@@ -22,9 +22,9 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 import tierstore
 from tests.conftest import same_bits
+from tierstore.engine.migrator import CRASH_ENV, CRASH_POINTS, Move, Pin, Plan
 from tierstore.errors import BlockNotFoundError, ConfigError, InvalidKeyError, StoreClosedError, TierFullError
-from tierstore.migrator import CRASH_ENV, CRASH_POINTS, Move, Pin, Plan
-from tierstore.predict import SuccessorTable
+from tierstore.predict.predictor import SuccessorTable
 
 BLOCK = 64 * 1024  # float32 elements: 256 KiB a block
 
@@ -448,7 +448,7 @@ def test_cli_journal_and_successors(store_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_successor_history_is_bounded(store_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tierstore.migrator, "TRIM_EVERY", 1)
+    monkeypatch.setattr(tierstore.engine.migrator, "TRIM_EVERY", 1)
     with open_small(store_path, history_max_rows=5) as db:
         db.put("a", torch.zeros(4))
         for i in range(12):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
-from tierstore.policies import access
-from tierstore.predict import EXPERTS, PredictivePolicy
-from tierstore.shadow_caches import ShadowCache, ShadowLIRS, ShadowS3FIFO
+from tierstore.predict.policies import access
+from tierstore.predict.predictor import EXPERTS, PredictivePolicy
+from tierstore.predict.shadow_caches import ShadowCache, ShadowLIRS, ShadowS3FIFO
 
 
 def hit_rate(cache: ShadowCache[int], keys: list[int]) -> float:

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from tierstore.errors import ConfigError, TierFullError
-from tierstore.policies import FIFO, LFU, LRU, Policy, access, make_policy
-from tierstore.predict import AccessPatternTracker, PredictivePolicy, SimpleMLPredictor
-from tierstore.shadow_caches import ShadowARC, ShadowCache, ShadowLRU, ShadowS3FIFO, ShadowWTinyLFU
+from tierstore.predict.policies import FIFO, LFU, LRU, Policy, access, make_policy
+from tierstore.predict.predictor import AccessPatternTracker, PredictivePolicy, SimpleMLPredictor
+from tierstore.predict.shadow_caches import ShadowARC, ShadowCache, ShadowLRU, ShadowS3FIFO, ShadowWTinyLFU
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
 sys.path.insert(0, str(TOOLS))

@@ -1,6 +1,6 @@
 """The predictive policy's batch replay (``PredictivePolicy.simulate``) against the per-access protocol.
 
-The batch path is a second implementation of the per-access work (:mod:`tierstore.predict_batch`),
+The batch path is a second implementation of the per-access work (:mod:`tierstore.predict.batch_replay`),
 so these tests hold it to the same decisions, access for access, on random traces: the hit
 sequence, and the state both leave behind (learned weights, tier order, leader, scores).
 """
@@ -14,11 +14,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tierstore.access_tracker import AccessPatternTracker
 from tierstore.errors import ConfigError
-from tierstore.policies import access
-from tierstore.predict import PredictedNextUse, PredictivePolicy, SimpleMLPredictor
-from tierstore.shadow_caches import Evictions, ShadowARC, ShadowLIRS, ShadowLRU, ShadowS3FIFO, ShadowWTinyLFU
+from tierstore.predict.access_tracker import AccessPatternTracker
+from tierstore.predict.policies import access
+from tierstore.predict.predictor import PredictedNextUse, PredictivePolicy, SimpleMLPredictor
+from tierstore.predict.shadow_caches import Evictions, ShadowARC, ShadowLIRS, ShadowLRU, ShadowS3FIFO, ShadowWTinyLFU
 
 PANELS = [("s3fifo", "arc", "wtinylfu", "predicted", "lru", "lirs"), ("predicted", "lru"), ("lru", "arc"),
           ("wtinylfu", "s3fifo", "predicted"), ("lirs", "s3fifo")]

@@ -15,7 +15,7 @@ import tierstore
 from tierstore.config import CacheConfig, SharedCredentials
 from tierstore.errors import BlockUnavailableError, ConfigError, CorruptBlockError, SharedTierUnavailableError
 from tierstore.tensors import dtype_name, tensor_bytes
-from tierstore.tiers.l3_codecs import RAW, choose_codec
+from tierstore.tiers.codecs import RAW, choose_codec
 from tierstore.tiers.shared_objects import CHUNK, ChunkLayout, chunk_pool, parse_head
 from tierstore.tiers.shared_s3 import (
     BlockHeader,

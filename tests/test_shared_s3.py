@@ -31,7 +31,7 @@ from tierstore.cli import main
 from tierstore.config import SharedCredentials
 from tierstore.errors import BlockUnavailableError, CorruptBlockError, SharedTierError, SharedTierUnavailableError
 from tierstore.tensors import dtype_name, tensor_bytes
-from tierstore.tiers.l3_codecs import choose_codec
+from tierstore.tiers.codecs import choose_codec
 from tierstore.tiers.shared_objects import CHUNK, ChunkLayout, chunk_pool, parse_head
 from tierstore.tiers.shared_s3 import BlockHeader, SharedS3Tier, block_path, encode_block
 

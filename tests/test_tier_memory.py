@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from tierstore.alloc import Allocation
 from tierstore.tiers.l1_cuda import DevicePool
 from tierstore.tiers.l2_slab import HostArena
+from tierstore.tiers.slab_allocator import Allocation
 
 DTYPES = [
     torch.float32, torch.float64, torch.float16, torch.bfloat16,

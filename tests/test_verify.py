@@ -1,4 +1,4 @@
-"""``tierstore.verify`` and ``tierstore verify``: planted damage of every kind is found, and ``--fix``
+"""``tierstore.upkeep.verify`` and ``tierstore verify``: planted damage of every kind is found, and ``--fix``
 repairs it and names what was lost."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import tierstore
 from tests.conftest import same_bits
 from tierstore.cli import main
-from tierstore.verify import verify
+from tierstore.upkeep.verify import verify
 
 SMALL = {f"small/{i}": torch.arange(i * 100, i * 100 + 300, dtype=torch.float32) for i in range(6)}
 LARGE = {f"large/{i}": torch.randn(300_000, generator=torch.Generator().manual_seed(i)) for i in range(2)}

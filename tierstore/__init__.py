@@ -22,7 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
+from .compat.cache_manager import HierarchicalCacheManager
+from .compat.hardware_manager import IntelNvidiaCacheManager, create_hardware_optimized_cache_manager
 from .config import CacheConfig, SharedCredentials, format_size, parse_size
+from .engine.handle import BlockInfo, StoreStats, TierStore
 from .errors import (
     BlockNotFoundError,
     BlockUnavailableError,
@@ -46,12 +49,9 @@ from .errors import (
     TransactionError,
     UnsupportedTensorError,
 )
-from .hardware import HardwareFacts, HardwareOptimizer, Recommendation
-from .hardware_manager import IntelNvidiaCacheManager, create_hardware_optimized_cache_manager
-from .maintenance import MaintenanceReport
-from .manager import HierarchicalCacheManager
-from .store import BlockInfo, StoreStats, TierStore
-from .verify import VerifyReport, verify
+from .plan.hardware import HardwareFacts, HardwareOptimizer, Recommendation
+from .upkeep.compaction import MaintenanceReport
+from .upkeep.verify import VerifyReport, verify
 
 __all__ = [
     "__version__",

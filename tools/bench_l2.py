@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import tierstore
-from tierstore.history import AccessRecorder
+from tierstore.engine.access_recorder import AccessRecorder
 
 
 def median_time(fn: Callable[[], object], repeat: int) -> float:

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 import tierstore
-from tierstore.maintenance import disk_usage, fragmentation
-from tierstore.verify import verify
+from tierstore.upkeep.compaction import disk_usage, fragmentation
+from tierstore.upkeep.verify import verify
 
 
 def one_round(folder: Path, small: int, large: int) -> dict[str, float]:

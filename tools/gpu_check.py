@@ -33,11 +33,11 @@ import numpy as np
 import torch
 
 import tierstore
-from tierstore.alloc import Allocation
 from tierstore.config import format_size, parse_size
 from tierstore.errors import DeviceMemoryError, TierFullError
 from tierstore.tiers.l1_cuda import DevicePool, allocate_attention_weights, allocate_kv_cache
 from tierstore.tiers.l2_slab import HostArena
+from tierstore.tiers.slab_allocator import Allocation
 
 DTYPES = [getattr(torch, n) for n in (
     "float64", "float32", "float16", "bfloat16", "complex128", "complex64", "int64", "int32", "int16", "int8",

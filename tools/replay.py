@@ -11,7 +11,7 @@ one unit-size entry. Hit rates count cold misses as misses. For request-structur
 JSONL) the prefix-aware hit rate is reported too: a request's hits stop counting at its first miss.
 ``--prefix-aware`` also tells the predictive policy which block each block extends, so it can evict
 chain tails first. The classic policies come from ``replay_policies`` (independent references); the
-predictive one is the store's own :class:`tierstore.predict.PredictivePolicy`.
+predictive one is the store's own :class:`tierstore.predict.predictor.PredictivePolicy`.
 
 ``--store`` also replays the trace through a real store (4 KiB blocks, see ``replay_store``) for each
 of lru, fifo, lfu and predictive asked for, and prints, access by access, how often the store's L2
@@ -39,8 +39,8 @@ from replay_formats import FORMATS, Trace, read_trace
 from replay_policies import CHUNK, SIMULATORS, Progress
 from replay_store import STORE_POLICIES, replay_store, round_capacity, simulate_policy
 
-from tierstore.policies import access
-from tierstore.predict import PredictivePolicy, SuccessorTable
+from tierstore.predict.policies import access
+from tierstore.predict.predictor import PredictivePolicy, SuccessorTable
 
 DEFAULT_CAPACITIES = "1%,5%,10%,25%"
 DEFAULT_POLICIES = "lru,fifo,lfu,arc,s3fifo,wtinylfu,opt,predictive"
@@ -69,10 +69,10 @@ def simulate_predictive(keys: list[int], capacity: int, progress: Progress,
     """Drive the store's predictive policy: its batch replay, or per access with prefetching.
 
     Without ``prefetch`` this is :meth:`PredictivePolicy.simulate` (the same decisions as the
-    protocol's reference driver ``tierstore.policies.access``, which the tests check), chunk by chunk.
+    protocol's reference driver ``tierstore.predict.policies.access``, which the tests check), chunk by chunk.
     With ``prefetch`` (a one-item list that receives the count of blocks fetched ahead), after each
     access the likely successors of the key, as the store's prefetcher learns them
-    (:class:`tierstore.predict.SuccessorTable`, fed with the stream), are brought in ahead of use:
+    (:class:`tierstore.predict.predictor.SuccessorTable`, fed with the stream), are brought in ahead of use:
     evicting by policy like a miss does, but not counted as an access; that runs per access.
     """
     policy: PredictivePolicy[int] = PredictivePolicy(capacity)

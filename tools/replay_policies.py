@@ -5,7 +5,7 @@ a capacity in entries (unit-size objects) and a progress callback, and returns o
 1 for a hit, 0 for a miss (cold misses included). Per-access results, not just a count, let the
 caller score prefix-aware hit rates afterwards.
 
-They are written independently of ``tierstore.policies`` on purpose: they are the yardstick the
+They are written independently of ``tierstore.predict.policies`` on purpose: they are the yardstick the
 store's own policies are measured against, and they are tuned for speed (flat lists indexed by the
 dense key instead of dicts, loops in chunks so progress reporting costs nothing per access).
 """

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import tierstore
-from tierstore.policies import access, make_policy
+from tierstore.predict.policies import access, make_policy
 
 __all__ = ["STORE_POLICIES", "round_capacity", "replay_store", "simulate_policy"]
 
@@ -33,7 +33,7 @@ def round_capacity(capacity: int) -> int:
 
 
 def simulate_policy(keys: Sequence[int], policy: str, capacity: int) -> bytearray:
-    """The store's own policy class through the reference driver (``tierstore.policies.access``)."""
+    """The store's own policy class through the reference driver (``tierstore.predict.policies.access``)."""
     table = make_policy(policy, capacity=capacity * BLOCK_BYTES, block_size=BLOCK_BYTES)
     hits = bytearray(len(keys))
     for i, key in enumerate(keys):

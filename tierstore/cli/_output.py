@@ -14,7 +14,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from ..config import format_size
-from ..store import TierStore
+from ..engine.handle import TierStore
 
 __all__ = ["console", "table", "emit", "block_rows", "stats_table", "add_json", "progress_bar",
            "tier_table", "windows_table"]
@@ -88,7 +88,7 @@ def _size_or_dash(value: Any) -> str:
 
 
 def tier_table(overview: dict[str, dict[str, Any]]) -> Table:
-    """Per-tier capacity, use, hit rate and moves (``tierstore.activity.tier_overview``)."""
+    """Per-tier capacity, use, hit rate and moves (``tierstore.reports.activity.tier_overview``)."""
     rows = []
     for tier, row in overview.items():
         rate = "-" if row["hit_rate"] is None else f"{row['hit_rate']:.1%}"
@@ -103,7 +103,7 @@ def tier_table(overview: dict[str, dict[str, Any]]) -> Table:
 
 
 def windows_table(windows: dict[str, dict[str, int]]) -> Table:
-    """Accesses in the last minute, hour and day (``tierstore.activity.access_windows``)."""
+    """Accesses in the last minute, hour and day (``tierstore.reports.activity.access_windows``)."""
     return table("accesses", ["window", "gets", "puts", "deletes", "from L1", "from L2", "from L3"],
                  [[name, w["get"], w["put"], w["delete"], w["L1"], w["L2"], w["L3"]] for name, w in windows.items()])
 

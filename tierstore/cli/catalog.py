@@ -7,9 +7,9 @@ import dataclasses
 import time
 
 from .. import open as open_store
-from ..activity import access_windows, tier_overview
 from ..config import format_size
-from ..predict import next_access_estimate
+from ..predict.predictor import next_access_estimate
+from ..reports.activity import access_windows, tier_overview
 from ._output import add_json, block_rows, console, emit, stats_table, table, tier_table, windows_table
 
 __all__ = ["register"]

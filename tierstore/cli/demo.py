@@ -25,7 +25,7 @@ import torch
 
 from .. import open as open_store
 from ..config import format_size, parse_size
-from ..store import TierStore
+from ..engine.handle import TierStore
 from ._output import console, stats_table, table
 
 __all__ = ["register"]

@@ -9,10 +9,10 @@ from typing import Any
 
 from .. import open as open_store
 from ..config import format_size
+from ..engine.handle import CATALOG_NAME
 from ..errors import StoreNotFoundError
-from ..maintenance import MaintenanceReport, disk_usage
-from ..store import CATALOG_NAME
-from ..verify import verify
+from ..upkeep.compaction import MaintenanceReport, disk_usage
+from ..upkeep.verify import verify
 from ._output import add_json, console, emit, progress_bar, table
 from .shared import print_shared_verify, verify_shared_tier
 

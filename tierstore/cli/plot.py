@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from .. import open as open_store
-from ..activity import Timeline, timeline
 from ..config import format_size
+from ..reports.activity import Timeline, timeline
 from ._output import console
 
 __all__ = ["register", "draw"]

@@ -9,8 +9,8 @@ from typing import Any
 
 from .. import open as open_store
 from ..config import CacheConfig, format_size
-from ..hardware import PRESETS, HardwareFacts, HardwareOptimizer, Recommendation
-from ..store import CATALOG_NAME, TierStore
+from ..engine.handle import CATALOG_NAME, TierStore
+from ..plan.hardware import PRESETS, HardwareFacts, HardwareOptimizer, Recommendation
 from ._output import add_json, console, emit, table
 
 __all__ = ["register"]

@@ -17,9 +17,9 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 from .. import open as open_store
 from ..config import format_size
+from ..engine.handle import TierStore
+from ..engine.shared_coordinator import SharedCoordinator, SharedVerifyReport
 from ..errors import ConfigError
-from ..shared import SharedCoordinator, SharedVerifyReport
-from ..store import TierStore
 from ._output import add_json, console, emit, table
 
 __all__ = ["register", "verify_shared_tier", "print_shared_verify"]

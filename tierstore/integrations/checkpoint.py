@@ -32,8 +32,8 @@ from typing import Any, BinaryIO
 
 import torch
 
+from ..engine.handle import TierStore
 from ..errors import BlockNotFoundError, CheckpointError
-from ..store import TierStore
 
 __all__ = ["HF_META", "CONFIG_FILES", "TensorEntry", "read_header", "checkpoint_files", "import_checkpoint",
            "export_safetensors", "read_json", "stored_tensor_keys"]

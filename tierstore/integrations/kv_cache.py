@@ -36,8 +36,8 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ..config import parse_size
+from ..engine.handle import TierStore
 from ..errors import CacheUsageError
-from ..store import TierStore
 from .vision_cache import config_fingerprint, tensor_digest
 
 __all__ = ["TieredCache", "TieredLayer", "KVCacheStats", "block_hashes", "prefix_inputs"]

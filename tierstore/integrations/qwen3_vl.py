@@ -19,8 +19,8 @@ request's adapter).
 
 from __future__ import annotations
 
-from ..hardware_manager import create_hardware_optimized_cache_manager
-from .adapter import Qwen3VLHierarchicalCacheAdapter
+from ..compat.hardware_manager import create_hardware_optimized_cache_manager
+from ..compat.qwen_adapter import Qwen3VLHierarchicalCacheAdapter
 from .checkpoint import export_safetensors, import_checkpoint, read_json
 from .kv_cache import TieredCache
 from .streaming import StreamStats, WeightStreamer, load_streamed

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from ..config import parse_size
+from ..engine.handle import TierStore
 from ..errors import CheckpointError
-from ..store import TierStore
 from .checkpoint import read_json
 
 __all__ = ["StreamStats", "WeightStreamer", "load_streamed", "streamed_unit_names"]

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
+from ..engine.handle import TierStore
 from ..errors import BlockNotFoundError, CacheUsageError
-from ..store import TierStore
 
 __all__ = ["VisionFeatureCache", "VisionCacheStats", "tensor_digest", "config_fingerprint"]
 

@@ -1,4 +1,4 @@
-"""L1: a device buffer pool, a few large allocations carved up by :class:`~tierstore.alloc.SlabAllocator`.
+"""L1: a device buffer pool: a few large allocations carved up by a slab allocator (:mod:`.slab_allocator`).
 
 The pool grows by chunks (``torch.empty(n, dtype=torch.uint8)`` on the device, ``chunk_size`` bytes,
 up to ``capacity``) as allocations need them; once warm, the hot path never asks the device for memory.
@@ -41,9 +41,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from ..alloc import Allocation, ClassStats, SlabAllocator, view_nbytes
 from ..config import parse_size
 from ..errors import ConfigError, DeviceMemoryError, StoreClosedError, TierFullError, UnsupportedTensorError
+from .slab_allocator import Allocation, ClassStats, SlabAllocator, view_nbytes
 
 __all__ = ["DeviceMemory", "DevicePool", "MemoryProbe", "PoolStats", "allocate_attention_weights",
            "allocate_kv_cache", "is_device_oom", "needs_cast"]

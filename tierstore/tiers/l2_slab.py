@@ -1,8 +1,8 @@
-"""L2: a host-memory arena, one ``mmap`` carved up by a :class:`~tierstore.alloc.SlabAllocator`.
+"""L2: a host-memory arena, one ``mmap`` carved up by a :class:`~tierstore.tiers.slab_allocator.SlabAllocator`.
 
 The arena is mapped once, prefaulted and (on CUDA machines) registered as pinned memory, so
 copies into it run at memcpy speed and host-to-device copies can be asynchronous. Slots
-are handed out as :class:`~tierstore.alloc.Allocation` values and read or written through
+are handed out as :class:`~tierstore.tiers.slab_allocator.Allocation` values and read or written through
 ``buffer()``, ``as_numpy()`` or ``view()``, a zero-copy torch tensor whose ``on_release``
 callback tells the owner when the last tensor derived from it is gone, so the slot is
 never reused under a holder.
@@ -34,7 +34,6 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from ..alloc import Allocation, AllocatorStats, SlabAllocator, view_nbytes
 from ..config import parse_size
 from ..errors import (
     ConfigError,
@@ -43,6 +42,7 @@ from ..errors import (
     UnsupportedTensorError,
     translate_os_error,
 )
+from .slab_allocator import Allocation, AllocatorStats, SlabAllocator, view_nbytes
 
 __all__ = ["ArenaStats", "HostArena"]
 

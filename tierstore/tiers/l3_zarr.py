@@ -42,7 +42,7 @@ import crc32c
 import numpy as np
 
 from ..errors import CorruptBlockError
-from .l3_codecs import MIN_RATIO, RAW, Codec, codec_from_id
+from .codecs import MIN_RATIO, RAW, Codec, codec_from_id
 
 __all__ = ["GRANULE", "PACK_SLOTS", "PACK_MAX", "EMPTY_LOCATION", "Location", "RecoveryReport", "ZarrL3"]
 

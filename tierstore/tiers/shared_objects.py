@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ..errors import CorruptBlockError, SharedTierError
-from .l3_codecs import MIN_RATIO, RAW, Codec, codec_from_id
+from .codecs import MIN_RATIO, RAW, Codec, codec_from_id
 
 __all__ = ["BlockHeader", "ChunkLayout", "CHUNK", "content_hash", "encode_block", "decode_block", "parse_head",
            "decode_chunk", "finish_chunked", "chunk_pool", "parse_shared_url", "block_path", "ref_path",

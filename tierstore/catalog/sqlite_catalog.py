@@ -1,0 +1,587 @@
+"""The SQLite catalog: which blocks exist, where their bytes are, how they are used.
+
+The catalog is a plain SQLite file (``catalog.sqlite``, WAL mode) whose
+tables are documented in ``schema/`` and the README; ``sqlite-utils`` and
+datasette read it as it is. Its schema is the numbered ``schema/NNNN_*.sql``
+files, applied in order under ``PRAGMA user_version``.
+
+All SQL lives here as named constants. Every sqlite3 error is translated at
+one choke point (:meth:`Catalog._fail`). One connection serves all threads of
+a handle, behind a lock: statements are microseconds and sqlite3 serialises
+a connection anyway. Writes use ``BEGIN IMMEDIATE`` so that a busy database
+waits for the writer instead of failing half-way.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib.resources
+import json
+import os
+import re
+import resource
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from ..errors import CatalogError, CorruptBlockError, SchemaVersionError, StoreFullError, TierStoreError
+
+__all__ = ["Catalog", "BlockRow", "SCHEMA_VERSION", "schema_scripts"]
+
+BLOCK_COLUMNS = ("key, block_id, dtype, shape, nbytes, checksum, durable, codec, l3_array, l3_shard, "
+                 "l3_offset, l3_sizes, l3_inner, stored_bytes, tiers, created, updated, parent")
+GET_BLOCK = f"SELECT {BLOCK_COLUMNS} FROM blocks WHERE key = ?"
+HAS_BLOCK = "SELECT 1 FROM blocks WHERE key = ?"
+GET_BLOCK_BY_ID = f"SELECT {BLOCK_COLUMNS} FROM blocks WHERE block_id = ?"
+UPSERT_BLOCK = f"""
+INSERT INTO blocks ({BLOCK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT(key) DO UPDATE SET
+  block_id = excluded.block_id, dtype = excluded.dtype, shape = excluded.shape, nbytes = excluded.nbytes,
+  checksum = excluded.checksum, durable = excluded.durable, codec = excluded.codec,
+  l3_array = excluded.l3_array, l3_shard = excluded.l3_shard, l3_offset = excluded.l3_offset,
+  l3_sizes = excluded.l3_sizes, l3_inner = excluded.l3_inner, stored_bytes = excluded.stored_bytes,
+  tiers = excluded.tiers, updated = excluded.updated, parent = excluded.parent
+"""
+DELETE_BLOCK = "DELETE FROM blocks WHERE key = ?"
+COUNT_BLOCKS = "SELECT count(*), coalesce(sum(nbytes), 0), coalesce(sum(stored_bytes), 0) FROM blocks"
+KEYS_PAGE = "SELECT key FROM blocks WHERE key > ? ORDER BY key LIMIT ?"
+KEYS_FROM_PAGE = "SELECT key FROM blocks WHERE key >= ? ORDER BY key LIMIT ?"
+KEYS_PREFIX_PAGE = "SELECT key FROM blocks WHERE key > ? AND key >= ? AND key < ? ORDER BY key LIMIT ?"
+FIND_BY_TYPE = "SELECT key FROM blocks WHERE dtype = ? AND shape = ? ORDER BY updated DESC LIMIT ?"
+MAX_BLOCK_ID = "SELECT coalesce(max(block_id), 0) FROM blocks"
+VOLATILE_KEYS = "SELECT key FROM blocks INDEXED BY blocks_volatile WHERE durable = 0"
+DROP_VOLATILE = f"DELETE FROM blocks WHERE key IN ({VOLATILE_KEYS})"
+LIVE_ARRAYS = "SELECT l3_array FROM blocks WHERE l3_array >= 'blocks/' AND l3_array < 'blocks0'"
+SHARD_LENGTHS = "SELECT array, shard, length FROM shards"
+UPSERT_SHARD = """
+INSERT INTO shards (array, shard, length) VALUES (?, ?, ?)
+ON CONFLICT(array, shard) DO UPDATE SET length = excluded.length
+"""
+DROP_UNUSED_SHARDS = """
+DELETE FROM shards WHERE NOT EXISTS (
+  SELECT 1 FROM blocks WHERE blocks.l3_array = shards.array AND blocks.l3_shard = shards.shard)
+  AND (array, shard) NOT IN (SELECT array, max(shard) FROM shards GROUP BY array)
+"""
+GET_META = "SELECT value FROM store_meta WHERE name = ?"
+SET_META = "INSERT INTO store_meta (name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value"
+GET_STATS = ("SELECT access_count, get_count, put_count, hits_l1, hits_l2, hits_l3, first_access, last_access, "
+             "interarrival_ewma FROM block_stats WHERE key = ?")
+UPSERT_STATS = """
+INSERT INTO block_stats (key, access_count, get_count, put_count, hits_l1, hits_l2, hits_l3,
+                         first_access, last_access, interarrival_ewma)
+VALUES (:key, :n, :gets, :puts, :l1, :l2, :l3, :first, :last, :gap)
+ON CONFLICT(key) DO UPDATE SET
+  interarrival_ewma = CASE
+    WHEN block_stats.last_access IS NULL THEN excluded.interarrival_ewma
+    WHEN block_stats.interarrival_ewma IS NULL
+      THEN (excluded.last_access - block_stats.last_access) / excluded.access_count
+    ELSE 0.7 * block_stats.interarrival_ewma
+         + 0.3 * (excluded.last_access - block_stats.last_access) / excluded.access_count END,
+  access_count = block_stats.access_count + excluded.access_count,
+  get_count = block_stats.get_count + excluded.get_count,
+  put_count = block_stats.put_count + excluded.put_count,
+  hits_l1 = block_stats.hits_l1 + excluded.hits_l1,
+  hits_l2 = block_stats.hits_l2 + excluded.hits_l2,
+  hits_l3 = block_stats.hits_l3 + excluded.hits_l3,
+  last_access = excluded.last_access
+"""
+INSERT_ACCESS = "INSERT INTO access_log (ts, key, op, tier) VALUES (?, ?, ?, ?)"
+TRIM_ACCESS = "DELETE FROM access_log WHERE id <= (SELECT max(id) FROM access_log) - ?"
+UPSERT_SUCCESSOR = """
+INSERT INTO successors (key, next_key, count) VALUES (?, ?, ?)
+ON CONFLICT(key, next_key) DO UPDATE SET count = successors.count + excluded.count
+"""
+RECENT_ACCESS = "SELECT ts, key, op, tier FROM access_log ORDER BY id DESC LIMIT ?"
+RECENT_ACCESS_KEY = "SELECT ts, key, op, tier FROM access_log WHERE key = ? ORDER BY id DESC LIMIT ?"
+JOURNAL_COUNT = "SELECT count(*) FROM journal"
+JOURNAL_INSERT = "INSERT INTO journal (block_id, key, op, src, dst, state, created) VALUES (?, ?, ?, ?, ?, ?, ?)"
+JOURNAL_ROWS = "SELECT id, block_id, key, op, src, dst, state, created FROM journal ORDER BY id"
+JOURNAL_DELETE = "DELETE FROM journal WHERE id = ?"
+TRIM_SUCCESSORS = """
+DELETE FROM successors WHERE (key, next_key) IN (
+  SELECT key, next_key FROM successors ORDER BY count ASC LIMIT max(0, (SELECT count(*) FROM successors) - ?))
+"""
+SUCCESSOR_ROWS = "SELECT key, next_key, count FROM successors ORDER BY count DESC LIMIT ?"
+HOT_BLOCKS = """
+SELECT s.key, s.access_count, s.last_access, b.nbytes FROM block_stats s JOIN blocks b ON b.key = s.key
+WHERE s.access_count >= ? ORDER BY s.access_count DESC, s.last_access DESC LIMIT ?
+"""
+
+HEADROOM_SUFFIX = "-headroom"
+HEADROOM = 1 << 20
+"""Disk held beside the catalog and given back when the disk is full, so that deletes can still commit."""
+
+_SCRIPT_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRow:
+    """One row of ``blocks``, as the store reads it."""
+
+    key: str
+    block_id: int
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    checksum: int
+    durable: bool
+    codec: str
+    l3_array: str | None
+    l3_shard: int | None
+    l3_offset: int | None
+    l3_sizes: bytes | None
+    l3_inner: int | None
+    stored_bytes: int
+    tiers: int
+    created: float
+    updated: float
+    parent: str | None = None
+    """The key of the block this one extends in a chain (``put(..., parent=...)``); it may be gone."""
+
+    @staticmethod
+    def from_tuple(row: Sequence[Any]) -> BlockRow:
+        """Build from a ``SELECT {BLOCK_COLUMNS}`` row."""
+        (key, block_id, dtype, shape, nbytes, checksum, durable, codec, array, shard, offset, sizes, inner,
+         stored, tiers, created, updated, parent) = row
+        _check_location(key, nbytes, array, shard, offset, sizes, inner)
+        if not isinstance(parent, str) or not parent:
+            parent = None  # only an eviction hint: a damaged link is no link, never a damaged block
+        return BlockRow(key, block_id, dtype, _checked_shape(key, shape), nbytes, checksum, bool(durable), codec,
+                        array, shard, offset, sizes, inner, stored, tiers, created, updated, parent)
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        """Values in ``BLOCK_COLUMNS`` order."""
+        return (self.key, self.block_id, self.dtype, json.dumps(list(self.shape)), self.nbytes, self.checksum,
+                int(self.durable), self.codec, self.l3_array, self.l3_shard, self.l3_offset, self.l3_sizes,
+                self.l3_inner, self.stored_bytes, self.tiers, self.created, self.updated, self.parent)
+
+
+_ARRAY_NAME = re.compile(r"packs/[a-z0-9-]+|blocks/[0-9a-f]{16}")
+"""The only L3 array names tierstore writes: a row naming anything else (``blocks/../..``) is damaged."""
+
+
+def _damaged(key: str, what: str) -> CorruptBlockError:
+    return CorruptBlockError(f"block {key!r}: its catalog row is damaged ({what}); restore the catalog or "
+                             "delete the key", key=key, tier="L3")
+
+
+def _checked_shape(key: str, text: Any) -> tuple[int, ...]:
+    try:
+        shape = json.loads(text)
+    except (TypeError, ValueError):
+        shape = None
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise _damaged(key, f"shape {str(text)[:60]!r}")
+    return tuple(shape)
+
+
+def _check_location(key: str, nbytes: Any, array: Any, shard: Any, offset: Any, sizes: Any, inner: Any) -> None:
+    """CorruptBlockError unless the L3 columns of a row can describe a block tierstore wrote."""
+    if type(nbytes) is not int or nbytes < 0:
+        raise _damaged(key, f"nbytes {nbytes!r}")
+    if array is None:
+        return
+    if not isinstance(array, str) or not _ARRAY_NAME.fullmatch(array):
+        raise _damaged(key, f"L3 array {str(array)[:60]!r}")
+    if any(type(v) is not int or v < 0 for v in (shard, offset)) or type(inner) is not int or inner <= 0:
+        raise _damaged(key, f"L3 shard/offset/inner {shard!r}/{offset!r}/{inner!r}")
+    if not isinstance(sizes, bytes) or len(sizes) % 4:
+        raise _damaged(key, "L3 chunk sizes")
+    chunks = len(sizes) // 4
+    if not 0 < nbytes <= chunks * inner:
+        raise _damaged(key, f"{nbytes} bytes cannot be {chunks} chunks of {inner}")
+
+
+def schema_scripts() -> list[tuple[int, str, str]]:
+    """``(version, name, sql)`` of every schema migration, in order."""
+    try:
+        root: Any = importlib.resources.files("tierstore._schema")
+        entries = [(p.name, p.read_text(encoding="utf-8")) for p in root.iterdir() if p.name.endswith(".sql")]
+    except (ModuleNotFoundError, FileNotFoundError):
+        folder = Path(__file__).resolve().parents[2] / "schema"
+        entries = [(p.name, p.read_text(encoding="utf-8")) for p in folder.glob("*.sql")]
+    scripts = []
+    for name, sql in entries:
+        match = _SCRIPT_NAME.match(name)
+        if match:
+            scripts.append((int(match.group(1)), name, sql))
+    scripts.sort()
+    if not scripts or [v for v, _, _ in scripts] != list(range(1, len(scripts) + 1)):
+        raise CatalogError(f"schema migrations are missing or misnumbered: {[n for _, n, _ in scripts]}")
+    return scripts
+
+
+SCHEMA_VERSION = len(schema_scripts())
+
+
+class Catalog:
+    """The catalog of one store: a single SQLite connection shared by the handle's threads."""
+
+    def __init__(self, path: str | Path, *, readonly: bool = False, durable: bool = True) -> None:
+        self.path = Path(path)
+        self.readonly = readonly
+        self._lock = threading.RLock()
+        if readonly and not self.path.exists():
+            raise CatalogError(f"no catalog at {self.path}; is this a tierstore store?", path=str(self.path))
+        try:
+            conn = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False, isolation_level=None)
+            self._conn = conn
+            conn.execute("PRAGMA busy_timeout = 30000")
+            if not readonly:
+                conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'OFF'}")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.Error as exc:
+            raise self._fail(exc, "open the catalog") from None
+        if version > SCHEMA_VERSION:
+            conn.close()
+            raise SchemaVersionError(
+                f"catalog {self.path} has schema version {version}, newer than this tierstore knows "
+                f"({SCHEMA_VERSION}); upgrade tierstore to open it", path=str(self.path))
+        if version < SCHEMA_VERSION:
+            if readonly:
+                conn.close()
+                raise SchemaVersionError(
+                    f"catalog {self.path} has schema version {version}; open it read-write once to upgrade "
+                    f"it to {SCHEMA_VERSION}", path=str(self.path))
+            self._migrate(version)
+        if readonly:
+            conn.execute("PRAGMA query_only = 1")
+        self._headroom_gone = False
+        if not readonly:
+            self._reserve_headroom()
+        self.db = sqlite_utils.Database(conn)
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    def _fail(self, exc: sqlite3.Error, what: str) -> TierStoreError:
+        """The one place sqlite3 errors become tierstore errors."""
+        text = str(exc)
+        if isinstance(exc, sqlite3.OperationalError) and ("disk is full" in text or "too big" in text
+                                                          or self._write_refused_for_size(exc)):
+            return StoreFullError(f"{what}: the disk under {self.path} is full ({text}); "
+                                  "free space and retry (nothing committed was lost)", path=str(self.path))
+        if isinstance(exc, sqlite3.DatabaseError) and ("malformed" in text or "not a database" in text):
+            return CatalogError(f"{what}: catalog {self.path} is damaged ({text}); restore it from a backup "
+                                "or run 'tierstore verify --fix' on a copy", path=str(self.path))
+        return CatalogError(f"{what}: {text} (catalog {self.path})", path=str(self.path))
+
+    def _write_refused_for_size(self, exc: sqlite3.Error) -> bool:
+        """A failed write that is a size limit, not a broken disk (SQLite reports EFBIG as an I/O error)."""
+        if getattr(exc, "sqlite_errorname", "") != "SQLITE_IOERR_WRITE":
+            return False
+        try:
+            if os.statvfs(self.path.parent).f_bavail * os.statvfs(self.path.parent).f_frsize < HEADROOM:
+                return True
+            soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+            if soft == resource.RLIM_INFINITY:
+                return False
+            files = (self.path, self.path.with_name(self.path.name + "-wal"))
+            return any(f.exists() and f.stat().st_size + (1 << 16) >= soft for f in files)
+        except OSError:
+            return False
+
+    def _migrate(self, current: int) -> None:
+        for version, name, sql in schema_scripts():
+            if version <= current:
+                continue
+            try:
+                self._conn.executescript(f"BEGIN IMMEDIATE;\n{sql}\nPRAGMA user_version = {version};\nCOMMIT;")
+            except sqlite3.Error as exc:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise self._fail(exc, f"apply schema {name}") from None
+
+    @contextmanager
+    def write(self, what: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``); rolled back on any error."""
+        with self._lock:
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise self._fail(exc, what) from None
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise self._fail(exc, what) from None
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    def query(self, sql: str, params: Sequence[Any] = (), *, what: str = "read the catalog") -> list[Any]:
+        """Run a read statement and return all rows."""
+        with self._lock:
+            try:
+                return self._conn.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise self._fail(exc, what) from None
+
+    def query_one(self, sql: str, params: Sequence[Any] = (), *, what: str = "read the catalog") -> Any:
+        """Run a read statement and return its first row (or None)."""
+        with self._lock:
+            try:
+                return self._conn.execute(sql, params).fetchone()
+            except sqlite3.Error as exc:
+                raise self._fail(exc, what) from None
+
+    # -- blocks -----------------------------------------------------------------------------------
+
+    def get_block(self, key: str) -> BlockRow | None:
+        """The committed row of ``key``."""
+        row = self.query_one(GET_BLOCK, (key,))
+        return None if row is None else BlockRow.from_tuple(row)
+
+    def block_by_id(self, block_id: int) -> BlockRow | None:
+        """The committed row holding ``block_id``, if any."""
+        row = self.query_one(GET_BLOCK_BY_ID, (block_id,))
+        return None if row is None else BlockRow.from_tuple(row)
+
+    def has_block(self, key: str) -> bool:
+        """Whether ``key`` has a committed row."""
+        return self.query_one(HAS_BLOCK, (key,)) is not None
+
+    def commit_blocks(self, rows: Sequence[BlockRow], deletes: Sequence[str],
+                      shard_lengths: dict[tuple[str, int], int], next_block_id: int) -> list[BlockRow]:
+        """Switch in new rows and drop deleted keys in one transaction; return the replaced rows.
+
+        ``next_block_id`` is recorded too, so block ids (and so file names) are never reused, even
+        after the highest block is deleted: a reader's cached file can never alias a newer block.
+        """
+        if self._headroom_gone:
+            self._reserve_headroom()
+        try:
+            return self._commit_blocks(rows, deletes, shard_lengths, next_block_id)
+        except StoreFullError:
+            # On a full disk SQLite cannot grow its WAL, so even a delete (the way to free space) would
+            # fail: a commit that only deletes gets the space held in reserve for this, and one retry.
+            if rows or not self._release_headroom():
+                raise
+            return self._commit_blocks(rows, deletes, shard_lengths, next_block_id)
+
+    def _reserve_headroom(self) -> None:
+        """Hold ``HEADROOM`` bytes of disk beside the catalog (best effort: a full disk leaves none)."""
+        path = self.path.with_name(self.path.name + HEADROOM_SUFFIX)
+        self._headroom_gone = True
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError:
+            return
+        try:
+            os.posix_fallocate(fd, 0, HEADROOM)
+            self._headroom_gone = False
+        except OSError as exc:
+            os.ftruncate(fd, 0)
+            self._headroom_gone = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # else: unsupported here
+        finally:
+            os.close(fd)
+
+    def _release_headroom(self) -> bool:
+        path = self.path.with_name(self.path.name + HEADROOM_SUFFIX)
+        try:
+            held = path.stat().st_size > 0
+            path.unlink()
+        except OSError:
+            return False
+        self._headroom_gone = True
+        return held
+
+    def _commit_blocks(self, rows: Sequence[BlockRow], deletes: Sequence[str],
+                       shard_lengths: dict[tuple[str, int], int], next_block_id: int) -> list[BlockRow]:
+        replaced: list[BlockRow] = []
+        with self.write("commit blocks") as conn:
+            conn.execute(SET_META, ("next_block_id", str(next_block_id)))
+            for key in [r.key for r in rows] + list(deletes):
+                old = conn.execute(GET_BLOCK, (key,)).fetchone()
+                if old is not None:
+                    replaced.append(_replaced_row(old))
+            conn.executemany(UPSERT_SHARD, [(a, s, n) for (a, s), n in shard_lengths.items()])
+            conn.executemany(UPSERT_BLOCK, [r.to_tuple() for r in rows])
+            conn.executemany(DELETE_BLOCK, [(k,) for k in deletes])
+        return replaced
+
+    def totals(self) -> tuple[int, int, int]:
+        """``(blocks, raw bytes, stored bytes)`` of the committed state."""
+        count, nbytes, stored = self.query_one(COUNT_BLOCKS)
+        return int(count), int(nbytes), int(stored)
+
+    def keys_page(self, after: str, limit: int, prefix: str | None) -> list[str]:
+        """Up to ``limit`` keys greater than ``after`` (and starting with ``prefix``), in order."""
+        if prefix is None:
+            return [r[0] for r in self.query(KEYS_PAGE, (after, limit))]
+        high = _prefix_upper_bound(prefix)
+        if high is None:  # the prefix ends in U+10FFFF: no string bounds it from above
+            rows = self.query(KEYS_PAGE, (after, limit)) if after >= prefix else self.query(
+                KEYS_FROM_PAGE, (prefix, limit))
+            return [r[0] for r in rows if r[0].startswith(prefix)]
+        return [r[0] for r in self.query(KEYS_PREFIX_PAGE, (after, prefix, high, limit))]
+
+    def find_by_type(self, dtype: str, shape: tuple[int, ...], limit: int = 1) -> list[str]:
+        """Keys of the newest blocks with this dtype and shape."""
+        return [r[0] for r in self.query(FIND_BY_TYPE, (dtype, json.dumps(list(shape)), limit))]
+
+    # -- recovery ---------------------------------------------------------------------------------
+
+    def drop_volatile(self) -> list[str]:
+        """Delete the rows of cache-only blocks (a new process starts without them)."""
+        with self.write("drop cache-only blocks") as conn:
+            keys = [r[0] for r in conn.execute(VOLATILE_KEYS).fetchall()]
+            if keys:
+                conn.execute(DROP_VOLATILE)
+        return keys
+
+    def shard_lengths(self) -> dict[tuple[str, int], int]:
+        """Committed length of every shard file."""
+        return {(a, s): n for a, s, n in self.query(SHARD_LENGTHS)}
+
+    def live_arrays(self) -> set[str]:
+        """L3 arrays (large blocks) that committed rows point at."""
+        return {r[0] for r in self.query(LIVE_ARRAYS)}
+
+    def forget_unused_shards(self) -> None:
+        """Drop shard rows no block points at (their files are then orphans), keeping each pack's last."""
+        with self.write("forget unused shards") as conn:
+            conn.execute(DROP_UNUSED_SHARDS)
+
+    def next_block_id(self) -> int:
+        """The first block id never used in this store."""
+        recorded = self.meta("next_block_id")
+        return max(int(self.query_one(MAX_BLOCK_ID)[0]) + 1, int(recorded) if recorded else 1)
+
+    def data_version(self) -> int:
+        """Changes whenever another connection commits (SQLite's ``PRAGMA data_version``)."""
+        return int(self.query_one("PRAGMA data_version")[0])
+
+    def meta(self, name: str) -> str | None:
+        """A ``store_meta`` value."""
+        row = self.query_one(GET_META, (name,))
+        return None if row is None else str(row[0])
+
+    def set_meta(self, values: dict[str, str]) -> None:
+        """Write ``store_meta`` values."""
+        with self.write("write store metadata") as conn:
+            conn.executemany(SET_META, list(values.items()))
+
+    # -- statistics -------------------------------------------------------------------------------
+
+    def write_history(self, log: Sequence[tuple[float, str, str, str | None]],
+                      stats: Sequence[dict[str, Any]], successors: Sequence[tuple[str, str, int]],
+                      max_rows: int) -> None:
+        """Append a batch of accesses and fold it into the per-key statistics (one transaction)."""
+        with self.write("record access history") as conn:
+            conn.executemany(INSERT_ACCESS, log)
+            conn.executemany(UPSERT_STATS, stats)
+            conn.executemany(UPSERT_SUCCESSOR, successors)
+            conn.execute(TRIM_ACCESS, (max_rows,))
+
+    def block_stats(self, key: str) -> dict[str, Any] | None:
+        """The statistics row of ``key``."""
+        row = self.query_one(GET_STATS, (key,))
+        if row is None:
+            return None
+        names = ("access_count", "get_count", "put_count", "hits_l1", "hits_l2", "hits_l3", "first_access",
+                 "last_access", "interarrival_ewma")
+        return dict(zip(names, row, strict=True))
+
+    def history(self, key: str | None, limit: int) -> list[tuple[float, str, str, str | None]]:
+        """The newest ``limit`` accesses (of ``key``), newest first."""
+        if key is None:
+            return [tuple(r) for r in self.query(RECENT_ACCESS, (limit,))]
+        return [tuple(r) for r in self.query(RECENT_ACCESS_KEY, (key, limit))]
+
+    def journal_size(self) -> int:
+        """Moves recorded as in flight."""
+        return int(self.query_one(JOURNAL_COUNT)[0])
+
+    def journal_begin(self, moves: Sequence[tuple[int, str, str, str, str]]) -> list[int]:
+        """Record ``(block_id, key, op, src, dst)`` moves as intents (one transaction); their row ids."""
+        stamp = time.time()
+        ids: list[int] = []
+        with self.write("journal tier moves") as conn:
+            for block_id, key, op, src, dst in moves:
+                cursor = conn.execute(JOURNAL_INSERT, (block_id, key, op, src, dst, "intent", stamp))
+                ids.append(int(cursor.lastrowid or 0))
+        return ids
+
+    def journal_end(self, ids: Sequence[int]) -> None:
+        """Remove finished (or undone) moves from the journal."""
+        if ids:
+            with self.write("clear tier moves") as conn:
+                conn.executemany(JOURNAL_DELETE, [(i,) for i in ids])
+
+    def journal_rows(self) -> list[tuple[int, int, str, str, str, str, str, float]]:
+        """Every move in flight: ``(id, block_id, key, op, src, dst, state, created)``."""
+        return [tuple(r) for r in self.query(JOURNAL_ROWS)]
+
+    def commit_moved(self, row: BlockRow, journal_id: int, next_block_id: int) -> None:
+        """Commit the row of a block moved into L3 and close its journal entry (one transaction)."""
+        with self.write("commit a tier move") as conn:
+            conn.execute(SET_META, ("next_block_id", str(next_block_id)))
+            conn.execute(UPSERT_BLOCK, row.to_tuple())
+            conn.execute(JOURNAL_DELETE, (journal_id,))
+
+    def trim_successors(self, max_rows: int) -> None:
+        """Keep only the ``max_rows`` most frequent transitions."""
+        with self.write("trim the successor table") as conn:
+            conn.execute(TRIM_SUCCESSORS, (max_rows,))
+
+    def successor_counts(self, limit: int) -> list[tuple[str, str, int]]:
+        """The ``limit`` most frequent ``(key, next_key, count)`` transitions."""
+        return [(str(a), str(b), int(n)) for a, b, n in self.query(SUCCESSOR_ROWS, (limit,))]
+
+    def hot_blocks(self, min_count: int, limit: int) -> list[tuple[str, int, float, int]]:
+        """Blocks accessed at least ``min_count`` times: ``(key, count, last access, nbytes)``, hottest first."""
+        return [(str(k), int(c), float(t or 0.0), int(n)) for k, c, t, n in self.query(HOT_BLOCKS, (min_count, limit))]
+
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        with self._lock:
+            try:
+                if not self.readonly:
+                    self._conn.execute("PRAGMA optimize")
+            except sqlite3.Error:
+                pass  # (a full disk): the close below must still run, or the WAL is never checkpointed
+            try:
+                self._conn.close()
+            except sqlite3.Error:
+                pass
+
+
+def _replaced_row(old: Sequence[Any]) -> BlockRow:
+    """The row being replaced or deleted; a damaged one is replaced all the same, its bytes left to recovery."""
+    try:
+        return BlockRow.from_tuple(old)
+    except CorruptBlockError:
+        nbytes = old[4] if type(old[4]) is int else 0
+        stored = old[13] if type(old[13]) is int else 0
+        return BlockRow(old[0], -1, "uint8", (nbytes,), nbytes, 0, bool(old[6]), "raw", None, None, None, None,
+                        None, stored, 0, 0.0, 0.0)
+
+
+def _prefix_upper_bound(prefix: str) -> str | None:
+    """The smallest string greater than every string starting with ``prefix`` (None if there is none)."""
+    chars = list(prefix)
+    while chars:
+        last = ord(chars.pop())
+        if last < 0x10FFFF:
+            nxt = last + 1
+            if 0xD800 <= nxt <= 0xDFFF:
+                nxt = 0xE000
+            return "".join(chars) + chr(nxt)
+    return None
+
+
+def now() -> float:
+    """Wall-clock time for catalog timestamps."""
+    return time.time()

@@ -1,0 +1,140 @@
+"""The store's reports: a block's :meth:`info`, the access :meth:`history`, the :meth:`stats` per tier.
+
+:class:`StoreReports` is a mixin of :class:`tierstore.engine.handle.TierStore`; it only reads the
+store's state (the attributes and methods declared below are the store's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import crc32c
+import numpy as np
+
+from ..catalog import BlockRow, Catalog
+from ..catalog.tier_bits import L1_BIT, UNHASHED
+from ..config import CacheConfig
+from ..tensors import check_key, dtype_from_name
+from ..tiers.l1_cuda import DevicePool
+from ..tiers.l2_slab import HostArena
+from ..tiers.l3_zarr import RecoveryReport
+from .access_recorder import Access, AccessRecorder
+from .residency import Residency, Resident
+from .shared_coordinator import SharedCoordinator
+from .values import BlockInfo, StoreStats
+
+__all__ = ["StoreReports"]
+
+
+class StoreReports:
+    """Statistics and reporting of a :class:`~tierstore.engine.handle.TierStore` (mixin)."""
+
+    path: Path
+    readonly: bool
+    config: CacheConfig
+    recovery: RecoveryReport
+    _catalog: Catalog
+    _recorder: AccessRecorder
+    _l1: Residency[DevicePool] | None
+    _l2: Residency[HostArena] | None
+    _shared: SharedCoordinator | None
+    _counts: dict[str, int]
+    _hits: dict[str, int]
+    _count: int
+    _logical_bytes: int
+    _stored_bytes: int
+
+    if TYPE_CHECKING:
+        def _check_open(self) -> None: ...
+        def _refresh(self) -> None: ...
+        def _lookup(self, key: str) -> BlockRow: ...
+        def _volatile(self, key: str) -> Resident | None: ...
+        def _l1_bytes(self, entry: Resident) -> np.ndarray: ...
+
+    def info(self, key: str) -> BlockInfo:
+        """Everything the catalog knows of ``key``."""
+        self._check_open()
+        check_key(key)
+        row = self._lookup(key)
+        if row.checksum == UNHASHED and (entry := self._volatile(key)) is not None and row.tiers == L1_BIT:
+            row = dataclasses.replace(row, checksum=crc32c.crc32c(self._l1_bytes(entry).data))
+        committed = self._catalog.get_block(key)
+        if committed is not None and committed.block_id == row.block_id:
+            row = committed  # the catalog's row has the first `created` (the row cache has the latest put's)
+        if not self.readonly:
+            self._recorder.flush()
+        stats = self._catalog.block_stats(key) or {}
+        pending = [a for a in self._recorder.pending() if a[1] == key and a[2] != "delete"]
+        count = int(stats.get("access_count", 0)) + len(pending)
+        last = max([stats.get("last_access") or 0.0] + [a[0] for a in pending]) or None
+        return BlockInfo(
+            key=key, dtype=dtype_from_name(row.dtype), shape=row.shape, nbytes=row.nbytes,
+            tiers=self._tiers_of(row), checksum=row.checksum,
+            stored_bytes=row.stored_bytes, codec=row.codec, durable=row.durable, block_id=row.block_id,
+            access_count=count, last_access=last, created=row.created, updated=row.updated, parent=row.parent)
+
+    def _tiers_of(self, row: BlockRow) -> tuple[str, ...]:
+        tiers = []
+        if self._l1 is not None:
+            entry1 = self._l1.entries.get(row.key)
+            if entry1 is not None and entry1.block_id == row.block_id:
+                tiers.append("L1")
+        if self._l2 is not None:
+            entry = self._l2.entries.get(row.key)
+            if entry is not None and entry.block_id == row.block_id and not entry.dead:
+                tiers.append("L2")
+        if row.l3_array is not None or row.nbytes == 0:
+            tiers.append("L3")
+        return tuple(tiers)
+
+    def history(self, key: str | None = None, limit: int = 100) -> list[Access]:
+        """The newest ``limit`` accesses (of ``key``), newest first."""
+        self._check_open()
+        if not self.readonly:
+            self._recorder.flush()
+        return self._catalog.history(key, limit)
+
+    def stats(self) -> StoreStats:
+        """Counts, sizes and activity, per tier."""
+        self._check_open()
+        self._refresh()
+        ratio = self._logical_bytes / self._stored_bytes if self._stored_bytes else 1.0
+        error = self._recorder.last_error
+        return StoreStats(
+            path=str(self.path), readonly=self.readonly, blocks=self._count, logical_bytes=self._logical_bytes,
+            stored_bytes=self._stored_bytes, compression_ratio=ratio, gets=self._counts["get"],
+            puts=self._counts["put"], deletes=self._counts["delete"], hits=dict(self._hits),
+            tiers=self._tier_stats(),
+            recovery={"removed": list(self.recovery.removed_files), "truncated": list(self.recovery.truncated),
+                      "missing": list(self.recovery.missing)},
+            history_error=None if error is None else str(error))
+
+    def _tier_stats(self) -> dict[str, dict[str, Any]]:
+        tiers: dict[str, dict[str, Any]] = {}
+        if self._l2 is not None:
+            residency = self._l2.stats()  # first: it returns the slots of collected views to the arena
+            arena = self._l2.arena.stats()
+            alloc = arena.allocator
+            tiers["L2"] = {"capacity": arena.capacity, "used": alloc.used, "requested": alloc.requested,
+                           "free": alloc.free, "fragmentation": alloc.fragmentation, "pinned": arena.pinned,
+                           "pin_reason": arena.pin_reason, "memlock_limit": arena.memlock_limit,
+                           "file": arena.path, "policy": self.config.l2_eviction_policy,
+                           "size_classes": [dataclasses.asdict(c) for c in alloc.per_class if c.slabs],
+                           **residency}
+        if self._l1 is not None:
+            residency = self._l1.stats()  # first: it returns the slots of collected views to the arena
+            pool = self._l1.arena.stats()
+            tiers["L1"] = {"capacity": pool.capacity, "reserved": pool.reserved, "used": pool.used,
+                           "requested": pool.requested, "free": pool.free, "fragmentation": pool.fragmentation,
+                           "device": str(pool.device), "capability": pool.capability, "chunks": pool.chunks,
+                           "bf16_native": pool.bf16_native, "oom_events": pool.oom_events,
+                           "policy": self.config.l1_eviction_policy,
+                           "size_classes": [dataclasses.asdict(c) for c in pool.per_class if c.slabs],
+                           **residency}
+        tiers["L3"] = {"capacity": self.config.l3_cache_size, "used": self._stored_bytes, "blocks": self._count,
+                       "compression": self.config.l3_compression}
+        if self._shared is not None:
+            tiers["shared"] = self._shared.stats()
+        return tiers

@@ -1,0 +1,828 @@
+"""Planned moves between tiers: journaled, crash-safe, run by one background worker.
+
+Every planned move (a prefetch, a promotion of a hot block, a demotion of an idle one, the spill
+of a cache-only block leaving L2) is a small transaction over the catalog's ``journal`` table:
+
+1. **intent**: the move's row is committed to the journal (a batch of moves: one transaction);
+2. **copy**: the bytes go to the destination (an L2/L1 slot, or a fresh L3 array);
+3. **verify**: the copy's crc32c is checked against the catalog's checksum (an L3 copy is read
+   back from disk);
+4. **commit**: the destination is made resident (an L2/L1 admission; for L3, the block's row is
+   committed in the same SQLite transaction that deletes the journal row);
+5. **free**: the source gives the block up (a demotion) or keeps it (a promotion is a copy).
+
+A demotion of a block whose only copy is volatile (a cache-only block in L2) writes L3 first.
+:func:`recover_journal`, run by the writer at open, settles whatever a crash interrupted: a
+journal row still present means its commit never happened, so an L3 copy it made is removed and
+the move is dropped (volatile destinations did not survive the crash anyway). Named crash points
+let tests kill the process at each step: with ``TIERSTORE_CRASH_AT=<point>`` in the environment
+when the store is opened, the process SIGKILLs itself when a move reaches that point
+(:data:`CRASH_POINTS`).
+
+The worker thread executes explicit prefetches (:meth:`Migrator.prefetch`, a
+``concurrent.futures.Future``), predicted ones (on each get, the block's likely successors from
+:class:`tierstore.predict.predictor.SuccessorTable`, learned from the access history and seeded at open from
+the catalog), and every ``migration_time_threshold / 4`` seconds (1-60 s) the simple policy's plan
+(:meth:`Migrator.plan`): blocks accessed ``migration_threshold_high_freq`` times go to L1,
+``..._medium_freq`` times to L2, blocks idle longer than ``migration_time_threshold`` go back to
+L3. Gets never wait for it: it takes the same short residency locks a get does.
+
+Demand fills on a get miss (L3 -> L2 in the get itself) stay in :mod:`tierstore.engine.handle`: a get
+must return its bytes now, and journaling a move that survives no crash would only slow it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import crc32c
+import numpy as np
+import torch
+
+from ..catalog import BlockRow, Catalog, now
+from ..config import CacheConfig, format_size
+from ..errors import (
+    BlockNotFoundError,
+    ConfigError,
+    CorruptBlockError,
+    StoreClosedError,
+    TierFullError,
+    TierStoreError,
+)
+from ..predict.predictor import SuccessorTable
+from ..tensors import dtype_from_name, dtype_name, tensor_from_bytes
+from ..tiers.codecs import choose_codec
+from ..tiers.l1_cuda import DevicePool
+from ..tiers.l2_slab import HostArena
+from ..tiers.l3_zarr import Location, ZarrL3
+from ..tiers.slab_allocator import Allocation
+from .residency import Residency, Resident
+
+__all__ = ["CRASH_ENV", "CRASH_POINTS", "JournalReport", "Migrator", "Move", "Pin", "Plan", "StoreHooks",
+           "recover_journal"]
+
+CRASH_ENV = "TIERSTORE_CRASH_AT"
+CRASH_POINTS = ("intent", "copied", "verified", "committed", "freed")
+"""The steps of a move at which ``TIERSTORE_CRASH_AT`` can kill the process (after each one)."""
+TIERS = ("L1", "L2", "L3")
+_RANK = {"L1": 0, "L2": 1, "L3": 2}
+_L3_BIT = 4
+_SEED_SUCCESSORS = 200_000
+"""Transitions read back from the catalog at open (the most frequent first)."""
+TRIM_EVERY = 128
+"""History batches between trims of the catalog's successor table to ``history_max_rows`` rows."""
+_LOOKAHEAD = 2
+"""How many successors deep a get prefetches (the next two layers, say): one step ahead is too
+little when reading a block from L3 takes longer than what the caller does between gets."""
+_HOT_LIMIT = 10_000
+"""Hot blocks the periodic plan considers for promotion."""
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """One planned move of ``key`` from tier ``src`` to ``dst``, and why."""
+
+    key: str
+    src: str
+    dst: str
+    nbytes: int
+    reason: str
+
+    @property
+    def op(self) -> str:
+        """``promote`` (towards L1) or ``demote`` (towards L3)."""
+        return "promote" if _RANK[self.dst] < _RANK[self.src] else "demote"
+
+    def __str__(self) -> str:
+        return f"{self.op:<7} {self.src}->{self.dst} {format_size(self.nbytes):>10}  {self.key}  ({self.reason})"
+
+
+class Plan(list[Move]):
+    """A list of moves that prints as a table (what ``db.migrate(dry_run=True)`` returns)."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the plan moves."""
+        return sum(m.nbytes for m in self)
+
+    def __str__(self) -> str:
+        if not self:
+            return "nothing to move"
+        head = f"{len(self)} move{'s' if len(self) != 1 else ''}, {format_size(self.nbytes)}"
+        return "\n".join([head, *(str(m) for m in self)])
+
+
+@dataclass(slots=True)
+class JournalReport:
+    """What :func:`recover_journal` found at open: keys of moves it removed (undone)."""
+
+    undone: list[str] = field(default_factory=list)
+    removed_arrays: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreHooks:
+    """What the migrator needs from the store that owns it (the store imports the migrator, not back)."""
+
+    lookup: Callable[[str], tuple[BlockRow, Location]]
+    """The committed row of a key and its L3 location; ``BlockNotFoundError`` when there is none."""
+    new_block_id: Callable[[], int]
+    next_block_id: Callable[[], int]
+    check_room: Callable[[str, int], None]
+    """Raise ``StoreFullError`` if L3 has no room for ``nbytes`` more."""
+    spilled: Callable[[BlockRow, Location], None]
+    """A block was committed to L3 by the migrator: update the store's caches and totals."""
+    flush_history: Callable[[], None]
+    spill_l1: Callable[[Resident], bool]
+    """Write back a cache-only block whose only copy is in L1 (to L2, or through :meth:`Migrator.write_back`)."""
+
+
+def recover_journal(catalog: Catalog, l3: ZarrL3) -> JournalReport:
+    """Settle the moves a crashed writer left in the journal (run at open, before the L3 sweep).
+
+    A move's journal row is deleted in the same transaction that commits it, so a row still here
+    never committed: an L3 copy it made (a fresh array named by the row's block id, which no block
+    row points at) is removed, and the move is dropped. Moves into L1/L2 left nothing to undo.
+    """
+    report = JournalReport()
+    rows = catalog.journal_rows()
+    for _id, block_id, key, _op, _src, dst, _state, _created in rows:
+        report.undone.append(key)
+        if dst == "L3" and catalog.block_by_id(block_id) is None:
+            array = f"blocks/{block_id:016x}"
+            if (l3.root / array).exists():
+                report.removed_arrays.append(array)
+            l3.free([Location(array, 0, 0, (), 0, "raw")])
+    catalog.journal_end([r[0] for r in rows])
+    return report
+
+
+class Pin:
+    """A block kept resident in one tier until :meth:`release` (or the end of a ``with`` block)."""
+
+    def __init__(self, residency: Residency[Any], key: str, tier: str) -> None:
+        self.key = key
+        self.tier = tier
+        self._residency: Residency[Any] | None = residency
+
+    @property
+    def released(self) -> bool:
+        """Whether the pin was released."""
+        return self._residency is None
+
+    def release(self) -> None:
+        """Let the block be evicted again (calling it twice is fine)."""
+        residency, self._residency = self._residency, None
+        if residency is not None:
+            residency.unpin(self.key)
+
+    def __enter__(self) -> Pin:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"<Pin {self.key!r} in {self.tier}{' (released)' if self.released else ''}>"
+
+
+_Job = tuple["Future[Any]", Callable[[], Any]]
+
+
+class Migrator:
+    """The journaled mover of one store, with its worker thread (see the module docstring)."""
+
+    def __init__(self, catalog: Catalog, l3: ZarrL3, l1: Residency[DevicePool] | None,
+                 l2: Residency[HostArena] | None, config: CacheConfig, hooks: StoreHooks, *,
+                 readonly: bool = False) -> None:
+        self.catalog = catalog
+        self.l3 = l3
+        self.l1 = l1
+        self.l2 = l2
+        self.config = config
+        self.hooks = hooks
+        self.readonly = readonly
+        self._crash_at = os.environ.get(CRASH_ENV) or None
+        self._table: SuccessorTable[str] = SuccessorTable(threshold=config.prediction_threshold)
+        self._likely = self._table.likely
+        self._learn_lock = threading.Lock()
+        self._seeded = threading.Event()
+        """Set once the worker has read the catalog's successor table (off the open path)."""
+        tuned = [r for r in (l1, l2) if r is not None and r.policy_name == "predictive"]
+        count, logical, _stored = catalog.totals() if tuned else (0, 0, 0)
+        for residency in tuned:
+            if count:
+                residency.tune(logical // count)  # the predictive policy counts entries of the mean block
+        self._paused = False
+        self._last_get: str | None = None
+        self._batches = 0
+        self.counters = {"promoted": 0, "demoted": 0, "spilled": 0, "prefetched": 0, "predicted": 0,
+                         "planned": 0, "failed": 0,
+                         "dropped": 0, "dropped_bytes": 0}
+        self.last_error: BaseException | None = None
+        self._jobs: deque[_Job] = deque()
+        self._settled: set[int] = set()
+        """Journal rows a spill already removed (its commit deletes the row in the same transaction)."""
+        self._inflight: dict[str, threading.Event] = {}
+        """Keys being copied into L2 by the worker now, with an event set when the copy is done."""
+        self._wanted: dict[str, str] = {}
+        """Predicted successors to bring into L2, filled by gets and drained by the worker."""
+        self._wake = threading.Event()
+        self._stop = False
+        self._busy = threading.Lock()
+        self._interval = min(60.0, max(1.0, config.migration_time_threshold / 4))
+        self._thread = threading.Thread(target=self._run, name="tierstore-migrator", daemon=True)
+        self._thread.start()
+
+    # -- the hot path ---------------------------------------------------------------------------
+
+    def on_get(self, key: str, device: str | torch.device | None = None) -> None:
+        """A get of ``key`` (to ``device``) happened: queue its likely successors (a dict lookup when none).
+
+        They go to L1 when the get was for the L1 device (the next layer's weights while this one
+        computes), else to L2; successors of successors too, ``_LOOKAHEAD`` steps deep.
+        """
+        likely = self._likely(key)
+        if not likely or self._paused:
+            return
+        tier = "L2"
+        residency: Residency[Any] | None = self.l2
+        if device is not None and self.l1 is not None:
+            target, pool = torch.device(device), self.l1.arena.device
+            if target.type == pool.type and target.index in (None, pool.index):
+                tier, residency = "L1", self.l1
+        if residency is None:
+            return
+        entries, wanted = residency.entries, self._wanted
+        added = False
+        for _depth in range(_LOOKAHEAD):
+            ahead: tuple[str, ...] = ()
+            for other in likely:
+                if other not in entries and other not in wanted and other != key:
+                    wanted[other] = tier
+                    added = True
+                ahead += self._likely(other)
+            likely = ahead
+        if added:
+            self._wake.set()
+
+    def await_move(self, key: str) -> None:
+        """Before a get reads ``key`` itself: wait for a promotion of it already in flight (and drop
+        a queued one), so the get takes the prefetched copy instead of reading the block twice."""
+        if self._wanted:
+            self._wanted.pop(key, None)
+        event = self._inflight.get(key)
+        if event is not None:
+            event.wait()
+
+    def learn(self, batch: Sequence[tuple[float, str, str, str | None]]) -> None:
+        """Fold a batch of the access history into the successor table (the history thread calls it)."""
+        with self._learn_lock:
+            previous, add = self._last_get, self._table.add
+            for _ts, key, op, _tier in batch:
+                if op != "get":
+                    continue
+                if previous is not None and previous != key:
+                    add(previous, key)
+                previous = key
+            self._last_get = previous
+        self._batches += 1
+        if self._batches % TRIM_EVERY == 0 and not self.readonly:
+            try:  # never raise: the history batch is already committed and must not be written twice
+                self.catalog.trim_successors(self.config.history_max_rows)
+            except TierStoreError as exc:
+                self.last_error = exc
+
+    # -- public operations ------------------------------------------------------------------------
+
+    @property
+    def successors(self) -> SuccessorTable[str]:
+        """Which block follows which (learned from the history, seeded from the catalog at open)."""
+        self._seeded.wait(60.0)
+        return self._table
+
+    def prefetch(self, keys: Iterable[str], tier: str = "L2") -> Future[list[str]]:
+        """Bring ``keys`` up to ``tier`` in the background; the future gives the keys resident there.
+
+        Keys not in the store are skipped. The future raises what a move raised (a damaged block's
+        ``CorruptBlockError``, say) after the other keys have been moved.
+        """
+        tier = str(tier).upper()
+        residency = self._residency(tier)
+        wanted = list(dict.fromkeys(keys))
+        return self._submit(lambda: self._promote(wanted, tier, residency, "prefetch", strict=True))
+
+    def pin(self, key: str, tier: str = "L2") -> Pin:
+        """Bring ``key`` to ``tier`` now and keep it there until the returned pin is released.
+
+        A cache-only block whose only copy is in L1 is pinned there when L2 is asked for (it is
+        held at or above the tier asked for); ``Pin.tier`` says where.
+        """
+        tier = str(tier).upper()
+        residency = self._residency(tier)
+        if tier == "L2" and self._resident(self.l2, key) is None:
+            above = self._resident(self.l1, key)
+            if above is not None and above.volatile:
+                return self.pin(key, "L1")
+        residency.pin(key)  # first, so that the admission below already carries the pin
+        try:
+            if self._resident(residency, key) is None:
+                self._promote([key], tier, residency, "pin", strict=True)
+            if self._resident(residency, key) is None and self._nbytes(key):
+                raise TierFullError(f"cannot pin {key!r} in {tier}: it does not fit beside the blocks held "
+                                    f"there; release pins or raise the tier's size", key=key, tier=tier)
+        except BaseException:
+            residency.unpin(key)
+            raise
+        return Pin(residency, key, tier)
+
+    def plan(self) -> Plan:
+        """The simple policy's moves now (thresholds of the configuration), without doing them."""
+        self.hooks.flush_history()
+        config, t = self.config, time.time()
+        idle_after = config.migration_time_threshold
+        moves = Plan()
+        budget: dict[str, int] = {}
+        leaving: set[str] = set()
+        for name, residency in (("L1", self.l1), ("L2", self.l2)):
+            if residency is None:
+                continue
+            held = 0
+            for entry in list(residency.entries.values()):
+                held += entry.alloc.nbytes
+                if entry.pins or entry.dead or entry.key in leaving:
+                    continue
+                stats = self.catalog.block_stats(entry.key) or {}
+                last = float(stats.get("last_access") or 0.0)
+                if last and t - last > idle_after:
+                    moves.append(Move(entry.key, name, "L3", entry.alloc.nbytes,
+                                      f"idle {t - last:.0f}s > migration_time_threshold={idle_after:g}s"))
+                    leaving.add(entry.key)  # an L1 -> L3 move frees its L2 copy too
+                    held -= entry.alloc.nbytes
+            budget[name] = residency.arena.capacity - held
+        high, medium = config.migration_threshold_high_freq, config.migration_threshold_medium_freq
+        for key, count, last, nbytes in self.catalog.hot_blocks(medium, _HOT_LIMIT):
+            if t - last > idle_after:
+                continue
+            if count >= high and self.l1 is not None:
+                target, knob, limit = "L1", "migration_threshold_high_freq", high
+            elif self.l2 is not None:
+                target, knob, limit = "L2", "migration_threshold_medium_freq", medium
+            else:
+                continue
+            src = self._tier_of(key)
+            if _RANK[src] <= _RANK[target] or budget.get(target, 0) < nbytes or nbytes == 0:
+                continue
+            budget[target] -= nbytes
+            moves.append(Move(key, src, target, nbytes, f"{count} accesses >= {knob}={limit}"))
+        return moves
+
+    def migrate(self, dry_run: bool = False) -> Plan:
+        """Plan with :meth:`plan` and, unless ``dry_run``, carry the plan out (on the worker); the moves done."""
+        if dry_run:
+            return self.plan()
+        done: Plan = self._submit(lambda: self._execute(self.plan(), "planned")).result()
+        return done
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the worker has nothing queued (predicted prefetches included); False on timeout."""
+        future: Future[None] = self._submit(lambda: None)
+        try:
+            future.result(timeout)
+        except TimeoutError:
+            return False
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._wanted or self._busy.locked():
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
+        return True
+
+    def pause(self) -> None:
+        """Stop background moves (predicted prefetches, the periodic plan); explicit calls still run."""
+        self._paused = True
+
+    def resume(self) -> None:
+        """Undo :meth:`pause`."""
+        self._paused = False
+        self._wake.set()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of moves done, the queue, and the last error a background move hit."""
+        return {**self.counters, "queued": len(self._jobs) + len(self._wanted),
+                "successor_keys": len(self._table),
+                "last_error": None if self.last_error is None else str(self.last_error)}
+
+    def close(self) -> None:
+        """Stop the worker (queued jobs fail with ``StoreClosedError``); calling it twice is fine."""
+        self._stop = True
+        self._wake.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+        while self._jobs:
+            future, _ = self._jobs.popleft()
+            if future.set_running_or_notify_cancel():
+                future.set_exception(StoreClosedError("the store was closed before this move ran"))
+
+    # -- the worker -------------------------------------------------------------------------------
+
+    def _submit(self, job: Callable[[], Any]) -> Future[Any]:
+        if self._stop:
+            raise StoreClosedError("the store is closed; open it again with tierstore.open()")
+        future: Future[Any] = Future()
+        self._jobs.append((future, job))
+        self._wake.set()
+        return future
+
+    def _seed(self) -> None:
+        """Read back the transitions the last process saw (the most frequent first)."""
+        try:
+            with self._learn_lock:
+                for key, follower, count in self.catalog.successor_counts(_SEED_SUCCESSORS):
+                    self._table.add(key, follower, count)
+        except TierStoreError as exc:
+            self.last_error = exc
+        finally:
+            self._seeded.set()
+
+    def _run(self) -> None:
+        self._seed()
+        due = time.monotonic() + self._interval
+        while True:
+            self._wake.wait(max(0.0, due - time.monotonic()))
+            self._wake.clear()
+            if self._stop:
+                return
+            with self._busy:
+                while self._jobs and not self._stop:
+                    future, job = self._jobs.popleft()
+                    if future.set_running_or_notify_cancel():
+                        try:
+                            future.set_result(job())
+                        except BaseException as exc:
+                            future.set_exception(exc)
+                if self._paused:
+                    self._wanted.clear()
+                    continue
+                if self._wanted:
+                    self._background(self._prefetch_predicted, "predicted")
+                if time.monotonic() >= due:
+                    due = time.monotonic() + self._interval
+                    if not self.readonly:
+                        self._background(lambda: self._execute(self.plan(), "planned"), None)
+
+    def _prefetch_predicted(self) -> list[str]:
+        by_tier: dict[str, list[str]] = {"L1": [], "L2": []}
+        while self._wanted:
+            key, tier = self._wanted.popitem()
+            by_tier[tier].append(key)
+        done: list[str] = []
+        for tier, keys in by_tier.items():
+            residency = self.l1 if tier == "L1" else self.l2
+            if keys and residency is not None:
+                done += self._promote(keys, tier, residency, "predicted successor")
+        return done
+
+    def _background(self, work: Callable[[], Any], counter: str | None) -> None:
+        try:
+            done = work()
+            if counter is not None:
+                self.counters[counter] += len(done)
+        except Exception as exc:  # a background move must not kill the worker; stats() reports it
+            self.last_error = exc
+            self.counters["failed"] += 1
+
+    # -- moves ------------------------------------------------------------------------------------
+
+    def _residency(self, tier: str) -> Residency[Any]:
+        name = str(tier).upper()
+        residency = {"L1": self.l1, "L2": self.l2}.get(name) if name in TIERS else None
+        if residency is None:
+            have = [t for t, r in (("L1", self.l1), ("L2", self.l2)) if r is not None]
+            raise ConfigError(f"cannot hold blocks in tier {tier!r}: this store's volatile tiers are "
+                              f"{', '.join(have) or 'none'} (L3 holds every block already)")
+        return residency
+
+    @staticmethod
+    def _resident(residency: Residency[Any] | None, key: str) -> Resident | None:
+        if residency is None:
+            return None
+        entry = residency.entries.get(key)
+        return entry if entry is not None and not entry.dead else None
+
+    def _nbytes(self, key: str) -> int:
+        """Size of ``key``'s block (BlockNotFoundError for a key that is not there)."""
+        entry = self._resident(self.l2, key) or self._resident(self.l1, key)
+        return entry.alloc.nbytes if entry is not None else self.hooks.lookup(key)[0].nbytes
+
+    def _tier_of(self, key: str) -> str:
+        if self._resident(self.l1, key) is not None:
+            return "L1"
+        return "L2" if self._resident(self.l2, key) is not None else "L3"
+
+    def _crash(self, point: str) -> None:
+        if self._crash_at == point:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _promote(self, keys: list[str], tier: str, residency: Residency[Any], reason: str, *,
+                 strict: bool = False) -> list[str]:
+        moves = Plan()
+        for key in keys:
+            src = self._tier_of(key)
+            if _RANK[src] > _RANK[tier]:
+                moves.append(Move(key, src, tier, 0, reason))
+        errors: list[BaseException] = []
+        self._execute(moves, "prefetched" if reason == "prefetch" else None, errors)
+        if strict and errors:
+            raise errors[0]
+        return [key for key in keys if self._resident(residency, key) is not None]
+
+    def _execute(self, moves: Sequence[Move], counter: str | None,
+                 errors: list[BaseException] | None = None) -> Plan:
+        """Journal ``moves`` (one transaction), carry each out, clear what is left of the journal."""
+        done = Plan()
+        if not moves:
+            return done
+        jobs: list[tuple[Move, int]] = []
+        for move in moves:
+            spill = move.dst == "L3" and move.src == "L2" and self._volatile(move.key)
+            jobs.append((move, self.hooks.new_block_id() if spill else self._block_id(move.key)))
+        ids = [0] * len(jobs) if self.readonly else self.catalog.journal_begin(
+            [(block_id, m.key, m.op, m.src, m.dst) for m, block_id in jobs])
+        self._crash("intent")
+        open_ids = set(ids) - {0}
+        try:
+            for (move, block_id), journal_id in zip(jobs, ids, strict=True):
+                try:
+                    moved = self._move(move, block_id, journal_id)
+                except TierStoreError as exc:
+                    self.counters["failed"] += 1
+                    self.last_error = exc
+                    if errors is not None:
+                        errors.append(exc)
+                    moved = False
+                if journal_id in self._settled:  # a spill's commit (or its undo) removed the row already
+                    self._settled.discard(journal_id)
+                    open_ids.discard(journal_id)
+                if moved:
+                    done.append(move)
+                    self.counters["promoted" if move.op == "promote" else "demoted"] += 1
+                    if counter is not None:
+                        self.counters[counter] += 1
+        finally:
+            if open_ids:
+                self.catalog.journal_end(sorted(open_ids))
+        return done
+
+    def _volatile(self, key: str) -> bool:
+        entry = self._resident(self.l2, key)
+        return entry is not None and entry.volatile
+
+    def _block_id(self, key: str) -> int:
+        for residency in (self.l1, self.l2):
+            entry = self._resident(residency, key)
+            if entry is not None:
+                return entry.block_id
+        try:
+            return self.hooks.lookup(key)[0].block_id
+        except BlockNotFoundError:
+            return 0
+
+    def _move(self, move: Move, block_id: int, journal_id: int) -> bool:
+        if move.op == "promote":
+            return self._to_l2(move.key) if move.dst == "L2" else self._to_l1(move.key)
+        if move.src == "L1":
+            entry = self._resident(self.l1, move.key)
+            if entry is None or (entry.volatile and not self.hooks.spill_l1(entry)):
+                return False
+            if move.dst == "L2" and self.l2 is not None and not self._to_l2(move.key):
+                return False
+            freed = self.l1.evict(move.key, entry.block_id)  # type: ignore[union-attr]
+            if freed and move.dst == "L3" and self.l2 is not None:
+                self.l2.evict(move.key)
+            self._crash("freed")
+            return freed
+        entry = self._resident(self.l2, move.key)
+        if entry is None:
+            return False
+        if entry.volatile and not self._spill(entry, block_id, journal_id):
+            return False
+        freed = self.l2.evict(move.key, entry.block_id)  # type: ignore[union-attr]
+        self._crash("freed")
+        return freed
+
+    def _promotable(self, key: str) -> tuple[BlockRow, Location] | None:
+        """The committed row and L3 location of ``key``, or None when there is nothing to promote."""
+        try:
+            row, loc = self.hooks.lookup(key)
+        except BlockNotFoundError:
+            return None
+        return None if row.nbytes == 0 else (row, loc)
+
+    def _to_l2(self, key: str) -> bool:
+        """Copy ``key`` from L3 into an L2 slot, verify it, make it resident."""
+        l2 = self.l2
+        if l2 is None:
+            return False
+        if self._resident(l2, key) is not None:
+            return True
+        generation = l2.generation
+        found = self._promotable(key)
+        if found is None:
+            return False
+        row, loc = found
+        done = threading.Event()
+        other = self._inflight.setdefault(key, done)
+        if other is not done:  # another thread is promoting it: take its result
+            other.wait()
+            return self._resident(l2, key) is not None
+        try:
+            slot = l2.reserve(row.nbytes, self.spill)
+            if slot is None:
+                return False
+            return self._copy_to_l2(key, row, loc, slot, generation)
+        finally:
+            del self._inflight[key]
+            done.set()
+
+    def _copy_to_l2(self, key: str, row: BlockRow, loc: Location, slot: Allocation, generation: int) -> bool:
+        l2 = self.l2
+        assert l2 is not None
+        try:
+            out = l2.arena.as_numpy(slot)
+            try:
+                self.l3.read_into(loc, out)
+            except FileNotFoundError:  # replaced or deleted meanwhile: nothing to promote
+                l2.release(slot)
+                return False
+            except CorruptBlockError as exc:
+                raise CorruptBlockError(f"block {key!r}: {exc.message}", key=key, path=exc.path, tier="L3") from None
+            self._crash("copied")
+            _check_promoted(key, row, loc, out)
+            self._crash("verified")
+        except BaseException:
+            l2.release(slot)
+            raise
+        entry = l2.admit(key, row.block_id, slot, dtype_from_name(row.dtype), row.shape, row.checksum,
+                         generation=generation, parent=row.parent)
+        self._crash("committed")
+        self._crash("freed")  # a promotion is a copy: the source keeps the block
+        return entry is not None
+
+    def _to_l1(self, key: str) -> bool:
+        """Copy ``key`` into an L1 slot (through L2 when it has one), casting where the device needs it."""
+        l1 = self.l1
+        if l1 is None:
+            return False
+        if self._resident(l1, key) is not None:
+            return True
+        generation = l1.generation
+        host_entry = self._resident(self.l2, key)
+        if host_entry is None and self.l2 is not None and self._to_l2(key):
+            host_entry = self._resident(self.l2, key)
+        if host_entry is not None:
+            view = self.l2.view(host_entry)  # type: ignore[union-attr]
+            if view is None:  # replaced or evicted meanwhile: nothing to prefetch
+                return False
+            host = view
+            block_id, dtype, shape = host_entry.block_id, host_entry.dtype, host_entry.shape
+            checksum, parent = host_entry.checksum, self.l2.parent_of(key)  # type: ignore[union-attr]
+        else:
+            found = self._promotable(key)
+            if found is None:
+                return False
+            row, loc = found
+            buf = np.empty(row.nbytes, dtype=np.uint8)
+            self.l3.read_into(loc, buf)
+            _check_promoted(key, row, loc, buf)
+            block_id, dtype, shape, checksum = row.block_id, dtype_from_name(row.dtype), row.shape, row.checksum
+            parent = row.parent
+            host = tensor_from_bytes(buf, dtype, shape)
+        pool = l1.arena
+        target = pool.needs_cast(dtype) or dtype
+        if host.numel() == 0:
+            return False
+        slot = l1.reserve(host.numel() * target.itemsize)
+        if slot is None:
+            return False
+        try:
+            event = pool.cast_into(slot, host, target) if target != dtype else pool.copy_in(slot, host)
+            if event is not None:
+                event.synchronize()  # the worker waits, not the caller's stream
+            self._crash("copied")
+            self._crash("verified")  # the source was verified on its way into L2
+        except BaseException:
+            l1.release(slot)
+            raise
+        entry = l1.admit(key, block_id, slot, target, shape, checksum, generation=generation, parent=parent)
+        self._crash("committed")
+        self._crash("freed")
+        return entry is not None
+
+    def spill(self, entry: Resident) -> bool:
+        """Write a cache-only block leaving L2 to L3 (journaled); False if that could not be done.
+
+        The L2 residency calls this when it must evict the block's only copy; it runs inside
+        whatever operation needed the room, so its write stands alone (outside any open
+        transaction) and commits its own catalog row.
+        """
+        if self._stop or self.readonly:
+            return False
+        if self.config.l3_admission == "reused" and not self._reused(entry.key):
+            self.l2.mark_durable(entry)  # type: ignore[union-attr] # let it go without a copy: dropped
+            self.counters["dropped"] += 1
+            self.counters["dropped_bytes"] += entry.alloc.nbytes
+            return True
+        block_id = self.hooks.new_block_id()
+        try:
+            journal_id = self.catalog.journal_begin([(block_id, entry.key, "demote", "L2", "L3")])[0]
+        except TierStoreError:
+            return False
+        self._crash("intent")
+        done = self._spill(entry, block_id, journal_id)
+        self._settled.discard(journal_id)
+        return done
+
+    def _reused(self, key: str) -> bool:
+        """Whether ``key`` was read since it was last put (the newest access in its history is a get)."""
+        try:
+            self.hooks.flush_history()
+            newest = self.catalog.history(key, 1)
+        except TierStoreError:
+            return True  # when in doubt, keep it
+        return bool(newest) and newest[0][2] == "get"
+
+    def write_back(self, entry: Resident, data: np.ndarray) -> bool:
+        """Write a cache-only block leaving L1 (its bytes ``data``, copied out) to L3, journaled as a spill."""
+        if self._stop or self.readonly:
+            return False
+        block_id = self.hooks.new_block_id()
+        try:
+            journal_id = self.catalog.journal_begin([(block_id, entry.key, "demote", "L1", "L3")])[0]
+        except TierStoreError:
+            return False
+        self._crash("intent")
+        done = self._spill(entry, block_id, journal_id, data)
+        self._settled.discard(journal_id)
+        return done
+
+    def _spill(self, entry: Resident, block_id: int, journal_id: int, data: np.ndarray | None = None) -> bool:
+        l2 = self.l2
+        from_l2 = data is None
+        if data is None:
+            assert l2 is not None
+            data = l2.arena.as_numpy(entry.alloc)
+        loc: Location | None = None
+        try:
+            self.hooks.check_room(entry.key, data.nbytes)
+            codec = choose_codec(str(self.config.l3_compression), entry.dtype.itemsize)
+            if entry.checksum < 0:  # a cache-only block is hashed the first time it leaves memory
+                entry.checksum = crc32c.crc32c(data.data)
+            loc = self.l3.write_now(block_id, data, codec)
+            self._crash("copied")
+            if loc.array:
+                back = np.empty(data.nbytes, dtype=np.uint8)
+                self.l3.read_into(loc, back)
+                if crc32c.crc32c(back.data) != entry.checksum:
+                    raise CorruptBlockError(f"spilling {entry.key!r}: the L3 copy does not match its checksum",
+                                            key=entry.key, tier="L3")
+            self._crash("verified")
+            stamp = now()
+            holder = l2 if from_l2 else self.l1
+            parent = holder.parent_of(entry.key) if holder is not None else None  # the link goes to L3 too
+            row = BlockRow(entry.key, block_id, dtype_name(entry.dtype), entry.shape, data.nbytes, entry.checksum,
+                           False, loc.codec, loc.array or None, loc.shard, loc.offset, loc.sizes_blob(), loc.inner,
+                           loc.length, _L3_BIT, stamp, stamp, parent)
+            self.catalog.commit_moved(row, journal_id, self.hooks.next_block_id())
+        except (TierStoreError, OSError) as exc:
+            self.last_error = exc
+            if loc is not None:
+                self.l3.free([loc])
+            try:
+                self.catalog.journal_end([journal_id])
+            except TierStoreError:
+                pass  # the next open settles it
+            self._settled.add(journal_id)
+            return False
+        self._settled.add(journal_id)
+        self._crash("committed")
+        self.hooks.spilled(row, loc)
+        if from_l2 and l2 is not None:
+            l2.mark_durable(entry)
+        self.counters["spilled"] += 1
+        return True
+
+
+def _check_promoted(key: str, row: BlockRow, loc: Location, data: np.ndarray) -> None:
+    """Raise ``CorruptBlockError`` unless ``data`` read from L3 for a promotion matches the row's checksum."""
+    if crc32c.crc32c(data.data) != row.checksum:
+        raise CorruptBlockError(f"block {key!r} failed its checksum in L3 ({loc.array}) while being "
+                                "promoted; restore it or run 'tierstore verify --fix'", key=key, tier="L3")

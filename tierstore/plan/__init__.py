@@ -1,0 +1,1 @@
+"""Planning: the machine's facts and measured bandwidth, and the configuration that fits them."""

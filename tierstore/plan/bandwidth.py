@@ -1,0 +1,133 @@
+"""Measuring the machine: disk read/write, memcpy, codec speed and, on a GPU, pinned host-to-device copies.
+
+Each measurement is brief (tens of megabytes, best of a few rounds) and runs only
+when asked for; :class:`Bandwidth` values can be cached in a store's ``store_meta``
+table (``hardware_bandwidth``) so that a later probe reuses them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..tiers.codecs import Codec
+
+__all__ = ["Bandwidth", "measure", "META_NAME"]
+
+META_NAME = "hardware_bandwidth"
+"""``store_meta`` row holding the last measurement, as JSON."""
+
+_CODECS = {"shuffle-zstd": Codec("shuffle-zstd", 1, 2), "blosc-lz4": Codec("blosc-lz4", 0, 2)}
+"""The codecs the recommendation weighs, on bf16-like data (element size 2)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Bandwidth:
+    """Measured speeds in bytes per second (codec speeds per byte of decoded data)."""
+
+    disk_read: float
+    disk_write: float
+    memcpy: float
+    h2d_pinned: float | None
+    """Pinned host-to-device copy; None without a GPU."""
+    decode: dict[str, float]
+    """Decompression speed of each codec, on one thread."""
+    ratio: dict[str, float]
+    """Compression ratio of each codec on weight-like data (normal bf16)."""
+    measured_at: float
+    disk_path: str
+
+    def to_json(self) -> str:
+        """For ``store_meta``."""
+        return json.dumps(asdict(self))
+
+    @staticmethod
+    def from_json(text: str) -> Bandwidth:
+        """Inverse of :meth:`to_json`."""
+        return Bandwidth(**json.loads(text))
+
+
+def _best(fn: Callable[[], None], rounds: int) -> float:
+    """Fastest of ``rounds`` runs, in seconds."""
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return max(best, 1e-9)
+
+
+def _disk(folder: Path, nbytes: int) -> tuple[float, float]:
+    """Write (with fdatasync) then read back, uncached, a scratch file in ``folder``."""
+    data = np.random.default_rng(0).integers(0, 256, nbytes, dtype=np.uint8)
+    path = folder / f".tierstore-probe-{os.getpid()}.tmp"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            start = time.perf_counter()
+            os.write(fd, data.data)
+            os.fdatasync(fd)
+            write = nbytes / max(time.perf_counter() - start, 1e-9)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # read from the disk, not the page cache
+            out = bytearray(nbytes)
+            start = time.perf_counter()
+            got = os.preadv(fd, [out], 0)
+            read = got / max(time.perf_counter() - start, 1e-9)
+        finally:
+            os.close(fd)
+    finally:
+        path.unlink(missing_ok=True)
+    return read, write
+
+
+def _codecs(nbytes: int) -> tuple[dict[str, float], dict[str, float]]:
+    weights = torch.randn(nbytes // 2, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    data = weights.view(torch.uint8).numpy()
+    chunks = [data[i:i + (1 << 20)] for i in range(0, data.nbytes, 1 << 20)]
+    decode: dict[str, float] = {}
+    ratio: dict[str, float] = {}
+    out = np.empty(1 << 20, dtype=np.uint8)
+    for name, codec in _CODECS.items():
+        encoded = [(codec.encode(c), c.nbytes) for c in chunks]
+        ratio[name] = data.nbytes / sum(len(e) for e, _ in encoded)
+
+        def run(codec: Codec = codec, encoded: list[tuple[bytes | np.ndarray, int]] = encoded) -> None:
+            for piece, size in encoded:
+                codec.decode_into(piece, out[:size])
+
+        decode[name] = data.nbytes / _best(run, 3)
+    return decode, ratio
+
+
+def _h2d(nbytes: int) -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    host = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+
+    def run() -> None:
+        dev.copy_(host, non_blocking=True)
+        torch.cuda.synchronize()
+
+    run()
+    return nbytes / _best(run, 5)
+
+
+def measure(folder: str | os.PathLike[str], *, nbytes: int = 64 << 20) -> Bandwidth:
+    """Measure the machine, with the disk test in ``folder`` (the store's folder); about a second."""
+    path = Path(folder)
+    read, write = _disk(path, nbytes)
+    src = np.ones(nbytes, dtype=np.uint8)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # fault the pages in first: the copy into reused memory is what the pools do
+    memcpy = nbytes / _best(lambda: np.copyto(dst, src), 5)
+    decode, ratio = _codecs(min(nbytes, 16 << 20))
+    return Bandwidth(disk_read=read, disk_write=write, memcpy=memcpy, h2d_pinned=_h2d(nbytes), decode=decode,
+                     ratio=ratio, measured_at=time.time(), disk_path=str(path.resolve()))

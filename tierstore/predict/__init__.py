@@ -1,0 +1,1 @@
+"""Prediction: eviction policies, the predictor, batch replay, shadow caches (statistics in, decisions out)."""

@@ -1,0 +1,1 @@
+"""Reports: what a store did, read back from its catalog."""

@@ -1,0 +1,1 @@
+"""Upkeep: recovery at open, verification, compaction and garbage collection, warm restart."""

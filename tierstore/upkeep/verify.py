@@ -1,0 +1,321 @@
+"""Checking a whole store, and repairing what can be repaired (``tierstore verify [--fix]``).
+
+A check reads every block from L3 and compares its crc32c with the catalog,
+then walks the files: catalog rows whose data is gone, data no row points at,
+shard files longer than committed (a torn append), moves left in the journal,
+leftover temporary files, and the schema version. It holds the writer lock,
+so no writer changes the store under it, and it changes nothing unless asked.
+
+A repair (``fix=True``) never hides a loss: blocks whose bytes are damaged or
+missing are dropped from the catalog and listed in :attr:`VerifyReport.lost`;
+everything else it does (orphans removed, torn tails cut, journal rows and
+temporary files dropped) is listed in :attr:`VerifyReport.repaired`. The store
+is checked again afterwards and what is still wrong is in ``remaining``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import crc32c
+import numpy as np
+
+from ..catalog import BLOCK_COLUMNS, DELETE_BLOCK, SCHEMA_VERSION, BlockRow, Catalog
+from ..engine.transaction import location_of
+from ..engine.writer_lock import WriterLock
+from ..errors import CatalogError, CorruptBlockError, SchemaVersionError, StoreNotFoundError
+from ..tiers.l3_zarr import ZarrL3
+from .recovery import refuse_orphaned_data
+
+__all__ = ["Problem", "VerifyReport", "verify", "PROBLEM_KINDS"]
+
+CATALOG_NAME = "catalog.sqlite"
+ALL_BLOCKS = f"SELECT {BLOCK_COLUMNS} FROM blocks ORDER BY l3_array, l3_shard, l3_offset"
+ALL_JOURNAL = "SELECT id, block_id, key, op, src, dst, state FROM journal ORDER BY id"
+DELETE_JOURNAL = "DELETE FROM journal WHERE id = ?"
+USED_SHARDS = "SELECT DISTINCT l3_array, l3_shard FROM blocks WHERE l3_array >= 'packs/' AND l3_array < 'packs0'"
+DELETE_SHARD = "DELETE FROM shards WHERE array = ? AND shard = ?"
+ARRAY_OF = "SELECT l3_array FROM blocks WHERE key = ? AND l3_array >= 'blocks/' AND l3_array < 'blocks0'"
+_OWN_ARRAY = re.compile(r"blocks/[0-9a-f]{16}")
+BLOCK_IN_ARRAY = f"SELECT {BLOCK_COLUMNS} FROM blocks WHERE l3_array = ? LIMIT 1"
+GROUPS = ("l3/zarr.json", "l3/packs/zarr.json", "l3/blocks/zarr.json")
+TEMP_SUFFIXES = (".tmp", ".partial")
+"""Names a writer gives files it has not finished (zarr.json.tmp, l2.index.tmp, zarr's .partial)."""
+
+PROBLEM_KINDS = ("schema", "corrupt", "missing", "orphan", "torn", "stale", "meta", "journal", "temp")
+"""``corrupt``: bytes fail their checksum or do not decode; ``missing``: a row's data file is gone;
+``orphan``: a data file no row points at; ``torn``: a shard longer than committed; ``stale``: a shard
+row whose file is gone (with no block left in it); ``meta``: an array's ``zarr.json`` is missing or
+damaged (zarr readers need it, tierstore does not); ``journal``: a
+move left in flight; ``temp``: an unfinished temporary file; ``schema``: an old catalog schema."""
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with a store."""
+
+    kind: str
+    """One of :data:`PROBLEM_KINDS`."""
+    subject: str
+    """The key (``corrupt``, ``missing``, ``journal``) or the path relative to the store."""
+    detail: str
+
+
+@dataclass(slots=True)
+class VerifyReport:
+    """What :func:`verify` checked, found and (with ``fix``) did."""
+
+    path: str
+    schema_version: int
+    blocks: int = 0
+    """Blocks whose bytes were read and checked."""
+    bytes_checked: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    fixed: bool = False
+    repaired: list[str] = field(default_factory=list)
+    """What the repair did, one line each (nothing here lost committed data)."""
+    lost: list[str] = field(default_factory=list)
+    """Keys dropped because their bytes were damaged or missing: restore them from elsewhere."""
+    remaining: list[Problem] = field(default_factory=list)
+    """Problems a second check still found after the repair."""
+
+    @property
+    def ok(self) -> bool:
+        """Whether the store is sound now (after the repair, if one ran)."""
+        return not (self.remaining if self.fixed else self.problems)
+
+    def by_kind(self) -> dict[str, int]:
+        """How many problems of each kind were found."""
+        counts = dict.fromkeys(PROBLEM_KINDS, 0)
+        for p in self.problems:
+            counts[p.kind] += 1
+        return counts
+
+
+def verify(path: str | os.PathLike[str], *, fix: bool = False, progress: Progress | None = None) -> VerifyReport:
+    """Check every block and file of the store at ``path``; repair what can be repaired if ``fix``.
+
+    The store must not be open for writing elsewhere (``StoreLockedError`` otherwise). A store
+    whose catalog is newer than this tierstore raises ``SchemaVersionError``.
+    """
+    store = Path(path)
+    catalog_path = store / CATALOG_NAME
+    if not catalog_path.is_file():
+        raise StoreNotFoundError(f"no tierstore store at {store} (no {CATALOG_NAME})", path=str(store))
+    lock = WriterLock(store)
+    try:
+        report = _check(store, progress)
+        if fix and report.problems:
+            _repair(store, report)
+            again = _check(store, None)
+            report.remaining = again.problems
+            report.fixed = True
+        return report
+    finally:
+        lock.release()
+
+
+def _schema_version(catalog_path: Path) -> int:
+    try:
+        conn = sqlite3.connect(f"file:{catalog_path}?mode=ro", uri=True)
+        try:
+            return int(conn.execute("PRAGMA user_version").fetchone()[0])
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise CatalogError(f"catalog {catalog_path} cannot be read ({exc}); restore it from a backup",
+                           path=str(catalog_path)) from None
+
+
+def _check(store: Path, progress: Progress | None) -> VerifyReport:
+    catalog_path = store / CATALOG_NAME
+    version = _schema_version(catalog_path)
+    report = VerifyReport(str(store), version)
+    if version > SCHEMA_VERSION:
+        raise SchemaVersionError(f"catalog {catalog_path} has schema version {version}, newer than this "
+                                 f"tierstore knows ({SCHEMA_VERSION}); upgrade tierstore to verify it",
+                                 path=str(catalog_path))
+    if version == 0:
+        refuse_orphaned_data(store, catalog_path)  # no schema beside data: a lost catalog, not a new store
+        if any((store / "l3" / sub).is_dir() and any(p.name != "zarr.json" for p in (store / "l3" / sub).iterdir())
+               for sub in ("packs", "blocks")):
+            raise CatalogError(f"catalog {catalog_path} has no tables but the store holds L3 data; restore the "
+                               "catalog from a backup (a repair now would delete the data as orphans)",
+                               path=str(catalog_path))
+    if version < SCHEMA_VERSION:
+        report.problems.append(Problem("schema", CATALOG_NAME, f"schema version {version}, current is "
+                                       f"{SCHEMA_VERSION}; --fix upgrades it"))
+        return report
+    catalog = Catalog(catalog_path, readonly=True)
+    l3 = ZarrL3(store, readonly=True)
+    try:
+        rows = []
+        for raw in catalog.query(ALL_BLOCKS):
+            try:
+                rows.append(BlockRow.from_tuple(raw))
+            except (CorruptBlockError, ValueError, TypeError) as exc:  # a row no block could have
+                report.problems.append(Problem("corrupt", str(raw[0]), f"catalog row is damaged ({exc})"))
+        _check_blocks(l3, rows, report, progress)
+        _check_files(store, l3, catalog, report)
+        for jid, block_id, key, op, src, dst, state in catalog.query(ALL_JOURNAL):
+            report.problems.append(Problem("journal", key, f"move #{jid} {op} {src}->{dst} of block "
+                                           f"{block_id} left in state {state!r}"))
+    finally:
+        l3.close()
+        catalog.close()
+    return report
+
+
+def _check_blocks(l3: ZarrL3, rows: list[BlockRow], report: VerifyReport, progress: Progress | None) -> None:
+    buf = np.empty(0, dtype=np.uint8)
+    total = sum(r.nbytes for r in rows)
+    metas: set[str] = set()
+    for row in rows:
+        if row.nbytes > buf.nbytes:
+            buf = np.empty(max(row.nbytes, 2 * buf.nbytes), dtype=np.uint8)
+        out = buf[:row.nbytes]
+        loc = location_of(row)
+        if row.nbytes and not loc.sizes:
+            report.problems.append(Problem("missing", row.key, "the catalog row has no L3 location"))
+        else:
+            try:
+                l3.read_into(loc, out)
+                if crc32c.crc32c(out.data) != row.checksum:
+                    report.problems.append(Problem("corrupt", row.key, f"checksum mismatch in {loc.array}"))
+            except FileNotFoundError:
+                report.problems.append(Problem("missing", row.key, f"{_rel(l3, loc.array, loc.shard)} is gone"))
+            except CorruptBlockError as exc:
+                report.problems.append(Problem("corrupt", row.key, exc.message))
+        if loc.array and loc.array not in metas:
+            metas.add(loc.array)
+            if not _meta_ok(l3.root / loc.array / "zarr.json"):
+                report.problems.append(Problem("meta", f"l3/{loc.array}/zarr.json", f"missing or damaged; --fix "
+                                               f"writes it again from the catalog (block {row.key!r})"))
+        report.blocks += 1
+        report.bytes_checked += row.nbytes
+        if progress is not None:
+            progress(report.bytes_checked, total)
+
+
+def _meta_ok(path: Path, node_type: str = "array") -> bool:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and doc.get("zarr_format") == 3 and doc.get("node_type") == node_type
+
+
+def _rel(l3: ZarrL3, array: str, shard: int) -> str:
+    return f"l3/{array}/{shard}"
+
+
+def _check_files(store: Path, l3: ZarrL3, catalog: Catalog, report: VerifyReport) -> None:
+    lengths = catalog.shard_lengths()
+    live = catalog.live_arrays()
+    for entry in sorted(store.rglob("*")):
+        if entry.is_file() and entry.name.endswith(TEMP_SUFFIXES):
+            report.problems.append(Problem("temp", str(entry.relative_to(store)), "unfinished temporary file"))
+    for group in GROUPS:
+        if (store / group).parent.is_dir() and not _meta_ok(store / group, "group"):
+            report.problems.append(Problem("meta", group, "zarr group metadata missing or damaged"))
+    packs = l3.root / "packs"
+    for folder in sorted(p for p in packs.iterdir() if p.is_dir()) if packs.is_dir() else []:
+        array = f"packs/{folder.name}"
+        for entry in sorted(folder.iterdir()):
+            if entry.name == "zarr.json" or entry.name.endswith(TEMP_SUFFIXES):
+                continue
+            rel = str(entry.relative_to(store))
+            key = (array, int(entry.name)) if entry.name.isdigit() else None
+            if key is None or key not in lengths:
+                report.problems.append(Problem("orphan", rel, f"shard file unknown to the catalog "
+                                               f"({_size(entry)} bytes)"))
+            elif entry.stat().st_size > lengths[key]:
+                report.problems.append(Problem("torn", rel, f"{entry.stat().st_size} bytes, committed "
+                                               f"{lengths[key]}"))
+    used = {(r[0], r[1]) for r in catalog.query(USED_SHARDS)}
+    for array, number in sorted(lengths):
+        if (array, number) not in used and not l3.shard_path(array, number).exists():
+            report.problems.append(Problem("stale", _rel(l3, array, number), "the catalog lists this shard file, "
+                                           "which is gone; no block is in it"))
+    blocks = l3.root / "blocks"
+    for entry in sorted(blocks.iterdir()) if blocks.is_dir() else []:
+        if entry.name == "zarr.json" or entry.name.endswith(TEMP_SUFFIXES):
+            continue
+        if f"blocks/{entry.name}" not in live:
+            report.problems.append(Problem("orphan", str(entry.relative_to(store)),
+                                           f"block array no row points at ({_size(entry)} bytes)"))
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _repair(store: Path, report: VerifyReport) -> None:
+    catalog_path = store / CATALOG_NAME
+    catalog = Catalog(catalog_path)  # applies pending schema migrations
+    if any(p.kind == "schema" for p in report.problems):
+        report.repaired.append(f"upgraded the catalog schema from version {report.schema_version} to "
+                               f"{SCHEMA_VERSION}")
+    groups = [p.subject for p in report.problems if p.kind == "meta" and p.subject in GROUPS]
+    for group in groups:
+        (store / group).unlink(missing_ok=True)
+    l3 = ZarrL3(store, readonly=True)
+    l3_rw = ZarrL3(store)  # writes missing group metadata
+    report.repaired.extend(f"wrote {group} again" for group in groups)
+    try:
+        lost = sorted({p.subject for p in report.problems if p.kind in ("corrupt", "missing")})
+        if lost:
+            arrays = [r[0] for k in lost for r in catalog.query(ARRAY_OF, (k,))]
+            with catalog.write("drop damaged blocks") as conn:  # plain deletes: a damaged row need not parse
+                conn.executemany(DELETE_BLOCK, [(k,) for k in lost])
+            for array in arrays:
+                if isinstance(array, str) and _OWN_ARRAY.fullmatch(array):  # never a path a damaged row made up
+                    shutil.rmtree(l3.root / array, ignore_errors=True)
+            report.lost.extend(lost)
+            report.repaired.append(f"dropped {len(lost)} damaged block(s) from the catalog: {', '.join(lost)}")
+        journal = catalog.query(ALL_JOURNAL)
+        if journal:
+            with catalog.write("drop leftover journal rows") as conn:
+                conn.executemany(DELETE_JOURNAL, [(r[0],) for r in journal])
+            report.repaired.append(f"dropped {len(journal)} leftover journal row(s); committed blocks are "
+                                   "unaffected (a move copies before it commits)")
+        lengths = catalog.shard_lengths()
+        used = {(r[0], r[1]) for r in catalog.query(USED_SHARDS)}
+        stale = [(a, n) for (a, n) in lengths if (a, n) not in used and not l3.shard_path(a, n).exists()]
+        if stale:  # including those whose blocks were just dropped as lost
+            with catalog.write("drop rows of missing shard files") as conn:
+                conn.executemany(DELETE_SHARD, stale)
+            report.repaired.append(f"dropped {len(stale)} catalog row(s) of shard files that are gone: "
+                                   + ", ".join(_rel(l3, a, n) for a, n in sorted(stale)))
+        for problem in report.problems:
+            if problem.kind == "meta" and problem.subject not in GROUPS:
+                array = problem.subject.removeprefix("l3/").removesuffix("/zarr.json")
+                rows = [BlockRow.from_tuple(r) for r in catalog.query(BLOCK_IN_ARRAY, (array,))]
+                if rows:
+                    l3_rw.restore_meta(location_of(rows[0]), rows[0].nbytes)
+                    report.repaired.append(f"wrote {problem.subject} again")
+            if problem.kind == "meta":
+                continue
+            target = store / problem.subject
+            if problem.kind in ("orphan", "temp") and (target.exists() or target.is_symlink()):
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+                report.repaired.append(f"removed {problem.kind} {problem.subject}")
+            elif problem.kind == "torn":
+                array, _, shard = problem.subject.removeprefix("l3/").rpartition("/")
+                os.truncate(target, lengths[(array, int(shard))])
+                report.repaired.append(f"cut torn append of {problem.subject} back to its committed length")
+    finally:
+        l3.close()
+        l3_rw.close()
+        catalog.close()
