@@ -25,6 +25,7 @@ from ._version import __version__
 from .compat.cache_manager import HierarchicalCacheManager
 from .compat.hardware_manager import IntelNvidiaCacheManager, create_hardware_optimized_cache_manager
 from .config import CacheConfig, SharedCredentials, format_size, parse_size
+from .engine import upkeep_steps as _upkeep_steps
 from .engine.handle import BlockInfo, StoreStats, TierStore
 from .errors import (
     BlockNotFoundError,
@@ -50,8 +51,12 @@ from .errors import (
     UnsupportedTensorError,
 )
 from .plan.hardware import HardwareFacts, HardwareOptimizer, Recommendation
+from .upkeep import handle_steps as _handle_steps
 from .upkeep.compaction import MaintenanceReport
 from .upkeep.verify import VerifyReport, verify
+
+# The composition root: the engine runs upkeep (recovery, warm restart, compaction) without importing it.
+_upkeep_steps.install(_handle_steps())
 
 __all__ = [
     "__version__",

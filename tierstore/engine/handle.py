@@ -35,6 +35,7 @@ import torch
 from .._version import __version__
 from ..catalog import BlockRow, Catalog, now
 from ..catalog.tier_bits import L1_BIT, L2_BIT, L3_BIT, UNHASHED
+from ..catalog.tier_counters import save_counters
 from ..config import CacheConfig, parse_size
 from ..errors import (
     BlockNotFoundError,
@@ -52,15 +53,12 @@ from ..errors import (
     UnsupportedTensorError,
     translate_os_error,
 )
-from ..reports.activity import save_counters
 from ..tensors import check_key, check_tensor, dtype_from_name, dtype_name, tensor_bytes, tensor_from_bytes
 from ..tiers.codecs import choose_codec
 from ..tiers.l1_cuda import DevicePool, is_device_oom
 from ..tiers.l2_slab import HostArena
 from ..tiers.l3_zarr import EMPTY_LOCATION, Location, RecoveryReport, ZarrL3
 from ..tiers.slab_allocator import Allocation
-from ..upkeep.recovery import recover, refuse_orphaned_data
-from ..upkeep.warm_restart import save_index, warm_l2
 from .access_recorder import Access, AccessRecorder, summarize
 from .handle_reports import StoreReports
 from .handle_shared import SharedTier
@@ -68,6 +66,7 @@ from .migrator import JournalReport, Migrator, Pin, Plan, StoreHooks, recover_jo
 from .residency import Residency, Resident
 from .shared_coordinator import SharedCoordinator
 from .transaction import Change, Txn, location_of
+from .upkeep_steps import steps
 from .values import BlockInfo, StoreStats
 from .writer_lock import WriterLock
 
@@ -113,7 +112,7 @@ class TierStore(SharedTier, StoreReports):
 
     def _open(self, catalog_path: Path, config: CacheConfig | None, overrides: dict[str, Any]) -> None:
         if not self.readonly:
-            refuse_orphaned_data(self.path, catalog_path)
+            steps().refuse_orphaned_data(self.path, catalog_path)
         fsync = config.fsync if config is not None else overrides.get("fsync", True)
         self._catalog = Catalog(catalog_path, readonly=self.readonly, durable=bool(fsync))
         self.config = self._resolve_config(config, overrides)
@@ -174,7 +173,7 @@ class TierStore(SharedTier, StoreReports):
 
     def _warm_l2(self) -> None:
         assert self._l2 is not None
-        self._l2_generation, self.warm_blocks = warm_l2(self.path, self._catalog, self._l2)
+        self._l2_generation, self.warm_blocks = steps().warm_l2(self.path, self._catalog, self._l2)
 
     def _resolve_config(self, config: CacheConfig | None, overrides: dict[str, Any]) -> CacheConfig:
         stored = self._catalog.meta("config")
@@ -198,7 +197,7 @@ class TierStore(SharedTier, StoreReports):
 
     def _recover(self) -> None:
         self.journal_recovery = recover_journal(self._catalog, self._l3)
-        self.recovery = recover(self._catalog, self._l3)
+        self.recovery = steps().recover(self._catalog, self._l3)
 
     # -- handle -------------------------------------------------------------------------------------
 
@@ -235,7 +234,7 @@ class TierStore(SharedTier, StoreReports):
                     pass
             if self._l2 is not None and self._l2.arena.path is not None:
                 try:
-                    save_index(self.path, self._catalog.meta("store_id") or "", self._l2_generation, self._l2)
+                    steps().save_index(self.path, self._catalog.meta("store_id") or "", self._l2_generation, self._l2)
                 except OSError:
                     pass  # the next open starts cold
             self._catalog.close()
@@ -992,16 +991,15 @@ class TierStore(SharedTier, StoreReports):
 
     def compact(self, *, min_fill: float = 0.5,
                 progress: Callable[[int, int], None] | None = None) -> MaintenanceReport:
-        """Rewrite the live blocks of packs filled below ``min_fill``; see :func:`.compaction.compact`."""
-        from ..upkeep.compaction import compact
+        """Rewrite the live blocks of packs filled below ``min_fill``.
 
-        return compact(self, min_fill=min_fill, progress=progress)
+        See :func:`tierstore.upkeep.compaction.compact`.
+        """
+        return steps().compact(self, min_fill, progress)
 
     def gc(self) -> MaintenanceReport:
         """Delete shard files no block points at any more; see :func:`tierstore.upkeep.compaction.gc`."""
-        from ..upkeep.compaction import gc
-
-        return gc(self)
+        return steps().gc(self)
 
     def _write_history(self, batch: list[Access]) -> None:
         stats, successors = summarize(batch)

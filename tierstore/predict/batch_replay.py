@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 
 __all__ = ["learn", "simulate"]
 
+CROWDED = 4
+"""The Belady expert compacts its heaps when they hold this many entries per key it holds."""
+
 K = TypeVar("K", bound=Hashable)
 
 
@@ -59,11 +62,9 @@ def learn(predictor: SimpleMLPredictor[K], keys: Sequence[K], expert: PredictedN
     far_horizon = 2.0 * horizon
     belady = expert is not None
     if expert is not None:
-        from .predictor import _CROWDED
-
         version, far, due, serial = expert._version, expert._far, expert._due, expert._serial
         capacity, patience = expert.capacity, expert.patience
-        crowded = _CROWDED * capacity + 64
+        crowded = CROWDED * capacity + 64
     push = heapq.heappush
     hits = 0
     for i, key in enumerate(keys):
@@ -205,11 +206,13 @@ def learn(predictor: SimpleMLPredictor[K], keys: Sequence[K], expert: PredictedN
     return hits
 
 
-def simulate(policy: PredictivePolicy[K], keys: Sequence[K],
-             parents: Sequence[K | None] | None = None) -> bytearray:
-    """Hits (1) and misses (0) of ``keys`` through ``policy``, as :meth:`PredictivePolicy.simulate`."""
-    from .predictor import PredictedNextUse
+def simulate(policy: PredictivePolicy[K], keys: Sequence[K], parents: Sequence[K | None] | None = None,
+             belady: PredictedNextUse[K] | None = None) -> bytearray:
+    """Hits (1) and misses (0) of ``keys`` through ``policy``, as :meth:`PredictivePolicy.simulate`.
 
+    ``belady`` is the policy's Belady expert among its experts, if it has one (the caller names it:
+    this module does not import the predictor's classes, which import it).
+    """
     if policy._used != len(policy._resident):
         raise ConfigError("simulate replays unit-size accesses; this policy already holds keys of other "
                           "sizes: simulate on a fresh policy, or drive it through tierstore.predict.policies.access")
@@ -218,7 +221,6 @@ def simulate(policy: PredictivePolicy[K], keys: Sequence[K],
     n, capacity = len(keys), policy.capacity
     hits = bytearray(n)
     experts, tally, predictor = policy.experts, policy._hits, policy.predictor
-    belady = next((e for e in experts if isinstance(e, PredictedNextUse)), None)
     resident, parent_of, children = policy._resident, policy._parent, policy._children
     touch = resident.move_to_end
     used = policy._used

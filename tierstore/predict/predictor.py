@@ -27,6 +27,7 @@ from typing import Generic, TypeVar
 from ..errors import ConfigError, TierFullError
 from . import batch_replay
 from .access_tracker import AccessPatternTracker, KeyStats
+from .batch_replay import CROWDED
 from .shadow_caches import Evictions, ShadowARC, ShadowCache, ShadowLIRS, ShadowLRU, ShadowS3FIFO, ShadowWTinyLFU
 
 __all__ = ["KeyStats", "AccessPatternTracker", "SimpleMLPredictor", "PredictivePolicy", "SuccessorTable",
@@ -36,7 +37,6 @@ K = TypeVar("K", bound=Hashable)
 
 
 _FEATURES = 6
-_CROWDED = 4  # the Belady expert compacts its heaps when they hold this many entries per key it holds
 EXPERTS = ("predicted", "lru", "arc", "s3fifo", "wtinylfu", "lirs")
 
 
@@ -192,7 +192,7 @@ class PredictedNextUse(Generic[K]):
         serial = self._version[key] = self._serial
         heapq.heappush(self._far, (-expected, serial, key))
         heapq.heappush(self._due, (now + self.patience * max(1.0, expected - now), serial, key))
-        if len(self._far) > _CROWDED * self.capacity + 64:  # drop stale entries now and then
+        if len(self._far) > CROWDED * self.capacity + 64:  # drop stale entries now and then
             self._far = [e for e in self._far if self._version.get(e[2]) == e[1]]
             self._due = [e for e in self._due if self._version.get(e[2]) == e[1]]
             heapq.heapify(self._far)
@@ -354,7 +354,8 @@ class PredictivePolicy(Generic[K]):
         time (:mod:`tierstore.predict.batch_replay`). ``parents``: each key's chain parent, or None. Time is
         counted in accesses; the tracker's caller-time statistics are left as they were.
         """
-        return batch_replay.simulate(self, keys, parents)
+        belady = next((e for e in self.experts if isinstance(e, PredictedNextUse)), None)
+        return batch_replay.simulate(self, keys, parents, belady)
 
     def _choose_leader(self) -> None:
         """End an epoch: decay the experts' scores and maybe change leader (both paths call this)."""

@@ -2,7 +2,7 @@
 
 ``stats`` and ``plot`` read these. Per-tier counters of the volatile tiers
 (hits, misses, evictions, spills, bypasses) live only in a running handle;
-:func:`save_counters` adds a handle's counters to the ``tier_counters`` row of
+:func:`~tierstore.catalog.tier_counters.save_counters` adds a handle's counters to the ``tier_counters`` row of
 ``store_meta`` at close, so that they add up across runs. A tier's promotions
 are its misses that found room (``misses - bypasses``: each brings the block in
 from below); its demotions are its evictions plus spills.
@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..catalog import Catalog
+from ..catalog.tier_counters import COUNTERS, load_counters, save_counters
 from ..config import CacheConfig
+from ..upkeep.compaction import fragmentation
 
 if TYPE_CHECKING:
     from ..engine.handle import TierStore
@@ -28,35 +30,12 @@ __all__ = ["WINDOWS", "COUNTERS", "save_counters", "load_counters", "access_wind
            "timeline"]
 
 WINDOWS = {"1m": 60.0, "1h": 3600.0, "1d": 86400.0}
-COUNTERS = ("hits", "misses", "evictions", "spills", "bypasses")
-VOLATILE = ("L1", "L2")
-"""The tiers whose counters live only in a running handle."""
-META_COUNTERS = "tier_counters"
 WINDOW_COUNTS = "SELECT op, tier, count(*) FROM access_log WHERE ts >= ? GROUP BY op, tier"
 HIT_TOTALS = ("SELECT coalesce(sum(get_count), 0), coalesce(sum(hits_l1), 0), coalesce(sum(hits_l2), 0), "
               "coalesce(sum(hits_l3), 0) FROM block_stats")
 TIME_RANGE = "SELECT min(ts), max(ts) FROM access_log"
 ALL_ACCESSES = "SELECT ts, key, op, tier FROM access_log ORDER BY id"
 CURRENT_SIZES = "SELECT key, nbytes FROM blocks"
-
-
-def load_counters(catalog: Catalog) -> dict[str, dict[str, int]]:
-    """Counters of every run so far, per tier."""
-    text = catalog.meta(META_COUNTERS)
-    return json.loads(text) if text else {}
-
-
-def save_counters(catalog: Catalog, tiers: dict[str, dict[str, Any]]) -> None:
-    """Add a closing handle's per-tier counters to those of earlier runs (no write when all are zero)."""
-    tiers = {t: v for t, v in tiers.items() if t in VOLATILE}
-    if not any(int(values.get(n, 0)) for values in tiers.values() for n in COUNTERS):
-        return
-    total = load_counters(catalog)
-    for tier, values in tiers.items():
-        row = total.setdefault(tier, dict.fromkeys(COUNTERS, 0))
-        for name in COUNTERS:
-            row[name] = row.get(name, 0) + int(values.get(name, 0))
-    catalog.set_meta({META_COUNTERS: json.dumps(total)})
 
 
 def access_windows(catalog: Catalog, now: float | None = None) -> dict[str, dict[str, int]]:
@@ -79,8 +58,6 @@ def tier_overview(db: TierStore) -> dict[str, dict[str, Any]]:
     Capacities come from the configuration the store was last opened with; ``used`` and
     ``blocks`` of L1 and L2 are those of this handle (None where it holds no such tier).
     """
-    from ..upkeep.compaction import fragmentation  # maintenance needs the store; import at call time
-
     catalog = db._catalog
     stored = catalog.meta("config")
     config = CacheConfig(**{k: v for k, v in json.loads(stored).items() if k in CacheConfig.__slots__}) \
