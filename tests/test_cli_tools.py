@@ -51,16 +51,16 @@ def test_stats_reports_tiers_hit_rates_and_time_windows(store: Path, capsys: pyt
 def test_windows_count_only_recent_accesses(store: Path) -> None:
     with tierstore.open(store, readonly=True) as db:
         now = time.time()
-        assert access_windows(db._catalog, now + 120)["1m"]["get"] == 0
-        assert access_windows(db._catalog, now + 120)["1h"]["get"] == 30
-        assert access_windows(db._catalog, now + 2 * 86400)["1d"] == {
+        assert access_windows(db.catalog, now + 120)["1m"]["get"] == 0
+        assert access_windows(db.catalog, now + 120)["1h"]["get"] == 30
+        assert access_windows(db.catalog, now + 2 * 86400)["1d"] == {
             "get": 0, "put": 0, "delete": 0, "L1": 0, "L2": 0, "L3": 0}
-        assert load_counters(db._catalog)["L2"]["misses"] >= 10
+        assert load_counters(db.catalog)["L2"]["misses"] >= 10
 
 
 def test_timeline_bins_the_log(store: Path) -> None:
     with tierstore.open(store, readonly=True) as db:
-        line = timeline(db._catalog, bins=10, top=5)
+        line = timeline(db.catalog, bins=10, top=5)
     assert sum(int(v.sum()) for v in line.served.values()) == 30 and int(line.puts.sum()) == 20
     assert line.blocks[-1] == 19 and line.logical_bytes[-1] == 19 * 4096 * 4
     assert line.heat.shape == (5, 10) and line.heat_keys[0] == "layer.00" and int(line.heat[0].sum()) == 4

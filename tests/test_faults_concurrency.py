@@ -275,7 +275,7 @@ def test_second_handle_in_process_keeps_sqlite_locks(tmp_path: Path) -> None:
             finally:
                 con.close()
 
-        with db._catalog.write("hold the write lock"):  # the writer mid-commit
+        with db.catalog.hold_write_lock("hold the write lock"):  # the writer mid-commit
             for _ in range(3):
                 with tierstore.open(store, readonly=True) as ro:
                     assert torch.equal(ro.get("k"), torch.arange(3))

@@ -54,7 +54,7 @@ def test_cache_only_device_put_lives_only_in_l1(store_path: Path) -> None:
         assert db.info("kv").tiers == ("L1",)
         assert "kv" in db and len(db) == 1 and list(db.keys()) == ["kv"]
         assert db.stats().tiers["L2"]["blocks"] == 0 and db.stats().tiers["L1"]["volatile"] == 1
-        assert not db._catalog.has_block("kv")  # nothing written to disk
+        assert not db.catalog.has_block("kv")  # nothing written to disk
         on_device = db.get("kv", device="cpu")
         assert same_bits(on_device, want) and db.stats().hits["L1"] == 1
         assert same_bits(db.get("kv"), want)  # a host get copies it out of L1
@@ -131,7 +131,7 @@ def test_replace_and_delete_of_an_l1_only_block(store_path: Path) -> None:
         assert "L3" in db.info("k").tiers and bool((held == 1.0).all())
         assert same_bits(db.get("k", device="cpu"), torch.full((100,), 2.0))
         db.put("k", torch.full((100,), 3.0), durable=False)
-        assert db.info("k").tiers == ("L1",) and not db._catalog.has_block("k")
+        assert db.info("k").tiers == ("L1",) and not db.catalog.has_block("k")
         db.delete("k")
         assert "k" not in db and len(db) == 0
         with pytest.raises(KeyError):

@@ -46,13 +46,13 @@ def _check(db: tierstore.TierStore, live: dict[str, torch.Tensor]) -> None:
 def test_compact_reclaims_dead_pack_space_and_keeps_every_block(tmp_path: Path) -> None:
     with tierstore.open(tmp_path / "s", l2_cache_size="1MiB", fsync=False) as db:
         live = _churn(db)
-        share, dead = fragmentation(db._catalog)
+        share, dead = fragmentation(db.catalog)
         assert share > 0.3 and dead > 0
         before = disk_usage(db.path / "l3")
         report = db.compact()
         assert report.blocks_moved > 0 and report.shards_rewritten > 0 and report.files_removed > 0
         assert report.reclaimed >= dead // 2 and disk_usage(db.path / "l3") == before - report.reclaimed
-        assert fragmentation(db._catalog)[0] < share / 2
+        assert fragmentation(db.catalog)[0] < share / 2
         _check(db, live)
         db.put("after", torch.ones(10))  # appends still work after compaction
         live["after"] = torch.ones(10)
@@ -103,7 +103,7 @@ def test_a_failure_before_the_commit_leaves_the_store_as_it_was(tmp_path: Path,
         def boom(*args: object, **kwargs: object) -> None:
             raise OSError(28, "No space left on device")
 
-        monkeypatch.setattr(db._catalog, "commit_blocks", boom)
+        monkeypatch.setattr(db.catalog, "commit_blocks", boom)
         with pytest.raises(tierstore.StoreFullError):
             db.compact()
         monkeypatch.undo()
@@ -138,7 +138,7 @@ def test_compact_skips_a_shard_with_a_damaged_block(tmp_path: Path) -> None:
     store = tmp_path / "s"
     with tierstore.open(store, l2_cache_size=0, l3_compression="off", fsync=False) as db:
         _churn(db)
-        row = db._catalog.get_block("k2")
+        row = db.catalog.get_block("k2")
         assert row is not None and row.l3_array is not None
         path = store / "l3" / row.l3_array / str(row.l3_shard)
         with open(path, "r+b") as fh:

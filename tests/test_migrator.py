@@ -54,7 +54,7 @@ def test_prefetch_brings_blocks_to_l2(store_path: Path) -> None:
         assert same_bits(db.get("d0"), tensor(0))
         assert db.prefetch("d1", tier="l2").result(timeout=60) == ["d1"]
         assert db.migrator.stats()["prefetched"] == 2
-        assert db._catalog.journal_size() == 0
+        assert db.catalog.journal_size() == 0
 
 
 def test_prefetch_and_pin_refuse_bad_input(store_path: Path) -> None:
@@ -137,7 +137,7 @@ def test_migrate_dry_run_promotes_hot_and_demotes_idle(store_path: Path) -> None
         time.sleep(0.2)
         plan = db.migrate(dry_run=True)
         assert ("kv", "L1", "L3") in [(m.key, m.src, m.dst) for m in plan]
-        assert db._catalog.get_block("kv") is None
+        assert db.catalog.get_block("kv") is None
         db.migrate()  # written back to L2 (where there is room), then on to L3 while it stays idle
         for _ in range(3):
             if tiers(db, "kv") == ("L3",):
@@ -145,9 +145,9 @@ def test_migrate_dry_run_promotes_hot_and_demotes_idle(store_path: Path) -> None
             time.sleep(0.1)
             db.migrate()
         assert tiers(db, "kv") == ("L3",)  # written to L3 first, then freed from the volatile tiers
-        assert db._catalog.get_block("kv") is not None
+        assert db.catalog.get_block("kv") is not None
         assert same_bits(db.get("kv"), tensor(7))
-        assert db._catalog.journal_size() == 0
+        assert db.catalog.journal_size() == 0
         assert db.migrator.stats()["spilled"] == 1
 
 
@@ -278,7 +278,7 @@ def test_crash_at_every_step_of_a_move_loses_and_duplicates_nothing(tmp_path: Pa
             assert uncommitted_copy, (scenario, point)
         with tierstore.open(store, l2_cache_size="1MiB", fsync=False) as db:
             assert sorted(db.journal_recovery.undone) == sorted(r[0] for r in journal)
-            assert db._catalog.journal_size() == 0
+            assert db.catalog.journal_size() == 0
             assert sorted(db.keys()) == sorted(f"d{i}" for i in range(DURABLE))  # cache-only blocks dropped
             assert len(db) == DURABLE
             for i in range(DURABLE):
@@ -381,7 +381,7 @@ class MigratorMachine(RuleBasedStateMachine):
     def matches_model(self) -> None:
         assert self.db.migrator.wait(timeout=60)
         assert len(self.db) == len(self.model)
-        assert self.db._catalog.journal_size() == 0
+        assert self.db.catalog.journal_size() == 0
         assert self.db.migrator.stats()["last_error"] is None
 
 

@@ -47,7 +47,7 @@ def one_round(folder: Path, small: int, large: int) -> dict[str, float]:
         for key in db:
             db.get(key)
         read_s = time.perf_counter() - start
-        share, _dead = fragmentation(db._catalog)
+        share, _dead = fragmentation(db.catalog)
         before = disk_usage(folder / "l3")
         start = time.perf_counter()
         result = db.compact()

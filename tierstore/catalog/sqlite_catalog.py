@@ -25,178 +25,69 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
 
 from ..errors import CatalogError, CorruptBlockError, SchemaVersionError, StoreFullError, TierStoreError
+from .block_row import BlockRow
+from .statements import (
+    ALL_ACCESSES,
+    ALL_BLOCKS,
+    ARRAY_OF,
+    BLOCK_IN_ARRAY,
+    BLOCKS_IN_SHARD,
+    COUNT_BLOCKS,
+    CURRENT_SIZES,
+    DELETE_BLOCK,
+    DELETE_SHARD,
+    DROP_UNUSED_SHARDS,
+    DROP_VOLATILE,
+    FIND_BY_TYPE,
+    GET_BLOCK,
+    GET_BLOCK_BY_ID,
+    GET_META,
+    GET_STATS,
+    HAS_BLOCK,
+    HIT_TOTALS,
+    HOT_BLOCKS,
+    INSERT_ACCESS,
+    JOURNAL_COUNT,
+    JOURNAL_DELETE,
+    JOURNAL_INSERT,
+    JOURNAL_ROWS,
+    KEYS_FROM_PAGE,
+    KEYS_PAGE,
+    KEYS_PREFIX_PAGE,
+    LIVE_ARRAYS,
+    MAX_BLOCK_ID,
+    RECENT_ACCESS,
+    RECENT_ACCESS_KEY,
+    SET_META,
+    SHARD_LENGTHS,
+    SHARD_USAGE,
+    SUCCESSOR_ROWS,
+    TIME_RANGE,
+    TRIM_ACCESS,
+    TRIM_SUCCESSORS,
+    UPSERT_BLOCK,
+    UPSERT_SHARD,
+    UPSERT_STATS,
+    UPSERT_SUCCESSOR,
+    USED_SHARDS,
+    USER_VERSION,
+    VOLATILE_KEYS,
+    WINDOW_COUNTS,
+)
 
-__all__ = ["Catalog", "BlockRow", "SCHEMA_VERSION", "schema_scripts"]
-
-BLOCK_COLUMNS = ("key, block_id, dtype, shape, nbytes, checksum, durable, codec, l3_array, l3_shard, "
-                 "l3_offset, l3_sizes, l3_inner, stored_bytes, tiers, created, updated, parent")
-GET_BLOCK = f"SELECT {BLOCK_COLUMNS} FROM blocks WHERE key = ?"
-HAS_BLOCK = "SELECT 1 FROM blocks WHERE key = ?"
-GET_BLOCK_BY_ID = f"SELECT {BLOCK_COLUMNS} FROM blocks WHERE block_id = ?"
-UPSERT_BLOCK = f"""
-INSERT INTO blocks ({BLOCK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT(key) DO UPDATE SET
-  block_id = excluded.block_id, dtype = excluded.dtype, shape = excluded.shape, nbytes = excluded.nbytes,
-  checksum = excluded.checksum, durable = excluded.durable, codec = excluded.codec,
-  l3_array = excluded.l3_array, l3_shard = excluded.l3_shard, l3_offset = excluded.l3_offset,
-  l3_sizes = excluded.l3_sizes, l3_inner = excluded.l3_inner, stored_bytes = excluded.stored_bytes,
-  tiers = excluded.tiers, updated = excluded.updated, parent = excluded.parent
-"""
-DELETE_BLOCK = "DELETE FROM blocks WHERE key = ?"
-COUNT_BLOCKS = "SELECT count(*), coalesce(sum(nbytes), 0), coalesce(sum(stored_bytes), 0) FROM blocks"
-KEYS_PAGE = "SELECT key FROM blocks WHERE key > ? ORDER BY key LIMIT ?"
-KEYS_FROM_PAGE = "SELECT key FROM blocks WHERE key >= ? ORDER BY key LIMIT ?"
-KEYS_PREFIX_PAGE = "SELECT key FROM blocks WHERE key > ? AND key >= ? AND key < ? ORDER BY key LIMIT ?"
-FIND_BY_TYPE = "SELECT key FROM blocks WHERE dtype = ? AND shape = ? ORDER BY updated DESC LIMIT ?"
-MAX_BLOCK_ID = "SELECT coalesce(max(block_id), 0) FROM blocks"
-VOLATILE_KEYS = "SELECT key FROM blocks INDEXED BY blocks_volatile WHERE durable = 0"
-DROP_VOLATILE = f"DELETE FROM blocks WHERE key IN ({VOLATILE_KEYS})"
-LIVE_ARRAYS = "SELECT l3_array FROM blocks WHERE l3_array >= 'blocks/' AND l3_array < 'blocks0'"
-SHARD_LENGTHS = "SELECT array, shard, length FROM shards"
-UPSERT_SHARD = """
-INSERT INTO shards (array, shard, length) VALUES (?, ?, ?)
-ON CONFLICT(array, shard) DO UPDATE SET length = excluded.length
-"""
-DROP_UNUSED_SHARDS = """
-DELETE FROM shards WHERE NOT EXISTS (
-  SELECT 1 FROM blocks WHERE blocks.l3_array = shards.array AND blocks.l3_shard = shards.shard)
-  AND (array, shard) NOT IN (SELECT array, max(shard) FROM shards GROUP BY array)
-"""
-GET_META = "SELECT value FROM store_meta WHERE name = ?"
-SET_META = "INSERT INTO store_meta (name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value"
-GET_STATS = ("SELECT access_count, get_count, put_count, hits_l1, hits_l2, hits_l3, first_access, last_access, "
-             "interarrival_ewma FROM block_stats WHERE key = ?")
-UPSERT_STATS = """
-INSERT INTO block_stats (key, access_count, get_count, put_count, hits_l1, hits_l2, hits_l3,
-                         first_access, last_access, interarrival_ewma)
-VALUES (:key, :n, :gets, :puts, :l1, :l2, :l3, :first, :last, :gap)
-ON CONFLICT(key) DO UPDATE SET
-  interarrival_ewma = CASE
-    WHEN block_stats.last_access IS NULL THEN excluded.interarrival_ewma
-    WHEN block_stats.interarrival_ewma IS NULL
-      THEN (excluded.last_access - block_stats.last_access) / excluded.access_count
-    ELSE 0.7 * block_stats.interarrival_ewma
-         + 0.3 * (excluded.last_access - block_stats.last_access) / excluded.access_count END,
-  access_count = block_stats.access_count + excluded.access_count,
-  get_count = block_stats.get_count + excluded.get_count,
-  put_count = block_stats.put_count + excluded.put_count,
-  hits_l1 = block_stats.hits_l1 + excluded.hits_l1,
-  hits_l2 = block_stats.hits_l2 + excluded.hits_l2,
-  hits_l3 = block_stats.hits_l3 + excluded.hits_l3,
-  last_access = excluded.last_access
-"""
-INSERT_ACCESS = "INSERT INTO access_log (ts, key, op, tier) VALUES (?, ?, ?, ?)"
-TRIM_ACCESS = "DELETE FROM access_log WHERE id <= (SELECT max(id) FROM access_log) - ?"
-UPSERT_SUCCESSOR = """
-INSERT INTO successors (key, next_key, count) VALUES (?, ?, ?)
-ON CONFLICT(key, next_key) DO UPDATE SET count = successors.count + excluded.count
-"""
-RECENT_ACCESS = "SELECT ts, key, op, tier FROM access_log ORDER BY id DESC LIMIT ?"
-RECENT_ACCESS_KEY = "SELECT ts, key, op, tier FROM access_log WHERE key = ? ORDER BY id DESC LIMIT ?"
-JOURNAL_COUNT = "SELECT count(*) FROM journal"
-JOURNAL_INSERT = "INSERT INTO journal (block_id, key, op, src, dst, state, created) VALUES (?, ?, ?, ?, ?, ?, ?)"
-JOURNAL_ROWS = "SELECT id, block_id, key, op, src, dst, state, created FROM journal ORDER BY id"
-JOURNAL_DELETE = "DELETE FROM journal WHERE id = ?"
-TRIM_SUCCESSORS = """
-DELETE FROM successors WHERE (key, next_key) IN (
-  SELECT key, next_key FROM successors ORDER BY count ASC LIMIT max(0, (SELECT count(*) FROM successors) - ?))
-"""
-SUCCESSOR_ROWS = "SELECT key, next_key, count FROM successors ORDER BY count DESC LIMIT ?"
-HOT_BLOCKS = """
-SELECT s.key, s.access_count, s.last_access, b.nbytes FROM block_stats s JOIN blocks b ON b.key = s.key
-WHERE s.access_count >= ? ORDER BY s.access_count DESC, s.last_access DESC LIMIT ?
-"""
+__all__ = ["Catalog", "BlockRow", "SCHEMA_VERSION", "schema_scripts", "schema_version_of"]
 
 HEADROOM_SUFFIX = "-headroom"
 HEADROOM = 1 << 20
 """Disk held beside the catalog and given back when the disk is full, so that deletes can still commit."""
 
 _SCRIPT_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
-
-
-@dataclass(frozen=True, slots=True)
-class BlockRow:
-    """One row of ``blocks``, as the store reads it."""
-
-    key: str
-    block_id: int
-    dtype: str
-    shape: tuple[int, ...]
-    nbytes: int
-    checksum: int
-    durable: bool
-    codec: str
-    l3_array: str | None
-    l3_shard: int | None
-    l3_offset: int | None
-    l3_sizes: bytes | None
-    l3_inner: int | None
-    stored_bytes: int
-    tiers: int
-    created: float
-    updated: float
-    parent: str | None = None
-    """The key of the block this one extends in a chain (``put(..., parent=...)``); it may be gone."""
-
-    @staticmethod
-    def from_tuple(row: Sequence[Any]) -> BlockRow:
-        """Build from a ``SELECT {BLOCK_COLUMNS}`` row."""
-        (key, block_id, dtype, shape, nbytes, checksum, durable, codec, array, shard, offset, sizes, inner,
-         stored, tiers, created, updated, parent) = row
-        _check_location(key, nbytes, array, shard, offset, sizes, inner)
-        if not isinstance(parent, str) or not parent:
-            parent = None  # only an eviction hint: a damaged link is no link, never a damaged block
-        return BlockRow(key, block_id, dtype, _checked_shape(key, shape), nbytes, checksum, bool(durable), codec,
-                        array, shard, offset, sizes, inner, stored, tiers, created, updated, parent)
-
-    def to_tuple(self) -> tuple[Any, ...]:
-        """Values in ``BLOCK_COLUMNS`` order."""
-        return (self.key, self.block_id, self.dtype, json.dumps(list(self.shape)), self.nbytes, self.checksum,
-                int(self.durable), self.codec, self.l3_array, self.l3_shard, self.l3_offset, self.l3_sizes,
-                self.l3_inner, self.stored_bytes, self.tiers, self.created, self.updated, self.parent)
-
-
-_ARRAY_NAME = re.compile(r"packs/[a-z0-9-]+|blocks/[0-9a-f]{16}")
-"""The only L3 array names tierstore writes: a row naming anything else (``blocks/../..``) is damaged."""
-
-
-def _damaged(key: str, what: str) -> CorruptBlockError:
-    return CorruptBlockError(f"block {key!r}: its catalog row is damaged ({what}); restore the catalog or "
-                             "delete the key", key=key, tier="L3")
-
-
-def _checked_shape(key: str, text: Any) -> tuple[int, ...]:
-    try:
-        shape = json.loads(text)
-    except (TypeError, ValueError):
-        shape = None
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise _damaged(key, f"shape {str(text)[:60]!r}")
-    return tuple(shape)
-
-
-def _check_location(key: str, nbytes: Any, array: Any, shard: Any, offset: Any, sizes: Any, inner: Any) -> None:
-    """CorruptBlockError unless the L3 columns of a row can describe a block tierstore wrote."""
-    if type(nbytes) is not int or nbytes < 0:
-        raise _damaged(key, f"nbytes {nbytes!r}")
-    if array is None:
-        return
-    if not isinstance(array, str) or not _ARRAY_NAME.fullmatch(array):
-        raise _damaged(key, f"L3 array {str(array)[:60]!r}")
-    if any(type(v) is not int or v < 0 for v in (shard, offset)) or type(inner) is not int or inner <= 0:
-        raise _damaged(key, f"L3 shard/offset/inner {shard!r}/{offset!r}/{inner!r}")
-    if not isinstance(sizes, bytes) or len(sizes) % 4:
-        raise _damaged(key, "L3 chunk sizes")
-    chunks = len(sizes) // 4
-    if not 0 < nbytes <= chunks * inner:
-        raise _damaged(key, f"{nbytes} bytes cannot be {chunks} chunks of {inner}")
 
 
 def schema_scripts() -> list[tuple[int, str, str]]:
@@ -237,7 +128,7 @@ class Catalog:
             if not readonly:
                 conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'OFF'}")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            version = conn.execute(USER_VERSION).fetchone()[0]
         except sqlite3.Error as exc:
             raise self._fail(exc, "open the catalog") from None
         if version > SCHEMA_VERSION:
@@ -300,7 +191,7 @@ class Catalog:
                 raise self._fail(exc, f"apply schema {name}") from None
 
     @contextmanager
-    def write(self, what: str) -> Iterator[sqlite3.Connection]:
+    def _write(self, what: str) -> Iterator[sqlite3.Connection]:
         """One write transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``); rolled back on any error."""
         with self._lock:
             conn = self._conn
@@ -320,7 +211,7 @@ class Catalog:
                     conn.execute("ROLLBACK")
                 raise
 
-    def query(self, sql: str, params: Sequence[Any] = (), *, what: str = "read the catalog") -> list[Any]:
+    def _query(self, sql: str, params: Sequence[Any] = (), *, what: str = "read the catalog") -> list[Any]:
         """Run a read statement and return all rows."""
         with self._lock:
             try:
@@ -328,7 +219,7 @@ class Catalog:
             except sqlite3.Error as exc:
                 raise self._fail(exc, what) from None
 
-    def query_one(self, sql: str, params: Sequence[Any] = (), *, what: str = "read the catalog") -> Any:
+    def _query_one(self, sql: str, params: Sequence[Any] = (), *, what: str = "read the catalog") -> Any:
         """Run a read statement and return its first row (or None)."""
         with self._lock:
             try:
@@ -340,17 +231,17 @@ class Catalog:
 
     def get_block(self, key: str) -> BlockRow | None:
         """The committed row of ``key``."""
-        row = self.query_one(GET_BLOCK, (key,))
+        row = self._query_one(GET_BLOCK, (key,))
         return None if row is None else BlockRow.from_tuple(row)
 
     def block_by_id(self, block_id: int) -> BlockRow | None:
         """The committed row holding ``block_id``, if any."""
-        row = self.query_one(GET_BLOCK_BY_ID, (block_id,))
+        row = self._query_one(GET_BLOCK_BY_ID, (block_id,))
         return None if row is None else BlockRow.from_tuple(row)
 
     def has_block(self, key: str) -> bool:
         """Whether ``key`` has a committed row."""
-        return self.query_one(HAS_BLOCK, (key,)) is not None
+        return self._query_one(HAS_BLOCK, (key,)) is not None
 
     def commit_blocks(self, rows: Sequence[BlockRow], deletes: Sequence[str],
                       shard_lengths: dict[tuple[str, int], int], next_block_id: int) -> list[BlockRow]:
@@ -400,7 +291,7 @@ class Catalog:
     def _commit_blocks(self, rows: Sequence[BlockRow], deletes: Sequence[str],
                        shard_lengths: dict[tuple[str, int], int], next_block_id: int) -> list[BlockRow]:
         replaced: list[BlockRow] = []
-        with self.write("commit blocks") as conn:
+        with self._write("commit blocks") as conn:
             conn.execute(SET_META, ("next_block_id", str(next_block_id)))
             for key in [r.key for r in rows] + list(deletes):
                 old = conn.execute(GET_BLOCK, (key,)).fetchone()
@@ -413,29 +304,29 @@ class Catalog:
 
     def totals(self) -> tuple[int, int, int]:
         """``(blocks, raw bytes, stored bytes)`` of the committed state."""
-        count, nbytes, stored = self.query_one(COUNT_BLOCKS)
+        count, nbytes, stored = self._query_one(COUNT_BLOCKS)
         return int(count), int(nbytes), int(stored)
 
     def keys_page(self, after: str, limit: int, prefix: str | None) -> list[str]:
         """Up to ``limit`` keys greater than ``after`` (and starting with ``prefix``), in order."""
         if prefix is None:
-            return [r[0] for r in self.query(KEYS_PAGE, (after, limit))]
+            return [r[0] for r in self._query(KEYS_PAGE, (after, limit))]
         high = _prefix_upper_bound(prefix)
         if high is None:  # the prefix ends in U+10FFFF: no string bounds it from above
-            rows = self.query(KEYS_PAGE, (after, limit)) if after >= prefix else self.query(
+            rows = self._query(KEYS_PAGE, (after, limit)) if after >= prefix else self._query(
                 KEYS_FROM_PAGE, (prefix, limit))
             return [r[0] for r in rows if r[0].startswith(prefix)]
-        return [r[0] for r in self.query(KEYS_PREFIX_PAGE, (after, prefix, high, limit))]
+        return [r[0] for r in self._query(KEYS_PREFIX_PAGE, (after, prefix, high, limit))]
 
     def find_by_type(self, dtype: str, shape: tuple[int, ...], limit: int = 1) -> list[str]:
         """Keys of the newest blocks with this dtype and shape."""
-        return [r[0] for r in self.query(FIND_BY_TYPE, (dtype, json.dumps(list(shape)), limit))]
+        return [r[0] for r in self._query(FIND_BY_TYPE, (dtype, json.dumps(list(shape)), limit))]
 
     # -- recovery ---------------------------------------------------------------------------------
 
     def drop_volatile(self) -> list[str]:
         """Delete the rows of cache-only blocks (a new process starts without them)."""
-        with self.write("drop cache-only blocks") as conn:
+        with self._write("drop cache-only blocks") as conn:
             keys = [r[0] for r in conn.execute(VOLATILE_KEYS).fetchall()]
             if keys:
                 conn.execute(DROP_VOLATILE)
@@ -443,34 +334,34 @@ class Catalog:
 
     def shard_lengths(self) -> dict[tuple[str, int], int]:
         """Committed length of every shard file."""
-        return {(a, s): n for a, s, n in self.query(SHARD_LENGTHS)}
+        return {(a, s): n for a, s, n in self._query(SHARD_LENGTHS)}
 
     def live_arrays(self) -> set[str]:
         """L3 arrays (large blocks) that committed rows point at."""
-        return {r[0] for r in self.query(LIVE_ARRAYS)}
+        return {r[0] for r in self._query(LIVE_ARRAYS)}
 
     def forget_unused_shards(self) -> None:
         """Drop shard rows no block points at (their files are then orphans), keeping each pack's last."""
-        with self.write("forget unused shards") as conn:
+        with self._write("forget unused shards") as conn:
             conn.execute(DROP_UNUSED_SHARDS)
 
     def next_block_id(self) -> int:
         """The first block id never used in this store."""
         recorded = self.meta("next_block_id")
-        return max(int(self.query_one(MAX_BLOCK_ID)[0]) + 1, int(recorded) if recorded else 1)
+        return max(int(self._query_one(MAX_BLOCK_ID)[0]) + 1, int(recorded) if recorded else 1)
 
     def data_version(self) -> int:
         """Changes whenever another connection commits (SQLite's ``PRAGMA data_version``)."""
-        return int(self.query_one("PRAGMA data_version")[0])
+        return int(self._query_one("PRAGMA data_version")[0])
 
     def meta(self, name: str) -> str | None:
         """A ``store_meta`` value."""
-        row = self.query_one(GET_META, (name,))
+        row = self._query_one(GET_META, (name,))
         return None if row is None else str(row[0])
 
     def set_meta(self, values: dict[str, str]) -> None:
         """Write ``store_meta`` values."""
-        with self.write("write store metadata") as conn:
+        with self._write("write store metadata") as conn:
             conn.executemany(SET_META, list(values.items()))
 
     # -- statistics -------------------------------------------------------------------------------
@@ -479,7 +370,7 @@ class Catalog:
                       stats: Sequence[dict[str, Any]], successors: Sequence[tuple[str, str, int]],
                       max_rows: int) -> None:
         """Append a batch of accesses and fold it into the per-key statistics (one transaction)."""
-        with self.write("record access history") as conn:
+        with self._write("record access history") as conn:
             conn.executemany(INSERT_ACCESS, log)
             conn.executemany(UPSERT_STATS, stats)
             conn.executemany(UPSERT_SUCCESSOR, successors)
@@ -487,7 +378,7 @@ class Catalog:
 
     def block_stats(self, key: str) -> dict[str, Any] | None:
         """The statistics row of ``key``."""
-        row = self.query_one(GET_STATS, (key,))
+        row = self._query_one(GET_STATS, (key,))
         if row is None:
             return None
         names = ("access_count", "get_count", "put_count", "hits_l1", "hits_l2", "hits_l3", "first_access",
@@ -497,18 +388,18 @@ class Catalog:
     def history(self, key: str | None, limit: int) -> list[tuple[float, str, str, str | None]]:
         """The newest ``limit`` accesses (of ``key``), newest first."""
         if key is None:
-            return [tuple(r) for r in self.query(RECENT_ACCESS, (limit,))]
-        return [tuple(r) for r in self.query(RECENT_ACCESS_KEY, (key, limit))]
+            return [tuple(r) for r in self._query(RECENT_ACCESS, (limit,))]
+        return [tuple(r) for r in self._query(RECENT_ACCESS_KEY, (key, limit))]
 
     def journal_size(self) -> int:
         """Moves recorded as in flight."""
-        return int(self.query_one(JOURNAL_COUNT)[0])
+        return int(self._query_one(JOURNAL_COUNT)[0])
 
     def journal_begin(self, moves: Sequence[tuple[int, str, str, str, str]]) -> list[int]:
         """Record ``(block_id, key, op, src, dst)`` moves as intents (one transaction); their row ids."""
         stamp = time.time()
         ids: list[int] = []
-        with self.write("journal tier moves") as conn:
+        with self._write("journal tier moves") as conn:
             for block_id, key, op, src, dst in moves:
                 cursor = conn.execute(JOURNAL_INSERT, (block_id, key, op, src, dst, "intent", stamp))
                 ids.append(int(cursor.lastrowid or 0))
@@ -517,32 +408,104 @@ class Catalog:
     def journal_end(self, ids: Sequence[int]) -> None:
         """Remove finished (or undone) moves from the journal."""
         if ids:
-            with self.write("clear tier moves") as conn:
+            with self._write("clear tier moves") as conn:
                 conn.executemany(JOURNAL_DELETE, [(i,) for i in ids])
 
     def journal_rows(self) -> list[tuple[int, int, str, str, str, str, str, float]]:
         """Every move in flight: ``(id, block_id, key, op, src, dst, state, created)``."""
-        return [tuple(r) for r in self.query(JOURNAL_ROWS)]
+        return [tuple(r) for r in self._query(JOURNAL_ROWS)]
 
     def commit_moved(self, row: BlockRow, journal_id: int, next_block_id: int) -> None:
         """Commit the row of a block moved into L3 and close its journal entry (one transaction)."""
-        with self.write("commit a tier move") as conn:
+        with self._write("commit a tier move") as conn:
             conn.execute(SET_META, ("next_block_id", str(next_block_id)))
             conn.execute(UPSERT_BLOCK, row.to_tuple())
             conn.execute(JOURNAL_DELETE, (journal_id,))
 
     def trim_successors(self, max_rows: int) -> None:
         """Keep only the ``max_rows`` most frequent transitions."""
-        with self.write("trim the successor table") as conn:
+        with self._write("trim the successor table") as conn:
             conn.execute(TRIM_SUCCESSORS, (max_rows,))
 
     def successor_counts(self, limit: int) -> list[tuple[str, str, int]]:
         """The ``limit`` most frequent ``(key, next_key, count)`` transitions."""
-        return [(str(a), str(b), int(n)) for a, b, n in self.query(SUCCESSOR_ROWS, (limit,))]
+        return [(str(a), str(b), int(n)) for a, b, n in self._query(SUCCESSOR_ROWS, (limit,))]
 
     def hot_blocks(self, min_count: int, limit: int) -> list[tuple[str, int, float, int]]:
         """Blocks accessed at least ``min_count`` times: ``(key, count, last access, nbytes)``, hottest first."""
-        return [(str(k), int(c), float(t or 0.0), int(n)) for k, c, t, n in self.query(HOT_BLOCKS, (min_count, limit))]
+        return [(str(k), int(c), float(t or 0.0), int(n)) for k, c, t, n in self._query(HOT_BLOCKS, (min_count, limit))]
+
+    # -- reports (tierstore.reports) --------------------------------------------------------------
+
+    def access_counts_since(self, since: float) -> list[tuple[str, str | None, int]]:
+        """``(op, tier, count)`` of the logged accesses at or after ``since``."""
+        return [(op, tier, int(n)) for op, tier, n in self._query(WINDOW_COUNTS, (since,))]
+
+    def hit_totals(self) -> tuple[int, int, int, int]:
+        """Gets recorded in ``block_stats``, and those served from L1, L2 and L3."""
+        gets, l1, l2, l3 = self._query_one(HIT_TOTALS)
+        return int(gets), int(l1), int(l2), int(l3)
+
+    def access_time_range(self) -> tuple[float | None, float | None]:
+        """The first and last timestamps of the access log (None, None when it is empty)."""
+        first, last = self._query_one(TIME_RANGE)
+        return first, last
+
+    def all_accesses(self) -> list[tuple[float, str, str, str | None]]:
+        """The whole access log, oldest first: ``(ts, key, op, tier)``."""
+        return [tuple(r) for r in self._query(ALL_ACCESSES)]
+
+    def block_sizes(self) -> dict[str, int]:
+        """Each stored key's raw byte count."""
+        return dict(self._query(CURRENT_SIZES))
+
+    # -- upkeep (tierstore.upkeep) ----------------------------------------------------------------
+
+    def raw_block_rows(self) -> list[tuple[Any, ...]]:
+        """Every ``blocks`` row as stored, unparsed (verify reports a damaged one instead of failing), in L3 order."""
+        return [tuple(r) for r in self._query(ALL_BLOCKS)]
+
+    def used_shards(self) -> set[tuple[str, int]]:
+        """The pack shards some block points at."""
+        return {(r[0], r[1]) for r in self._query(USED_SHARDS)}
+
+    def own_arrays_of(self, keys: Sequence[str]) -> list[Any]:
+        """The ``blocks/<id>`` arrays of ``keys`` as their rows name them (possibly damaged values)."""
+        return [r[0] for key in keys for r in self._query(ARRAY_OF, (key,))]
+
+    def first_row_in_array(self, array: str) -> BlockRow | None:
+        """A block stored in L3 array ``array``, if any."""
+        row = self._query_one(BLOCK_IN_ARRAY, (array,))
+        return BlockRow.from_tuple(row) if row is not None else None
+
+    def shard_usage_rows(self) -> list[tuple[str, int, int, int, int]]:
+        """Per shard: ``(array, shard, committed length, blocks in it, their stored bytes)``."""
+        return [(a, int(s), int(n), int(c), int(live)) for a, s, n, c, live in self._query(SHARD_USAGE)]
+
+    def rows_in_shard(self, array: str, shard: int) -> list[BlockRow]:
+        """The blocks of one pack shard, in file order."""
+        return [BlockRow.from_tuple(r) for r in self._query(BLOCKS_IN_SHARD, (array, shard))]
+
+    def drop_blocks(self, keys: Sequence[str], what: str = "drop damaged blocks") -> None:
+        """Delete the rows of ``keys`` as they are (plain deletes: a damaged row need not parse)."""
+        with self._write(what) as conn:
+            conn.executemany(DELETE_BLOCK, [(k,) for k in keys])
+
+    def drop_journal_rows(self, ids: Sequence[int]) -> None:
+        """Delete journal rows (verify --fix: moves a crash left, settled by hand)."""
+        with self._write("drop leftover journal rows") as conn:
+            conn.executemany(JOURNAL_DELETE, [(i,) for i in ids])
+
+    def drop_shard_rows(self, shards: Sequence[tuple[str, int]]) -> None:
+        """Forget the committed lengths of shard files that are gone."""
+        with self._write("drop rows of missing shard files") as conn:
+            conn.executemany(DELETE_SHARD, shards)
+
+    @contextmanager
+    def hold_write_lock(self, what: str) -> Iterator[None]:
+        """Hold the catalog's write transaction (empty) for the duration of the block."""
+        with self._write(what):
+            yield
 
     def close(self) -> None:
         """Close the connection (idempotent)."""
@@ -558,6 +521,19 @@ class Catalog:
                 pass
 
 
+def schema_version_of(path: Path) -> int:
+    """The schema version of the catalog file at ``path``, read without applying migrations (0: no schema)."""
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return int(conn.execute(USER_VERSION).fetchone()[0])
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise CatalogError(f"catalog {path} cannot be read ({exc}); restore it from a backup",
+                           path=str(path)) from None
+
+
 def _replaced_row(old: Sequence[Any]) -> BlockRow:
     """The row being replaced or deleted; a damaged one is replaced all the same, its bytes left to recovery."""
     try:
@@ -565,8 +541,9 @@ def _replaced_row(old: Sequence[Any]) -> BlockRow:
     except CorruptBlockError:
         nbytes = old[4] if type(old[4]) is int else 0
         stored = old[13] if type(old[13]) is int else 0
-        return BlockRow(old[0], -1, "uint8", (nbytes,), nbytes, 0, bool(old[6]), "raw", None, None, None, None,
-                        None, stored, 0, 0.0, 0.0)
+        return BlockRow.stored(old[0], -1, "uint8", (nbytes,), nbytes, 0, durable=bool(old[6]),
+                               l3=("raw", None, None, None, None, None, stored), tiers=0, created=0.0, updated=0.0,
+                               parent=None)
 
 
 def _prefix_upper_bound(prefix: str) -> str | None:

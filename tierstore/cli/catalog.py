@@ -37,7 +37,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     with open_store(args.store, readonly=True, l1_cache_size=0, l2_cache_size=0) as db:
         info = db.info(args.key)
         history = db.history(args.key, limit=10)
-        stats = db._catalog.block_stats(args.key) or {}
+        stats = db.catalog.block_stats(args.key) or {}
         successors = db.migrator.successors
         likely = [{"key": k, "probability": successors.probability(args.key, k)} for k in successors.likely(args.key)]
     data = {f.name: getattr(info, f.name) for f in dataclasses.fields(info)}
@@ -81,7 +81,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     """Show counts, sizes and compression of a store."""
     with open_store(args.store, readonly=True, l1_cache_size=0, l2_cache_size=0) as db:
         stats = db.stats()
-        overview, windows = tier_overview(db), access_windows(db._catalog)
+        overview, windows = tier_overview(db), access_windows(db.catalog)
     data = {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)}
     data.update(tier_overview=overview, windows=windows)
     if args.json:

@@ -64,7 +64,7 @@ def draw(line: Timeline, path: str, *, title: str, width: float, height: float, 
 def cmd_plot(args: argparse.Namespace) -> int:
     """Draw tier use, hit rate and an access heat map from the store's access log."""
     with open_store(args.store, readonly=True, l1_cache_size=0, l2_cache_size=0) as db:
-        line = timeline(db._catalog, bins=args.bins, top=args.top)
+        line = timeline(db.catalog, bins=args.bins, top=args.top)
         stats: Any = db.stats()
     draw(line, args.output, title=f"{args.store}: {stats.blocks} blocks, {format_size(stats.logical_bytes)}",
          width=args.width, height=args.height, dpi=args.dpi)

@@ -58,7 +58,7 @@ class HierarchicalCacheManager:
         nowhere: every type draws from the same tiers.
         """
         shape = tuple(int(s) for s in shape)
-        keys = self.store._catalog.find_by_type(dtype_name(dtype), shape)
+        keys = self.store.catalog.find_by_type(dtype_name(dtype), shape)
         if keys:
             info = self.store.info(keys[0])
             return self.store.get(keys[0]), info.tiers[0] if info.tiers else "L3"

@@ -253,6 +253,11 @@ class TierStore(SharedTier, StoreReports):
         return self._closed
 
     @property
+    def catalog(self) -> Catalog:
+        """The store's catalog (for reports, upkeep and tools; it hands out no raw connection)."""
+        return self._catalog
+
+    @property
     def l1_pool(self) -> DevicePool | None:
         """The L1 device pool (None when L1 is off), for integrations that watch device memory."""
         return self._l1.arena if self._l1 is not None else None
@@ -432,9 +437,9 @@ class TierStore(SharedTier, StoreReports):
                 stamp = now()
                 previous = txn.pending.get(key)
                 created = previous.row.created if previous is not None and previous.row is not None else stamp
-                row = BlockRow(key, self._new_block_id(), dtype_name(tensor.dtype), tuple(tensor.shape),
-                               l1_slot.nbytes, UNHASHED, False, "raw", None, None, None, None, None, 0, L1_BIT,
-                               created, stamp, parent)
+                row = BlockRow.cache_only(key, self._new_block_id(), dtype_name(tensor.dtype), tuple(tensor.shape),
+                                          l1_slot.nbytes, UNHASHED, tier=L1_BIT, created=created, updated=stamp,
+                                          parent=parent)
                 txn.set(key, Change(row, None, l1_slot))
                 return
         data = tensor_bytes(tensor)
@@ -458,12 +463,10 @@ class TierStore(SharedTier, StoreReports):
         stamp = now()
         previous = txn.pending.get(key)
         old = previous.row if previous is not None else None  # the catalog keeps `created` on replace
-        row = BlockRow(
-            key=key, block_id=block_id, dtype=dtype_name(tensor.dtype), shape=tuple(tensor.shape),
-            nbytes=data.nbytes, checksum=checksum, durable=durable, codec=loc.codec,
-            l3_array=loc.array or None, l3_shard=loc.shard, l3_offset=loc.offset, l3_sizes=loc.sizes_blob(),
-            l3_inner=loc.inner, stored_bytes=loc.length, tiers=(L3_BIT if loc.array else 0) | (L2_BIT if slot else 0),
-            created=old.created if old is not None else stamp, updated=stamp, parent=parent)
+        row = BlockRow.stored(key, block_id, dtype_name(tensor.dtype), tuple(tensor.shape), data.nbytes, checksum,
+                              durable=durable, l3=loc.to_columns(),
+                              tiers=(L3_BIT if loc.array else 0) | (L2_BIT if slot else 0),
+                              created=old.created if old is not None else stamp, updated=stamp, parent=parent)
         txn.set(key, Change(row, slot))
 
     def _put_l1(self, tensor: torch.Tensor) -> Allocation | None:
@@ -803,8 +806,8 @@ class TierStore(SharedTier, StoreReports):
 
     @staticmethod
     def _volatile_row(entry: Resident, tier_bit: int = L2_BIT, parent: str | None = None) -> BlockRow:
-        return BlockRow(entry.key, entry.block_id, dtype_name(entry.dtype), entry.shape, entry.alloc.nbytes,
-                        entry.checksum, False, "raw", None, None, None, None, None, 0, tier_bit, 0.0, 0.0, parent)
+        return BlockRow.cache_only(entry.key, entry.block_id, dtype_name(entry.dtype), entry.shape, entry.alloc.nbytes,
+                                   entry.checksum, tier=tier_bit, created=0.0, updated=0.0, parent=parent)
 
     def _refresh(self) -> None:
         """Read-only handles: forget cached rows and totals once a writer has committed."""

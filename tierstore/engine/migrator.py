@@ -798,9 +798,9 @@ class Migrator:
             stamp = now()
             holder = l2 if from_l2 else self.l1
             parent = holder.parent_of(entry.key) if holder is not None else None  # the link goes to L3 too
-            row = BlockRow(entry.key, block_id, dtype_name(entry.dtype), entry.shape, data.nbytes, entry.checksum,
-                           False, loc.codec, loc.array or None, loc.shard, loc.offset, loc.sizes_blob(), loc.inner,
-                           loc.length, _L3_BIT, stamp, stamp, parent)
+            row = BlockRow.stored(entry.key, block_id, dtype_name(entry.dtype), entry.shape, data.nbytes,
+                                  entry.checksum, durable=False, l3=loc.to_columns(), tiers=_L3_BIT, created=stamp,
+                                  updated=stamp, parent=parent)
             self.catalog.commit_moved(row, journal_id, self.hooks.next_block_id())
         except (TierStoreError, OSError) as exc:
             self.last_error = exc

@@ -77,7 +77,4 @@ class Txn:
 
 def location_of(row: BlockRow) -> Location:
     """Where ``row``'s bytes are in L3 (an empty location for a block with none there)."""
-    if row.l3_array is None or row.l3_sizes is None:
-        return Location("", 0, 0, (), 0, row.codec)
-    return Location(row.l3_array, row.l3_shard or 0, row.l3_offset or 0,
-                    Location.sizes_from_blob(row.l3_sizes), row.l3_inner or 0, row.codec)
+    return Location.from_columns(row.l3_columns)

@@ -270,7 +270,7 @@ class HardwareOptimizer:
     def bandwidth(self) -> Bandwidth | None:
         """The measurement given, or the one cached in the store, or None."""
         if self._bandwidth is None and self.store is not None:
-            cached = self.store._catalog.meta(META_NAME)
+            cached = self.store.catalog.meta(META_NAME)
             if cached is not None:
                 self._bandwidth = Bandwidth.from_json(cached)
         return self._bandwidth
@@ -279,7 +279,7 @@ class HardwareOptimizer:
         """Measure disk, memcpy, codecs and pinned copies now (about a second); cached in a writable store."""
         self._bandwidth = measure(self.disk_path, nbytes=nbytes)
         if self.store is not None and not self.store.readonly:
-            self.store._catalog.set_meta({META_NAME: self._bandwidth.to_json()})
+            self.store.catalog.set_meta({META_NAME: self._bandwidth.to_json()})
         return self._bandwidth
 
     def recommend(self) -> Recommendation:

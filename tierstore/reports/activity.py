@@ -30,12 +30,6 @@ __all__ = ["WINDOWS", "COUNTERS", "save_counters", "load_counters", "access_wind
            "timeline"]
 
 WINDOWS = {"1m": 60.0, "1h": 3600.0, "1d": 86400.0}
-WINDOW_COUNTS = "SELECT op, tier, count(*) FROM access_log WHERE ts >= ? GROUP BY op, tier"
-HIT_TOTALS = ("SELECT coalesce(sum(get_count), 0), coalesce(sum(hits_l1), 0), coalesce(sum(hits_l2), 0), "
-              "coalesce(sum(hits_l3), 0) FROM block_stats")
-TIME_RANGE = "SELECT min(ts), max(ts) FROM access_log"
-ALL_ACCESSES = "SELECT ts, key, op, tier FROM access_log ORDER BY id"
-CURRENT_SIZES = "SELECT key, nbytes FROM blocks"
 
 
 def access_windows(catalog: Catalog, now: float | None = None) -> dict[str, dict[str, int]]:
@@ -44,7 +38,7 @@ def access_windows(catalog: Catalog, now: float | None = None) -> dict[str, dict
     out = {}
     for name, seconds in WINDOWS.items():
         row = {"get": 0, "put": 0, "delete": 0, "L1": 0, "L2": 0, "L3": 0}
-        for op, tier, count in catalog.query(WINDOW_COUNTS, (now - seconds,)):
+        for op, tier, count in catalog.access_counts_since(now - seconds):
             row[op] = row.get(op, 0) + count
             if op == "get" and tier in row:
                 row[tier] += count
@@ -58,12 +52,12 @@ def tier_overview(db: TierStore) -> dict[str, dict[str, Any]]:
     Capacities come from the configuration the store was last opened with; ``used`` and
     ``blocks`` of L1 and L2 are those of this handle (None where it holds no such tier).
     """
-    catalog = db._catalog
+    catalog = db.catalog
     stored = catalog.meta("config")
     config = CacheConfig(**{k: v for k, v in json.loads(stored).items() if k in CacheConfig.__slots__}) \
         if stored else db.config
     stats = db.stats()
-    gets, *hits = catalog.query_one(HIT_TOTALS)
+    gets, *hits = catalog.hit_totals()
     counters = load_counters(catalog)
     live_counters = {t: stats.tiers.get(t, {}) for t in ("L1", "L2")}
     share, dead = fragmentation(catalog)
@@ -112,12 +106,12 @@ class Timeline:
 
 def timeline(catalog: Catalog, *, bins: int = 60, top: int = 30) -> Timeline:
     """Bin the whole access log into ``bins`` intervals; a heat map of the ``top`` keys."""
-    first, last = catalog.query_one(TIME_RANGE)
-    if first is None:
+    first, last = catalog.access_time_range()
+    if first is None or last is None:  # both or neither: an empty log
         first = last = time.time()
     edges = np.linspace(first, max(last, first + 1e-3), bins + 1)
-    rows = catalog.query(ALL_ACCESSES)
-    sizes = dict(catalog.query(CURRENT_SIZES))
+    rows = catalog.all_accesses()
+    sizes = catalog.block_sizes()
     ts = np.array([r[0] for r in rows], dtype=np.float64)
     index = np.clip(np.searchsorted(edges, ts, side="right") - 1, 0, bins - 1)
     ops = np.array([r[2] for r in rows], dtype=object)

@@ -63,6 +63,13 @@ _BLOCK_ARRAY = re.compile(r"blocks/[0-9a-f]{16}")
 _PACK_SHAPE = PACK_MAX * (1 << 32)
 
 
+L3Columns = tuple[str, str | None, int | None, int | None, bytes | None, int | None, int]
+"""A :class:`Location` as the catalog keeps it: ``(codec, array, shard, offset, sizes, inner, stored bytes)``.
+
+The catalog stores the tuple without reading it (``BlockRow.l3_columns``); only L3 knows what it means.
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class Location:
     """Where a block's encoded bytes are: contiguous chunks in one shard file."""
@@ -90,6 +97,18 @@ class Location:
     def sizes_from_blob(blob: bytes) -> tuple[int, ...]:
         """Inverse of :meth:`sizes_blob`."""
         return tuple(int(x) for x in np.frombuffer(blob, dtype="<u4"))
+
+    def to_columns(self) -> L3Columns:
+        """``(codec, array, shard, offset, sizes, inner, stored bytes)`` as the catalog keeps them (opaque to it)."""
+        return self.codec, self.array or None, self.shard, self.offset, self.sizes_blob(), self.inner, self.length
+
+    @staticmethod
+    def from_columns(columns: L3Columns) -> Location:
+        """Inverse of :meth:`to_columns` (an empty location for a block with no bytes in L3)."""
+        codec, array, shard, offset, sizes, inner, _stored = columns
+        if array is None or sizes is None:
+            return Location("", 0, 0, (), 0, codec)
+        return Location(array, shard or 0, offset or 0, Location.sizes_from_blob(sizes), inner or 0, codec)
 
 
 EMPTY_LOCATION = Location("", 0, 0, (), GRANULE, "raw")

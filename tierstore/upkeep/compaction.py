@@ -17,7 +17,6 @@ the row again and follow it.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import TYPE_CHECKING
 import crc32c
 import numpy as np
 
-from ..catalog import BLOCK_COLUMNS, BlockRow, Catalog
+from ..catalog import BlockRow, Catalog
 from ..engine.transaction import location_of
 from ..errors import ConfigError, CorruptBlockError, TransactionError, translate_os_error
 from ..tiers.l3_zarr import PACK_SLOTS
@@ -36,12 +35,6 @@ if TYPE_CHECKING:
 
 __all__ = ["ShardUsage", "MaintenanceReport", "shard_usage", "fragmentation", "compact", "gc", "disk_usage"]
 
-SHARD_USAGE = """
-SELECT s.array, s.shard, s.length, count(b.key), coalesce(sum(b.stored_bytes), 0)
-FROM shards s LEFT JOIN blocks b ON b.l3_array = s.array AND b.l3_shard = s.shard
-GROUP BY s.array, s.shard ORDER BY s.array, s.shard
-"""
-BLOCKS_IN_SHARD = f"SELECT {BLOCK_COLUMNS} FROM blocks WHERE l3_array = ? AND l3_shard = ? ORDER BY l3_offset"
 INDEX_BYTES = PACK_SLOTS * 16 + 4
 """The shard index a pack file ends with (64 offset/size pairs and a crc32c)."""
 
@@ -92,7 +85,7 @@ class MaintenanceReport:
 
 def shard_usage(catalog: Catalog) -> list[ShardUsage]:
     """Every pack shard with its committed length and the bytes its blocks still use."""
-    return [ShardUsage(a, int(s), int(n), int(c), int(live)) for a, s, n, c, live in catalog.query(SHARD_USAGE)
+    return [ShardUsage(a, int(s), int(n), int(c), int(live)) for a, s, n, c, live in catalog.shard_usage_rows()
             if str(a).startswith("packs/")]
 
 
@@ -130,7 +123,7 @@ def gc(db: TierStore) -> MaintenanceReport:
 
 def _drop_unused(db: TierStore) -> int:
     """Forget shard rows without blocks (each pack keeps its last) and delete their files."""
-    catalog, l3 = db._catalog, db._l3
+    catalog, l3 = db.catalog, db._l3
     known = set(catalog.shard_lengths())
     catalog.forget_unused_shards()
     gone = known - set(catalog.shard_lengths())
@@ -152,7 +145,7 @@ def compact(db: TierStore, *, min_fill: float = 0.5, progress: Progress | None =
     if not 0.0 <= min_fill <= 1.0:
         raise ConfigError(f"min_fill must be a share in [0, 1], got {min_fill!r}")
     _begin(db)
-    catalog, l3 = db._catalog, db._l3
+    catalog, l3 = db.catalog, db._l3
     with db._write_mutex:
         before = disk_usage(l3.root)
         active = {(s.array, s.number) for s in l3._active.values()}
@@ -164,14 +157,14 @@ def compact(db: TierStore, *, min_fill: float = 0.5, progress: Progress | None =
         done = 0
         try:
             for usage in victims:
-                rows = [BlockRow.from_tuple(r) for r in catalog.query(BLOCKS_IN_SHARD, (usage.array, usage.shard))]
+                rows = catalog.rows_in_shard(usage.array, usage.shard)
                 damaged = _first_damaged(db, rows)
                 if damaged is not None:
                     skipped.append(f"l3/{usage.array}/{usage.shard} (block {damaged!r} is damaged)")
                     continue
                 for row in rows:
                     loc = l3.copy_packed(location_of(row))
-                    moved.append(dataclasses.replace(row, l3_shard=loc.shard, l3_offset=loc.offset))
+                    moved.append(row.moved(loc.to_columns()))
                 done += usage.live_bytes
                 if progress is not None:
                     progress(done, total)

@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,8 @@ from pathlib import Path
 import crc32c
 import numpy as np
 
-from ..catalog import BLOCK_COLUMNS, DELETE_BLOCK, SCHEMA_VERSION, BlockRow, Catalog
+from ..catalog import SCHEMA_VERSION, BlockRow, Catalog
+from ..catalog.sqlite_catalog import schema_version_of
 from ..engine.transaction import location_of
 from ..engine.writer_lock import WriterLock
 from ..errors import CatalogError, CorruptBlockError, SchemaVersionError, StoreNotFoundError
@@ -37,14 +37,7 @@ from .recovery import refuse_orphaned_data
 __all__ = ["Problem", "VerifyReport", "verify", "PROBLEM_KINDS"]
 
 CATALOG_NAME = "catalog.sqlite"
-ALL_BLOCKS = f"SELECT {BLOCK_COLUMNS} FROM blocks ORDER BY l3_array, l3_shard, l3_offset"
-ALL_JOURNAL = "SELECT id, block_id, key, op, src, dst, state FROM journal ORDER BY id"
-DELETE_JOURNAL = "DELETE FROM journal WHERE id = ?"
-USED_SHARDS = "SELECT DISTINCT l3_array, l3_shard FROM blocks WHERE l3_array >= 'packs/' AND l3_array < 'packs0'"
-DELETE_SHARD = "DELETE FROM shards WHERE array = ? AND shard = ?"
-ARRAY_OF = "SELECT l3_array FROM blocks WHERE key = ? AND l3_array >= 'blocks/' AND l3_array < 'blocks0'"
 _OWN_ARRAY = re.compile(r"blocks/[0-9a-f]{16}")
-BLOCK_IN_ARRAY = f"SELECT {BLOCK_COLUMNS} FROM blocks WHERE l3_array = ? LIMIT 1"
 GROUPS = ("l3/zarr.json", "l3/packs/zarr.json", "l3/blocks/zarr.json")
 TEMP_SUFFIXES = (".tmp", ".partial")
 """Names a writer gives files it has not finished (zarr.json.tmp, l2.index.tmp, zarr's .partial)."""
@@ -124,21 +117,9 @@ def verify(path: str | os.PathLike[str], *, fix: bool = False, progress: Progres
         lock.release()
 
 
-def _schema_version(catalog_path: Path) -> int:
-    try:
-        conn = sqlite3.connect(f"file:{catalog_path}?mode=ro", uri=True)
-        try:
-            return int(conn.execute("PRAGMA user_version").fetchone()[0])
-        finally:
-            conn.close()
-    except sqlite3.Error as exc:
-        raise CatalogError(f"catalog {catalog_path} cannot be read ({exc}); restore it from a backup",
-                           path=str(catalog_path)) from None
-
-
 def _check(store: Path, progress: Progress | None) -> VerifyReport:
     catalog_path = store / CATALOG_NAME
-    version = _schema_version(catalog_path)
+    version = schema_version_of(catalog_path)
     report = VerifyReport(str(store), version)
     if version > SCHEMA_VERSION:
         raise SchemaVersionError(f"catalog {catalog_path} has schema version {version}, newer than this "
@@ -159,14 +140,14 @@ def _check(store: Path, progress: Progress | None) -> VerifyReport:
     l3 = ZarrL3(store, readonly=True)
     try:
         rows = []
-        for raw in catalog.query(ALL_BLOCKS):
+        for raw in catalog.raw_block_rows():
             try:
                 rows.append(BlockRow.from_tuple(raw))
             except (CorruptBlockError, ValueError, TypeError) as exc:  # a row no block could have
                 report.problems.append(Problem("corrupt", str(raw[0]), f"catalog row is damaged ({exc})"))
         _check_blocks(l3, rows, report, progress)
         _check_files(store, l3, catalog, report)
-        for jid, block_id, key, op, src, dst, state in catalog.query(ALL_JOURNAL):
+        for jid, block_id, key, op, src, dst, state, _created in catalog.journal_rows():
             report.problems.append(Problem("journal", key, f"move #{jid} {op} {src}->{dst} of block "
                                            f"{block_id} left in state {state!r}"))
     finally:
@@ -241,7 +222,7 @@ def _check_files(store: Path, l3: ZarrL3, catalog: Catalog, report: VerifyReport
             elif entry.stat().st_size > lengths[key]:
                 report.problems.append(Problem("torn", rel, f"{entry.stat().st_size} bytes, committed "
                                                f"{lengths[key]}"))
-    used = {(r[0], r[1]) for r in catalog.query(USED_SHARDS)}
+    used = catalog.used_shards()
     for array, number in sorted(lengths):
         if (array, number) not in used and not l3.shard_path(array, number).exists():
             report.problems.append(Problem("stale", _rel(l3, array, number), "the catalog lists this shard file, "
@@ -276,34 +257,31 @@ def _repair(store: Path, report: VerifyReport) -> None:
     try:
         lost = sorted({p.subject for p in report.problems if p.kind in ("corrupt", "missing")})
         if lost:
-            arrays = [r[0] for k in lost for r in catalog.query(ARRAY_OF, (k,))]
-            with catalog.write("drop damaged blocks") as conn:  # plain deletes: a damaged row need not parse
-                conn.executemany(DELETE_BLOCK, [(k,) for k in lost])
+            arrays = catalog.own_arrays_of(lost)
+            catalog.drop_blocks(lost)
             for array in arrays:
                 if isinstance(array, str) and _OWN_ARRAY.fullmatch(array):  # never a path a damaged row made up
                     shutil.rmtree(l3.root / array, ignore_errors=True)
             report.lost.extend(lost)
             report.repaired.append(f"dropped {len(lost)} damaged block(s) from the catalog: {', '.join(lost)}")
-        journal = catalog.query(ALL_JOURNAL)
+        journal = catalog.journal_rows()
         if journal:
-            with catalog.write("drop leftover journal rows") as conn:
-                conn.executemany(DELETE_JOURNAL, [(r[0],) for r in journal])
+            catalog.drop_journal_rows([r[0] for r in journal])
             report.repaired.append(f"dropped {len(journal)} leftover journal row(s); committed blocks are "
                                    "unaffected (a move copies before it commits)")
         lengths = catalog.shard_lengths()
-        used = {(r[0], r[1]) for r in catalog.query(USED_SHARDS)}
+        used = catalog.used_shards()
         stale = [(a, n) for (a, n) in lengths if (a, n) not in used and not l3.shard_path(a, n).exists()]
         if stale:  # including those whose blocks were just dropped as lost
-            with catalog.write("drop rows of missing shard files") as conn:
-                conn.executemany(DELETE_SHARD, stale)
+            catalog.drop_shard_rows(stale)
             report.repaired.append(f"dropped {len(stale)} catalog row(s) of shard files that are gone: "
                                    + ", ".join(_rel(l3, a, n) for a, n in sorted(stale)))
         for problem in report.problems:
             if problem.kind == "meta" and problem.subject not in GROUPS:
                 array = problem.subject.removeprefix("l3/").removesuffix("/zarr.json")
-                rows = [BlockRow.from_tuple(r) for r in catalog.query(BLOCK_IN_ARRAY, (array,))]
-                if rows:
-                    l3_rw.restore_meta(location_of(rows[0]), rows[0].nbytes)
+                first = catalog.first_row_in_array(array)
+                if first is not None:
+                    l3_rw.restore_meta(location_of(first), first.nbytes)
                     report.repaired.append(f"wrote {problem.subject} again")
             if problem.kind == "meta":
                 continue
