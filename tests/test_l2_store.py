@@ -159,11 +159,11 @@ def test_file_backed_l2_restarts_warm(store_path: Path) -> None:
     assert (store_path / "l2.index").exists()
     with tierstore.open(store_path, l2_cache_size="4MiB", l2_file_backed=True) as db:
         assert db.warm_blocks == len(blocks)
-        l3_reads = db._l3.read_into
-        db._l3.read_into = None  # type: ignore[assignment]  # any L3 read would now fail
+        l3_reads = db.l3.read_into
+        db.l3.read_into = None  # type: ignore[assignment]  # any L3 read would now fail
         for key, value in blocks.items():
             assert same_bits(db.get(key), value)
-        db._l3.read_into = l3_reads  # type: ignore[method-assign]
+        db.l3.read_into = l3_reads  # type: ignore[method-assign]
         assert db.stats().hits["L2"] == len(blocks) and "kv" not in db
 
 

@@ -62,6 +62,7 @@ from ..tiers.slab_allocator import Allocation
 from .access_recorder import Access, AccessRecorder, summarize
 from .handle_reports import StoreReports
 from .handle_shared import SharedTier
+from .index import BlockIndex
 from .migrator import JournalReport, Migrator, Pin, Plan, StoreHooks, recover_journal
 from .residency import Residency, Resident
 from .shared_coordinator import SharedCoordinator
@@ -77,8 +78,6 @@ __all__ = ["TierStore", "BlockInfo", "StoreStats", "open_store"]
 
 CATALOG_NAME = "catalog.sqlite"
 L2_FILE = "l2.slab"
-_ROW_CACHE = 1 << 16
-"""Committed rows kept in memory for the hot path (cleared whole when full: simple and O(1))."""
 _BF16_CAST = {"auto": None, "always": True, "never": False}
 
 
@@ -126,13 +125,7 @@ class TierStore(SharedTier, StoreReports):
         """Moves a crash interrupted, undone at open (see :mod:`tierstore.engine.migrator`)."""
         if not self.readonly:
             self._recover()
-        self._next_block_id = self._catalog.next_block_id()
-        self._ids_lock = threading.Lock()
-        self._rows: dict[str, tuple[BlockRow, Location]] = {}
-        self._rows_lock = threading.Lock()
-        self._generation = 0
-        self._data_version = self._catalog.data_version()
-        self._count, self._logical_bytes, self._stored_bytes = self._catalog.totals()
+        self._index = BlockIndex(self._catalog.next_block_id(), self._catalog.totals(), self._catalog.data_version())
         self._l1: Residency[DevicePool] | None = self._open_l1()
         self._l2: Residency[HostArena] | None = None
         self._l2_generation = 0
@@ -149,7 +142,8 @@ class TierStore(SharedTier, StoreReports):
             self._shared = SharedCoordinator(self.config, self._shared_block)
             self._hits["shared"] = 0
         self._migrator = Migrator(self._catalog, self._l3, self._l1, self._l2, self.config, StoreHooks(
-            lookup=self._lookup_located, new_block_id=self._new_block_id, next_block_id=lambda: self._next_block_id,
+            lookup=self._lookup_located, new_block_id=self._index.new_block_id,
+            next_block_id=lambda: self._index.next_block_id,
             check_room=self._check_l3_room, spilled=self._spilled, flush_history=lambda: self._recorder.flush(),
             spill_l1=self._spill_l1),
             readonly=self.readonly)
@@ -258,6 +252,29 @@ class TierStore(SharedTier, StoreReports):
         return self._catalog
 
     @property
+    def index(self) -> BlockIndex:
+        """The store's block index: cached rows, totals, block ids (for the migrator and upkeep)."""
+        return self._index
+
+    @property
+    def l3(self) -> ZarrL3:
+        """The L3 tier (for upkeep: compaction and gc rewrite and remove its files)."""
+        return self._l3
+
+    @contextmanager
+    def exclusive(self, what: str) -> Iterator[None]:
+        """Hold the writer mutex for work beside transactions (``compact()``, ``gc()``): other writes wait.
+
+        Refused inside a transaction, where the work could not be undone with it.
+        """
+        self._check_writable()
+        if self._txn() is not None:
+            raise TransactionError(f"{what} cannot run inside a transaction; leave the 'with' block first")
+        with self._write_mutex:
+            self._check_open()
+            yield
+
+    @property
     def l1_pool(self) -> DevicePool | None:
         """The L1 device pool (None when L1 is off), for integrations that watch device memory."""
         return self._l1.arena if self._l1 is not None else None
@@ -331,25 +348,14 @@ class TierStore(SharedTier, StoreReports):
             raise translate_os_error(exc, what="sync block data", path=self._l3.root) from None
         try:
             if rows or lengths or any(self._catalog.has_block(key) for key in deletes):
-                replaced = self._catalog.commit_blocks(rows, deletes, lengths, self._next_block_id)
+                replaced = self._catalog.commit_blocks(rows, deletes, lengths, self._index.next_block_id)
             else:  # only cache-only blocks that stay in L2 and replace no committed row: no catalog commit
                 replaced = []
         except BaseException:
             self._abort(txn)
             raise
         self._l3.commit()
-        with self._rows_lock:
-            self._generation += 1
-            if len(self._rows) + len(rows) > _ROW_CACHE:
-                self._rows.clear()
-            for row in rows[-_ROW_CACHE:]:
-                self._rows[row.key] = (row, location_of(row))
-            for key in deletes:
-                self._rows.pop(key, None)
-        existed = {row.key for row in replaced}  # cache-only keys kept in L2 are counted as volatile
-        self._count += sum(row.key not in existed for row in rows) - sum(key in existed for key in deletes)
-        self._logical_bytes += sum(r.nbytes for r in rows) - sum(r.nbytes for r in replaced)
-        self._stored_bytes += sum(r.stored_bytes for r in rows) - sum(r.stored_bytes for r in replaced)
+        self._index.committed(rows, deletes, replaced)
         self._l3.free([location_of(row) for row in replaced] + txn.garbage)
         self._settle_l2(txn, l2_only)
         if self._shared is not None and self._shared.policy == "write-through" and not self._landing():
@@ -437,9 +443,9 @@ class TierStore(SharedTier, StoreReports):
                 stamp = now()
                 previous = txn.pending.get(key)
                 created = previous.row.created if previous is not None and previous.row is not None else stamp
-                row = BlockRow.cache_only(key, self._new_block_id(), dtype_name(tensor.dtype), tuple(tensor.shape),
-                                          l1_slot.nbytes, UNHASHED, tier=L1_BIT, created=created, updated=stamp,
-                                          parent=parent)
+                row = BlockRow.cache_only(key, self._index.new_block_id(), dtype_name(tensor.dtype),
+                                          tuple(tensor.shape), l1_slot.nbytes, UNHASHED, tier=L1_BIT, created=created,
+                                          updated=stamp, parent=parent)
                 txn.set(key, Change(row, None, l1_slot))
                 return
         data = tensor_bytes(tensor)
@@ -450,7 +456,7 @@ class TierStore(SharedTier, StoreReports):
                 np.copyto(self._l2.arena.as_numpy(slot), data)  # a snapshot: the caller may reuse its tensor
         # A cache-only block kept in L2 is hashed only if it ever goes to disk (see _spill).
         checksum = UNHASHED if slot is not None and not durable else crc32c.crc32c(data.data)
-        block_id = self._new_block_id()
+        block_id = self._index.new_block_id()
         try:
             if durable or slot is None:
                 loc = self._write_l3(key, block_id, data, tensor.element_size())
@@ -487,9 +493,10 @@ class TierStore(SharedTier, StoreReports):
 
     def _check_l3_room(self, key: str, nbytes: int) -> None:
         cap = self.config.l3_cache_size
-        if cap is not None and self._stored_bytes + nbytes > cap:
+        stored = self._index.stored_bytes
+        if cap is not None and stored + nbytes > cap:
             raise StoreFullError(
-                f"put {key!r}: L3 holds {self._stored_bytes} of l3_cache_size={cap} bytes and the block "
+                f"put {key!r}: L3 holds {stored} of l3_cache_size={cap} bytes and the block "
                 f"needs up to {nbytes}; delete blocks or raise l3_cache_size", key=key, tier="L3")
 
     def _write_l3(self, key: str, block_id: int, data: np.ndarray, itemsize: int) -> Location:
@@ -508,12 +515,7 @@ class TierStore(SharedTier, StoreReports):
 
     def _spilled(self, row: BlockRow, loc: Location) -> None:
         """The migrator committed ``row`` to L3: the row cache and totals follow."""
-        with self._rows_lock:
-            self._generation += 1
-            self._rows[row.key] = (row, loc)
-        self._count += 1
-        self._logical_bytes += row.nbytes
-        self._stored_bytes += row.stored_bytes
+        self._index.spilled(row, loc)
         if self._shared is not None and self._shared.policy != "explicit" and not self._landing():
             self._shared.enqueue([row.key])  # a cache-only block now in L3 can be published
 
@@ -581,12 +583,6 @@ class TierStore(SharedTier, StoreReports):
         with l1.lock:
             l1.shed(lambda: want is not None and pool.reclaimable() >= want, self._spill_l1)
             return pool.shrink(want)
-
-    def _new_block_id(self) -> int:
-        with self._ids_lock:
-            block_id = self._next_block_id
-            self._next_block_id += 1
-            return block_id
 
     def get(self, key: str, device: str | torch.device | None = None, *, copy: bool = False) -> torch.Tensor:
         """The tensor stored under ``key`` (on ``device`` if given).
@@ -814,30 +810,21 @@ class TierStore(SharedTier, StoreReports):
         if not self.readonly:
             return
         version = self._catalog.data_version()
-        if version != self._data_version:
-            totals = self._catalog.totals()
-            with self._rows_lock:
-                self._rows.clear()
-                self._generation += 1
-                self._data_version = version
-                self._count, self._logical_bytes, self._stored_bytes = totals
+        if version != self._index.data_version:
+            self._index.refresh(version, self._catalog.totals())
 
     def _lookup_located(self, key: str) -> tuple[BlockRow, Location]:
         """The committed row of ``key`` with its L3 location (cached)."""
         self._refresh()
-        hit = self._rows.get(key)
+        hit = self._index.cached(key)
         if hit is not None:
             return hit
-        generation = self._generation
+        generation = self._index.generation
         row = self._catalog.get_block(key)
         if row is None:
             raise BlockNotFoundError(f"no block {key!r} in {self.path}", key=key)
         located = (_checked_size(row), location_of(row))
-        with self._rows_lock:
-            if generation == self._generation:  # no commit raced this lookup
-                if len(self._rows) >= _ROW_CACHE:
-                    self._rows.clear()
-                self._rows[key] = located
+        self._index.remember(key, located, generation)  # unless a commit raced this lookup
         return located
 
     def _read(self, row: BlockRow, loc: Location) -> torch.Tensor:
@@ -951,7 +938,7 @@ class TierStore(SharedTier, StoreReports):
     def __len__(self) -> int:
         self._check_open()
         self._refresh()
-        count = self._count + len(self._volatile_keys())
+        count = self._index.count + len(self._volatile_keys())
         txn = self._txn()
         if txn is not None:
             for key, change in txn.pending.items():

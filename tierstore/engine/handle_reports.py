@@ -21,6 +21,7 @@ from ..tiers.l1_cuda import DevicePool
 from ..tiers.l2_slab import HostArena
 from ..tiers.l3_zarr import RecoveryReport
 from .access_recorder import Access, AccessRecorder
+from .index import BlockIndex
 from .residency import Residency, Resident
 from .shared_coordinator import SharedCoordinator
 from .values import BlockInfo, StoreStats
@@ -42,9 +43,7 @@ class StoreReports:
     _shared: SharedCoordinator | None
     _counts: dict[str, int]
     _hits: dict[str, int]
-    _count: int
-    _logical_bytes: int
-    _stored_bytes: int
+    _index: BlockIndex
 
     if TYPE_CHECKING:
         def _check_open(self) -> None: ...
@@ -100,11 +99,12 @@ class StoreReports:
         """Counts, sizes and activity, per tier."""
         self._check_open()
         self._refresh()
-        ratio = self._logical_bytes / self._stored_bytes if self._stored_bytes else 1.0
+        index = self._index
+        ratio = index.logical_bytes / index.stored_bytes if index.stored_bytes else 1.0
         error = self._recorder.last_error
         return StoreStats(
-            path=str(self.path), readonly=self.readonly, blocks=self._count, logical_bytes=self._logical_bytes,
-            stored_bytes=self._stored_bytes, compression_ratio=ratio, gets=self._counts["get"],
+            path=str(self.path), readonly=self.readonly, blocks=index.count, logical_bytes=index.logical_bytes,
+            stored_bytes=index.stored_bytes, compression_ratio=ratio, gets=self._counts["get"],
             puts=self._counts["put"], deletes=self._counts["delete"], hits=dict(self._hits),
             tiers=self._tier_stats(),
             recovery={"removed": list(self.recovery.removed_files), "truncated": list(self.recovery.truncated),
@@ -133,8 +133,8 @@ class StoreReports:
                            "policy": self.config.l1_eviction_policy,
                            "size_classes": [dataclasses.asdict(c) for c in pool.per_class if c.slabs],
                            **residency}
-        tiers["L3"] = {"capacity": self.config.l3_cache_size, "used": self._stored_bytes, "blocks": self._count,
-                       "compression": self.config.l3_compression}
+        tiers["L3"] = {"capacity": self.config.l3_cache_size, "used": self._index.stored_bytes,
+                       "blocks": self._index.count, "compression": self.config.l3_compression}
         if self._shared is not None:
             tiers["shared"] = self._shared.stats()
         return tiers

@@ -375,6 +375,10 @@ class ZarrL3:
         self._touched[(shard.array, shard.number)] = shard
         return Location(f"packs/{codec.id}", shard.number, offset, sizes, GRANULE, codec.id)
 
+    def active_shards(self) -> set[tuple[str, int]]:
+        """``(array, shard)`` of the pack shards being appended to (compaction and gc leave them alone)."""
+        return {(s.array, s.number) for s in self._active.values()}
+
     def _active_shard(self, codec: Codec, slots: int) -> _Shard:
         array = f"packs/{codec.id}"
         shard = self._active.get(array)

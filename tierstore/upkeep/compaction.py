@@ -27,7 +27,7 @@ import numpy as np
 
 from ..catalog import BlockRow, Catalog
 from ..engine.transaction import location_of
-from ..errors import ConfigError, CorruptBlockError, TransactionError, translate_os_error
+from ..errors import ConfigError, CorruptBlockError, translate_os_error
 from ..tiers.l3_zarr import PACK_SLOTS
 
 if TYPE_CHECKING:
@@ -102,32 +102,25 @@ def disk_usage(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
 
 
-def _begin(db: TierStore) -> None:
-    db._check_writable()
-    if db._txn() is not None:
-        raise TransactionError("compact() and gc() cannot run inside a transaction; leave the 'with' block first")
-
-
 def gc(db: TierStore) -> MaintenanceReport:
     """Delete the pack shard files of ``db`` that no block points at any more.
 
     Runs under the writer lock of the handle (other threads' writes wait). Large blocks need no
     collection: their files go as soon as the block is replaced or deleted.
     """
-    _begin(db)
-    with db._write_mutex:
-        before = disk_usage(db._l3.root)
+    with db.exclusive("compact() and gc()"):
+        before = disk_usage(db.l3.root)
         removed = _drop_unused(db)
-        return MaintenanceReport(0, 0, removed, before, disk_usage(db._l3.root))
+        return MaintenanceReport(0, 0, removed, before, disk_usage(db.l3.root))
 
 
 def _drop_unused(db: TierStore) -> int:
     """Forget shard rows without blocks (each pack keeps its last) and delete their files."""
-    catalog, l3 = db.catalog, db._l3
+    catalog, l3 = db.catalog, db.l3
     known = set(catalog.shard_lengths())
     catalog.forget_unused_shards()
     gone = known - set(catalog.shard_lengths())
-    active = {(s.array, s.number) for s in l3._active.values()}
+    active = l3.active_shards()
     try:
         l3.remove_shards(sorted(gone - active))
     except OSError as exc:
@@ -144,11 +137,10 @@ def compact(db: TierStore, *, min_fill: float = 0.5, progress: Progress | None =
     """
     if not 0.0 <= min_fill <= 1.0:
         raise ConfigError(f"min_fill must be a share in [0, 1], got {min_fill!r}")
-    _begin(db)
-    catalog, l3 = db.catalog, db._l3
-    with db._write_mutex:
+    catalog, l3 = db.catalog, db.l3
+    with db.exclusive("compact() and gc()"):
         before = disk_usage(l3.root)
-        active = {(s.array, s.number) for s in l3._active.values()}
+        active = l3.active_shards()
         victims = [u for u in shard_usage(catalog)
                    if (u.array, u.shard) not in active and u.blocks and u.fill < min_fill]
         total = sum(u.live_bytes for u in victims)
@@ -169,7 +161,7 @@ def compact(db: TierStore, *, min_fill: float = 0.5, progress: Progress | None =
                 if progress is not None:
                     progress(done, total)
             if moved:
-                catalog.commit_blocks(moved, [], l3.prepare(), db._next_block_id)
+                catalog.commit_blocks(moved, [], l3.prepare(), db.index.next_block_id)
         except OSError as exc:
             l3.rollback()
             raise translate_os_error(exc, what="compact L3 packs", path=l3.root) from None
@@ -177,11 +169,7 @@ def compact(db: TierStore, *, min_fill: float = 0.5, progress: Progress | None =
             l3.rollback()
             raise
         l3.commit()
-        with db._rows_lock:
-            db._generation += 1
-            for row in moved:
-                if row.key in db._rows:
-                    db._rows[row.key] = (row, location_of(row))
+        db.index.moved(moved)
         removed = _drop_unused(db)
         return MaintenanceReport(len(victims) - len(skipped), len(moved), removed, before, disk_usage(l3.root),
                                  tuple(skipped))
@@ -192,7 +180,7 @@ def _first_damaged(db: TierStore, rows: list[BlockRow]) -> str | None:
     for row in rows:
         out = np.empty(row.nbytes, dtype=np.uint8)
         try:
-            db._l3.read_into(location_of(row), out)
+            db.l3.read_into(location_of(row), out)
         except (CorruptBlockError, FileNotFoundError):
             return row.key
         if crc32c.crc32c(out.data) != row.checksum:
