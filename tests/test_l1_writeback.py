@@ -100,7 +100,7 @@ def test_held_l1_only_block_is_not_evicted_and_write_back_failure_keeps_it(store
         first = random_bits(torch.float32, (64 * KIB,), 0)  # 256 KiB
         db.put("held", first, durable=False)
         held = db.get("held", device="cpu")
-        monkeypatch.setattr(db, "_write_back_l3", lambda entry, data: False)  # the disk refuses
+        monkeypatch.setattr(db.migrator, "write_back", lambda entry, data: False)  # the disk refuses
         for i in range(12):
             db.put(f"kv/{i}", random_bits(torch.float32, (64 * KIB,), i + 1), durable=False)
         # L1 could not make room without losing blocks: the puts that found none went to L3 directly

@@ -64,6 +64,7 @@ from .handle_reports import StoreReports
 from .handle_shared import SharedTier
 from .index import BlockIndex
 from .migrator import JournalReport, Migrator, Pin, Plan, StoreHooks, recover_journal
+from .mover import Mover, Replaced
 from .residency import Residency, Resident
 from .shared_coordinator import SharedCoordinator
 from .transaction import Change, Txn, location_of
@@ -137,6 +138,7 @@ class TierStore(SharedTier, StoreReports):
             self._l2 = Residency("L2", arena, self.config.l2_eviction_policy)
             if backing is not None:
                 self._warm_l2()
+        self._mover = Mover(self._catalog, self._l3, self._l1, self._l2)
         self._shared: SharedCoordinator | None = None
         if self.config.shared_url is not None:  # no network until first used
             self._shared = SharedCoordinator(self.config, self._shared_block)
@@ -145,8 +147,10 @@ class TierStore(SharedTier, StoreReports):
             lookup=self._lookup_located, new_block_id=self._index.new_block_id,
             next_block_id=lambda: self._index.next_block_id,
             check_room=self._check_l3_room, spilled=self._spilled, flush_history=lambda: self._recorder.flush(),
-            spill_l1=self._spill_l1),
-            readonly=self.readonly)
+            spill_l1=self._mover.write_back_l1),
+            self._mover, readonly=self.readonly)
+        self._mover.attach(spill_l2=self._spill, may_write=lambda: not self._closed and not self.readonly,
+                           write_back_l3=lambda entry, data: self._migrator.write_back(entry, data))
         sink = None if self.readonly else self._write_history
         self._recorder = AccessRecorder(sink, interval=self.config.history_flush_interval)
 
@@ -480,7 +484,7 @@ class TierStore(SharedTier, StoreReports):
         l1 = self._l1
         assert l1 is not None
         src = tensor.detach().resolve_conj().resolve_neg()
-        slot = l1.reserve(src.numel() * src.element_size(), self._spill_l1)
+        slot = l1.reserve(src.numel() * src.element_size(), self._mover.write_back_l1)
         if slot is None:
             return None
         try:
@@ -519,53 +523,6 @@ class TierStore(SharedTier, StoreReports):
         if self._shared is not None and self._shared.policy != "explicit" and not self._landing():
             self._shared.enqueue([row.key])  # a cache-only block now in L3 can be published
 
-    def _spill_l1(self, entry: Resident) -> bool:
-        """Write back a cache-only block leaving L1 whose only copy is there: to L2, or L3 if L2 is full.
-
-        The L1 -> L2 copy is done here (both ends volatile: a crash loses both, nothing to journal);
-        the L3 write goes through the migrator's journaled spill. False, and the block stays in L1,
-        when neither tier took it: nothing is ever dropped.
-        """
-        l1, l2 = self._l1, self._l2
-        if self._closed or self.readonly or l1 is None:
-            return False
-        if l2 is not None:
-            slot = l2.reserve(entry.alloc.nbytes, self._spill)
-            if slot is not None:
-                out = l2.arena.as_numpy(slot)
-                try:
-                    l1.arena.copy_out(entry.alloc, out)
-                except BaseException:
-                    l2.release(slot)
-                    raise
-                if entry.checksum == UNHASHED:
-                    entry.checksum = crc32c.crc32c(out.data)
-                l2.admit(entry.key, entry.block_id, slot, entry.dtype, entry.shape, entry.checksum, volatile=True,
-                         parent=l1.parent_of(entry.key))
-                l1.mark_durable(entry)
-                return True
-        data = self._l1_bytes(entry)
-        if not self._write_back_l3(entry, data):
-            return False
-        l1.mark_durable(entry)
-        return True
-
-    def _l1_bytes(self, entry: Resident) -> np.ndarray:
-        """A host copy of an L1 entry's bytes (hashing it if it was not yet)."""
-        assert self._l1 is not None
-        data = np.empty(entry.alloc.nbytes, dtype=np.uint8)
-        self._l1.arena.copy_out(entry.alloc, data)
-        if entry.checksum == UNHASHED:
-            entry.checksum = crc32c.crc32c(data.data)
-        return data
-
-    def _write_back_l3(self, entry: Resident, data: np.ndarray) -> bool:
-        """Write L1-only ``entry`` (its bytes ``data``, hashed) to L3 as a cache-only row; False if that failed.
-
-        A journaled move of the migrator, as ``_spill`` is for L2.
-        """
-        return self._migrator.write_back(entry, data)
-
     def shrink_l1(self, nbytes: int | str | None = None) -> int:
         """Give L1 device memory back to PyTorch (for the model); returns the bytes released.
 
@@ -581,7 +538,7 @@ class TierStore(SharedTier, StoreReports):
         pool = l1.arena
         want = None if nbytes is None else parse_size(nbytes, name="nbytes")
         with l1.lock:
-            l1.shed(lambda: want is not None and pool.reclaimable() >= want, self._spill_l1)
+            l1.shed(lambda: want is not None and pool.reclaimable() >= want, self._mover.write_back_l1)
             return pool.shrink(want)
 
     def get(self, key: str, device: str | torch.device | None = None, *, copy: bool = False) -> torch.Tensor:
@@ -664,21 +621,13 @@ class TierStore(SharedTier, StoreReports):
         generation = l1.generation
         host, tier = self._get(key, False)
         target = pool.needs_cast(host.dtype) or host.dtype
-        slot = l1.reserve(host.numel() * target.itemsize, self._spill_l1) if host.numel() else None
-        if slot is None:
+        copied = self._mover.into_l1(key, host, block_id=row.block_id, shape=row.shape, checksum=row.checksum,
+                                     parent=row.parent, generation=generation, on_stream=True)
+        admitted, event = copied if copied is not None else (None, None)
+        if admitted is None:  # no room, or replaced meanwhile: serve this read, cache nothing
             return host.to(pool.device, dtype=target), tier
-        try:
-            event = pool.cast_into(slot, host, target) if target != host.dtype else pool.copy_in(slot, host)
-            if event is not None:  # the caller's stream waits for the copy, not the whole device
-                torch.cuda.current_stream(pool.device).wait_event(event)
-        except BaseException:
-            l1.release(slot)
-            raise
-        entry = l1.admit(key, row.block_id, slot, target, row.shape, row.checksum, generation=generation,
-                         parent=row.parent)
-        if entry is None:  # replaced meanwhile: serve this read, cache nothing
-            return host.to(pool.device, dtype=target), tier
-        entry.ready = event
+        admitted.ready = event
+        entry = admitted
         tensor = l1.view(entry, copy=copy)
         if tensor is None:  # replaced or evicted by another thread since the admission
             return host.to(pool.device, dtype=target), tier
@@ -702,7 +651,7 @@ class TierStore(SharedTier, StoreReports):
         for _attempt in range(4):
             try:
                 return self._get_once(key, copy)
-            except _Replaced:  # a writer replaced the block (and freed its file) while we read it
+            except Replaced:  # a writer replaced the block (and freed its file) while we read it
                 continue
         raise TierStoreError(f"block {key!r} was replaced four times while being read; read it again", key=key)
 
@@ -731,7 +680,7 @@ class TierStore(SharedTier, StoreReports):
             if entry is not None:
                 tensor = l2.view(entry, copy=copy)
                 if tensor is None:  # replaced or evicted since the lookup (a cache-only successor may
-                    raise _Replaced  # be in L1/L2 only, not in the catalog): look it up again
+                    raise Replaced  # be in L1/L2 only, not in the catalog): look it up again
                 return tensor, "L2"
         generation = l2.generation if l2 is not None else 0
         row, loc = self._lookup_located(key)
@@ -742,24 +691,8 @@ class TierStore(SharedTier, StoreReports):
                 return tensor, "L2"
         if l2 is None or row.nbytes == 0:
             return self._read(row, loc), "L3"
-        slot = l2.reserve(row.nbytes, self._spill)
-        if slot is None:
-            return self._read(row, loc), "L3"
-        try:
-            out = l2.arena.as_numpy(slot)
-            self._read_into(row, loc, out)  # decompress straight into the L2 slot
-        except BaseException:
-            l2.release(slot)
-            raise
-        with l2.lock:  # a refused admission frees the slot: copy it out before another thread reuses it
-            entry = l2.admit(key, row.block_id, slot, dtype_from_name(row.dtype), row.shape, row.checksum,
-                             generation=generation, parent=row.parent)
-            if entry is None:  # the block was replaced while we read it: hand out these bytes, cache nothing
-                return tensor_from_bytes(bytearray(out), dtype_from_name(row.dtype), row.shape), "L3"
-            tensor = l2.view(entry, copy=copy)  # under the same lock: nobody killed it since the admission
-        if tensor is None:  # pragma: no cover - see above
-            raise _Replaced
-        return tensor, "L3"
+        filled = self._mover.fill_l2(key, row, loc, generation, copy)
+        return filled if filled is not None else (self._read(row, loc), "L3")
 
     def _l1_host(self, alloc: Allocation, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         """A host copy of an L1 slot's block (in L2 scratch memory when there is room)."""
@@ -832,43 +765,8 @@ class TierStore(SharedTier, StoreReports):
             buf = np.empty(row.nbytes, dtype=np.uint8)
         except MemoryError:
             raise _no_memory(row.nbytes, f"read block {row.key!r}") from None
-        row = self._read_into(row, loc, buf)
+        row = self._mover.read_l3_into(row, loc, buf)
         return tensor_from_bytes(buf, dtype_from_name(row.dtype), row.shape)
-
-    def _read_into(self, row: BlockRow, loc: Location, out: np.ndarray) -> BlockRow:
-        """Read and verify ``row``'s bytes into ``out``; returns the row read.
-
-        Raises ``_Replaced`` when a writer replaced the block and freed its file meanwhile (the
-        caller reads the key again: the new version may differ in size, dtype and shape); a
-        block that compaction moved (same block id, same bytes) is followed to its new place.
-        """
-        for _attempt in range(3):
-            try:
-                self._l3.read_into(loc, out)
-                break
-            except FileNotFoundError:
-                newer = self._catalog.get_block(row.key)
-                if newer is None:
-                    raise BlockNotFoundError(f"block {row.key!r} was deleted while being read",
-                                             key=row.key) from None
-                if newer.block_id != row.block_id:
-                    raise _Replaced from None
-                if location_of(newer) == loc:
-                    path = self._l3.shard_path(loc.array, loc.shard)
-                    raise CorruptBlockError(
-                        f"block {row.key!r}: its data file {path} is missing; run 'tierstore verify --fix' "
-                        "to drop damaged blocks", key=row.key, path=str(path), tier="L3") from None
-                row, loc = newer, location_of(newer)
-            except CorruptBlockError as exc:
-                raise CorruptBlockError(f"block {row.key!r}: {exc.message}", key=row.key, path=exc.path,
-                                        tier="L3") from None
-        else:
-            raise TierStoreError(f"block {row.key!r} kept moving while being read; read it again", key=row.key)
-        if crc32c.crc32c(out.data) != row.checksum:
-            raise CorruptBlockError(
-                f"block {row.key!r} failed its checksum in L3 ({loc.array}); the stored bytes are "
-                "damaged — restore them or run 'tierstore verify --fix'", key=row.key, tier="L3")
-        return row
 
     def allocate(self, shape: tuple[int, ...], dtype: torch.dtype,
                  device: str | torch.device | None = None) -> torch.Tensor:
@@ -891,7 +789,7 @@ class TierStore(SharedTier, StoreReports):
             raise _no_memory(nbytes, f"allocate {shape} {dtype}")
         if device is not None:
             if self._l1 is not None and nbytes > 0 and self._on_l1(device):
-                tensor = self._l1.scratch(nbytes, dtype, shape, evict=True, spill=self._spill_l1)
+                tensor = self._l1.scratch(nbytes, dtype, shape, evict=True, spill=self._mover.write_back_l1)
                 if tensor is not None:
                     return tensor
             return torch.empty(shape, dtype=dtype, device=device)
@@ -1037,10 +935,6 @@ class TierStore(SharedTier, StoreReports):
     def migrator(self) -> Migrator:
         """The store's mover (``stats()``, ``wait()``, ``plan()``, the successor table)."""
         return self._migrator
-
-
-class _Replaced(Exception):
-    """A block was replaced while being read (its file is gone): read the key again."""
 
 
 def _checked_size(row: BlockRow) -> BlockRow:

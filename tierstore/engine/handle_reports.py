@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import crc32c
-import numpy as np
 
 from ..catalog import BlockRow, Catalog
 from ..catalog.tier_bits import L1_BIT, UNHASHED
@@ -22,6 +21,7 @@ from ..tiers.l2_slab import HostArena
 from ..tiers.l3_zarr import RecoveryReport
 from .access_recorder import Access, AccessRecorder
 from .index import BlockIndex
+from .mover import Mover
 from .residency import Residency, Resident
 from .shared_coordinator import SharedCoordinator
 from .values import BlockInfo, StoreStats
@@ -44,13 +44,13 @@ class StoreReports:
     _counts: dict[str, int]
     _hits: dict[str, int]
     _index: BlockIndex
+    _mover: Mover
 
     if TYPE_CHECKING:
         def _check_open(self) -> None: ...
         def _refresh(self) -> None: ...
         def _lookup(self, key: str) -> BlockRow: ...
         def _volatile(self, key: str) -> Resident | None: ...
-        def _l1_bytes(self, entry: Resident) -> np.ndarray: ...
 
     def info(self, key: str) -> BlockInfo:
         """Everything the catalog knows of ``key``."""
@@ -58,7 +58,7 @@ class StoreReports:
         check_key(key)
         row = self._lookup(key)
         if row.checksum == UNHASHED and (entry := self._volatile(key)) is not None and row.tiers == L1_BIT:
-            row = dataclasses.replace(row, checksum=crc32c.crc32c(self._l1_bytes(entry).data))
+            row = dataclasses.replace(row, checksum=crc32c.crc32c(self._mover.l1_bytes(entry).data))
         committed = self._catalog.get_block(key)
         if committed is not None and committed.block_id == row.block_id:
             row = committed  # the catalog's row has the first `created` (the row cache has the latest put's)

@@ -63,7 +63,7 @@ from ..tiers.codecs import choose_codec
 from ..tiers.l1_cuda import DevicePool
 from ..tiers.l2_slab import HostArena
 from ..tiers.l3_zarr import Location, ZarrL3
-from ..tiers.slab_allocator import Allocation
+from .mover import Mover, checksum_ok
 from .residency import Residency, Resident
 
 __all__ = ["CRASH_ENV", "CRASH_POINTS", "JournalReport", "Migrator", "Move", "Pin", "Plan", "StoreHooks",
@@ -201,8 +201,9 @@ class Migrator:
     """The journaled mover of one store, with its worker thread (see the module docstring)."""
 
     def __init__(self, catalog: Catalog, l3: ZarrL3, l1: Residency[DevicePool] | None,
-                 l2: Residency[HostArena] | None, config: CacheConfig, hooks: StoreHooks, *,
+                 l2: Residency[HostArena] | None, config: CacheConfig, hooks: StoreHooks, mover: Mover, *,
                  readonly: bool = False) -> None:
+        self.mover = mover
         self.catalog = catalog
         self.l3 = l3
         self.l1 = l1
@@ -645,37 +646,10 @@ class Migrator:
             other.wait()
             return self._resident(l2, key) is not None
         try:
-            slot = l2.reserve(row.nbytes, self.spill)
-            if slot is None:
-                return False
-            return self._copy_to_l2(key, row, loc, slot, generation)
+            return self.mover.promote_l2(key, row, loc, generation, self._crash)
         finally:
             del self._inflight[key]
             done.set()
-
-    def _copy_to_l2(self, key: str, row: BlockRow, loc: Location, slot: Allocation, generation: int) -> bool:
-        l2 = self.l2
-        assert l2 is not None
-        try:
-            out = l2.arena.as_numpy(slot)
-            try:
-                self.l3.read_into(loc, out)
-            except FileNotFoundError:  # replaced or deleted meanwhile: nothing to promote
-                l2.release(slot)
-                return False
-            except CorruptBlockError as exc:
-                raise CorruptBlockError(f"block {key!r}: {exc.message}", key=key, path=exc.path, tier="L3") from None
-            self._crash("copied")
-            _check_promoted(key, row, loc, out)
-            self._crash("verified")
-        except BaseException:
-            l2.release(slot)
-            raise
-        entry = l2.admit(key, row.block_id, slot, dtype_from_name(row.dtype), row.shape, row.checksum,
-                         generation=generation, parent=row.parent)
-        self._crash("committed")
-        self._crash("freed")  # a promotion is a copy: the source keeps the block
-        return entry is not None
 
     def _to_l1(self, key: str) -> bool:
         """Copy ``key`` into an L1 slot (through L2 when it has one), casting where the device needs it."""
@@ -700,32 +674,13 @@ class Migrator:
             if found is None:
                 return False
             row, loc = found
-            buf = np.empty(row.nbytes, dtype=np.uint8)
-            self.l3.read_into(loc, buf)
-            _check_promoted(key, row, loc, buf)
+            buf = self.mover.read_l3_checked(key, row, loc)
             block_id, dtype, shape, checksum = row.block_id, dtype_from_name(row.dtype), row.shape, row.checksum
             parent = row.parent
             host = tensor_from_bytes(buf, dtype, shape)
-        pool = l1.arena
-        target = pool.needs_cast(dtype) or dtype
-        if host.numel() == 0:
-            return False
-        slot = l1.reserve(host.numel() * target.itemsize)
-        if slot is None:
-            return False
-        try:
-            event = pool.cast_into(slot, host, target) if target != dtype else pool.copy_in(slot, host)
-            if event is not None:
-                event.synchronize()  # the worker waits, not the caller's stream
-            self._crash("copied")
-            self._crash("verified")  # the source was verified on its way into L2
-        except BaseException:
-            l1.release(slot)
-            raise
-        entry = l1.admit(key, block_id, slot, target, shape, checksum, generation=generation, parent=parent)
-        self._crash("committed")
-        self._crash("freed")
-        return entry is not None
+        copied = self.mover.into_l1(key, host, block_id=block_id, shape=shape, checksum=checksum, parent=parent,
+                                    generation=generation, on_stream=False, step=self._crash)
+        return copied is not None and copied[0] is not None
 
     def spill(self, entry: Resident) -> bool:
         """Write a cache-only block leaving L2 to L3 (journaled); False if that could not be done.
@@ -791,7 +746,7 @@ class Migrator:
             if loc.array:
                 back = np.empty(data.nbytes, dtype=np.uint8)
                 self.l3.read_into(loc, back)
-                if crc32c.crc32c(back.data) != entry.checksum:
+                if not checksum_ok(back, entry.checksum):
                     raise CorruptBlockError(f"spilling {entry.key!r}: the L3 copy does not match its checksum",
                                             key=entry.key, tier="L3")
             self._crash("verified")
@@ -819,10 +774,3 @@ class Migrator:
             l2.mark_durable(entry)
         self.counters["spilled"] += 1
         return True
-
-
-def _check_promoted(key: str, row: BlockRow, loc: Location, data: np.ndarray) -> None:
-    """Raise ``CorruptBlockError`` unless ``data`` read from L3 for a promotion matches the row's checksum."""
-    if crc32c.crc32c(data.data) != row.checksum:
-        raise CorruptBlockError(f"block {key!r} failed its checksum in L3 ({loc.array}) while being "
-                                "promoted; restore it or run 'tierstore verify --fix'", key=key, tier="L3")

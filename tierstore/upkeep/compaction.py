@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import crc32c
 import numpy as np
 
 from ..catalog import BlockRow, Catalog
+from ..engine.mover import checksum_ok
 from ..engine.transaction import location_of
 from ..errors import ConfigError, CorruptBlockError, translate_os_error
 from ..tiers.l3_zarr import PACK_SLOTS
@@ -183,6 +183,6 @@ def _first_damaged(db: TierStore, rows: list[BlockRow]) -> str | None:
             db.l3.read_into(location_of(row), out)
         except (CorruptBlockError, FileNotFoundError):
             return row.key
-        if crc32c.crc32c(out.data) != row.checksum:
+        if not checksum_ok(out, row.checksum):
             return row.key
     return None

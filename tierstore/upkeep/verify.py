@@ -23,11 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import crc32c
 import numpy as np
 
 from ..catalog import SCHEMA_VERSION, BlockRow, Catalog
 from ..catalog.sqlite_catalog import schema_version_of
+from ..engine.mover import checksum_ok
 from ..engine.transaction import location_of
 from ..engine.writer_lock import WriterLock
 from ..errors import CatalogError, CorruptBlockError, SchemaVersionError, StoreNotFoundError
@@ -170,7 +170,7 @@ def _check_blocks(l3: ZarrL3, rows: list[BlockRow], report: VerifyReport, progre
         else:
             try:
                 l3.read_into(loc, out)
-                if crc32c.crc32c(out.data) != row.checksum:
+                if not checksum_ok(out, row.checksum):
                     report.problems.append(Problem("corrupt", row.key, f"checksum mismatch in {loc.array}"))
             except FileNotFoundError:
                 report.problems.append(Problem("missing", row.key, f"{_rel(l3, loc.array, loc.shard)} is gone"))

@@ -15,9 +15,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import crc32c
-
 from ..catalog import Catalog
+from ..engine.mover import checksum_ok
 from ..engine.residency import Residency
 from ..tensors import dtype_from_name
 from ..tiers.l2_slab import HostArena
@@ -90,7 +89,7 @@ def warm_l2(store_dir: Path, catalog: Catalog, l2: Residency[HostArena]) -> tupl
             continue
         row = catalog.block_by_id(entry.block_id)
         if (row is None or row.checksum != entry.checksum or row.nbytes != entry.nbytes
-                or crc32c.crc32c(l2.arena.as_numpy(alloc).data) != entry.checksum):
+                or not checksum_ok(l2.arena.as_numpy(alloc), entry.checksum)):
             l2.release(alloc)
             continue
         l2.admit(row.key, row.block_id, alloc, dtype_from_name(row.dtype), row.shape, row.checksum,

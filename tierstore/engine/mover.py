@@ -1,0 +1,257 @@
+"""The mover: the only code that copies a block's bytes from one tier to another.
+
+It fills L2 from L3 on a get miss, promotes into L1 (casting where the device needs it), writes
+a cache-only block leaving L1 back to L2 and reads L3 back for checks, and it holds the one
+checksum check every copy passes (:func:`check_bytes`). It journals nothing: a get calls it
+directly (a fill survives no crash, so there is nothing to settle), and the migrator calls it
+between its journal's intent and commit, passing its crash points as ``step``. Writes to L3 of a
+cache-only block (spills, L1 write-backs) are journaled moves: the mover hands them to the
+migrator's journaled spill (``attach``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import crc32c
+import numpy as np
+import torch
+
+from ..catalog import BlockRow, Catalog
+from ..catalog.tier_bits import UNHASHED
+from ..errors import BlockNotFoundError, CorruptBlockError, TierStoreError
+from ..tensors import dtype_from_name, tensor_from_bytes
+from ..tiers.l1_cuda import DevicePool
+from ..tiers.l2_slab import HostArena
+from ..tiers.l3_zarr import Location, ZarrL3
+from .residency import Residency, Resident
+from .transaction import location_of
+
+__all__ = ["Mover", "Replaced", "check_bytes", "checksum_ok"]
+
+Step = Callable[[str], None]
+"""A journaled move's crash point (``copied``, ``verified``, ``committed``, ``freed``); a no-op for a get."""
+
+
+def _no_step(point: str) -> None:
+    pass
+
+
+class Replaced(Exception):
+    """A block was replaced while being read (its file is gone): read the key again."""
+
+
+def checksum_ok(data: np.ndarray, checksum: int) -> bool:
+    """Whether ``data`` hashes (crc32c) to ``checksum``."""
+    return bool(crc32c.crc32c(data.data) == checksum)
+
+
+def check_bytes(key: str, data: np.ndarray, checksum: int, where: str, doing: str = "") -> None:
+    """``CorruptBlockError`` unless ``data`` copied from L3 matches the catalog's ``checksum``.
+
+    ``where`` names the L3 array, ``doing`` what the copy was for (", while being promoted").
+    """
+    if not checksum_ok(data, checksum):
+        raise CorruptBlockError(f"block {key!r} failed its checksum in L3 ({where}){doing}; the stored bytes are "
+                                "damaged - restore them or run 'tierstore verify --fix'", key=key, tier="L3")
+
+
+class Mover:
+    """Copies between L3, L2 (``Residency[HostArena]``) and L1 (``Residency[DevicePool]``) of one store."""
+
+    def __init__(self, catalog: Catalog, l3: ZarrL3, l1: Residency[DevicePool] | None,
+                 l2: Residency[HostArena] | None) -> None:
+        self.catalog = catalog
+        self.l3 = l3
+        self.l1 = l1
+        self.l2 = l2
+        self._spill_l2: Callable[[Resident], bool] = lambda entry: False
+        self._spill_to_l3: Callable[[Resident, np.ndarray], bool] = lambda entry, data: False
+        self._may_write: Callable[[], bool] = lambda: False
+
+    def attach(self, *, spill_l2: Callable[[Resident], bool], write_back_l3: Callable[[Resident, np.ndarray], bool],
+               may_write: Callable[[], bool]) -> None:
+        """The journaled writes to L3 (the migrator's), and whether the store may write now (open, writable)."""
+        self._spill_l2, self._spill_to_l3, self._may_write = spill_l2, write_back_l3, may_write
+
+    def spill_l2(self, entry: Resident) -> bool:
+        """L2's eviction callback: a cache-only block leaving L2 goes to L3 (journaled)."""
+        return self._spill_l2(entry)
+
+    # -- L3 -> host / L2 ----------------------------------------------------------------------------
+
+    def read_l3_into(self, row: BlockRow, loc: Location, out: np.ndarray) -> BlockRow:
+        """Read and verify ``row``'s bytes into ``out``; returns the row read.
+
+        Raises :class:`Replaced` when a writer replaced the block and freed its file meanwhile (the
+        caller reads the key again: the new version may differ in size, dtype and shape); a
+        block that compaction moved (same block id, same bytes) is followed to its new place.
+        """
+        for _attempt in range(3):
+            try:
+                self.l3.read_into(loc, out)
+                break
+            except FileNotFoundError:
+                newer = self.catalog.get_block(row.key)
+                if newer is None:
+                    raise BlockNotFoundError(f"block {row.key!r} was deleted while being read",
+                                             key=row.key) from None
+                if newer.block_id != row.block_id:
+                    raise Replaced from None
+                if location_of(newer) == loc:
+                    path = self.l3.shard_path(loc.array, loc.shard)
+                    raise CorruptBlockError(
+                        f"block {row.key!r}: its data file {path} is missing; run 'tierstore verify --fix' "
+                        "to drop damaged blocks", key=row.key, path=str(path), tier="L3") from None
+                row, loc = newer, location_of(newer)
+            except CorruptBlockError as exc:
+                raise CorruptBlockError(f"block {row.key!r}: {exc.message}", key=row.key, path=exc.path,
+                                        tier="L3") from None
+        else:
+            raise TierStoreError(f"block {row.key!r} kept moving while being read; read it again", key=row.key)
+        check_bytes(row.key, out, row.checksum, loc.array)
+        return row
+
+    def fill_l2(self, key: str, row: BlockRow, loc: Location, generation: int,
+                copy: bool) -> tuple[torch.Tensor, str] | None:
+        """A get miss: decompress ``row`` straight into a fresh L2 slot and admit it; None when L2 has no room.
+
+        Returns the tensor (a view of the slot, or this read's own bytes when a writer replaced the
+        block meanwhile) and the tier it came from.
+        """
+        l2 = self.l2
+        assert l2 is not None
+        slot = l2.reserve(row.nbytes, self.spill_l2)
+        if slot is None:
+            return None
+        try:
+            out = l2.arena.as_numpy(slot)
+            self.read_l3_into(row, loc, out)
+        except BaseException:
+            l2.release(slot)
+            raise
+        with l2.lock:  # a refused admission frees the slot: copy it out before another thread reuses it
+            entry = l2.admit(key, row.block_id, slot, dtype_from_name(row.dtype), row.shape, row.checksum,
+                             generation=generation, parent=row.parent)
+            if entry is None:  # the block was replaced while we read it: hand out these bytes, cache nothing
+                return tensor_from_bytes(bytearray(out), dtype_from_name(row.dtype), row.shape), "L3"
+            tensor = l2.view(entry, copy=copy)  # under the same lock: nobody killed it since the admission
+        if tensor is None:  # pragma: no cover - see above
+            raise Replaced
+        return tensor, "L3"
+
+    def promote_l2(self, key: str, row: BlockRow, loc: Location, generation: int, step: Step = _no_step) -> bool:
+        """A planned promotion L3 -> L2: copy, verify, admit; False when there was no room or no block."""
+        l2 = self.l2
+        assert l2 is not None
+        slot = l2.reserve(row.nbytes, self.spill_l2)
+        if slot is None:
+            return False
+        try:
+            out = l2.arena.as_numpy(slot)
+            try:
+                self.l3.read_into(loc, out)
+            except FileNotFoundError:  # replaced or deleted meanwhile: nothing to promote
+                l2.release(slot)
+                return False
+            except CorruptBlockError as exc:
+                raise CorruptBlockError(f"block {key!r}: {exc.message}", key=key, path=exc.path, tier="L3") from None
+            step("copied")
+            check_bytes(key, out, row.checksum, loc.array, ", while being promoted")
+            step("verified")
+        except BaseException:
+            l2.release(slot)
+            raise
+        entry = l2.admit(key, row.block_id, slot, dtype_from_name(row.dtype), row.shape, row.checksum,
+                         generation=generation, parent=row.parent)
+        step("committed")
+        step("freed")  # a promotion is a copy: the source keeps the block
+        return entry is not None
+
+    def read_l3_checked(self, key: str, row: BlockRow, loc: Location) -> np.ndarray:
+        """``row``'s bytes read from L3 into fresh memory and verified (a promotion that skips L2)."""
+        buf = np.empty(row.nbytes, dtype=np.uint8)
+        self.l3.read_into(loc, buf)
+        check_bytes(key, buf, row.checksum, loc.array, ", while being promoted")
+        return buf
+
+    # -- host -> L1 ---------------------------------------------------------------------------------
+
+    def into_l1(self, key: str, host: torch.Tensor, *, block_id: int, shape: tuple[int, ...], checksum: int,
+                parent: str | None, generation: int, on_stream: bool,
+                step: Step = _no_step) -> tuple[Resident | None, Any] | None:
+        """Copy ``host`` (an L2 view or a fresh read) into an L1 slot, cast where the device has no bf16 math.
+
+        ``on_stream``: the caller's CUDA stream waits for the copy (a get, which evicts to make room,
+        writing back what only L1 holds); else this thread waits for it (the migrator, which takes
+        only free room). Returns ``(entry or None if replaced meanwhile, the copy's event)``, or None
+        when L1 has no room (or the block is empty).
+        """
+        l1 = self.l1
+        assert l1 is not None
+        pool = l1.arena
+        target = pool.needs_cast(host.dtype) or host.dtype
+        if host.numel() == 0:
+            return None
+        slot = l1.reserve(host.numel() * target.itemsize, self.write_back_l1 if on_stream else None)
+        if slot is None:
+            return None
+        try:
+            event = pool.cast_into(slot, host, target) if target != host.dtype else pool.copy_in(slot, host)
+            if event is not None:
+                if on_stream:  # the caller's stream waits for the copy, not the whole device
+                    torch.cuda.current_stream(pool.device).wait_event(event)
+                else:
+                    event.synchronize()
+            step("copied")
+            step("verified")  # the source was verified on its way into L2 (or just read and checked)
+        except BaseException:
+            l1.release(slot)
+            raise
+        entry = l1.admit(key, block_id, slot, target, shape, checksum, generation=generation, parent=parent)
+        step("committed")
+        step("freed")
+        return entry, event
+
+    # -- L1 -> L2 / L3 ------------------------------------------------------------------------------
+
+    def write_back_l1(self, entry: Resident) -> bool:
+        """Write back a cache-only block leaving L1 whose only copy is there: to L2, or L3 if L2 is full.
+
+        The L1 -> L2 copy is done here (both ends volatile: a crash loses both, nothing to journal);
+        the L3 write goes through the migrator's journaled spill. False, and the block stays in L1,
+        when neither tier took it: nothing is ever dropped.
+        """
+        l1, l2 = self.l1, self.l2
+        if not self._may_write() or l1 is None:
+            return False
+        if l2 is not None:
+            slot = l2.reserve(entry.alloc.nbytes, self.spill_l2)
+            if slot is not None:
+                out = l2.arena.as_numpy(slot)
+                try:
+                    l1.arena.copy_out(entry.alloc, out)
+                except BaseException:
+                    l2.release(slot)
+                    raise
+                if entry.checksum == UNHASHED:
+                    entry.checksum = crc32c.crc32c(out.data)
+                l2.admit(entry.key, entry.block_id, slot, entry.dtype, entry.shape, entry.checksum, volatile=True,
+                         parent=l1.parent_of(entry.key))
+                l1.mark_durable(entry)
+                return True
+        data = self.l1_bytes(entry)
+        if not self._spill_to_l3(entry, data):
+            return False
+        l1.mark_durable(entry)
+        return True
+
+    def l1_bytes(self, entry: Resident) -> np.ndarray:
+        """A host copy of an L1 entry's bytes (hashing it if it was not yet)."""
+        assert self.l1 is not None
+        data = np.empty(entry.alloc.nbytes, dtype=np.uint8)
+        self.l1.arena.copy_out(entry.alloc, data)
+        if entry.checksum == UNHASHED:
+            entry.checksum = crc32c.crc32c(data.data)
+        return data
