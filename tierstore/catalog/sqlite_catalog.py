@@ -53,6 +53,7 @@ from .statements import (
     HIT_TOTALS,
     HOT_BLOCKS,
     INSERT_ACCESS,
+    INSERT_NEW_BLOCK,
     JOURNAL_COUNT,
     JOURNAL_DELETE,
     JOURNAL_INSERT,
@@ -415,12 +416,19 @@ class Catalog:
         """Every move in flight: ``(id, block_id, key, op, src, dst, state, created)``."""
         return [tuple(r) for r in self._query(JOURNAL_ROWS)]
 
-    def commit_moved(self, row: BlockRow, journal_id: int, next_block_id: int) -> None:
-        """Commit the row of a block moved into L3 and close its journal entry (one transaction)."""
+    def commit_moved(self, row: BlockRow, journal_id: int, next_block_id: int) -> bool:
+        """Commit the row of a cache-only block spilled into L3 and close its journal entry (one transaction).
+
+        A spilled block is the key's newest version only while the key has no committed row (a
+        cache-only put removes the row it replaces), so the row goes in only if there is none: a
+        spill planned from an older version never overwrites what a writer committed since. False
+        when it was refused; the journal entry is closed either way.
+        """
         with self._write("commit a tier move") as conn:
             conn.execute(SET_META, ("next_block_id", str(next_block_id)))
-            conn.execute(UPSERT_BLOCK, row.to_tuple())
+            inserted = conn.execute(INSERT_NEW_BLOCK, row.to_tuple()).rowcount == 1
             conn.execute(JOURNAL_DELETE, (journal_id,))
+        return inserted
 
     def trim_successors(self, max_rows: int) -> None:
         """Keep only the ``max_rows`` most frequent transitions."""

@@ -17,6 +17,10 @@ ON CONFLICT(key) DO UPDATE SET
   l3_sizes = excluded.l3_sizes, l3_inner = excluded.l3_inner, stored_bytes = excluded.stored_bytes,
   tiers = excluded.tiers, updated = excluded.updated, parent = excluded.parent
 """
+INSERT_NEW_BLOCK = f"""
+INSERT INTO blocks ({BLOCK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT(key) DO NOTHING
+"""
 DELETE_BLOCK = "DELETE FROM blocks WHERE key = ?"
 COUNT_BLOCKS = "SELECT count(*), coalesce(sum(nbytes), 0), coalesce(sum(stored_bytes), 0) FROM blocks"
 KEYS_PAGE = "SELECT key FROM blocks WHERE key > ? ORDER BY key LIMIT ?"

@@ -7,6 +7,14 @@ handle (a transaction holds it from start to commit, as SQLite's
 bytes are written to fresh L3 locations and synced, then one catalog commit
 switches them in, then the bytes of replaced versions are freed.
 
+Lock order (a thread holding one may take only those after it): the writer mutex, the L1 tier
+lock, the L2 tier lock, the index lock (:attr:`BlockIndex.lock`), then the catalog's and L3's own
+locks. The index lock is held across every catalog commit that changes a key's row (a writer's
+commit, a spill's commit, compaction) together with the in-memory state that follows it (row cache,
+totals, the versions of cache-only keys); it is never held while taking a tier lock. Work done
+outside the writer mutex (a spill of a cache-only block chosen for eviction by any thread) commits
+only if the key's newest version is still the one it copied, else it is dropped (versions, not hope).
+
 The reports (``info``, ``history``, ``stats``) are in :mod:`tierstore.engine.handle_reports` and the
 store's side of the shared tier (``publish``, ``pull``, read-through) in
 :mod:`tierstore.engine.handle_shared`: mixins ``TierStore`` inherits.
@@ -145,9 +153,9 @@ class TierStore(SharedTier, StoreReports):
             self._hits["shared"] = 0
         self._migrator = Migrator(self._catalog, self._l3, self._l1, self._l2, self.config, StoreHooks(
             lookup=self._lookup_located, new_block_id=self._index.new_block_id,
-            next_block_id=lambda: self._index.next_block_id,
-            check_room=self._check_l3_room, spilled=self._spilled, flush_history=lambda: self._recorder.flush(),
-            spill_l1=self._mover.write_back_l1),
+            next_block_id=lambda: self._index.next_block_id, check_room=self._check_l3_room,
+            commit_spill=self._commit_spill, forget_volatile=self._index.forget_volatile,
+            flush_history=lambda: self._recorder.flush(), spill_l1=self._mover.write_back_l1),
             self._mover, readonly=self.readonly)
         self._mover.attach(spill_l2=self._spill, may_write=lambda: not self._closed and not self.readonly,
                            write_back_l3=lambda entry, data: self._migrator.write_back(entry, data))
@@ -350,18 +358,30 @@ class TierStore(SharedTier, StoreReports):
         except OSError as exc:
             self._abort(txn)
             raise translate_os_error(exc, what="sync block data", path=self._l3.root) from None
-        try:
-            if rows or lengths or any(self._catalog.has_block(key) for key in deletes):
-                replaced = self._catalog.commit_blocks(rows, deletes, lengths, self._index.next_block_id)
-            else:  # only cache-only blocks that stay in L2 and replace no committed row: no catalog commit
-                replaced = []
-        except BaseException:
+        replaced: list[BlockRow] = []
+        failure: BaseException | None = None
+        index = self._index
+        with index.lock:  # no spill commits between the check below and the versions it leaves
+            try:
+                if rows or lengths or any(self._catalog.has_block(key) for key in deletes):
+                    replaced = self._catalog.commit_blocks(rows, deletes, lengths, index.next_block_id)
+                # else: only cache-only blocks that stay in L2 and replace no committed row: no catalog commit
+            except BaseException as exc:
+                failure = exc
+            else:
+                index.begin_settling()
+                self._l3.commit()
+                index.committed(rows, deletes, replaced, {
+                    key: change.row.block_id if key in l2_only and change.row is not None else None
+                    for key, change in txn.pending.items()})
+        if failure is not None:  # undone outside the index lock: releasing slots takes tier locks
             self._abort(txn)
-            raise
-        self._l3.commit()
-        self._index.committed(rows, deletes, replaced)
+            raise failure
         self._l3.free([location_of(row) for row in replaced] + txn.garbage)
-        self._settle_l2(txn, l2_only)
+        try:
+            self._settle_l2(txn, l2_only)
+        finally:
+            index.end_settling()
         if self._shared is not None and self._shared.policy == "write-through" and not self._landing():
             self._shared.enqueue(row.key for row in rows if row.durable)
         for key, change in txn.pending.items():
@@ -517,11 +537,24 @@ class TierStore(SharedTier, StoreReports):
             return False
         return self._migrator.spill(entry)
 
-    def _spilled(self, row: BlockRow, loc: Location) -> None:
-        """The migrator committed ``row`` to L3: the row cache and totals follow."""
-        self._index.spilled(row, loc)
+    def _commit_spill(self, row: BlockRow, loc: Location, journal_id: int, version: int) -> bool:
+        """Commit the row of a cache-only block the migrator copied to L3, if it is still the key's newest.
+
+        ``version`` is the block id of the cache-only version that was copied. A writer that replaced or
+        deleted the key since then changed its version under the same lock, so a stale spill is refused
+        here (False) and never overwrites a newer row or brings a deleted key back.
+        """
+        index = self._index
+        with index.lock:
+            if index.volatile_version(row.key) != version:
+                self._catalog.journal_end([journal_id])
+                return False
+            if not self._catalog.commit_moved(row, journal_id, index.next_block_id):
+                return False  # pragma: no cover - a committed row always clears the version above
+            index.spilled(row, loc)
         if self._shared is not None and self._shared.policy != "explicit" and not self._landing():
             self._shared.enqueue([row.key])  # a cache-only block now in L3 can be published
+        return True
 
     def shrink_l1(self, nbytes: int | str | None = None) -> int:
         """Give L1 device memory back to PyTorch (for the model); returns the bytes released.
@@ -683,7 +716,12 @@ class TierStore(SharedTier, StoreReports):
                     raise Replaced  # be in L1/L2 only, not in the catalog): look it up again
                 return tensor, "L2"
         generation = l2.generation if l2 is not None else 0
-        row, loc = self._lookup_located(key)
+        try:
+            row, loc = self._lookup_located(key)
+        except BlockNotFoundError:
+            if self._index.await_settled(key):
+                raise Replaced from None  # a cache-only version was committed and is being admitted
+            raise
         if l2 is not None and self.readonly:
             entry = l2.lookup(key, row.block_id)
             tensor = l2.view(entry, copy=copy) if entry is not None else None
@@ -715,7 +753,15 @@ class TierStore(SharedTier, StoreReports):
             if entry.checksum == UNHASHED:
                 entry.checksum = crc32c.crc32c(self._l2.arena.as_numpy(entry.alloc).data)  # type: ignore[union-attr]
             return self._volatile_row(entry, L2_BIT, self._l2.parent_of(key))  # type: ignore[union-attr]
-        return self._lookup_located(key)[0]
+        try:
+            return self._lookup_located(key)[0]
+        except BlockNotFoundError:
+            if not self._index.await_settled(key):
+                raise
+        entry = self._volatile(key)  # the cache-only version whose commit was settling
+        if entry is None:
+            return self._lookup_located(key)[0]
+        return self._lookup(key)  # finds the entry now: no further wait
 
     def _volatile(self, key: str) -> Resident | None:
         """The entry holding the only copy of cache-only ``key`` (in L1 or L2), if any."""
@@ -727,11 +773,8 @@ class TierStore(SharedTier, StoreReports):
         return None
 
     def _volatile_keys(self) -> set[str]:
-        keys: set[str] = set()
-        for tier in (self._l1, self._l2):
-            if tier is not None:
-                keys |= tier.volatile_keys
-        return keys
+        """Keys whose newest committed version is cache-only (a snapshot)."""
+        return self._index.volatile_keys()
 
     @staticmethod
     def _volatile_row(entry: Resident, tier_bit: int = L2_BIT, parent: str | None = None) -> BlockRow:
@@ -831,12 +874,17 @@ class TierStore(SharedTier, StoreReports):
         return self._exists(key)
 
     def _exists(self, key: str) -> bool:
-        return self._volatile(key) is not None or self._catalog.has_block(key)
+        for _attempt in range(2):
+            if self._volatile(key) is not None or self._catalog.has_block(key):
+                return True
+            if not self._index.await_settled(key):
+                return False
+        return False
 
     def __len__(self) -> int:
         self._check_open()
         self._refresh()
-        count = self._index.count + len(self._volatile_keys())
+        count = self._index.counted()
         txn = self._txn()
         if txn is not None:
             for key, change in txn.pending.items():
@@ -852,7 +900,7 @@ class TierStore(SharedTier, StoreReports):
         if prefix is not None and not isinstance(prefix, str):
             raise InvalidKeyError(f"keys(prefix=...) takes a str, not {type(prefix).__name__}")
         volatile = sorted(k for k in self._volatile_keys() if prefix is None or k.startswith(prefix))
-        keys: Iterator[str] = merge(self._iter_keys(prefix), volatile) if volatile else self._iter_keys(prefix)
+        keys: Iterator[str] = _unique(merge(self._iter_keys(prefix), volatile)) if volatile else self._iter_keys(prefix)
         txn = self._txn()
         if txn is not None and txn.pending:
             present = set(keys)
@@ -935,6 +983,15 @@ class TierStore(SharedTier, StoreReports):
     def migrator(self) -> Migrator:
         """The store's mover (``stats()``, ``wait()``, ``plan()``, the successor table)."""
         return self._migrator
+
+
+def _unique(keys: Iterator[str]) -> Iterator[str]:
+    """Sorted ``keys`` without repeats (a key spilled while being listed is both volatile and committed)."""
+    last = None
+    for key in keys:
+        if key != last:
+            yield key
+            last = key
 
 
 def _checked_size(row: BlockRow) -> BlockRow:

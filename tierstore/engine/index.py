@@ -1,16 +1,22 @@
 """The block index: what the running store knows about its committed blocks, in memory.
 
 One object owns the committed rows cached for the hot path (with their L3 locations), the byte
-totals, block-id allocation and the generation that tells a lookup whether a commit raced it. The
-handle, the migrator and upkeep (compaction) share one index and change it only through these
-methods, each under the index's own lock, so the cache and the totals always follow the catalog
-commit that changed them.
+totals, block-id allocation, the generation that tells a lookup whether a commit raced it, and the
+version (block id) of each key whose newest committed version is cache-only (held in L1/L2 only).
+The handle, the migrator and upkeep (compaction) share one index and change it only through these
+methods.
+
+:attr:`BlockIndex.lock` is the store's index lock (lock order: writer mutex -> L1 -> L2 -> index
+lock -> catalog/L3). Every catalog commit that changes a key's row holds it from its check through
+the commit and the index update that follows (:meth:`committed`, :meth:`spilled`, :meth:`moved`),
+so a spill planned from an older version sees the newer one and is dropped; no tier lock is taken
+while it is held.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from ..catalog import BlockRow
 from ..tiers.l3_zarr import Location
@@ -32,6 +38,14 @@ class BlockIndex:
         self._ids_lock = threading.Lock()
         self._rows: dict[str, Located] = {}
         self._lock = threading.Lock()
+        """Guards the row cache and the totals (innermost: taken by readers too)."""
+        self.lock = threading.Lock()
+        """The index lock: held across each catalog commit that changes a key's row and the update that follows."""
+        self._volatile: dict[str, int] = {}
+        """Block id of each key whose newest committed version is cache-only (in L1/L2, not in L3)."""
+        self._settling = threading.Condition(threading.Lock())
+        self._unsettled = 0
+        """Commits whose catalog part is done and whose tier admissions are not (see await_settled)."""
         self._generation = 0
         self._data_version = data_version
         self._count, self._logical_bytes, self._stored_bytes = totals
@@ -86,8 +100,18 @@ class BlockIndex:
                     self._rows.clear()
                 self._rows[key] = located
 
-    def committed(self, rows: Sequence[BlockRow], deletes: Sequence[str], replaced: Sequence[BlockRow]) -> None:
-        """A writer's catalog commit put ``rows``, deleted ``deletes`` and replaced ``replaced``."""
+    def committed(self, rows: Sequence[BlockRow], deletes: Sequence[str], replaced: Sequence[BlockRow],
+                  versions: Mapping[str, int | None]) -> None:
+        """A writer's catalog commit put ``rows``, deleted ``deletes`` and replaced ``replaced`` (index lock held).
+
+        ``versions``: for every key the transaction touched, the block id of its new cache-only
+        version, or None when the key now has a committed row or none at all.
+        """
+        for key, version in versions.items():
+            if version is not None:
+                self._volatile[key] = version
+            else:
+                self._volatile.pop(key, None)
         with self._lock:
             self._generation += 1
             if len(self._rows) + len(rows) > ROW_CACHE:
@@ -102,7 +126,8 @@ class BlockIndex:
             self._stored_bytes += sum(r.stored_bytes for r in rows) - sum(r.stored_bytes for r in replaced)
 
     def spilled(self, row: BlockRow, loc: Location) -> None:
-        """A cache-only block was committed to L3 (a new key for the catalog)."""
+        """A cache-only block was committed to L3 (a new key for the catalog; index lock held)."""
+        self._volatile.pop(row.key, None)
         with self._lock:
             self._generation += 1
             self._rows[row.key] = (row, loc)
@@ -111,7 +136,7 @@ class BlockIndex:
             self._stored_bytes += row.stored_bytes
 
     def moved(self, rows: Sequence[BlockRow]) -> None:
-        """Compaction committed the same blocks at new L3 places."""
+        """Compaction committed the same blocks at new L3 places (index lock held)."""
         with self._lock:
             self._generation += 1
             for row in rows:
@@ -130,3 +155,51 @@ class BlockIndex:
     def data_version(self) -> int:
         """The catalog's ``data_version`` the cached rows and totals are from (read-only handles)."""
         return self._data_version
+
+    # -- cache-only versions ------------------------------------------------------------------------
+
+    def volatile_version(self, key: str) -> int | None:
+        """The block id of ``key``'s newest committed version if that is cache-only (read under :attr:`lock`)."""
+        return self._volatile.get(key)
+
+    def volatile_keys(self) -> set[str]:
+        """Keys whose newest committed version is cache-only (a snapshot)."""
+        with self.lock:
+            return set(self._volatile)
+
+    def counted(self) -> int:
+        """Committed blocks plus cache-only keys, in one step (a spill moves a key from one to the other)."""
+        with self.lock:
+            return self._count + len(self._volatile)
+
+    def forget_volatile(self, key: str, version: int) -> None:
+        """Cache-only version ``version`` of ``key`` is dropped without a copy: the key is gone."""
+        with self.lock:
+            if self._volatile.get(key) == version:
+                del self._volatile[key]
+
+    # -- commits between their catalog part and their tier admissions ------------------------------
+
+    def begin_settling(self) -> None:
+        """A commit's catalog part is done (index lock held); its L1/L2 admissions follow."""
+        with self._settling:
+            self._unsettled += 1
+
+    def end_settling(self) -> None:
+        """That commit's admissions are done."""
+        with self._settling:
+            self._unsettled -= 1
+            self._settling.notify_all()
+
+    def await_settled(self, key: str) -> bool:
+        """Wait while a commit of a cache-only version of ``key`` is between its catalog part and its admission.
+
+        A cache-only put removes the key's committed row, then makes its L1/L2 entry resident; a
+        reader that looks in between finds neither. True when the key has a cache-only version and
+        the reader should look again (once every commit in flight has settled).
+        """
+        if key not in self._volatile:
+            return False
+        with self._settling:
+            self._settling.wait_for(lambda: self._unsettled == 0, timeout=5.0)
+        return key in self._volatile

@@ -161,15 +161,17 @@ def compact(db: TierStore, *, min_fill: float = 0.5, progress: Progress | None =
                 if progress is not None:
                     progress(done, total)
             if moved:
-                catalog.commit_blocks(moved, [], l3.prepare(), db.index.next_block_id)
+                lengths = l3.prepare()
+                with db.index.lock:  # the store's lock order: docs/ARCHITECTURE.md
+                    catalog.commit_blocks(moved, [], lengths, db.index.next_block_id)
+                    l3.commit()
+                    db.index.moved(moved)
         except OSError as exc:
             l3.rollback()
             raise translate_os_error(exc, what="compact L3 packs", path=l3.root) from None
         except BaseException:
             l3.rollback()
             raise
-        l3.commit()
-        db.index.moved(moved)
         removed = _drop_unused(db)
         return MaintenanceReport(len(victims) - len(skipped), len(moved), removed, before, disk_usage(l3.root),
                                  tuple(skipped))
