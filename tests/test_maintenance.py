@@ -85,10 +85,10 @@ def test_a_reader_holding_an_old_location_follows_the_move(tmp_path: Path) -> No
     with tierstore.open(store, l2_cache_size=0, fsync=False) as db:
         live = _churn(db)
         with tierstore.open(store, readonly=True, l2_cache_size=0) as reader:
-            row, loc = reader._lookup_located("k2")  # looked up, not read yet: no descriptor cached
+            row, loc = reader.index.lookup("k2")  # looked up, not read yet: no descriptor cached
             assert db.compact().blocks_moved > 0
             assert not (store / "l3" / loc.array / str(loc.shard)).exists()
-            assert same_bits(reader._read(row, loc), live["k2"])
+            assert same_bits(reader.mover.read_l3(row, loc), live["k2"])
             _check(reader, live)
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import operator
-import os
 import threading
 import time
 import uuid
@@ -47,21 +46,18 @@ from ..catalog.tier_counters import save_counters
 from ..config import CacheConfig, parse_size
 from ..errors import (
     BlockNotFoundError,
-    CorruptBlockError,
     DeviceMemoryError,
     InvalidArgumentError,
     InvalidKeyError,
     ReadOnlyError,
     StoreClosedError,
-    StoreFullError,
     StoreNotFoundError,
-    TierFullError,
     TierStoreError,
     TransactionError,
     UnsupportedTensorError,
     translate_os_error,
 )
-from ..tensors import check_key, check_tensor, dtype_from_name, dtype_name, tensor_bytes, tensor_from_bytes
+from ..tensors import check_key, check_tensor, dtype_from_name, dtype_name, tensor_bytes
 from ..tiers.codecs import choose_codec
 from ..tiers.l1_cuda import DevicePool, is_device_oom
 from ..tiers.l2_slab import HostArena
@@ -71,8 +67,8 @@ from .access_recorder import Access, AccessRecorder, summarize
 from .handle_reports import StoreReports
 from .handle_shared import SharedTier
 from .index import BlockIndex
-from .migrator import JournalReport, Migrator, Pin, Plan, StoreHooks, recover_journal
-from .mover import Mover, Replaced
+from .migrator import JournalReport, Migrator, Pin, Plan, recover_journal
+from .mover import Mover, Replaced, no_memory, physical_memory
 from .residency import Residency, Resident
 from .shared_coordinator import SharedCoordinator
 from .transaction import Change, Txn, location_of
@@ -134,7 +130,8 @@ class TierStore(SharedTier, StoreReports):
         """Moves a crash interrupted, undone at open (see :mod:`tierstore.engine.migrator`)."""
         if not self.readonly:
             self._recover()
-        self._index = BlockIndex(self._catalog.next_block_id(), self._catalog.totals(), self._catalog.data_version())
+        self._index = BlockIndex(self._catalog, self.path, readonly=self.readonly,
+                                 l3_capacity=self.config.l3_cache_size)
         self._l1: Residency[DevicePool] | None = self._open_l1()
         self._l2: Residency[HostArena] | None = None
         self._l2_generation = 0
@@ -151,12 +148,9 @@ class TierStore(SharedTier, StoreReports):
         if self.config.shared_url is not None:  # no network until first used
             self._shared = SharedCoordinator(self.config, self._shared_block)
             self._hits["shared"] = 0
-        self._migrator = Migrator(self._catalog, self._l3, self._l1, self._l2, self.config, StoreHooks(
-            lookup=self._lookup_located, new_block_id=self._index.new_block_id,
-            next_block_id=lambda: self._index.next_block_id, check_room=self._check_l3_room,
-            commit_spill=self._commit_spill, forget_volatile=self._index.forget_volatile,
-            flush_history=lambda: self._recorder.flush(), spill_l1=self._mover.write_back_l1),
-            self._mover, readonly=self.readonly)
+        self._migrator = Migrator(self._catalog, self._l3, self._l1, self._l2, self.config, self._index, self._mover,
+                                  flush_history=lambda: self._recorder.flush(), spilled=self._spilled,
+                                  readonly=self.readonly)
         self._mover.attach(spill_l2=self._spill, may_write=lambda: not self._closed and not self.readonly,
                            write_back_l3=lambda entry, data: self._migrator.write_back(entry, data))
         sink = None if self.readonly else self._write_history
@@ -267,6 +261,11 @@ class TierStore(SharedTier, StoreReports):
     def index(self) -> BlockIndex:
         """The store's block index: cached rows, totals, block ids (for the migrator and upkeep)."""
         return self._index
+
+    @property
+    def mover(self) -> Mover:
+        """The store's mover (the only code that copies bytes between tiers)."""
+        return self._mover
 
     @property
     def l3(self) -> ZarrL3:
@@ -515,16 +514,8 @@ class TierStore(SharedTier, StoreReports):
             raise
         return slot
 
-    def _check_l3_room(self, key: str, nbytes: int) -> None:
-        cap = self.config.l3_cache_size
-        stored = self._index.stored_bytes
-        if cap is not None and stored + nbytes > cap:
-            raise StoreFullError(
-                f"put {key!r}: L3 holds {stored} of l3_cache_size={cap} bytes and the block "
-                f"needs up to {nbytes}; delete blocks or raise l3_cache_size", key=key, tier="L3")
-
     def _write_l3(self, key: str, block_id: int, data: np.ndarray, itemsize: int) -> Location:
-        self._check_l3_room(key, data.nbytes)
+        self._index.check_room(key, data.nbytes)
         codec = choose_codec(str(self.config.l3_compression), itemsize)
         try:
             return self._l3.write(block_id, data, codec)
@@ -537,24 +528,10 @@ class TierStore(SharedTier, StoreReports):
             return False
         return self._migrator.spill(entry)
 
-    def _commit_spill(self, row: BlockRow, loc: Location, journal_id: int, version: int) -> bool:
-        """Commit the row of a cache-only block the migrator copied to L3, if it is still the key's newest.
-
-        ``version`` is the block id of the cache-only version that was copied. A writer that replaced or
-        deleted the key since then changed its version under the same lock, so a stale spill is refused
-        here (False) and never overwrites a newer row or brings a deleted key back.
-        """
-        index = self._index
-        with index.lock:
-            if index.volatile_version(row.key) != version:
-                self._catalog.journal_end([journal_id])
-                return False
-            if not self._catalog.commit_moved(row, journal_id, index.next_block_id):
-                return False  # pragma: no cover - a committed row always clears the version above
-            index.spilled(row, loc)
+    def _spilled(self, key: str) -> None:
+        """The migrator committed cache-only ``key`` to L3: it can be published now."""
         if self._shared is not None and self._shared.policy != "explicit" and not self._landing():
-            self._shared.enqueue([row.key])  # a cache-only block now in L3 can be published
-        return True
+            self._shared.enqueue([key])
 
     def shrink_l1(self, nbytes: int | str | None = None) -> int:
         """Give L1 device memory back to PyTorch (for the model); returns the bytes released.
@@ -700,7 +677,7 @@ class TierStore(SharedTier, StoreReports):
                 return view.clone(), "L2"
             if pending.l1_slot is not None:
                 return self._l1_host(pending.l1_slot, dtype_from_name(pending.row.dtype), pending.row.shape), "L1"
-            return self._read(pending.row, location_of(pending.row)), "L3"
+            return self._mover.read_l3(pending.row, location_of(pending.row)), "L3"
         l1 = self._l1
         if l1 is not None and key in l1.volatile_keys:  # checked before L2: a write-back admits there first
             with l1.lock:
@@ -717,7 +694,7 @@ class TierStore(SharedTier, StoreReports):
                 return tensor, "L2"
         generation = l2.generation if l2 is not None else 0
         try:
-            row, loc = self._lookup_located(key)
+            row, loc = self._index.lookup(key)
         except BlockNotFoundError:
             if self._index.await_settled(key):
                 raise Replaced from None  # a cache-only version was committed and is being admitted
@@ -728,9 +705,9 @@ class TierStore(SharedTier, StoreReports):
             if tensor is not None:
                 return tensor, "L2"
         if l2 is None or row.nbytes == 0:
-            return self._read(row, loc), "L3"
+            return self._mover.read_l3(row, loc), "L3"
         filled = self._mover.fill_l2(key, row, loc, generation, copy)
-        return filled if filled is not None else (self._read(row, loc), "L3")
+        return filled if filled is not None else (self._mover.read_l3(row, loc), "L3")
 
     def _l1_host(self, alloc: Allocation, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         """A host copy of an L1 slot's block (in L2 scratch memory when there is room)."""
@@ -754,13 +731,13 @@ class TierStore(SharedTier, StoreReports):
                 entry.checksum = crc32c.crc32c(self._l2.arena.as_numpy(entry.alloc).data)  # type: ignore[union-attr]
             return self._volatile_row(entry, L2_BIT, self._l2.parent_of(key))  # type: ignore[union-attr]
         try:
-            return self._lookup_located(key)[0]
+            return self._index.lookup(key)[0]
         except BlockNotFoundError:
             if not self._index.await_settled(key):
                 raise
         entry = self._volatile(key)  # the cache-only version whose commit was settling
         if entry is None:
-            return self._lookup_located(key)[0]
+            return self._index.lookup(key)[0]
         return self._lookup(key)  # finds the entry now: no further wait
 
     def _volatile(self, key: str) -> Resident | None:
@@ -781,36 +758,6 @@ class TierStore(SharedTier, StoreReports):
         return BlockRow.cache_only(entry.key, entry.block_id, dtype_name(entry.dtype), entry.shape, entry.alloc.nbytes,
                                    entry.checksum, tier=tier_bit, created=0.0, updated=0.0, parent=parent)
 
-    def _refresh(self) -> None:
-        """Read-only handles: forget cached rows and totals once a writer has committed."""
-        if not self.readonly:
-            return
-        version = self._catalog.data_version()
-        if version != self._index.data_version:
-            self._index.refresh(version, self._catalog.totals())
-
-    def _lookup_located(self, key: str) -> tuple[BlockRow, Location]:
-        """The committed row of ``key`` with its L3 location (cached)."""
-        self._refresh()
-        hit = self._index.cached(key)
-        if hit is not None:
-            return hit
-        generation = self._index.generation
-        row = self._catalog.get_block(key)
-        if row is None:
-            raise BlockNotFoundError(f"no block {key!r} in {self.path}", key=key)
-        located = (_checked_size(row), location_of(row))
-        self._index.remember(key, located, generation)  # unless a commit raced this lookup
-        return located
-
-    def _read(self, row: BlockRow, loc: Location) -> torch.Tensor:
-        try:
-            buf = np.empty(row.nbytes, dtype=np.uint8)
-        except MemoryError:
-            raise _no_memory(row.nbytes, f"read block {row.key!r}") from None
-        row = self._mover.read_l3_into(row, loc, buf)
-        return tensor_from_bytes(buf, dtype_from_name(row.dtype), row.shape)
-
     def allocate(self, shape: tuple[int, ...], dtype: torch.dtype,
                  device: str | torch.device | None = None) -> torch.Tensor:
         """An uninitialised tensor from the L2 pool (ordinary memory if L2 is off or full).
@@ -828,8 +775,8 @@ class TierStore(SharedTier, StoreReports):
         if not isinstance(dtype, torch.dtype) or any(s < 0 for s in shape):
             raise UnsupportedTensorError(f"allocate() needs a torch.dtype and sizes >= 0, got {dtype!r}, {shape}")
         nbytes = math.prod(shape) * dtype.itemsize
-        if nbytes > _physical_memory():
-            raise _no_memory(nbytes, f"allocate {shape} {dtype}")
+        if nbytes > physical_memory():
+            raise no_memory(nbytes, f"allocate {shape} {dtype}")
         if device is not None:
             if self._l1 is not None and nbytes > 0 and self._on_l1(device):
                 tensor = self._l1.scratch(nbytes, dtype, shape, evict=True, spill=self._mover.write_back_l1)
@@ -843,7 +790,7 @@ class TierStore(SharedTier, StoreReports):
         try:
             return torch.empty(shape, dtype=dtype)
         except (RuntimeError, MemoryError):
-            raise _no_memory(nbytes, f"allocate {shape} {dtype}") from None
+            raise no_memory(nbytes, f"allocate {shape} {dtype}") from None
 
     def delete(self, key: str) -> None:
         """Remove ``key``; raises ``BlockNotFoundError`` if it is not there."""
@@ -883,7 +830,7 @@ class TierStore(SharedTier, StoreReports):
 
     def __len__(self) -> int:
         self._check_open()
-        self._refresh()
+        self._index.refresh()
         count = self._index.counted()
         txn = self._txn()
         if txn is not None:
@@ -992,31 +939,6 @@ def _unique(keys: Iterator[str]) -> Iterator[str]:
         if key != last:
             yield key
             last = key
-
-
-def _checked_size(row: BlockRow) -> BlockRow:
-    """``row`` if its byte count is what its dtype and shape need (a damaged catalog row is refused)."""
-    try:
-        itemsize = dtype_from_name(row.dtype).itemsize
-    except UnsupportedTensorError as exc:
-        raise UnsupportedTensorError(f"block {row.key!r}: {exc.message}", key=row.key) from None
-    if math.prod(row.shape) * itemsize != row.nbytes:
-        raise CorruptBlockError(
-            f"block {row.key!r}: its catalog row is damaged ({row.nbytes} bytes for {row.dtype} {row.shape}); "
-            "restore the catalog or delete the key", key=row.key, tier="L3")
-    return row
-
-
-def _physical_memory() -> int:
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):  # pragma: no cover - every Linux has both
-        return 1 << 62
-
-
-def _no_memory(nbytes: int, what: str) -> TierFullError:
-    return TierFullError(f"{what}: {nbytes} bytes is more memory than this machine has "
-                         f"({_physical_memory()} bytes); use a smaller block", tier="L2")
 
 
 def open_store(path: str | Path, config: CacheConfig | None = None, *, readonly: bool = False,

@@ -48,7 +48,6 @@ class StoreReports:
 
     if TYPE_CHECKING:
         def _check_open(self) -> None: ...
-        def _refresh(self) -> None: ...
         def _lookup(self, key: str) -> BlockRow: ...
         def _volatile(self, key: str) -> Resident | None: ...
 
@@ -98,7 +97,7 @@ class StoreReports:
     def stats(self) -> StoreStats:
         """Counts, sizes and activity, per tier."""
         self._check_open()
-        self._refresh()
+        self._index.refresh()
         index = self._index
         ratio = index.logical_bytes / index.stored_bytes if index.stored_bytes else 1.0
         error = self._recorder.last_error

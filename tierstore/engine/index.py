@@ -15,10 +15,14 @@ while it is held.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
-from ..catalog import BlockRow
+from ..catalog import BlockRow, Catalog
+from ..errors import BlockNotFoundError, CorruptBlockError, StoreFullError, UnsupportedTensorError
+from ..tensors import dtype_from_name
 from ..tiers.l3_zarr import Location
 from .transaction import location_of
 
@@ -33,7 +37,12 @@ Located = tuple[BlockRow, Location]
 class BlockIndex:
     """Cached rows, totals and block ids of one store (see the module docstring)."""
 
-    def __init__(self, next_block_id: int, totals: tuple[int, int, int], data_version: int) -> None:
+    def __init__(self, catalog: Catalog, path: Path, *, readonly: bool, l3_capacity: int | None) -> None:
+        self._catalog = catalog
+        self._path = path
+        self._readonly = readonly
+        self._l3_capacity = l3_capacity
+        next_block_id, totals, data_version = catalog.next_block_id(), catalog.totals(), catalog.data_version()
         self._next_block_id = next_block_id
         self._ids_lock = threading.Lock()
         self._rows: dict[str, Located] = {}
@@ -81,7 +90,43 @@ class BlockIndex:
         """Encoded bytes of the committed blocks in L3."""
         return self._stored_bytes
 
+    def check_room(self, key: str, nbytes: int) -> None:
+        """``StoreFullError`` if ``nbytes`` more in L3 would pass ``l3_cache_size``."""
+        cap = self._l3_capacity
+        stored = self._stored_bytes
+        if cap is not None and stored + nbytes > cap:
+            raise StoreFullError(
+                f"put {key!r}: L3 holds {stored} of l3_cache_size={cap} bytes and the block "
+                f"needs up to {nbytes}; delete blocks or raise l3_cache_size", key=key, tier="L3")
+
     # -- the row cache ------------------------------------------------------------------------------
+
+    def lookup(self, key: str) -> Located:
+        """The committed row of ``key`` with its L3 location (cached); ``BlockNotFoundError`` if none."""
+        self.refresh()
+        hit = self._rows.get(key)
+        if hit is not None:
+            return hit
+        generation = self._generation
+        row = self._catalog.get_block(key)
+        if row is None:
+            raise BlockNotFoundError(f"no block {key!r} in {self._path}", key=key)
+        located = (_checked_size(row), location_of(row))
+        self.remember(key, located, generation)  # unless a commit raced this lookup
+        return located
+
+    def refresh(self) -> None:
+        """Read-only handles: forget cached rows and totals once a writer (another process) has committed."""
+        if not self._readonly:
+            return
+        version = self._catalog.data_version()
+        if version != self._data_version:
+            totals = self._catalog.totals()
+            with self._lock:
+                self._rows.clear()
+                self._generation += 1
+                self._data_version = version
+                self._count, self._logical_bytes, self._stored_bytes = totals
 
     def cached(self, key: str) -> Located | None:
         """``key``'s committed row and L3 location, if cached (a dict read: no lock on the hot path)."""
@@ -143,19 +188,6 @@ class BlockIndex:
                 if row.key in self._rows:
                     self._rows[row.key] = (row, location_of(row))
 
-    def refresh(self, data_version: int, totals: tuple[int, int, int]) -> None:
-        """A read-only handle saw another process commit (``data_version``): forget cached rows, take ``totals``."""
-        with self._lock:
-            self._rows.clear()
-            self._generation += 1
-            self._data_version = data_version
-            self._count, self._logical_bytes, self._stored_bytes = totals
-
-    @property
-    def data_version(self) -> int:
-        """The catalog's ``data_version`` the cached rows and totals are from (read-only handles)."""
-        return self._data_version
-
     # -- cache-only versions ------------------------------------------------------------------------
 
     def volatile_version(self, key: str) -> int | None:
@@ -171,6 +203,22 @@ class BlockIndex:
         """Committed blocks plus cache-only keys, in one step (a spill moves a key from one to the other)."""
         with self.lock:
             return self._count + len(self._volatile)
+
+    def commit_spill(self, row: BlockRow, loc: Location, journal_id: int, version: int) -> bool:
+        """Commit the row of a cache-only block the migrator copied to L3, if it is still the key's newest.
+
+        ``version`` is the block id of the cache-only version that was copied. A writer that replaced or
+        deleted the key since then changed its version under the same lock, so a stale spill is refused
+        here (False, its journal entry closed) and never overwrites a newer row or brings a deleted key back.
+        """
+        with self.lock:
+            if self._volatile.get(row.key) != version:
+                self._catalog.journal_end([journal_id])
+                return False
+            if not self._catalog.commit_moved(row, journal_id, self._next_block_id):
+                return False  # pragma: no cover - a committed row always clears the version above
+            self.spilled(row, loc)
+        return True
 
     def forget_volatile(self, key: str, version: int) -> None:
         """Cache-only version ``version`` of ``key`` is dropped without a copy: the key is gone."""
@@ -203,3 +251,16 @@ class BlockIndex:
         with self._settling:
             self._settling.wait_for(lambda: self._unsettled == 0, timeout=5.0)
         return key in self._volatile
+
+
+def _checked_size(row: BlockRow) -> BlockRow:
+    """``row`` if its byte count is what its dtype and shape need (a damaged catalog row is refused)."""
+    try:
+        itemsize = dtype_from_name(row.dtype).itemsize
+    except UnsupportedTensorError as exc:
+        raise UnsupportedTensorError(f"block {row.key!r}: {exc.message}", key=row.key) from None
+    if math.prod(row.shape) * itemsize != row.nbytes:
+        raise CorruptBlockError(
+            f"block {row.key!r}: its catalog row is damaged ({row.nbytes} bytes for {row.dtype} {row.shape}); "
+            "restore the catalog or delete the key", key=row.key, tier="L3")
+    return row

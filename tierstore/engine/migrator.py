@@ -63,10 +63,11 @@ from ..tiers.codecs import choose_codec
 from ..tiers.l1_cuda import DevicePool
 from ..tiers.l2_slab import HostArena
 from ..tiers.l3_zarr import Location, ZarrL3
+from .index import BlockIndex
 from .mover import Mover, checksum_ok
 from .residency import Residency, Resident
 
-__all__ = ["CRASH_ENV", "CRASH_POINTS", "JournalReport", "Migrator", "Move", "Pin", "Plan", "StoreHooks",
+__all__ = ["CRASH_ENV", "CRASH_POINTS", "JournalReport", "Migrator", "Move", "Pin", "Plan",
            "recover_journal"]
 
 CRASH_ENV = "TIERSTORE_CRASH_AT"
@@ -128,26 +129,6 @@ class JournalReport:
     removed_arrays: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True, slots=True)
-class StoreHooks:
-    """What the migrator needs from the store that owns it (the store imports the migrator, not back)."""
-
-    lookup: Callable[[str], tuple[BlockRow, Location]]
-    """The committed row of a key and its L3 location; ``BlockNotFoundError`` when there is none."""
-    new_block_id: Callable[[], int]
-    next_block_id: Callable[[], int]
-    check_room: Callable[[str, int], None]
-    """Raise ``StoreFullError`` if L3 has no room for ``nbytes`` more."""
-    commit_spill: Callable[[BlockRow, Location, int, int], bool]
-    """Commit a spilled block's row (its journal id, and the block id of the cache-only version it was
-    planned from), only if that is still the key's newest version; False (nothing committed) if not."""
-    forget_volatile: Callable[[str, int], None]
-    """A cache-only version (key, block id) is let go without a copy (``l3_admission="reused"``)."""
-    flush_history: Callable[[], None]
-    spill_l1: Callable[[Resident], bool]
-    """Write back a cache-only block whose only copy is in L1 (to L2, or through :meth:`Migrator.write_back`)."""
-
-
 def recover_journal(catalog: Catalog, l3: ZarrL3) -> JournalReport:
     """Settle the moves a crashed writer left in the journal (run at open, before the L3 sweep).
 
@@ -204,15 +185,17 @@ class Migrator:
     """The journaled mover of one store, with its worker thread (see the module docstring)."""
 
     def __init__(self, catalog: Catalog, l3: ZarrL3, l1: Residency[DevicePool] | None,
-                 l2: Residency[HostArena] | None, config: CacheConfig, hooks: StoreHooks, mover: Mover, *,
-                 readonly: bool = False) -> None:
+                 l2: Residency[HostArena] | None, config: CacheConfig, index: BlockIndex, mover: Mover, *,
+                 flush_history: Callable[[], None], spilled: Callable[[str], None], readonly: bool = False) -> None:
+        self.index = index
         self.mover = mover
+        self._flush_history = flush_history
+        self._spilled = spilled
         self.catalog = catalog
         self.l3 = l3
         self.l1 = l1
         self.l2 = l2
         self.config = config
-        self.hooks = hooks
         self.readonly = readonly
         self._crash_at = os.environ.get(CRASH_ENV) or None
         self._table: SuccessorTable[str] = SuccessorTable(threshold=config.prediction_threshold)
@@ -350,7 +333,7 @@ class Migrator:
 
     def plan(self) -> Plan:
         """The simple policy's moves now (thresholds of the configuration), without doing them."""
-        self.hooks.flush_history()
+        self._flush_history()
         config, t = self.config, time.time()
         idle_after = config.migration_time_threshold
         moves = Plan()
@@ -525,7 +508,7 @@ class Migrator:
     def _nbytes(self, key: str) -> int:
         """Size of ``key``'s block (BlockNotFoundError for a key that is not there)."""
         entry = self._resident(self.l2, key) or self._resident(self.l1, key)
-        return entry.alloc.nbytes if entry is not None else self.hooks.lookup(key)[0].nbytes
+        return entry.alloc.nbytes if entry is not None else self.index.lookup(key)[0].nbytes
 
     def _tier_of(self, key: str) -> str:
         if self._resident(self.l1, key) is not None:
@@ -558,7 +541,7 @@ class Migrator:
         jobs: list[tuple[Move, int]] = []
         for move in moves:
             spill = move.dst == "L3" and move.src == "L2" and self._volatile(move.key)
-            jobs.append((move, self.hooks.new_block_id() if spill else self._block_id(move.key)))
+            jobs.append((move, self.index.new_block_id() if spill else self._block_id(move.key)))
         ids = [0] * len(jobs) if self.readonly else self.catalog.journal_begin(
             [(block_id, m.key, m.op, m.src, m.dst) for m, block_id in jobs])
         self._crash("intent")
@@ -596,7 +579,7 @@ class Migrator:
             if entry is not None:
                 return entry.block_id
         try:
-            return self.hooks.lookup(key)[0].block_id
+            return self.index.lookup(key)[0].block_id
         except BlockNotFoundError:
             return 0
 
@@ -605,7 +588,7 @@ class Migrator:
             return self._to_l2(move.key) if move.dst == "L2" else self._to_l1(move.key)
         if move.src == "L1":
             entry = self._resident(self.l1, move.key)
-            if entry is None or (entry.volatile and not self.hooks.spill_l1(entry)):
+            if entry is None or (entry.volatile and not self.mover.write_back_l1(entry)):
                 return False
             if move.dst == "L2" and self.l2 is not None and not self._to_l2(move.key):
                 return False
@@ -626,7 +609,7 @@ class Migrator:
     def _promotable(self, key: str) -> tuple[BlockRow, Location] | None:
         """The committed row and L3 location of ``key``, or None when there is nothing to promote."""
         try:
-            row, loc = self.hooks.lookup(key)
+            row, loc = self.index.lookup(key)
         except BlockNotFoundError:
             return None
         return None if row.nbytes == 0 else (row, loc)
@@ -695,12 +678,12 @@ class Migrator:
         if self._stop or self.readonly:
             return False
         if self.config.l3_admission == "reused" and not self._reused(entry.key):
-            self.hooks.forget_volatile(entry.key, entry.block_id)
+            self.index.forget_volatile(entry.key, entry.block_id)
             self.l2.mark_durable(entry)  # type: ignore[union-attr] # let it go without a copy: dropped
             self.counters["dropped"] += 1
             self.counters["dropped_bytes"] += entry.alloc.nbytes
             return True
-        block_id = self.hooks.new_block_id()
+        block_id = self.index.new_block_id()
         try:
             journal_id = self.catalog.journal_begin([(block_id, entry.key, "demote", "L2", "L3")])[0]
         except TierStoreError:
@@ -713,7 +696,7 @@ class Migrator:
     def _reused(self, key: str) -> bool:
         """Whether ``key`` was read since it was last put (the newest access in its history is a get)."""
         try:
-            self.hooks.flush_history()
+            self._flush_history()
             newest = self.catalog.history(key, 1)
         except TierStoreError:
             return True  # when in doubt, keep it
@@ -723,7 +706,7 @@ class Migrator:
         """Write a cache-only block leaving L1 (its bytes ``data``, copied out) to L3, journaled as a spill."""
         if self._stop or self.readonly:
             return False
-        block_id = self.hooks.new_block_id()
+        block_id = self.index.new_block_id()
         try:
             journal_id = self.catalog.journal_begin([(block_id, entry.key, "demote", "L1", "L3")])[0]
         except TierStoreError:
@@ -741,7 +724,7 @@ class Migrator:
             data = l2.arena.as_numpy(entry.alloc)
         loc: Location | None = None
         try:
-            self.hooks.check_room(entry.key, data.nbytes)
+            self.index.check_room(entry.key, data.nbytes)
             codec = choose_codec(str(self.config.l3_compression), entry.dtype.itemsize)
             if entry.checksum < 0:  # a cache-only block is hashed the first time it leaves memory
                 entry.checksum = crc32c.crc32c(data.data)
@@ -760,7 +743,9 @@ class Migrator:
             row = BlockRow.stored(entry.key, block_id, dtype_name(entry.dtype), entry.shape, data.nbytes,
                                   entry.checksum, durable=False, l3=loc.to_columns(), tiers=_L3_BIT, created=stamp,
                                   updated=stamp, parent=parent)
-            committed = self.hooks.commit_spill(row, loc, journal_id, entry.block_id)
+            committed = self.index.commit_spill(row, loc, journal_id, entry.block_id)
+            if committed:
+                self._spilled(row.key)
         except (TierStoreError, OSError) as exc:
             self.last_error = exc
             if loc is not None:

@@ -11,6 +11,7 @@ migrator's journaled spill (``attach``).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +21,7 @@ import torch
 
 from ..catalog import BlockRow, Catalog
 from ..catalog.tier_bits import UNHASHED
-from ..errors import BlockNotFoundError, CorruptBlockError, TierStoreError
+from ..errors import BlockNotFoundError, CorruptBlockError, TierFullError, TierStoreError
 from ..tensors import dtype_from_name, tensor_from_bytes
 from ..tiers.l1_cuda import DevicePool
 from ..tiers.l2_slab import HostArena
@@ -28,7 +29,7 @@ from ..tiers.l3_zarr import Location, ZarrL3
 from .residency import Residency, Resident
 from .transaction import location_of
 
-__all__ = ["Mover", "Replaced", "check_bytes", "checksum_ok"]
+__all__ = ["Mover", "Replaced", "check_bytes", "checksum_ok", "no_memory", "physical_memory"]
 
 Step = Callable[[str], None]
 """A journaled move's crash point (``copied``, ``verified``, ``committed``, ``freed``); a no-op for a get."""
@@ -57,6 +58,20 @@ def check_bytes(key: str, data: np.ndarray, checksum: int, where: str, doing: st
                                 "damaged - restore them or run 'tierstore verify --fix'", key=key, tier="L3")
 
 
+def physical_memory() -> int:
+    """Bytes of RAM this machine has (no copy can be larger)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # pragma: no cover - every Linux has both
+        return 1 << 62
+
+
+def no_memory(nbytes: int, what: str) -> TierFullError:
+    """The error for a block larger than the machine's memory."""
+    return TierFullError(f"{what}: {nbytes} bytes is more memory than this machine has "
+                         f"({physical_memory()} bytes); use a smaller block", tier="L2")
+
+
 class Mover:
     """Copies between L3, L2 (``Residency[HostArena]``) and L1 (``Residency[DevicePool]``) of one store."""
 
@@ -80,6 +95,15 @@ class Mover:
         return self._spill_l2(entry)
 
     # -- L3 -> host / L2 ----------------------------------------------------------------------------
+
+    def read_l3(self, row: BlockRow, loc: Location) -> torch.Tensor:
+        """``row``'s tensor, read from L3 into fresh memory and verified."""
+        try:
+            buf = np.empty(row.nbytes, dtype=np.uint8)
+        except MemoryError:
+            raise no_memory(row.nbytes, f"read block {row.key!r}") from None
+        row = self.read_l3_into(row, loc, buf)
+        return tensor_from_bytes(buf, dtype_from_name(row.dtype), row.shape)
 
     def read_l3_into(self, row: BlockRow, loc: Location, out: np.ndarray) -> BlockRow:
         """Read and verify ``row``'s bytes into ``out``; returns the row read.
