@@ -14,10 +14,11 @@ import torch
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from tierstore.compat.allocations import allocate_attention_weights, allocate_kv_cache
 from tierstore.engine.residency import Residency
 from tierstore.errors import ConfigError, DeviceMemoryError, StoreClosedError, TierFullError, UnsupportedTensorError
 from tierstore.tiers import l1_cuda
-from tierstore.tiers.l1_cuda import DevicePool, allocate_attention_weights, allocate_kv_cache, needs_cast
+from tierstore.tiers.l1_cuda import DevicePool, needs_cast
 from tierstore.tiers.slab_allocator import Allocation
 
 PAGE = 4096

@@ -33,9 +33,10 @@ import numpy as np
 import torch
 
 import tierstore
+from tierstore.compat.allocations import allocate_attention_weights, allocate_kv_cache
 from tierstore.config import format_size, parse_size
 from tierstore.errors import DeviceMemoryError, TierFullError
-from tierstore.tiers.l1_cuda import DevicePool, allocate_attention_weights, allocate_kv_cache
+from tierstore.tiers.l1_cuda import DevicePool
 from tierstore.tiers.l2_slab import HostArena
 from tierstore.tiers.slab_allocator import Allocation
 

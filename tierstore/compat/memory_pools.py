@@ -32,6 +32,7 @@ from ..config import parse_size
 from ..engine.handle import TierStore
 from ..errors import DeviceMemoryError
 from ..tiers.l1_cuda import DeviceMemory, MemoryProbe, is_device_oom
+from .allocations import attention_weights, kv_cache
 from .cache_manager import HierarchicalCacheManager
 
 __all__ = ["HierarchicalCacheIntegration"]
@@ -137,16 +138,12 @@ class HierarchicalCacheIntegration:
     def allocate_attention_weights(self, batch: int, heads: int, seq: int, head_dim: int,
                                    dtype: torch.dtype = torch.float16) -> torch.Tensor:
         """An uninitialised ``(batch, heads, seq, seq)`` attention-score tensor (``head_dim`` is checked only)."""
-        _check_dims(batch=batch, heads=heads, seq=seq)
-        if not isinstance(head_dim, int) or head_dim <= 0:
-            raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
-        return self.allocate((batch, heads, seq, seq), dtype)
+        return attention_weights(self.allocate, batch, heads, seq, head_dim, dtype)
 
     def allocate_kv_cache(self, batch: int, heads: int, seq: int, head_dim: int,
                           dtype: torch.dtype = torch.float16) -> torch.Tensor:
         """An uninitialised ``(2, batch, heads, seq, head_dim)`` KV cache: ``[0]`` keys, ``[1]`` values."""
-        _check_dims(batch=batch, heads=heads, seq=seq, head_dim=head_dim)
-        return self.allocate((2, batch, heads, seq, head_dim), dtype)
+        return kv_cache(self.allocate, batch, heads, seq, head_dim, dtype)
 
     def stats(self) -> dict[str, Any]:
         """The device's memory, L1's budget and what was given back so far."""
@@ -156,9 +153,3 @@ class HierarchicalCacheIntegration:
                 "model_allocated": mem.model_allocated if mem else None,
                 "l1_reserved": mem.pool_reserved if mem else 0, "relieved_bytes": self.relieved_bytes,
                 "oom_retries": self.oom_retries}
-
-
-def _check_dims(**dims: int) -> None:
-    for name, value in dims.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {value!r}")

@@ -19,16 +19,10 @@ import torch
 
 from ..config import CacheConfig
 from ..engine.handle import TierStore
-from ..errors import ConfigError
+from .allocations import attention_weights, kv_cache
 from .cache_manager import HierarchicalCacheManager
 
 __all__ = ["Qwen3VLHierarchicalCacheAdapter"]
-
-
-def _dims(what: str, **dims: int) -> None:
-    for name, value in dims.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ConfigError(f"{what}: {name} must be a non-negative int, got {value!r}")
 
 
 class Qwen3VLHierarchicalCacheAdapter:
@@ -61,17 +55,15 @@ class Qwen3VLHierarchicalCacheAdapter:
         ``head_dim`` is checked and kept for the request's signature; a score per query/key pair
         does not depend on it.
         """
-        _dims("allocate_attention_weights", batch_size=batch_size, num_heads=num_heads, seq_len=seq_len,
-              head_dim=head_dim)
-        if head_dim == 0:
-            raise ConfigError("allocate_attention_weights: head_dim must be positive")
-        return self.store.allocate((batch_size, num_heads, seq_len, seq_len), dtype or self.dtype, self.device)
+        return attention_weights(self._allocate, batch_size, num_heads, seq_len, head_dim, dtype or self.dtype)
 
     def allocate_kv_cache(self, batch_size: int, num_heads: int, seq_len: int, head_dim: int,
                           dtype: torch.dtype | None = None) -> torch.Tensor:
         """An uninitialised ``(2, batch_size, num_heads, seq_len, head_dim)`` KV cache: ``[0]`` keys, ``[1]`` values."""
-        _dims("allocate_kv_cache", batch_size=batch_size, num_heads=num_heads, seq_len=seq_len, head_dim=head_dim)
-        return self.store.allocate((2, batch_size, num_heads, seq_len, head_dim), dtype or self.dtype, self.device)
+        return kv_cache(self._allocate, batch_size, num_heads, seq_len, head_dim, dtype or self.dtype)
+
+    def _allocate(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return self.store.allocate(shape, dtype, self.device)
 
     def close(self) -> None:
         """Close the temporary manager, if the adapter made one."""

@@ -15,9 +15,13 @@ totals, the versions of cache-only keys); it is never held while taking a tier l
 outside the writer mutex (a spill of a cache-only block chosen for eviction by any thread) commits
 only if the key's newest version is still the one it copied, else it is dropped (versions, not hope).
 
-The reports (``info``, ``history``, ``stats``) are in :mod:`tierstore.engine.handle_reports` and the
-store's side of the shared tier (``publish``, ``pull``, read-through) in
-:mod:`tierstore.engine.handle_shared`: mixins ``TierStore`` inherits.
+This module keeps the handle's lifecycle, transactions and public API. The get path is in
+:mod:`tierstore.engine.handle_reads`, the put path and the commit in
+:mod:`tierstore.engine.handle_writes`, the reports (``info``, ``history``, ``stats``) in
+:mod:`tierstore.engine.handle_reports` and the store's side of the shared tier (``publish``,
+``pull``, read-through) in :mod:`tierstore.engine.handle_shared`: mixins ``TierStore`` inherits.
+The block index (:mod:`tierstore.engine.index`) and the mover (:mod:`tierstore.engine.mover`) are
+objects the handle, the migrator and upkeep share.
 """
 
 from __future__ import annotations
@@ -35,19 +39,14 @@ from heapq import merge
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import crc32c
-import numpy as np
 import torch
 
 from .._version import __version__
-from ..catalog import BlockRow, Catalog, now
-from ..catalog.tier_bits import L1_BIT, L2_BIT, L3_BIT, UNHASHED
+from ..catalog import Catalog
 from ..catalog.tier_counters import save_counters
-from ..config import CacheConfig, parse_size
+from ..config import CacheConfig
 from ..errors import (
     BlockNotFoundError,
-    DeviceMemoryError,
-    InvalidArgumentError,
     InvalidKeyError,
     ReadOnlyError,
     StoreClosedError,
@@ -57,21 +56,20 @@ from ..errors import (
     UnsupportedTensorError,
     translate_os_error,
 )
-from ..tensors import check_key, check_tensor, dtype_from_name, dtype_name, tensor_bytes
-from ..tiers.codecs import choose_codec
-from ..tiers.l1_cuda import DevicePool, is_device_oom
+from ..tensors import check_key
+from ..tiers.l1_cuda import DevicePool
 from ..tiers.l2_slab import HostArena
-from ..tiers.l3_zarr import EMPTY_LOCATION, Location, RecoveryReport, ZarrL3
-from ..tiers.slab_allocator import Allocation
+from ..tiers.l3_zarr import RecoveryReport, ZarrL3
 from .access_recorder import Access, AccessRecorder, summarize
 from .handle_reports import StoreReports
 from .handle_shared import SharedTier
+from .handle_writes import StoreWrites
 from .index import BlockIndex
 from .migrator import JournalReport, Migrator, Pin, Plan, recover_journal
-from .mover import Mover, Replaced, no_memory, physical_memory
-from .residency import Residency, Resident
+from .mover import Mover, no_memory, physical_memory
+from .residency import Residency
 from .shared_coordinator import SharedCoordinator
-from .transaction import Change, Txn, location_of
+from .transaction import Txn
 from .upkeep_steps import steps
 from .values import BlockInfo, StoreStats
 from .writer_lock import WriterLock
@@ -86,7 +84,7 @@ L2_FILE = "l2.slab"
 _BF16_CAST = {"auto": None, "always": True, "never": False}
 
 
-class TierStore(SharedTier, StoreReports):
+class TierStore(StoreWrites, SharedTier, StoreReports):
     """A handle on one store. Use :func:`tierstore.open` to get one; it is a context manager."""
 
     def __init__(self, path: str | Path, config: CacheConfig | None = None, *, readonly: bool = False,
@@ -334,429 +332,15 @@ class TierStore(SharedTier, StoreReports):
             self._local.txn = None
             self._commit(txn)
 
-    def _abort(self, txn: Txn) -> None:
-        self._l3.rollback()
-        if self._l1 is not None:
-            for slot in [c.l1_slot for c in txn.pending.values() if c.l1_slot is not None] + txn.dropped_l1:
-                self._l1.release(slot)
-        if self._l2 is not None:
-            for change in txn.pending.values():
-                if change.slot is not None:
-                    self._l2.release(change.slot)
-            for slot in txn.dropped_slots:
-                self._l2.release(slot)
-
-    def _commit(self, txn: Txn) -> None:
-        txn.superseded()
-        l2_only = {k for k, c in txn.pending.items() if c.row is not None and c.row.l3_array is None
-                   and c.row.nbytes > 0}
-        rows = [c.row for k, c in txn.pending.items() if c.row is not None and k not in l2_only]
-        deletes = [k for k, c in txn.pending.items() if c.row is None or k in l2_only]
-        try:
-            lengths = self._l3.prepare()
-        except OSError as exc:
-            self._abort(txn)
-            raise translate_os_error(exc, what="sync block data", path=self._l3.root) from None
-        replaced: list[BlockRow] = []
-        failure: BaseException | None = None
-        index = self._index
-        with index.lock:  # no spill commits between the check below and the versions it leaves
-            try:
-                if rows or lengths or any(self._catalog.has_block(key) for key in deletes):
-                    replaced = self._catalog.commit_blocks(rows, deletes, lengths, index.next_block_id)
-                # else: only cache-only blocks that stay in L2 and replace no committed row: no catalog commit
-            except BaseException as exc:
-                failure = exc
-            else:
-                index.begin_settling()
-                self._l3.commit()
-                index.committed(rows, deletes, replaced, {
-                    key: change.row.block_id if key in l2_only and change.row is not None else None
-                    for key, change in txn.pending.items()})
-        if failure is not None:  # undone outside the index lock: releasing slots takes tier locks
-            self._abort(txn)
-            raise failure
-        self._l3.free([location_of(row) for row in replaced] + txn.garbage)
-        try:
-            self._settle_l2(txn, l2_only)
-        finally:
-            index.end_settling()
-        if self._shared is not None and self._shared.policy == "write-through" and not self._landing():
-            self._shared.enqueue(row.key for row in rows if row.durable)
-        for key, change in txn.pending.items():
-            self._recorder.record(key, "put" if change.row is not None else "delete")
-
-    def _settle_l2(self, txn: Txn, l2_only: set[str]) -> None:
-        """After a commit: committed puts become resident, replaced and deleted blocks leave L1 and L2.
-
-        Every discard comes before the first admission: a reader may evict a block admitted to L1
-        at once (writing it back to L2), and a later L2 discard of that key would drop that copy.
-        """
-        l1, l2 = self._l1, self._l2
-        if l1 is not None:
-            for slot in txn.dropped_l1:
-                l1.release(slot)
-            for key in txn.pending:
-                l1.discard(key)
-        if l2 is not None:
-            for slot in txn.dropped_slots:
-                l2.release(slot)
-            for key, change in txn.pending.items():
-                l2.discard(key)
-                row = change.row
-                if row is not None and change.slot is not None:
-                    l2.admit(key, row.block_id, change.slot, dtype_from_name(row.dtype), row.shape, row.checksum,
-                             volatile=key in l2_only, parent=row.parent)
-        if l1 is not None:
-            for key, change in txn.pending.items():
-                row = change.row
-                if row is not None and change.l1_slot is not None:  # a device tensor, cache-only: only in L1
-                    l1.admit(key, row.block_id, change.l1_slot, dtype_from_name(row.dtype), row.shape,
-                             row.checksum, volatile=True, parent=row.parent)
-
     def _txn(self) -> Txn | None:
         txn: Txn | None = getattr(self._local, "txn", None)
         return txn
 
     # -- blocks -------------------------------------------------------------------------------------
 
-    def put(self, key: str, tensor: torch.Tensor, *, durable: bool = True, parent: str | None = None) -> None:
-        """Store ``tensor`` under ``key`` (replacing any earlier version).
-
-        Outside a transaction the put is its own transaction: when it returns, the block is on
-        disk and survives a crash. ``durable=False`` marks a cache-only block (a KV cache entry,
-        say): it stays in memory (L2) and reaches the disk only when evicted from there, and it
-        is dropped when the store is next opened. A cache-only tensor already on the L1 device
-        stays there (a device-to-device copy, no trip through the host); evicted from L1, it is
-        written back to L2, or to L3 when L2 has no room, never dropped.
-
-        ``parent`` names the block this one extends in a chain (KV-cache blocks keyed by a chain of
-        prefix hashes): while both are in L2 (or L1), the tier evicts the chain's tail first, since a
-        block helps only if every block before it is present. The link is kept in the block's catalog
-        row (it survives a reopen and comes back with every promotion) and is replaced by the next
-        put of ``key``; a parent that is not stored, or deleted later, is simply no link.
-        """
-        self._check_writable()
-        check_key(key)
-        check_tensor(tensor)
-        if not isinstance(durable, (bool, np.bool_)):
-            raise InvalidArgumentError(f"durable must be True or False, not {durable!r}")
-        if parent is not None:
-            check_key(parent)
-            if parent == key:
-                raise InvalidArgumentError(f"put {key!r}: a block cannot be its own chain parent")
-        txn = self._txn()
-        if txn is None:
-            with self.transaction():
-                self._put(self._txn_or_fail(), key, tensor, durable, parent)
-        else:
-            self._put(txn, key, tensor, durable, parent)
-        self._counts["put"] += 1
-
-    def _txn_or_fail(self) -> Txn:
-        txn = self._txn()
-        if txn is None:  # pragma: no cover - transaction() always sets it
-            raise TransactionError("no transaction is open in this thread")
-        return txn
-
-    def _put(self, txn: Txn, key: str, tensor: torch.Tensor, durable: bool, parent: str | None) -> None:
-        if not durable and self._l1 is not None and tensor.numel() and self._on_l1(tensor.device):
-            l1_slot = self._put_l1(tensor)
-            if l1_slot is not None:
-                stamp = now()
-                previous = txn.pending.get(key)
-                created = previous.row.created if previous is not None and previous.row is not None else stamp
-                row = BlockRow.cache_only(key, self._index.new_block_id(), dtype_name(tensor.dtype),
-                                          tuple(tensor.shape), l1_slot.nbytes, UNHASHED, tier=L1_BIT, created=created,
-                                          updated=stamp, parent=parent)
-                txn.set(key, Change(row, None, l1_slot))
-                return
-        data = tensor_bytes(tensor)
-        slot = None
-        if self._l2 is not None and data.nbytes > 0:
-            slot = self._l2.reserve(data.nbytes, self._spill)
-            if slot is not None:
-                np.copyto(self._l2.arena.as_numpy(slot), data)  # a snapshot: the caller may reuse its tensor
-        # A cache-only block kept in L2 is hashed only if it ever goes to disk (see _spill).
-        checksum = UNHASHED if slot is not None and not durable else crc32c.crc32c(data.data)
-        block_id = self._index.new_block_id()
-        try:
-            if durable or slot is None:
-                loc = self._write_l3(key, block_id, data, tensor.element_size())
-            else:
-                loc = EMPTY_LOCATION  # cache-only and in L2: no disk write now
-        except BaseException:
-            if slot is not None:
-                self._l2.release(slot)  # type: ignore[union-attr]
-            raise
-        stamp = now()
-        previous = txn.pending.get(key)
-        old = previous.row if previous is not None else None  # the catalog keeps `created` on replace
-        row = BlockRow.stored(key, block_id, dtype_name(tensor.dtype), tuple(tensor.shape), data.nbytes, checksum,
-                              durable=durable, l3=loc.to_columns(),
-                              tiers=(L3_BIT if loc.array else 0) | (L2_BIT if slot else 0),
-                              created=old.created if old is not None else stamp, updated=stamp, parent=parent)
-        txn.set(key, Change(row, slot))
-
-    def _put_l1(self, tensor: torch.Tensor) -> Allocation | None:
-        """A snapshot of device tensor ``tensor`` in a fresh L1 slot (None when L1 has no room)."""
-        l1 = self._l1
-        assert l1 is not None
-        src = tensor.detach().resolve_conj().resolve_neg()
-        slot = l1.reserve(src.numel() * src.element_size(), self._mover.write_back_l1)
-        if slot is None:
-            return None
-        try:
-            with self._device_oom("put into L1"):
-                l1.arena.copy_in(slot, src)  # on the current stream: no event to wait for
-        except BaseException:
-            l1.release(slot)
-            raise
-        return slot
-
-    def _write_l3(self, key: str, block_id: int, data: np.ndarray, itemsize: int) -> Location:
-        self._index.check_room(key, data.nbytes)
-        codec = choose_codec(str(self.config.l3_compression), itemsize)
-        try:
-            return self._l3.write(block_id, data, codec)
-        except OSError as exc:
-            raise translate_os_error(exc, what=f"write block {key!r}", path=self._l3.root, key=key) from None
-
-    def _spill(self, entry: Resident) -> bool:
-        """Write a cache-only block leaving L2 to L3 (a journaled move, see :mod:`tierstore.engine.migrator`)."""
-        if self._closed or self.readonly:
-            return False
-        return self._migrator.spill(entry)
-
-    def _spilled(self, key: str) -> None:
-        """The migrator committed cache-only ``key`` to L3: it can be published now."""
-        if self._shared is not None and self._shared.policy != "explicit" and not self._landing():
-            self._shared.enqueue([key])
-
-    def shrink_l1(self, nbytes: int | str | None = None) -> int:
-        """Give L1 device memory back to PyTorch (for the model); returns the bytes released.
-
-        Evicts blocks by ``l1_eviction_policy`` until ``nbytes`` (default: all it can) of whole
-        pool chunks are free, then hands those chunks to PyTorch's caching allocator. Blocks whose
-        only copy is in L1 are written back to L2 (or L3) first; blocks still viewed stay. 0 if
-        L1 is off.
-        """
-        self._check_open()
-        l1 = self._l1
-        if l1 is None:
-            return 0
-        pool = l1.arena
-        want = None if nbytes is None else parse_size(nbytes, name="nbytes")
-        with l1.lock:
-            l1.shed(lambda: want is not None and pool.reclaimable() >= want, self._mover.write_back_l1)
-            return pool.shrink(want)
-
-    def get(self, key: str, device: str | torch.device | None = None, *, copy: bool = False) -> torch.Tensor:
-        """The tensor stored under ``key`` (on ``device`` if given).
-
-        From L2 the tensor is a zero-copy view whose slot stays reserved for as long as any tensor
-        derived from it lives, so later store activity never changes it; do not modify it in
-        place (pass ``copy=True`` for a tensor of your own). Raises ``BlockNotFoundError`` (a
-        ``KeyError``) for a missing key and ``CorruptBlockError`` when stored bytes are damaged.
-        """
-        self._check_open()
-        check_key(key)
-        if device is not None and not isinstance(device, torch.device):
-            device = _parse_device(device)
-        try:
-            tensor, tier = self._get_local(key, device, copy)
-        except BlockNotFoundError:
-            txn = self._txn()
-            if self._shared is None or (txn is not None and key in txn.pending):
-                raise
-            tensor, tier = self._get_shared(key, device, copy)
-        self._counts["get"] += 1
-        self._hits[tier] += 1
-        self._recorder.record(key, "get", tier)
-        self._migrator.on_get(key, device)
-        return tensor
-
-    def _get_local(self, key: str, device: str | torch.device | None, copy: bool) -> tuple[torch.Tensor, str]:
-        if device is not None and self._l1 is not None and self._on_l1(device):
-            return self._get_l1(key, copy)
-        tensor, tier = self._get(key, copy)
-        return (tensor if device is None else tensor.to(device)), tier
-
-    def _on_l1(self, device: str | torch.device) -> bool:
-        pool_device: torch.device = self._l1.arena.device  # type: ignore[union-attr]
-        target = torch.device(device)
-        return target.type == pool_device.type and target.index in (None, pool_device.index)
-
-    def _get_l1(self, key: str, copy: bool) -> tuple[torch.Tensor, str]:
-        """A get for the L1 device: an L1 hit, or a promotion from L2/L3 into an L1 slot.
-
-        A bf16 block is cast (on the device) to fp16 where the GPU has no bf16 math. A device
-        out-of-memory during the promotion shrinks L1 (writing back what only it holds) and tries
-        once more; if the device is still out of memory it raises ``DeviceMemoryError`` (a
-        ``TierFullError``) and the block stays in L2/L3, readable with ``get(key)``.
-        """
-        l1 = self._l1
-        assert l1 is not None
-        pool = l1.arena
-        txn = self._txn()
-        if txn is not None and key in txn.pending:  # uncommitted: never cached in L1
-            tensor, tier = self._get(key, copy)
-            return tensor.to(pool.device), tier
-        row = self._lookup(key)
-        try:
-            with self._device_oom(f"get {key!r} into L1"):
-                return self._promote(key, row, copy)
-        except DeviceMemoryError:
-            self.shrink_l1()  # give the device everything L1 can spare, then try once more
-            if pool.device.type == "cuda":
-                torch.cuda.empty_cache()
-        with self._device_oom(f"get {key!r} into L1 (after shrinking L1)"):
-            return self._promote(key, row, copy)
-
-    def _promote(self, key: str, row: BlockRow, copy: bool) -> tuple[torch.Tensor, str]:
-        l1 = self._l1
-        assert l1 is not None
-        pool = l1.arena
-        entry = l1.lookup(key, row.block_id)
-        if entry is not None:
-            ready = entry.ready
-            if ready is not None:  # a promotion still copying: the caller's stream waits for it
-                torch.cuda.current_stream(pool.device).wait_event(ready)  # type: ignore[arg-type]
-                if ready.query():  # type: ignore[attr-defined]
-                    entry.ready = None
-            tensor = l1.view(entry, copy=copy)
-            if tensor is not None:
-                return tensor, "L1"
-            # replaced or evicted by another thread since the lookup: promote it afresh
-        generation = l1.generation
-        host, tier = self._get(key, False)
-        target = pool.needs_cast(host.dtype) or host.dtype
-        copied = self._mover.into_l1(key, host, block_id=row.block_id, shape=row.shape, checksum=row.checksum,
-                                     parent=row.parent, generation=generation, on_stream=True)
-        admitted, event = copied if copied is not None else (None, None)
-        if admitted is None:  # no room, or replaced meanwhile: serve this read, cache nothing
-            return host.to(pool.device, dtype=target), tier
-        admitted.ready = event
-        entry = admitted
-        tensor = l1.view(entry, copy=copy)
-        if tensor is None:  # replaced or evicted by another thread since the admission
-            return host.to(pool.device, dtype=target), tier
-        return tensor, tier
-
-    @contextmanager
-    def _device_oom(self, what: str) -> Iterator[None]:
-        """Turn the L1 device running out of memory into ``DeviceMemoryError`` (nothing stored is lost)."""
-        try:
-            yield
-        except DeviceMemoryError:
-            raise
-        except RuntimeError as exc:
-            if not is_device_oom(exc):
-                raise
-            raise DeviceMemoryError(f"{what}: the device is out of memory ({exc}); the block is still in "
-                                    "L2/L3 - free device memory or call shrink_l1(), then retry",
-                                    tier="L1") from exc
-
-    def _get(self, key: str, copy: bool) -> tuple[torch.Tensor, str]:
-        for _attempt in range(4):
-            try:
-                return self._get_once(key, copy)
-            except Replaced:  # a writer replaced the block (and freed its file) while we read it
-                continue
-        raise TierStoreError(f"block {key!r} was replaced four times while being read; read it again", key=key)
-
-    def _get_once(self, key: str, copy: bool) -> tuple[torch.Tensor, str]:
-        l2 = self._l2
-        txn = self._txn()
-        pending = txn.pending.get(key) if txn is not None else None
-        if pending is not None:
-            if pending.row is None:
-                raise BlockNotFoundError(f"no block {key!r} in {self.path}", key=key)
-            if pending.slot is not None and l2 is not None:
-                view = l2.arena.view(pending.slot, dtype_from_name(pending.row.dtype), pending.row.shape)
-                return view.clone(), "L2"
-            if pending.l1_slot is not None:
-                return self._l1_host(pending.l1_slot, dtype_from_name(pending.row.dtype), pending.row.shape), "L1"
-            return self._mover.read_l3(pending.row, location_of(pending.row)), "L3"
-        l1 = self._l1
-        if l1 is not None and key in l1.volatile_keys:  # checked before L2: a write-back admits there first
-            with l1.lock:
-                entry1 = l1.entries.get(key)
-                if entry1 is not None and entry1.volatile:
-                    return self._l1_host(entry1.alloc, entry1.dtype, entry1.shape), "L1"
-        if l2 is not None and not self.readonly:  # the writer's L2 only ever holds current versions
-            self._migrator.await_move(key)  # a prefetch of this block in flight: take its copy
-            entry = l2.lookup(key)
-            if entry is not None:
-                tensor = l2.view(entry, copy=copy)
-                if tensor is None:  # replaced or evicted since the lookup (a cache-only successor may
-                    raise Replaced  # be in L1/L2 only, not in the catalog): look it up again
-                return tensor, "L2"
-        generation = l2.generation if l2 is not None else 0
-        try:
-            row, loc = self._index.lookup(key)
-        except BlockNotFoundError:
-            if self._index.await_settled(key):
-                raise Replaced from None  # a cache-only version was committed and is being admitted
-            raise
-        if l2 is not None and self.readonly:
-            entry = l2.lookup(key, row.block_id)
-            tensor = l2.view(entry, copy=copy) if entry is not None else None
-            if tensor is not None:
-                return tensor, "L2"
-        if l2 is None or row.nbytes == 0:
-            return self._mover.read_l3(row, loc), "L3"
-        filled = self._mover.fill_l2(key, row, loc, generation, copy)
-        return filled if filled is not None else (self._mover.read_l3(row, loc), "L3")
-
-    def _l1_host(self, alloc: Allocation, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        """A host copy of an L1 slot's block (in L2 scratch memory when there is room)."""
-        out = self.allocate(shape, dtype)
-        if out.numel():
-            self._l1.arena.copy_out(alloc, tensor_bytes(out))  # type: ignore[union-attr]
-        return out
-
-    def _lookup(self, key: str) -> BlockRow:
-        txn = self._txn()
-        if txn is not None and key in txn.pending:
-            row = txn.pending[key].row
-            if row is None:
-                raise BlockNotFoundError(f"no block {key!r} in {self.path}", key=key)
-            return row
-        entry = self._volatile(key)
-        if entry is not None and self._l1 is not None and self._l1.entries.get(key) is entry:
-            return self._volatile_row(entry, L1_BIT, self._l1.parent_of(key))  # hashed when it leaves L1
-        if entry is not None:
-            if entry.checksum == UNHASHED:
-                entry.checksum = crc32c.crc32c(self._l2.arena.as_numpy(entry.alloc).data)  # type: ignore[union-attr]
-            return self._volatile_row(entry, L2_BIT, self._l2.parent_of(key))  # type: ignore[union-attr]
-        try:
-            return self._index.lookup(key)[0]
-        except BlockNotFoundError:
-            if not self._index.await_settled(key):
-                raise
-        entry = self._volatile(key)  # the cache-only version whose commit was settling
-        if entry is None:
-            return self._index.lookup(key)[0]
-        return self._lookup(key)  # finds the entry now: no further wait
-
-    def _volatile(self, key: str) -> Resident | None:
-        """The entry holding the only copy of cache-only ``key`` (in L1 or L2), if any."""
-        for tier in (self._l1, self._l2):
-            if tier is not None and key in tier.volatile_keys:
-                entry = tier.entries.get(key)
-                if entry is not None and entry.volatile and not entry.dead:
-                    return entry
-        return None
-
     def _volatile_keys(self) -> set[str]:
         """Keys whose newest committed version is cache-only (a snapshot)."""
         return self._index.volatile_keys()
-
-    @staticmethod
-    def _volatile_row(entry: Resident, tier_bit: int = L2_BIT, parent: str | None = None) -> BlockRow:
-        return BlockRow.cache_only(entry.key, entry.block_id, dtype_name(entry.dtype), entry.shape, entry.alloc.nbytes,
-                                   entry.checksum, tier=tier_bit, created=0.0, updated=0.0, parent=parent)
 
     def allocate(self, shape: tuple[int, ...], dtype: torch.dtype,
                  device: str | torch.device | None = None) -> torch.Tensor:
@@ -791,42 +375,6 @@ class TierStore(SharedTier, StoreReports):
             return torch.empty(shape, dtype=dtype)
         except (RuntimeError, MemoryError):
             raise no_memory(nbytes, f"allocate {shape} {dtype}") from None
-
-    def delete(self, key: str) -> None:
-        """Remove ``key``; raises ``BlockNotFoundError`` if it is not there."""
-        self._check_writable()
-        check_key(key)
-        txn = self._txn()
-        if txn is None:
-            with self.transaction():
-                self._delete(self._txn_or_fail(), key)
-        else:
-            self._delete(txn, key)
-        self._counts["delete"] += 1
-
-    def _delete(self, txn: Txn, key: str) -> None:
-        self._lookup(key)
-        txn.set(key, Change(None))
-
-    def __contains__(self, key: object) -> bool:
-        self._check_open()
-        try:
-            check_key(key)
-        except InvalidKeyError:
-            return False  # no invalid key can ever be stored
-        assert isinstance(key, str)
-        txn = self._txn()
-        if txn is not None and key in txn.pending:
-            return txn.pending[key].row is not None
-        return self._exists(key)
-
-    def _exists(self, key: str) -> bool:
-        for _attempt in range(2):
-            if self._volatile(key) is not None or self._catalog.has_block(key):
-                return True
-            if not self._index.await_settled(key):
-                return False
-        return False
 
     def __len__(self) -> int:
         self._check_open()
@@ -945,12 +493,3 @@ def open_store(path: str | Path, config: CacheConfig | None = None, *, readonly:
                **overrides: Any) -> TierStore:
     """Open (or create) the store at ``path``; see :func:`tierstore.open`."""
     return TierStore(path, config, readonly=readonly, **overrides)
-
-
-def _parse_device(device: object) -> torch.device:
-    """``device`` as a ``torch.device``, or ``InvalidArgumentError`` naming what was wrong with it."""
-    try:
-        parsed: torch.device = torch.device(device)  # type: ignore[call-overload]
-    except (RuntimeError, TypeError, ValueError) as exc:
-        raise InvalidArgumentError(f"not a device: {device!r} ({str(exc).splitlines()[0]})") from None
-    return parsed

@@ -32,7 +32,6 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
 from typing import TypeAlias
@@ -43,10 +42,10 @@ import torch
 
 from ..config import parse_size
 from ..errors import ConfigError, DeviceMemoryError, StoreClosedError, TierFullError, UnsupportedTensorError
+from .l1_device import DeviceMemory, PoolStats, is_device_oom, needs_cast
 from .slab_allocator import Allocation, ClassStats, SlabAllocator, view_nbytes
 
-__all__ = ["DeviceMemory", "DevicePool", "MemoryProbe", "PoolStats", "allocate_attention_weights",
-           "allocate_kv_cache", "is_device_oom", "needs_cast"]
+__all__ = ["DeviceMemory", "DevicePool", "MemoryProbe", "PoolStats", "is_device_oom", "needs_cast"]
 
 HostBytes: TypeAlias = "torch.Tensor | npt.NDArray[np.generic]"
 Event: TypeAlias = "torch.cuda.Event"
@@ -60,74 +59,6 @@ _SLAB = 1 << 20
 # Chunk k's allocator spans [0, (k << 40) + size) with [0, k << 40) taken at birth, so offsets are
 # unique across chunks (owners key slots by offset) and ``offset >> 40`` finds the chunk.
 _SPAN_BITS = 40
-# Compute capability from which a GPU does native math in the dtype; below it, cast on the way in.
-_NATIVE_FROM: dict[torch.dtype, tuple[int, int]] = {torch.bfloat16: (8, 0)}
-
-
-def needs_cast(dtype: torch.dtype, device: str | torch.device, *, capability: tuple[int, int] | None = None,
-               fallback: torch.dtype = torch.float16, force: bool | None = None) -> torch.dtype | None:
-    """The dtype ``dtype`` should become in L1 on ``device``, or None to keep it.
-
-    bf16 on a GPU below compute capability 8.0 (Pascal to Turing) becomes ``fallback``; values beyond
-    its range (65504 for fp16) become inf. ``capability`` overrides the device query. ``force=True``
-    casts bf16 on any device (the CPU included, which is how CI covers the path); ``False`` never does.
-    """
-    if dtype not in _NATIVE_FROM or force is False or fallback == dtype:
-        return None
-    if force:
-        return fallback
-    dev = torch.device(device)
-    if dev.type != "cuda":
-        return None
-    cap = capability if capability is not None else torch.cuda.get_device_capability(dev)
-    return fallback if tuple(cap) < _NATIVE_FROM[dtype] else None
-
-
-@dataclass(frozen=True, slots=True)
-class PoolStats:
-    """A snapshot of a :class:`DevicePool`: ``reserved`` is device memory held (chunks), ``used`` and
-    ``requested`` the bytes of live slots with and without rounding, ``free = capacity - used``;
-    ``largest_free_run`` counts room the pool may still grow into."""
-
-    capacity: int
-    reserved: int
-    used: int
-    requested: int
-    free: int
-    largest_free_run: int
-    fragmentation: float
-    per_class: tuple[ClassStats, ...]
-    chunks: int
-    chunk_size: int
-    device: str
-    capability: tuple[int, int] | None
-    bf16_native: bool
-    inflight: int
-    oom_events: int
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceMemory:
-    """The device's memory as the driver (the OS on CPU), PyTorch's caching allocator and the pool see it."""
-
-    device: str
-    free: int
-    total: int
-    torch_reserved: int
-    torch_allocated: int
-    pool_reserved: int
-
-    @property
-    def available(self) -> int:
-        """Bytes a new PyTorch allocation can get without the pool shrinking (driver free + torch's cache)."""
-        return self.free + self.torch_reserved - self.torch_allocated
-
-    @property
-    def model_allocated(self) -> int:
-        """Bytes PyTorch has handed out to everything but the pool (the model, its activations)."""
-        return max(0, self.torch_allocated - self.pool_reserved)
-
-
 def _device_memory(device: torch.device) -> tuple[int, int, int, int]:
     """(free, total, torch reserved, torch allocated) bytes; PyTorch's counters are 0 on CPU."""
     if device.type == "cuda":
@@ -142,12 +73,6 @@ def _new_chunk_tensor(nbytes: int, device: torch.device) -> torch.Tensor:
     if device.type == "cpu":
         tensor.zero_()  # fault the pages in now: copies into fresh pages run at a fraction of memcpy speed
     return tensor
-
-
-def is_device_oom(exc: BaseException) -> bool:
-    """Whether ``exc`` is the device (or the CPU allocator) running out of memory."""
-    return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
 
 
 @contextmanager
@@ -658,35 +583,3 @@ class DevicePool:
             self._inflight.popleft()
             if staging is not None:
                 self.free(staging)
-
-
-def _pool_tensor(pool: DevicePool, shape: tuple[int, ...], dtype: torch.dtype, what: str) -> torch.Tensor:
-    if any(not isinstance(d, int) or d < 0 for d in shape):
-        raise ValueError(f"{what} dimensions must be non-negative ints, got {shape}")
-    tensor = pool.scratch(dtype, shape)
-    if tensor is None:
-        raise TierFullError(f"L1 has no room for {what} of shape {shape} {dtype}; "
-                            "free L1 tensors or raise l1_cache_size", tier="L1")
-    return tensor
-
-
-def allocate_attention_weights(pool: DevicePool, batch: int, heads: int, seq: int, head_dim: int,
-                               dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """An uninitialised ``(batch, heads, seq, seq)`` tensor for ``softmax(Q K^T / sqrt(head_dim))``.
-
-    One score per query/key pair, so ``head_dim`` (checked, kept for the seed's signature) is not in
-    the shape. The slot returns to the pool when the tensor and all derived from it are collected.
-    """
-    if not isinstance(head_dim, int) or head_dim <= 0:
-        raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
-    return _pool_tensor(pool, (batch, heads, seq, seq), dtype, "attention weights")
-
-
-def allocate_kv_cache(pool: DevicePool, batch: int, heads: int, seq: int, head_dim: int,
-                      dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """An uninitialised ``(2, batch, heads, seq, head_dim)`` KV cache: ``[0]`` keys, ``[1]`` values.
-
-    One slot holds both, so a layer's cache moves between tiers as one block. The slot returns to
-    the pool when the tensor and all derived from it are collected.
-    """
-    return _pool_tensor(pool, (2, batch, heads, seq, head_dim), dtype, "a KV cache")
