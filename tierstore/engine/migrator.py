@@ -2,33 +2,18 @@
 
 Every planned move (a prefetch, a promotion of a hot block, a demotion of an idle one, the spill
 of a cache-only block leaving L2) is a small transaction over the catalog's ``journal`` table:
-
-1. **intent**: the move's row is committed to the journal (a batch of moves: one transaction);
-2. **copy**: the bytes go to the destination (an L2/L1 slot, or a fresh L3 array);
-3. **verify**: the copy's crc32c is checked against the catalog's checksum (an L3 copy is read
-   back from disk);
-4. **commit**: the destination is made resident (an L2/L1 admission; for L3, the block's row is
-   committed in the same SQLite transaction that deletes the journal row);
-5. **free**: the source gives the block up (a demotion) or keeps it (a promotion is a copy).
-
-A demotion of a block whose only copy is volatile (a cache-only block in L2) writes L3 first.
-:func:`recover_journal`, run by the writer at open, settles whatever a crash interrupted: a
-journal row still present means its commit never happened, so an L3 copy it made is removed and
-the move is dropped (volatile destinations did not survive the crash anyway). Named crash points
-let tests kill the process at each step: with ``TIERSTORE_CRASH_AT=<point>`` in the environment
-when the store is opened, the process SIGKILLs itself when a move reaches that point
-(:data:`CRASH_POINTS`).
+intent, copy, verify, commit, free (the steps and their crash points: :mod:`tierstore.engine.moves`).
+The bytes are copied by the mover (:mod:`tierstore.engine.mover`); a demotion of a block whose only
+copy is volatile (a cache-only block in L2) writes L3 first, and its row commits through the block
+index only if that cache-only version is still the key's newest.
 
 The worker thread executes explicit prefetches (:meth:`Migrator.prefetch`, a
 ``concurrent.futures.Future``), predicted ones (on each get, the block's likely successors from
-:class:`tierstore.predict.predictor.SuccessorTable`, learned from the access history and seeded at open from
-the catalog), and every ``migration_time_threshold / 4`` seconds (1-60 s) the simple policy's plan
-(:meth:`Migrator.plan`): blocks accessed ``migration_threshold_high_freq`` times go to L1,
-``..._medium_freq`` times to L2, blocks idle longer than ``migration_time_threshold`` go back to
-L3. Gets never wait for it: it takes the same short residency locks a get does.
-
-Demand fills on a get miss (L3 -> L2 in the get itself) stay in :mod:`tierstore.engine.handle`: a get
-must return its bytes now, and journaling a move that survives no crash would only slow it.
+:class:`tierstore.predict.predictor.SuccessorTable`, learned from the access history and seeded at
+open from the catalog), and every ``migration_time_threshold / 4`` seconds (1-60 s) the simple
+policy's plan (:func:`tierstore.engine.planner.simple_plan`). Gets never wait for it: it takes the
+same short residency locks a get does. Demand fills on a get miss are the mover's too, called by
+the get without a journal: a get must return its bytes now, and a fill survives no crash.
 """
 
 from __future__ import annotations
@@ -40,7 +25,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any
 
 import crc32c
@@ -48,7 +32,7 @@ import numpy as np
 import torch
 
 from ..catalog import BlockRow, Catalog, now
-from ..config import CacheConfig, format_size
+from ..config import CacheConfig
 from ..errors import (
     BlockNotFoundError,
     ConfigError,
@@ -65,16 +49,13 @@ from ..tiers.l2_slab import HostArena
 from ..tiers.l3_zarr import Location, ZarrL3
 from .index import BlockIndex
 from .mover import Mover, checksum_ok
+from .moves import CRASH_ENV, CRASH_POINTS, RANK, TIERS, JournalReport, Move, Pin, Plan, recover_journal
+from .planner import simple_plan
 from .residency import Residency, Resident
 
 __all__ = ["CRASH_ENV", "CRASH_POINTS", "JournalReport", "Migrator", "Move", "Pin", "Plan",
            "recover_journal"]
 
-CRASH_ENV = "TIERSTORE_CRASH_AT"
-CRASH_POINTS = ("intent", "copied", "verified", "committed", "freed")
-"""The steps of a move at which ``TIERSTORE_CRASH_AT`` can kill the process (after each one)."""
-TIERS = ("L1", "L2", "L3")
-_RANK = {"L1": 0, "L2": 1, "L3": 2}
 _L3_BIT = 4
 _SEED_SUCCESSORS = 200_000
 """Transitions read back from the catalog at open (the most frequent first)."""
@@ -83,99 +64,6 @@ TRIM_EVERY = 128
 _LOOKAHEAD = 2
 """How many successors deep a get prefetches (the next two layers, say): one step ahead is too
 little when reading a block from L3 takes longer than what the caller does between gets."""
-_HOT_LIMIT = 10_000
-"""Hot blocks the periodic plan considers for promotion."""
-
-
-@dataclass(frozen=True, slots=True)
-class Move:
-    """One planned move of ``key`` from tier ``src`` to ``dst``, and why."""
-
-    key: str
-    src: str
-    dst: str
-    nbytes: int
-    reason: str
-
-    @property
-    def op(self) -> str:
-        """``promote`` (towards L1) or ``demote`` (towards L3)."""
-        return "promote" if _RANK[self.dst] < _RANK[self.src] else "demote"
-
-    def __str__(self) -> str:
-        return f"{self.op:<7} {self.src}->{self.dst} {format_size(self.nbytes):>10}  {self.key}  ({self.reason})"
-
-
-class Plan(list[Move]):
-    """A list of moves that prints as a table (what ``db.migrate(dry_run=True)`` returns)."""
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes the plan moves."""
-        return sum(m.nbytes for m in self)
-
-    def __str__(self) -> str:
-        if not self:
-            return "nothing to move"
-        head = f"{len(self)} move{'s' if len(self) != 1 else ''}, {format_size(self.nbytes)}"
-        return "\n".join([head, *(str(m) for m in self)])
-
-
-@dataclass(slots=True)
-class JournalReport:
-    """What :func:`recover_journal` found at open: keys of moves it removed (undone)."""
-
-    undone: list[str] = field(default_factory=list)
-    removed_arrays: list[str] = field(default_factory=list)
-
-
-def recover_journal(catalog: Catalog, l3: ZarrL3) -> JournalReport:
-    """Settle the moves a crashed writer left in the journal (run at open, before the L3 sweep).
-
-    A move's journal row is deleted in the same transaction that commits it, so a row still here
-    never committed: an L3 copy it made (a fresh array named by the row's block id, which no block
-    row points at) is removed, and the move is dropped. Moves into L1/L2 left nothing to undo.
-    """
-    report = JournalReport()
-    rows = catalog.journal_rows()
-    for _id, block_id, key, _op, _src, dst, _state, _created in rows:
-        report.undone.append(key)
-        if dst == "L3" and catalog.block_by_id(block_id) is None:
-            array = f"blocks/{block_id:016x}"
-            if (l3.root / array).exists():
-                report.removed_arrays.append(array)
-            l3.free([Location(array, 0, 0, (), 0, "raw")])
-    catalog.journal_end([r[0] for r in rows])
-    return report
-
-
-class Pin:
-    """A block kept resident in one tier until :meth:`release` (or the end of a ``with`` block)."""
-
-    def __init__(self, residency: Residency[Any], key: str, tier: str) -> None:
-        self.key = key
-        self.tier = tier
-        self._residency: Residency[Any] | None = residency
-
-    @property
-    def released(self) -> bool:
-        """Whether the pin was released."""
-        return self._residency is None
-
-    def release(self) -> None:
-        """Let the block be evicted again (calling it twice is fine)."""
-        residency, self._residency = self._residency, None
-        if residency is not None:
-            residency.unpin(self.key)
-
-    def __enter__(self) -> Pin:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-    def __repr__(self) -> str:
-        return f"<Pin {self.key!r} in {self.tier}{' (released)' if self.released else ''}>"
 
 
 _Job = tuple["Future[Any]", Callable[[], Any]]
@@ -334,43 +222,7 @@ class Migrator:
     def plan(self) -> Plan:
         """The simple policy's moves now (thresholds of the configuration), without doing them."""
         self._flush_history()
-        config, t = self.config, time.time()
-        idle_after = config.migration_time_threshold
-        moves = Plan()
-        budget: dict[str, int] = {}
-        leaving: set[str] = set()
-        for name, residency in (("L1", self.l1), ("L2", self.l2)):
-            if residency is None:
-                continue
-            held = 0
-            for entry in list(residency.entries.values()):
-                held += entry.alloc.nbytes
-                if entry.pins or entry.dead or entry.key in leaving:
-                    continue
-                stats = self.catalog.block_stats(entry.key) or {}
-                last = float(stats.get("last_access") or 0.0)
-                if last and t - last > idle_after:
-                    moves.append(Move(entry.key, name, "L3", entry.alloc.nbytes,
-                                      f"idle {t - last:.0f}s > migration_time_threshold={idle_after:g}s"))
-                    leaving.add(entry.key)  # an L1 -> L3 move frees its L2 copy too
-                    held -= entry.alloc.nbytes
-            budget[name] = residency.arena.capacity - held
-        high, medium = config.migration_threshold_high_freq, config.migration_threshold_medium_freq
-        for key, count, last, nbytes in self.catalog.hot_blocks(medium, _HOT_LIMIT):
-            if t - last > idle_after:
-                continue
-            if count >= high and self.l1 is not None:
-                target, knob, limit = "L1", "migration_threshold_high_freq", high
-            elif self.l2 is not None:
-                target, knob, limit = "L2", "migration_threshold_medium_freq", medium
-            else:
-                continue
-            src = self._tier_of(key)
-            if _RANK[src] <= _RANK[target] or budget.get(target, 0) < nbytes or nbytes == 0:
-                continue
-            budget[target] -= nbytes
-            moves.append(Move(key, src, target, nbytes, f"{count} accesses >= {knob}={limit}"))
-        return moves
+        return simple_plan(self.catalog, self.config, self.l1, self.l2, self._tier_of, time.time())
 
     def migrate(self, dry_run: bool = False) -> Plan:
         """Plan with :meth:`plan` and, unless ``dry_run``, carry the plan out (on the worker); the moves done."""
@@ -524,7 +376,7 @@ class Migrator:
         moves = Plan()
         for key in keys:
             src = self._tier_of(key)
-            if _RANK[src] > _RANK[tier]:
+            if RANK[src] > RANK[tier]:
                 moves.append(Move(key, src, tier, 0, reason))
         errors: list[BaseException] = []
         self._execute(moves, "prefetched" if reason == "prefetch" else None, errors)
