@@ -862,8 +862,9 @@ class TierStore(SharedTier, StoreReports):
         reader that looks in between finds neither. True when the key has a cache-only version and
         the reader should look again (once every commit in flight has settled).
         """
-        if key not in self._volatile_versions:
-            return False
+        with self._index_lock:  # a commit that removed the row the caller missed has set the version too
+            if key not in self._volatile_versions:
+                return False
         with self._settling:
             self._settling.wait_for(lambda: self._unsettled == 0, timeout=5.0)
         return key in self._volatile_versions
@@ -940,6 +941,8 @@ class TierStore(SharedTier, StoreReports):
             except FileNotFoundError:
                 newer = self._catalog.get_block(row.key)
                 if newer is None:
+                    if self._await_settled(row.key):  # replaced by a cache-only version, not deleted
+                        raise _Replaced from None
                     raise BlockNotFoundError(f"block {row.key!r} was deleted while being read",
                                              key=row.key) from None
                 if newer.block_id != row.block_id:
