@@ -141,7 +141,7 @@ class TierStore(StoreWrites, SharedTier, StoreReports):
             self._l2 = Residency("L2", arena, self.config.l2_eviction_policy)
             if backing is not None:
                 self._warm_l2()
-        self._mover = Mover(self._catalog, self._l3, self._l1, self._l2)
+        self._mover = Mover(self._catalog, self._l3, self._l1, self._l2, self._index)
         self._shared: SharedCoordinator | None = None
         if self.config.shared_url is not None:  # no network until first used
             self._shared = SharedCoordinator(self.config, self._shared_block)

@@ -246,8 +246,9 @@ class BlockIndex:
         reader that looks in between finds neither. True when the key has a cache-only version and
         the reader should look again (once every commit in flight has settled).
         """
-        if key not in self._volatile:
-            return False
+        with self.lock:  # a commit that removed the row the caller missed has set the version too
+            if key not in self._volatile:
+                return False
         with self._settling:
             self._settling.wait_for(lambda: self._unsettled == 0, timeout=5.0)
         return key in self._volatile

@@ -26,6 +26,7 @@ from ..tensors import dtype_from_name, tensor_from_bytes
 from ..tiers.l1_cuda import DevicePool
 from ..tiers.l2_slab import HostArena
 from ..tiers.l3_zarr import Location, ZarrL3
+from .index import BlockIndex
 from .residency import Residency, Resident
 from .transaction import location_of
 
@@ -76,8 +77,9 @@ class Mover:
     """Copies between L3, L2 (``Residency[HostArena]``) and L1 (``Residency[DevicePool]``) of one store."""
 
     def __init__(self, catalog: Catalog, l3: ZarrL3, l1: Residency[DevicePool] | None,
-                 l2: Residency[HostArena] | None) -> None:
+                 l2: Residency[HostArena] | None, index: BlockIndex) -> None:
         self.catalog = catalog
+        self.index = index
         self.l3 = l3
         self.l1 = l1
         self.l2 = l2
@@ -119,6 +121,8 @@ class Mover:
             except FileNotFoundError:
                 newer = self.catalog.get_block(row.key)
                 if newer is None:
+                    if self.index.await_settled(row.key):  # replaced by a cache-only version, not deleted
+                        raise Replaced from None
                     raise BlockNotFoundError(f"block {row.key!r} was deleted while being read",
                                              key=row.key) from None
                 if newer.block_id != row.block_id:
