@@ -705,3 +705,14 @@ def test_nonsense_store_paths_are_refused(tmp_path: Path, monkeypatch: pytest.Mo
         tierstore.open(path, readonly=readonly)
     assert isinstance(info.value, ValueError)
     assert list(tmp_path.rglob("*")) == [tmp_path / "cwd"], "a refused open left files behind"
+
+
+@pytest.mark.parametrize(("options", "error"), [
+    ({"readonly": "no"}, tierstore.InvalidArgumentError), ({"readonly": 1}, tierstore.InvalidArgumentError),
+    ({"config": {"l2_cache_size": "1MiB"}}, tierstore.ConfigError), ({"config": "1MiB"}, tierstore.ConfigError),
+], ids=["readonly-str", "readonly-int", "config-dict", "config-str"])
+def test_nonsense_open_options_are_refused_before_anything_is_made(tmp_path: Path, options: dict[str, Any],
+                                                                   error: type[Exception]) -> None:
+    with pytest.raises(error):
+        tierstore.open(tmp_path / "store", **options)
+    assert not (tmp_path / "store").exists()

@@ -94,7 +94,12 @@ class TierStore(SharedTier, StoreReports):
     def __init__(self, path: str | Path, config: CacheConfig | None = None, *, readonly: bool = False,
                  **overrides: Any) -> None:
         self.path = _store_path(path)
-        self.readonly = readonly
+        if not isinstance(readonly, (bool, np.bool_)):  # "no" would be truthy: a surprise read-only handle
+            raise InvalidArgumentError(f"readonly must be True or False, not {readonly!r}")
+        if config is not None and not isinstance(config, CacheConfig):
+            raise ConfigError(f"config must be a tierstore.CacheConfig or None, not {type(config).__name__}; "
+                              "pass single fields as keywords (tierstore.open(path, l2_cache_size='1GiB'))")
+        self.readonly = bool(readonly)
         self._closed = True
         self._lock: WriterLock | None = None
         catalog_path = self.path / CATALOG_NAME
