@@ -149,7 +149,7 @@ def compact(db: TierStore, *, min_fill: float = 0.5, progress: Progress | None =
     damaged block is left as it is (and listed in ``skipped``). ``progress(done, total)`` is called
     with encoded bytes copied so far. One catalog commit switches every moved block.
     """
-    if not 0.0 <= min_fill <= 1.0:
+    if isinstance(min_fill, bool) or not isinstance(min_fill, (int, float)) or not 0.0 <= min_fill <= 1.0:
         raise ConfigError(f"min_fill must be a share in [0, 1], got {min_fill!r}")
     _begin(db)
     catalog, l3 = db._catalog, db._l3

@@ -22,8 +22,10 @@ store's side of the shared tier (``publish``, ``pull``, read-through) in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import mmap
 import operator
 import os
 import threading
@@ -47,6 +49,7 @@ from .catalog import BlockRow, Catalog, now
 from .config import CacheConfig, parse_size
 from .errors import (
     BlockNotFoundError,
+    ConfigError,
     CorruptBlockError,
     DeviceMemoryError,
     InvalidArgumentError,
@@ -89,6 +92,8 @@ L2_FILE = "l2.slab"
 _ROW_CACHE = 1 << 16
 """Committed rows kept in memory for the hot path (cleared whole when full: simple and O(1))."""
 _BF16_CAST = {"auto": None, "always": True, "never": False}
+_L1_FIELDS = frozenset({"l1_device", "l1_cache_size"})
+"""Fields that ask a read-only handle for an L1 pool (else a reader takes no device memory)."""
 
 
 class TierStore(SharedTier, StoreReports):
@@ -96,8 +101,13 @@ class TierStore(SharedTier, StoreReports):
 
     def __init__(self, path: str | Path, config: CacheConfig | None = None, *, readonly: bool = False,
                  **overrides: Any) -> None:
-        self.path = Path(path)
-        self.readonly = readonly
+        self.path = _store_path(path)
+        if not isinstance(readonly, (bool, np.bool_)):  # "no" would be truthy: a surprise read-only handle
+            raise InvalidArgumentError(f"readonly must be True or False, not {readonly!r}")
+        if config is not None and not isinstance(config, CacheConfig):
+            raise ConfigError(f"config must be a tierstore.CacheConfig or None, not {type(config).__name__}; "
+                              "pass single fields as keywords (tierstore.open(path, l2_cache_size='1GiB'))")
+        self.readonly = bool(readonly)
         self._closed = True
         self._lock: WriterLock | None = None
         catalog_path = self.path / CATALOG_NAME
@@ -113,9 +123,10 @@ class TierStore(SharedTier, StoreReports):
             self._lock = WriterLock(self.path)
         try:
             self._open(catalog_path, config, overrides)
+            if not self.readonly:  # only a config that opened is remembered (a failed one would fail every open)
+                self._remember_config()
         except BaseException:
-            if self._lock is not None:
-                self._lock.release()
+            self._abandon()
             raise
         self._closed = False
 
@@ -124,7 +135,9 @@ class TierStore(SharedTier, StoreReports):
             refuse_orphaned_data(self.path, catalog_path)
         fsync = config.fsync if config is not None else overrides.get("fsync", True)
         self._catalog = Catalog(catalog_path, readonly=self.readonly, durable=bool(fsync))
-        self.config = self._resolve_config(config, overrides)
+        self.config, asked = self._resolve_config(config, overrides)
+        if self.readonly and not asked & _L1_FIELDS:  # a reader takes device memory only when asked to
+            self.config = self.config.replace(l1_device=None, l1_cache_size=0)
         self._write_mutex = threading.RLock()
         self._local = threading.local()
         self._counts = {"get": 0, "put": 0, "delete": 0}
@@ -154,11 +167,10 @@ class TierStore(SharedTier, StoreReports):
         self._l2_generation = 0
         self.warm_blocks = 0
         """Blocks taken back from a file-backed L2 at open (restart-warm)."""
-        if self.config.l2_cache_size > 0:
-            backing = self.path / L2_FILE if self.config.l2_file_backed and not self.readonly else None
-            arena = HostArena(self.config.l2_cache_size, path=backing, pin=self.config.l2_pin_memory)
+        arena = self._open_l2(strict=not self.readonly or "l2_cache_size" in asked)
+        if arena is not None:
             self._l2 = Residency("L2", arena, self.config.l2_eviction_policy)
-            if backing is not None:
+            if arena.path is not None:
                 self._warm_l2()
         self._shared: SharedCoordinator | None = None
         if self.config.shared_url is not None:  # no network until first used
@@ -172,14 +184,33 @@ class TierStore(SharedTier, StoreReports):
         sink = None if self.readonly else self._write_history
         self._recorder = AccessRecorder(sink, interval=self.config.history_flush_interval)
 
+    def _abandon(self) -> None:
+        """Release what a failed open built (in reverse order), so nothing of it outlives the error."""
+        for name in ("_recorder", "_migrator", "_shared", "_l3", "_catalog"):
+            part = getattr(self, name, None)
+            if part is not None:
+                with contextlib.suppress(Exception):  # the open's own error is the one to report
+                    part.close()
+        for name in ("_l1", "_l2"):
+            tier = getattr(self, name, None)
+            if tier is not None:
+                with contextlib.suppress(Exception):
+                    tier.clear()
+                    tier.arena.close()
+        if self._lock is not None:
+            self._lock.release()
+
     def _open_l1(self) -> Residency[DevicePool] | None:
         """The device tier: on ``l1_device`` (default: the first GPU; none without one)."""
-        device = self.config.l1_device or ("cuda" if torch.cuda.is_available() else None)
-        if device is None:
-            return None
         size = self.config.l1_cache_size
+        if size == 0:  # off: the device is never looked at
+            return None
+        name = self.config.l1_device or ("cuda" if torch.cuda.is_available() else None)
+        if name is None:
+            return None
+        device = _l1_device(name)
         if size is None:  # half of what the device has free now; the hardware optimizer refines this
-            size = torch.cuda.mem_get_info(torch.device(device))[0] // 2 if torch.device(device).type == "cuda" else 0
+            size = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else 0
         if size <= 0:
             return None
         pool = DevicePool(size, device=device, chunk_size=min(size, 256 << 20), headroom=self.config.l1_headroom,
@@ -187,29 +218,62 @@ class TierStore(SharedTier, StoreReports):
                           cast_bf16=_BF16_CAST[self.config.l1_bf16_cast])
         return Residency("L1", pool, self.config.l1_eviction_policy)
 
+    def _open_l2(self, *, strict: bool) -> HostArena | None:
+        """The host tier's arena (None when L2 is off).
+
+        ``strict`` (a writer, or a reader that asked for an L2 size): a size this machine cannot
+        hold is an error. A reader on a remembered config never fails for its cache: its L2 holds at
+        most what the store held at open (it caches only committed blocks) and a quarter of the
+        machine's memory, and it reads from L3 alone when even that cannot be had.
+        """
+        size = self.config.l2_cache_size
+        memory = _physical_memory()
+        if strict and size > memory:  # refused before mapping: touching the pages could wake the OOM killer
+            raise TierFullError(f"l2_cache_size={size} bytes is more memory than this machine has ({memory} "
+                                "bytes); lower l2_cache_size", tier="L2")
+        if not strict:
+            held = -(-self._logical_bytes // mmap.PAGESIZE) * mmap.PAGESIZE
+            size = min(size, held, memory // 4)
+            if size != self.config.l2_cache_size:
+                self.config = self.config.replace(l2_cache_size=size)
+        if size <= 0:
+            return None
+        backing = self.path / L2_FILE if self.config.l2_file_backed and not self.readonly else None
+        try:
+            return HostArena(size, path=backing, pin=self.config.l2_pin_memory)
+        except (TierFullError, StoreFullError):
+            if strict:
+                raise
+        self.config = self.config.replace(l2_cache_size=0)
+        return None
+
     def _warm_l2(self) -> None:
         assert self._l2 is not None
         self._l2_generation, self.warm_blocks = warm_l2(self.path, self._catalog, self._l2)
 
-    def _resolve_config(self, config: CacheConfig | None, overrides: dict[str, Any]) -> CacheConfig:
-        stored = self._catalog.meta("config")
+    def _resolve_config(self, config: CacheConfig | None,
+                        overrides: dict[str, Any]) -> tuple[CacheConfig, frozenset[str]]:
+        """The config to open with, and the fields the caller gave (the rest come from the catalog)."""
+        asked: frozenset[str] = frozenset(CacheConfig.__slots__) if config is not None else frozenset(overrides)
         if config is None:
-            base = CacheConfig()
+            config = CacheConfig()
+            stored = self._catalog.meta("config")
             if stored is not None:
                 try:  # a damaged remembered config falls back to the defaults: it holds no data
                     known = {k: v for k, v in json.loads(stored).items() if k in CacheConfig.__slots__}
-                    base = CacheConfig(**known)
+                    config = CacheConfig(**known)
                 except (ValueError, TypeError, AttributeError, RecursionError):
-                    base = CacheConfig()
-            config = base
+                    config = CacheConfig()
         if overrides:
             config = config.replace(**overrides)
-        if not self.readonly:
-            meta = {"config": json.dumps(config.to_dict()), "tierstore_version": __version__}
-            if self._catalog.meta("store_id") is None:
-                meta.update(store_id=uuid.uuid4().hex, created=repr(time.time()))
-            self._catalog.set_meta(meta)
-        return config
+        return config, asked
+
+    def _remember_config(self) -> None:
+        """Keep the config this read-write open succeeded with: the next plain open uses it."""
+        meta = {"config": json.dumps(self.config.to_dict()), "tierstore_version": __version__}
+        if self._catalog.meta("store_id") is None:
+            meta.update(store_id=uuid.uuid4().hex, created=repr(time.time()))
+        self._catalog.set_meta(meta)
 
     def _recover(self) -> None:
         self.journal_recovery = recover_journal(self._catalog, self._l3)
@@ -443,6 +507,9 @@ class TierStore(SharedTier, StoreReports):
         self._check_writable()
         check_key(key)
         check_tensor(tensor)
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes > _physical_memory():  # an expanded view can claim terabytes it does not hold
+            raise _no_memory(nbytes, f"put {key!r}")
         if not isinstance(durable, (bool, np.bool_)):
             raise InvalidArgumentError(f"durable must be True or False, not {durable!r}")
         if parent is not None:
@@ -475,7 +542,12 @@ class TierStore(SharedTier, StoreReports):
                                created, stamp, parent)
                 txn.set(key, Change(row, None, l1_slot))
                 return
-        data = tensor_bytes(tensor)
+        try:
+            data = tensor_bytes(tensor)  # a copy when the tensor is not contiguous on the CPU
+        except RuntimeError as exc:
+            if not is_device_oom(exc):
+                raise
+            raise _no_memory(tensor.numel() * tensor.element_size(), f"put {key!r}") from None
         slot = None
         if self._l2 is not None and data.nbytes > 0:
             slot = self._l2.reserve(data.nbytes, self._spill)
@@ -627,11 +699,14 @@ class TierStore(SharedTier, StoreReports):
         L1 is off.
         """
         self._check_open()
+        try:  # checked even with L1 off: a bad size is a bug in the caller on every machine
+            want = None if nbytes is None else parse_size(nbytes, name="nbytes")
+        except ConfigError as exc:
+            raise InvalidArgumentError(f"shrink_l1: {exc.message}") from None
         l1 = self._l1
         if l1 is None:
             return 0
         pool = l1.arena
-        want = None if nbytes is None else parse_size(nbytes, name="nbytes")
         with l1.lock:
             l1.shed(lambda: want is not None and pool.reclaimable() >= want, self._spill_l1)
             return pool.shrink(want)
@@ -652,8 +727,10 @@ class TierStore(SharedTier, StoreReports):
         """
         self._check_open()
         check_key(key)
-        if device is not None and not isinstance(device, torch.device):
-            device = _parse_device(device)
+        if device is not None:
+            device = _usable_device(device)
+        if not isinstance(copy, (bool, np.bool_)):
+            raise InvalidArgumentError(f"get {key!r}: copy must be True or False, not {copy!r}", key=key)
         try:
             tensor, tier = self._get_local(key, device, copy)
         except BlockNotFoundError:
@@ -984,6 +1061,7 @@ class TierStore(SharedTier, StoreReports):
         if nbytes > _physical_memory():
             raise _no_memory(nbytes, f"allocate {shape} {dtype}")
         if device is not None:
+            device = _usable_device(device)
             if self._l1 is not None and nbytes > 0 and self._on_l1(device):
                 tensor = self._l1.scratch(nbytes, dtype, shape, evict=True, spill=self._spill_l1)
                 if tensor is not None:
@@ -1191,3 +1269,57 @@ def _parse_device(device: object) -> torch.device:
     except (RuntimeError, TypeError, ValueError) as exc:
         raise InvalidArgumentError(f"not a device: {device!r} ({str(exc).splitlines()[0]})") from None
     return parsed
+
+
+def _usable_device(device: object) -> torch.device:
+    """``device`` parsed, if this process can hold a tensor's data there, else ``InvalidArgumentError``.
+
+    Checked up front because torch reports an absent backend as an AssertionError (CUDA on a
+    CPU-only build) or a NotImplementedError (``xla``), and ``meta`` would return a tensor with no data.
+    """
+    parsed = device if isinstance(device, torch.device) else _parse_device(device)
+    why = _device_problem(parsed)
+    if why is not None:
+        raise InvalidArgumentError(f"device {str(parsed)!r}: {why}; use 'cpu' or leave device=None")
+    return parsed
+
+
+def _device_problem(device: torch.device) -> str | None:
+    """Why a tensor cannot be placed on ``device`` in this process (None if it can)."""
+    kind = device.type
+    if kind == "cpu":
+        return None
+    if kind == "meta":
+        return "a meta tensor holds no data"
+    backend = getattr(torch, kind, None)
+    available = getattr(backend, "is_available", None)
+    if not callable(available) or not available():
+        return f"this torch build has no usable {kind!r} backend here"
+    count = getattr(backend, "device_count", None)
+    if device.index is not None and callable(count) and device.index >= count():
+        return f"there is no {kind} device {device.index} (this process sees {count()})"
+    return None
+
+
+def _l1_device(name: str) -> torch.device:
+    """The L1 pool's device from ``l1_device``, or ``ConfigError`` when this machine has none such."""
+    device = torch.device(name)  # CacheConfig admits only 'cpu', 'cuda' and 'cuda:N'
+    why = _device_problem(device)
+    if why is not None:
+        raise ConfigError(f"l1_device={name!r}: {why}; open with l1_device=None (the first GPU, if any), "
+                          "'cpu' or l1_cache_size=0 (no L1)", tier="L1")
+    return device
+
+
+def _store_path(path: object) -> Path:
+    """``path`` as a store folder, refusing what would make a store somewhere unintended."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise InvalidArgumentError(f"a store path is a str or os.PathLike, not {type(path).__name__}")
+    text = os.fspath(path)
+    if not isinstance(text, str):
+        raise InvalidArgumentError(f"a store path is a str, not {type(text).__name__}; decode it first")
+    if text == "":  # Path("") is the current directory: make that a deliberate '.'
+        raise InvalidArgumentError("the store path is empty; name a folder (use '.' for the current directory)")
+    if "\0" in text:
+        raise InvalidArgumentError(f"the store path {text!r} holds a NUL character, which no file name can")
+    return Path(text)
