@@ -40,7 +40,7 @@ from ..errors import BlockNotFoundError, CheckpointError
 from ..store import TierStore
 
 __all__ = ["HF_META", "CONFIG_FILES", "TensorEntry", "read_header", "checkpoint_files", "import_checkpoint",
-           "export_safetensors", "read_json", "stored_tensor_keys", "safetensors_dtype"]
+           "export_safetensors", "read_json", "stored_tensor_keys", "safetensors_dtype", "progress_bar"]
 
 HF_META = "__hf__/"
 """Reserved key prefix (after the model prefix) for the checkpoint's non-tensor files."""
@@ -171,7 +171,7 @@ def checkpoint_files(checkpoint: str | Path, *, require_config: bool = False) ->
 
 
 @contextmanager
-def _progress_bar(enabled: bool, description: str, total: int) -> Iterator[Any]:
+def progress_bar(enabled: bool, description: str, total: int) -> Iterator[Any]:
     if not enabled:
         yield None
         return
@@ -210,7 +210,7 @@ def import_checkpoint(checkpoint: str | Path, store: TierStore, *, prefix: str =
             seen[e.name] = f
     total = sum(e.nbytes for _, entries, _ in headers for e in entries)
     count = 0
-    with _progress_bar(progress, f"importing {len(seen)} tensors", total) as advance, store.transaction():
+    with progress_bar(progress, f"importing {len(seen)} tensors", total) as advance, store.transaction():
         for f, entries, _ in headers:
             with _safe_open(f) as shard:
                 for e in entries:
@@ -296,7 +296,7 @@ def export_safetensors(store: TierStore, out: str | Path, *, prefix: str = "", p
     raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes with spaces
     tmp = out.with_name(out.name + ".partial")
     try:
-        with _progress_bar(progress, f"exporting {len(infos)} tensors", offset) as advance, open(tmp, "wb") as f:
+        with progress_bar(progress, f"exporting {len(infos)} tensors", offset) as advance, open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(raw)))
             f.write(raw)
             for _, key, info in infos:
