@@ -52,8 +52,8 @@ def assert_same_output(out: Any, ref: Any) -> None:
 
 
 def tiny_tiers(path: Path) -> tierstore.TierStore:
-    """A store whose L1 (on the CPU) and L2 hold only a few 8 KiB K/V blocks, so blocks reach L3."""
-    return tierstore.open(path, l1_device="cpu", l1_cache_size="16KiB", l2_cache_size="24KiB", fsync=False)
+    """A store whose L2 holds one of the two layers' 32 KiB segments (and L1, on the CPU, none), so some reach L3."""
+    return tierstore.open(path, l1_device="cpu", l1_cache_size="16KiB", l2_cache_size="40KiB", fsync=False)
 
 
 @pytest.mark.parametrize("image", [False, True], ids=["text", "image+text"])
@@ -78,7 +78,9 @@ def test_release_deletes_cache_only_blocks(model: Any, db: tierstore.TierStore) 
     inputs = synthetic_inputs(TEXT, image_seed=None)
     cache = TieredCache(db, config=model.config, budget=1)
     model.generate(**inputs, cache=cache, **GEN)
-    assert len(list(db.keys(prefix="kv/tmp/"))) == 2 * (45 // 16)  # 2 layers, full blocks of 45 tokens
+    segments = [layer.segments for layer in cache.layers]
+    assert [[(s.start, s.stop) for s in layer] for layer in segments] == [[(0, 32)]] * 2  # 45 tokens: 2 blocks, merged
+    assert sorted(db.keys(prefix="kv/tmp/")) == sorted(s.key for layer in segments for s in layer)  # none left over
     cache.release()
     assert list(db.keys(prefix="kv/")) == []
 
