@@ -362,3 +362,32 @@ def test_restore_policy_without_measurements_restores() -> None:
     policy.observe_prefill(100, 0.5)
     policy.observe_prefill(300, 0.5)
     assert policy.prefill_tokens_per_s == pytest.approx(400.0)  # moving average of 200 and 600 tokens/s
+
+
+def test_caches_in_threads_merge_and_delete_segments_beside_the_store_mover(model: Any, tmp_path: Path) -> None:
+    """Two requests in two threads on one store: segment merges delete blocks while prefetches move others."""
+    import threading
+
+    inputs = synthetic_inputs(list(range(1, 70)), image_seed=None)
+    kwargs: dict[str, Any] = dict(max_new_tokens=40, min_new_tokens=40, do_sample=False)  # several merges a layer
+    ref = model.generate(**inputs, **kwargs)
+    errors: list[BaseException] = []
+    with tiny_tiers(tmp_path / "t") as db:
+        def request() -> None:
+            try:
+                for _ in range(2):
+                    with TieredCache(db, config=model.config, budget=1) as cache:
+                        out = model.generate(**inputs, cache=cache, **kwargs)
+                        assert torch.equal(out, ref)
+                        assert cache.stats.prefetches > 0 and cache.stats.blocks_written > cache.stats.spills / 16
+                        assert all(len(layer.segments) <= 4 for layer in cache.layers)  # merged: O(log n)
+            except BaseException as exc:  # reported by the main thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=request) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors
+        assert list(db.keys(prefix="kv/")) == []

@@ -13,7 +13,7 @@ and one ``cat``: the same single copy a ``DynamicCache`` makes at every step.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -159,6 +159,7 @@ class TieredLayer(DynamicLayer):  # type: ignore[misc]  # transformers is not ty
         if self.pending is not None:  # the store moved the segments up meanwhile (or is still at it)
             future, self.pending = self.pending, None
             self.owner.stats.prefetch_hits += future.done() and future.exception() is None
+            wait([future])  # a segment read now may be merged and deleted at the next spill: no move in flight
         parts = self.owner.fetch_segments(self.index, self.block_keys, self.device)
         device = new_keys[0].device if new_keys else self.device  # a prepared prefix may be read elsewhere
         self.device = device
