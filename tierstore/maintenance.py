@@ -105,8 +105,9 @@ def fragmentation(catalog: Catalog) -> tuple[float, int]:
 
 
 def disk_usage(folder: Path) -> int:
-    """Bytes of the files under ``folder``."""
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+    """Bytes of the files under ``folder`` (a link counts as nothing: what it points at is not the store's)."""
+    return sum(p.lstat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink()) \
+        if folder.is_dir() else 0
 
 
 def _begin(db: TierStore) -> None:
