@@ -263,11 +263,6 @@ class ZarrL3:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
         return fd
 
-    @property
-    def open_files(self) -> int:
-        """Read descriptors open now (bounded by :data:`OPEN_FILES` plus one per read in flight)."""
-        return len(self._files)
-
     def remove_shards(self, shards: Iterable[tuple[str, int]]) -> int:
         """Delete shard files the catalog no longer knows (after its commit); returns the bytes freed.
 
@@ -635,7 +630,8 @@ class ZarrL3:
             for entry in folder.iterdir():
                 if entry.is_symlink():
                     report.links.append(str(entry))
-                    seen.add((array, int(entry.name)) if entry.name.isdigit() else (array, -1))
+                    if entry.name.isdigit():  # listed once, as a link, not also as missing
+                        seen.add((array, int(entry.name)))
                     continue
                 if entry.name == "zarr.json":
                     continue
