@@ -44,6 +44,7 @@ from .errors import (
     TierFullError,
     TierStoreError,
     TransactionError,
+    UnsafePathError,
     UnsupportedTensorError,
 )
 from .hardware import HardwareFacts, HardwareOptimizer, Recommendation
@@ -90,6 +91,7 @@ __all__ = [
     "TierFullError",
     "TransactionError",
     "UnsupportedTensorError",
+    "UnsafePathError",
     "SharedTierError",
     "SharedTierUnavailableError",
     "BlockUnavailableError",

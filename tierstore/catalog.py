@@ -379,7 +379,7 @@ class Catalog:
         path = self.path.with_name(self.path.name + HEADROOM_SUFFIX)
         self._headroom_gone = True
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         except OSError:
             return
         try:
@@ -394,8 +394,8 @@ class Catalog:
     def _release_headroom(self) -> bool:
         path = self.path.with_name(self.path.name + HEADROOM_SUFFIX)
         try:
-            held = path.stat().st_size > 0
-            path.unlink()
+            held = path.lstat().st_size > 0 and not path.is_symlink()
+            path.unlink()  # a link itself goes, never what it points at
         except OSError:
             return False
         self._headroom_gone = True

@@ -27,7 +27,7 @@ import crc32c
 import numpy as np
 
 from .catalog import BLOCK_COLUMNS, BlockRow, Catalog
-from .errors import ConfigError, CorruptBlockError, TransactionError, translate_os_error
+from .errors import ConfigError, CorruptBlockError, TransactionError, UnsafePathError, translate_os_error
 from .tiers.l3_zarr import PACK_SLOTS
 from .txn import location_of
 
@@ -105,8 +105,9 @@ def fragmentation(catalog: Catalog) -> tuple[float, int]:
 
 
 def disk_usage(folder: Path) -> int:
-    """Bytes of the files under ``folder``."""
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+    """Bytes of the files under ``folder`` (a link counts as nothing: what it points at is not the store's)."""
+    return sum(p.lstat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink()) \
+        if folder.is_dir() else 0
 
 
 def _begin(db: TierStore) -> None:
@@ -202,7 +203,7 @@ def _first_damaged(db: TierStore, rows: list[BlockRow]) -> str | None:
         out = np.empty(row.nbytes, dtype=np.uint8)
         try:
             db._l3.read_into(location_of(row), out)
-        except (CorruptBlockError, FileNotFoundError):
+        except (CorruptBlockError, FileNotFoundError, UnsafePathError):  # a link: its bytes are not the store's
             return row.key
         if crc32c.crc32c(out.data) != row.checksum:
             return row.key

@@ -61,9 +61,11 @@ from .errors import (
     TierFullError,
     TierStoreError,
     TransactionError,
+    UnsafePathError,
     UnsupportedTensorError,
     translate_os_error,
 )
+from .fsguard import CATALOG_ENTRIES, STORE_FILES, STORE_FOLDERS, refuse_links
 from .history import Access, AccessRecorder, summarize
 from .lockfile import WriterLock
 from .migrator import JournalReport, Migrator, Pin, Plan, StoreHooks, recover_journal
@@ -111,6 +113,9 @@ class TierStore(SharedTier, StoreReports):
         self._closed = True
         self._lock: WriterLock | None = None
         catalog_path = self.path / CATALOG_NAME
+        # Before anything is opened: a link among the fixed entries would be written through.
+        refuse_links(self.path, STORE_FOLDERS + (CATALOG_ENTRIES if readonly else STORE_FILES),
+                     what=f"open the store read-{'only' if readonly else 'write'}")
         if readonly:
             if not catalog_path.exists():
                 raise StoreNotFoundError(f"no tierstore store at {self.path} (no {CATALOG_NAME})",
@@ -1033,6 +1038,9 @@ class TierStore(SharedTier, StoreReports):
             except CorruptBlockError as exc:
                 raise CorruptBlockError(f"block {row.key!r}: {exc.message}", key=row.key, path=exc.path,
                                         tier="L3") from None
+            except UnsafePathError as exc:
+                raise UnsafePathError(f"block {row.key!r}: {exc.message}", key=row.key, path=exc.path,
+                                      tier="L3") from None
         else:
             raise TierStoreError(f"block {row.key!r} kept moving while being read; read it again", key=row.key)
         if crc32c.crc32c(out.data) != row.checksum:

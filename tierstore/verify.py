@@ -28,7 +28,8 @@ import crc32c
 import numpy as np
 
 from .catalog import BLOCK_COLUMNS, DELETE_BLOCK, SCHEMA_VERSION, BlockRow, Catalog
-from .errors import CatalogError, CorruptBlockError, SchemaVersionError, StoreNotFoundError
+from .errors import CatalogError, CorruptBlockError, SchemaVersionError, StoreNotFoundError, UnsafePathError
+from .fsguard import CATALOG_ENTRIES, NOFOLLOW, STORE_FOLDERS, contained, refuse_links
 from .lockfile import WriterLock
 from .recovery import refuse_orphaned_data
 from .tiers.l3_zarr import ZarrL3
@@ -49,12 +50,14 @@ GROUPS = ("l3/zarr.json", "l3/packs/zarr.json", "l3/blocks/zarr.json")
 TEMP_SUFFIXES = (".tmp", ".partial")
 """Names a writer gives files it has not finished (zarr.json.tmp, l2.index.tmp, zarr's .partial)."""
 
-PROBLEM_KINDS = ("schema", "corrupt", "missing", "orphan", "torn", "stale", "meta", "journal", "temp")
+PROBLEM_KINDS = ("schema", "corrupt", "missing", "orphan", "torn", "stale", "meta", "journal", "temp", "link")
 """``corrupt``: bytes fail their checksum or do not decode; ``missing``: a row's data file is gone;
 ``orphan``: a data file no row points at; ``torn``: a shard longer than committed; ``stale``: a shard
 row whose file is gone (with no block left in it); ``meta``: an array's ``zarr.json`` is missing or
 damaged (zarr readers need it, tierstore does not); ``journal``: a
-move left in flight; ``temp``: an unfinished temporary file; ``schema``: an old catalog schema."""
+move left in flight; ``temp``: an unfinished temporary file; ``schema``: an old catalog schema; ``link``: a
+symbolic link in the store (never followed; ``--fix`` removes the link itself, never what it points at, and
+drops the blocks whose bytes it stood for as lost)."""
 
 Progress = Callable[[int, int], None]
 
@@ -87,6 +90,8 @@ class VerifyReport:
     """Keys dropped because their bytes were damaged or missing: restore them from elsewhere."""
     remaining: list[Problem] = field(default_factory=list)
     """Problems a second check still found after the repair."""
+    removed_links: list[str] = field(default_factory=list)
+    """Links the repair removed (paths relative to the store)."""
 
     @property
     def ok(self) -> bool:
@@ -105,15 +110,26 @@ def verify(path: str | os.PathLike[str], *, fix: bool = False, progress: Progres
     """Check every block and file of the store at ``path``; repair what can be repaired if ``fix``.
 
     The store must not be open for writing elsewhere (``StoreLockedError`` otherwise). A store
-    whose catalog is newer than this tierstore raises ``SchemaVersionError``.
+    whose catalog is newer than this tierstore raises ``SchemaVersionError``; one whose catalog or
+    L3 folders are symbolic links raises ``UnsafePathError`` (they cannot be checked without
+    following the links). A ``LOCK`` link is reported, and a check then runs without the lock
+    (no writer opens a store with one); ``fix`` removes the link and takes the lock.
     """
     store = Path(path)
     catalog_path = store / CATALOG_NAME
+    refuse_links(store, STORE_FOLDERS + CATALOG_ENTRIES, what="verify the store")
     if not catalog_path.is_file():
         raise StoreNotFoundError(f"no tierstore store at {store} (no {CATALOG_NAME})", path=str(store))
-    lock = WriterLock(store)
+    lock_link = _lock_link(store)
+    if lock_link is not None and fix:
+        os.unlink(store / "LOCK")  # the link, so that the lock can be taken; what it points at stays
+    lock = None if lock_link is not None and not fix else WriterLock(store)
     try:
         report = _check(store, progress)
+        if lock_link is not None and fix:
+            report.problems.insert(0, lock_link)
+            report.removed_links.append("LOCK")
+            report.repaired.append("removed link LOCK (what it pointed at is untouched)")
         if fix and report.problems:
             _repair(store, report)
             again = _check(store, None)
@@ -121,7 +137,16 @@ def verify(path: str | os.PathLike[str], *, fix: bool = False, progress: Progres
             report.fixed = True
         return report
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
+
+
+def _lock_link(store: Path) -> Problem | None:
+    lock = store / "LOCK"
+    if not lock.is_symlink():
+        return None
+    return Problem("link", "LOCK", f"symbolic link to {os.readlink(lock)!r}; tierstore never follows links in "
+                   "a store (--fix removes the link only)")
 
 
 def _schema_version(catalog_path: Path) -> int:
@@ -193,6 +218,10 @@ def _check_blocks(l3: ZarrL3, rows: list[BlockRow], report: VerifyReport, progre
                     report.problems.append(Problem("corrupt", row.key, f"checksum mismatch in {loc.array}"))
             except FileNotFoundError:
                 report.problems.append(Problem("missing", row.key, f"{_rel(l3, loc.array, loc.shard)} is gone"))
+            except UnsafePathError:  # its bytes are not in the store (the link is a problem of its own)
+                metas.add(loc.array)
+                report.problems.append(Problem("missing", row.key, f"{_rel(l3, loc.array, loc.shard)} is a "
+                                               "symbolic link or lies behind one"))
             except CorruptBlockError as exc:
                 report.problems.append(Problem("corrupt", row.key, exc.message))
         if loc.array and loc.array not in metas:
@@ -221,17 +250,23 @@ def _rel(l3: ZarrL3, array: str, shard: int) -> str:
 def _check_files(store: Path, l3: ZarrL3, catalog: Catalog, report: VerifyReport) -> None:
     lengths = catalog.shard_lengths()
     live = catalog.live_arrays()
-    for entry in sorted(store.rglob("*")):
-        if entry.is_file() and entry.name.endswith(TEMP_SUFFIXES):
-            report.problems.append(Problem("temp", str(entry.relative_to(store)), "unfinished temporary file"))
+    for here, dirnames, filenames in os.walk(store):  # never into a linked folder
+        for name in sorted(dirnames + filenames):
+            entry = Path(here) / name
+            rel = str(entry.relative_to(store))
+            if entry.is_symlink():
+                report.problems.append(Problem("link", rel, f"symbolic link to {os.readlink(entry)!r}; tierstore "
+                                               "never follows links in a store (--fix removes the link only)"))
+            elif name in filenames and name.endswith(TEMP_SUFFIXES):
+                report.problems.append(Problem("temp", rel, "unfinished temporary file"))
     for group in GROUPS:
         if (store / group).parent.is_dir() and not _meta_ok(store / group, "group"):
             report.problems.append(Problem("meta", group, "zarr group metadata missing or damaged"))
     packs = l3.root / "packs"
-    for folder in sorted(p for p in packs.iterdir() if p.is_dir()) if packs.is_dir() else []:
+    for folder in sorted(p for p in packs.iterdir() if p.is_dir() and not p.is_symlink()) if packs.is_dir() else []:
         array = f"packs/{folder.name}"
         for entry in sorted(folder.iterdir()):
-            if entry.name == "zarr.json" or entry.name.endswith(TEMP_SUFFIXES):
+            if entry.name == "zarr.json" or entry.name.endswith(TEMP_SUFFIXES) or entry.is_symlink():
                 continue
             rel = str(entry.relative_to(store))
             key = (array, int(entry.name)) if entry.name.isdigit() else None
@@ -248,7 +283,7 @@ def _check_files(store: Path, l3: ZarrL3, catalog: Catalog, report: VerifyReport
                                            "which is gone; no block is in it"))
     blocks = l3.root / "blocks"
     for entry in sorted(blocks.iterdir()) if blocks.is_dir() else []:
-        if entry.name == "zarr.json" or entry.name.endswith(TEMP_SUFFIXES):
+        if entry.name == "zarr.json" or entry.name.endswith(TEMP_SUFFIXES) or entry.is_symlink():
             continue
         if f"blocks/{entry.name}" not in live:
             report.problems.append(Problem("orphan", str(entry.relative_to(store)),
@@ -261,7 +296,20 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def _unlink_links(store: Path, report: VerifyReport) -> None:
+    """Remove the links the check found (the links themselves: what they point at stays as it is)."""
+    for problem in report.problems:
+        link = store / problem.subject
+        if problem.kind != "link" or problem.subject in report.removed_links or not link.is_symlink():
+            continue
+        if link.parent == store or contained(store, link.parent):  # the folder holding it is the store's
+            os.unlink(link)
+            report.removed_links.append(problem.subject)
+            report.repaired.append(f"removed link {problem.subject} (what it pointed at is untouched)")
+
+
 def _repair(store: Path, report: VerifyReport) -> None:
+    _unlink_links(store, report)  # first: nothing below may write or delete through one
     catalog_path = store / CATALOG_NAME
     catalog = Catalog(catalog_path)  # applies pending schema migrations
     if any(p.kind == "schema" for p in report.problems):
@@ -280,7 +328,8 @@ def _repair(store: Path, report: VerifyReport) -> None:
             with catalog.write("drop damaged blocks") as conn:  # plain deletes: a damaged row need not parse
                 conn.executemany(DELETE_BLOCK, [(k,) for k in lost])
             for array in arrays:
-                if isinstance(array, str) and _OWN_ARRAY.fullmatch(array):  # never a path a damaged row made up
+                if (isinstance(array, str) and _OWN_ARRAY.fullmatch(array)  # never a path a damaged row made up
+                        and contained(store, l3.root / array)):
                     shutil.rmtree(l3.root / array, ignore_errors=True)
             report.lost.extend(lost)
             report.repaired.append(f"dropped {len(lost)} damaged block(s) from the catalog: {', '.join(lost)}")
@@ -308,12 +357,18 @@ def _repair(store: Path, report: VerifyReport) -> None:
             if problem.kind == "meta":
                 continue
             target = store / problem.subject
-            if problem.kind in ("orphan", "temp") and (target.exists() or target.is_symlink()):
+            if problem.kind in ("orphan", "temp", "torn") and not contained(store, target):
+                continue  # became a link since the check: leave it to the next check
+            if problem.kind in ("orphan", "temp") and target.exists():
                 shutil.rmtree(target) if target.is_dir() else target.unlink()
                 report.repaired.append(f"removed {problem.kind} {problem.subject}")
             elif problem.kind == "torn":
                 array, _, shard = problem.subject.removeprefix("l3/").rpartition("/")
-                os.truncate(target, lengths[(array, int(shard))])
+                fd = os.open(target, os.O_WRONLY | NOFOLLOW)
+                try:
+                    os.ftruncate(fd, lengths[(array, int(shard))])
+                finally:
+                    os.close(fd)
                 report.repaired.append(f"cut torn append of {problem.subject} back to its committed length")
     finally:
         l3.close()

@@ -19,6 +19,7 @@ import crc32c
 
 from .alloc import Allocation
 from .catalog import Catalog
+from .fsguard import open_nofollow
 from .residency import Residency
 from .tensors import dtype_from_name
 from .tiers.l2_slab import HostArena
@@ -48,7 +49,8 @@ def save_index(store_dir: Path, store_id: str, generation: int, l2: Residency[Ho
            "capacity": l2.arena.capacity, "entries": entries}
     path = store_dir / INDEX_NAME
     tmp = path.with_name(INDEX_NAME + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    # O_NOFOLLOW: a planted l2.index.tmp link must not have this written into its target
+    with os.fdopen(open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w", encoding="utf-8") as fh:
         json.dump(doc, fh)
         fh.flush()
         os.fsync(fh.fileno())
@@ -60,10 +62,11 @@ def load_index(store_dir: Path, store_id: str, generation: int, capacity: int) -
     """The entries of a matching index (consumed: the file is removed), or none."""
     path = store_dir / INDEX_NAME
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
+        with os.fdopen(open_nofollow(path, os.O_RDONLY), "rb") as fh:
+            raw = fh.read()
+    except OSError:  # gone, or a link (ELOOP): either way a cold start
         return []
-    finally:
+    finally:  # unlink takes a link itself away, never what it points at
         path.unlink(missing_ok=True)
         path.with_name(INDEX_NAME + ".tmp").unlink(missing_ok=True)
     try:
