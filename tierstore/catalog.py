@@ -69,6 +69,15 @@ DELETE FROM shards WHERE NOT EXISTS (
   SELECT 1 FROM blocks WHERE blocks.l3_array = shards.array AND blocks.l3_shard = shards.shard)
   AND (array, shard) NOT IN (SELECT array, max(shard) FROM shards GROUP BY array)
 """
+SHORT_SHARDS = """
+SELECT b.l3_array, b.l3_shard, max(b.l3_offset + b.stored_bytes), s.length
+FROM blocks b LEFT JOIN shards s ON s.array = b.l3_array AND s.shard = b.l3_shard
+WHERE b.l3_array >= 'packs/' AND b.l3_array < 'packs0' AND b.l3_offset >= 0 AND b.stored_bytes >= 0
+GROUP BY b.l3_array, b.l3_shard
+HAVING s.length IS NULL OR s.length < max(b.l3_offset + b.stored_bytes) + ?
+"""
+"""Pack shards whose row is missing or shorter than the blocks in them (and the index after) need."""
+SHARD_CHUNKS = "SELECT l3_offset, l3_sizes FROM blocks WHERE l3_array = ? AND l3_shard = ?"
 GET_META = "SELECT value FROM store_meta WHERE name = ?"
 SET_META = "INSERT INTO store_meta (name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value"
 GET_STATS = ("SELECT access_count, get_count, put_count, hits_l1, hits_l2, hits_l3, first_access, last_access, "
@@ -444,6 +453,27 @@ class Catalog:
     def shard_lengths(self) -> dict[tuple[str, int], int]:
         """Committed length of every shard file."""
         return {(a, s): n for a, s, n in self.query(SHARD_LENGTHS)}
+
+    def short_shards(self, index_bytes: int) -> list[tuple[str, int, int, int | None]]:
+        """``(array, shard, extent, length)`` of pack shards whose row is missing (length None) or
+        ends before ``extent`` (where its last block ends) plus ``index_bytes``."""
+        return [(str(a), int(s), int(e), None if n is None else int(n))
+                for a, s, e, n in self.query(SHORT_SHARDS, (index_bytes,))]
+
+    def set_shard_lengths(self, lengths: dict[tuple[str, int], int]) -> None:
+        """Write shard rows (rebuilt from the bytes by recovery or repair)."""
+        with self.write("rebuild shard rows") as conn:
+            conn.executemany(UPSERT_SHARD, [(a, s, n) for (a, s), n in lengths.items()])
+
+    def shard_chunks(self, array: str, shard: int) -> list[tuple[int, int]]:
+        """``(offset, size)`` of every chunk the blocks in a shard have (rows that do not parse skipped)."""
+        chunks: list[tuple[int, int]] = []
+        for offset, sizes in self.query(SHARD_CHUNKS, (array, shard)):
+            if type(offset) is int and isinstance(sizes, bytes) and len(sizes) % 4 == 0:
+                for size in memoryview(sizes).cast("I"):
+                    chunks.append((offset, int(size)))
+                    offset += int(size)
+        return chunks
 
     def live_arrays(self) -> set[str]:
         """L3 arrays (large blocks) that committed rows point at."""
