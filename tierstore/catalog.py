@@ -31,7 +31,14 @@ from typing import Any
 
 import sqlite_utils
 
-from .errors import CatalogError, CorruptBlockError, SchemaVersionError, StoreFullError, TierStoreError
+from .errors import (
+    CatalogError,
+    CorruptBlockError,
+    SchemaVersionError,
+    StoreFullError,
+    TierStoreError,
+    translate_os_error,
+)
 
 __all__ = ["Catalog", "BlockRow", "SCHEMA_VERSION", "schema_scripts"]
 
@@ -123,6 +130,8 @@ SELECT s.key, s.access_count, s.last_access, b.nbytes FROM block_stats s JOIN bl
 WHERE s.access_count >= ? ORDER BY s.access_count DESC, s.last_access DESC LIMIT ?
 """
 
+CREATING_SUFFIX = ".tmp"
+"""A catalog being created (renamed into place when complete; a leftover is replaced)."""
 HEADROOM_SUFFIX = "-headroom"
 HEADROOM = 1 << 20
 """Disk held beside the catalog and given back when the disk is full, so that deletes can still commit."""
@@ -239,6 +248,8 @@ class Catalog:
         self._lock = threading.RLock()
         if readonly and not self.path.exists():
             raise CatalogError(f"no catalog at {self.path}; is this a tierstore store?", path=str(self.path))
+        if not readonly and _unborn(self.path):
+            self._create(durable)
         try:
             conn = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False, isolation_level=None)
             self._conn = conn
@@ -254,6 +265,11 @@ class Catalog:
             raise SchemaVersionError(
                 f"catalog {self.path} has schema version {version}, newer than this tierstore knows "
                 f"({SCHEMA_VERSION}); upgrade tierstore to open it", path=str(self.path))
+        if version == 0 and readonly:
+            conn.close()
+            raise SchemaVersionError(
+                f"catalog {self.path} is empty: the store's first open did not finish; open it read-write "
+                "once to create it", path=str(self.path))
         if version < SCHEMA_VERSION:
             if readonly:
                 conn.close()
@@ -296,6 +312,42 @@ class Catalog:
             return any(f.exists() and f.stat().st_size + (1 << 16) >= soft for f in files)
         except OSError:
             return False
+
+    def _create(self, durable: bool) -> None:
+        """Build a complete catalog in a temporary file and rename it into place.
+
+        A kill half-way through a first open then leaves no catalog (or the old empty one) and a
+        temporary file the next writer replaces, never a catalog stuck at an early schema version.
+        """
+        tmp = self.path.with_name(self.path.name + CREATING_SUFFIX)
+        tmp.unlink(missing_ok=True)
+        try:
+            conn = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                conn.execute("PRAGMA journal_mode = MEMORY")  # the rename is what makes creation atomic
+                for version, _name, sql in schema_scripts():
+                    conn.executescript(f"BEGIN;\n{sql}\nPRAGMA user_version = {version};\nCOMMIT;")
+            finally:
+                conn.close()
+            if durable:
+                fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            os.replace(tmp, self.path)
+            if durable:
+                fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        except sqlite3.Error as exc:
+            tmp.unlink(missing_ok=True)
+            raise self._fail(exc, "create the catalog") from None
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise translate_os_error(exc, what="create the catalog", path=self.path) from None
 
     def _migrate(self, current: int) -> None:
         for version, name, sql in schema_scripts():
@@ -586,6 +638,19 @@ class Catalog:
                 self._conn.close()
             except sqlite3.Error:
                 pass
+
+
+def _unborn(path: Path) -> bool:
+    """Whether no catalog was ever completed at ``path`` (none, or an empty file a crash left).
+
+    An empty file beside a non-empty WAL is not: the WAL may hold the whole catalog.
+    """
+    try:
+        if path.stat().st_size:
+            return False
+        return path.with_name(path.name + "-wal").stat().st_size == 0
+    except FileNotFoundError:
+        return True
 
 
 def _replaced_row(old: Sequence[Any]) -> BlockRow:

@@ -35,7 +35,7 @@ import torch
 from ._version import __version__
 from .activity import save_counters
 from .alloc import Allocation
-from .catalog import BlockRow, Catalog, now
+from .catalog import CREATING_SUFFIX, BlockRow, Catalog, now
 from .config import CacheConfig, parse_size
 from .errors import (
     BlockNotFoundError,
@@ -95,8 +95,10 @@ class TierStore(SharedTier, StoreReports):
         catalog_path = self.path / CATALOG_NAME
         if readonly:
             if not catalog_path.exists():
-                raise StoreNotFoundError(f"no tierstore store at {self.path} (no {CATALOG_NAME})",
-                                         path=str(self.path))
+                unfinished = catalog_path.with_name(CATALOG_NAME + CREATING_SUFFIX).exists()
+                raise StoreNotFoundError(f"no tierstore store at {self.path} (no {CATALOG_NAME})" + (
+                    "; its first open did not finish: open it read-write once to create it" if unfinished else ""),
+                    path=str(self.path))
         else:
             try:
                 self.path.mkdir(parents=True, exist_ok=True)
@@ -112,8 +114,7 @@ class TierStore(SharedTier, StoreReports):
         self._closed = False
 
     def _open(self, catalog_path: Path, config: CacheConfig | None, overrides: dict[str, Any]) -> None:
-        if not self.readonly:
-            refuse_orphaned_data(self.path, catalog_path)
+        refuse_orphaned_data(self.path, catalog_path)  # read-only too: its advice must be one that works
         fsync = config.fsync if config is not None else overrides.get("fsync", True)
         self._catalog = Catalog(catalog_path, readonly=self.readonly, durable=bool(fsync))
         self.config = self._resolve_config(config, overrides)
