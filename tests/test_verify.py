@@ -110,13 +110,13 @@ def test_verify_cli_exit_codes_json_and_loss_report(tmp_path: Path, capsys: pyte
 def test_fix_without_losses_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     store = tmp_path / "s"
     _make(store)
-    (store / "l2.index.tmp").write_text("[")
+    (store / "l3" / "zarr.json.tmp").write_text("{")
     with sqlite3.connect(store / "catalog.sqlite") as conn:
         conn.execute("INSERT INTO journal (block_id, key, op, src, dst, state, created) "
                      "VALUES (1, 'small/0', 'demote', 'L2', 'L3', 'copied', 0)")
     assert main(["verify", str(store), "--fix"]) == 0
     out = capsys.readouterr().out
-    assert "removed temp l2.index.tmp" in out and "LOST" not in out
+    assert "removed temp l3/zarr.json.tmp" in out and "LOST" not in out
     assert verify(store).ok
 
 
@@ -329,3 +329,30 @@ def test_a_bit_flip_in_a_shard_index_is_found_and_written_again(tmp_path: Path, 
             slot = offset // 4096  # raw pack: slot order is file order, one granule each
             start = shard * 4096 * 64 + slot * 4096
             assert np.asarray(packed[start:start + len(small)]).tobytes() == small, small_key
+
+
+def test_a_leftover_l2_index_tmp_is_no_damage_and_goes_at_open(tmp_path: Path) -> None:
+    store = tmp_path / "s"
+    _make(store)
+    (store / "l2.index.tmp").write_text("[")  # what a close on a full disk used to leave
+    assert verify(store).ok
+    with tierstore.open(store, l2_cache_size=0):
+        pass
+    assert not (store / "l2.index.tmp").exists()
+
+
+def test_the_l2_file_goes_when_the_store_is_no_longer_file_backed(tmp_path: Path) -> None:
+    store = tmp_path / "s"
+    with tierstore.open(store, l2_cache_size="1MiB", l2_file_backed=True) as db:
+        db.put("k", torch.ones(1000))
+        db.get("k")
+    assert (store / "l2.slab").exists() and (store / "l2.index").exists()
+    with tierstore.open(store, l2_cache_size="1MiB", l2_file_backed=True) as db:
+        assert same_bits(db.get("k"), torch.ones(1000))
+    assert (store / "l2.slab").exists()  # still file-backed: kept for the warm restart
+    with tierstore.open(store, l2_cache_size="1MiB", l2_file_backed=False) as db:
+        assert not (store / "l2.slab").exists() and not (store / "l2.index").exists()
+        assert same_bits(db.get("k"), torch.ones(1000))
+    with tierstore.open(store, readonly=True) as db:
+        assert same_bits(db.get("k"), torch.ones(1000))
+    assert verify(store).ok

@@ -69,7 +69,7 @@ from .tiers.l2_slab import HostArena
 from .tiers.l3_codecs import choose_codec
 from .tiers.l3_zarr import EMPTY_LOCATION, Location, RecoveryReport, ZarrL3
 from .txn import Change, Txn, location_of
-from .warm import save_index, warm_l2
+from .warm import drop_l2_files, save_index, warm_l2
 
 if TYPE_CHECKING:
     from .maintenance import MaintenanceReport
@@ -128,6 +128,8 @@ class TierStore(SharedTier, StoreReports):
         """Moves a crash interrupted, undone at open (see :mod:`tierstore.migrator`)."""
         if not self.readonly:
             self._recover()
+            file_backed = self.config.l2_file_backed and self.config.l2_cache_size > 0
+            drop_l2_files(self.path, slab=L2_FILE, keep_slab=file_backed)
         self._next_block_id = self._catalog.next_block_id()
         self._ids_lock = threading.Lock()
         self._rows: dict[str, tuple[BlockRow, Location]] = {}

@@ -35,6 +35,7 @@ from .recovery import rebuild_shard_rows, refuse_orphaned_data
 from .tensors import dtype_from_name
 from .tiers.l3_zarr import PACK_INDEX_BYTES, ZarrL3
 from .txn import location_of
+from .warm import TMP_INDEX_NAME
 
 __all__ = ["Problem", "VerifyReport", "verify", "PROBLEM_KINDS"]
 
@@ -50,7 +51,8 @@ BLOCK_IN_ARRAY = f"SELECT {BLOCK_COLUMNS} FROM blocks WHERE l3_array = ? LIMIT 1
 BLOCK_AT = f"SELECT {BLOCK_COLUMNS} FROM blocks WHERE l3_array = ? AND l3_shard = ? LIMIT 1"
 GROUPS = ("l3/zarr.json", "l3/packs/zarr.json", "l3/blocks/zarr.json")
 TEMP_SUFFIXES = (".tmp", ".partial")
-"""Names a writer gives files it has not finished (zarr.json.tmp, l2.index.tmp, zarr's .partial)."""
+"""Names a writer gives files it has not finished (zarr.json.tmp, zarr's .partial); not ``l2.index.tmp``,
+which only costs a cold L2 and goes at the next open."""
 
 PROBLEM_KINDS = ("schema", "corrupt", "missing", "orphan", "torn", "stale", "shard", "index", "meta", "journal",
                  "temp")
@@ -269,7 +271,7 @@ def _check_files(store: Path, l3: ZarrL3, catalog: Catalog, report: VerifyReport
     lengths = catalog.shard_lengths()
     live = catalog.live_arrays()
     for entry in sorted(store.rglob("*")):
-        if entry.is_file() and entry.name.endswith(TEMP_SUFFIXES):
+        if entry.is_file() and entry.name.endswith(TEMP_SUFFIXES) and entry != store / TMP_INDEX_NAME:
             report.problems.append(Problem("temp", str(entry.relative_to(store)), "unfinished temporary file"))
     for group in GROUPS:
         if (store / group).parent.is_dir() and not _meta_ok(store / group, "group"):
