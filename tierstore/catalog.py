@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import crc32c
 import sqlite_utils
 
 from .errors import (
@@ -86,6 +87,7 @@ HAVING s.length IS NULL OR s.length < max(b.l3_offset + b.stored_bytes) + ?
 """Pack shards whose row is missing or shorter than the blocks in them (and the index after) need."""
 SHARD_CHUNKS = "SELECT l3_offset, l3_sizes FROM blocks WHERE l3_array = ? AND l3_shard = ?"
 GET_META = "SELECT value FROM store_meta WHERE name = ?"
+DELETE_META = "DELETE FROM store_meta WHERE name = ?"
 SET_META = "INSERT INTO store_meta (name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value"
 GET_STATS = ("SELECT access_count, get_count, put_count, hits_l1, hits_l2, hits_l3, first_access, last_access, "
              "interarrival_ewma FROM block_stats WHERE key = ?")
@@ -130,6 +132,10 @@ SELECT s.key, s.access_count, s.last_access, b.nbytes FROM block_stats s JOIN bl
 WHERE s.access_count >= ? ORDER BY s.access_count DESC, s.last_access DESC LIMIT ?
 """
 
+COUNTER_SUFFIX = "-commits"
+"""The commit counter kept outside the WAL (see ``Catalog._check_commit_counter``)."""
+COMMIT_SEQ = "commit_seq"
+ROLLBACK_META = "catalog_rollback"
 CREATING_SUFFIX = ".tmp"
 """A catalog being created (renamed into place when complete; a leftover is replaced)."""
 HEADROOM_SUFFIX = "-headroom"
@@ -279,6 +285,10 @@ class Catalog:
             self._migrate(version)
         if readonly:
             conn.execute("PRAGMA query_only = 1")
+        self._counter_fd = -1
+        self._seq = 0
+        self.rollback_note = self._check_commit_counter()
+        """Non-empty when the catalog lost commits it had acknowledged, until ``verify --fix``."""
         self._headroom_gone = False
         if not readonly:
             self._reserve_headroom()
@@ -312,6 +322,44 @@ class Catalog:
             return any(f.exists() and f.stat().st_size + (1 << 16) >= soft for f in files)
         except OSError:
             return False
+
+    # -- commit counter -----------------------------------------------------------------------------
+    # SQLite drops every WAL frame after the first damaged one without a word, so a damaged WAL after a
+    # killed writer silently rolls back acknowledged commits. Each write transaction therefore bumps
+    # commit_seq in store_meta and, after COMMIT, writes it to a small file beside the catalog (outside
+    # the WAL). A catalog whose commit_seq is behind that file lost commits. The file is written
+    # without fsync: it survives a killed process (the page cache does), and a file behind the
+    # catalog (after a power cut) is never mistaken for a loss.
+
+    def _check_commit_counter(self) -> str:
+        counted = _read_counter(self.path.with_name(self.path.name + COUNTER_SUFFIX))  # before the catalog
+        try:
+            seq = int(self.meta(COMMIT_SEQ) or 0)
+        except ValueError:
+            seq = 0
+        note = self.meta(ROLLBACK_META) or ""
+        if seq < counted:
+            note = (f"the catalog lost commits {seq + 1} to {counted} it had acknowledged (its write-ahead log "
+                    "was damaged after a crash, or it was restored from an older copy): blocks written or "
+                    "deleted by them are missing or older; check them, then run 'tierstore verify --fix' "
+                    "to acknowledge")
+        if self.readonly:
+            return note
+        self._seq = max(seq, counted)
+        try:
+            self._counter_fd = os.open(self.path.with_name(self.path.name + COUNTER_SUFFIX),
+                                       os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            raise translate_os_error(exc, what="open the commit counter", path=self.path) from None
+        if seq < counted:
+            self.set_meta({ROLLBACK_META: note})  # kept until acknowledged: later commits move the counter on
+        return note
+
+    def acknowledge_rollback(self) -> None:
+        """Forget a detected loss of commits (``verify --fix``, once it has been reported)."""
+        with self.write("acknowledge lost commits") as conn:
+            conn.execute(DELETE_META, (ROLLBACK_META,))
+        self.rollback_note = ""
 
     def _create(self, durable: bool) -> None:
         """Build a complete catalog in a temporary file and rename it into place.
@@ -367,11 +415,19 @@ class Catalog:
             conn = self._conn
             try:
                 conn.execute("BEGIN IMMEDIATE")
+                seq = self._seq + 1
+                if self._counter_fd >= 0:
+                    conn.execute(SET_META, (COMMIT_SEQ, str(seq)))
             except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise self._fail(exc, what) from None
             try:
                 yield conn
                 conn.execute("COMMIT")
+                if self._counter_fd >= 0:
+                    self._seq = seq
+                    _write_counter(self._counter_fd, seq)
             except sqlite3.Error as exc:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
@@ -638,6 +694,29 @@ class Catalog:
                 self._conn.close()
             except sqlite3.Error:
                 pass
+            if self._counter_fd >= 0:
+                os.close(self._counter_fd)
+                self._counter_fd = -1
+
+
+def _read_counter(path: Path) -> int:
+    """The commit count recorded beside the catalog (0 when there is none or it is damaged)."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(12)
+    except OSError:
+        return 0
+    if len(raw) != 12 or crc32c.crc32c(raw[:8]) != int.from_bytes(raw[8:], "little"):
+        return 0
+    return int.from_bytes(raw[:8], "little")
+
+
+def _write_counter(fd: int, seq: int) -> None:
+    raw = seq.to_bytes(8, "little")
+    try:
+        os.pwrite(fd, raw + crc32c.crc32c(raw).to_bytes(4, "little"), 0)  # one page: a kill never tears it
+    except OSError:
+        pass  # (a full disk cannot refuse 12 bytes in place): a counter behind the catalog is never a false alarm
 
 
 def _unborn(path: Path) -> bool:

@@ -130,6 +130,7 @@ class TierStore(SharedTier, StoreReports):
             self._recover()
             file_backed = self.config.l2_file_backed and self.config.l2_cache_size > 0
             drop_l2_files(self.path, slab=L2_FILE, keep_slab=file_backed)
+        self.recovery.catalog_rollback = self._catalog.rollback_note
         self._next_block_id = self._catalog.next_block_id()
         self._ids_lock = threading.Lock()
         self._rows: dict[str, tuple[BlockRow, Location]] = {}

@@ -54,15 +54,16 @@ TEMP_SUFFIXES = (".tmp", ".partial")
 """Names a writer gives files it has not finished (zarr.json.tmp, zarr's .partial); not ``l2.index.tmp``,
 which only costs a cold L2 and goes at the next open."""
 
-PROBLEM_KINDS = ("schema", "corrupt", "missing", "orphan", "torn", "stale", "shard", "index", "meta", "journal",
-                 "temp")
+PROBLEM_KINDS = ("schema", "rollback", "corrupt", "missing", "orphan", "torn", "stale", "shard", "index", "meta",
+                 "journal", "temp")
 """``corrupt``: bytes fail their checksum or do not decode, or the row's metadata cannot describe
 them; ``missing``: a row's data file is gone; ``orphan``: a data file no row points at; ``torn``: a
 shard longer than committed; ``stale``: a shard row whose file is gone (with no block left in it);
 ``shard``: a shard row missing or shorter than the blocks in the file need (rebuilt from the bytes);
 ``index``: a shard's zarr index is damaged; ``meta``: an array's ``zarr.json`` is missing or
 damaged (zarr readers need both, tierstore does not); ``journal``: a
-move left in flight; ``temp``: an unfinished temporary file; ``schema``: an old catalog schema."""
+move left in flight; ``temp``: an unfinished temporary file; ``schema``: an old catalog schema;
+``rollback``: the catalog lost commits it had acknowledged (a damaged WAL; --fix acknowledges it)."""
 
 Progress = Callable[[int, int], None]
 
@@ -166,6 +167,8 @@ def _check(store: Path, progress: Progress | None) -> VerifyReport:
     catalog = Catalog(catalog_path, readonly=True)
     l3 = ZarrL3(store, readonly=True)
     try:
+        if catalog.rollback_note:
+            report.problems.append(Problem("rollback", CATALOG_NAME, catalog.rollback_note))
         rows = []
         for raw in catalog.query(ALL_BLOCKS):
             try:
@@ -346,6 +349,10 @@ def _repair(store: Path, report: VerifyReport) -> None:
     l3_rw = ZarrL3(store)  # writes missing group metadata
     report.repaired.extend(f"wrote {group} again" for group in groups)
     try:
+        if catalog.rollback_note:
+            report.repaired.append(f"acknowledged: {catalog.rollback_note}")
+            report.lost.append("(commits the catalog lost: see repaired)")
+            catalog.acknowledge_rollback()
         lost = sorted({p.subject for p in report.problems if p.kind in ("corrupt", "missing")})
         if lost:
             arrays = [r[0] for k in lost for r in catalog.query(ARRAY_OF, (k,))]
