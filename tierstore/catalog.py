@@ -565,8 +565,9 @@ class Catalog:
     def short_shards(self, index_bytes: int) -> list[tuple[str, int, int, int | None]]:
         """``(array, shard, extent, length)`` of pack shards whose row is missing (length None) or
         ends before ``extent`` (where its last block ends) plus ``index_bytes``."""
-        return [(str(a), int(s), int(e), None if n is None else int(n))
-                for a, s, e, n in self.query(SHORT_SHARDS, (index_bytes,))]
+        return [(a, s, e, n) for a, s, e, n in self.query(SHORT_SHARDS, (index_bytes,))
+                if isinstance(a, str) and _ARRAY_NAME.fullmatch(a) and type(s) is int and s >= 0
+                and type(e) is int and (n is None or type(n) is int)]  # never a path a damaged row made up
 
     def set_shard_lengths(self, lengths: dict[tuple[str, int], int]) -> None:
         """Write shard rows (rebuilt from the bytes by recovery or repair)."""
