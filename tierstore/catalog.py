@@ -85,6 +85,10 @@ GROUP BY b.l3_array, b.l3_shard
 HAVING s.length IS NULL OR s.length < max(b.l3_offset + b.stored_bytes) + ?
 """
 """Pack shards whose row is missing or shorter than the blocks in them (and the index after) need."""
+SHARD_EXTENT = """
+SELECT max(l3_offset + stored_bytes) FROM blocks INDEXED BY blocks_by_location
+WHERE l3_array = ? AND l3_shard = ? AND l3_offset >= 0 AND stored_bytes >= 0
+"""
 SHARD_CHUNKS = "SELECT l3_offset, l3_sizes FROM blocks WHERE l3_array = ? AND l3_shard = ?"
 GET_META = "SELECT value FROM store_meta WHERE name = ?"
 DELETE_META = "DELETE FROM store_meta WHERE name = ?"
@@ -568,6 +572,11 @@ class Catalog:
         return [(a, s, e, n) for a, s, e, n in self.query(SHORT_SHARDS, (index_bytes,))
                 if isinstance(a, str) and _ARRAY_NAME.fullmatch(a) and type(s) is int and s >= 0
                 and type(e) is int and (n is None or type(n) is int)]  # never a path a damaged row made up
+
+    def shard_extent(self, array: str, shard: int) -> int | None:
+        """Where the last block in a shard ends (None: no block is in it)."""
+        value = self.query_one(SHARD_EXTENT, (array, shard))[0]
+        return value if type(value) is int else None
 
     def set_shard_lengths(self, lengths: dict[tuple[str, int], int]) -> None:
         """Write shard rows (rebuilt from the bytes by recovery or repair)."""

@@ -26,7 +26,7 @@ def recover(catalog: Catalog, l3: ZarrL3) -> RecoveryReport:
     catalog.drop_volatile()
     catalog.forget_unused_shards()
     try:
-        rebuilt = rebuild_shard_rows(catalog, l3)  # first: what follows trusts the shard rows
+        rebuilt = rebuild_shard_rows(catalog, l3, _at_risk(catalog, l3))  # first: what follows trusts them
         lengths = catalog.shard_lengths()
         report = l3.recover(lengths, catalog.live_arrays())
     except OSError as exc:
@@ -39,16 +39,18 @@ def recover(catalog: Catalog, l3: ZarrL3) -> RecoveryReport:
     return report
 
 
-def rebuild_shard_rows(catalog: Catalog, l3: ZarrL3) -> list[str]:
+def rebuild_shard_rows(catalog: Catalog, l3: ZarrL3,
+                       short: list[tuple[str, int, int, int | None]] | None = None) -> list[str]:
     """Rebuild the rows of pack shards that blocks use but the catalog lost or shortened.
 
     A missing row would make the file an orphan (deleted) and a short one a torn append (cut),
-    destroying blocks that read fine; the bytes say how long the shard really is. Returns one
+    destroying blocks that read fine; the bytes say how long the shard really is. ``short``
+    lists the shards to look at (default: every one, a scan of all packed rows). Returns one
     line per row rebuilt.
     """
     lengths: dict[tuple[str, int], int] = {}
     lines = []
-    for array, shard, extent, length in catalog.short_shards(PACK_INDEX_BYTES):
+    for array, shard, extent, length in short if short is not None else catalog.short_shards(PACK_INDEX_BYTES):
         end = l3.shard_end(array, shard, extent)
         if end is None:
             continue  # the file is gone: its blocks are missing, which is reported, not invented
@@ -60,6 +62,23 @@ def rebuild_shard_rows(catalog: Catalog, l3: ZarrL3) -> list[str]:
     if lengths:
         catalog.set_shard_lengths(lengths)
     return lines
+
+
+def _at_risk(catalog: Catalog, l3: ZarrL3) -> list[tuple[str, int, int, int | None]]:
+    """The shards whose files :meth:`ZarrL3.recover` would delete (no row) or cut (the last of each pack)
+    although blocks use more of them than their row says: one indexed query each, not a scan of all rows."""
+    lengths = catalog.shard_lengths()
+    last: dict[str, int] = {}
+    for array, number in lengths:
+        last[array] = max(last.get(array, -1), number)
+    candidates = {k for k in l3.pack_shard_files() if k not in lengths} | set(last.items())
+    found = []
+    for array, number in sorted(candidates):
+        extent = catalog.shard_extent(array, number)
+        length = lengths.get((array, number))
+        if extent is not None and (length is None or length < extent + PACK_INDEX_BYTES):
+            found.append((array, number, extent, length))
+    return found
 
 
 def refuse_orphaned_data(store_dir: Path, catalog_path: Path) -> None:

@@ -599,6 +599,14 @@ class ZarrL3:
 
     # -- recovery -------------------------------------------------------------------------------
 
+    def pack_shard_files(self) -> set[tuple[str, int]]:
+        """``(array, number)`` of every pack shard file there is (names only: no stat per file)."""
+        packs = self.root / "packs"
+        found: set[tuple[str, int]] = set()
+        for folder in (p for p in packs.iterdir() if p.is_dir()) if packs.is_dir() else []:
+            found.update((f"packs/{folder.name}", int(n)) for n in os.listdir(folder) if n.isdigit())
+        return found
+
     def shard_end(self, array: str, shard: int, extent: int) -> int | None:
         """How long a pack shard is by its bytes: the end of its first valid index after ``extent``.
 
