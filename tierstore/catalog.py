@@ -290,7 +290,6 @@ class Catalog:
         if readonly:
             conn.execute("PRAGMA query_only = 1")
         self._counter_fd = -1
-        self._seq = 0
         self.rollback_note = self._check_commit_counter()
         """Non-empty when the catalog lost commits it had acknowledged, until ``verify --fix``."""
         self._headroom_gone = False
@@ -337,10 +336,7 @@ class Catalog:
 
     def _check_commit_counter(self) -> str:
         counted = _read_counter(self.path.with_name(self.path.name + COUNTER_SUFFIX))  # before the catalog
-        try:
-            seq = int(self.meta(COMMIT_SEQ) or 0)
-        except ValueError:
-            seq = 0
+        seq = _as_count(self.query_one(GET_META, (COMMIT_SEQ,)))
         note = self.meta(ROLLBACK_META) or ""
         if seq < counted:
             note = (f"the catalog lost commits {seq + 1} to {counted} it had acknowledged (its write-ahead log "
@@ -349,14 +345,13 @@ class Catalog:
                     "to acknowledge")
         if self.readonly:
             return note
-        self._seq = max(seq, counted)
         try:
             self._counter_fd = os.open(self.path.with_name(self.path.name + COUNTER_SUFFIX),
                                        os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         except OSError as exc:
             raise translate_os_error(exc, what="open the commit counter", path=self.path) from None
         if seq < counted:
-            self.set_meta({ROLLBACK_META: note})  # kept until acknowledged: later commits move the counter on
+            self.set_meta({ROLLBACK_META: note})  # kept until acknowledged: the counter follows the catalog now
         return note
 
     def acknowledge_rollback(self) -> None:
@@ -419,8 +414,9 @@ class Catalog:
             conn = self._conn
             try:
                 conn.execute("BEGIN IMMEDIATE")
-                seq = self._seq + 1
-                if self._counter_fd >= 0:
+                seq = 0
+                if self._counter_fd >= 0:  # read under the write lock: the file is never ahead of the catalog
+                    seq = _as_count(conn.execute(GET_META, (COMMIT_SEQ,)).fetchone()) + 1
                     conn.execute(SET_META, (COMMIT_SEQ, str(seq)))
             except sqlite3.Error as exc:
                 if conn.in_transaction:
@@ -430,7 +426,6 @@ class Catalog:
                 yield conn
                 conn.execute("COMMIT")
                 if self._counter_fd >= 0:
-                    self._seq = seq
                     _write_counter(self._counter_fd, seq)
             except sqlite3.Error as exc:
                 if conn.in_transaction:
@@ -707,6 +702,12 @@ class Catalog:
             if self._counter_fd >= 0:
                 os.close(self._counter_fd)
                 self._counter_fd = -1
+
+
+def _as_count(row: Any) -> int:
+    """The commit_seq value of a ``store_meta`` row (0 when absent or damaged)."""
+    text = str(row[0]) if row is not None else ""
+    return int(text) if text.isascii() and text.isdigit() else 0
 
 
 def _read_counter(path: Path) -> int:
