@@ -45,7 +45,7 @@ import torch
 from ._version import __version__
 from .activity import save_counters
 from .alloc import Allocation
-from .catalog import BlockRow, Catalog, now
+from .catalog import CREATING_SUFFIX, BlockRow, Catalog, now
 from .config import CacheConfig, parse_size
 from .errors import (
     BlockNotFoundError,
@@ -82,7 +82,7 @@ from .tiers.l2_slab import HostArena
 from .tiers.l3_codecs import choose_codec
 from .tiers.l3_zarr import EMPTY_LOCATION, Location, RecoveryReport, ZarrL3
 from .txn import Change, Txn, location_of
-from .warm import save_index, warm_l2
+from .warm import drop_l2_files, save_index, warm_l2
 
 if TYPE_CHECKING:
     from .maintenance import MaintenanceReport
@@ -118,8 +118,10 @@ class TierStore(SharedTier, StoreReports):
                      what=f"open the store read-{'only' if readonly else 'write'}")
         if readonly:
             if not catalog_path.exists():
-                raise StoreNotFoundError(f"no tierstore store at {self.path} (no {CATALOG_NAME})",
-                                         path=str(self.path))
+                unfinished = catalog_path.with_name(CATALOG_NAME + CREATING_SUFFIX).exists()
+                raise StoreNotFoundError(f"no tierstore store at {self.path} (no {CATALOG_NAME})" + (
+                    "; its first open did not finish: open it read-write once to create it" if unfinished else ""),
+                    path=str(self.path))
         else:
             try:
                 self.path.mkdir(parents=True, exist_ok=True)
@@ -136,8 +138,7 @@ class TierStore(SharedTier, StoreReports):
         self._closed = False
 
     def _open(self, catalog_path: Path, config: CacheConfig | None, overrides: dict[str, Any]) -> None:
-        if not self.readonly:
-            refuse_orphaned_data(self.path, catalog_path)
+        refuse_orphaned_data(self.path, catalog_path)  # read-only too: its advice must be one that works
         fsync = config.fsync if config is not None else overrides.get("fsync", True)
         self._catalog = Catalog(catalog_path, readonly=self.readonly, durable=bool(fsync))
         self.config, asked = self._resolve_config(config, overrides)
@@ -153,6 +154,9 @@ class TierStore(SharedTier, StoreReports):
         """Moves a crash interrupted, undone at open (see :mod:`tierstore.migrator`)."""
         if not self.readonly:
             self._recover()
+            file_backed = self.config.l2_file_backed and self.config.l2_cache_size > 0
+            drop_l2_files(self.path, slab=L2_FILE, keep_slab=file_backed)
+        self.recovery.catalog_rollback = self._catalog.rollback_note
         self._next_block_id = self._catalog.next_block_id()
         self._ids_lock = threading.Lock()
         self._rows: dict[str, tuple[BlockRow, Location]] = {}
