@@ -21,7 +21,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from concurrent.futures import Future
 from contextlib import contextmanager
 from heapq import merge
@@ -83,8 +83,15 @@ _ROW_CACHE = 1 << 16
 _BF16_CAST = {"auto": None, "always": True, "never": False}
 
 
-class TierStore(SharedTier, StoreReports):
-    """A handle on one store. Use :func:`tierstore.open` to get one; it is a context manager."""
+class TierStore(SharedTier, StoreReports, MutableMapping[str, torch.Tensor]):
+    """A handle on one store. Use :func:`tierstore.open` to get one; it is a context manager.
+
+    It is a ``MutableMapping`` of key to tensor: ``db[k]`` is ``get(k)`` (``BlockNotFoundError``,
+    a ``KeyError``, when missing), ``db[k] = t`` a durable ``put``, ``del db[k]`` a ``delete``;
+    so it serves wherever a mapping of weights is asked for (accelerate's ``weights_map``, say).
+    ``get`` and ``keys`` keep their own signatures: ``get(key, device)`` raises for a missing key
+    instead of returning a default, and ``keys(prefix)`` returns a sorted iterator.
+    """
 
     def __init__(self, path: str | Path, config: CacheConfig | None = None, *, readonly: bool = False,
                  **overrides: Any) -> None:
@@ -586,7 +593,8 @@ class TierStore(SharedTier, StoreReports):
             self._next_block_id += 1
             return block_id
 
-    def get(self, key: str, device: str | torch.device | None = None, *, copy: bool = False) -> torch.Tensor:
+    def get(self, key: str, device: str | torch.device | None = None,  # type: ignore[override]
+            *, copy: bool = False) -> torch.Tensor:
         """The tensor stored under ``key`` (on ``device`` if given).
 
         From L2 the tensor is a zero-copy view whose slot stays reserved for as long as any tensor
@@ -959,7 +967,26 @@ class TierStore(SharedTier, StoreReports):
     def __iter__(self) -> Iterator[str]:
         return self.keys()
 
-    def keys(self, prefix: str | None = None) -> Iterator[str]:
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.get(key)
+
+    def __setitem__(self, key: str, tensor: torch.Tensor) -> None:
+        self.put(key, tensor)
+
+    def __delitem__(self, key: str) -> None:
+        self.delete(key)
+
+    # Mapping would compare stores by reading and comparing every tensor (and so make handles
+    # unhashable); two handles are equal only when they are the same handle.
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    def __ne__(self, other: object) -> bool:
+        return self is not other
+
+    __hash__ = object.__hash__
+
+    def keys(self, prefix: str | None = None) -> Iterator[str]:  # type: ignore[override]
         """Keys in sorted order (those starting with ``prefix`` if given)."""
         self._check_open()
         if prefix is not None and not isinstance(prefix, str):
