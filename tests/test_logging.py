@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -26,9 +29,16 @@ def _wait_for(check: Callable[[], bool]) -> None:
         time.sleep(0.01)
 
 
-def test_library_configures_no_handlers() -> None:
-    for name in ("tierstore", "tierstore.history", "tierstore.migrator", "tierstore.shared"):
-        assert logging.getLogger(name).handlers == []
+def test_library_configures_no_handlers(tmp_path: Path) -> None:
+    """In a fresh interpreter (the CLI, an application, adds its own handler): using the library adds none."""
+    code = ("import logging, torch, tierstore\n"
+            f"with tierstore.open({str(tmp_path / 's')!r}) as db:\n"
+            "    db['k'] = torch.ones(2); db['k']\n"
+            "names = ('tierstore', 'tierstore.history', 'tierstore.migrator', 'tierstore.shared')\n"
+            "print(sum(len(logging.getLogger(n).handlers) for n in names), len(logging.getLogger().handlers))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert out.stdout.split() == ["0", "0"]
 
 
 def test_history_writer_failure_is_logged_once_and_kept(caplog: pytest.LogCaptureFixture) -> None:

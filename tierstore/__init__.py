@@ -97,13 +97,15 @@ __all__ = [
 
 
 def open(path: str | Path, config: CacheConfig | None = None, *, readonly: bool = False,
-         **overrides: Any) -> TierStore:
+         remember_config: bool = True, **overrides: Any) -> TierStore:
     """Open the store at ``path``, creating it unless ``readonly``.
 
     ``config`` (a :class:`CacheConfig`) sets sizes, policies and codecs; keyword ``overrides``
     change single fields (``tierstore.open(p, l2_cache_size="1GiB")``). With neither, the
     configuration the store was last opened with is used. Only one handle at a time may write
     to a store (a second gets ``StoreLockedError`` at once); ``readonly=True`` handles, in any
-    process, see the last committed state.
+    process, see the last committed state. A read-write open remembers its configuration for
+    the next open; ``remember_config=False`` keeps the remembered one (a one-off open with, say,
+    L2 off for maintenance, which must not leave the store without its L2 size).
     """
-    return TierStore(path, config, readonly=readonly, **overrides)
+    return TierStore(path, config, readonly=readonly, remember_config=remember_config, **overrides)

@@ -94,9 +94,10 @@ class TierStore(SharedTier, StoreReports, MutableMapping[str, torch.Tensor]):
     """
 
     def __init__(self, path: str | Path, config: CacheConfig | None = None, *, readonly: bool = False,
-                 **overrides: Any) -> None:
+                 remember_config: bool = True, **overrides: Any) -> None:
         self.path = Path(path)
         self.readonly = readonly
+        self._remember_config = remember_config
         self._closed = True
         self._lock: WriterLock | None = None
         catalog_path = self.path / CATALOG_NAME
@@ -197,7 +198,9 @@ class TierStore(SharedTier, StoreReports, MutableMapping[str, torch.Tensor]):
         if overrides:
             config = config.replace(**overrides)
         if not self.readonly:
-            meta = {"config": json.dumps(config.to_dict()), "tierstore_version": __version__}
+            meta = {"tierstore_version": __version__}
+            if self._remember_config or stored is None:
+                meta["config"] = json.dumps(config.to_dict())
             if self._catalog.meta("store_id") is None:
                 meta.update(store_id=uuid.uuid4().hex, created=repr(time.time()))
             self._catalog.set_meta(meta)
