@@ -162,6 +162,10 @@ class SharedS3Tier:
         if self._closed:
             return
         self._closed = True
+        try:  # requests still in flight end now, on the loop, instead of being destroyed pending with it
+            asyncio.run_coroutine_threadsafe(_cancel_all(self.timeout), self._loop).result(self.timeout + 1)
+        except (concurrent.futures.TimeoutError, RuntimeError):
+            pass  # the loop is stuck or already stopped: stopping it is all that is left
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=self.timeout)
         if not self._thread.is_alive():
@@ -391,6 +395,15 @@ class SharedS3Tier:
         """``(name, size)`` of every manifest."""
         return [(path[len("manifests/"):-len(".json")], size) for path, size in await self.list_objects("manifests/")
                 if path.endswith(".json")]
+
+
+async def _cancel_all(timeout: float) -> None:
+    """Cancel every other task of the running loop and wait (up to ``timeout``) until they have ended."""
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=timeout)
 
 
 def _discard(coro: Coroutine[Any, Any, Any]) -> None:
