@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -95,6 +96,7 @@ def test_stats_numbers_agree_with_its_tables(tmp_path: Path, capsys: pytest.Capt
     assert main(["stats", str(store)]) == 0
     out = capsys.readouterr().out
     assert "2 / 4 / 1" in out and "0 / 2 / 0" in out and "256.0 MiB" in out
+    assert logging.getLogger("tierstore").handlers == []  # the command's stderr handler went with the command
     l1_row = next(line for line in out.splitlines() if line.startswith("│ L1"))
     assert ("off" in l1_row) != torch.cuda.is_available() or "auto" in l1_row
 
@@ -174,7 +176,9 @@ def test_publish_to_a_dead_endpoint_has_no_stray_task_errors(tmp_path: Path) -> 
     assert out.returncode == ERROR_EXIT
     for stray in ("Task exception was never retrieved", "never awaited", "Task was destroyed but it is pending"):
         assert stray not in out.stderr, out.stderr
-    assert "Traceback" not in out.stderr and out.stderr.strip().splitlines()[-1].startswith("tierstore: upload")
+    lines = out.stderr.strip().splitlines()
+    assert "Traceback" not in out.stderr and lines[-1].startswith("tierstore: upload")
+    assert all(line.startswith("tierstore: ") for line in lines)  # the degraded-mode warning too, as one line
 
 
 def test_every_subpackage_and_data_file_is_packaged() -> None:

@@ -30,7 +30,8 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from .._version import __version__
 from ..errors import TierStoreError
@@ -66,18 +67,22 @@ class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
     """A handler on whatever ``sys.stderr`` is when a record comes (StreamHandler keeps the one it started with)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.setStream(sys.stderr)
+        self.stream = sys.stderr  # not setStream(): that flushes the old stream, which may be closed
         super().emit(record)
 
 
-def _log_to_stderr() -> None:
-    """The command is an application: it shows the library's warnings (the library adds no handler)."""
+@contextmanager
+def _log_to_stderr() -> Iterator[None]:
+    """While a command runs, show the library's warnings (the library adds no handler; the command is an app)."""
+    handler = _Stderr()
+    handler.setFormatter(_OneLine())
+    handler.setLevel(logging.WARNING)
     logger = logging.getLogger("tierstore")
-    if not any(isinstance(h.formatter, _OneLine) for h in logger.handlers):
-        handler = _Stderr()
-        handler.setFormatter(_OneLine())
-        handler.setLevel(logging.WARNING)
-        logger.addHandler(handler)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
 
 
 def _fail(message: str) -> int:
@@ -88,9 +93,9 @@ def _fail(message: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tierstore`` command: the one place errors become a line and an exit status."""
     args = _parser().parse_args(argv)
-    _log_to_stderr()
     try:
-        code: int = args.func(args)
+        with _log_to_stderr():
+            code: int = args.func(args)
         sys.stdout.flush()  # a reader that went away (``| head``) shows here, not at interpreter exit
     except BrokenPipeError:
         # The reader stopped reading: not an error of ours. Point stdout at /dev/null so the
