@@ -49,6 +49,10 @@ ON CONFLICT(key) DO UPDATE SET
   l3_sizes = excluded.l3_sizes, l3_inner = excluded.l3_inner, stored_bytes = excluded.stored_bytes,
   tiers = excluded.tiers, updated = excluded.updated, parent = excluded.parent
 """
+INSERT_NEW_BLOCK = f"""
+INSERT INTO blocks ({BLOCK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT(key) DO NOTHING
+"""
 DELETE_BLOCK = "DELETE FROM blocks WHERE key = ?"
 COUNT_BLOCKS = "SELECT count(*), coalesce(sum(nbytes), 0), coalesce(sum(stored_bytes), 0) FROM blocks"
 KEYS_PAGE = "SELECT key FROM blocks WHERE key > ? ORDER BY key LIMIT ?"
@@ -524,12 +528,19 @@ class Catalog:
         """Every move in flight: ``(id, block_id, key, op, src, dst, state, created)``."""
         return [tuple(r) for r in self.query(JOURNAL_ROWS)]
 
-    def commit_moved(self, row: BlockRow, journal_id: int, next_block_id: int) -> None:
-        """Commit the row of a block moved into L3 and close its journal entry (one transaction)."""
+    def commit_moved(self, row: BlockRow, journal_id: int, next_block_id: int) -> bool:
+        """Commit the row of a cache-only block spilled into L3 and close its journal entry (one transaction).
+
+        A spilled block is the key's newest version only while the key has no committed row (a
+        cache-only put removes the row it replaces), so the row goes in only if there is none: a
+        spill planned from an older version never overwrites what a writer committed since. False
+        when it was refused; the journal entry is closed either way.
+        """
         with self.write("commit a tier move") as conn:
             conn.execute(SET_META, ("next_block_id", str(next_block_id)))
-            conn.execute(UPSERT_BLOCK, row.to_tuple())
+            inserted = conn.execute(INSERT_NEW_BLOCK, row.to_tuple()).rowcount == 1
             conn.execute(JOURNAL_DELETE, (journal_id,))
+        return inserted
 
     def trim_successors(self, max_rows: int) -> None:
         """Keep only the ``max_rows`` most frequent transitions."""

@@ -176,19 +176,21 @@ def compact(db: TierStore, *, min_fill: float = 0.5, progress: Progress | None =
                 if progress is not None:
                     progress(done, total)
             if moved:
-                catalog.commit_blocks(moved, [], l3.prepare(), db._next_block_id)
+                lengths = l3.prepare()
+                with db._index_lock:  # the store's lock order: see tierstore.store
+                    catalog.commit_blocks(moved, [], lengths, db._next_block_id)
+                    l3.commit()
+                    with db._rows_lock:
+                        db._generation += 1
+                        for row in moved:
+                            if row.key in db._rows:
+                                db._rows[row.key] = (row, location_of(row))
         except OSError as exc:
             l3.rollback()
             raise translate_os_error(exc, what="compact L3 packs", path=l3.root) from None
         except BaseException:
             l3.rollback()
             raise
-        l3.commit()
-        with db._rows_lock:
-            db._generation += 1
-            for row in moved:
-                if row.key in db._rows:
-                    db._rows[row.key] = (row, location_of(row))
         removed = _drop_unused(db)
         return MaintenanceReport(len(victims) - len(skipped), len(moved), removed, before, disk_usage(l3.root),
                                  tuple(skipped))

@@ -141,8 +141,11 @@ class StoreHooks:
     next_block_id: Callable[[], int]
     check_room: Callable[[str, int], None]
     """Raise ``StoreFullError`` if L3 has no room for ``nbytes`` more."""
-    spilled: Callable[[BlockRow, Location], None]
-    """A block was committed to L3 by the migrator: update the store's caches and totals."""
+    commit_spill: Callable[[BlockRow, Location, int, int], bool]
+    """Commit a spilled block's row (its journal id, and the block id of the cache-only version it was
+    planned from), only if that is still the key's newest version; False (nothing committed) if not."""
+    forget_volatile: Callable[[str, int], None]
+    """A cache-only version (key, block id) is let go without a copy (``l3_admission="reused"``)."""
     flush_history: Callable[[], None]
     spill_l1: Callable[[Resident], bool]
     """Write back a cache-only block whose only copy is in L1 (to L2, or through :meth:`Migrator.write_back`)."""
@@ -228,7 +231,7 @@ class Migrator:
         self._last_get: str | None = None
         self._batches = 0
         self.counters = {"promoted": 0, "demoted": 0, "spilled": 0, "prefetched": 0, "predicted": 0,
-                         "planned": 0, "failed": 0,
+                         "planned": 0, "failed": 0, "stale": 0,
                          "dropped": 0, "dropped_bytes": 0}
         self.last_error: BaseException | None = None
         self._jobs: deque[_Job] = deque()
@@ -745,6 +748,7 @@ class Migrator:
         if self._stop or self.readonly:
             return False
         if self.config.l3_admission == "reused" and not self._reused(entry.key):
+            self.hooks.forget_volatile(entry.key, entry.block_id)
             self.l2.mark_durable(entry)  # type: ignore[union-attr] # let it go without a copy: dropped
             self.counters["dropped"] += 1
             self.counters["dropped_bytes"] += entry.alloc.nbytes
@@ -809,7 +813,7 @@ class Migrator:
             row = BlockRow(entry.key, block_id, dtype_name(entry.dtype), entry.shape, data.nbytes, entry.checksum,
                            False, loc.codec, loc.array or None, loc.shard, loc.offset, loc.sizes_blob(), loc.inner,
                            loc.length, _L3_BIT, stamp, stamp, parent)
-            self.catalog.commit_moved(row, journal_id, self.hooks.next_block_id())
+            committed = self.hooks.commit_spill(row, loc, journal_id, entry.block_id)
         except (TierStoreError, OSError) as exc:
             self._note_failure(f"spilling {entry.key!r} to L3", exc)
             if loc is not None:
@@ -821,11 +825,16 @@ class Migrator:
             self._settled.add(journal_id)
             return False
         self._settled.add(journal_id)
-        self._crash("committed")
-        self.hooks.spilled(row, loc)
+        if committed:
+            self._crash("committed")
+            self.counters["spilled"] += 1
+        else:
+            # A writer replaced or deleted the key after this version was chosen for eviction: the copy
+            # is dropped, not committed, and the superseded entry may go (the writer discards it anyway).
+            self.l3.free([loc])
+            self.counters["stale"] += 1
         if from_l2 and l2 is not None:
             l2.mark_durable(entry)
-        self.counters["spilled"] += 1
         return True
 
 

@@ -337,10 +337,14 @@ class Residency(Generic[A]):
             self.arena.free(alloc)
 
     def mark_durable(self, entry: Resident) -> None:
-        """The entry now has a copy in L3 (it was spilled): it may be evicted like any other."""
+        """The entry now has a copy in L3 (it was spilled), or was superseded: it may be evicted like any other.
+
+        Only the entry itself changes: a newer version of the key admitted meanwhile stays volatile.
+        """
         with self.lock:
             entry.volatile = False
-            self.volatile_keys.discard(entry.key)
+            if self.entries.get(entry.key) is entry:
+                self.volatile_keys.discard(entry.key)
 
     def clear(self) -> None:
         """Drop every entry (slots still viewed are freed when their views go)."""

@@ -7,6 +7,14 @@ handle (a transaction holds it from start to commit, as SQLite's
 bytes are written to fresh L3 locations and synced, then one catalog commit
 switches them in, then the bytes of replaced versions are freed.
 
+Lock order (a thread holding one may take only those after it): the writer mutex, the L1 tier
+lock, the L2 tier lock, the index lock, then the catalog's and L3's own locks. The index lock is
+held across every catalog commit that changes a key's row (a writer's commit, a spill's commit)
+together with the in-memory state that follows it (row cache, totals, the versions of cache-only
+keys); it is never held while taking a tier lock. Work done outside the writer mutex (a spill
+of a cache-only block chosen for eviction by any thread) commits only if the key's newest
+version is still the one it copied, else it is dropped (versions, not hope).
+
 The reports (``info``, ``history``, ``stats``) are in :mod:`tierstore.store_stats` and the
 store's side of the shared tier (``publish``, ``pull``, read-through) in
 :mod:`tierstore.store_shared`: mixins ``TierStore`` inherits.
@@ -139,6 +147,13 @@ class TierStore(SharedTier, StoreReports, MutableMapping[str, torch.Tensor]):
         self._ids_lock = threading.Lock()
         self._rows: dict[str, tuple[BlockRow, Location]] = {}
         self._rows_lock = threading.Lock()
+        self._index_lock = threading.Lock()
+        """Held across each catalog commit that changes a key's row and the state that follows it."""
+        self._volatile_versions: dict[str, int] = {}
+        """Block id of each key whose newest committed version is cache-only (in L1/L2, not in L3)."""
+        self._settling = threading.Condition(threading.Lock())
+        self._unsettled = 0
+        """Commits whose catalog part is done and whose tier admissions are not (see _await_settled)."""
         self._generation = 0
         self._data_version = self._catalog.data_version()
         self._count, self._logical_bytes, self._stored_bytes = self._catalog.totals()
@@ -159,8 +174,8 @@ class TierStore(SharedTier, StoreReports, MutableMapping[str, torch.Tensor]):
             self._hits["shared"] = 0
         self._migrator = Migrator(self._catalog, self._l3, self._l1, self._l2, self.config, StoreHooks(
             lookup=self._lookup_located, new_block_id=self._new_block_id, next_block_id=lambda: self._next_block_id,
-            check_room=self._check_l3_room, spilled=self._spilled, flush_history=lambda: self._recorder.flush(),
-            spill_l1=self._spill_l1),
+            check_room=self._check_l3_room, commit_spill=self._commit_spill, forget_volatile=self._forget_volatile,
+            flush_history=lambda: self._recorder.flush(), spill_l1=self._spill_l1),
             readonly=self.readonly)
         sink = None if self.readonly else self._write_history
         self._recorder = AccessRecorder(sink, interval=self.config.history_flush_interval)
@@ -335,14 +350,37 @@ class TierStore(SharedTier, StoreReports, MutableMapping[str, torch.Tensor]):
         except OSError as exc:
             self._abort(txn)
             raise translate_os_error(exc, what="sync block data", path=self._l3.root) from None
-        try:
-            if rows or lengths or any(self._catalog.has_block(key) for key in deletes):
-                replaced = self._catalog.commit_blocks(rows, deletes, lengths, self._next_block_id)
-            else:  # only cache-only blocks that stay in L2 and replace no committed row: no catalog commit
-                replaced = []
-        except BaseException:
+        replaced: list[BlockRow] = []
+        failure: BaseException | None = None
+        with self._index_lock:  # no spill commits between the check below and the versions it leaves
+            try:
+                if rows or lengths or any(self._catalog.has_block(key) for key in deletes):
+                    replaced = self._catalog.commit_blocks(rows, deletes, lengths, self._next_block_id)
+                # else: only cache-only blocks that stay in L2 and replace no committed row: no catalog commit
+            except BaseException as exc:
+                failure = exc
+            else:
+                self._committed(txn, rows, deletes, replaced, l2_only)
+        if failure is not None:  # undone outside the index lock: releasing slots takes tier locks
             self._abort(txn)
-            raise
+            raise failure
+        self._l3.free([location_of(row) for row in replaced] + txn.garbage)
+        try:
+            self._settle_l2(txn, l2_only)
+        finally:
+            with self._settling:
+                self._unsettled -= 1
+                self._settling.notify_all()
+        if self._shared is not None and self._shared.policy == "write-through" and not self._landing():
+            self._shared.enqueue(row.key for row in rows if row.durable)
+        for key, change in txn.pending.items():
+            self._recorder.record(key, "put" if change.row is not None else "delete")
+
+    def _committed(self, txn: Txn, rows: list[BlockRow], deletes: list[str], replaced: list[BlockRow],
+                   l2_only: set[str]) -> None:
+        """The catalog committed ``txn``: L3, the row cache, the totals and the versions follow (index lock held)."""
+        with self._settling:
+            self._unsettled += 1
         self._l3.commit()
         with self._rows_lock:
             self._generation += 1
@@ -352,16 +390,15 @@ class TierStore(SharedTier, StoreReports, MutableMapping[str, torch.Tensor]):
                 self._rows[row.key] = (row, location_of(row))
             for key in deletes:
                 self._rows.pop(key, None)
+        for key, change in txn.pending.items():
+            if key in l2_only and change.row is not None:
+                self._volatile_versions[key] = change.row.block_id
+            else:
+                self._volatile_versions.pop(key, None)
         existed = {row.key for row in replaced}  # cache-only keys kept in L2 are counted as volatile
         self._count += sum(row.key not in existed for row in rows) - sum(key in existed for key in deletes)
         self._logical_bytes += sum(r.nbytes for r in rows) - sum(r.nbytes for r in replaced)
         self._stored_bytes += sum(r.stored_bytes for r in rows) - sum(r.stored_bytes for r in replaced)
-        self._l3.free([location_of(row) for row in replaced] + txn.garbage)
-        self._settle_l2(txn, l2_only)
-        if self._shared is not None and self._shared.policy == "write-through" and not self._landing():
-            self._shared.enqueue(row.key for row in rows if row.durable)
-        for key, change in txn.pending.items():
-            self._recorder.record(key, "put" if change.row is not None else "delete")
 
     def _settle_l2(self, txn: Txn, l2_only: set[str]) -> None:
         """After a commit: committed puts become resident, replaced and deleted blocks leave L1 and L2.
@@ -514,16 +551,35 @@ class TierStore(SharedTier, StoreReports, MutableMapping[str, torch.Tensor]):
             return False
         return self._migrator.spill(entry)
 
-    def _spilled(self, row: BlockRow, loc: Location) -> None:
-        """The migrator committed ``row`` to L3: the row cache and totals follow."""
-        with self._rows_lock:
-            self._generation += 1
-            self._rows[row.key] = (row, loc)
-        self._count += 1
-        self._logical_bytes += row.nbytes
-        self._stored_bytes += row.stored_bytes
+    def _commit_spill(self, row: BlockRow, loc: Location, journal_id: int, version: int) -> bool:
+        """Commit the row of a cache-only block the migrator copied to L3, if it is still the key's newest.
+
+        ``version`` is the block id of the cache-only version that was copied. A writer that replaced or
+        deleted the key since then changed its version under the same lock, so a stale spill is refused
+        here (False) and never overwrites a newer row or brings a deleted key back.
+        """
+        with self._index_lock:
+            if self._volatile_versions.get(row.key) != version:
+                self._catalog.journal_end([journal_id])
+                return False
+            if not self._catalog.commit_moved(row, journal_id, self._next_block_id):
+                return False  # pragma: no cover - a committed row always clears the version above
+            del self._volatile_versions[row.key]
+            with self._rows_lock:
+                self._generation += 1
+                self._rows[row.key] = (row, loc)
+            self._count += 1
+            self._logical_bytes += row.nbytes
+            self._stored_bytes += row.stored_bytes
         if self._shared is not None and self._shared.policy != "explicit" and not self._landing():
             self._shared.enqueue([row.key])  # a cache-only block now in L3 can be published
+        return True
+
+    def _forget_volatile(self, key: str, version: int) -> None:
+        """Cache-only version ``version`` of ``key`` is dropped without a copy: the key is gone."""
+        with self._index_lock:
+            if self._volatile_versions.get(key) == version:
+                del self._volatile_versions[key]
 
     def _spill_l1(self, entry: Resident) -> bool:
         """Write back a cache-only block leaving L1 whose only copy is there: to L2, or L3 if L2 is full.
@@ -747,7 +803,12 @@ class TierStore(SharedTier, StoreReports, MutableMapping[str, torch.Tensor]):
                     raise _Replaced  # be in L1/L2 only, not in the catalog): look it up again
                 return tensor, "L2"
         generation = l2.generation if l2 is not None else 0
-        row, loc = self._lookup_located(key)
+        try:
+            row, loc = self._lookup_located(key)
+        except BlockNotFoundError:
+            if self._await_settled(key):
+                raise _Replaced from None  # a cache-only version was committed and is being admitted
+            raise
         if l2 is not None and self.readonly:
             entry = l2.lookup(key, row.block_id)
             tensor = l2.view(entry, copy=copy) if entry is not None else None
@@ -795,7 +856,29 @@ class TierStore(SharedTier, StoreReports, MutableMapping[str, torch.Tensor]):
             if entry.checksum == UNHASHED:
                 entry.checksum = crc32c.crc32c(self._l2.arena.as_numpy(entry.alloc).data)  # type: ignore[union-attr]
             return self._volatile_row(entry, L2_BIT, self._l2.parent_of(key))  # type: ignore[union-attr]
-        return self._lookup_located(key)[0]
+        try:
+            return self._lookup_located(key)[0]
+        except BlockNotFoundError:
+            if not self._await_settled(key):
+                raise
+        entry = self._volatile(key)  # the cache-only version whose commit was settling
+        if entry is None:
+            return self._lookup_located(key)[0]
+        return self._lookup(key)  # finds the entry now: no further wait
+
+    def _await_settled(self, key: str) -> bool:
+        """Wait while a commit of a cache-only version of ``key`` is between its catalog part and its admission.
+
+        A cache-only put removes the key's committed row, then makes its L1/L2 entry resident; a
+        reader that looks in between finds neither. True when the key has a cache-only version and
+        the reader should look again (once every commit in flight has settled).
+        """
+        with self._index_lock:  # a commit that removed the row the caller missed has set the version too
+            if key not in self._volatile_versions:
+                return False
+        with self._settling:
+            self._settling.wait_for(lambda: self._unsettled == 0, timeout=5.0)
+        return key in self._volatile_versions
 
     def _volatile(self, key: str) -> Resident | None:
         """The entry holding the only copy of cache-only ``key`` (in L1 or L2), if any."""
@@ -807,11 +890,9 @@ class TierStore(SharedTier, StoreReports, MutableMapping[str, torch.Tensor]):
         return None
 
     def _volatile_keys(self) -> set[str]:
-        keys: set[str] = set()
-        for tier in (self._l1, self._l2):
-            if tier is not None:
-                keys |= tier.volatile_keys
-        return keys
+        """Keys whose newest committed version is cache-only (a snapshot)."""
+        with self._index_lock:
+            return set(self._volatile_versions)
 
     @staticmethod
     def _volatile_row(entry: Resident, tier_bit: int = L2_BIT, parent: str | None = None) -> BlockRow:
@@ -871,6 +952,8 @@ class TierStore(SharedTier, StoreReports, MutableMapping[str, torch.Tensor]):
             except FileNotFoundError:
                 newer = self._catalog.get_block(row.key)
                 if newer is None:
+                    if self._await_settled(row.key):  # replaced by a cache-only version, not deleted
+                        raise _Replaced from None
                     raise BlockNotFoundError(f"block {row.key!r} was deleted while being read",
                                              key=row.key) from None
                 if newer.block_id != row.block_id:
@@ -955,12 +1038,18 @@ class TierStore(SharedTier, StoreReports, MutableMapping[str, torch.Tensor]):
         return self._exists(key)
 
     def _exists(self, key: str) -> bool:
-        return self._volatile(key) is not None or self._catalog.has_block(key)
+        for _attempt in range(2):
+            if self._volatile(key) is not None or self._catalog.has_block(key):
+                return True
+            if not self._await_settled(key):
+                return False
+        return False
 
     def __len__(self) -> int:
         self._check_open()
         self._refresh()
-        count = self._count + len(self._volatile_keys())
+        with self._index_lock:  # a spill moves a key from the versions to the count in one step
+            count = self._count + len(self._volatile_versions)
         txn = self._txn()
         if txn is not None:
             for key, change in txn.pending.items():
@@ -995,7 +1084,7 @@ class TierStore(SharedTier, StoreReports, MutableMapping[str, torch.Tensor]):
         if prefix is not None and not isinstance(prefix, str):
             raise InvalidKeyError(f"keys(prefix=...) takes a str, not {type(prefix).__name__}")
         volatile = sorted(k for k in self._volatile_keys() if prefix is None or k.startswith(prefix))
-        keys: Iterator[str] = merge(self._iter_keys(prefix), volatile) if volatile else self._iter_keys(prefix)
+        keys: Iterator[str] = _unique(merge(self._iter_keys(prefix), volatile)) if volatile else self._iter_keys(prefix)
         txn = self._txn()
         if txn is not None and txn.pending:
             present = set(keys)
@@ -1079,6 +1168,15 @@ class TierStore(SharedTier, StoreReports, MutableMapping[str, torch.Tensor]):
     def migrator(self) -> Migrator:
         """The store's mover (``stats()``, ``wait()``, ``plan()``, the successor table)."""
         return self._migrator
+
+
+def _unique(keys: Iterator[str]) -> Iterator[str]:
+    """Sorted ``keys`` without repeats (a key spilled while being listed is both volatile and committed)."""
+    last = None
+    for key in keys:
+        if key != last:
+            yield key
+            last = key
 
 
 class _Replaced(Exception):

@@ -1,0 +1,133 @@
+"""The spill race: a cache-only block evicted from L2 by another thread is written to L3 while the writer
+replaces or deletes the key. The spill must be dropped, never committed over the newer version.
+
+Before the fix, right after a durable put returned, ``get`` served the old cache-only bytes, ``info`` said
+``durable=False``, a reopen lost keys whose durable put had returned, and deleted keys came back.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import tierstore
+from tests.conftest import same_bits
+
+BLOCK = (1 << 20) - 3072  # just under 1 MiB: many spills through an 8 MiB L2
+ROUNDS = 120
+KEYS = [f"k{i}" for i in range(4)]
+
+
+def _value(tag: int) -> torch.Tensor:
+    return torch.full((BLOCK,), tag % 251, dtype=torch.uint8)
+
+
+class _Readers:
+    """Threads that keep filling L2 with other blocks, so every cache-only block is evicted (spilled) soon."""
+
+    def __init__(self, db: tierstore.TierStore, n: int = 2) -> None:
+        self.db = db
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+        self.reads = 0
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(n)]
+
+    def _run(self, i: int) -> None:
+        keys = [f"fill{j}" for j in range(12)]
+        j = i
+        try:
+            while not self.stop.is_set():
+                self.db.get(keys[j % len(keys)])
+                self.reads += 1
+                j += 1
+        except BaseException as exc:  # surfaced by the test
+            self.errors.append(exc)
+
+    def __enter__(self) -> _Readers:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)
+        assert not self.errors, self.errors[:3]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[tuple[Path, tierstore.TierStore]]:
+    path = tmp_path / "s"
+    db = tierstore.open(path, l2_cache_size="8MiB", fsync=False)
+    for j in range(12):
+        db.put(f"fill{j}", torch.full((BLOCK,), 200 + j, dtype=torch.uint8))
+    try:
+        yield path, db
+    finally:
+        db.close()
+
+
+def test_durable_put_after_cache_only_put_wins_over_a_racing_spill(store: tuple[Path, tierstore.TierStore]) -> None:
+    path, db = store
+    stale = 0
+    with _Readers(db) as readers:
+        for r in range(ROUNDS):
+            key = KEYS[r % len(KEYS)]
+            db.put(key, _value(2 * r), durable=False)
+            time.sleep(0.0005 * (r % 4))  # let the readers evict (spill) it at various points
+            db.put(key, _value(2 * r + 1))
+            got = db.get(key)
+            info = db.info(key)
+            if not same_bits(got, _value(2 * r + 1)) or not info.durable:
+                stale += 1
+        assert readers.reads > 0
+    assert stale == 0, f"{stale} of {ROUNDS} durable puts were overwritten by a stale spill"
+    expected = {KEYS[r % len(KEYS)]: _value(2 * r + 1) for r in range(ROUNDS)}
+    db.close()
+    with tierstore.open(path, l2_cache_size="8MiB") as again:
+        for key, value in expected.items():
+            assert key in again, f"{key!r}: its acknowledged durable put is lost after reopen"
+            assert same_bits(again.get(key), value)
+            assert again.info(key).durable
+    report = tierstore.verify(path)
+    assert report.ok, report.problems[:5]
+
+
+def test_delete_after_cache_only_put_is_not_undone_by_a_racing_spill(store: tuple[Path, tierstore.TierStore]) -> None:
+    path, db = store
+    back = 0
+    with _Readers(db):
+        for r in range(ROUNDS):
+            key = f"d{r}"
+            db.put(key, _value(r), durable=False)
+            time.sleep(0.0005 * (r % 4))
+            db.delete(key)
+            time.sleep(0.0005)
+            if key in db:
+                back += 1
+    assert back == 0, f"{back} of {ROUNDS} deleted keys came back"
+    db.close()
+    with tierstore.open(path, l2_cache_size="8MiB") as again:
+        revived = list(again.keys(prefix="d"))
+        assert revived == [], f"deleted keys present after reopen: {revived[:5]}"
+    assert tierstore.verify(path).ok
+
+
+def test_cache_only_overwrite_during_spill_keeps_the_newest(store: tuple[Path, tierstore.TierStore]) -> None:
+    """Two cache-only versions in a row: a spill of the first must not replace the second."""
+    _path, db = store
+    wrong = 0
+    with _Readers(db):
+        for r in range(ROUNDS):
+            key = KEYS[r % len(KEYS)]
+            db.put(key, _value(3 * r), durable=False)
+            time.sleep(0.0005 * (r % 3))
+            db.put(key, _value(3 * r + 1), durable=False)
+            if not same_bits(db.get(key), _value(3 * r + 1)):
+                wrong += 1
+    assert wrong == 0, f"{wrong} of {ROUNDS} gets served an older cache-only version"
