@@ -126,12 +126,12 @@ def test_verify_refuses_a_locked_store_and_a_newer_schema(tmp_path: Path, capsys
     with tierstore.open(store, l2_cache_size=0):
         with pytest.raises(tierstore.StoreLockedError):
             verify(store)
-        assert main(["verify", str(store)]) == 1
+        assert main(["verify", str(store)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("tierstore: ") and "already open for writing" in err and "Traceback" not in err
     with sqlite3.connect(store / "catalog.sqlite") as conn:
         conn.execute("PRAGMA user_version = 99")
-    assert main(["verify", str(store)]) == 1
+    assert main(["verify", str(store)]) == 2
     assert "schema version 99" in capsys.readouterr().err
 
 

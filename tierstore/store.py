@@ -31,7 +31,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from concurrent.futures import Future
 from contextlib import contextmanager
 from heapq import merge
@@ -98,11 +98,18 @@ _L1_FIELDS = frozenset({"l1_device", "l1_cache_size"})
 """Fields that ask a read-only handle for an L1 pool (else a reader takes no device memory)."""
 
 
-class TierStore(SharedTier, StoreReports):
-    """A handle on one store. Use :func:`tierstore.open` to get one; it is a context manager."""
+class TierStore(SharedTier, StoreReports, MutableMapping[str, torch.Tensor]):
+    """A handle on one store. Use :func:`tierstore.open` to get one; it is a context manager.
+
+    It is a ``MutableMapping`` of key to tensor: ``db[k]`` is ``get(k)`` (``BlockNotFoundError``,
+    a ``KeyError``, when missing), ``db[k] = t`` a durable ``put``, ``del db[k]`` a ``delete``;
+    so it serves wherever a mapping of weights is asked for (accelerate's ``weights_map``, say).
+    ``get`` and ``keys`` keep their own signatures: ``get(key, device)`` raises for a missing key
+    instead of returning a default, and ``keys(prefix)`` returns a sorted iterator.
+    """
 
     def __init__(self, path: str | Path, config: CacheConfig | None = None, *, readonly: bool = False,
-                 **overrides: Any) -> None:
+                 remember_config: bool = True, **overrides: Any) -> None:
         self.path = _store_path(path)
         if not isinstance(readonly, (bool, np.bool_)):  # "no" would be truthy: a surprise read-only handle
             raise InvalidArgumentError(f"readonly must be True or False, not {readonly!r}")
@@ -110,6 +117,7 @@ class TierStore(SharedTier, StoreReports):
             raise ConfigError(f"config must be a tierstore.CacheConfig or None, not {type(config).__name__}; "
                               "pass single fields as keywords (tierstore.open(path, l2_cache_size='1GiB'))")
         self.readonly = bool(readonly)
+        self._keep_config = remember_config
         self._closed = True
         self._lock: WriterLock | None = None
         catalog_path = self.path / CATALOG_NAME
@@ -278,8 +286,14 @@ class TierStore(SharedTier, StoreReports):
         return config, asked
 
     def _remember_config(self) -> None:
-        """Keep the config this read-write open succeeded with: the next plain open uses it."""
-        meta = {"config": json.dumps(self.config.to_dict()), "tierstore_version": __version__}
+        """Keep the config this read-write open succeeded with: the next plain open uses it.
+
+        With ``remember_config=False`` (a one-off open for maintenance) the remembered one stays,
+        unless the store has none yet.
+        """
+        meta = {"tierstore_version": __version__}
+        if self._keep_config or self._catalog.meta("config") is None:
+            meta["config"] = json.dumps(self.config.to_dict())
         if self._catalog.meta("store_id") is None:
             meta.update(store_id=uuid.uuid4().hex, created=repr(time.time()))
         self._catalog.set_meta(meta)
@@ -726,7 +740,8 @@ class TierStore(SharedTier, StoreReports):
             self._next_block_id += 1
             return block_id
 
-    def get(self, key: str, device: str | torch.device | None = None, *, copy: bool = False) -> torch.Tensor:
+    def get(self, key: str, device: str | torch.device | None = None,  # type: ignore[override]
+            *, copy: bool = False) -> torch.Tensor:
         """The tensor stored under ``key`` (on ``device`` if given).
 
         From L2 the tensor is a zero-copy view whose slot stays reserved for as long as any tensor
@@ -1138,7 +1153,26 @@ class TierStore(SharedTier, StoreReports):
     def __iter__(self) -> Iterator[str]:
         return self.keys()
 
-    def keys(self, prefix: str | None = None) -> Iterator[str]:
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.get(key)
+
+    def __setitem__(self, key: str, tensor: torch.Tensor) -> None:
+        self.put(key, tensor)
+
+    def __delitem__(self, key: str) -> None:
+        self.delete(key)
+
+    # Mapping would compare stores by reading and comparing every tensor (and so make handles
+    # unhashable); two handles are equal only when they are the same handle.
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    def __ne__(self, other: object) -> bool:
+        return self is not other
+
+    __hash__ = object.__hash__
+
+    def keys(self, prefix: str | None = None) -> Iterator[str]:  # type: ignore[override]
         """Keys in sorted order (those starting with ``prefix`` if given)."""
         self._check_open()
         if prefix is not None and not isinstance(prefix, str):
