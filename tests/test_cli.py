@@ -25,8 +25,14 @@ def test_demo_streams_a_model_and_matches_the_in_memory_one(tmp_path: Path,
     assert run1["hits"]["L3"] > 0 and run2["hits"]["L3"] == 0  # the second run found every layer in L2
     assert run1["kv_prefix_restored"] == 0 and run2["kv_prefix_restored"] > 0  # the prompt's K/V came back
     assert run1["vision_tower_skipped"] == 0 and run2["vision_tower_skipped"] == 1  # the image's features too
+    for run in (run1, run2):  # undecided prefetches are counted, not left out of the accuracy
+        assert run["prefetch_decided"] + run["prefetch_undecided"] == run["prefetched"]
+    assert run1["run"].startswith("1: cold")
+    assert max(len(line) for line in out.splitlines()[:-1]) <= 100  # the tables fit 100 columns (JSON line aside)
     assert main(["demo", "--store", str(tmp_path / "demo"), "--tokens", "2"]) == 0  # the model already there
-    assert "the one already in" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "the one already in" in out and "1: cold" not in out and "1: reused store" in out
+    assert "used/decided/undecided" in out
 
 
 def test_listing_commands_print_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -45,12 +51,12 @@ def test_listing_commands_print_json(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert [r["op"] for r in json.loads(capsys.readouterr().out)] == ["get", "put"]
 
 
-def test_errors_are_one_line_and_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["ls", str(tmp_path / "missing")]) == 1
+def test_errors_are_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ls", str(tmp_path / "missing")]) == 2
     assert "no tierstore store" in capsys.readouterr().err
     with tierstore.open(tmp_path / "s") as db:
         db.put("x", torch.ones(1))
-    assert main(["info", str(tmp_path / "s"), "nope"]) == 1
+    assert main(["info", str(tmp_path / "s"), "nope"]) == 2
     assert "no block 'nope'" in capsys.readouterr().err
 
 

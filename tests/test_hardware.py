@@ -156,5 +156,5 @@ def test_probe_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert json.loads(capsys.readouterr().out)["bandwidth"]["disk_read"] > 0
     assert main(["probe", str(tmp_path / "s")]) == 0  # the cached measurement is shown
     assert "decode shuffle-zstd" in capsys.readouterr().out
-    assert main(["probe", str(tmp_path / "missing")]) == 1
+    assert main(["probe", str(tmp_path / "missing")]) == 2
     assert "no tierstore store" in capsys.readouterr().err

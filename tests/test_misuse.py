@@ -354,7 +354,7 @@ HOSTILE_KEYS = ["../../escape_probe", "../escape_probe2", "/abs/abs_probe", ".."
 _HEX16 = "[0-9a-f]{16}"
 _CODEC = "[a-z0-9-]+"
 _LAYOUT = [
-    "catalog\\.sqlite(-wal|-shm|-journal|-headroom)?", "LOCK", "l2\\.slab", "l3", "l3/zarr\\.json",
+    "catalog\\.sqlite(-wal|-shm|-journal|-headroom|-commits)?", "LOCK", "l2\\.slab", "l3", "l3/zarr\\.json",
     "l3/packs", "l3/packs/zarr\\.json", f"l3/packs/{_CODEC}", f"l3/packs/{_CODEC}/(zarr\\.json|[0-9]+)",
     "l3/blocks", "l3/blocks/zarr\\.json", f"l3/blocks/{_HEX16}", f"l3/blocks/{_HEX16}/(zarr\\.json|0)",
 ]
@@ -644,3 +644,75 @@ def test_bad_flags_and_devices_get_a_typed_error_and_change_nothing(tmp_path: Pa
             call(db)
         assert "b" not in db and len(db) == 1
         assert same_bits(db.get("a", device="cpu"), torch.arange(6, dtype=torch.int16))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Nonsense arguments: a typed error, and nothing stored changes.
+
+def _absent_device() -> str:
+    """A CUDA device this process cannot use: any on a CPU-only torch, else one past the last GPU."""
+    return f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+
+
+NONSENSE_CALLS: dict[str, tuple[Callable[[Any], Any], type[tierstore.TierStoreError]]] = {
+    # an expanded view claims 16 TiB it does not hold: copying it would be the allocator's RuntimeError
+    "put-16TiB-new": (lambda db: db.put("huge", torch.zeros(1).expand(2**42)), tierstore.TierFullError),
+    "put-16TiB-over": (lambda db: db.put("small", torch.zeros(1).expand(2**42)), tierstore.TierFullError),
+    "get-absent-cuda": (lambda db: db.get("small", device=_absent_device()), tierstore.InvalidArgumentError),
+    "allocate-absent-cuda": (lambda db: db.allocate((4,), torch.float32, device=_absent_device()),
+                             tierstore.InvalidArgumentError),
+    "get-xla": (lambda db: db.get("small", device="xla:0"), tierstore.InvalidArgumentError),
+    "allocate-xla": (lambda db: db.allocate((4,), torch.float32, device="xla:0"), tierstore.InvalidArgumentError),
+    "get-meta": (lambda db: db.get("small", device="meta"), tierstore.InvalidArgumentError),
+    "get-meta-device": (lambda db: db.get("small", device=torch.device("meta")), tierstore.InvalidArgumentError),
+    "allocate-meta": (lambda db: db.allocate((4,), torch.float32, device="meta"), tierstore.InvalidArgumentError),
+    "get-copy-str": (lambda db: db.get("small", copy="no"), tierstore.InvalidArgumentError),
+    "get-copy-int": (lambda db: db.get("small", copy=1), tierstore.InvalidArgumentError),
+    "shrink-str": (lambda db: db.shrink_l1("abc"), tierstore.InvalidArgumentError),
+    "shrink-negative": (lambda db: db.shrink_l1(-1), tierstore.InvalidArgumentError),
+    "shrink-bool": (lambda db: db.shrink_l1(True), tierstore.InvalidArgumentError),
+    "compact-str": (lambda db: db.compact(min_fill="x"), tierstore.ConfigError),
+    "compact-nan": (lambda db: db.compact(min_fill=float("nan")), tierstore.ConfigError),
+    "compact-bool": (lambda db: db.compact(min_fill=True), tierstore.ConfigError),
+}
+
+
+def test_nonsense_arguments_get_a_typed_error_and_change_nothing(populated: tuple[tierstore.TierStore, Path]) -> None:
+    db, store = populated
+    before, files = snapshot(db), data_files(store)
+    for name, (call, error) in NONSENSE_CALLS.items():
+        with pytest.raises(error) as info:
+            call(db)
+        assert isinstance(info.value, tierstore.TierStoreError), name
+        assert snapshot(db) == before and data_files(store) == files, f"store changed after {name}"
+    with pytest.raises(tierstore.TierFullError), db.transaction():  # and it rolls back the whole transaction
+        db.put("inside", torch.ones(3))
+        db.put("large", torch.zeros(1).expand(2**42))
+    assert snapshot(db) == before and "inside" not in db
+    db.close()
+    with tierstore.open(store, readonly=True) as ro:
+        assert snapshot(ro) == before
+
+
+@pytest.mark.parametrize("path", [5, None, b"bytes-path", "", "with\x00nul", Path("with\x00nul")],
+                         ids=["int", "none", "bytes", "empty", "nul", "path-nul"])
+@pytest.mark.parametrize("readonly", [False, True])
+def test_nonsense_store_paths_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: Any,
+                                          readonly: bool) -> None:
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # open("") used to make a store here
+    with pytest.raises(tierstore.InvalidArgumentError) as info:
+        tierstore.open(path, readonly=readonly)
+    assert isinstance(info.value, ValueError)
+    assert list(tmp_path.rglob("*")) == [tmp_path / "cwd"], "a refused open left files behind"
+
+
+@pytest.mark.parametrize(("options", "error"), [
+    ({"readonly": "no"}, tierstore.InvalidArgumentError), ({"readonly": 1}, tierstore.InvalidArgumentError),
+    ({"config": {"l2_cache_size": "1MiB"}}, tierstore.ConfigError), ({"config": "1MiB"}, tierstore.ConfigError),
+], ids=["readonly-str", "readonly-int", "config-dict", "config-str"])
+def test_nonsense_open_options_are_refused_before_anything_is_made(tmp_path: Path, options: dict[str, Any],
+                                                                   error: type[Exception]) -> None:
+    with pytest.raises(error):
+        tierstore.open(tmp_path / "store", **options)
+    assert not (tmp_path / "store").exists()

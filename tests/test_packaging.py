@@ -25,5 +25,5 @@ def test_every_subpackage_is_listed() -> None:
 def test_schema_files_are_package_data() -> None:
     section = _setuptools()
     assert section["package-dir"] == {"tierstore._schema": "schema"}
-    assert section["package-data"] == {"tierstore._schema": ["*.sql"]}
+    assert section["package-data"]["tierstore._schema"] == ["*.sql"]  # type: ignore[index]
     assert sorted(p.name for p in (ROOT / "schema").glob("*.sql"))

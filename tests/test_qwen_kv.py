@@ -52,8 +52,8 @@ def assert_same_output(out: Any, ref: Any) -> None:
 
 
 def tiny_tiers(path: Path) -> tierstore.TierStore:
-    """A store whose L1 (on the CPU) and L2 hold only a few 8 KiB K/V blocks, so blocks reach L3."""
-    return tierstore.open(path, l1_device="cpu", l1_cache_size="16KiB", l2_cache_size="24KiB", fsync=False)
+    """A store whose L2 holds one of the two layers' 32 KiB segments (and L1, on the CPU, none), so some reach L3."""
+    return tierstore.open(path, l1_device="cpu", l1_cache_size="16KiB", l2_cache_size="40KiB", fsync=False)
 
 
 @pytest.mark.parametrize("image", [False, True], ids=["text", "image+text"])
@@ -78,7 +78,9 @@ def test_release_deletes_cache_only_blocks(model: Any, db: tierstore.TierStore) 
     inputs = synthetic_inputs(TEXT, image_seed=None)
     cache = TieredCache(db, config=model.config, budget=1)
     model.generate(**inputs, cache=cache, **GEN)
-    assert len(list(db.keys(prefix="kv/tmp/"))) == 2 * (45 // 16)  # 2 layers, full blocks of 45 tokens
+    segments = [layer.segments for layer in cache.layers]
+    assert [[(s.start, s.stop) for s in layer] for layer in segments] == [[(0, 32)]] * 2  # 45 tokens: 2 blocks, merged
+    assert sorted(db.keys(prefix="kv/tmp/")) == sorted(s.key for layer in segments for s in layer)  # none left over
     cache.release()
     assert list(db.keys(prefix="kv/")) == []
 
@@ -235,3 +237,157 @@ def test_batches_and_beam_search_match_dynamic_cache(model: Any, tmp_path: Path,
         out = model.generate(**inputs, cache=cache, **kwargs)
         assert cache.stats.spills > 0
     assert torch.equal(out, ref)
+
+
+# -- the edges of the Cache API, side by side with DynamicCache ---------------------------------------------
+
+
+def _filled(model: Any, db: tierstore.TierStore, budget: int | None = 1) -> tuple[TieredCache, Any]:
+    """A TieredCache and a DynamicCache after the same generate; the TieredCache's layers are spilled."""
+    from transformers import DynamicCache
+
+    inputs = synthetic_inputs(TEXT, image_seed=None, suffix=SUFFIX)
+    dynamic = DynamicCache(config=model.config)
+    model.generate(**inputs, cache=dynamic, **GEN)
+    tiered = TieredCache(db, config=model.config, budget=budget)
+    model.generate(**inputs, cache=tiered, **GEN)
+    return tiered, dynamic
+
+
+def test_iter_yields_what_dynamic_cache_yields(model: Any, db: tierstore.TierStore) -> None:
+    tiered, dynamic = _filled(model, db)
+    assert all(not layer.live for layer in tiered.layers)  # every layer spilled: iter must read them back
+    mine, theirs = list(tiered), list(dynamic)
+    assert len(mine) == len(theirs) == 2
+    for (k, v, window), (dk, dv, dwindow) in zip(mine, theirs, strict=True):
+        assert torch.equal(k, dk) and torch.equal(v, dv) and window is None and dwindow is None
+    tiered.release()
+
+
+def test_keys_are_real_tensors_while_spilled(model: Any, db: tierstore.TierStore) -> None:
+    tiered, dynamic = _filled(model, db)
+    layer = tiered.layers[1]
+    assert not layer.live and layer.tail_keys is not None
+    assert isinstance(layer.keys, torch.Tensor) and torch.equal(layer.keys, dynamic.layers[1].keys)
+    assert torch.equal(layer.values, dynamic.layers[1].values)
+    assert layer.live  # read back: live until the budget is next enforced
+    tiered.release()
+
+
+def test_offload_and_prefetch_behave(model: Any, db: tierstore.TierStore) -> None:
+    tiered, dynamic = _filled(model, db, budget=None)  # no budget: everything live
+    layer, theirs = tiered.layers[0], dynamic.layers[0]
+    assert layer.live and tiered.stats.blocks_written == 0
+    theirs.offload()
+    layer.offload()  # the full blocks go to the store; the partial last block stays
+    assert not layer.live and layer.live_bytes == layer.tail_keys.nbytes * 2
+    assert [(s.start, s.stop) for s in layer.segments] == [(0, 48)] and tiered.stats.spills == 1
+    layer.prefetch()
+    assert layer.pending is not None and tiered.stats.prefetches == 1
+    tiered.prefetch(1)  # the cache-level call transformers' offloading makes: layer 1 is live, nothing to do
+    assert tiered.layers[1].pending is None
+    theirs.prefetch()
+    assert torch.equal(layer.keys, theirs.keys) and torch.equal(layer.values, theirs.values)
+    assert layer.keys.device == theirs.keys.device
+    tiered.offload(1)
+    assert not tiered.layers[1].live
+    # generation goes on from offloaded layers with DynamicCache's results
+    step = torch.tensor([[5]])
+    ref = model(input_ids=step, cache=dynamic).logits
+    torch.testing.assert_close(model(input_ids=step, cache=tiered).logits, ref, rtol=0, atol=0)
+    tiered.release()
+    assert list(db.keys(prefix="kv/")) == []
+
+
+def _sliding_model() -> Any:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=8,
+                         max_window_layers=1, layer_types=["sliding_attention", "full_attention"])
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(config).eval()
+
+
+def test_sliding_window_layers_keep_what_dynamic_cache_keeps(db: tierstore.TierStore) -> None:
+    from transformers import DynamicCache
+
+    model = _sliding_model()
+    ids = torch.arange(1, 41)[None]
+    kwargs: dict[str, Any] = dict(max_new_tokens=3, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    dynamic = DynamicCache(config=model.config)
+    ref = model.generate(ids, cache=dynamic, **kwargs)
+    with TieredCache(db, config=model.config, budget=1) as tiered:
+        out = model.generate(ids, cache=tiered, **kwargs)
+        assert_same_output(out, ref)
+        assert [layer.keys.shape for layer in tiered.layers] == [layer.keys.shape for layer in dynamic.layers]
+        assert tiered.layers[0].keys.shape[-2] == 7 and tiered.get_seq_length() == 42
+        assert tiered.is_sliding == dynamic.is_sliding == [True, False]
+        assert tiered.stats.spills > 0  # the full-attention layer still spills
+        persist = TieredCache(db, config=model.config, persist=True)
+        assert persist.prepare(ids) == 0  # a sliding window is not stored: nothing to restore
+
+
+# -- restore only when it is predicted to beat recomputing --------------------------------------------------
+
+
+@pytest.mark.parametrize("read_speed, restored", [(1e12, 64), (1e3, 0)], ids=["read-fast", "read-slow"])
+def test_restore_only_when_predicted_faster(model: Any, db: tierstore.TierStore, computed: list[int],
+                                            read_speed: float, restored: int) -> None:
+    from tierstore.integrations.kv_restore import RestorePolicy
+    from tierstore.plan.bandwidth import Bandwidth
+
+    inputs = synthetic_inputs(TEXT, image_seed=1, suffix=SUFFIX)  # 72 tokens: 4 full blocks stored
+    TieredCache(db, config=model.config, persist=True).generate(model, **inputs, **GEN)
+    speeds = Bandwidth(disk_read=read_speed, disk_write=read_speed, memcpy=read_speed, h2d_pinned=None, decode={},
+                       ratio={}, measured_at=0.0, disk_path="")
+    policy = RestorePolicy(speeds, prefill_tokens_per_s=10_000.0, per_block_s=0.0)  # 64 tokens: 6.4 ms to compute
+    computed.clear()
+    cache = TieredCache(db, config=model.config, persist=True, restore_policy=policy)
+    out = cache.generate(model, **inputs, **GEN)
+    estimate = cache.stats.restore_estimate
+    assert estimate is not None and estimate.tokens == 64 and estimate.recompute_s == pytest.approx(0.0064)
+    assert estimate.nbytes == 2 * 4 * db.info(cache.layers[0].block_keys[0]).nbytes  # 2 layers x 4 blocks
+    assert cache.stats.restored_tokens == restored and cache.stats.declined_tokens == 64 - restored
+    assert computed[0] == 72 - restored
+    assert torch.equal(out.sequences, reference(model, inputs).sequences)
+    assert policy.prefill_tokens_per_s is not None and policy.prefill_tokens_per_s != 10_000.0  # this prefill, timed
+
+
+def test_restore_policy_without_measurements_restores() -> None:
+    from tierstore.integrations.kv_restore import RestorePolicy
+
+    policy = RestorePolicy()
+    assert policy.estimate(tokens=10, nbytes=10, blocks=1).restore  # nothing to weigh: restore
+    policy.observe_prefill(100, 0.5)
+    policy.observe_prefill(300, 0.5)
+    assert policy.prefill_tokens_per_s == pytest.approx(400.0)  # moving average of 200 and 600 tokens/s
+
+
+def test_caches_in_threads_merge_and_delete_segments_beside_the_store_mover(model: Any, tmp_path: Path) -> None:
+    """Two requests in two threads on one store: segment merges delete blocks while prefetches move others."""
+    import threading
+
+    inputs = synthetic_inputs(list(range(1, 70)), image_seed=None)
+    kwargs: dict[str, Any] = dict(max_new_tokens=40, min_new_tokens=40, do_sample=False)  # several merges a layer
+    ref = model.generate(**inputs, **kwargs)
+    errors: list[BaseException] = []
+    with tiny_tiers(tmp_path / "t") as db:
+        def request() -> None:
+            try:
+                for _ in range(2):
+                    with TieredCache(db, config=model.config, budget=1) as cache:
+                        out = model.generate(**inputs, cache=cache, **kwargs)
+                        assert torch.equal(out, ref)
+                        assert cache.stats.prefetches > 0 and cache.stats.blocks_written > cache.stats.spills / 16
+                        assert all(len(layer.segments) <= 4 for layer in cache.layers)  # merged: O(log n)
+            except BaseException as exc:  # reported by the main thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=request) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors
+        assert list(db.keys(prefix="kv/")) == []

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 import tierstore
 from tierstore import CheckpointError, ConfigError
 from tierstore.cli import main
-from tierstore.integrations import qwen3_vl
+from tierstore.integrations import checkpoint, qwen3_vl
 from tierstore.integrations.checkpoint import HF_META, read_header, read_json
 from tierstore.integrations.qwen3_vl import (
     Qwen3VLHierarchicalCacheAdapter,
@@ -239,16 +239,24 @@ def test_bad_checkpoints_raise_and_leave_the_store_alone(tmp_path: Path, damage:
     _assert_unchanged(tmp_path / "s")
 
 
-def test_import_is_all_or_nothing(tmp_path: Path) -> None:
+def test_import_is_all_or_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = tmp_path / "ckpt"
     folder.mkdir()
     save_file({"a": torch.ones(3)}, folder / "1.safetensors")
     save_file({"b": torch.ones(300, 300)}, folder / "2.safetensors")
-    with open(folder / "2.safetensors", "r+b") as f:  # the header is fine, the data is cut short after parsing
-        f.truncate(f.seek(0, 2) - 4)
+    validate = checkpoint.read_header
+
+    def validate_then_truncate(path: Path) -> Any:
+        header = validate(path)
+        if path.name == "2.safetensors":  # cut short after its header was checked: fails mid-import
+            with open(path, "r+b") as f:
+                f.truncate(f.seek(0, 2) - 4)
+        return header
+
+    monkeypatch.setattr(checkpoint, "read_header", validate_then_truncate)
     with tierstore.open(tmp_path / "s") as db:
         db.put("keep", torch.arange(4))
-        with pytest.raises(CheckpointError, match="past the end"):
+        with pytest.raises(CheckpointError, match="not fully covered"):
             import_checkpoint(folder, db)
     _assert_unchanged(tmp_path / "s")
 
@@ -273,11 +281,11 @@ def test_cli_import_hf_import_and_export(tiny: tuple[Any, Path], tmp_path: Path,
     assert not any(HF_META in name for name in names)
     with tierstore.open(store, readonly=True) as db:
         assert read_json(db, "config.json", prefix="q/")["model_type"] == "qwen3_vl"
-    assert main(["import-hf", str(tmp_path / "nowhere"), str(tmp_path / "s2")]) == 1
+    assert main(["import-hf", str(tmp_path / "nowhere"), str(tmp_path / "s2")]) == 2
     assert "not a Hugging Face model folder" in capsys.readouterr().err and not (tmp_path / "s2").exists()
-    assert main(["import-hf", str(single), str(tmp_path / "s3")]) == 1  # a file is not a model folder
+    assert main(["import-hf", str(single), str(tmp_path / "s3")]) == 2  # a file is not a model folder
     assert "not a Hugging Face model folder" in capsys.readouterr().err and not (tmp_path / "s3").exists()
-    assert main(["import", str(tmp_path / "s4"), str(tmp_path / "nowhere")]) == 1
+    assert main(["import", str(tmp_path / "s4"), str(tmp_path / "nowhere")]) == 2
     assert "no checkpoint" in capsys.readouterr().err and not (tmp_path / "s4").exists()
 
 

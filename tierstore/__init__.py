@@ -48,6 +48,7 @@ from .errors import (
     TierFullError,
     TierStoreError,
     TransactionError,
+    UnsafePathError,
     UnsupportedTensorError,
 )
 from .plan.hardware import HardwareFacts, HardwareOptimizer, Recommendation
@@ -95,6 +96,7 @@ __all__ = [
     "TierFullError",
     "TransactionError",
     "UnsupportedTensorError",
+    "UnsafePathError",
     "SharedTierError",
     "SharedTierUnavailableError",
     "BlockUnavailableError",
@@ -102,13 +104,19 @@ __all__ = [
 
 
 def open(path: str | Path, config: CacheConfig | None = None, *, readonly: bool = False,
-         **overrides: Any) -> TierStore:
+         remember_config: bool = True, **overrides: Any) -> TierStore:
     """Open the store at ``path``, creating it unless ``readonly``.
 
     ``config`` (a :class:`CacheConfig`) sets sizes, policies and codecs; keyword ``overrides``
     change single fields (``tierstore.open(p, l2_cache_size="1GiB")``). With neither, the
-    configuration the store was last opened with is used. Only one handle at a time may write
-    to a store (a second gets ``StoreLockedError`` at once); ``readonly=True`` handles, in any
-    process, see the last committed state.
+    configuration of the last successful read-write open is used (a failed open is not
+    remembered). Only one handle at a time may write to a store (a second gets
+    ``StoreLockedError`` at once); ``readonly=True`` handles, in any process, see the last
+    committed state. A read-only handle builds only the caches it can use: an L1 pool only when
+    ``l1_device`` or ``l1_cache_size`` is given, and, unless ``l2_cache_size`` is given, an L2 no
+    larger than the store's data at open and a quarter of the machine's memory (none if even
+    that cannot be had), so a config remembered on a bigger machine never stops a reader.
+    ``remember_config=False`` keeps the remembered configuration (a one-off open with, say, L2 off
+    for maintenance, which must not leave the store without its L2 size).
     """
-    return TierStore(path, config, readonly=readonly, **overrides)
+    return TierStore(path, config, readonly=readonly, remember_config=remember_config, **overrides)

@@ -8,6 +8,7 @@ under its original name; tierstore's own additions follow them.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,14 @@ _UNITS = {
     "t": 1000**4, "tb": 1000**4, "tib": 1 << 40,
 }
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*$")
+MAX_SIZE = (1 << 63) - 1
+"""The largest size accepted: what an int64 (SQLite's integers, mmap's lengths) can hold."""
+MAX_PREDICTION_WINDOW = 10_000_000
+"""Longest ``prediction_window`` (accesses): a horizon beyond it labels every return a hit and no sample
+ever expires, so the predictor learns nothing and its pending samples grow with the key count."""
+MAX_FLUSH_INTERVAL = 3600.0
+"""Longest ``history_flush_interval`` (seconds): access history reaches the catalog at least hourly (and a
+longer wait than the thread library's timeout limit would stop the history thread)."""
 
 
 def parse_size(value: int | str, *, name: str = "size") -> int:
@@ -53,11 +62,9 @@ def parse_size(value: int | str, *, name: str = "size") -> int:
     if isinstance(value, bool):
         raise ConfigError(f"{name} must be a size in bytes or a string like '512MiB', not {value!r}")
     if isinstance(value, int):
-        if value < 0:
-            raise ConfigError(f"{name} must be >= 0 bytes, got {value}")
-        return value
-    if isinstance(value, float) and value.is_integer() and value >= 0:
-        return int(value)
+        return _checked_size(value, name)
+    if isinstance(value, float) and value.is_integer():
+        return _checked_size(int(value), name)
     if not isinstance(value, str):
         raise ConfigError(f"{name} must be an int or a string like '512MiB', not {type(value).__name__}")
     match = _SIZE_RE.match(value)
@@ -67,7 +74,19 @@ def parse_size(value: int | str, *, name: str = "size") -> int:
             f"{name}={value!r} is not a size; write bytes as an int or a string such as "
             "'4096', '512MiB', '2GiB' or '1.5 GB'"
         )
-    return int(float(match.group(1)) * _UNITS[unit])
+    number = float(match.group(1)) * _UNITS[unit]
+    if not math.isfinite(number):  # hundreds of digits overflow a float
+        raise ConfigError(f"{name}={value!r:.40} is larger than any size tierstore can use (at most 2**63-1 bytes)")
+    return _checked_size(int(number), name)
+
+
+def _checked_size(value: int, name: str) -> int:
+    if value < 0:
+        raise ConfigError(f"{name} must be >= 0 bytes, got {value}")
+    if value > MAX_SIZE:
+        raise ConfigError(f"{name}={value} is larger than any size tierstore can use (at most 2**63-1 bytes); "
+                          "give a size this machine can hold")
+    return value
 
 
 def format_size(nbytes: float) -> str:
@@ -80,6 +99,8 @@ def format_size(nbytes: float) -> str:
     raise AssertionError("unreachable")
 
 
+_L1_DEVICE_RE = re.compile(r"(cpu|cuda)(:[0-9]{1,4})?")
+"""The devices the L1 pool runs on (see ``tierstore.tiers.l1_cuda.DevicePool``)."""
 _CODEC_RE = re.compile(r"^(off|none|raw|auto|zstd|shuffle-zstd|bytegroup-zstd|blosc-lz4)(?::(-?[0-9]+))?$")
 
 
@@ -132,8 +153,10 @@ class CacheConfig:
     migration_threshold_high_freq: int = 4
     migration_threshold_medium_freq: int = 2
     migration_time_threshold: float = 600.0
+    """Seconds a block may stay idle before it is demoted (finite, > 0)."""
 
     prediction_window: int = 200
+    """Accesses the predictor looks ahead (1 to ``MAX_PREDICTION_WINDOW``, ten million)."""
     prediction_threshold: float = 0.7
     l3_admission: str = "all"
     """Which cache-only blocks leaving L2 are written to L3: ``all``, or ``reused`` (only those read
@@ -149,7 +172,7 @@ class CacheConfig:
     history_max_rows: int = 1_000_000
     """Cap on rows kept in the catalog's access log (oldest dropped first)."""
     history_flush_interval: float = 1.0
-    """Seconds between background writes of the in-memory access record."""
+    """Seconds between background writes of the in-memory access record (finite, > 0, at most an hour)."""
     l1_bf16_cast: str = "auto"
     """bf16 blocks entering L1: ``"auto"`` casts them to ``l1_bf16_fallback`` on GPUs without bf16
     math (compute capability < 8.0), ``"always"`` casts on any device (CPU too), ``"never"`` keeps bf16."""
@@ -196,6 +219,9 @@ class CacheConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
+        if self.prediction_window > MAX_PREDICTION_WINDOW:
+            raise ConfigError(f"prediction_window={self.prediction_window} is past the longest useful horizon "
+                              f"({MAX_PREDICTION_WINDOW} accesses); give a number of accesses up to that")
         if self.migration_threshold_medium_freq > self.migration_threshold_high_freq:
             raise ConfigError(
                 "migration_threshold_medium_freq must not exceed migration_threshold_high_freq "
@@ -203,9 +229,14 @@ class CacheConfig:
             )
         for name in ("migration_time_threshold", "history_flush_interval"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ConfigError(f"{name} must be a number of seconds > 0, got {value!r}")
+            # nan passes every comparison's "else" branch: refuse it (and inf) before comparing
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value <= 0:
+                raise ConfigError(f"{name} must be a finite number of seconds > 0, got {value!r}")
             set_(self, name, float(value))
+        if self.history_flush_interval > MAX_FLUSH_INTERVAL:
+            raise ConfigError(f"history_flush_interval={self.history_flush_interval:g} s is longer than "
+                              f"{MAX_FLUSH_INTERVAL:g} s; access history must reach the catalog at least hourly")
         value = self.prediction_threshold
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
             raise ConfigError(f"prediction_threshold must be a probability in [0, 1], got {value!r}")
@@ -218,14 +249,20 @@ class CacheConfig:
             set_(self, "l1_headroom", parse_size(self.l1_headroom, name="l1_headroom"))
         if self.l3_admission not in ("all", "reused"):
             raise ConfigError(f"l3_admission={self.l3_admission!r}; choose 'all' or 'reused'")
-        if self.l1_device is not None and not isinstance(self.l1_device, str):
-            raise ConfigError(f"l1_device must be a device string such as 'cuda:0', not {self.l1_device!r}")
+        if self.l1_device is not None and (not isinstance(self.l1_device, str)
+                                           or not _L1_DEVICE_RE.fullmatch(self.l1_device)):
+            raise ConfigError(f"l1_device={self.l1_device!r} is not an L1 device; write 'cuda', 'cuda:N' or 'cpu' "
+                              "(or None for the first GPU)")
         if self.shared_compression is not None:
             set_(self, "shared_compression", _normalize_compression(self.shared_compression))
         self._check_shared()
 
     def _check_shared(self) -> None:
         url = self.shared_url
+        if isinstance(url, str) and "@" not in url and (bucket := re.match(r"^s3://([^/]*)", url)) \
+                and 0 < len(bucket.group(1)) < 3 and re.fullmatch(r"[a-z0-9.\-]*", bucket.group(1)):
+            raise ConfigError(f"shared_url={url!r}: the bucket name {bucket.group(1)!r} is too short; S3 bucket "
+                              "names are 3 to 63 characters (lower-case letters, digits, '.', '-')")
         if url is not None and (not isinstance(url, str) or not re.match(r"^s3://[a-z0-9][a-z0-9.\-]{1,62}(/.*)?$", url)
                                 or "@" in url):
             raise ConfigError(f"shared_url={url!r} is not an S3 URL; write 's3://bucket/prefix' "

@@ -39,7 +39,9 @@ __all__ = [
     "BlockUnavailableError",
     "CheckpointError",
     "CacheUsageError",
+    "UnsafePathError",
     "translate_os_error",
+    "traceback_for_log",
 ]
 
 
@@ -152,6 +154,15 @@ class CacheUsageError(TierStoreError, ValueError):
     """A model cache (KV or vision features) was given inputs or a state it cannot handle."""
 
 
+class UnsafePathError(TierStoreError, PermissionError):
+    """An entry of a store is a symbolic link (or leads outside the store): tierstore never follows one.
+
+    Stores come in tarballs and from other users; a link could make a write, truncate or delete
+    land on a file outside the store. Replace the link with the real file, or remove it
+    (``tierstore verify --fix`` removes links inside L3, never what they point at).
+    """
+
+
 _FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
@@ -165,4 +176,14 @@ def translate_os_error(exc: OSError, *, what: str, path: str | os.PathLike[str] 
             "free disk space or delete blocks, then retry (nothing committed was lost)",
             key=key, path=str(where),
         )
+    if exc.errno == errno.ELOOP:  # what O_NOFOLLOW answers for a link
+        return UnsafePathError(
+            f"{what}: {where!s} is a symbolic link, and tierstore never follows links inside a store; "
+            "replace it with the real file or remove it", key=key, path=str(where))
     return TierStoreError(f"{what}: {exc.strerror or exc} at {where!s}", key=key, path=str(where))
+
+
+def traceback_for_log(exc: BaseException) -> BaseException | None:
+    """What to pass as a log call's ``exc_info``: a tierstore error's message says it all, anything else
+    is a bug or a driver surprise whose traceback is worth having."""
+    return None if isinstance(exc, TierStoreError) else exc

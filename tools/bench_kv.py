@@ -14,7 +14,8 @@ Builds a small random Qwen3-VL text stack (4 layers, hidden 256) and measures, a
 
 The variants run round-robin (one run of each per round, after a warm-up round), so load
 changes on a shared machine hit them alike. Outputs are checked equal to ``DynamicCache``'s; a
-mismatch stops the benchmark.
+mismatch stops the benchmark. Long contexts (the 2B's K/V geometry at 4k-32k tokens, against
+transformers' offloaded cache, peak RSS per variant) are ``tools/bench_kv_long.py``.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@
 """
 
 from .block_row import NO_L3, BlockRow, L3Columns
-from .sqlite_catalog import SCHEMA_VERSION, Catalog, now, schema_scripts
+from .sqlite_catalog import CREATING_SUFFIX, SCHEMA_VERSION, Catalog, now, schema_scripts
 from .statements import BLOCK_COLUMNS, DELETE_BLOCK
 
-__all__ = ["BLOCK_COLUMNS", "DELETE_BLOCK", "NO_L3", "SCHEMA_VERSION", "BlockRow", "Catalog", "L3Columns", "now",
-           "schema_scripts"]
+__all__ = ["BLOCK_COLUMNS", "CREATING_SUFFIX", "DELETE_BLOCK", "NO_L3", "SCHEMA_VERSION", "BlockRow", "Catalog",
+           "L3Columns", "now", "schema_scripts"]

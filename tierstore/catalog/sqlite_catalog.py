@@ -28,19 +28,29 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import crc32c
 import sqlite_utils
 
-from ..errors import CatalogError, CorruptBlockError, SchemaVersionError, StoreFullError, TierStoreError
-from .block_row import BlockRow
+from ..errors import (
+    CatalogError,
+    CorruptBlockError,
+    SchemaVersionError,
+    StoreFullError,
+    TierStoreError,
+    translate_os_error,
+)
+from .block_row import _ARRAY_NAME, BlockRow
 from .statements import (
     ALL_ACCESSES,
     ALL_BLOCKS,
     ARRAY_OF,
+    BLOCK_AT,
     BLOCK_IN_ARRAY,
     BLOCKS_IN_SHARD,
     COUNT_BLOCKS,
     CURRENT_SIZES,
     DELETE_BLOCK,
+    DELETE_META,
     DELETE_SHARD,
     DROP_UNUSED_SHARDS,
     DROP_VOLATILE,
@@ -63,11 +73,16 @@ from .statements import (
     KEYS_PREFIX_PAGE,
     LIVE_ARRAYS,
     MAX_BLOCK_ID,
+    OP_TOTALS,
+    PUT_TOTAL,
     RECENT_ACCESS,
     RECENT_ACCESS_KEY,
     SET_META,
+    SHARD_CHUNKS,
+    SHARD_EXTENT,
     SHARD_LENGTHS,
     SHARD_USAGE,
+    SHORT_SHARDS,
     SUCCESSOR_ROWS,
     TIME_RANGE,
     TRIM_ACCESS,
@@ -84,6 +99,14 @@ from .statements import (
 
 __all__ = ["Catalog", "BlockRow", "SCHEMA_VERSION", "schema_scripts", "schema_version_of"]
 
+
+
+COUNTER_SUFFIX = "-commits"
+"""The commit counter kept outside the WAL (see ``Catalog._check_commit_counter``)."""
+COMMIT_SEQ = "commit_seq"
+ROLLBACK_META = "catalog_rollback"
+CREATING_SUFFIX = ".tmp"
+"""A catalog being created (renamed into place when complete; a leftover is replaced)."""
 HEADROOM_SUFFIX = "-headroom"
 HEADROOM = 1 << 20
 """Disk held beside the catalog and given back when the disk is full, so that deletes can still commit."""
@@ -122,6 +145,8 @@ class Catalog:
         self._lock = threading.RLock()
         if readonly and not self.path.exists():
             raise CatalogError(f"no catalog at {self.path}; is this a tierstore store?", path=str(self.path))
+        if not readonly and _unborn(self.path):
+            self._create(durable)
         try:
             conn = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False, isolation_level=None)
             self._conn = conn
@@ -137,6 +162,11 @@ class Catalog:
             raise SchemaVersionError(
                 f"catalog {self.path} has schema version {version}, newer than this tierstore knows "
                 f"({SCHEMA_VERSION}); upgrade tierstore to open it", path=str(self.path))
+        if version == 0 and readonly:
+            conn.close()
+            raise SchemaVersionError(
+                f"catalog {self.path} is empty: the store's first open did not finish; open it read-write "
+                "once to create it", path=str(self.path))
         if version < SCHEMA_VERSION:
             if readonly:
                 conn.close()
@@ -146,6 +176,9 @@ class Catalog:
             self._migrate(version)
         if readonly:
             conn.execute("PRAGMA query_only = 1")
+        self._counter_fd = -1
+        self.rollback_note = self._check_commit_counter()
+        """Non-empty when the catalog lost commits it had acknowledged, until ``verify --fix``."""
         self._headroom_gone = False
         if not readonly:
             self._reserve_headroom()
@@ -180,6 +213,76 @@ class Catalog:
         except OSError:
             return False
 
+    # -- commit counter -----------------------------------------------------------------------------
+    # SQLite drops every WAL frame after the first damaged one without a word, so a damaged WAL after a
+    # killed writer silently rolls back acknowledged commits. Each write transaction therefore bumps
+    # commit_seq in store_meta and, after COMMIT, writes it to a small file beside the catalog (outside
+    # the WAL). A catalog whose commit_seq is behind that file lost commits. The file is written
+    # without fsync: it survives a killed process (the page cache does), and a file behind the
+    # catalog (after a power cut) is never mistaken for a loss.
+
+    def _check_commit_counter(self) -> str:
+        counted = _read_counter(self.path.with_name(self.path.name + COUNTER_SUFFIX))  # before the catalog
+        seq = _as_count(self._query_one(GET_META, (COMMIT_SEQ,)))
+        note = self.meta(ROLLBACK_META) or ""
+        if seq < counted:
+            note = (f"the catalog lost commits {seq + 1} to {counted} it had acknowledged (its write-ahead log "
+                    "was damaged after a crash, or it was restored from an older copy): blocks written or "
+                    "deleted by them are missing or older; check them, then run 'tierstore verify --fix' "
+                    "to acknowledge")
+        if self.readonly:
+            return note
+        try:
+            self._counter_fd = os.open(self.path.with_name(self.path.name + COUNTER_SUFFIX),
+                                       os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            raise translate_os_error(exc, what="open the commit counter", path=self.path) from None
+        if seq < counted:
+            self.set_meta({ROLLBACK_META: note})  # kept until acknowledged: the counter follows the catalog now
+        return note
+
+    def acknowledge_rollback(self) -> None:
+        """Forget a detected loss of commits (``verify --fix``, once it has been reported)."""
+        with self._write("acknowledge lost commits") as conn:
+            conn.execute(DELETE_META, (ROLLBACK_META,))
+        self.rollback_note = ""
+
+    def _create(self, durable: bool) -> None:
+        """Build a complete catalog in a temporary file and rename it into place.
+
+        A kill half-way through a first open then leaves no catalog (or the old empty one) and a
+        temporary file the next writer replaces, never a catalog stuck at an early schema version.
+        """
+        tmp = self.path.with_name(self.path.name + CREATING_SUFFIX)
+        tmp.unlink(missing_ok=True)
+        try:
+            conn = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                conn.execute("PRAGMA journal_mode = MEMORY")  # the rename is what makes creation atomic
+                for version, _name, sql in schema_scripts():
+                    conn.executescript(f"BEGIN;\n{sql}\nPRAGMA user_version = {version};\nCOMMIT;")
+            finally:
+                conn.close()
+            if durable:
+                fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            os.replace(tmp, self.path)
+            if durable:
+                fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        except sqlite3.Error as exc:
+            tmp.unlink(missing_ok=True)
+            raise self._fail(exc, "create the catalog") from None
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise translate_os_error(exc, what="create the catalog", path=self.path) from None
+
     def _migrate(self, current: int) -> None:
         for version, name, sql in schema_scripts():
             if version <= current:
@@ -198,11 +301,19 @@ class Catalog:
             conn = self._conn
             try:
                 conn.execute("BEGIN IMMEDIATE")
+                seq = 0
+                if self._counter_fd >= 0:  # read under the write lock: the file is never ahead of the catalog
+                    seq = _as_count(conn.execute(GET_META, (COMMIT_SEQ,)).fetchone()) + 1
+                    conn.execute(SET_META, (COMMIT_SEQ, str(seq)))
             except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise self._fail(exc, what) from None
             try:
                 yield conn
                 conn.execute("COMMIT")
+                if self._counter_fd >= 0:
+                    _write_counter(self._counter_fd, seq)
             except sqlite3.Error as exc:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
@@ -267,7 +378,7 @@ class Catalog:
         path = self.path.with_name(self.path.name + HEADROOM_SUFFIX)
         self._headroom_gone = True
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         except OSError:
             return
         try:
@@ -282,8 +393,8 @@ class Catalog:
     def _release_headroom(self) -> bool:
         path = self.path.with_name(self.path.name + HEADROOM_SUFFIX)
         try:
-            held = path.stat().st_size > 0
-            path.unlink()
+            held = path.lstat().st_size > 0 and not path.is_symlink()
+            path.unlink()  # a link itself goes, never what it points at
         except OSError:
             return False
         self._headroom_gone = True
@@ -336,6 +447,33 @@ class Catalog:
     def shard_lengths(self) -> dict[tuple[str, int], int]:
         """Committed length of every shard file."""
         return {(a, s): n for a, s, n in self._query(SHARD_LENGTHS)}
+
+    def short_shards(self, index_bytes: int) -> list[tuple[str, int, int, int | None]]:
+        """``(array, shard, extent, length)`` of pack shards whose row is missing (length None) or
+        ends before ``extent`` (where its last block ends) plus ``index_bytes``."""
+        return [(a, s, e, n) for a, s, e, n in self._query(SHORT_SHARDS, (index_bytes,))
+                if isinstance(a, str) and _ARRAY_NAME.fullmatch(a) and type(s) is int and s >= 0
+                and type(e) is int and (n is None or type(n) is int)]  # never a path a damaged row made up
+
+    def shard_extent(self, array: str, shard: int) -> int | None:
+        """Where the last block in a shard ends (None: no block is in it)."""
+        value = self._query_one(SHARD_EXTENT, (array, shard))[0]
+        return value if type(value) is int else None
+
+    def set_shard_lengths(self, lengths: dict[tuple[str, int], int]) -> None:
+        """Write shard rows (rebuilt from the bytes by recovery or repair)."""
+        with self._write("rebuild shard rows") as conn:
+            conn.executemany(UPSERT_SHARD, [(a, s, n) for (a, s), n in lengths.items()])
+
+    def shard_chunks(self, array: str, shard: int) -> list[tuple[int, int]]:
+        """``(offset, size)`` of every chunk the blocks in a shard have (rows that do not parse skipped)."""
+        chunks: list[tuple[int, int]] = []
+        for offset, sizes in self._query(SHARD_CHUNKS, (array, shard)):
+            if type(offset) is int and isinstance(sizes, bytes) and len(sizes) % 4 == 0:
+                for size in memoryview(sizes).cast("I"):
+                    chunks.append((offset, int(size)))
+                    offset += int(size)
+        return chunks
 
     def live_arrays(self) -> set[str]:
         """L3 arrays (large blocks) that committed rows point at."""
@@ -454,6 +592,14 @@ class Catalog:
         gets, l1, l2, l3 = self._query_one(HIT_TOTALS)
         return int(gets), int(l1), int(l2), int(l3)
 
+    def put_total(self) -> int:
+        """Puts recorded in ``block_stats``."""
+        return int(self._query_one(PUT_TOTAL)[0])
+
+    def op_totals(self) -> dict[str, int]:
+        """Logged accesses per operation (``get``, ``put``, ``delete``)."""
+        return {op: int(n) for op, n in self._query(OP_TOTALS)}
+
     def access_time_range(self) -> tuple[float | None, float | None]:
         """The first and last timestamps of the access log (None, None when it is empty)."""
         first, last = self._query_one(TIME_RANGE)
@@ -480,6 +626,11 @@ class Catalog:
     def own_arrays_of(self, keys: Sequence[str]) -> list[Any]:
         """The ``blocks/<id>`` arrays of ``keys`` as their rows name them (possibly damaged values)."""
         return [r[0] for key in keys for r in self._query(ARRAY_OF, (key,))]
+
+    def first_row_in_shard(self, array: str, shard: int) -> BlockRow | None:
+        """A block stored in shard ``shard`` of L3 array ``array``, if any."""
+        row = self._query_one(BLOCK_AT, (array, shard))
+        return BlockRow.from_tuple(row) if row is not None else None
 
     def first_row_in_array(self, array: str) -> BlockRow | None:
         """A block stored in L3 array ``array``, if any."""
@@ -527,6 +678,48 @@ class Catalog:
                 self._conn.close()
             except sqlite3.Error:
                 pass
+            if self._counter_fd >= 0:
+                os.close(self._counter_fd)
+                self._counter_fd = -1
+
+
+def _as_count(row: Any) -> int:
+    """The commit_seq value of a ``store_meta`` row (0 when absent or damaged)."""
+    text = str(row[0]) if row is not None else ""
+    return int(text) if text.isascii() and text.isdigit() else 0
+
+
+def _read_counter(path: Path) -> int:
+    """The commit count recorded beside the catalog (0 when there is none or it is damaged)."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(12)
+    except OSError:
+        return 0
+    if len(raw) != 12 or crc32c.crc32c(raw[:8]) != int.from_bytes(raw[8:], "little"):
+        return 0
+    return int.from_bytes(raw[:8], "little")
+
+
+def _write_counter(fd: int, seq: int) -> None:
+    raw = seq.to_bytes(8, "little")
+    try:
+        os.pwrite(fd, raw + crc32c.crc32c(raw).to_bytes(4, "little"), 0)  # one page: a kill never tears it
+    except OSError:
+        pass  # (a full disk cannot refuse 12 bytes in place): a counter behind the catalog is never a false alarm
+
+
+def _unborn(path: Path) -> bool:
+    """Whether no catalog was ever completed at ``path`` (none, or an empty file a crash left).
+
+    An empty file beside a non-empty WAL is not: the WAL may hold the whole catalog.
+    """
+    try:
+        if path.stat().st_size:
+            return False
+        return path.with_name(path.name + "-wal").stat().st_size == 0
+    except FileNotFoundError:
+        return True
 
 
 def schema_version_of(path: Path) -> int:

@@ -41,7 +41,21 @@ DELETE FROM shards WHERE NOT EXISTS (
   SELECT 1 FROM blocks WHERE blocks.l3_array = shards.array AND blocks.l3_shard = shards.shard)
   AND (array, shard) NOT IN (SELECT array, max(shard) FROM shards GROUP BY array)
 """
+SHORT_SHARDS = """
+SELECT b.l3_array, b.l3_shard, max(b.l3_offset + b.stored_bytes), s.length
+FROM blocks b LEFT JOIN shards s ON s.array = b.l3_array AND s.shard = b.l3_shard
+WHERE b.l3_array >= 'packs/' AND b.l3_array < 'packs0' AND b.l3_offset >= 0 AND b.stored_bytes >= 0
+GROUP BY b.l3_array, b.l3_shard
+HAVING s.length IS NULL OR s.length < max(b.l3_offset + b.stored_bytes) + ?
+"""
+"""Pack shards whose row is missing or shorter than the blocks in them (and the index after) need."""
+SHARD_EXTENT = """
+SELECT max(l3_offset + stored_bytes) FROM blocks INDEXED BY blocks_by_location
+WHERE l3_array = ? AND l3_shard = ? AND l3_offset >= 0 AND stored_bytes >= 0
+"""
+SHARD_CHUNKS = "SELECT l3_offset, l3_sizes FROM blocks WHERE l3_array = ? AND l3_shard = ?"
 GET_META = "SELECT value FROM store_meta WHERE name = ?"
+DELETE_META = "DELETE FROM store_meta WHERE name = ?"
 SET_META = "INSERT INTO store_meta (name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value"
 GET_STATS = ("SELECT access_count, get_count, put_count, hits_l1, hits_l2, hits_l3, first_access, last_access, "
              "interarrival_ewma FROM block_stats WHERE key = ?")
@@ -85,7 +99,6 @@ HOT_BLOCKS = """
 SELECT s.key, s.access_count, s.last_access, b.nbytes FROM block_stats s JOIN blocks b ON b.key = s.key
 WHERE s.access_count >= ? ORDER BY s.access_count DESC, s.last_access DESC LIMIT ?
 """
-
 USER_VERSION = "PRAGMA user_version"
 
 # -- reports (tierstore.reports.activity) --------------------------------------------------------
@@ -93,6 +106,8 @@ WINDOW_COUNTS = "SELECT op, tier, count(*) FROM access_log WHERE ts >= ? GROUP B
 HIT_TOTALS = ("SELECT coalesce(sum(get_count), 0), coalesce(sum(hits_l1), 0), coalesce(sum(hits_l2), 0), "
               "coalesce(sum(hits_l3), 0) FROM block_stats")
 TIME_RANGE = "SELECT min(ts), max(ts) FROM access_log"
+PUT_TOTAL = "SELECT coalesce(sum(put_count), 0) FROM block_stats"
+OP_TOTALS = "SELECT op, count(*) FROM access_log GROUP BY op"
 ALL_ACCESSES = "SELECT ts, key, op, tier FROM access_log ORDER BY id"
 CURRENT_SIZES = "SELECT key, nbytes FROM blocks"
 
@@ -101,6 +116,7 @@ ALL_BLOCKS = f"SELECT {BLOCK_COLUMNS} FROM blocks ORDER BY l3_array, l3_shard, l
 USED_SHARDS = "SELECT DISTINCT l3_array, l3_shard FROM blocks WHERE l3_array >= 'packs/' AND l3_array < 'packs0'"
 DELETE_SHARD = "DELETE FROM shards WHERE array = ? AND shard = ?"
 ARRAY_OF = "SELECT l3_array FROM blocks WHERE key = ? AND l3_array >= 'blocks/' AND l3_array < 'blocks0'"
+BLOCK_AT = f"SELECT {BLOCK_COLUMNS} FROM blocks WHERE l3_array = ? AND l3_shard = ? LIMIT 1"
 BLOCK_IN_ARRAY = f"SELECT {BLOCK_COLUMNS} FROM blocks WHERE l3_array = ? LIMIT 1"
 SHARD_USAGE = """
 SELECT s.array, s.shard, s.length, count(b.key), coalesce(sum(b.stored_bytes), 0)

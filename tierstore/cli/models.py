@@ -1,10 +1,11 @@
-"""Models in and out of a store: ``import-hf``, ``import``, ``export`` (each one library call, with a progress bar)."""
+"""Models in and out of a store: ``import-hf``, ``import``, ``export``, ``export-hf`` (one library call each)."""
 
 from __future__ import annotations
 
 import argparse
 
 from .. import open as open_store
+from ..integrations.hf_export import DEFAULT_MAX_SHARD_SIZE
 from ._output import console
 
 __all__ = ["register"]
@@ -42,6 +43,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    """Write the model under a prefix as a Hugging Face model folder (config, sharded safetensors, index)."""
+    from ..integrations.hf_export import export_hf
+
+    with open_store(args.store, readonly=True, l2_cache_size=0) as db:
+        count = export_hf(db, args.out, prefix=args.prefix, max_shard_size=args.max_shard_size, progress=True)
+    console.print(f"wrote {count} tensors and the model config to {args.out}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the model commands to the ``tierstore`` parser."""
     hf = sub.add_parser("import-hf", help="import a Hugging Face model folder (example: tierstore import-hf "
@@ -58,5 +69,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     exp.add_argument("store")
     exp.add_argument("out")
     exp.set_defaults(func=cmd_export)
-    for command in (hf, imp, exp):
+    exp_hf = sub.add_parser("export-hf", help="write a model as a folder from_pretrained loads (example: tierstore "
+                                              "export-hf qwen.ts Qwen3-VL-out/ --max-shard-size 1GB)")
+    exp_hf.add_argument("store")
+    exp_hf.add_argument("out", help="a new (or empty) folder")
+    exp_hf.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
+                        help="largest safetensors shard, held in memory while written "
+                             f"(default {DEFAULT_MAX_SHARD_SIZE})")
+    exp_hf.set_defaults(func=cmd_export_hf)
+    for command in (hf, imp, exp, exp_hf):
         command.add_argument("--prefix", default="", help="key prefix of the model's tensors in the store")

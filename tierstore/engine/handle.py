@@ -26,13 +26,10 @@ objects the handle, the migrator and upkeep share.
 
 from __future__ import annotations
 
-import json
 import math
 import operator
 import threading
-import time
-import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from concurrent.futures import Future
 from contextlib import contextmanager
 from heapq import merge
@@ -41,7 +38,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .._version import __version__
 from ..catalog import Catalog
 from ..catalog.tier_counters import save_counters
 from ..config import CacheConfig
@@ -50,152 +46,43 @@ from ..errors import (
     InvalidKeyError,
     ReadOnlyError,
     StoreClosedError,
-    StoreNotFoundError,
     TierStoreError,
     TransactionError,
     UnsupportedTensorError,
-    translate_os_error,
 )
 from ..tensors import check_key
 from ..tiers.l1_cuda import DevicePool
-from ..tiers.l2_slab import HostArena
-from ..tiers.l3_zarr import RecoveryReport, ZarrL3
-from .access_recorder import Access, AccessRecorder, summarize
+from ..tiers.l3_zarr import ZarrL3
+from .access_recorder import Access, summarize
+from .devices import usable_device
 from .handle_reports import StoreReports
 from .handle_shared import SharedTier
 from .handle_writes import StoreWrites
 from .index import BlockIndex
-from .migrator import JournalReport, Migrator, Pin, Plan, recover_journal
+from .migrator import Migrator, Pin, Plan
 from .mover import Mover, no_memory, physical_memory
-from .residency import Residency
-from .shared_coordinator import SharedCoordinator
+from .opening import CATALOG_NAME, L2_FILE, StoreOpening
 from .transaction import Txn
 from .upkeep_steps import steps
 from .values import BlockInfo, StoreStats
-from .writer_lock import WriterLock
 
 if TYPE_CHECKING:
     from ..upkeep.compaction import MaintenanceReport
 
-__all__ = ["TierStore", "BlockInfo", "StoreStats", "open_store"]
-
-CATALOG_NAME = "catalog.sqlite"
-L2_FILE = "l2.slab"
-_BF16_CAST = {"auto": None, "always": True, "never": False}
+__all__ = ["TierStore", "BlockInfo", "StoreStats", "open_store", "CATALOG_NAME", "L2_FILE"]
 
 
-class TierStore(StoreWrites, SharedTier, StoreReports):
-    """A handle on one store. Use :func:`tierstore.open` to get one; it is a context manager."""
 
-    def __init__(self, path: str | Path, config: CacheConfig | None = None, *, readonly: bool = False,
-                 **overrides: Any) -> None:
-        self.path = Path(path)
-        self.readonly = readonly
-        self._closed = True
-        self._lock: WriterLock | None = None
-        catalog_path = self.path / CATALOG_NAME
-        if readonly:
-            if not catalog_path.exists():
-                raise StoreNotFoundError(f"no tierstore store at {self.path} (no {CATALOG_NAME})",
-                                         path=str(self.path))
-        else:
-            try:
-                self.path.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise translate_os_error(exc, what="create the store folder", path=self.path) from None
-            self._lock = WriterLock(self.path)
-        try:
-            self._open(catalog_path, config, overrides)
-        except BaseException:
-            if self._lock is not None:
-                self._lock.release()
-            raise
-        self._closed = False
+class TierStore(StoreOpening, StoreWrites, SharedTier, StoreReports,  # type: ignore[misc]  # get(key, device)
+                MutableMapping[str, torch.Tensor]):
+    """A handle on one store. Use :func:`tierstore.open` to get one; it is a context manager.
 
-    def _open(self, catalog_path: Path, config: CacheConfig | None, overrides: dict[str, Any]) -> None:
-        if not self.readonly:
-            steps().refuse_orphaned_data(self.path, catalog_path)
-        fsync = config.fsync if config is not None else overrides.get("fsync", True)
-        self._catalog = Catalog(catalog_path, readonly=self.readonly, durable=bool(fsync))
-        self.config = self._resolve_config(config, overrides)
-        self._write_mutex = threading.RLock()
-        self._local = threading.local()
-        self._counts = {"get": 0, "put": 0, "delete": 0}
-        self._hits = {"L1": 0, "L2": 0, "L3": 0}
-        self._l3 = ZarrL3(self.path, fsync=self.config.fsync, readonly=self.readonly)
-        self.recovery = RecoveryReport()
-        self.journal_recovery = JournalReport()
-        """Moves a crash interrupted, undone at open (see :mod:`tierstore.engine.migrator`)."""
-        if not self.readonly:
-            self._recover()
-        self._index = BlockIndex(self._catalog, self.path, readonly=self.readonly,
-                                 l3_capacity=self.config.l3_cache_size)
-        self._l1: Residency[DevicePool] | None = self._open_l1()
-        self._l2: Residency[HostArena] | None = None
-        self._l2_generation = 0
-        self.warm_blocks = 0
-        """Blocks taken back from a file-backed L2 at open (restart-warm)."""
-        if self.config.l2_cache_size > 0:
-            backing = self.path / L2_FILE if self.config.l2_file_backed and not self.readonly else None
-            arena = HostArena(self.config.l2_cache_size, path=backing, pin=self.config.l2_pin_memory)
-            self._l2 = Residency("L2", arena, self.config.l2_eviction_policy)
-            if backing is not None:
-                self._warm_l2()
-        self._mover = Mover(self._catalog, self._l3, self._l1, self._l2, self._index)
-        self._shared: SharedCoordinator | None = None
-        if self.config.shared_url is not None:  # no network until first used
-            self._shared = SharedCoordinator(self.config, self._shared_block)
-            self._hits["shared"] = 0
-        self._migrator = Migrator(self._catalog, self._l3, self._l1, self._l2, self.config, self._index, self._mover,
-                                  flush_history=lambda: self._recorder.flush(), spilled=self._spilled,
-                                  readonly=self.readonly)
-        self._mover.attach(spill_l2=self._spill, may_write=lambda: not self._closed and not self.readonly,
-                           write_back_l3=lambda entry, data: self._migrator.write_back(entry, data))
-        sink = None if self.readonly else self._write_history
-        self._recorder = AccessRecorder(sink, interval=self.config.history_flush_interval)
-
-    def _open_l1(self) -> Residency[DevicePool] | None:
-        """The device tier: on ``l1_device`` (default: the first GPU; none without one)."""
-        device = self.config.l1_device or ("cuda" if torch.cuda.is_available() else None)
-        if device is None:
-            return None
-        size = self.config.l1_cache_size
-        if size is None:  # half of what the device has free now; the hardware optimizer refines this
-            size = torch.cuda.mem_get_info(torch.device(device))[0] // 2 if torch.device(device).type == "cuda" else 0
-        if size <= 0:
-            return None
-        pool = DevicePool(size, device=device, chunk_size=min(size, 256 << 20), headroom=self.config.l1_headroom,
-                          bf16_fallback=getattr(torch, self.config.l1_bf16_fallback),
-                          cast_bf16=_BF16_CAST[self.config.l1_bf16_cast])
-        return Residency("L1", pool, self.config.l1_eviction_policy)
-
-    def _warm_l2(self) -> None:
-        assert self._l2 is not None
-        self._l2_generation, self.warm_blocks = steps().warm_l2(self.path, self._catalog, self._l2)
-
-    def _resolve_config(self, config: CacheConfig | None, overrides: dict[str, Any]) -> CacheConfig:
-        stored = self._catalog.meta("config")
-        if config is None:
-            base = CacheConfig()
-            if stored is not None:
-                try:  # a damaged remembered config falls back to the defaults: it holds no data
-                    known = {k: v for k, v in json.loads(stored).items() if k in CacheConfig.__slots__}
-                    base = CacheConfig(**known)
-                except (ValueError, TypeError, AttributeError, RecursionError):
-                    base = CacheConfig()
-            config = base
-        if overrides:
-            config = config.replace(**overrides)
-        if not self.readonly:
-            meta = {"config": json.dumps(config.to_dict()), "tierstore_version": __version__}
-            if self._catalog.meta("store_id") is None:
-                meta.update(store_id=uuid.uuid4().hex, created=repr(time.time()))
-            self._catalog.set_meta(meta)
-        return config
-
-    def _recover(self) -> None:
-        self.journal_recovery = recover_journal(self._catalog, self._l3)
-        self.recovery = steps().recover(self._catalog, self._l3)
+    It is a ``MutableMapping`` of key to tensor: ``db[k]`` is ``get(k)`` (``BlockNotFoundError``,
+    a ``KeyError``, when missing), ``db[k] = t`` a durable ``put``, ``del db[k]`` a ``delete``;
+    so it serves wherever a mapping of weights is asked for (accelerate's ``weights_map``, say).
+    ``get`` and ``keys`` keep their own signatures: ``get(key, device)`` raises for a missing key
+    instead of returning a default, and ``keys(prefix)`` returns a sorted iterator.
+    """
 
     # -- handle -------------------------------------------------------------------------------------
 
@@ -362,6 +249,7 @@ class TierStore(StoreWrites, SharedTier, StoreReports):
         if nbytes > physical_memory():
             raise no_memory(nbytes, f"allocate {shape} {dtype}")
         if device is not None:
+            device = usable_device(device)
             if self._l1 is not None and nbytes > 0 and self._on_l1(device):
                 tensor = self._l1.scratch(nbytes, dtype, shape, evict=True, spill=self._mover.write_back_l1)
                 if tensor is not None:
@@ -389,7 +277,26 @@ class TierStore(StoreWrites, SharedTier, StoreReports):
     def __iter__(self) -> Iterator[str]:
         return self.keys()
 
-    def keys(self, prefix: str | None = None) -> Iterator[str]:
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.get(key)
+
+    def __setitem__(self, key: str, tensor: torch.Tensor) -> None:
+        self.put(key, tensor)
+
+    def __delitem__(self, key: str) -> None:
+        self.delete(key)
+
+    # Mapping would compare stores by reading and comparing every tensor (and so make handles
+    # unhashable); two handles are equal only when they are the same handle.
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    def __ne__(self, other: object) -> bool:
+        return self is not other
+
+    __hash__ = object.__hash__
+
+    def keys(self, prefix: str | None = None) -> Iterator[str]:  # type: ignore[override]
         """Keys in sorted order (those starting with ``prefix`` if given)."""
         self._check_open()
         if prefix is not None and not isinstance(prefix, str):

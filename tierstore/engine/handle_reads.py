@@ -13,18 +13,27 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import crc32c
+import numpy as np
 import torch
 
 from ..catalog import BlockRow, Catalog
 from ..catalog.tier_bits import L1_BIT, L2_BIT, UNHASHED
 from ..config import CacheConfig, parse_size
-from ..errors import BlockNotFoundError, DeviceMemoryError, InvalidArgumentError, InvalidKeyError, TierStoreError
+from ..errors import (
+    BlockNotFoundError,
+    ConfigError,
+    DeviceMemoryError,
+    InvalidArgumentError,
+    InvalidKeyError,
+    TierStoreError,
+)
 from ..tensors import check_key, dtype_from_name, dtype_name, tensor_bytes
 from ..tiers.l1_cuda import DevicePool, is_device_oom
 from ..tiers.l2_slab import HostArena
 from ..tiers.l3_zarr import ZarrL3
 from ..tiers.slab_allocator import Allocation
 from .access_recorder import AccessRecorder
+from .devices import usable_device
 from .index import BlockIndex
 from .migrator import Migrator
 from .mover import Mover, Replaced
@@ -71,8 +80,10 @@ class StoreReads:
         """
         self._check_open()
         check_key(key)
-        if device is not None and not isinstance(device, torch.device):
-            device = _parse_device(device)
+        if device is not None:
+            device = usable_device(device)
+        if not isinstance(copy, (bool, np.bool_)):
+            raise InvalidArgumentError(f"get {key!r}: copy must be True or False, not {copy!r}", key=key)
         try:
             tensor, tier = self._get_local(key, device, copy)
         except BlockNotFoundError:
@@ -106,11 +117,14 @@ class StoreReads:
         L1 is off.
         """
         self._check_open()
+        try:  # checked even with L1 off: a bad size is a bug in the caller on every machine
+            want = None if nbytes is None else parse_size(nbytes, name="nbytes")
+        except ConfigError as exc:
+            raise InvalidArgumentError(f"shrink_l1: {exc.message}") from None
         l1 = self._l1
         if l1 is None:
             return 0
         pool = l1.arena
-        want = None if nbytes is None else parse_size(nbytes, name="nbytes")
         with l1.lock:
             l1.shed(lambda: want is not None and pool.reclaimable() >= want, self._mover.write_back_l1)
             return pool.shrink(want)
@@ -130,18 +144,19 @@ class StoreReads:
         if txn is not None and key in txn.pending:  # uncommitted: never cached in L1
             tensor, tier = self._get(key, copy)
             return tensor.to(pool.device), tier
+        generation = l1.generation  # before the lookup: a commit after it makes the promotion's admission fail
         row = self._lookup(key)
         try:
             with self._device_oom(f"get {key!r} into L1"):
-                return self._promote(key, row, copy)
+                return self._promote(key, row, copy, generation)
         except DeviceMemoryError:
             self.shrink_l1()  # give the device everything L1 can spare, then try once more
             if pool.device.type == "cuda":
                 torch.cuda.empty_cache()
         with self._device_oom(f"get {key!r} into L1 (after shrinking L1)"):
-            return self._promote(key, row, copy)
+            return self._promote(key, row, copy, generation)
 
-    def _promote(self, key: str, row: BlockRow, copy: bool) -> tuple[torch.Tensor, str]:
+    def _promote(self, key: str, row: BlockRow, copy: bool, generation: int) -> tuple[torch.Tensor, str]:
         l1 = self._l1
         assert l1 is not None
         pool = l1.arena
@@ -156,7 +171,6 @@ class StoreReads:
             if tensor is not None:
                 return tensor, "L1"
             # replaced or evicted by another thread since the lookup: promote it afresh
-        generation = l1.generation
         host, tier = self._get(key, False)
         target = pool.needs_cast(host.dtype) or host.dtype
         copied = self._mover.into_l1(key, host, block_id=row.block_id, shape=row.shape, checksum=row.checksum,
@@ -301,12 +315,3 @@ class StoreReads:
             if not self._index.await_settled(key):
                 return False
         return False
-
-
-def _parse_device(device: object) -> torch.device:
-    """``device`` as a ``torch.device``, or ``InvalidArgumentError`` naming what was wrong with it."""
-    try:
-        parsed: torch.device = torch.device(device)  # type: ignore[call-overload]
-    except (RuntimeError, TypeError, ValueError) as exc:
-        raise InvalidArgumentError(f"not a device: {device!r} ({str(exc).splitlines()[0]})") from None
-    return parsed

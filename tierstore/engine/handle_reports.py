@@ -107,7 +107,7 @@ class StoreReports:
             puts=self._counts["put"], deletes=self._counts["delete"], hits=dict(self._hits),
             tiers=self._tier_stats(),
             recovery={"removed": list(self.recovery.removed_files), "truncated": list(self.recovery.truncated),
-                      "missing": list(self.recovery.missing)},
+                      "missing": list(self.recovery.missing), "links": list(self.recovery.links)},
             history_error=None if error is None else str(error))
 
     def _tier_stats(self) -> dict[str, dict[str, Any]]:

@@ -20,9 +20,11 @@ from ..catalog.tier_bits import L1_BIT, L2_BIT, L3_BIT, UNHASHED
 from ..errors import InvalidArgumentError, TransactionError, translate_os_error
 from ..tensors import check_key, check_tensor, dtype_from_name, dtype_name, tensor_bytes
 from ..tiers.codecs import choose_codec
+from ..tiers.l1_cuda import is_device_oom
 from ..tiers.l3_zarr import EMPTY_LOCATION, Location
 from ..tiers.slab_allocator import Allocation
 from .handle_reads import StoreReads
+from .mover import no_memory, physical_memory
 from .residency import Resident
 from .transaction import Change, Txn, location_of
 
@@ -137,6 +139,9 @@ class StoreWrites(StoreReads):
         self._check_writable()
         check_key(key)
         check_tensor(tensor)
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes > physical_memory():  # an expanded view can claim terabytes it does not hold
+            raise no_memory(nbytes, f"put {key!r}")
         if not isinstance(durable, (bool, np.bool_)):
             raise InvalidArgumentError(f"durable must be True or False, not {durable!r}")
         if parent is not None:
@@ -169,7 +174,12 @@ class StoreWrites(StoreReads):
                                           updated=stamp, parent=parent)
                 txn.set(key, Change(row, None, l1_slot))
                 return
-        data = tensor_bytes(tensor)
+        try:
+            data = tensor_bytes(tensor)  # a copy when the tensor is not contiguous on the CPU
+        except RuntimeError as exc:
+            if not is_device_oom(exc):
+                raise
+            raise no_memory(tensor.numel() * tensor.element_size(), f"put {key!r}") from None
         slot = None
         if self._l2 is not None and data.nbytes > 0:
             slot = self._l2.reserve(data.nbytes, self._spill)

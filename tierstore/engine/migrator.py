@@ -18,6 +18,7 @@ the get without a journal: a get must return its bytes now, and a fill survives 
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -40,6 +41,7 @@ from ..errors import (
     StoreClosedError,
     TierFullError,
     TierStoreError,
+    traceback_for_log,
 )
 from ..predict.predictor import SuccessorTable
 from ..tensors import dtype_from_name, dtype_name, tensor_from_bytes
@@ -56,6 +58,7 @@ from .residency import Residency, Resident
 __all__ = ["CRASH_ENV", "CRASH_POINTS", "JournalReport", "Migrator", "Move", "Pin", "Plan",
            "recover_journal"]
 
+_log = logging.getLogger("tierstore.migrator")
 _L3_BIT = 4
 _SEED_SUCCESSORS = 200_000
 """Transitions read back from the catalog at open (the most frequent first)."""
@@ -174,7 +177,7 @@ class Migrator:
             try:  # never raise: the history batch is already committed and must not be written twice
                 self.catalog.trim_successors(self.config.history_max_rows)
             except TierStoreError as exc:
-                self.last_error = exc
+                self._note_failure("trimming the successor table", exc)
 
     # -- public operations ------------------------------------------------------------------------
 
@@ -271,6 +274,11 @@ class Migrator:
             if future.set_running_or_notify_cancel():
                 future.set_exception(StoreClosedError("the store was closed before this move ran"))
 
+    def _note_failure(self, what: str, exc: BaseException) -> None:
+        """Keep ``exc`` for ``stats()`` and log it: nobody is waiting on a background move's outcome."""
+        self.last_error = exc
+        _log.warning("%s failed: %s", what, exc, exc_info=traceback_for_log(exc))
+
     # -- the worker -------------------------------------------------------------------------------
 
     def _submit(self, job: Callable[[], Any]) -> Future[Any]:
@@ -288,7 +296,7 @@ class Migrator:
                 for key, follower, count in self.catalog.successor_counts(_SEED_SUCCESSORS):
                     self._table.add(key, follower, count)
         except TierStoreError as exc:
-            self.last_error = exc
+            self._note_failure("reading the successor table back", exc)
         finally:
             self._seeded.set()
 
@@ -336,7 +344,7 @@ class Migrator:
             if counter is not None:
                 self.counters[counter] += len(done)
         except Exception as exc:  # a background move must not kill the worker; stats() reports it
-            self.last_error = exc
+            self._note_failure("a background move", exc)
             self.counters["failed"] += 1
 
     # -- moves ------------------------------------------------------------------------------------
@@ -404,7 +412,7 @@ class Migrator:
                     moved = self._move(move, block_id, journal_id)
                 except TierStoreError as exc:
                     self.counters["failed"] += 1
-                    self.last_error = exc
+                    self._note_failure(f"moving {move.key!r} from {move.src} to {move.dst}", exc)
                     if errors is not None:
                         errors.append(exc)
                     moved = False
@@ -599,7 +607,7 @@ class Migrator:
             if committed:
                 self._spilled(row.key)
         except (TierStoreError, OSError) as exc:
-            self.last_error = exc
+            self._note_failure(f"spilling {entry.key!r} to L3", exc)
             if loc is not None:
                 self.l3.free([loc])
             try:

@@ -21,7 +21,7 @@ import torch
 
 from ..catalog import BlockRow, Catalog
 from ..catalog.tier_bits import UNHASHED
-from ..errors import BlockNotFoundError, CorruptBlockError, TierFullError, TierStoreError
+from ..errors import BlockNotFoundError, CorruptBlockError, TierFullError, TierStoreError, UnsafePathError
 from ..tensors import dtype_from_name, tensor_from_bytes
 from ..tiers.l1_cuda import DevicePool
 from ..tiers.l2_slab import HostArena
@@ -136,6 +136,9 @@ class Mover:
             except CorruptBlockError as exc:
                 raise CorruptBlockError(f"block {row.key!r}: {exc.message}", key=row.key, path=exc.path,
                                         tier="L3") from None
+            except UnsafePathError as exc:
+                raise UnsafePathError(f"block {row.key!r}: {exc.message}", key=row.key, path=exc.path,
+                                      tier="L3") from None
         else:
             raise TierStoreError(f"block {row.key!r} kept moving while being read; read it again", key=row.key)
         check_bytes(row.key, out, row.checksum, loc.array)

@@ -36,6 +36,8 @@ class UpkeepSteps:
     """At open: cut back what a crash left behind."""
     warm_l2: Callable[[Path, Catalog, Residency[HostArena]], tuple[int, int]]
     """At open: take back a file-backed L2; ``(generation, blocks taken back)``."""
+    drop_l2_files: Callable[..., None]
+    """At a read-write open: remove a stale L2 index, and the L2 file when no longer file-backed."""
     save_index: Callable[[Path, str, int, Residency[HostArena]], int]
     """At close: write the index a later warm restart reads."""
     compact: Callable[[TierStore, float, Callable[[int, int], None] | None], MaintenanceReport]

@@ -11,7 +11,8 @@ import fcntl
 import os
 from pathlib import Path
 
-from ..errors import StoreLockedError
+from ..errors import StoreLockedError, translate_os_error
+from ..fsguard import open_nofollow
 
 __all__ = ["WriterLock"]
 
@@ -21,7 +22,10 @@ class WriterLock:
 
     def __init__(self, store_dir: Path) -> None:
         self.path = store_dir / "LOCK"
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # a LOCK link would have the pid written into whatever it points at
+            fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise translate_os_error(exc, what="take the writer lock", path=self.path) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

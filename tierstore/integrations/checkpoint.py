@@ -3,9 +3,12 @@
 :func:`import_checkpoint` reads a Hugging Face checkpoint folder (``config.json`` and one or more
 ``*.safetensors`` shards, with or without ``model.safetensors.index.json``) or a single
 ``.safetensors`` file, and puts every tensor in the store under ``prefix + name``, in one
-transaction: a failed import leaves the store as it was. The safetensors header is parsed here and
-each tensor is read with one ``readinto`` into a buffer of its own size, so an import never holds
-more than the largest tensor (plus the store's bounded compression buffers), whatever the model size.
+transaction: a failed import leaves the store as it was. Files are read by the safetensors library
+itself (``safe_open``), so tierstore accepts exactly the files safetensors accepts (it refuses
+overlapping or aliased tensors, holes, trailing bytes, non-integer dimensions, ...) and reads every
+dtype it reads. Tensors are taken one at a time with ``get_tensor`` and handed to the store before
+the next is read, so an import never holds more than the largest tensor (plus the store's bounded
+compression buffers), whatever the model size.
 
 The checkpoint's small files (``config.json``, ``generation_config.json``) and the safetensors
 ``__metadata__`` go in the store too, as ``uint8`` blocks under the reserved key prefix
@@ -16,6 +19,7 @@ reads them back.
 tensor at a time. Tensors are laid out in safetensors' own order (by dtype, widest first, then by
 name) with its header encoding, so exporting an import of a single file written by
 ``safetensors.torch.save_file`` (or ``save_pretrained``) gives back the same file, byte for byte.
+(:mod:`.hf_export` writes a whole Hugging Face model folder instead.)
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
@@ -36,7 +40,7 @@ from ..engine.handle import TierStore
 from ..errors import BlockNotFoundError, CheckpointError
 
 __all__ = ["HF_META", "CONFIG_FILES", "TensorEntry", "read_header", "checkpoint_files", "import_checkpoint",
-           "export_safetensors", "read_json", "stored_tensor_keys"]
+           "export_safetensors", "read_json", "stored_tensor_keys", "safetensors_dtype", "progress_bar"]
 
 HF_META = "__hf__/"
 """Reserved key prefix (after the model prefix) for the checkpoint's non-tensor files."""
@@ -45,90 +49,93 @@ CONFIG_FILES = ("config.json", "generation_config.json")
 ST_METADATA = "safetensors_metadata.json"
 """The safetensors ``__metadata__`` of the imported files (merged), kept for export."""
 INDEX_FILE = "model.safetensors.index.json"
-MAX_HEADER = 100 << 20
-"""Largest header accepted, as safetensors itself does (a guard against garbage lengths)."""
 
-# safetensors dtype names, in the order of its Dtype enum (export sorts by it, widest first).
-_ST_ORDER = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16",
-             "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64")
-_ST_TORCH = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E5M2": "float8_e5m2", "F8_E4M3": "float8_e4m3fn",
-             "F8_E8M0": "float8_e8m0fnu", "I16": "int16", "U16": "uint16", "F16": "float16", "BF16": "bfloat16",
-             "I32": "int32", "U32": "uint32", "F32": "float32", "C64": "complex64", "F64": "float64",
-             "I64": "int64", "U64": "uint64"}
+# safetensors dtype names, in the order of its Dtype enum (export sorts by it, widest first; the
+# order is what safetensors 0.8's save_file produces).
+_ST_ORDER = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ",
+             "F8_E5M2FNUZ", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64")
+_ST_TORCH = {"BOOL": "bool", "F4": "float4_e2m1fn_x2", "U8": "uint8", "I8": "int8", "F8_E5M2": "float8_e5m2",
+             "F8_E4M3": "float8_e4m3fn", "F8_E8M0": "float8_e8m0fnu", "F8_E4M3FNUZ": "float8_e4m3fnuz",
+             "F8_E5M2FNUZ": "float8_e5m2fnuz", "I16": "int16", "U16": "uint16", "F16": "float16",
+             "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32", "C64": "complex64",
+             "F64": "float64", "I64": "int64", "U64": "uint64"}
 _TO_TORCH: dict[str, torch.dtype] = {k: getattr(torch, v) for k, v in _ST_TORCH.items() if hasattr(torch, v)}
 _FROM_TORCH = {v: k for k, v in _TO_TORCH.items()}
 _RANK = {name: i for i, name in enumerate(_ST_ORDER)}
+_PACKED = {"F4": 2}
+"""safetensors dtypes whose torch dtype packs several elements per item (F4: float4_e2m1fn_x2, two a byte).
+safetensors counts elements in the shape, torch counts items: the last dimension differs by this factor."""
 
 
 @dataclass(frozen=True, slots=True)
 class TensorEntry:
-    """One tensor of a safetensors file: where its bytes are and what they are."""
+    """One tensor of a safetensors file, as torch will hold it."""
 
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
-    start: int
-    """Offset of the first byte in the file (header included)."""
+    """The torch shape (for F4, the last dimension counts packed pairs, as ``get_tensor`` returns it)."""
     nbytes: int
+
+
+def safetensors_dtype(dtype: torch.dtype) -> str | None:
+    """The safetensors name of a torch dtype (``torch.bfloat16`` -> ``"BF16"``); None if it has none."""
+    return _FROM_TORCH.get(dtype)
+
+
+def _safe_open(path: Path) -> Any:
+    """``safe_open(path)`` with its refusals as ``CheckpointError``: the one choke point for the library."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(path, framework="pt")
+    except SafetensorError as exc:
+        raise CheckpointError(f"{path}: safetensors refuses this file ({exc}); it is not a well-formed "
+                              "safetensors file (re-save it with safetensors.torch.save_file)",
+                              path=str(path)) from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}", path=str(path)) from None
 
 
 def read_header(path: str | Path) -> tuple[list[TensorEntry], dict[str, str]]:
     """The tensors of safetensors file ``path`` (in file order) and its ``__metadata__``.
 
-    Raises ``CheckpointError`` for anything that is not a well-formed safetensors file: a short
-    file, a header length past the end, header bytes that are not a JSON object, an unknown dtype,
-    or offsets that disagree with the shape or run past the end of the file.
+    The safetensors library validates the file, so ``CheckpointError`` comes for exactly the files it
+    refuses (a short file, a bad header, overlapping or aliased tensors, holes, trailing bytes,
+    offsets that disagree with the shape, ...), and also for a dtype this torch has no type for.
     """
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path}: {size} bytes is too short for a safetensors file", path=str(path))
-            (length,) = struct.unpack("<Q", head)
-            if length > min(MAX_HEADER, size - 8):
-                raise CheckpointError(f"{path}: header length {length} is past the end of the {size}-byte file "
-                                      "(not a safetensors file, or truncated)", path=str(path))
-            raw = f.read(length)
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}", path=str(path)) from None
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: the safetensors header is not JSON ({exc})", path=str(path)) from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: the safetensors header is not a JSON object", path=str(path))
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise CheckpointError(f"{path}: __metadata__ must map strings to strings", path=str(path))
-    base = 8 + length
-    entries = [_entry(path, name, spec, base, size) for name, spec in header.items()]
-    entries.sort(key=lambda e: e.start)
-    return entries, metadata
+    with _safe_open(path) as f:
+        metadata = f.metadata() or {}
+        entries = []
+        for name in f.offset_keys():
+            view = f.get_slice(name)
+            st_dtype, shape = view.get_dtype(), tuple(view.get_shape())
+            dtype = _TO_TORCH.get(st_dtype)
+            if dtype is None:
+                wanted = _ST_TORCH.get(st_dtype)
+                why = (f"needs torch.{wanted}, which torch {torch.__version__} lacks (upgrade torch)" if wanted
+                       else "has no torch dtype")
+                raise CheckpointError(f"{path}: tensor {name!r} is {st_dtype}, which {why}", path=str(path), key=name)
+            if st_dtype in _PACKED and shape:
+                shape = (*shape[:-1], shape[-1] // _PACKED[st_dtype])
+            entries.append(TensorEntry(name, dtype, shape, math.prod(shape) * dtype.itemsize))
+    return entries, _in_file_order(path, metadata)
 
 
-def _entry(path: Path, name: str, spec: Any, base: int, size: int) -> TensorEntry:
-    def bad(why: str) -> CheckpointError:
-        return CheckpointError(f"{path}: tensor {name!r}: {why}", path=str(path), key=name)
+def _in_file_order(path: Path, metadata: dict[str, str]) -> dict[str, str]:
+    """``metadata`` (as safetensors read it) in the order of the file's header.
 
-    if not isinstance(spec, dict):
-        raise bad("its header entry is not an object")
-    dtype = _TO_TORCH.get(spec.get("dtype"))  # type: ignore[arg-type]
-    if dtype is None:
-        raise bad(f"dtype {spec.get('dtype')!r} is not one tierstore reads")
-    shape, offsets = spec.get("shape"), spec.get("data_offsets")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise bad(f"shape {shape!r} is not a list of non-negative ints")
-    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1]):
-        raise bad(f"data_offsets {offsets!r} are not [begin, end]")
-    nbytes = math.prod(shape) * dtype.itemsize
-    if offsets[1] - offsets[0] != nbytes:
-        raise bad(f"data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes but {dtype} {shape} needs {nbytes}")
-    if base + offsets[1] > size:
-        raise bad(f"its bytes end at {base + offsets[1]}, past the end of the {size}-byte file (truncated?)")
-    return TensorEntry(name, dtype, tuple(shape), base + offsets[0], nbytes)
+    safetensors hands ``__metadata__`` back in hash order; the file's own order is what lets an
+    export reproduce the file byte for byte. The header was validated by safetensors already, so
+    only the key order is taken from it.
+    """
+    if not metadata:
+        return {}
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        order = json.loads(f.read(length)).get("__metadata__", {})
+    return {k: metadata[k] for k in order if k in metadata} | metadata
 
 
 def checkpoint_files(checkpoint: str | Path, *, require_config: bool = False) -> list[Path]:
@@ -164,13 +171,15 @@ def checkpoint_files(checkpoint: str | Path, *, require_config: bool = False) ->
 
 
 @contextmanager
-def _progress_bar(enabled: bool, description: str, total: int) -> Iterator[Any]:
+def progress_bar(enabled: bool, description: str, total: int) -> Iterator[Any]:
     if not enabled:
         yield None
         return
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+    from ..progress import BytesColumn, SpeedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), BytesColumn(), SpeedColumn(),
                   TimeRemainingColumn(), transient=False) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
@@ -203,11 +212,11 @@ def import_checkpoint(checkpoint: str | Path, store: TierStore, *, prefix: str =
             seen[e.name] = f
     total = sum(e.nbytes for _, entries, _ in headers for e in entries)
     count = 0
-    with _progress_bar(progress, f"importing {len(seen)} tensors", total) as advance, store.transaction():
+    with progress_bar(progress, f"importing {len(seen)} tensors", total) as advance, store.transaction():
         for f, entries, _ in headers:
-            with _open_shard(f) as stream:
+            with _safe_open(f) as shard:
                 for e in entries:
-                    store.put(prefix + e.name, _read_tensor(stream, f, e))
+                    store.put(prefix + e.name, _read_tensor(shard, f, e))
                     count += 1
                     if advance is not None:
                         advance(e.nbytes)
@@ -218,23 +227,19 @@ def import_checkpoint(checkpoint: str | Path, store: TierStore, *, prefix: str =
     return count
 
 
-def _open_shard(path: Path) -> BinaryIO:
+def _read_tensor(shard: Any, path: Path, e: TensorEntry) -> torch.Tensor:
+    """Tensor ``e`` of the open ``shard``, checked against the header validated before the import began."""
+    from safetensors import SafetensorError
+
     try:
-        return open(path, "rb", buffering=0)
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}", path=str(path)) from None
-
-
-def _read_tensor(stream: BinaryIO, path: Path, e: TensorEntry) -> torch.Tensor:
-    buf = bytearray(e.nbytes)
-    stream.seek(e.start)
-    got = stream.readinto(buf)  # type: ignore[attr-defined]
-    if got != e.nbytes:
-        raise CheckpointError(f"{path}: tensor {e.name!r} is cut short ({got} of {e.nbytes} bytes)",
+        tensor: torch.Tensor = shard.get_tensor(e.name)
+    except SafetensorError as exc:
+        raise CheckpointError(f"{path}: cannot read tensor {e.name!r} ({exc})", path=str(path), key=e.name) from None
+    if tensor.dtype != e.dtype or tuple(tensor.shape) != e.shape:
+        raise CheckpointError(f"{path}: tensor {e.name!r} is now {tensor.dtype} {list(tensor.shape)}, not the "
+                              f"{e.dtype} {list(e.shape)} its header said: was the file rewritten during the import?",
                               path=str(path), key=e.name)
-    if e.nbytes == 0:
-        return torch.empty(e.shape, dtype=e.dtype)
-    return torch.frombuffer(buf, dtype=torch.uint8).view(e.dtype).view(e.shape)
+    return tensor
 
 
 def _put_bytes(store: TierStore, key: str, data: bytes) -> None:
@@ -252,6 +257,12 @@ def read_json(store: TierStore, name: str, *, prefix: str = "") -> Any:
         return json.loads(data.numpy().tobytes())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"block {key!r} is not the JSON file it should be ({exc})", key=key) from None
+
+
+def _file_shape(st_dtype: str, shape: tuple[int, ...]) -> list[int]:
+    """The shape safetensors writes for a torch shape (it counts F4 elements, torch counts packed pairs)."""
+    factor = _PACKED.get(st_dtype, 1)
+    return [*shape[:-1], shape[-1] * factor] if shape and factor != 1 else list(shape)
 
 
 def stored_tensor_keys(store: TierStore, prefix: str = "") -> list[str]:
@@ -272,21 +283,22 @@ def export_safetensors(store: TierStore, out: str | Path, *, prefix: str = "", p
         raise CheckpointError(f"no tensors under prefix {prefix!r} in {store.path}", path=str(store.path))
     infos = [(key[len(prefix):], key, store.info(key)) for key in keys]
     for _, key, info in infos:
-        if info.dtype not in _FROM_TORCH:
-            raise CheckpointError(f"block {key!r} is {info.dtype}, which safetensors cannot hold", key=key)
+        if info.dtype not in _FROM_TORCH or (_FROM_TORCH[info.dtype] in _PACKED and not info.shape):
+            raise CheckpointError(f"block {key!r} is {info.dtype} {list(info.shape)}, which safetensors cannot hold",
+                                  key=key)
     infos.sort(key=lambda t: (-_RANK[_FROM_TORCH[t[2].dtype]], t[0]))
     metadata = read_json(store, ST_METADATA, prefix=prefix)
     header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for name, _, info in infos:
-        header[name] = {"dtype": _FROM_TORCH[info.dtype], "shape": list(info.shape),
+        header[name] = {"dtype": _FROM_TORCH[info.dtype], "shape": _file_shape(_FROM_TORCH[info.dtype], info.shape),
                         "data_offsets": [offset, offset + info.nbytes]}
         offset += info.nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes with spaces
     tmp = out.with_name(out.name + ".partial")
     try:
-        with _progress_bar(progress, f"exporting {len(infos)} tensors", offset) as advance, open(tmp, "wb") as f:
+        with progress_bar(progress, f"exporting {len(infos)} tensors", offset) as advance, open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(raw)))
             f.write(raw)
             for _, key, info in infos:

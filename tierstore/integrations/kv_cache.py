@@ -1,19 +1,21 @@
-"""A transformers ``Cache`` whose K/V blocks live in a tierstore (L1 -> L2 -> L3), with prefix reuse.
+"""A transformers ``Cache`` whose K/V lives in a tierstore (L1 -> L2 -> L3), with prefix reuse.
 
-Each layer's keys and values are cut into blocks of ``block_tokens`` tokens; every full block
-is stored as one tensor ``[2, batch, kv_heads, block_tokens, head_dim]`` (keys, values). At most
-``budget`` bytes stay as live tensors: after a layer has been used and the live total is over
-budget, that layer (the one needed furthest in the future) keeps only its partial last block
-and drops the rest, which the store holds (cache-only blocks, ``durable=False``: in L2, spilled
-to L3 when L2 needs room). When layer ``i`` runs, the store is asked to bring layer ``i + 1``'s
-blocks up (``store.prefetch``: L2, or L1 on a GPU) in the background, so they are usually there
-by the time it needs them. The tensors attention
-sees are bit-for-bit those a ``DynamicCache`` would hold.
+At most ``budget`` bytes of K/V stay as live tensors: after a layer has been used and the live
+total is over budget, that layer (the one needed furthest in the future) writes its full
+blocks of ``block_tokens`` tokens to the store as one segment, keeps only its partial last
+block and drops the rest (cache-only blocks, ``durable=False``: in L2, spilled to L3 when L2
+needs room). Segments are large and few (see :mod:`tierstore.integrations.kv_layer`), so a
+spilled layer comes back in a handful of store gets and one copy. When layer ``i`` runs, the
+store is asked to bring layer ``i + 1``'s segments up (``store.prefetch``: L2, or L1 on a GPU)
+in the background. The tensors attention sees are bit-for-bit those a ``DynamicCache`` would
+hold; sliding-window layers are transformers' own ``DynamicSlidingWindowLayer`` (they keep
+only their window, as in a ``DynamicCache``, and are never spilled).
 
 With ``persist=True``, the prompt's full blocks are stored durably under a hash chain (each
 block's hash covers the previous hash, its token ids and, for image tokens, the image's content
 hash and the token's place in that image), so a later request -- in this process or another --
-whose prompt starts with the same blocks loads them instead of computing them:
+whose prompt starts with the same blocks loads them instead of computing them, when reading
+them is predicted to be faster than computing them (:mod:`tierstore.integrations.kv_restore`):
 
     with tierstore.open("kv.ts") as db:
         cache = TieredCache(db, config=model.config, persist=True, budget="64MiB")
@@ -23,28 +25,30 @@ whose prompt starts with the same blocks loads them instead of computing them:
 
 from __future__ import annotations
 
-import hashlib
 import threading
+import time
 import uuid
-from collections.abc import Sequence
-from concurrent.futures import Future, wait
+from collections.abc import Iterator, Sequence
+from concurrent.futures import wait
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, get_layer_types_and_kwargs
 
 from ..config import parse_size
 from ..engine.handle import TierStore
 from ..errors import CacheUsageError
+from .kv_layer import Segment, TieredLayer
+from .kv_prefix import IMAGE, block_hashes, prefix_inputs
+from .kv_restore import RestoreEstimate, RestorePolicy, policy_for
 from .vision_cache import config_fingerprint, tensor_digest
 
 __all__ = ["TieredCache", "TieredLayer", "KVCacheStats", "block_hashes", "prefix_inputs"]
 
 PREFIX = "kv"
 DEFAULT_BLOCK_TOKENS = 16
-_IMAGE, _VIDEO = 1, 2
 
 
 @dataclass
@@ -52,175 +56,55 @@ class KVCacheStats:
     """What a :class:`TieredCache` did since it was created."""
 
     blocks_written: int = 0
-    """Blocks put into the store (cache-only or durable prefix blocks)."""
+    """Store blocks put: durable prefix blocks and cache-only segments."""
     blocks_reused: int = 0
     """Durable prefix blocks already in the store when their turn to be written came."""
     blocks_fetched: int = 0
-    """Blocks read back from the store into live tensors."""
+    """Store blocks (segments) read back into live tensors."""
     spills: int = 0
-    """Times a layer dropped its live tensors to stay under budget."""
+    """Times a layer dropped its live tensors to stay under budget (or was offloaded)."""
     prefetches: int = 0
     """Background fetches started ahead of the layer that needed them."""
     prefetch_hits: int = 0
     """Layers whose background moves (``store.prefetch``) had finished when the layer ran."""
     restored_tokens: int = 0
     """Prompt tokens :meth:`TieredCache.prepare` loaded from the store instead of computing."""
+    declined_tokens: int = 0
+    """Stored prompt tokens :meth:`TieredCache.prepare` computed anyway: recomputing was predicted faster."""
+    restore_estimate: RestoreEstimate | None = None
+    """The last prediction :meth:`TieredCache.prepare` weighed (None when no prefix was found)."""
 
 
-class TieredLayer(DynamicLayer):  # type: ignore[misc]  # transformers is not type-checked
-    """One decoder layer's K/V: a :class:`~transformers.cache_utils.DynamicLayer` whose full blocks live in a store.
-
-    ``keys``/``values`` are the whole sequence while the layer is live, and ``None`` while it is
-    spilled (then ``tail_keys``/``tail_values`` hold the tokens after the last full block).
-    """
-
-    keys: torch.Tensor | None
-    values: torch.Tensor | None
-    device: torch.device
-
-    def __init__(self, owner: TieredCache, index: int) -> None:
-        super().__init__()
-        self.owner = owner
-        self.index = index
-        self.length = 0
-        self.block_keys: list[str] = []
-        self.tail_keys: torch.Tensor | None = None
-        self.tail_values: torch.Tensor | None = None
-        self.pending: Future[list[str]] | None = None
-
-    def __repr__(self) -> str:
-        state = "live" if self.live else "spilled"
-        return f"TieredLayer({self.index}, {self.length} tokens, {len(self.block_keys)} blocks, {state})"
-
-    @property
-    def live(self) -> bool:
-        """Whether the whole sequence is held as tensors now."""
-        return self.keys is not None
-
-    @property
-    def live_bytes(self) -> int:
-        """Bytes of live keys and values (tail included when spilled)."""
-        if self.keys is not None and self.values is not None:
-            return self.keys.nbytes + self.values.nbytes
-        if self.tail_keys is not None and self.tail_values is not None:
-            return self.tail_keys.nbytes + self.tail_values.nbytes
-        return 0
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append the new states and return the whole sequence's keys and values."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self.keys, self.values = self._join([key_states], [value_states])
-        self.length = self.keys.shape[-2]
-        self.owner._write_blocks(self)
-        return self.keys, self.values
-
-    def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Make the layer live (from the background fetch when one ran) and return its keys and values."""
-        self.keys, self.values = self._join([], [])
-        return self.keys, self.values
-
-    def _join(self, new_keys: list[torch.Tensor], new_values: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole sequence followed by ``new_*``, with one ``cat`` per tensor (as DynamicLayer does)."""
-        if self.keys is not None and self.values is not None:
-            if not new_keys:
-                return self.keys, self.values
-            return torch.cat([self.keys, *new_keys], dim=-2), torch.cat([self.values, *new_values], dim=-2)
-        if self.pending is not None:  # the store moved the blocks up meanwhile (or is still at it)
-            future, self.pending = self.pending, None
-            self.owner.stats.prefetch_hits += future.done() and future.exception() is None
-        blocks = self.owner._fetch(self.index, list(self.block_keys), self.device)
-        device = new_keys[0].device if new_keys else self.device  # a prepared prefix may be read elsewhere
-        self.device = device
-        keys = [kv[0].to(device) for kv in blocks]
-        values = [kv[1].to(device) for kv in blocks]
-        if self.tail_keys is not None and self.tail_values is not None:
-            keys.append(self.tail_keys)
-            values.append(self.tail_values)
-        self.tail_keys = self.tail_values = None
-        keys += new_keys
-        values += new_values
-        return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
-
-    def spill(self) -> bool:
-        """Drop the live tensors the store already holds; keep the partial last block. True if it did."""
-        if self.keys is None or self.values is None or not self.block_keys:
-            return False
-        stored = len(self.block_keys) * self.owner.block_tokens
-        if stored < self.length:  # the tail is small; clone it so the big tensor can be freed
-            self.tail_keys = self.keys[..., stored:, :].clone()
-            self.tail_values = self.values[..., stored:, :].clone()
-        else:
-            self.tail_keys = self.tail_values = None
-        self.keys = self.values = None
-        return True
-
-    def get_seq_length(self) -> int:
-        """Tokens held, live or not."""
-        return self.length if self.is_initialized else 0
-
-    def reset(self) -> None:
-        """Forget everything (the cache's own cache-only blocks are deleted by :meth:`TieredCache.reset`)."""
-        self.pending = None
-        self.length = 0
-        self.block_keys = []
-        self.tail_keys = self.tail_values = None
-        super().reset()
-
-    def _rewrite(self, keep_blocks: int) -> None:
-        """After the sequence changed in place: blocks past ``keep_blocks`` must be written again."""
-        del self.block_keys[keep_blocks:]
-        self.length = self.keys.shape[-2] if self.keys is not None else 0
-
-    def crop(self, tokens_to_remove: int) -> None:
-        """Remove the last ``-tokens_to_remove`` tokens (transformers' convention: a negative count)."""
-        if not self.is_initialized or tokens_to_remove == 0:
-            return
-        self.materialize()
-        super().crop(tokens_to_remove)
-        length = self.keys.shape[-2] if self.keys is not None else 0
-        self._rewrite(min(len(self.block_keys), length // self.owner.block_tokens))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Reorder the batch for beam search; every block is written again."""
-        if self.get_seq_length() > 0:
-            self.materialize()
-            super().reorder_cache(beam_idx)
-            self._rewrite(0)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        """Repeat the batch ``repeats`` times; every block is written again."""
-        if self.get_seq_length() > 0:
-            self.materialize()
-            super().batch_repeat_interleave(repeats)
-            self._rewrite(0)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep only ``indices`` of the batch; every block is written again."""
-        if self.get_seq_length() > 0:
-            self.materialize()
-            super().batch_select_indices(indices)
-            self._rewrite(0)
+def _build_layers(owner: TieredCache, text_config: Any | None, num_layers: int | None) -> list[Any]:
+    """A TieredLayer per full-attention layer; transformers' own layer for the others (sliding, linear, dummy)."""
+    if text_config is None or getattr(text_config, "num_hidden_layers", None) is None:
+        return [TieredLayer(owner, i) for i in range(num_layers or 0)]
+    types, kwargs = get_layer_types_and_kwargs(text_config)
+    return [TieredLayer(owner, i) if kind == "full_attention" else DYNAMIC_LAYER_TYPE_MAPPING[kind](**kw)
+            for i, (kind, kw) in enumerate(zip(types, kwargs, strict=True))]
 
 
 class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-checked
-    """A transformers ``Cache`` that keeps K/V blocks in ``store`` and at most ``budget`` bytes live.
+    """A transformers ``Cache`` that keeps K/V in ``store`` and at most ``budget`` bytes live.
 
-    ``config`` (the model's config) fixes the number of layers and the fingerprint prefix keys
-    are stored under; without it layers are added as the model uses them and ``persist`` needs
-    ``num_layers``. ``budget`` (bytes, or a size such as ``"64MiB"``) caps the live tensors;
-    ``None`` keeps everything live (blocks are then written only when ``persist``).
-    ``namespace`` separates checkpoints that share a configuration but not their weights.
-    Use one cache per request; :meth:`release` (or ``with``) deletes its cache-only blocks.
-    On a read-only store, ``persist=True`` restores stored prefixes but stores nothing.
-    ``prefetch=True`` (the default) asks the store (``store.prefetch``) to bring the next layer's
-    blocks up while a layer runs.
+    ``config`` (the model's config) fixes the layers (their kinds and number) and the
+    fingerprint prefix keys are stored under; without it layers are added as the model uses
+    them and ``persist`` needs ``num_layers``. ``budget`` (bytes, or a size such as ``"64MiB"``)
+    caps the live tensors; ``None`` keeps everything live (blocks are then written only when
+    ``persist``, or when a layer is ``offload()``-ed). ``namespace`` separates checkpoints that
+    share a configuration but not their weights. Use one cache per request; :meth:`release` (or
+    ``with``) deletes its cache-only blocks. On a read-only store, ``persist=True`` restores
+    stored prefixes but stores nothing. ``prefetch=True`` (the default) asks the store
+    (``store.prefetch``) to bring the next layer's segments up while a layer runs.
+    ``restore_policy`` decides whether a stored prefix is read or recomputed (default: the
+    process's policy for this model, with the store's measured bandwidths). Prefix reuse needs
+    every layer to be full attention: with sliding-window layers nothing is restored.
     """
 
     def __init__(self, store: TierStore, *, config: Any | None = None, persist: bool = False,
                  budget: int | str | None = None, block_tokens: int = DEFAULT_BLOCK_TOKENS,
-                 prefetch: bool = True, num_layers: int | None = None, namespace: str = "") -> None:
+                 prefetch: bool = True, num_layers: int | None = None, namespace: str = "",
+                 restore_policy: RestorePolicy | None = None) -> None:
         if block_tokens < 1:
             raise CacheUsageError(f"block_tokens must be at least 1, not {block_tokens}")
         text = config.get_text_config(decoder=True) if config is not None else None
@@ -241,18 +125,22 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
         vision = getattr(config, "vision_config", None)
         self.spatial_merge_size = int(getattr(vision, "spatial_merge_size", 1) or 1)
         self.fingerprint = config_fingerprint(config, namespace) if config is not None else (namespace or "model")
+        self.restore_policy = restore_policy
         self._session = uuid.uuid4().hex[:16]
         self._chain: list[str] = []
         self._temp_keys: set[str] = set()
+        self._garbage: list[str] = []
+        """Cache-only segments no layer refers to any more, deleted with the next write."""
         self._unwritten: list[tuple[str, torch.Tensor, bool, str | None]] = []
         """Blocks to put at the next flush: key, keys+values, durable, the key of the block before it."""
         self._lock = threading.Lock()
         self._l1: bool | None = None
         self._store_lock = threading.RLock()
         """Held around every store call this cache makes (one thread at a time, in any case)."""
+        self._prefill_started: float | None = None
         self.prefetch_enabled = prefetch
-        layers: list[Any] = [TieredLayer(self, i) for i in range(num_layers or 0)]
-        super().__init__(layers=layers)
+        self._dynamic_layers = config is None
+        super().__init__(layers=_build_layers(self, text, num_layers))
 
     # -- the Cache interface ------------------------------------------------------------------------
 
@@ -261,12 +149,43 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
         """Append to layer ``layer_idx``; fetch the next layer in the background; stay under budget."""
         while len(self.layers) <= layer_idx:
             self.layers.append(TieredLayer(self, len(self.layers)))
-        self._prefetch((layer_idx + 1) % len(self.layers))
-        keys, values = self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
-        if layer_idx == len(self.layers) - 1:
-            self._flush()
+        n = len(self.layers)
+        prefill = key_states.shape[-2] > 1
+        if layer_idx == 0 and prefill:
+            self._prefill_started = time.perf_counter()
+        self.prefetch_layer((layer_idx + 1) % n)
+        layer = self.layers[layer_idx]
+        keys, values = layer.update(key_states, value_states, *args, **kwargs)
+        if isinstance(layer, TieredLayer):
+            self._write_durable(layer)
+        if layer_idx == n - 1:
+            self.flush()
+            self._time_prefill(int(key_states.shape[-2]), n)
         self._enforce_budget(layer_idx)
         return keys, values
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]:
+        """Each layer's ``(keys, values, sliding window tensor or None)``, as ``DynamicCache`` yields them.
+
+        A spilled layer is read back (and is live until the budget is next enforced).
+        """
+        for layer in self.layers:
+            yield layer.keys, layer.values, getattr(layer, "_sliding_window_tensor", None)
+
+    def offload(self, layer_idx: int, only_non_sliding: bool = True) -> None:
+        """Move layer ``layer_idx`` out of memory (into the store); sliding layers stay with ``only_non_sliding``."""
+        layer = self.layers[layer_idx]
+        if not (only_non_sliding and getattr(layer, "is_sliding", False)):
+            layer.offload()
+
+    def prefetch(self, layer_idx: int, only_non_sliding: bool = True) -> None:
+        """Start bringing back the first offloaded layer from ``layer_idx`` on (wrapping around)."""
+        n = len(self.layers)
+        for step in range(n):
+            layer = self.layers[(layer_idx + step) % n]
+            if isinstance(layer, TieredLayer):
+                layer.prefetch()
+                return
 
     def reset(self) -> None:
         """Forget every token and delete this cache's cache-only blocks (durable prefix blocks stay)."""
@@ -301,6 +220,7 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
     def _delete_temp(self) -> None:
         with self._lock:
             keys, self._temp_keys = sorted(self._temp_keys), set()
+            self._garbage = []
         if not keys or self.store.closed:
             return
         with self._store_lock, self.store.transaction():
@@ -313,41 +233,44 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
 
     @property
     def live_bytes(self) -> int:
-        """Bytes held as live tensors now, over all layers."""
-        return sum(layer.live_bytes for layer in self._tiered())
+        """Bytes held as live tensors now, over all layers (sliding ones included)."""
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, TieredLayer):
+                total += layer.live_bytes
+            elif getattr(layer, "keys", None) is not None and getattr(layer, "values", None) is not None:
+                total += layer.keys.nbytes + layer.values.nbytes
+        return total
 
     # -- blocks -------------------------------------------------------------------------------------
 
-    def _block_key(self, layer: int, block: int) -> tuple[str, bool]:
-        """The store key of ``block`` of ``layer`` and whether it is a durable prefix block."""
-        if self.persist and block < len(self._chain):
-            return f"{PREFIX}/prefix/{self.fingerprint}/{self._chain[block]}/{layer}", True
-        return f"{PREFIX}/tmp/{self._session}/{layer}/{block}", False
+    def _block_key(self, layer: int, block: int) -> str:
+        """The store key of durable prefix block ``block`` of ``layer``."""
+        return f"{PREFIX}/prefix/{self.fingerprint}/{self._chain[block]}/{layer}"
 
-    def _write_blocks(self, layer: TieredLayer) -> None:
-        """Queue the blocks ``layer`` completed since it last wrote (none without budget or persist)."""
-        if (self.budget is None and not self.persist) or self.store.readonly:
-            return  # (a read-only store only restores prefixes)
-        t = self.block_tokens
-        full = layer.length // t
-        start = len(layer.block_keys)
-        if full <= start or layer.keys is None or layer.values is None:
+    def _write_durable(self, layer: TieredLayer) -> None:
+        """Queue the prefix blocks ``layer`` completed (persist only; one sequence only)."""
+        live = layer.live_kv
+        if not self.persist or self.store.readonly or live is None:
             return
-        keys, values = layer.keys, layer.values
+        t = self.block_tokens
+        full = min(layer.length // t, len(self._chain))
+        start = layer.stored_tokens // t
+        keys, values = live
+        if full <= start or layer.stored_tokens % t or keys.shape[0] != 1:
+            return  # batched or reordered sequences are not the prompt the chain was hashed from
         for block in range(start, full):
-            key, durable = self._block_key(layer.index, block)
-            if not durable and self.budget is None:
-                break  # nothing will ever be spilled: only the prefix blocks are worth writing
-            if durable and self._contains(key):
+            key = self._block_key(layer.index, block)
+            if self._contains(key):
                 self.stats.blocks_reused += 1
             else:
                 span = slice(block * t, (block + 1) * t)
-                parent = layer.block_keys[block - 1] if block else None  # so the store evicts chain tails first
-                self._unwritten.append((key, torch.stack([keys[..., span, :], values[..., span, :]]), durable, parent))
-            layer.block_keys.append(key)
+                parent = layer.segments[-1].key if layer.segments else None  # so the store evicts chain tails first
+                self._unwritten.append((key, torch.stack([keys[..., span, :], values[..., span, :]]), True, parent))
+            layer.segments.append(Segment(key, block * t, (block + 1) * t, True))
 
-    def _flush(self) -> None:
-        """Put the queued blocks in one transaction (one sync for a whole forward's prefix blocks)."""
+    def flush(self) -> None:
+        """Put the queued prefix blocks in one transaction (one sync for a whole forward's blocks)."""
         if not self._unwritten:
             return
         batch, self._unwritten = self._unwritten, []
@@ -359,8 +282,44 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
             self._unwritten = batch + self._unwritten  # nothing was stored: try again at the next flush
             raise
         self.stats.blocks_written += len(batch)
+
+    def store_segment(self, layer: TieredLayer, start: int, stop: int) -> None:
+        """Store tokens ``[start, stop)`` of live ``layer`` as one segment, swallowing the segments not longer.
+
+        The binary-counter merge keeps a layer at O(log n) segments: a run of ``k`` tokens takes
+        in every trailing segment of at most ``k`` tokens (cache-only ones are deleted; durable
+        prefix blocks stay in the store for later requests, only this layer stops reading them).
+        """
+        live = layer.live_kv
+        if live is None or self.store.readonly:
+            return
+        keys, values = live
+        dropped: list[Segment] = []
+        while layer.segments and layer.segments[-1].tokens <= stop - start:
+            dropped.append(layer.segments.pop())
+            start = dropped[-1].start
+        key = f"{PREFIX}/tmp/{self._session}/{layer.index}/{start}-{stop}"
+        parent = layer.segments[-1].key if layer.segments else None
+        kv = torch.stack([keys[..., start:stop, :], values[..., start:stop, :]])
         with self._lock:
-            self._temp_keys.update(key for key, _kv, durable, _parent in batch if not durable)
+            garbage = [k for k in self._garbage if k != key]
+            garbage += [s.key for s in dropped if not s.durable and s.key != key]
+            self._garbage = []
+        with self._store_lock, self.store.transaction():
+            self.store.put(key, kv, durable=False, parent=parent)
+            for old in garbage:
+                if old in self.store:
+                    self.store.delete(old)
+        with self._lock:
+            self._temp_keys.difference_update(garbage)
+            self._temp_keys.add(key)
+        self.stats.blocks_written += 1
+        layer.segments.append(Segment(key, start, stop, False))
+
+    def forget_segments(self, segments: Sequence[Segment]) -> None:
+        """``segments`` no longer hold the layer's tokens: delete the cache-only ones with the next write."""
+        with self._lock:
+            self._garbage += [s.key for s in segments if not s.durable]
 
     def _has_l1(self) -> bool:
         if self._l1 is None:
@@ -371,8 +330,8 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
         with self._store_lock:
             return key in self.store
 
-    def _fetch(self, index: int, keys: Sequence[str], device: torch.device) -> list[torch.Tensor]:
-        """Read ``keys`` back: ``index``'s stored blocks, each ``[2, batch, heads, tokens, head_dim]``."""
+    def fetch_segments(self, index: int, keys: Sequence[str], device: torch.device) -> list[torch.Tensor]:
+        """Read ``keys`` back: ``index``'s segments, each ``[2, batch, heads, tokens, head_dim]``."""
         if not keys:
             raise CacheUsageError(f"layer {index} has neither live tensors nor stored blocks")
         with self._store_lock:
@@ -380,19 +339,19 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
         self.stats.blocks_fetched += len(parts)
         return parts
 
-    def _prefetch(self, index: int) -> None:
-        """Ask the store to bring layer ``index``'s blocks up in the background if it is spilled.
+    def prefetch_layer(self, index: int) -> None:
+        """Ask the store to bring layer ``index``'s segments up in the background if it is spilled.
 
         Only the store's own worker moves blocks; the tensors are read on the model's thread, so
         every view of a store slot is created and dropped there.
         """
         layer = self.layers[index] if index < len(self.layers) else None
         if (not self.prefetch_enabled or not isinstance(layer, TieredLayer) or layer.live
-                or layer.pending is not None or not layer.block_keys or not layer.is_initialized):
+                or layer.pending is not None or not layer.segments or not layer.is_initialized):
             return
         tier = "L1" if layer.device.type != "cpu" and self._has_l1() else "L2"
         with self._store_lock:
-            layer.pending = self.store.prefetch(list(layer.block_keys), tier)
+            layer.pending = self.store.prefetch(layer.block_keys, tier)
         self.stats.prefetches += 1
 
     def _enforce_budget(self, used: int) -> None:
@@ -402,7 +361,7 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
         total = self.live_bytes
         if total <= self.budget:
             return
-        self._flush()  # a layer is dropped only once the store holds its blocks
+        self.flush()  # a layer is dropped only once the store holds its blocks
         n = len(self.layers)
         for step in range(n - 1):  # never the next layer, which is about to run
             if total <= self.budget:
@@ -414,6 +373,19 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
                     self.stats.spills += 1
                     total -= before - layer.live_bytes
 
+    def _time_prefill(self, tokens: int, layers: int) -> None:
+        """Tell the restore policy how fast this model computed a prompt (layer 0's update to the last's)."""
+        started, self._prefill_started = self._prefill_started, None
+        if started is None or tokens <= 1 or layers < 2:
+            return
+        elapsed = (time.perf_counter() - started) * layers / (layers - 1)  # the span misses one layer
+        self._policy().observe_prefill(tokens, elapsed)
+
+    def _policy(self) -> RestorePolicy:
+        if self.restore_policy is None:
+            self.restore_policy = policy_for(self.store, self.fingerprint)
+        return self.restore_policy
+
     # -- prefix reuse -------------------------------------------------------------------------------
 
     def prepare(self, input_ids: torch.Tensor, *, pixel_values: torch.Tensor | None = None,
@@ -423,11 +395,12 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
 
         Call it on an empty cache before the prompt is run. With ``persist=False`` it only
         returns 0. At least the prompt's last token is always left to compute (its logits are
-        needed), and only whole blocks are restored. After it, pass the *full* ``input_ids`` to
-        ``generate`` with this cache (see :meth:`generate` / :func:`prefix_inputs`, which also
-        handle Qwen3-VL's image features and 3D positions). ``device`` is where the restored
-        blocks are read to (default: ``input_ids``' device; blocks are moved to the model's
-        device anyway when the layer first runs).
+        needed), and only whole blocks are restored; a stored prefix that the restore policy
+        predicts slower to read than to compute is not used (``stats.declined_tokens``). After
+        it, pass the *full* ``input_ids`` to ``generate`` with this cache (see :meth:`generate`
+        / :func:`prefix_inputs`, which also handle Qwen3-VL's image features and 3D positions).
+        ``device`` is where the restored blocks are read to (default: ``input_ids``' device;
+        blocks are moved to the model's device anyway when the layer first runs).
         """
         if self.get_seq_length() > 0:
             raise CacheUsageError("prepare() needs an empty cache; use a new TieredCache (or reset()) per request")
@@ -439,22 +412,40 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
         types = self._token_types(input_ids, mm_token_type_ids)
         self._chain = block_hashes(input_ids[0], types, self.block_tokens, image_digests=self._image_digests(
             types, pixel_values, image_grid_thw), seed=self.fingerprint.encode())
+        tiered = self._tiered()
+        if len(tiered) != len(self.layers):  # a sliding layer's window is not stored: no prefix can be whole
+            return 0
         usable = min(len(self._chain), (input_ids.shape[1] - 1) // self.block_tokens)
         last = len(self.layers) - 1
         blocks = 0
-        while blocks < usable and all(self._contains(self._block_key(i, blocks)[0]) for i in (0, last)):
+        while blocks < usable and all(self._contains(self._block_key(i, blocks)) for i in (0, last)):
             blocks += 1
+        if blocks and not self._worth_restoring(blocks):
+            self.stats.declined_tokens = blocks * self.block_tokens
+            blocks = 0
         if blocks:
+            t = self.block_tokens
             target = torch.device(device) if device is not None else input_ids.device
-            for layer in self._tiered():
-                layer.block_keys = [self._block_key(layer.index, b)[0] for b in range(blocks)]
-                layer.length = blocks * self.block_tokens
+            for layer in tiered:
+                layer.segments = [Segment(self._block_key(layer.index, b), b * t, (b + 1) * t, True)
+                                  for b in range(blocks)]
+                layer.length = blocks * t
                 layer.device = target
                 layer.is_initialized = True
                 layer.keys = layer.values = None
-            self._prefetch(0)
+            self.prefetch_layer(0)
         self.stats.restored_tokens = blocks * self.block_tokens
         return self.stats.restored_tokens
+
+    def _worth_restoring(self, blocks: int) -> bool:
+        """Whether reading ``blocks`` stored blocks of every layer is predicted to beat computing them."""
+        with self._store_lock:
+            info = self.store.info(self._block_key(0, 0))
+        n = blocks * len(self.layers)
+        estimate = self._policy().estimate(tokens=blocks * self.block_tokens, nbytes=info.nbytes * n, blocks=n,
+                                           tier=info.tiers[0], codec=info.codec)
+        self.stats.restore_estimate = estimate
+        return estimate.restore
 
     def _token_types(self, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor | None) -> np.ndarray:
         if mm_token_type_ids is not None:
@@ -469,7 +460,7 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
     def _image_digests(self, types: np.ndarray, pixel_values: torch.Tensor | None,
                        image_grid_thw: torch.Tensor | None) -> list[tuple[bytes, int]]:
         """``(content hash, token count)`` of each image, in order."""
-        n_image_tokens = int((types == _IMAGE).sum())
+        n_image_tokens = int((types == IMAGE).sum())
         if n_image_tokens == 0:
             return []
         if pixel_values is None or image_grid_thw is None:
@@ -497,70 +488,3 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
         return model.generate(cache=self, **prefix_inputs(model, kwargs, restored))
 
 
-def block_hashes(input_ids: torch.Tensor, token_types: np.ndarray, block_tokens: int, *,
-                 image_digests: Sequence[tuple[bytes, int]] = (), seed: bytes = b"") -> list[str]:
-    """Hex hashes of the full blocks of one prompt, each chained on the one before.
-
-    A block's hash covers the previous block's hash, its token ids, and for each image token
-    the image's content hash and the token's index within that image; the chain stops before
-    the first block holding a video token (videos are not keyed).
-    """
-    ids = input_ids.detach().cpu().numpy().astype(np.int64)
-    n = ids.shape[0]
-    image_of = np.full(n, -1, dtype=np.int64)
-    index_in = np.zeros(n, dtype=np.int64)
-    positions = np.flatnonzero(token_types == _IMAGE)
-    start = 0
-    for k, (_digest, count) in enumerate(image_digests):
-        where = positions[start:start + count]
-        image_of[where] = k
-        index_in[where] = np.arange(count)
-        start += count
-    videos = np.flatnonzero(token_types == _VIDEO)
-    limit = n // block_tokens if not videos.size else int(videos[0]) // block_tokens
-    chain: list[str] = []
-    previous = hashlib.blake2b(seed, digest_size=16).digest()
-    for block in range(limit):
-        span = slice(block * block_tokens, (block + 1) * block_tokens)
-        h = hashlib.blake2b(previous, digest_size=16)
-        h.update(ids[span].tobytes())
-        h.update(image_of[span].tobytes())
-        h.update(index_in[span].tobytes())
-        for k in np.unique(image_of[span]):
-            if k >= 0:
-                h.update(image_digests[int(k)][0])
-        previous = h.digest()
-        chain.append(previous.hex())
-    return chain
-
-
-def prefix_inputs(model: Any, inputs: dict[str, Any], restored: int) -> dict[str, Any]:
-    """``generate`` arguments for a Qwen3-VL prompt whose first ``restored`` tokens are in the cache.
-
-    The 3D (mrope) positions are recomputed from the full prompt (the model's remembered
-    ``rope_deltas`` belong to its previous request), and the image features of image tokens
-    inside the restored prefix are left out: images wholly inside it are not encoded at all,
-    and an image cut by the boundary passes only its remaining rows (as ``mm_encoder_outputs``).
-    """
-    kwargs = dict(inputs)
-    inner = getattr(model, "model", model)
-    if hasattr(inner, "rope_deltas"):
-        inner.rope_deltas = None
-    if restored <= 0 or kwargs.get("pixel_values") is None:
-        return kwargs
-    input_ids = kwargs["input_ids"]
-    types = kwargs.get("mm_token_type_ids")
-    image_mask = (types == _IMAGE) if types is not None else (input_ids == model.config.image_token_id)
-    image_mask = image_mask[0]
-    pixel_values = kwargs.pop("pixel_values")
-    if not bool(image_mask[restored:].any()):
-        return kwargs  # every image is inside the restored prefix
-    from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
-
-    features = inner.get_image_features(pixel_values, kwargs.get("image_grid_thw"), return_dict=True)
-    rows = (image_mask.cumsum(0) - 1)[restored:][image_mask[restored:]]
-    embeds = torch.cat(list(features.pooler_output))[rows]
-    deep = [[torch.cat(list(level))[rows]] for level in features.deepstack_features]
-    kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithDeepstackFeatures(
-        last_hidden_state=None, pooler_output=[embeds], deepstack_features=deep)}
-    return kwargs

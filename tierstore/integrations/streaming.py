@@ -1,18 +1,21 @@
-"""Run a Qwen3-VL whose weights stream from the store, one decoder layer or vision block at a time.
+"""Run any transformers decoder model whose weights stream from the store, one decoder layer at a time.
 
-:func:`load_streamed` builds ``Qwen3VLForConditionalGeneration`` from the config kept in the store
-with every parameter on the ``meta`` device (no memory), makes the non-persistent buffers (the
-rotary ``inv_freq``) real again, and loads what is small or shared once: embeddings, norms,
-``lm_head`` (tied to the embeddings when the config says so, kept once), the vision patch
-embedding, position embedding and mergers, plus as many whole layers as ``resident_bytes`` allows.
+:func:`load_streamed` builds the model class named by the config kept in the store (Llama, Qwen2,
+Qwen3, Mistral, Gemma, Qwen3-VL, ...) with every parameter on the ``meta`` device (no memory) and its
+buffers computed as the in-memory model computes them (:func:`~.hf_model.build_empty_model`), and
+loads what is small or shared once: embeddings, norms, ``lm_head`` (tied to the embeddings when the
+config says so, kept once), a vision tower's patch embedding and mergers, plus as many whole units
+as ``resident_bytes`` allows.
 
-Each other text decoder layer and vision block is a *unit*. A forward pre-hook puts the unit's
-weights in place (views of the store's L2 or L1 slots, from ``store.get``) just before it runs; a
-forward hook puts the ``meta`` placeholders back right after, dropping the references, so the slots
-can be evicted again. Meanwhile one background thread fetches the next ``prefetch`` units in
-execution order (vision blocks, then text layers, then text layer 0 of the next token), so L3 -> L2
-decompression overlaps compute. The arithmetic is that of the in-memory model on the same bytes:
-logits and generated tokens are identical (``torch.equal``).
+The *units* come from the model's own structure (:func:`~.hf_model.unit_groups`): each entry of a
+``ModuleList`` of the classes in its ``_no_split_modules`` (the decoder layers; a vision tower's
+blocks). A forward pre-hook puts the unit's weights in place (views of the store's L2 or L1 slots,
+from ``store.get``) just before it runs; a forward hook puts the ``meta`` placeholders back right
+after, dropping the references, so the slots can be evicted again. Meanwhile one background thread
+fetches the next ``prefetch`` units in execution order (a vision tower's blocks, then the decoder
+layers, then decoder layer 0 of the next token), so L3 -> L2 decompression overlaps compute. The
+arithmetic is that of the in-memory model on the same bytes: logits and generated tokens are
+identical (``torch.equal``).
 
 The model's ``weight_streamer`` attribute is the :class:`WeightStreamer`; its :meth:`stats` says how
 many units were fetched on demand and how many prefetched blocks were then used.
@@ -32,7 +35,7 @@ from torch import nn
 from ..config import parse_size
 from ..engine.handle import TierStore
 from ..errors import CheckpointError
-from .checkpoint import read_json
+from .hf_model import build_empty_model, stored_config, tied_weights, unit_groups
 
 __all__ = ["StreamStats", "WeightStreamer", "load_streamed", "streamed_unit_names"]
 
@@ -76,7 +79,8 @@ class WeightStreamer:
     """Hooks that load each unit's weights from the store around its forward, with prefetching."""
 
     def __init__(self, store: TierStore, units: list[_Unit], *, device: torch.device, dtype: torch.dtype | None,
-                 prefetch: int, resident_bytes: int) -> None:
+                 prefetch: int, resident_bytes: int, repeat_from: int | None = None) -> None:
+        """``repeat_from`` is the unit that runs after the last one (decoder layer 0: the next token)."""
         self.store = store
         self.units = units
         self.device = device
@@ -86,7 +90,7 @@ class WeightStreamer:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tierstore-prefetch") if self.depth else None
         self._pending: dict[int, Future[list[torch.Tensor]]] = {}
         self._lock = threading.Lock()
-        self._text0 = next((i for i, u in enumerate(units) if ".language_model." in f".{u.name}."), None)
+        self._repeat = repeat_from if units and repeat_from is not None and 0 <= repeat_from < len(units) else None
         self.reset_stats()
         for index, unit in enumerate(units):
             unit.hooks = [unit.module.register_forward_pre_hook(self._pre_hook(index)),
@@ -117,8 +121,8 @@ class WeightStreamer:
         return out
 
     def _next(self, index: int) -> int | None:
-        """The unit that runs after ``index``: the next one, or text layer 0 (the next token) after the last."""
-        return index + 1 if index + 1 < len(self.units) else self._text0
+        """The unit that runs after ``index``: the next one, or, after the last, decoder layer 0 (the next token)."""
+        return index + 1 if index + 1 < len(self.units) else self._repeat
 
     def _schedule(self, index: int) -> None:
         """Prefetch the ``depth`` units after ``index``; drop prefetches no longer expected."""
@@ -158,14 +162,14 @@ class WeightStreamer:
         def load(module: nn.Module, args: Any) -> None:
             tensors = self._take(index)
             for (owner, name, _, _), tensor in zip(self.units[index].params, tensors, strict=True):
-                owner._parameters[name] = nn.Parameter(tensor, requires_grad=False)
+                _place(owner, name, nn.Parameter(tensor, requires_grad=False))
             self._schedule(index)
         return load
 
     def _post_hook(self, index: int) -> Callable[..., None]:
         def release(module: nn.Module, args: Any, output: Any) -> None:
             for owner, name, _, placeholder in self.units[index].params:
-                owner._parameters[name] = placeholder
+                _place(owner, name, placeholder)
         return release
 
     def release(self) -> None:
@@ -184,79 +188,80 @@ class WeightStreamer:
                 hook.remove()
 
 
-def streamed_unit_names(config: Any) -> list[str]:
-    """Module names of the units of a Qwen3-VL config, in execution order (vision blocks, text layers)."""
-    vision = [f"model.visual.blocks.{i}" for i in range(config.vision_config.depth)]
-    text = [f"model.language_model.layers.{i}" for i in range(config.text_config.num_hidden_layers)]
-    return vision + text
+def _place(owner: nn.Module, name: str, param: nn.Parameter) -> None:
+    """Set parameter ``name`` of ``owner`` without ``register_parameter``.
+
+    accelerate's ``init_empty_weights`` (building a model in another thread) swaps
+    ``register_parameter`` for one that moves every parameter to ``meta``; writing the parameter
+    table directly keeps a streamed weight real whatever is patched meanwhile, and skips the checks
+    ``register_parameter`` repeats for a name that is already a parameter.
+    """
+    owner._parameters[name] = param
 
 
-def _build_config(store: TierStore, prefix: str) -> Any:
-    from transformers import AutoConfig
-
-    data = read_json(store, "config.json", prefix=prefix)
-    if data is None:
-        raise CheckpointError(f"no model config under prefix {prefix!r} in {store.path}; import the model with "
-                              "import_checkpoint (or 'tierstore import-hf') first", path=str(store.path))
-    model_type = data.pop("model_type", None)
-    if model_type != "qwen3_vl":
-        raise CheckpointError(f"the stored model is {model_type!r}, not qwen3_vl", path=str(store.path))
-    return AutoConfig.for_model(model_type, **data)
+def streamed_unit_names(model: nn.Module) -> list[str]:
+    """Module names of the units of ``model``, in execution order (a vision tower's blocks, decoder layers)."""
+    return [name for group in unit_groups(model) for name in group]
 
 
-def _realize_buffers(model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> None:
-    """Rebuild (on the CPU, as the in-memory model does) every module whose buffers are still meta."""
-    for name, module in list(model.named_modules()):
-        if not any(b.is_meta for b in module.buffers(recurse=False)):
-            continue
-        if any(True for _ in module.parameters(recurse=False)) or not hasattr(module, "config"):
-            raise CheckpointError(f"cannot rebuild the buffers of {name} ({type(module).__name__}) off the meta device")
-        fresh = type(module)(module.config)
-        fresh = fresh.to(device=device, dtype=dtype) if dtype is not None else fresh.to(device)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, fresh)
+def _place_buffers(model: nn.Module, store: TierStore, prefix: str, present: set[str], device: torch.device,
+                   dtype: torch.dtype | None) -> None:
+    """Move the buffers to ``device``, cast to ``dtype`` as ``model.to(dtype)`` would.
+
+    A persistent buffer the store holds is loaded from it, as ``from_pretrained`` loads it from the
+    checkpoint; the others (rotary frequencies, ...) keep the values computed when the model was built.
+    """
+    persistent = set(model.state_dict(keep_vars=True))
+    for module_name, module in model.named_modules():
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            full = f"{module_name}.{name}" if module_name else name
+            value = store.get(prefix + full, copy=True) if full in persistent and prefix + full in present else buffer
+            if dtype is not None and value.is_floating_point():
+                value = value.to(dtype)
+            setattr(module, name, value.to(device))  # keeps the buffer's persistence
+
+
+def _budget(resident_bytes: int | str) -> int:
+    return parse_size(resident_bytes) if isinstance(resident_bytes, str) else int(resident_bytes)
 
 
 def load_streamed(store: TierStore, *, prefix: str = "", device: str | torch.device | None = None,
                   dtype: torch.dtype | None = None, resident_bytes: int | str = 0, prefetch: int = 2) -> Any:
-    """A ``Qwen3VLForConditionalGeneration`` whose layers stream from ``store`` (see the module doc).
+    """The model imported under ``prefix``, its decoder layers streaming from ``store`` (see the module doc).
 
-    ``device`` is where it computes (None: the CPU); ``dtype`` casts the weights (say
-    ``torch.float16`` on GPUs without bf16, ``torch.cuda.get_device_capability() < (8, 0)``);
-    ``resident_bytes`` keeps the units that fit in it (text layers first: they run for every
-    token) loaded for good; ``prefetch`` is how
+    The class is the one the stored config names (``LlamaForCausalLM``,
+    ``Qwen3VLForConditionalGeneration``, ...). ``device`` is where it computes (None: the CPU);
+    ``dtype`` casts the weights (say ``torch.float16`` on GPUs without bf16,
+    ``torch.cuda.get_device_capability() < (8, 0)``); ``resident_bytes`` keeps the units that fit
+    in it (decoder layers first: they run for every token) loaded for good; ``prefetch`` is how
     many units ahead the background thread fetches (0: none). The model is in eval mode; its
     ``weight_streamer`` attribute holds the :class:`WeightStreamer` (``close()`` it when done).
     """
-    from transformers import Qwen3VLForConditionalGeneration
-
     target = torch.device(device) if device is not None else torch.device("cpu")
-    config = _build_config(store, prefix)
-    with torch.device("meta"):
-        model: Any = Qwen3VLForConditionalGeneration(config)
-    model.eval()
-    _realize_buffers(model, target, dtype)
+    model: Any = build_empty_model(stored_config(store, prefix))
     present = set(store.keys(prefix=prefix or None))
     params = dict(model.named_parameters(remove_duplicate=False))
-    tied = {t: s for t, s in (getattr(model, "all_tied_weights_keys", None) or {}).items()
-            if prefix + t not in present and s in params}
+    tied = {t: s for t, s in tied_weights(model).items() if prefix + t not in present and s in params}
     missing = sorted(n for n in params if prefix + n not in present and n not in tied)
     if missing:
         raise CheckpointError(f"the store lacks {len(missing)} weights of the model under prefix {prefix!r}: "
                               f"{missing[:5]}{' ...' if len(missing) > 5 else ''}", path=str(store.path))
-    budget = parse_size(resident_bytes) if isinstance(resident_bytes, str) else int(resident_bytes)
-    kept, resident = 0, set[str]()
-    order = streamed_unit_names(config)
-    for unit_name in sorted(order, key=lambda n: ".visual." in n):  # text layers run every token: first
-        names = [f"{unit_name}.{n}" for n, _ in model.get_submodule(unit_name).named_parameters()]
-        nbytes = sum(store.info(prefix + n).nbytes for n in names)
+    _place_buffers(model, store, prefix, present, target, dtype)
+    groups = unit_groups(model)
+    budget, kept, resident = _budget(resident_bytes), 0, set[str]()
+    for unit_name in [n for group in reversed(groups) for n in group]:  # the decoder runs every token: first
+        nbytes = sum(store.info(prefix + f"{unit_name}.{n}").nbytes
+                     for n, _ in model.get_submodule(unit_name).named_parameters())
         if kept + nbytes <= budget:
             kept += nbytes
             resident.add(unit_name)
     units: list[_Unit] = []
-    for unit_name in order:
+    repeat_from = None
+    for unit_name in (n for group in groups for n in group):
         if unit_name in resident:
             continue
+        if repeat_from is None and unit_name in groups[-1]:
+            repeat_from = len(units)
         module = model.get_submodule(unit_name)
         nbytes = sum(store.info(prefix + f"{unit_name}.{n}").nbytes for n, _ in module.named_parameters())
         entries = []
@@ -275,14 +280,11 @@ def load_streamed(store: TierStore, *, prefix: str = "", device: str | torch.dev
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         owner_name, _, pname = name.rpartition(".")
-        owner = model.get_submodule(owner_name) if owner_name else model
-        owner._parameters[pname] = nn.Parameter(tensor.to(target), requires_grad=False)
+        _place(model.get_submodule(owner_name) if owner_name else model, pname,
+               nn.Parameter(tensor.to(target), requires_grad=False))
     for target_name, source in tied.items():  # tied weights: one tensor, two names
         owner_name, _, pname = target_name.rpartition(".")
-        model.get_submodule(owner_name)._parameters[pname] = model.get_parameter(source)
-    left = [n for n, b in model.named_buffers() if b.is_meta]
-    if left:
-        raise CheckpointError(f"buffers {left[:5]} are not in the store and cannot be rebuilt", path=str(store.path))
+        _place(model.get_submodule(owner_name), pname, model.get_parameter(source))
     model.weight_streamer = WeightStreamer(store, units, device=target, dtype=dtype, prefetch=prefetch,
-                                           resident_bytes=kept)
+                                           resident_bytes=kept, repeat_from=repeat_from)
     return model

@@ -26,7 +26,8 @@ from ..upkeep.compaction import fragmentation
 if TYPE_CHECKING:
     from ..engine.handle import TierStore
 
-__all__ = ["WINDOWS", "COUNTERS", "save_counters", "load_counters", "access_windows", "tier_overview", "Timeline",
+__all__ = ["WINDOWS", "COUNTERS", "save_counters", "load_counters", "access_windows", "lifetime_counts",
+           "tier_overview", "Timeline",
            "timeline"]
 
 WINDOWS = {"1m": 60.0, "1h": 3600.0, "1d": 86400.0}
@@ -44,6 +45,20 @@ def access_windows(catalog: Catalog, now: float | None = None) -> dict[str, dict
                 row[tier] += count
         out[name] = row
     return out
+
+
+def lifetime_counts(catalog: Catalog) -> dict[str, Any]:
+    """Gets, puts, deletes and gets served per tier over every run (what ``tierstore stats`` shows).
+
+    Gets, puts and hits come from the per-key statistics, the same totals as :func:`tier_overview`'s
+    hit rates; deletes (which keep no per-key row) from the access log, so they count only what
+    the log still holds (``history_max_rows``).
+    """
+    gets, l1, l2, l3 = catalog.hit_totals()
+    puts = catalog.put_total()
+    ops = catalog.op_totals()
+    return {"gets": int(gets), "puts": int(puts), "deletes": int(ops.get("delete", 0)),
+            "hits": {"L1": int(l1), "L2": int(l2), "L3": int(l3)}}
 
 
 def tier_overview(db: TierStore) -> dict[str, dict[str, Any]]:

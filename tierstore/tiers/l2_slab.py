@@ -130,8 +130,8 @@ def _map_file(path: str, size: int) -> mmap.mmap:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             created = True
-        except FileExistsError:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileExistsError:  # never through a link: it would map (and overwrite) another file
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError as exc:
         raise translate_os_error(exc, what="opening the L2 arena file", path=path) from exc
     try:

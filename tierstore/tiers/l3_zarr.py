@@ -41,10 +41,13 @@ from typing import Any
 import crc32c
 import numpy as np
 
-from ..errors import CorruptBlockError
+from ..errors import CorruptBlockError, UnsafePathError, translate_os_error
+from ..fsguard import NOFOLLOW, contained, refuse_links
 from .codecs import MIN_RATIO, RAW, Codec, codec_from_id
+from .open_files import OpenFiles
 
-__all__ = ["GRANULE", "PACK_SLOTS", "PACK_MAX", "EMPTY_LOCATION", "Location", "RecoveryReport", "ZarrL3"]
+__all__ = ["GRANULE", "PACK_SLOTS", "PACK_MAX", "OPEN_FILES", "PACK_INDEX_BYTES", "EMPTY_LOCATION", "Location",
+           "RecoveryReport", "ZarrL3"]
 
 GRANULE = 4096
 """Inner chunk of a pack: small blocks take whole granules."""
@@ -52,12 +55,18 @@ PACK_SLOTS = 64
 """Inner chunks per pack shard (a 1 KiB index per append)."""
 PACK_MAX = GRANULE * PACK_SLOTS
 """Blocks up to this many bytes are packed; larger ones get an array of their own."""
+PACK_INDEX_BYTES = PACK_SLOTS * 16 + 4
+"""The shard index written after every append to a pack (offset and size per slot, then its crc32c)."""
 ARRAY_CHUNK = 1 << 20
+"""Target inner chunk of a large block: big enough to compress well, small enough to decode in parallel."""
 _BATCH = 64
 """Chunks encoded, written or read at a time for a large block: bounds the memory beside the block."""
-"""Target inner chunk of a large block: big enough to compress well, small enough to decode in parallel."""
-_FD_CACHE = 128
-"""Read descriptors kept open per thread (shard files are append-only, so a cached one never goes stale)."""
+OPEN_FILES = 64
+"""Read descriptors one tier keeps open, shared by its threads (least recently used closed first).
+
+Shard files are append-only and never reuse a name, so a kept descriptor never goes stale; one is
+closed as soon as its file is deleted (compaction, gc, a freed large block) and no read uses it.
+"""
 _EMPTY = np.uint64(2**64 - 1)
 _BLOCK_ARRAY = re.compile(r"blocks/[0-9a-f]{16}")
 _PACK_SHAPE = PACK_MAX * (1 << 32)
@@ -121,6 +130,13 @@ class RecoveryReport:
     removed_files: list[str] = field(default_factory=list)
     truncated: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    links: list[str] = field(default_factory=list)
+    """Symbolic links found in L3: left alone (never followed, never removed); ``tierstore verify --fix``
+    removes the links themselves and drops the blocks whose bytes they stand for."""
+    rebuilt: list[str] = field(default_factory=list)
+    """Shard rows the catalog lost or shortened, rebuilt from the bytes (their files were kept)."""
+    catalog_rollback: str = ""
+    """Non-empty when the catalog lost commits it had acknowledged (a damaged WAL): what was lost."""
 
 
 @dataclass(slots=True)
@@ -154,7 +170,10 @@ _POOL_LOCK = threading.Lock()
 
 def _write_json(path: Path, doc: dict[str, Any], *, sync: bool) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    # O_NOFOLLOW: a planted zarr.json.tmp link must not have this written into its target;
+    # the rename then replaces a link at ``path`` itself, never what it points at.
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | NOFOLLOW, 0o644), "w",
+                   encoding="utf-8") as fh:
         json.dump(doc, fh, indent=1)
         fh.flush()
         if sync:
@@ -222,12 +241,8 @@ class ZarrL3:
     def __init__(self, store_dir: str | os.PathLike[str], *, fsync: bool = True, readonly: bool = False) -> None:
         self.root = Path(store_dir) / "l3"
         self._root = str(self.root)
-        self._local = threading.local()
-        self._fd_caches: list[dict[str, int]] = []
-        self._fd_lock = threading.Lock()
-        self._epoch = 0
-        self._stale: frozenset[str] | set[str] = frozenset()
-        """Paths of removed shard files: each thread closes its descriptors of them (see remove_shards)."""
+        refuse_links(Path(store_dir), ("l3", "l3/packs", "l3/blocks"), what="open the L3 tier")
+        self._files = OpenFiles(OPEN_FILES, self._open_read)
         self.fsync = fsync
         self.readonly = readonly
         self._next_shard: dict[str, int] = {}
@@ -256,64 +271,46 @@ class ZarrL3:
         """The file of ``shard`` in ``array``."""
         return self.root / array / str(shard)
 
-    def _read_fd(self, path: str) -> int:
-        """A cached read-only descriptor of ``path``, per thread (so no thread closes another's)."""
-        cache: dict[str, int] | None = getattr(self._local, "fds", None)
-        if cache is None:
-            cache = self._local.fds = {}
-            with self._fd_lock:
-                self._fd_caches.append(cache)
-        if getattr(self._local, "epoch", 0) != self._epoch:
-            self._drop_stale(cache)
-        fd = cache.get(path)
-        if fd is None:
-            if len(cache) >= _FD_CACHE:
-                os.close(cache.pop(next(iter(cache))))
-            fd = cache[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            # Packed neighbours are read soon after one another: one readahead instead of a
-            # disk read per small block (cold small gets ~40% faster here).
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    def _open_read(self, path: str) -> int:
+        """Open a file of this tier for reading; never through a link (see :mod:`tierstore.fsguard`)."""
+        if not contained(self._root, path):
+            raise UnsafePathError(f"{path} is a symbolic link or lies behind one, and tierstore never follows "
+                                  "links inside a store; run 'tierstore verify --fix' (it removes the link)",
+                                  path=path, tier="L3")
+        try:
+            fd = os.open(path, os.O_RDONLY | NOFOLLOW)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise translate_os_error(exc, what="read L3", path=path) from None
+            raise
+        # Packed neighbours are read soon after one another: one readahead instead of a
+        # disk read per small block (cold small gets ~40% faster here).
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
         return fd
-
-    def _drop_stale(self, cache: dict[str, int]) -> None:
-        with self._fd_lock:
-            epoch, stale = self._epoch, self._stale
-        for path in stale & cache.keys():
-            os.close(cache.pop(path))
-        self._local.epoch = epoch
 
     def remove_shards(self, shards: Iterable[tuple[str, int]]) -> int:
         """Delete shard files the catalog no longer knows (after its commit); returns the bytes freed.
 
-        Each thread closes its cached descriptors of them at its next read, so the space is
-        returned to the disk once every reading thread has moved on.
+        Their read descriptors are closed at once, or by the last read still using one, so the
+        disk space comes back now rather than when the store closes.
         """
         freed = 0
         paths = []
         for array, number in shards:
             path = self.shard_path(array, number)
+            if not contained(self._root, path):
+                continue  # a link, or behind one: not the store's file (verify reports it)
             try:
-                freed += path.stat().st_size
+                freed += path.lstat().st_size
                 path.unlink()
             except FileNotFoundError:
                 continue
             paths.append(str(path))
-        if paths:
-            with self._fd_lock:
-                self._stale = self._stale | set(paths)
-                self._epoch += 1
-            cache: dict[str, int] | None = getattr(self._local, "fds", None)
-            if cache is not None:
-                self._drop_stale(cache)
-            if self.fsync:
-                for folder in {Path(p).parent for p in paths}:
-                    _fsync_dir(folder)
+        self._files.discard(paths)
+        if paths and self.fsync:
+            for folder in {Path(p).parent for p in paths}:
+                _fsync_dir(folder)
         return freed
-
-    def _forget_fd(self, path: str) -> None:
-        cache: dict[str, int] | None = getattr(self._local, "fds", None)
-        if cache is not None and path in cache:
-            os.close(cache.pop(path))
 
     def start_shards_after(self, last: dict[str, int]) -> None:
         """Appends go to fresh shard numbers after those the catalog knows (one per pack)."""
@@ -356,7 +353,11 @@ class ZarrL3:
         durable only after :meth:`prepare` and the catalog commit.
         """
         path = f"{self._root}/{loc.array}/{loc.shard}"
-        data = os.pread(self._read_fd(path), loc.length, loc.offset)
+        fd = self._files.acquire(path)
+        try:
+            data = os.pread(fd, loc.length, loc.offset)
+        finally:
+            self._files.release(path, fd)
         if len(data) != loc.length:
             raise CorruptBlockError(f"{path} is truncated: {len(data)} of {loc.length} bytes at offset "
                                     f"{loc.offset}", path=path, tier="L3")
@@ -384,7 +385,15 @@ class ZarrL3:
         shard = self._active.get(array)
         if shard is not None and shard.slot + slots <= PACK_SLOTS:
             return shard
+        if shard is not None:  # full: nothing appends to it again
+            del self._active[array]
+            if (shard.array, shard.number) not in self._touched:  # commit/rollback close touched ones
+                os.close(shard.fd)
         folder = self.root / array
+        if not contained(self._root, folder):
+            raise UnsafePathError(f"{folder} is a symbolic link or lies behind one, and tierstore never writes "
+                                  "through links; run 'tierstore verify --fix' (it removes the link)",
+                                  path=str(folder), tier="L3")
         if not (folder / "zarr.json").exists():
             folder.mkdir(parents=True, exist_ok=True)
             _write_json(folder / "zarr.json", _array_meta(_PACK_SHAPE, PACK_MAX, GRANULE, codec, "pack"),
@@ -393,7 +402,7 @@ class ZarrL3:
         number = self._next_shard.get(array, 0)
         self._next_shard[array] = number + 1
         path = folder / str(number)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | NOFOLLOW, 0o644)
         index = np.full((PACK_SLOTS, 2), _EMPTY, dtype=np.uint64)
         shard = _Shard(array, number, path, fd, 0, 0, index, 0, 0, index.copy(), True)
         self._active[array] = shard
@@ -439,7 +448,7 @@ class ZarrL3:
             self._new_arrays.append(folder)
         path = folder / "0"
         sizes: list[int] = []
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o644)
         try:
             offset = 0
             for first in range(0, count, _BATCH):  # bounded memory: at most a batch of encoded chunks
@@ -499,6 +508,7 @@ class ZarrL3:
             if shard.created:
                 os.close(shard.fd)
                 shard.path.unlink(missing_ok=True)
+                self._files.discard([str(shard.path)])
                 if self._active.get(shard.array) is shard:
                     del self._active[shard.array]
                 continue
@@ -518,8 +528,9 @@ class ZarrL3:
         """Release committed blocks that no row points at any more (after the catalog commit)."""
         for loc in locations:
             if _BLOCK_ARRAY.fullmatch(loc.array):  # never a path a damaged catalog row made up
-                self._forget_fd(f"{self._root}/{loc.array}/0")
-                shutil.rmtree(self.root / loc.array, ignore_errors=True)
+                self._files.discard([f"{self._root}/{loc.array}/0"])
+                if contained(self._root, self.root / loc.array):  # rmtree refuses a link itself, not one above
+                    shutil.rmtree(self.root / loc.array, ignore_errors=True)
         # packed bytes stay as dead space in their shard until compaction rewrites it
 
     # -- reading --------------------------------------------------------------------------------
@@ -533,15 +544,18 @@ class ZarrL3:
         if not loc.sizes:
             return
         path = f"{self._root}/{loc.array}/{loc.shard}"
-        fd = self._read_fd(path)
-        if len(loc.sizes) <= _BATCH:
-            self._read_chunks(fd, path, loc, 0, len(loc.sizes), loc.offset, out)
-            return
-        offset = loc.offset
-        for first in range(0, len(loc.sizes), _BATCH):  # bounded memory for huge blocks
-            last = min(first + _BATCH, len(loc.sizes))
-            self._read_chunks(fd, path, loc, first, last, offset, out)
-            offset += sum(loc.sizes[first:last])
+        fd = self._files.acquire(path)
+        try:
+            if len(loc.sizes) <= _BATCH:
+                self._read_chunks(fd, path, loc, 0, len(loc.sizes), loc.offset, out)
+                return
+            offset = loc.offset
+            for first in range(0, len(loc.sizes), _BATCH):  # bounded memory for huge blocks
+                last = min(first + _BATCH, len(loc.sizes))
+                self._read_chunks(fd, path, loc, first, last, offset, out)
+                offset += sum(loc.sizes[first:last])
+        finally:
+            self._files.release(path, fd)
 
     def _read_chunks(self, fd: int, path: str, loc: Location, first: int, last: int, offset: int,
                      out: np.ndarray) -> None:
@@ -611,9 +625,80 @@ class ZarrL3:
             doc = _array_meta(_PACK_SHAPE, PACK_MAX, GRANULE, codec, "pack")
         else:
             doc = _array_meta(nbytes, len(loc.sizes) * loc.inner, loc.inner, codec, "block")
-        _write_json(self.root / loc.array / "zarr.json", doc, sync=self.fsync)
+        target = self.root / loc.array / "zarr.json"
+        if not contained(self._root, target):
+            raise UnsafePathError(f"{target} is a symbolic link or lies behind one; tierstore never writes "
+                                  "through links", path=str(target), tier="L3")
+        _write_json(target, doc, sync=self.fsync)
 
     # -- recovery -------------------------------------------------------------------------------
+
+    def pack_shard_files(self) -> set[tuple[str, int]]:
+        """``(array, number)`` of every pack shard file there is (names only: no stat per file)."""
+        packs = self.root / "packs"
+        found: set[tuple[str, int]] = set()
+        for folder in (p for p in packs.iterdir() if p.is_dir()) if packs.is_dir() else []:
+            found.update((f"packs/{folder.name}", int(n)) for n in os.listdir(folder) if n.isdigit())
+        return found
+
+    def shard_end(self, array: str, shard: int, extent: int) -> int | None:
+        """How long a pack shard is by its bytes: the end of its first valid index after ``extent``.
+
+        ``extent`` is where the last committed block in it ends; the index of that block's commit
+        follows it unless later (since deleted) appends did. Without a valid index there, the
+        whole file counts (nothing a block may need is ever cut). None when the file is gone.
+        """
+        try:
+            data = self.shard_path(array, shard).read_bytes()
+        except FileNotFoundError:
+            return None
+        for start in range(max(extent, 0), len(data) - PACK_INDEX_BYTES + 1):
+            if _valid_index(data, start, PACK_SLOTS):
+                return start + PACK_INDEX_BYTES
+        return len(data)
+
+    def index_problem(self, loc: Location, length: int, chunks: list[tuple[int, int]]) -> str | None:
+        """What is wrong with the shard index zarr readers use (None: nothing).
+
+        ``length`` is the committed length of the shard file, ``chunks`` the ``(offset, size)``
+        of every chunk a live block has in it. tierstore reads by the catalog's offsets, so a bad
+        index only misleads zarr readers; :meth:`write_index` writes it again.
+        """
+        slots = PACK_SLOTS if loc.array.startswith("packs/") else len(loc.sizes)
+        size = slots * 16 + 4
+        path = self.shard_path(loc.array, loc.shard)
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(max(length - size, 0))
+                data = fh.read(size)
+        except FileNotFoundError:
+            return None  # the block check reports the missing file
+        if len(data) != size or not _valid_index(data, 0, slots, end=length - size):
+            return f"the shard index at byte {length - size} fails its crc32c or points past it"
+        listed = {tuple(int(v) for v in pair) for pair in np.frombuffer(data[:-4], dtype="<u8").reshape(-1, 2)}
+        absent = [c for c in chunks if c not in listed]
+        if absent:
+            return f"the shard index does not list {len(absent)} chunk(s) of live blocks (first at {absent[0][0]})"
+        return None
+
+    def write_index(self, loc: Location, length: int, chunks: list[tuple[int, int]]) -> None:
+        """Write the shard index at the end of ``loc``'s shard again from the chunks of its live blocks.
+
+        Chunks keep their slots where the old index still names them; the rest take, in file order,
+        the slots between their neighbours (appends fill slots in file order), else stay empty.
+        """
+        slots = PACK_SLOTS if loc.array.startswith("packs/") else len(loc.sizes)
+        size = slots * 16 + 4
+        path = self.shard_path(loc.array, loc.shard)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            old = np.frombuffer(os.pread(fd, size - 4, length - size), dtype="<u8").reshape(-1, 2)
+            index = _rebuilt_index(old, slots, sorted(set(chunks)))
+            _write_all(fd, [_index_bytes(index)], length - size)
+            if self.fsync:
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
 
     def recover(self, shard_lengths: dict[tuple[str, int], int], live_arrays: set[str]) -> RecoveryReport:
         """Bring the files in line with what the catalog committed (writer only, at open).
@@ -622,7 +707,9 @@ class ZarrL3:
         longer than committed had a torn append and is cut back; a known file that is missing (or,
         for the shard last appended to, short) is reported, never invented. Only the highest
         committed shard of a pack can have a torn tail (appends never go back to older shards), so
-        only it is stat()ed: open() stays fast with many thousands of shard files.
+        only it is stat()ed: open() stays fast with many thousands of shard files. A symbolic
+        link (a pack folder, a shard file, a block folder or file) is listed in ``links`` and left
+        alone: nothing is removed, cut or read through it.
         """
         report = RecoveryReport()
         packs = self.root / "packs"
@@ -630,9 +717,18 @@ class ZarrL3:
         last: dict[str, int] = {}
         for array, number in shard_lengths:
             last[array] = max(last.get(array, -1), number)
-        for folder in sorted(p for p in packs.iterdir() if p.is_dir()) if packs.exists() else []:
+        for folder in sorted(p for p in packs.iterdir() if p.is_dir() or p.is_symlink()) if packs.exists() else []:
             array = f"packs/{folder.name}"
+            if folder.is_symlink():
+                report.links.append(str(folder))
+                seen.update(k for k in shard_lengths if k[0] == array)  # listed once, as a link
+                continue
             for entry in folder.iterdir():
+                if entry.is_symlink():
+                    report.links.append(str(entry))
+                    if entry.name.isdigit():  # listed once, as a link, not also as missing
+                        seen.add((array, int(entry.name)))
+                    continue
                 if entry.name == "zarr.json":
                     continue
                 key = (array, int(entry.name)) if entry.name.isdigit() else None
@@ -645,7 +741,11 @@ class ZarrL3:
                     continue
                 size, want = entry.stat().st_size, shard_lengths[key]
                 if size > want:
-                    os.truncate(entry, want)
+                    fd = os.open(entry, os.O_WRONLY | NOFOLLOW)
+                    try:
+                        os.ftruncate(fd, want)
+                    finally:
+                        os.close(fd)
                     report.truncated.append(str(entry))
                 elif size < want:
                     report.missing.append(f"{entry} ({size} of {want} bytes)")
@@ -654,6 +754,10 @@ class ZarrL3:
         present: set[str] = set()
         for entry in blocks.iterdir() if blocks.exists() else []:
             name = f"blocks/{entry.name}"
+            if entry.is_symlink() or (entry / "0").is_symlink():
+                report.links.append(str(entry if entry.is_symlink() else entry / "0"))
+                present.add(name)  # listed once, as a link, not also as missing
+                continue
             if entry.name == "zarr.json":
                 continue
             if name not in live_arrays:
@@ -679,14 +783,39 @@ class ZarrL3:
                 pass
         self._active.clear()
         self._touched.clear()
-        with self._fd_lock:
-            for cache in self._fd_caches:
-                for fd in cache.values():
-                    try:
-                        os.close(fd)
-                    except OSError:
-                        pass
-                cache.clear()
+        self._files.close()
+
+
+def _valid_index(data: bytes, start: int, slots: int, *, end: int | None = None) -> bool:
+    """Whether ``data[start:]`` begins with a shard index whose crc32c holds and whose chunks end before it."""
+    body = data[start:start + slots * 16]
+    crc = data[start + slots * 16:start + slots * 16 + 4]
+    if len(crc) != 4 or crc32c.crc32c(body) != int.from_bytes(crc, "little"):
+        return False
+    pairs = np.frombuffer(body, dtype="<u8").reshape(-1, 2)
+    used = pairs[pairs[:, 0] != _EMPTY]
+    limit = start if end is None else end
+    return bool(len(used) == 0 or int((used[:, 0] + used[:, 1]).max()) <= limit)
+
+
+def _rebuilt_index(old: np.ndarray, slots: int, chunks: list[tuple[int, int]]) -> np.ndarray:
+    index = np.full((slots, 2), _EMPTY, dtype=np.uint64)
+    wanted = set(chunks)
+    placed: set[tuple[int, int]] = set()
+    for slot, (offset, size) in enumerate(old.tolist()[:slots]):
+        if (offset, size) in wanted and (offset, size) not in placed:
+            index[slot] = (offset, size)
+            placed.add((offset, size))
+    free = [s for s in range(slots) if index[s, 0] == _EMPTY]
+    for offset, size in (c for c in chunks if c not in placed):
+        before = [s for s in range(slots) if index[s, 0] != _EMPTY and int(index[s, 0]) < offset]
+        after = [s for s in range(slots) if index[s, 0] != _EMPTY and int(index[s, 0]) > offset]
+        lo, hi = (max(before) if before else -1), (min(after) if after else slots)
+        gap = [s for s in free if lo < s < hi]
+        if gap:
+            index[gap[0]] = (offset, size)
+            free.remove(gap[0])
+    return index
 
 
 def chunk_count(nbytes: int) -> int:

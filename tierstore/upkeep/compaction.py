@@ -27,7 +27,7 @@ import numpy as np
 from ..catalog import BlockRow, Catalog
 from ..engine.mover import checksum_ok
 from ..engine.transaction import location_of
-from ..errors import ConfigError, CorruptBlockError, translate_os_error
+from ..errors import ConfigError, CorruptBlockError, UnsafePathError, translate_os_error
 from ..tiers.l3_zarr import PACK_SLOTS
 
 if TYPE_CHECKING:
@@ -98,8 +98,9 @@ def fragmentation(catalog: Catalog) -> tuple[float, int]:
 
 
 def disk_usage(folder: Path) -> int:
-    """Bytes of the files under ``folder``."""
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+    """Bytes of the files under ``folder`` (a link counts as nothing: what it points at is not the store's)."""
+    return sum(p.lstat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink()) \
+        if folder.is_dir() else 0
 
 
 def gc(db: TierStore) -> MaintenanceReport:
@@ -135,7 +136,7 @@ def compact(db: TierStore, *, min_fill: float = 0.5, progress: Progress | None =
     damaged block is left as it is (and listed in ``skipped``). ``progress(done, total)`` is called
     with encoded bytes copied so far. One catalog commit switches every moved block.
     """
-    if not 0.0 <= min_fill <= 1.0:
+    if isinstance(min_fill, bool) or not isinstance(min_fill, (int, float)) or not 0.0 <= min_fill <= 1.0:
         raise ConfigError(f"min_fill must be a share in [0, 1], got {min_fill!r}")
     catalog, l3 = db.catalog, db.l3
     with db.exclusive("compact() and gc()"):
@@ -183,7 +184,7 @@ def _first_damaged(db: TierStore, rows: list[BlockRow]) -> str | None:
         out = np.empty(row.nbytes, dtype=np.uint8)
         try:
             db.l3.read_into(location_of(row), out)
-        except (CorruptBlockError, FileNotFoundError):
+        except (CorruptBlockError, FileNotFoundError, UnsafePathError):  # a link: its bytes are not the store's
             return row.key
         if not checksum_ok(out, row.checksum):
             return row.key
