@@ -39,28 +39,17 @@ from ..errors import (
     TierStoreError,
     translate_os_error,
 )
-from .block_row import _ARRAY_NAME, BlockRow
+from .block_row import BlockRow
 from .statements import (
-    ALL_ACCESSES,
-    ALL_BLOCKS,
-    ARRAY_OF,
-    BLOCK_AT,
-    BLOCK_IN_ARRAY,
-    BLOCKS_IN_SHARD,
     COUNT_BLOCKS,
-    CURRENT_SIZES,
     DELETE_BLOCK,
     DELETE_META,
-    DELETE_SHARD,
-    DROP_UNUSED_SHARDS,
-    DROP_VOLATILE,
     FIND_BY_TYPE,
     GET_BLOCK,
     GET_BLOCK_BY_ID,
     GET_META,
     GET_STATS,
     HAS_BLOCK,
-    HIT_TOTALS,
     HOT_BLOCKS,
     INSERT_ACCESS,
     INSERT_NEW_BLOCK,
@@ -71,31 +60,19 @@ from .statements import (
     KEYS_FROM_PAGE,
     KEYS_PAGE,
     KEYS_PREFIX_PAGE,
-    LIVE_ARRAYS,
-    MAX_BLOCK_ID,
-    OP_TOTALS,
-    PUT_TOTAL,
     RECENT_ACCESS,
     RECENT_ACCESS_KEY,
     SET_META,
-    SHARD_CHUNKS,
-    SHARD_EXTENT,
-    SHARD_LENGTHS,
-    SHARD_USAGE,
-    SHORT_SHARDS,
     SUCCESSOR_ROWS,
-    TIME_RANGE,
     TRIM_ACCESS,
     TRIM_SUCCESSORS,
     UPSERT_BLOCK,
     UPSERT_SHARD,
     UPSERT_STATS,
     UPSERT_SUCCESSOR,
-    USED_SHARDS,
     USER_VERSION,
-    VOLATILE_KEYS,
-    WINDOW_COUNTS,
 )
+from .upkeep_queries import UpkeepQueries
 
 __all__ = ["Catalog", "BlockRow", "SCHEMA_VERSION", "schema_scripts", "schema_version_of"]
 
@@ -136,7 +113,7 @@ def schema_scripts() -> list[tuple[int, str, str]]:
 SCHEMA_VERSION = len(schema_scripts())
 
 
-class Catalog:
+class Catalog(UpkeepQueries):
     """The catalog of one store: a single SQLite connection shared by the handle's threads."""
 
     def __init__(self, path: str | Path, *, readonly: bool = False, durable: bool = True) -> None:
@@ -434,75 +411,6 @@ class Catalog:
         """Keys of the newest blocks with this dtype and shape."""
         return [r[0] for r in self._query(FIND_BY_TYPE, (dtype, json.dumps(list(shape)), limit))]
 
-    # -- recovery ---------------------------------------------------------------------------------
-
-    def drop_volatile(self) -> list[str]:
-        """Delete the rows of cache-only blocks (a new process starts without them)."""
-        with self._write("drop cache-only blocks") as conn:
-            keys = [r[0] for r in conn.execute(VOLATILE_KEYS).fetchall()]
-            if keys:
-                conn.execute(DROP_VOLATILE)
-        return keys
-
-    def shard_lengths(self) -> dict[tuple[str, int], int]:
-        """Committed length of every shard file."""
-        return {(a, s): n for a, s, n in self._query(SHARD_LENGTHS)}
-
-    def short_shards(self, index_bytes: int) -> list[tuple[str, int, int, int | None]]:
-        """``(array, shard, extent, length)`` of pack shards whose row is missing (length None) or
-        ends before ``extent`` (where its last block ends) plus ``index_bytes``."""
-        return [(a, s, e, n) for a, s, e, n in self._query(SHORT_SHARDS, (index_bytes,))
-                if isinstance(a, str) and _ARRAY_NAME.fullmatch(a) and type(s) is int and s >= 0
-                and type(e) is int and (n is None or type(n) is int)]  # never a path a damaged row made up
-
-    def shard_extent(self, array: str, shard: int) -> int | None:
-        """Where the last block in a shard ends (None: no block is in it)."""
-        value = self._query_one(SHARD_EXTENT, (array, shard))[0]
-        return value if type(value) is int else None
-
-    def set_shard_lengths(self, lengths: dict[tuple[str, int], int]) -> None:
-        """Write shard rows (rebuilt from the bytes by recovery or repair)."""
-        with self._write("rebuild shard rows") as conn:
-            conn.executemany(UPSERT_SHARD, [(a, s, n) for (a, s), n in lengths.items()])
-
-    def shard_chunks(self, array: str, shard: int) -> list[tuple[int, int]]:
-        """``(offset, size)`` of every chunk the blocks in a shard have (rows that do not parse skipped)."""
-        chunks: list[tuple[int, int]] = []
-        for offset, sizes in self._query(SHARD_CHUNKS, (array, shard)):
-            if type(offset) is int and isinstance(sizes, bytes) and len(sizes) % 4 == 0:
-                for size in memoryview(sizes).cast("I"):
-                    chunks.append((offset, int(size)))
-                    offset += int(size)
-        return chunks
-
-    def live_arrays(self) -> set[str]:
-        """L3 arrays (large blocks) that committed rows point at."""
-        return {r[0] for r in self._query(LIVE_ARRAYS)}
-
-    def forget_unused_shards(self) -> None:
-        """Drop shard rows no block points at (their files are then orphans), keeping each pack's last."""
-        with self._write("forget unused shards") as conn:
-            conn.execute(DROP_UNUSED_SHARDS)
-
-    def next_block_id(self) -> int:
-        """The first block id never used in this store."""
-        recorded = self.meta("next_block_id")
-        return max(int(self._query_one(MAX_BLOCK_ID)[0]) + 1, int(recorded) if recorded else 1)
-
-    def data_version(self) -> int:
-        """Changes whenever another connection commits (SQLite's ``PRAGMA data_version``)."""
-        return int(self._query_one("PRAGMA data_version")[0])
-
-    def meta(self, name: str) -> str | None:
-        """A ``store_meta`` value."""
-        row = self._query_one(GET_META, (name,))
-        return None if row is None else str(row[0])
-
-    def set_meta(self, values: dict[str, str]) -> None:
-        """Write ``store_meta`` values."""
-        with self._write("write store metadata") as conn:
-            conn.executemany(SET_META, list(values.items()))
-
     # -- statistics -------------------------------------------------------------------------------
 
     def write_history(self, log: Sequence[tuple[float, str, str, str | None]],
@@ -580,91 +488,6 @@ class Catalog:
     def hot_blocks(self, min_count: int, limit: int) -> list[tuple[str, int, float, int]]:
         """Blocks accessed at least ``min_count`` times: ``(key, count, last access, nbytes)``, hottest first."""
         return [(str(k), int(c), float(t or 0.0), int(n)) for k, c, t, n in self._query(HOT_BLOCKS, (min_count, limit))]
-
-    # -- reports (tierstore.reports) --------------------------------------------------------------
-
-    def access_counts_since(self, since: float) -> list[tuple[str, str | None, int]]:
-        """``(op, tier, count)`` of the logged accesses at or after ``since``."""
-        return [(op, tier, int(n)) for op, tier, n in self._query(WINDOW_COUNTS, (since,))]
-
-    def hit_totals(self) -> tuple[int, int, int, int]:
-        """Gets recorded in ``block_stats``, and those served from L1, L2 and L3."""
-        gets, l1, l2, l3 = self._query_one(HIT_TOTALS)
-        return int(gets), int(l1), int(l2), int(l3)
-
-    def put_total(self) -> int:
-        """Puts recorded in ``block_stats``."""
-        return int(self._query_one(PUT_TOTAL)[0])
-
-    def op_totals(self) -> dict[str, int]:
-        """Logged accesses per operation (``get``, ``put``, ``delete``)."""
-        return {op: int(n) for op, n in self._query(OP_TOTALS)}
-
-    def access_time_range(self) -> tuple[float | None, float | None]:
-        """The first and last timestamps of the access log (None, None when it is empty)."""
-        first, last = self._query_one(TIME_RANGE)
-        return first, last
-
-    def all_accesses(self) -> list[tuple[float, str, str, str | None]]:
-        """The whole access log, oldest first: ``(ts, key, op, tier)``."""
-        return [tuple(r) for r in self._query(ALL_ACCESSES)]
-
-    def block_sizes(self) -> dict[str, int]:
-        """Each stored key's raw byte count."""
-        return dict(self._query(CURRENT_SIZES))
-
-    # -- upkeep (tierstore.upkeep) ----------------------------------------------------------------
-
-    def raw_block_rows(self) -> list[tuple[Any, ...]]:
-        """Every ``blocks`` row as stored, unparsed (verify reports a damaged one instead of failing), in L3 order."""
-        return [tuple(r) for r in self._query(ALL_BLOCKS)]
-
-    def used_shards(self) -> set[tuple[str, int]]:
-        """The pack shards some block points at."""
-        return {(r[0], r[1]) for r in self._query(USED_SHARDS)}
-
-    def own_arrays_of(self, keys: Sequence[str]) -> list[Any]:
-        """The ``blocks/<id>`` arrays of ``keys`` as their rows name them (possibly damaged values)."""
-        return [r[0] for key in keys for r in self._query(ARRAY_OF, (key,))]
-
-    def first_row_in_shard(self, array: str, shard: int) -> BlockRow | None:
-        """A block stored in shard ``shard`` of L3 array ``array``, if any."""
-        row = self._query_one(BLOCK_AT, (array, shard))
-        return BlockRow.from_tuple(row) if row is not None else None
-
-    def first_row_in_array(self, array: str) -> BlockRow | None:
-        """A block stored in L3 array ``array``, if any."""
-        row = self._query_one(BLOCK_IN_ARRAY, (array,))
-        return BlockRow.from_tuple(row) if row is not None else None
-
-    def shard_usage_rows(self) -> list[tuple[str, int, int, int, int]]:
-        """Per shard: ``(array, shard, committed length, blocks in it, their stored bytes)``."""
-        return [(a, int(s), int(n), int(c), int(live)) for a, s, n, c, live in self._query(SHARD_USAGE)]
-
-    def rows_in_shard(self, array: str, shard: int) -> list[BlockRow]:
-        """The blocks of one pack shard, in file order."""
-        return [BlockRow.from_tuple(r) for r in self._query(BLOCKS_IN_SHARD, (array, shard))]
-
-    def drop_blocks(self, keys: Sequence[str], what: str = "drop damaged blocks") -> None:
-        """Delete the rows of ``keys`` as they are (plain deletes: a damaged row need not parse)."""
-        with self._write(what) as conn:
-            conn.executemany(DELETE_BLOCK, [(k,) for k in keys])
-
-    def drop_journal_rows(self, ids: Sequence[int]) -> None:
-        """Delete journal rows (verify --fix: moves a crash left, settled by hand)."""
-        with self._write("drop leftover journal rows") as conn:
-            conn.executemany(JOURNAL_DELETE, [(i,) for i in ids])
-
-    def drop_shard_rows(self, shards: Sequence[tuple[str, int]]) -> None:
-        """Forget the committed lengths of shard files that are gone."""
-        with self._write("drop rows of missing shard files") as conn:
-            conn.executemany(DELETE_SHARD, shards)
-
-    @contextmanager
-    def hold_write_lock(self, what: str) -> Iterator[None]:
-        """Hold the catalog's write transaction (empty) for the duration of the block."""
-        with self._write(what):
-            yield
 
     def close(self) -> None:
         """Close the connection (idempotent)."""
