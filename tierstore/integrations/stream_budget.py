@@ -4,8 +4,8 @@ A model streamed by :func:`~.streaming.load_streamed` holds two kinds of host me
 the *fixed* weights loaded once (embeddings, norms, ``lm_head``, a vision tower's patch embedding
 and mergers) and the store's L2 arena, which serves the streamed units (decoder layers, vision
 blocks) as zero-copy views. Inside L2 the streamer keeps a fixed set of units resident for good
-(*held*) and streams the others through a *working* reserve: the unit running, the ``prefetch``
-units fetched ahead, and one more being admitted while the oldest is still viewed. LRU over the
+(*held*) and streams the others through a *working* reserve: the unit running and the ``prefetch`` units
+fetched ahead (a unit's slots are free again once its forward returned). LRU over the
 cyclic layer scan would keep nothing; a fixed held set reads only the units outside it from L3,
 which is the optimum for a cycle (every policy must read ``units - capacity`` of them per pass).
 
@@ -40,7 +40,7 @@ class MemorySplit:
     unit_bytes: tuple[int, ...]
     """Each streamed unit's weights, in execution order."""
     working_bytes: int
-    """L2 the streaming needs beside the held units: ``prefetch + 2`` of the largest unit."""
+    """L2 the streaming needs beside the held units: ``prefetch + 1`` of the largest unit."""
     l2_bytes: int
     """The L2 capacity to open the store with: ``memory - fixed_bytes``."""
 
@@ -99,14 +99,14 @@ def memory_split(store: TierStore, memory: int | str, *, prefix: str = "", prefe
     """
     budget = parse_size(memory, name="memory")
     units, fixed = unit_sizes(store, prefix=prefix, dtype=dtype)
-    working = (max(0, prefetch) + 2) * max(units.values(), default=0)
+    working = (max(0, prefetch) + 1) * max(units.values(), default=0)
     split = MemorySplit(memory=budget, fixed_bytes=fixed, unit_bytes=tuple(units.values()), working_bytes=working,
                         l2_bytes=max(0, budget - fixed))
     if budget < split.minimum:
         raise ConfigError(
             f"memory={format_size(budget)} is below the minimum of {format_size(split.minimum)} for the model "
             f"under prefix {prefix!r}: {format_size(fixed)} of weights always loaded plus "
-            f"{format_size(working)} to stream {max(0, prefetch) + 2} units of up to "
+            f"{format_size(working)} to stream {max(0, prefetch) + 1} units of up to "
             f"{format_size(max(units.values(), default=0))}; raise memory to at least {split.minimum} bytes "
             "or lower prefetch")
     return split

@@ -284,7 +284,7 @@ def _hold(store: TierStore, target: torch.device, units: list[_Unit], *, prefix:
           ) -> int:
     """Bytes of streamed units to hold in their tier: from ``memory``, or ``hold_bytes``, or what the tier has."""
     capacity = _tier_capacity(store, target)
-    working = (max(0, prefetch) + 2) * max((u.nbytes for u in units), default=0)
+    working = (max(0, prefetch) + 1) * max((u.nbytes for u in units), default=0)
     if memory is not None:
         if resident_bytes:
             raise ConfigError("load_streamed: give memory= or resident_bytes=, not both; memory= chooses the "
@@ -314,7 +314,7 @@ def load_streamed(store: TierStore, *, prefix: str = "", device: str | torch.dev
     many units ahead the background thread fetches (0: none). The model is in eval mode; its
     ``weight_streamer`` attribute holds the :class:`WeightStreamer` (``close()`` it when done).
 
-    Streamed units up to the serving tier's capacity, less a working reserve of ``prefetch + 2``
+    Streamed units up to the serving tier's capacity, less a working reserve of ``prefetch + 1``
     units, are held there once fetched (``hold_bytes`` lowers that; 0 holds none): a cyclic scan
     then reads only the others from L3. ``memory`` (bytes or ``"3GiB"``) is a budget for all the
     weights in host memory: the store's L2 must be at most ``memory_split(store, memory).l2_bytes``
