@@ -156,6 +156,7 @@ class TierStore(SharedTier, StoreReports, MutableMapping[str, torch.Tensor]):
         self._local = threading.local()
         self._counts = {"get": 0, "put": 0, "delete": 0}
         self._hits = {"L1": 0, "L2": 0, "L3": 0}
+        self._hit_bytes = {"L1": 0, "L2": 0, "L3": 0}
         self._l3 = ZarrL3(self.path, fsync=self.config.fsync, readonly=self.readonly)
         self.recovery = RecoveryReport()
         self.journal_recovery = JournalReport()
@@ -193,6 +194,7 @@ class TierStore(SharedTier, StoreReports, MutableMapping[str, torch.Tensor]):
         if self.config.shared_url is not None:  # no network until first used
             self._shared = SharedCoordinator(self.config, self._shared_block)
             self._hits["shared"] = 0
+            self._hit_bytes["shared"] = 0
         self._migrator = Migrator(self._catalog, self._l3, self._l1, self._l2, self.config, StoreHooks(
             lookup=self._lookup_located, new_block_id=self._new_block_id, next_block_id=lambda: self._next_block_id,
             check_room=self._check_l3_room, commit_spill=self._commit_spill, forget_volatile=self._forget_volatile,
@@ -764,6 +766,7 @@ class TierStore(SharedTier, StoreReports, MutableMapping[str, torch.Tensor]):
             tensor, tier = self._get_shared(key, device, copy)
         self._counts["get"] += 1
         self._hits[tier] += 1
+        self._hit_bytes[tier] += tensor.nbytes
         self._recorder.record(key, "get", tier)
         self._migrator.on_get(key, device)
         return tensor
