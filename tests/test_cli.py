@@ -87,3 +87,22 @@ def test_info_shows_statistics_history_and_prediction(tmp_path: Path, capsys: py
     out = capsys.readouterr().out
     assert "a get prefetches" in out and "b (1.00)" in out and "recent accesses" in out
 
+
+
+def test_demo_under_a_memory_budget_smaller_than_the_model(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """--memory below the model's size: L2 sized from the budget, the reference computed in another process."""
+    assert main(["demo", "--store", str(tmp_path / "demo"), "--tokens", "3", "--memory", "24MiB", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["identical"] and summary["reference"] == "the model held in memory in another process"
+    assert summary["memory"] == 24 << 20 and summary["held_units"] > 0
+    with tierstore.open(tmp_path / "demo", readonly=True, l2_cache_size=0) as db:
+        from tierstore.integrations.stream_budget import memory_split
+
+        split = memory_split(db, "24MiB")
+        assert db.stats().logical_bytes > 24 << 20
+    assert summary["tiers"]["L2"]["capacity"] <= split.l2_bytes
+    run1, run2 = summary["runs"]
+    assert run2["hits"]["L3"] < run1["hits"]["L3"]  # the held units came from L2
+    assert main(["demo", "--store", str(tmp_path / "demo"), "--tokens", "1", "--memory", str(split.minimum - 1)]) == 2
+    assert f"at least {split.minimum} bytes" in capsys.readouterr().err

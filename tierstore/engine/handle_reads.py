@@ -62,6 +62,7 @@ class StoreReads:
     _shared: SharedCoordinator | None
     _counts: dict[str, int]
     _hits: dict[str, int]
+    _hit_bytes: dict[str, int]
 
     if TYPE_CHECKING:
         def _check_open(self) -> None: ...
@@ -93,6 +94,7 @@ class StoreReads:
             tensor, tier = self._get_shared(key, device, copy)
         self._counts["get"] += 1
         self._hits[tier] += 1
+        self._hit_bytes[tier] += tensor.nbytes
         self._recorder.record(key, "get", tier)
         self._migrator.on_get(key, device)
         return tensor

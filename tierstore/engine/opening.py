@@ -120,6 +120,7 @@ class StoreOpening:
         self._local = threading.local()
         self._counts = {"get": 0, "put": 0, "delete": 0}
         self._hits = {"L1": 0, "L2": 0, "L3": 0}
+        self._hit_bytes = {"L1": 0, "L2": 0, "L3": 0}
         self._l3 = ZarrL3(self.path, fsync=self.config.fsync, readonly=self.readonly)
         self.recovery = RecoveryReport()
         self.journal_recovery = JournalReport()
@@ -146,6 +147,7 @@ class StoreOpening:
         if self.config.shared_url is not None:  # no network until first used
             self._shared = SharedCoordinator(self.config, self._shared_block)
             self._hits["shared"] = 0
+            self._hit_bytes["shared"] = 0
         self._migrator = Migrator(self._catalog, self._l3, self._l1, self._l2, self.config, self._index, self._mover,
                                   flush_history=lambda: self._recorder.flush(), spilled=self._spilled,
                                   readonly=self.readonly)
