@@ -53,7 +53,8 @@ def units(shape: Shape) -> ModelUnits:
     merged = 4 * vh
     merger = 2 * merged + merged * merged + merged + merged * shape.out_hidden + shape.out_hidden
     embed = shape.vocab * h
-    fixed = embed * (1 if shape.tied else 2) + h + 3 * 2 * 16 * 16 * vh + vh + 2304 * vh + (1 + shape.deepstack) * merger
+    vision_fixed = 3 * 2 * 16 * 16 * vh + vh + 2304 * vh + (1 + shape.deepstack) * merger
+    fixed = embed * (1 if shape.tied else 2) + h + vision_fixed
 
     def unit(name: str, params: int, decoder: bool) -> Unit:
         return Unit(name, 2 * params, int(2 * params / RATIO), params, decoder)
@@ -84,8 +85,8 @@ def table(memory: int) -> None:
             try:
                 plan(model, machine, memory=memory)
             except ConfigError as exc:
-                print(f"| {shape.name} | {format_size(total)} | x{lanes} | below the minimum: {exc.message.split(':')[0]} "
-                      "| | | | | |")
+                why = exc.message.split(":")[0]
+                print(f"| {shape.name} | {format_size(total)} | x{lanes} | below the minimum: {why} | | | | | |")
                 continue
             got = baselines(model, machine, memory)
             chosen = plan(model, machine, memory=memory)
