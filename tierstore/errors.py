@@ -40,6 +40,7 @@ __all__ = [
     "CheckpointError",
     "CacheUsageError",
     "UnsafePathError",
+    "HardwareUnavailableError",
     "translate_os_error",
     "traceback_for_log",
 ]
@@ -128,6 +129,10 @@ class DeviceMemoryError(TierFullError):
     Recoverable: nothing stored is lost (the block is still in L2/L3). Free device memory (drop
     tensors, shrink L1 with ``TierStore.shrink_l1``) and retry.
     """
+
+
+class HardwareUnavailableError(TierStoreError, RuntimeError):
+    """A plan or call needs hardware this process lacks (a CUDA device on a CPU-only torch, say)."""
 
 
 class TransactionError(TierStoreError, RuntimeError):

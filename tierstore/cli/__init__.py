@@ -11,6 +11,7 @@ Examples:
     tierstore gc STORE / compact STORE  # give back the space of replaced and deleted blocks
     tierstore plot STORE -o use.png     # tier use, hit rate and an access heat map over time
     tierstore probe [STORE] [--measure] # the hardware and the CacheConfig it calls for
+    tierstore plan STORE [--memory 3GiB] [--hardware probe|seed-laptop|FILE]  # placement + predictions
     tierstore publish STORE [PREFIX] --name NAME   # upload blocks (and a manifest) to the shared tier
     tierstore pull STORE NAME           # fetch a published name from the shared tier
     tierstore shared ls|stats|verify STORE          # what the shared tier holds, its health, a check
@@ -35,7 +36,7 @@ from contextlib import contextmanager
 
 from .._version import __version__
 from ..errors import TierStoreError
-from . import catalog, demo, maintenance, migrate, models, plot, probe, shared
+from . import catalog, demo, maintenance, migrate, models, plan, plot, probe, shared
 
 __all__ = ["main", "ERROR_EXIT"]
 
@@ -43,7 +44,7 @@ ERROR_EXIT = 2
 """Exit status of a command that failed with a (one-line) error."""
 
 # Each module adds its own subcommands; one line here per module.
-_COMMANDS = (demo, catalog, maintenance, probe, plot, models, shared, migrate)
+_COMMANDS = (demo, catalog, maintenance, probe, plan, plot, models, shared, migrate)
 
 
 def _parser() -> argparse.ArgumentParser:

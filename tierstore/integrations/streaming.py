@@ -27,16 +27,19 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..config import format_size, parse_size
 from ..engine.handle import TierStore
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, HardwareUnavailableError
 from .hf_model import build_empty_model, stored_config, tied_weights, unit_groups
 from .stream_budget import memory_split
+
+if TYPE_CHECKING:
+    from ..plan.placement import Plan
 
 __all__ = ["StreamStats", "WeightStreamer", "load_streamed", "streamed_unit_names"]
 
@@ -83,13 +86,15 @@ class WeightStreamer:
     """Hooks that load each unit's weights from the store around its forward, with prefetching."""
 
     def __init__(self, store: TierStore, units: list[_Unit], *, device: torch.device, dtype: torch.dtype | None,
-                 prefetch: int, resident_bytes: int, repeat_from: int | None = None, hold_bytes: int = 0) -> None:
+                 prefetch: int, resident_bytes: int, repeat_from: int | None = None, hold_bytes: int = 0,
+                 hold_names: set[str] | None = None) -> None:
         """``repeat_from`` is the unit that runs after the last one (decoder layer 0: the next token).
 
         ``hold_bytes`` is how much of the tier serving the units (L1 for a CUDA device with an L1,
         else L2) the streamer may keep: units chosen up to it (decoder layers first) stay viewed
         once fetched, so their slots cannot be evicted and every later pass finds them there, while
-        the others stream through the rest of the tier (see :mod:`.stream_budget`).
+        the others stream through the rest of the tier (see :mod:`.stream_budget`). ``hold_names``
+        names the units to hold instead (a placement plan's resident set).
         """
         self.store = store
         self.units = units
@@ -102,7 +107,8 @@ class WeightStreamer:
         self._lock = threading.Lock()
         self._repeat = repeat_from if units and repeat_from is not None and 0 <= repeat_from < len(units) else None
         self._tier = "L1" if device.type != "cpu" else "L2"
-        self._holdable = self._choose_held(hold_bytes)
+        self._holdable = self._choose_held(hold_bytes) if hold_names is None else {
+            i for i, unit in enumerate(units) if unit.name in hold_names}
         self._held: dict[int, list[torch.Tensor]] = {}
         self._copied: set[int] = set()
         """Units whose fetch cast (copied) a weight: their tensors are not the tier's slots."""
@@ -301,9 +307,31 @@ def _hold(store: TierStore, target: torch.device, units: list[_Unit], *, prefix:
     return max(0, capacity - working)
 
 
+def _plan_hold(store: TierStore, target: torch.device, units: list[_Unit], plan: Plan, prefetch: int) -> set[str]:
+    """The units ``plan`` keeps in the tier serving ``target``: L1 for a CUDA device, else L2.
+
+    A CPU-computed unit is what the CPU device does with any unit; a plan for another model, or one
+    whose resident set and streaming reserve exceed the tier, is a ``ConfigError``.
+    """
+    planned = {u.name for u in plan.units}
+    if planned != {u.name for u in units}:
+        raise ConfigError(f"the plan is for other units ({len(planned)} planned, {len(units)} streamed here); "
+                          "plan this store's model: placement.plan(placement.model_units(store), machine)")
+    tier = "L1" if target.type != "cpu" else "L2"
+    names = set(plan.resident(tier))
+    need = sum(u.nbytes for u in units if u.name in names) + (max(0, prefetch) + 1) * max(u.nbytes for u in units)
+    capacity = _tier_capacity(store, target)
+    if need > capacity:
+        raise ConfigError(f"the plan keeps {len(names)} units in {tier}, which with the streaming reserve needs "
+                          f"{format_size(need)}, but {tier} holds {format_size(capacity)}; open the store with "
+                          f"{'l1' if tier == 'L1' else 'l2'}_cache_size={need} or more")
+    return names
+
+
 def load_streamed(store: TierStore, *, prefix: str = "", device: str | torch.device | None = None,
                   dtype: torch.dtype | None = None, resident_bytes: int | str = 0, prefetch: int = 2,
-                  memory: int | str | None = None, hold_bytes: int | str | None = None) -> Any:
+                  memory: int | str | None = None, hold_bytes: int | str | None = None, plan: Plan | None = None
+                  ) -> Any:
     """The model imported under ``prefix``, its decoder layers streaming from ``store`` (see the module doc).
 
     The class is the one the stored config names (``LlamaForCausalLM``,
@@ -320,8 +348,18 @@ def load_streamed(store: TierStore, *, prefix: str = "", device: str | torch.dev
     weights in host memory: the store's L2 must be at most ``memory_split(store, memory).l2_bytes``
     (else ``ConfigError`` saying the size to open it with), and a budget below the model's minimum
     is a ``ConfigError`` naming the minimum.
+
+    ``plan`` (a :class:`~tierstore.plan.placement.Plan` for this model) holds exactly the units the plan
+    keeps resident in the serving tier and streams the others (see :func:`_plan_hold`).
     """
     target = torch.device(device) if device is not None else torch.device("cpu")
+    if plan is not None and (memory is not None or hold_bytes is not None or resident_bytes):
+        raise ConfigError("load_streamed: plan= decides what is resident; give it without memory=, hold_bytes= "
+                          "or resident_bytes=")
+    if plan is not None and plan.uses_gpu and not torch.cuda.is_available():
+        raise HardwareUnavailableError(
+            f"the plan computes on a GPU ({plan.machine.name}), but this torch has no CUDA device; plan for this "
+            "machine (tierstore plan STORE --hardware probe) or install a CUDA build of torch")
     model: Any = build_empty_model(stored_config(store, prefix))
     present = set(store.keys(prefix=prefix or None))
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -371,6 +409,8 @@ def load_streamed(store: TierStore, *, prefix: str = "", device: str | torch.dev
         _place(model.get_submodule(owner_name), pname, model.get_parameter(source))
     hold = _hold(store, target, units, prefix=prefix, prefetch=prefetch, dtype=dtype, memory=memory,
                  resident_bytes=budget, hold_bytes=hold_bytes)
+    names = _plan_hold(store, target, units, plan, prefetch) if plan is not None else None
     model.weight_streamer = WeightStreamer(store, units, device=target, dtype=dtype, prefetch=prefetch,
-                                           resident_bytes=kept, repeat_from=repeat_from, hold_bytes=hold)
+                                           resident_bytes=kept, repeat_from=repeat_from, hold_bytes=hold,
+                                           hold_names=names)
     return model

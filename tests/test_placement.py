@@ -1,0 +1,197 @@
+"""The placement planner: plans for synthetic models and machines, the CLI, and executing a plan."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import tierstore
+from tierstore import ConfigError
+from tierstore.cli import main
+from tierstore.errors import HardwareUnavailableError
+from tierstore.integrations.checkpoint import import_checkpoint
+from tierstore.integrations.plan_units import model_units
+from tierstore.integrations.streaming import load_streamed
+from tierstore.plan.placement import Machine, ModelUnits, Unit, UnitPlan, baselines, plan, predict
+
+MiB, GiB = 1 << 20, 1 << 30
+LAYERS = 12
+PROMPT = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79]])
+
+
+def _model(layers: int = 24, layer: int = 200 * MiB, vision: int = 0) -> ModelUnits:
+    units = [Unit(f"visual.blocks.{i}", 25 * MiB, 17 * MiB, 25 * MiB // 2, decoder=False) for i in range(vision)]
+    units += [Unit(f"layers.{i}", layer, int(layer / 1.46), layer // 2) for i in range(layers)]
+    return ModelUnits(tuple(units), fixed_bytes=800 * MiB, head_bytes=750 * MiB, kv_bytes_per_token=144 * 1024)
+
+
+CPU_BOX = Machine(name="cpu box", disk_read=2e9, decode=3e9, memcpy=20e9, cpu_flops=1e11, ram_free=32 * GiB)
+
+
+@pytest.mark.parametrize("machine", [Machine.seed_laptop(), Machine.seed_laptop(lanes=16), CPU_BOX],
+                         ids=["seed-x4", "seed-x16", "cpu"])
+def test_more_memory_never_predicts_slower_and_the_plan_fits(machine: Machine) -> None:
+    model = _model(vision=8)
+    previous = float("inf")
+    for memory in range(2 * GiB, 8 * GiB + 1, GiB // 2):
+        chosen = plan(model, machine, memory=memory)
+        p = chosen.prediction
+        assert p.decode_s <= previous * (1 + 1e-9), memory
+        previous = p.decode_s
+        l2 = sum(u.nbytes for u in chosen.units if u.tier == "L2")
+        assert chosen.minimum + l2 <= memory
+        l1 = sum(u.nbytes for u in chosen.units if u.tier == "L1")
+        assert l1 + (chosen.fixed_bytes if chosen.head_on == "cuda" else 0) + \
+            (chosen.kv_bytes if chosen.kv_tier == "L1" else 0) <= machine.vram_free
+        assert all(u.decode_on == "-" for u in chosen.units if u.name.startswith("visual"))
+        if not machine.has_gpu:
+            assert not chosen.uses_gpu and not chosen.resident("L1")
+    everything = plan(model, machine, memory=64 * GiB)
+    assert not any(u.tier == "L3" for u in everything.units)
+    assert everything.prediction.disk_bytes_per_token == 0
+
+
+def test_the_planner_is_never_predicted_slower_than_its_peers() -> None:
+    for lanes in (4, 16):
+        machine = Machine.seed_laptop(lanes=lanes)
+        for memory in (3 * GiB, 5 * GiB):
+            got = baselines(_model(), machine, memory)
+            best = min(v.decode_s for k, v in got.items() if k != "planner")
+            assert got["planner"].decode_s <= best * (1 + 1e-9), (lanes, memory, got)
+
+
+def test_overlap_is_a_max_not_a_sum() -> None:
+    model = ModelUnits((Unit("layers.0", 100 * MiB, 100 * MiB, 1),), fixed_bytes=0)
+    machine = replace(CPU_BOX, disk_read=1e9, decode=1e12, memcpy=1e12, cpu_flops=1e15)
+    streamed = predict(machine, model, [UnitPlan("layers.0", 100 * MiB, "L3", "cpu", "cpu")])
+    assert streamed.decode_limit == "disk"
+    assert streamed.decode_s == pytest.approx(100 * MiB / 1e9)  # compute and decode hide behind the read
+
+
+def test_a_budget_below_the_minimum_names_it() -> None:
+    model = _model()
+    minimum = plan(model, Machine.seed_laptop(), memory=8 * GiB).minimum
+    plan(model, Machine.seed_laptop(), memory=minimum)
+    with pytest.raises(ConfigError, match=f"at least {minimum} bytes"):
+        plan(model, Machine.seed_laptop(), memory=minimum - 1)
+
+
+def test_a_gpu_placement_on_a_machine_without_one_is_a_typed_error() -> None:
+    model = _model(layers=1)
+    with pytest.raises(HardwareUnavailableError, match="has none"):
+        predict(CPU_BOX, model, [UnitPlan("layers.0", 200 * MiB, "L2", "cuda", "cuda")])
+
+
+def test_machines_from_files_and_their_errors(tmp_path: Path) -> None:
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(Machine.seed_laptop().to_dict()))
+    assert Machine.from_file(path) == Machine.seed_laptop()
+    path.write_text(json.dumps({**CPU_BOX.to_dict(), "cores": 4}))
+    with pytest.raises(ConfigError, match="cores"):
+        Machine.from_file(path)
+    with pytest.raises(ConfigError, match="all three"):
+        replace(CPU_BOX, gpu_flops=1e12)
+    with pytest.raises(ConfigError, match="disk_read"):
+        replace(CPU_BOX, disk_read=0)
+
+
+# -- a stored model -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
+    """A tiny Llama of 12 decoder layers (~100 KiB each), in memory and imported into a store."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=LAYERS,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    folder = tmp_path_factory.mktemp("ckpt") / "llama"
+    model.save_pretrained(folder)
+    store = tmp_path_factory.mktemp("store") / "s"
+    with tierstore.open(store, l2_cache_size=0) as db:
+        import_checkpoint(folder, db, require_config=True)
+    return model, store
+
+
+def _logits(model: Any) -> torch.Tensor:
+    with torch.inference_mode():
+        out: torch.Tensor = model(input_ids=PROMPT, attention_mask=torch.ones_like(PROMPT)).logits
+    return out
+
+
+def _cpu_plan(store: Path, held: int) -> Any:
+    with tierstore.open(store, readonly=True, l2_cache_size=0) as db:
+        model = model_units(db)
+    layer = model.units[0].nbytes
+    budget = plan(model, CPU_BOX, memory=64 * GiB, context=0).minimum + held * layer
+    return plan(model, CPU_BOX, memory=budget, context=0), layer
+
+
+def test_model_units_come_from_the_catalog(checkpoint: tuple[Any, Path]) -> None:
+    reference, path = checkpoint
+    with tierstore.open(path, readonly=True, l2_cache_size=0) as db:
+        model = model_units(db)
+    assert [u.name for u in model.units] == [f"model.layers.{i}" for i in range(LAYERS)]
+    layer = reference.model.layers[0]
+    assert model.units[0].params == sum(p.numel() for p in layer.parameters())
+    assert model.units[0].nbytes == sum(p.nbytes for p in layer.parameters())
+    assert model.kv_bytes_per_token == 2 * LAYERS * 2 * 16 * 2
+
+
+def test_load_streamed_executes_the_plans_resident_set(checkpoint: tuple[Any, Path]) -> None:
+    reference, path = checkpoint
+    chosen, layer = _cpu_plan(path, held=5)
+    held = set(chosen.resident("L2"))
+    assert len(held) == 5
+    expected = _logits(reference)
+    with tierstore.open(path, l2_cache_size=(5 + 3) * layer + 64 * 1024) as db:
+        model = load_streamed(db, prefetch=2, plan=chosen)
+        streamer = model.weight_streamer
+        for _ in range(3):
+            assert torch.equal(_logits(model), expected)
+        stats = streamer.stats()
+        streamer.close()
+    assert stats.held_units == 5
+    assert stats.held_bytes == sum(u.nbytes for u in chosen.units if u.name in held)
+
+
+def test_load_streamed_refuses_a_plan_it_cannot_execute(checkpoint: tuple[Any, Path]) -> None:
+    _, path = checkpoint
+    chosen, layer = _cpu_plan(path, held=8)
+    with tierstore.open(path, l2_cache_size=4 * layer) as db:
+        with pytest.raises(ConfigError, match="l2_cache_size="):
+            load_streamed(db, plan=chosen)
+        with pytest.raises(ConfigError, match="without memory="):
+            load_streamed(db, plan=chosen, memory="1GiB")
+        other = replace(chosen, units=chosen.units[1:])
+        with pytest.raises(ConfigError, match="other units"):
+            load_streamed(db, plan=other)
+        if not torch.cuda.is_available():
+            gpu = replace(chosen, units=tuple(replace(u, decode_on="cuda") for u in chosen.units))
+            with pytest.raises(HardwareUnavailableError, match="no CUDA"):
+                load_streamed(db, plan=gpu)
+
+
+def test_plan_command_table_and_json(checkpoint: tuple[Any, Path], tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    _, path = checkpoint
+    assert main(["plan", str(path), "--hardware", "seed-laptop", "--memory", "2GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.0-11" in out and "L1" in out and "predicted" in out
+    assert max(len(line) for line in out.splitlines()) <= 100
+    machine = tmp_path / "box.json"
+    machine.write_text(json.dumps(CPU_BOX.to_dict()))
+    assert main(["plan", str(path), "--hardware", str(machine), "--memory", "2GiB", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {u["placement"] for u in data["units"]} == {"CPU from L2"}
+    assert data["prediction"]["decode_s"] > 0
+    assert main(["plan", str(path), "--hardware", str(machine), "--memory", "1KiB"]) == 2
+    assert "below the minimum" in capsys.readouterr().err

@@ -1,0 +1,94 @@
+"""``tierstore plan``: where each unit of a stored model lives and computes, and the predicted speed."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from .. import open as open_store
+from ..config import format_size, parse_size
+from ..integrations.plan_units import model_units
+from ..plan.machine import Machine
+from ..plan.placement import Plan, UnitPlan, plan
+from ._output import add_json, console, emit, table
+
+__all__ = ["register"]
+
+
+def _machine(spec: str, store: str) -> Machine:
+    if spec == "probe":
+        with console.status("measuring disk, memory, codecs and matmul"):
+            return Machine.from_probe(store)
+    if spec == "seed-laptop":
+        return Machine.seed_laptop()
+    return Machine.from_file(spec)
+
+
+def _runs(units: tuple[UnitPlan, ...]) -> list[list[UnitPlan]]:
+    """Consecutive units of one list (``...layers``) with the same placement: one table row each."""
+    runs: list[list[UnitPlan]] = []
+    for unit in units:
+        last = runs[-1][-1] if runs else None
+        same = last is not None and last.name.rpartition(".")[0] == unit.name.rpartition(".")[0] and \
+            (last.tier, last.decode_on, last.prefill_on) == (unit.tier, unit.decode_on, unit.prefill_on)
+        if same:
+            runs[-1].append(unit)
+        else:
+            runs.append([unit])
+    return runs
+
+
+def _rows(chosen: Plan) -> list[list[Any]]:
+    rows = []
+    for run in _runs(chosen.units):
+        group, _, first = run[0].name.rpartition(".")
+        last = run[-1].name.rpartition(".")[2]
+        name = f"{group}.{first}" if len(run) == 1 else f"{group}.{first}-{last}"
+        if len(name) > 32:
+            name = "..." + name[-29:]
+        rows.append([name, len(run), format_size(sum(u.nbytes for u in run)), run[0].placement, run[0].decode_on,
+                     run[0].prefill_on])
+    return rows
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Plan the placement of the model in STORE for a machine and a memory budget; print it with predictions."""
+    machine = _machine(args.hardware, args.store)
+    with open_store(args.store, readonly=True, l2_cache_size=0) as db:
+        model = model_units(db, prefix=args.prefix)
+    memory = parse_size(args.memory, name="memory") if args.memory is not None else None
+    chosen = plan(model, machine, memory=memory, prefetch=args.prefetch, context=args.context)
+    p = chosen.prediction
+
+    def render() -> Any:
+        return table(f"plan for {Path(args.store).name} on {machine.name}",
+                     ["units", "n", "size", "placement", "decode", "prefill"], _rows(chosen))
+
+    emit(args, chosen.to_dict(), render)
+    if not args.json:
+        console.print(f"memory {format_size(chosen.memory)} (minimum {format_size(chosen.minimum)}): fixed weights "
+                      f"{format_size(chosen.fixed_bytes)} ({'GPU' if chosen.head_on == 'cuda' else 'CPU'}), "
+                      f"streaming reserve {format_size(chosen.working_bytes)}, KV {format_size(chosen.kv_bytes)} "
+                      f"in {chosen.kv_tier}, vision cache {format_size(chosen.vision_cache_bytes)}")
+        console.print(f"predicted (cost model, not measured): TTFT {p.ttft_s * 1000:.0f} ms, decode "
+                      f"{p.decode_s * 1000:.1f} ms/token ({p.tokens_per_s:.2f} tokens/s, {p.decode_limit}-bound), "
+                      f"{format_size(p.disk_bytes_per_token)} from disk and {format_size(p.link_bytes_per_token)} "
+                      "over the link per token")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``plan`` to the ``tierstore`` parser."""
+    cmd = sub.add_parser("plan", help="where each unit lives and computes, with predicted speed "
+                                      "(example: tierstore plan qwen.ts --memory 3GiB --hardware seed-laptop)")
+    cmd.add_argument("store", help="a store holding a model imported with import-hf")
+    cmd.add_argument("--memory", help="host memory budget for weights and caches (default: free RAM), e.g. 3GiB")
+    cmd.add_argument("--hardware", default="probe",
+                     help="probe (measure here, a few seconds), seed-laptop (the original request's laptop), "
+                          "or a JSON file of Machine fields")
+    cmd.add_argument("--prefix", default="", help="the prefix the model was imported under")
+    cmd.add_argument("--prefetch", type=int, default=2, help="units read ahead (default 2)")
+    cmd.add_argument("--context", type=int, default=4096, help="tokens of KV cache to budget (default 4096)")
+    cmd.set_defaults(func=cmd_plan)
+    add_json(cmd)

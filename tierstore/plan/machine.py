@@ -1,0 +1,158 @@
+"""A machine as the placement planner sees it: speeds in bytes or FLOPs per second, and free memory.
+
+:class:`Machine` is a frozen value. :meth:`Machine.from_probe` measures this machine (disk, codec,
+memcpy and pinned copies through :mod:`tierstore.bandwidth`, facts through :mod:`tierstore.hardware`,
+plus a short matmul and, on a GPU, pageable copies and device memory bandwidth);
+:meth:`Machine.seed_laptop` is the original request's laptop from published figures (nothing
+measured); :meth:`Machine.from_file` reads one written by :meth:`Machine.to_dict` as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+
+__all__ = ["Machine"]
+
+GB, MiB, GiB = 10**9, 1 << 20, 1 << 30
+
+
+@dataclass(frozen=True, slots=True)
+class Machine:
+    """Speeds (per second) and free memory (bytes) of one machine; GPU fields are None without a GPU."""
+
+    name: str
+    disk_read: float
+    """Sequential read of the store's disk, bytes/s (what an L3 read of stored bytes costs)."""
+    decode: float
+    """Decompression of L3 blocks on all I/O threads, bytes/s of decoded data."""
+    memcpy: float
+    """Host memory bandwidth, bytes/s: what a CPU matrix-vector product reads its weights at."""
+    cpu_flops: float
+    """Dense matmul throughput of the CPU on the weights' dtype, FLOP/s."""
+    ram_free: int
+    h2d_pinned: float | None = None
+    """Host-to-device copy from pinned memory (L2 is pinned), bytes/s."""
+    h2d_pageable: float | None = None
+    """Host-to-device copy from pageable memory (accelerate's CPU offload), bytes/s."""
+    gpu_flops: float | None = None
+    """Dense matmul throughput of the GPU at the dtype the plan runs there, FLOP/s."""
+    vram_bandwidth: float | None = None
+    """Device memory bandwidth, bytes/s: what a GPU matrix-vector product reads its weights at."""
+    vram_free: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("disk_read", "decode", "memcpy", "cpu_flops"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"machine {self.name!r}: {name} must be a positive speed, not "
+                                  f"{getattr(self, name)!r}; measure it (Machine.from_probe) or give it")
+        gpu = (self.h2d_pinned, self.gpu_flops, self.vram_bandwidth)
+        if any(v is not None for v in gpu) and not all(v is not None and v > 0 for v in gpu):
+            raise ConfigError(f"machine {self.name!r}: a GPU needs h2d_pinned, gpu_flops and vram_bandwidth "
+                              f"(got {gpu}); give all three, or none for a machine without a GPU")
+
+    @property
+    def has_gpu(self) -> bool:
+        """Whether the machine has a GPU the plan may use."""
+        return self.gpu_flops is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (what :meth:`from_file` reads)."""
+        return asdict(self)
+
+    @staticmethod
+    def from_file(path: str | os.PathLike[str]) -> Machine:
+        """A machine from a JSON object of its fields (unknown fields are a ``ConfigError``)."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"machine file {path}: not JSON ({exc}); write it with Machine.to_dict()") from None
+        known = {f.name for f in fields(Machine)}
+        if not isinstance(data, dict) or set(data) - known:
+            extra = sorted(set(data) - known) if isinstance(data, dict) else type(data).__name__
+            raise ConfigError(f"machine file {path}: unexpected {extra}; the fields are {sorted(known)}")
+        try:
+            return Machine(**data)
+        except TypeError as exc:
+            raise ConfigError(f"machine file {path}: {exc}; the fields are {sorted(known)}") from None
+
+    @staticmethod
+    def seed_laptop(*, lanes: int = 4, vram: int = 4 * GiB, ram_free: int = 6 * GiB) -> Machine:
+        """The original request's laptop, from published figures: nothing here is measured.
+
+        i5-10210U (4 cores, AVX2, ~30 GB/s DDR4 dual channel; ~100 GFLOP/s sustained fp32 matmul),
+        a GTX 10xx with 4 GB (sm61: fp16 arithmetic runs at 1/64 of fp32, so fp16 weights are
+        multiplied with fp32 accumulation at the fp32 rate, ~1.8 TFLOP/s; ~110 GB/s GDDR5), PCIe
+        3.0 at ``lanes`` lanes (~0.75 GB/s per lane pinned, ~2/3 of that pageable), NVMe at 2.5 GB/s.
+        """
+        if lanes not in (1, 2, 4, 8, 16):
+            raise ConfigError(f"seed_laptop: lanes={lanes} is not a PCIe width; use 4 or 16")
+        pinned = 0.75 * GB * lanes
+        return Machine(name=f"seed laptop (i5-10210U, GTX 10xx {vram // GiB} GB sm61, PCIe 3.0 x{lanes}, NVMe)",
+                       disk_read=2.5 * GB, decode=4 * 0.8 * GB, memcpy=30 * GB, cpu_flops=100e9, ram_free=ram_free,
+                       h2d_pinned=pinned, h2d_pageable=pinned * 2 / 3, gpu_flops=1.8e12, vram_bandwidth=110 * GB,
+                       vram_free=vram - 200 * MiB)
+
+    @staticmethod
+    def from_probe(folder: str | os.PathLike[str] = ".", *, nbytes: int = 32 << 20) -> Machine:
+        """Measure this machine now (a few seconds); the disk is the one holding ``folder``."""
+        from .bandwidth import measure
+        from .hardware import detect
+
+        facts = detect(folder)
+        bw = measure(folder, nbytes=nbytes)
+        decode = max(bw.decode.values()) * max(1, facts.logical_cores)
+        gpu: dict[str, Any] = {}
+        if torch.cuda.is_available():
+            gpu = _measure_gpu(nbytes)
+            gpu["h2d_pinned"] = bw.h2d_pinned
+        return Machine(name=f"this machine ({facts.cpu_model}, {facts.physical_cores} cores)",
+                       disk_read=bw.disk_read, decode=decode, memcpy=bw.memcpy,
+                       cpu_flops=_matmul_flops(torch.device("cpu")), ram_free=facts.ram_available, **gpu)
+
+
+def _matmul_flops(device: torch.device, n: int = 1024) -> float:
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    best = float("inf")
+    for _ in range(4):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / max(best, 1e-9)
+
+
+def _measure_gpu(nbytes: int) -> dict[str, Any]:
+    """Pageable host-to-device and device-to-device speed, GPU matmul throughput and free memory."""
+    host = torch.empty(nbytes, dtype=torch.uint8)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    other = torch.empty_like(dev)
+
+    def best(fn: Any) -> float:
+        fn()
+        times = []
+        for _ in range(4):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return max(min(times), 1e-9)
+
+    pageable = nbytes / best(lambda: dev.copy_(host))
+    vram = 2 * nbytes / best(lambda: other.copy_(dev))  # a copy reads and writes every byte
+    free, _total = torch.cuda.mem_get_info()
+    return {"h2d_pageable": pageable, "vram_bandwidth": vram, "gpu_flops": _matmul_flops(torch.device("cuda")),
+            "vram_free": int(free)}
