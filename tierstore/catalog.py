@@ -36,21 +36,21 @@ from .errors import CatalogError, CorruptBlockError, SchemaVersionError, StoreFu
 __all__ = ["Catalog", "BlockRow", "SCHEMA_VERSION", "schema_scripts"]
 
 BLOCK_COLUMNS = ("key, block_id, dtype, shape, nbytes, checksum, durable, codec, l3_array, l3_shard, "
-                 "l3_offset, l3_sizes, l3_inner, stored_bytes, tiers, created, updated, parent")
+                 "l3_offset, l3_sizes, l3_inner, stored_bytes, tiers, created, updated, parent, l3_chunk")
 GET_BLOCK = f"SELECT {BLOCK_COLUMNS} FROM blocks WHERE key = ?"
 HAS_BLOCK = "SELECT 1 FROM blocks WHERE key = ?"
 GET_BLOCK_BY_ID = f"SELECT {BLOCK_COLUMNS} FROM blocks WHERE block_id = ?"
 UPSERT_BLOCK = f"""
-INSERT INTO blocks ({BLOCK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO blocks ({BLOCK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT(key) DO UPDATE SET
   block_id = excluded.block_id, dtype = excluded.dtype, shape = excluded.shape, nbytes = excluded.nbytes,
   checksum = excluded.checksum, durable = excluded.durable, codec = excluded.codec,
   l3_array = excluded.l3_array, l3_shard = excluded.l3_shard, l3_offset = excluded.l3_offset,
   l3_sizes = excluded.l3_sizes, l3_inner = excluded.l3_inner, stored_bytes = excluded.stored_bytes,
-  tiers = excluded.tiers, updated = excluded.updated, parent = excluded.parent
+  tiers = excluded.tiers, updated = excluded.updated, parent = excluded.parent, l3_chunk = excluded.l3_chunk
 """
 INSERT_NEW_BLOCK = f"""
-INSERT INTO blocks ({BLOCK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO blocks ({BLOCK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT(key) DO NOTHING
 """
 DELETE_BLOCK = "DELETE FROM blocks WHERE key = ?"
@@ -74,6 +74,11 @@ DELETE FROM shards WHERE NOT EXISTS (
   AND (array, shard) NOT IN (SELECT array, max(shard) FROM shards GROUP BY array)
 """
 GET_META = "SELECT value FROM store_meta WHERE name = ?"
+L3_LAYOUT = "l3_layout"
+"""``store_meta`` row: the L3 layout of the store (see :mod:`tierstore.tiers.l3_zarr`); absent: layout 1."""
+L3_ROWS = f"SELECT {BLOCK_COLUMNS} FROM blocks WHERE l3_array IS NOT NULL"
+SET_L3_CHUNK = "UPDATE blocks SET l3_chunk = ? WHERE block_id = ?"
+HAS_L3_DATA = "SELECT EXISTS (SELECT 1 FROM blocks) OR EXISTS (SELECT 1 FROM shards)"
 SET_META = "INSERT INTO store_meta (name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value"
 GET_STATS = ("SELECT access_count, get_count, put_count, hits_l1, hits_l2, hits_l3, first_access, last_access, "
              "interarrival_ewma FROM block_stats WHERE key = ?")
@@ -148,23 +153,27 @@ class BlockRow:
     updated: float
     parent: str | None = None
     """The key of the block this one extends in a chain (``put(..., parent=...)``); it may be gone."""
+    l3_chunk: int | None = None
+    """The block's first inner chunk along axis 0 of ``l3_array`` (for zarr readers); None: unknown."""
 
     @staticmethod
     def from_tuple(row: Sequence[Any]) -> BlockRow:
         """Build from a ``SELECT {BLOCK_COLUMNS}`` row."""
         (key, block_id, dtype, shape, nbytes, checksum, durable, codec, array, shard, offset, sizes, inner,
-         stored, tiers, created, updated, parent) = row
+         stored, tiers, created, updated, parent, chunk) = row
         _check_location(key, nbytes, array, shard, offset, sizes, inner)
         if not isinstance(parent, str) or not parent:
             parent = None  # only an eviction hint: a damaged link is no link, never a damaged block
         return BlockRow(key, block_id, dtype, _checked_shape(key, shape), nbytes, checksum, bool(durable), codec,
-                        array, shard, offset, sizes, inner, stored, tiers, created, updated, parent)
+                        array, shard, offset, sizes, inner, stored, tiers, created, updated, parent,
+                        chunk if type(chunk) is int and chunk >= 0 else None)
 
     def to_tuple(self) -> tuple[Any, ...]:
         """Values in ``BLOCK_COLUMNS`` order."""
         return (self.key, self.block_id, self.dtype, json.dumps(list(self.shape)), self.nbytes, self.checksum,
                 int(self.durable), self.codec, self.l3_array, self.l3_shard, self.l3_offset, self.l3_sizes,
-                self.l3_inner, self.stored_bytes, self.tiers, self.created, self.updated, self.parent)
+                self.l3_inner, self.stored_bytes, self.tiers, self.created, self.updated, self.parent,
+                self.l3_chunk)
 
 
 _ARRAY_NAME = re.compile(r"packs/[a-z0-9-]+|blocks/[0-9a-f]{16}")
@@ -471,6 +480,23 @@ class Catalog:
         """A ``store_meta`` value."""
         row = self.query_one(GET_META, (name,))
         return None if row is None else str(row[0])
+
+    def l3_layout(self) -> int | None:
+        """The L3 layout the store is in (None: a writer may choose, since nothing is stored yet)."""
+        recorded = self.meta(L3_LAYOUT)
+        if recorded is not None:
+            return int(recorded)
+        return 1 if self.query_one(HAS_L3_DATA)[0] else None
+
+    def l3_rows(self) -> list[BlockRow]:
+        """Every row whose block has bytes in L3."""
+        return [BlockRow.from_tuple(r) for r in self.query(L3_ROWS)]
+
+    def commit_l3_layout(self, chunks: Sequence[tuple[int | None, int]], layout: int) -> None:
+        """Record each block's chunk (``(chunk, block_id)`` pairs) and the store's new L3 layout, atomically."""
+        with self.write("record the L3 layout") as conn:
+            conn.executemany(SET_L3_CHUNK, chunks)
+            conn.execute(SET_META, (L3_LAYOUT, str(layout)))
 
     def set_meta(self, values: dict[str, str]) -> None:
         """Write ``store_meta`` values."""

@@ -172,7 +172,7 @@ def compact(db: TierStore, *, min_fill: float = 0.5, progress: Progress | None =
                     continue
                 for row in rows:
                     loc = l3.copy_packed(location_of(row))
-                    moved.append(dataclasses.replace(row, l3_shard=loc.shard, l3_offset=loc.offset))
+                    moved.append(dataclasses.replace(row, l3_shard=loc.shard, l3_offset=loc.offset, l3_chunk=loc.chunk))
                 done += usage.live_bytes
                 if progress is not None:
                     progress(done, total)

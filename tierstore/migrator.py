@@ -64,7 +64,7 @@ from .tensors import dtype_from_name, dtype_name, tensor_from_bytes
 from .tiers.l1_cuda import DevicePool
 from .tiers.l2_slab import HostArena
 from .tiers.l3_codecs import choose_codec
-from .tiers.l3_zarr import Location, ZarrL3
+from .tiers.l3_zarr import Contents, Location, ZarrL3
 
 __all__ = ["CRASH_ENV", "CRASH_POINTS", "JournalReport", "Migrator", "Move", "Pin", "Plan", "StoreHooks",
            "recover_journal"]
@@ -790,7 +790,7 @@ class Migrator:
             codec = choose_codec(str(self.config.l3_compression), entry.dtype.itemsize)
             if entry.checksum < 0:  # a cache-only block is hashed the first time it leaves memory
                 entry.checksum = crc32c.crc32c(data.data)
-            loc = self.l3.write_now(block_id, data, codec)
+            loc = self.l3.write_now(block_id, data, codec, Contents(entry.key, dtype_name(entry.dtype), entry.shape))
             self._crash("copied")
             if loc.array:
                 back = np.empty(data.nbytes, dtype=np.uint8)
@@ -804,7 +804,7 @@ class Migrator:
             parent = holder.parent_of(entry.key) if holder is not None else None  # the link goes to L3 too
             row = BlockRow(entry.key, block_id, dtype_name(entry.dtype), entry.shape, data.nbytes, entry.checksum,
                            False, loc.codec, loc.array or None, loc.shard, loc.offset, loc.sizes_blob(), loc.inner,
-                           loc.length, _L3_BIT, stamp, stamp, parent)
+                           loc.length, _L3_BIT, stamp, stamp, parent, loc.chunk)
             committed = self.hooks.commit_spill(row, loc, journal_id, entry.block_id)
         except (TierStoreError, OSError) as exc:
             self.last_error = exc

@@ -70,7 +70,7 @@ from .history import Access, AccessRecorder, summarize
 from .lockfile import WriterLock
 from .migrator import JournalReport, Migrator, Pin, Plan, StoreHooks, recover_journal
 from .records import BlockInfo, StoreStats
-from .recovery import recover, refuse_orphaned_data
+from .recovery import recover, refuse_orphaned_data, upgrade_layout
 from .residency import Residency, Resident
 from .shared import SharedCoordinator
 from .store_rows import L1_BIT, L2_BIT, L3_BIT, UNHASHED
@@ -80,7 +80,7 @@ from .tensors import check_key, check_tensor, dtype_from_name, dtype_name, tenso
 from .tiers.l1_cuda import DevicePool, is_device_oom
 from .tiers.l2_slab import HostArena
 from .tiers.l3_codecs import choose_codec
-from .tiers.l3_zarr import EMPTY_LOCATION, Location, RecoveryReport, ZarrL3
+from .tiers.l3_zarr import EMPTY_LOCATION, LAYOUT, Contents, Location, RecoveryReport, ZarrL3
 from .txn import Change, Txn, location_of
 from .warm import save_index, warm_l2
 
@@ -147,7 +147,12 @@ class TierStore(SharedTier, StoreReports):
         self._local = threading.local()
         self._counts = {"get": 0, "put": 0, "delete": 0}
         self._hits = {"L1": 0, "L2": 0, "L3": 0}
-        self._l3 = ZarrL3(self.path, fsync=self.config.fsync, readonly=self.readonly)
+        layout = self._catalog.l3_layout()
+        if layout is None:  # nothing stored yet: a new store starts in the current layout
+            layout = LAYOUT
+            if not self.readonly:
+                self._catalog.commit_l3_layout([], LAYOUT)
+        self._l3 = ZarrL3(self.path, fsync=self.config.fsync, readonly=self.readonly, layout=layout)
         self.recovery = RecoveryReport()
         self.journal_recovery = JournalReport()
         """Moves a crash interrupted, undone at open (see :mod:`tierstore.migrator`)."""
@@ -283,6 +288,8 @@ class TierStore(SharedTier, StoreReports):
     def _recover(self) -> None:
         self.journal_recovery = recover_journal(self._catalog, self._l3)
         self.recovery = recover(self._catalog, self._l3)
+        if self._l3.layout < LAYOUT:
+            upgrade_layout(self._catalog, self._l3)
 
     # -- handle -------------------------------------------------------------------------------------
 
@@ -563,7 +570,8 @@ class TierStore(SharedTier, StoreReports):
         block_id = self._new_block_id()
         try:
             if durable or slot is None:
-                loc = self._write_l3(key, block_id, data, tensor.element_size())
+                loc = self._write_l3(Contents(key, dtype_name(tensor.dtype), tuple(tensor.shape)), block_id, data,
+                                     tensor.element_size())
             else:
                 loc = EMPTY_LOCATION  # cache-only and in L2: no disk write now
         except BaseException:
@@ -578,7 +586,7 @@ class TierStore(SharedTier, StoreReports):
             nbytes=data.nbytes, checksum=checksum, durable=durable, codec=loc.codec,
             l3_array=loc.array or None, l3_shard=loc.shard, l3_offset=loc.offset, l3_sizes=loc.sizes_blob(),
             l3_inner=loc.inner, stored_bytes=loc.length, tiers=(L3_BIT if loc.array else 0) | (L2_BIT if slot else 0),
-            created=old.created if old is not None else stamp, updated=stamp, parent=parent)
+            created=old.created if old is not None else stamp, updated=stamp, parent=parent, l3_chunk=loc.chunk)
         txn.set(key, Change(row, slot))
 
     def _put_l1(self, tensor: torch.Tensor) -> Allocation | None:
@@ -604,11 +612,12 @@ class TierStore(SharedTier, StoreReports):
                 f"put {key!r}: L3 holds {self._stored_bytes} of l3_cache_size={cap} bytes and the block "
                 f"needs up to {nbytes}; delete blocks or raise l3_cache_size", key=key, tier="L3")
 
-    def _write_l3(self, key: str, block_id: int, data: np.ndarray, itemsize: int) -> Location:
+    def _write_l3(self, contents: Contents, block_id: int, data: np.ndarray, itemsize: int) -> Location:
+        key = contents.key
         self._check_l3_room(key, data.nbytes)
         codec = choose_codec(str(self.config.l3_compression), itemsize)
         try:
-            return self._l3.write(block_id, data, codec)
+            return self._l3.write(block_id, data, codec, contents)
         except OSError as exc:
             raise translate_os_error(exc, what=f"write block {key!r}", path=self._l3.root, key=key) from None
 

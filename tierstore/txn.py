@@ -80,4 +80,4 @@ def location_of(row: BlockRow) -> Location:
     if row.l3_array is None or row.l3_sizes is None:
         return Location("", 0, 0, (), 0, row.codec)
     return Location(row.l3_array, row.l3_shard or 0, row.l3_offset or 0,
-                    Location.sizes_from_blob(row.l3_sizes), row.l3_inner or 0, row.codec)
+                    Location.sizes_from_blob(row.l3_sizes), row.l3_inner or 0, row.codec, row.l3_chunk)

@@ -32,7 +32,7 @@ from .errors import CatalogError, CorruptBlockError, SchemaVersionError, StoreNo
 from .fsguard import CATALOG_ENTRIES, NOFOLLOW, STORE_FOLDERS, contained, refuse_links
 from .lockfile import WriterLock
 from .recovery import refuse_orphaned_data
-from .tiers.l3_zarr import ZarrL3
+from .tiers.l3_zarr import LAYOUT, Contents, ZarrL3
 from .txn import location_of
 
 __all__ = ["Problem", "VerifyReport", "verify", "PROBLEM_KINDS"]
@@ -181,7 +181,7 @@ def _check(store: Path, progress: Progress | None) -> VerifyReport:
                                        f"{SCHEMA_VERSION}; --fix upgrades it"))
         return report
     catalog = Catalog(catalog_path, readonly=True)
-    l3 = ZarrL3(store, readonly=True)
+    l3 = ZarrL3(store, readonly=True, layout=catalog.l3_layout() or LAYOUT)
     try:
         rows = []
         for raw in catalog.query(ALL_BLOCKS):
@@ -244,7 +244,7 @@ def _meta_ok(path: Path, node_type: str = "array") -> bool:
 
 
 def _rel(l3: ZarrL3, array: str, shard: int) -> str:
-    return f"l3/{array}/{shard}"
+    return f"l3/{l3.shard_path(array, shard).relative_to(l3.root)}"
 
 
 def _check_files(store: Path, l3: ZarrL3, catalog: Catalog, report: VerifyReport) -> None:
@@ -269,7 +269,8 @@ def _check_files(store: Path, l3: ZarrL3, catalog: Catalog, report: VerifyReport
             if entry.name == "zarr.json" or entry.name.endswith(TEMP_SUFFIXES) or entry.is_symlink():
                 continue
             rel = str(entry.relative_to(store))
-            key = (array, int(entry.name)) if entry.name.isdigit() else None
+            number = l3.shard_number(entry.name)
+            key = (array, number) if number is not None else None
             if key is None or key not in lengths:
                 report.problems.append(Problem("orphan", rel, f"shard file unknown to the catalog "
                                                f"({_size(entry)} bytes)"))
@@ -318,8 +319,9 @@ def _repair(store: Path, report: VerifyReport) -> None:
     groups = [p.subject for p in report.problems if p.kind == "meta" and p.subject in GROUPS]
     for group in groups:
         (store / group).unlink(missing_ok=True)
-    l3 = ZarrL3(store, readonly=True)
-    l3_rw = ZarrL3(store)  # writes missing group metadata
+    layout = catalog.l3_layout() or LAYOUT
+    l3 = ZarrL3(store, readonly=True, layout=layout)
+    l3_rw = ZarrL3(store, layout=layout)  # writes missing group metadata
     report.repaired.extend(f"wrote {group} again" for group in groups)
     try:
         lost = sorted({p.subject for p in report.problems if p.kind in ("corrupt", "missing")})
@@ -352,7 +354,10 @@ def _repair(store: Path, report: VerifyReport) -> None:
                 array = problem.subject.removeprefix("l3/").removesuffix("/zarr.json")
                 rows = [BlockRow.from_tuple(r) for r in catalog.query(BLOCK_IN_ARRAY, (array,))]
                 if rows:
-                    l3_rw.restore_meta(location_of(rows[0]), rows[0].nbytes)
+                    row = rows[0]
+                    shards = 1 + max((n for a, n in lengths if a == array), default=0)
+                    l3_rw.restore_meta(location_of(row), row.nbytes, contents=Contents(row.key, row.dtype, row.shape),
+                                       pack_shards=shards)
                     report.repaired.append(f"wrote {problem.subject} again")
             if problem.kind == "meta":
                 continue
