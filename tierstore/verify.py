@@ -368,10 +368,10 @@ def _repair(store: Path, report: VerifyReport) -> None:
                 shutil.rmtree(target) if target.is_dir() else target.unlink()
                 report.repaired.append(f"removed {problem.kind} {problem.subject}")
             elif problem.kind == "torn":
-                array, _, shard = problem.subject.removeprefix("l3/").rpartition("/")
+                array, _, name = problem.subject.removeprefix("l3/").rpartition("/")
                 fd = os.open(target, os.O_WRONLY | NOFOLLOW)
                 try:
-                    os.ftruncate(fd, lengths[(array, int(shard))])
+                    os.ftruncate(fd, lengths[(array, l3.shard_number(name) or 0)])
                 finally:
                     os.close(fd)
                 report.repaired.append(f"cut torn append of {problem.subject} back to its committed length")
