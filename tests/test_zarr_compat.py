@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +20,14 @@ import torch
 import zarr
 
 import tierstore
+from tests.conftest import same_bits
+from tests.data.layout1_tensors import tensors as layout1_tensors
 from tierstore.catalog import Catalog
 from tierstore.tiers.l3_zarr import ZarrL3
 from tierstore.verify import verify
 
-from tests.conftest import same_bits
-
 ts = pytest.importorskip("tensorstore")  # the dev extra installs it
 
-sys.path.insert(0, str(Path(__file__).parent / "data"))
-from layout1_tensors import tensors as layout1_tensors  # noqa: E402
 
 SPEC_CODECS = {"sharding_indexed", "transpose", "bytes", "zstd", "blosc", "crc32c", "gzip"}
 LAYOUT1 = Path(__file__).parent / "data" / "layout1_store"
