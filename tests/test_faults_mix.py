@@ -58,10 +58,12 @@ def _evictor(db: tierstore.TierStore, stop: threading.Event, errors: list[str], 
         errors.append(f"evictor {me}: {type(exc).__name__}: {exc}")
 
 
-def _reader_process(store: Path, seconds: float, started: Path) -> dict[str, Any]:
+def _read_for(store: Path, seconds: float, started: Path | None = None) -> list[int]:
+    """A read-only handle reading every shared key for ``seconds``: the value ids it saw (each block whole)."""
     seen: list[int] = []
     with tierstore.open(store, readonly=True) as ro:
-        started.touch()
+        if started is not None:
+            started.touch()
         stop = time.monotonic() + seconds
         while time.monotonic() < stop:
             for key in SHARED:
@@ -69,7 +71,7 @@ def _reader_process(store: Path, seconds: float, started: Path) -> dict[str, Any
                     seen.append(_vid(ro.get(key, copy=True)))
                 except tierstore.BlockNotFoundError:
                     pass
-    return {"seen": seen}
+    return seen
 
 
 def test_evictors_racing_writers_against_a_register_model(tmp_path: Path) -> None:
@@ -85,7 +87,7 @@ def test_evictors_racing_writers_against_a_register_model(tmp_path: Path) -> Non
         stop = threading.Event()
         evictors = [threading.Thread(target=_evictor, args=(db, stop, errors, i)) for i in range(2)]
         started = tmp_path / "reader-started"
-        reader = faultlib.start_child(lambda: _reader_process(store, seconds + 1.0, started))
+        reader = faultlib.start_child(lambda: {"seen": _read_for(store, seconds + 1.0, started)})
         deadline = time.monotonic() + 60
         while not started.exists():
             assert time.monotonic() < deadline, "the reader process did not start"
@@ -226,15 +228,7 @@ def test_evictors_racing_writers_under_sigkill(tmp_path: Path) -> None:
         while not (log.exists() and "opened" in log.read_text()):
             assert time.monotonic() < deadline, f"round {round_no}: the writer did not open"
             time.sleep(0.005)
-        seen: list[int] = []
-        with tierstore.open(store, readonly=True) as ro:  # a reader in another process than the writer
-            end = time.monotonic() + float(rng.uniform(0.4, 1.2))
-            while time.monotonic() < end:
-                for key in SHARED:
-                    try:
-                        seen.append(_vid(ro.get(key, copy=True)))
-                    except tierstore.BlockNotFoundError:
-                        pass
+        seen = _read_for(store, float(rng.uniform(0.4, 1.2)))  # a reader in another process than the writer
         os.kill(child.pid, signal.SIGKILL)
         _, status = os.waitpid(child.pid, 0)
         os.close(child.fd)

@@ -131,3 +131,26 @@ def test_cache_only_overwrite_during_spill_keeps_the_newest(store: tuple[Path, t
             if not same_bits(db.get(key), _value(3 * r + 1)):
                 wrong += 1
     assert wrong == 0, f"{wrong} of {ROUNDS} gets served an older cache-only version"
+
+
+def test_a_promotion_never_replaces_the_only_copy_of_a_cache_only_version() -> None:
+    """A reader promoting an older version (its generation read before a writer's commit admitted a newer
+    cache-only one) must not kill that newer entry: it is the only copy (found by tests/test_l1_threads.py)."""
+    from tierstore.residency import Residency
+    from tierstore.tiers.l2_slab import HostArena
+
+    with HostArena("1MiB", pin=False) as arena:
+        tier = Residency("L2", arena)
+        generation = tier.generation  # the reader looked the key up here ...
+        tier.discard("k")  # ... a writer's commit replaced it ...
+        newer = arena.alloc(4096)
+        assert newer is not None
+        assert tier.admit("k", 7, newer, torch.uint8, (4096,), 0, volatile=True) is not None
+        stale = arena.alloc(4096)
+        assert stale is not None
+        # even with the generation re-read after the discard, the promotion is refused
+        assert tier.admit("k", 3, stale, torch.uint8, (4096,), 0, generation=tier.generation) is None
+        assert tier.admit("k", 3, arena.alloc(4096), torch.uint8, (4096,), 0, generation=generation) is None
+        entry = tier.entries["k"]
+        assert entry.block_id == 7 and entry.volatile and "k" in tier.volatile_keys
+        tier.clear()

@@ -265,10 +265,11 @@ class Residency(Generic[A]):
         both are resident, eviction takes this one (the chain's tail) before its parent.
         """
         with self.lock:
-            if generation is not None and generation != self.generation:
+            old = self.entries.get(key)
+            if generation is not None and (generation != self.generation or (old is not None and old.volatile)):
+                # A promotion raced a commit, or would replace the only copy of a newer cache-only version.
                 self.arena.free(alloc)
                 return None
-            old = self.entries.get(key)
             if old is not None:
                 self._kill(old)
             entry = Resident(key, block_id, alloc, dtype, shape, checksum, volatile, self.pinned.get(key, 0))

@@ -784,18 +784,19 @@ class TierStore(SharedTier, StoreReports):
         if txn is not None and key in txn.pending:  # uncommitted: never cached in L1
             tensor, tier = self._get(key, copy)
             return tensor.to(pool.device), tier
+        generation = l1.generation  # before the lookup: a commit after it makes the promotion's admission fail
         row = self._lookup(key)
         try:
             with self._device_oom(f"get {key!r} into L1"):
-                return self._promote(key, row, copy)
+                return self._promote(key, row, copy, generation)
         except DeviceMemoryError:
             self.shrink_l1()  # give the device everything L1 can spare, then try once more
             if pool.device.type == "cuda":
                 torch.cuda.empty_cache()
         with self._device_oom(f"get {key!r} into L1 (after shrinking L1)"):
-            return self._promote(key, row, copy)
+            return self._promote(key, row, copy, generation)
 
-    def _promote(self, key: str, row: BlockRow, copy: bool) -> tuple[torch.Tensor, str]:
+    def _promote(self, key: str, row: BlockRow, copy: bool, generation: int) -> tuple[torch.Tensor, str]:
         l1 = self._l1
         assert l1 is not None
         pool = l1.arena
@@ -810,7 +811,6 @@ class TierStore(SharedTier, StoreReports):
             if tensor is not None:
                 return tensor, "L1"
             # replaced or evicted by another thread since the lookup: promote it afresh
-        generation = l1.generation
         host, tier = self._get(key, False)
         target = pool.needs_cast(host.dtype) or host.dtype
         slot = l1.reserve(host.numel() * target.itemsize, self._spill_l1) if host.numel() else None
