@@ -271,6 +271,8 @@ class ZarrL3:
         self._shard_suffix = ".0" if layout >= 2 else ""
         self._pack_extent: dict[str, int] = {}
         """Shards each pack's ``zarr.json`` covers, as this handle last wrote it."""
+        self._grown: dict[str, Codec] = {}
+        """Packs that started a shard past their extent since :meth:`prepare` last wrote their ``zarr.json``."""
         self._next_shard: dict[str, int] = {}
         self._active: dict[str, _Shard] = {}
         self._touched: dict[tuple[str, int], _Shard] = {}
@@ -436,9 +438,8 @@ class ZarrL3:
         if not (folder / "zarr.json").exists():
             folder.mkdir(parents=True, exist_ok=True)
             self._dirs_to_sync.update((folder, folder.parent))
-        if self._pack_extent.get(array, 0) <= number:  # the shape covers the shards there are: grow it
-            _write_json(folder / "zarr.json", _pack_meta(codec, number + 1), sync=self.fsync)
-            self._pack_extent[array] = number + 1
+        if self._pack_extent.get(array, 0) <= number:  # prepare() grows the shape: once per commit, not per shard
+            self._grown[array] = codec
         path = folder / f"{number}{self._shard_suffix}"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | NOFOLLOW, 0o644)
         index = np.full((PACK_SLOTS, 2), _EMPTY, dtype=np.uint64)
@@ -515,6 +516,11 @@ class ZarrL3:
     def prepare(self) -> dict[tuple[str, int], int]:
         """Make everything written since the last commit durable; return the shard lengths to commit."""
         lengths: dict[tuple[str, int], int] = {}
+        for array, codec in self._grown.items():  # a pack's shape covers the shards it has
+            shards = 1 + max((n for a, n in self._touched if a == array), default=0)
+            _write_json(self.root / array / "zarr.json", _pack_meta(codec, shards), sync=self.fsync)
+            self._pack_extent[array] = shards
+        self._grown.clear()
         for key, shard in self._touched.items():
             tail = _index_bytes(shard.index)  # the shard stays a valid zarr shard after every commit
             _write_all(shard.fd, [tail], shard.length)
@@ -557,6 +563,7 @@ class ZarrL3:
             if self._active.get(shard.array) is not shard:
                 os.close(shard.fd)
         self._touched.clear()
+        self._grown.clear()  # the shards that grew a pack are gone
         for folder in self._new_arrays:
             shutil.rmtree(folder, ignore_errors=True)
         self._new_arrays.clear()
