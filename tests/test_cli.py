@@ -25,8 +25,14 @@ def test_demo_streams_a_model_and_matches_the_in_memory_one(tmp_path: Path,
     assert run1["hits"]["L3"] > 0 and run2["hits"]["L3"] == 0  # the second run found every layer in L2
     assert run1["kv_prefix_restored"] == 0 and run2["kv_prefix_restored"] > 0  # the prompt's K/V came back
     assert run1["vision_tower_skipped"] == 0 and run2["vision_tower_skipped"] == 1  # the image's features too
+    for run in (run1, run2):  # undecided prefetches are counted, not left out of the accuracy
+        assert run["prefetch_decided"] + run["prefetch_undecided"] == run["prefetched"]
+    assert run1["run"].startswith("1: cold")
+    assert max(len(line) for line in out.splitlines()[:-1]) <= 100  # the tables fit 100 columns (JSON line aside)
     assert main(["demo", "--store", str(tmp_path / "demo"), "--tokens", "2"]) == 0  # the model already there
-    assert "the one already in" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "the one already in" in out and "1: cold" not in out and "1: reused store" in out
+    assert "used/decided/undecided" in out
 
 
 def test_listing_commands_print_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -45,12 +51,12 @@ def test_listing_commands_print_json(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert [r["op"] for r in json.loads(capsys.readouterr().out)] == ["get", "put"]
 
 
-def test_errors_are_one_line_and_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["ls", str(tmp_path / "missing")]) == 1
+def test_errors_are_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ls", str(tmp_path / "missing")]) == 2
     assert "no tierstore store" in capsys.readouterr().err
     with tierstore.open(tmp_path / "s") as db:
         db.put("x", torch.ones(1))
-    assert main(["info", str(tmp_path / "s"), "nope"]) == 1
+    assert main(["info", str(tmp_path / "s"), "nope"]) == 2
     assert "no block 'nope'" in capsys.readouterr().err
 
 
@@ -81,3 +87,22 @@ def test_info_shows_statistics_history_and_prediction(tmp_path: Path, capsys: py
     out = capsys.readouterr().out
     assert "a get prefetches" in out and "b (1.00)" in out and "recent accesses" in out
 
+
+
+def test_demo_under_a_memory_budget_smaller_than_the_model(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """--memory below the model's size: L2 sized from the budget, the reference computed in another process."""
+    assert main(["demo", "--store", str(tmp_path / "demo"), "--tokens", "3", "--memory", "24MiB", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["identical"] and summary["reference"] == "the model held in memory in another process"
+    assert summary["memory"] == 24 << 20 and summary["held_units"] > 0
+    with tierstore.open(tmp_path / "demo", readonly=True, l2_cache_size=0) as db:
+        from tierstore.integrations.stream_budget import memory_split
+
+        split = memory_split(db, "24MiB")
+        assert db.stats().logical_bytes > 24 << 20
+    assert summary["tiers"]["L2"]["capacity"] <= split.l2_bytes
+    run1, run2 = summary["runs"]
+    assert run2["hits"]["L3"] < run1["hits"]["L3"]  # the held units came from L2
+    assert main(["demo", "--store", str(tmp_path / "demo"), "--tokens", "1", "--memory", str(split.minimum - 1)]) == 1
+    assert f"at least {split.minimum} bytes" in capsys.readouterr().err

@@ -92,7 +92,7 @@ def test_a_missing_store_is_one_line(tmp_path: Path, argv: list[str], capsys: py
     args = [a.format(s=missing) for a in argv]
     if "{s}" not in " ".join(argv):
         args.insert(1, str(missing))
-    assert main(args) == 1
+    assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("tierstore: ") and err.count("\n") == 1 and "no tierstore store" in err
     assert not missing.exists()
@@ -101,7 +101,7 @@ def test_a_missing_store_is_one_line(tmp_path: Path, argv: list[str], capsys: py
 @pytest.mark.parametrize("command", ["verify", "gc", "compact"])
 def test_a_locked_store_is_one_line(store: Path, command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with tierstore.open(store, l2_cache_size=0):
-        assert main([command, str(store)]) == 1
+        assert main([command, str(store)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("tierstore: ") and err.count("\n") == 1 and "already open for writing" in err
 
@@ -114,11 +114,11 @@ def test_read_commands_work_while_a_writer_holds_the_store(store: Path, capsys: 
 
 @pytest.mark.parametrize("key", ["", "a\x00b", "x" * 2000, "missing"])
 def test_a_bad_key_is_one_line(store: Path, key: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["info", str(store), key]) == 1
+    assert main(["info", str(store), key]) == 2
     err = capsys.readouterr().err
     assert err.startswith("tierstore: ") and err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_a_bad_option_value_is_one_line(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["compact", str(store), "--min-fill", "2"]) == 1
+    assert main(["compact", str(store), "--min-fill", "2"]) == 2
     assert "min_fill" in capsys.readouterr().err

@@ -82,3 +82,71 @@ def test_sigkill_at_every_named_crash_point(tmp_path: Path, monkeypatch: pytest.
                                   worker_env={"TIERSTORE_FAULT_MAINT": "0.7"}, patience=1.5)
     print("named crash points:", _report(result), f"died at each point: {result.points_hit}")
     assert set(result.points_hit) == set(points), f"points never reached: {set(points) - set(result.points_hit)}"
+
+
+def test_a_kill_during_the_first_open_leaves_no_half_made_catalog(tmp_path: Path) -> None:
+    """SIGKILL before the last schema script of a first open: no catalog at an early schema version is left;
+    a read-only open says what to do (typed), and the next read-write open creates the store whole."""
+    import signal
+    import sqlite3
+
+    import torch
+
+    import tierstore
+    from tierstore import catalog
+
+    store = tmp_path / "s"
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        scripts = catalog.schema_scripts()
+
+        def dying() -> object:
+            for i, script in enumerate(scripts):
+                if i == len(scripts) - 1:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                yield script
+
+        catalog.schema_scripts = dying  # type: ignore[assignment]
+        try:
+            tierstore.open(store, l2_cache_size=0)
+        finally:
+            os._exit(3)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    path = store / "catalog.sqlite"
+    if path.exists():
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == catalog.SCHEMA_VERSION
+    with pytest.raises(tierstore.StoreNotFoundError, match="open it read-write once"):
+        tierstore.open(store, readonly=True)
+    with tierstore.open(store, l2_cache_size=0) as db:
+        db.put("k", torch.ones(4))
+    with tierstore.open(store, readonly=True) as db:
+        assert torch.equal(db.get("k"), torch.ones(4))
+    assert not (store / "catalog.sqlite.tmp").exists()
+    faultlib.verify_clean(store)
+
+
+def test_an_empty_catalog_opened_read_only_gives_advice_that_works(tmp_path: Path) -> None:
+    import torch
+
+    import tierstore
+
+    fresh = tmp_path / "fresh"  # no data: creating it is the way out
+    fresh.mkdir()
+    (fresh / "catalog.sqlite").write_bytes(b"")
+    with pytest.raises(tierstore.SchemaVersionError, match="open it read-write once to create it"):
+        tierstore.open(fresh, readonly=True)
+    with tierstore.open(fresh, l2_cache_size=0) as db:
+        db.put("k", torch.ones(2))
+    with tierstore.open(fresh, readonly=True) as db:
+        assert torch.equal(db.get("k"), torch.ones(2))
+    lost = tmp_path / "lost"  # data beside an emptied catalog: a read-write open would not help
+    with tierstore.open(lost, l2_cache_size=0) as db:
+        db.put("k", torch.ones(2))
+    (lost / "catalog.sqlite").write_bytes(b"")
+    for extra in lost.glob("catalog.sqlite-*"):
+        extra.unlink()
+    for readonly in (True, False):
+        with pytest.raises(tierstore.CatalogError, match="restore the catalog from a backup"):
+            tierstore.open(lost, readonly=readonly)

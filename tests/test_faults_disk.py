@@ -7,6 +7,7 @@ freed by deletes is usable again.
 
 from __future__ import annotations
 
+import os
 import resource
 import signal
 from pathlib import Path
@@ -137,3 +138,39 @@ def test_file_backed_l2_on_a_full_disk_fails_at_open(tmp_path: Path) -> None:
             return {}
 
         faultlib.in_child(scenario)  # a SIGBUS would kill only the child, and fail here
+
+
+def _fill_disk(where: Path) -> None:
+    """Take every free byte of the file system under ``where``."""
+    fd = os.open(where / "filler", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        size = 1 << 16
+        while size:
+            try:
+                os.write(fd, b"\0" * size)
+            except OSError:
+                size //= 2
+    finally:
+        os.close(fd)
+
+
+def test_closing_a_file_backed_store_on_a_full_disk_leaves_no_temporary_index(tmp_path: Path) -> None:
+    with faultlib.tiny_tmpfs(tmp_path / "mnt", "4m") as mnt:
+        store = mnt / "store"
+
+        def scenario() -> dict[str, Any]:
+            db = tierstore.open(store, l2_cache_size="1MiB", l2_file_backed=True)
+            for i in range(3):
+                db.put(f"k/{i}", _block(i, 100_000))
+                db.get(f"k/{i}")
+            _fill_disk(mnt)
+            db.close()  # the L2 index cannot be written: a cold start next time, nothing left behind
+            left = sorted(p.name for p in store.iterdir() if p.name.endswith(".tmp"))
+            (mnt / "filler").unlink()
+            with tierstore.open(store, l2_cache_size="1MiB", l2_file_backed=True) as db:
+                for i in range(3):
+                    assert torch.equal(db.get(f"k/{i}"), _block(i, 100_000))
+            faultlib.verify_clean(store)
+            return {"left": left}
+
+        assert faultlib.in_child(scenario)["left"] == []

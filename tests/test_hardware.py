@@ -156,5 +156,38 @@ def test_probe_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert json.loads(capsys.readouterr().out)["bandwidth"]["disk_read"] > 0
     assert main(["probe", str(tmp_path / "s")]) == 0  # the cached measurement is shown
     assert "decode shuffle-zstd" in capsys.readouterr().out
-    assert main(["probe", str(tmp_path / "missing")]) == 1
+    assert main(["probe", str(tmp_path / "missing")]) == 2
     assert "no tierstore store" in capsys.readouterr().err
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_the_manager_keeps_l2_within_a_memory_budget_and_announces_a_big_one(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The seed laptop's recommendation is a multi-GiB L2: it is announced before it is faulted in,
+    and ``memory=`` bounds it (the manager is built on a small budget so the test maps 64 MiB)."""
+    import logging
+
+    from tierstore.manager import HierarchicalCacheManager
+
+    assert recommend(SEED_MACHINE).config.l2_cache_size >= 1 << 30
+    assert recommend(SEED_MACHINE, memory=64 << 20).config.l2_cache_size == 64 << 20
+    with caplog.at_level(logging.WARNING, logger="tierstore"):
+        manager = tierstore.create_hardware_optimized_cache_manager(tmp_path / "hw", facts=SEED_MACHINE,
+                                                                    memory="64MiB", l1_device="cpu",
+                                                                    l1_cache_size="16MiB")
+    try:
+        assert manager.config.l2_cache_size == 64 << 20
+        assert not [r for r in caplog.records if "L2 arena" in r.getMessage()]
+    finally:
+        manager.close()
+
+    def refuse(self: object, *args: object, **kwargs: object) -> None:
+        raise _Stop  # stop before mapping the seed laptop's multi-GiB L2 here
+
+    monkeypatch.setattr(HierarchicalCacheManager, "__init__", refuse)
+    with caplog.at_level(logging.WARNING, logger="tierstore"), pytest.raises(_Stop):
+        tierstore.create_hardware_optimized_cache_manager(tmp_path / "big", facts=SEED_MACHINE)
+    assert any("L2 arena" in r.getMessage() and "memory=" in r.getMessage() for r in caplog.records)

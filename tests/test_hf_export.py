@@ -149,5 +149,5 @@ def test_cli_export_hf(llama_store: Any, tmp_path: Path, capsys: pytest.CaptureF
     assert "wrote 30 tensors" in capsys.readouterr().out
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert not any(HF_META in k or k.startswith("kv/") for k in index["weight_map"])
-    assert main(["export-hf", str(store), str(out), "--prefix", "m/"]) == 1  # not empty now
+    assert main(["export-hf", str(store), str(out), "--prefix", "m/"]) == 2  # not empty now (CLI errors exit 2)
     assert "not an empty folder" in capsys.readouterr().err

@@ -149,3 +149,53 @@ def test_misuse_raises_clear_errors(arena: HostArena) -> None:
         arena.view(slot, torch.uint8, (64,))
     with pytest.raises(ValueError):
         arena.free(slot)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.parametrize("backed", [False, True], ids=["anonymous", "file"])
+def test_close_gives_back_every_page_no_live_view_covers(tmp_path: Path, backed: bool) -> None:
+    """A closed arena behind one live 1 MiB view keeps that slot resident, not its 128 MiB mapping."""
+    size = 128 << 20
+    arena = HostArena(size, path=tmp_path / "l2.bin" if backed else None, pin=False)
+    slots = [arena.alloc(1 << 20) for _ in range(4)]
+    kept = slots[2]
+    assert kept is not None
+    arena.as_numpy(kept)[:] = 7
+    view = arena.view(kept, torch.uint8, (1 << 20,))
+    before = _rss()
+    arena.close()
+    after = _rss()
+    assert before - after >= size - (8 << 20), (before, after)
+    assert int(view.sum()) == 7 << 20  # the viewed slot kept its bytes
+    del view
+    gc.collect()
+
+
+def test_views_dropped_in_other_threads_leave_the_live_set_exact() -> None:
+    """Views die (and their finalizers run) in four threads at once; close keeps exactly the survivors."""
+    import threading
+
+    arena = HostArena(16 << 20, pin=False)
+    slots = [_alloc(arena, 1 << 16) for _ in range(64)]
+    for i, slot in enumerate(slots):
+        arena.as_numpy(slot)[:] = i
+    views = [[arena.view(s, torch.uint8, (1 << 16,)) for s in slots] for _ in range(4)]
+    survivors = [arena.view(slots[i], torch.uint8, (1 << 16,)) for i in (5, 40)]
+
+    def drop(mine: list[torch.Tensor]) -> None:
+        while mine:
+            mine.pop()
+
+    threads = [threading.Thread(target=drop, args=(v,)) for v in views]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    gc.collect()
+    arena.close()
+    assert [int(v[0]) for v in survivors] == [5, 40]
+    assert all(bool((v == v[0]).all()) for v in survivors)

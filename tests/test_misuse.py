@@ -354,7 +354,7 @@ HOSTILE_KEYS = ["../../escape_probe", "../escape_probe2", "/abs/abs_probe", ".."
 _HEX16 = "[0-9a-f]{16}"
 _CODEC = "[a-z0-9-]+"
 _LAYOUT = [
-    "catalog\\.sqlite(-wal|-shm|-journal|-headroom)?", "LOCK", "l2\\.slab", "l3", "l3/zarr\\.json",
+    "catalog\\.sqlite(-wal|-shm|-journal|-headroom|-commits)?", "LOCK", "l2\\.slab", "l3", "l3/zarr\\.json",
     "l3/packs", "l3/packs/zarr\\.json", f"l3/packs/{_CODEC}", f"l3/packs/{_CODEC}/(zarr\\.json|[0-9]+\\.0)",
     "l3/blocks", "l3/blocks/zarr\\.json", f"l3/blocks/{_HEX16}", f"l3/blocks/{_HEX16}/(zarr\\.json|0\\.0)",
 ]

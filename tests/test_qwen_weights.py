@@ -281,11 +281,11 @@ def test_cli_import_hf_import_and_export(tiny: tuple[Any, Path], tmp_path: Path,
     assert not any(HF_META in name for name in names)
     with tierstore.open(store, readonly=True) as db:
         assert read_json(db, "config.json", prefix="q/")["model_type"] == "qwen3_vl"
-    assert main(["import-hf", str(tmp_path / "nowhere"), str(tmp_path / "s2")]) == 1
+    assert main(["import-hf", str(tmp_path / "nowhere"), str(tmp_path / "s2")]) == 2
     assert "not a Hugging Face model folder" in capsys.readouterr().err and not (tmp_path / "s2").exists()
-    assert main(["import-hf", str(single), str(tmp_path / "s3")]) == 1  # a file is not a model folder
+    assert main(["import-hf", str(single), str(tmp_path / "s3")]) == 2  # a file is not a model folder
     assert "not a Hugging Face model folder" in capsys.readouterr().err and not (tmp_path / "s3").exists()
-    assert main(["import", str(tmp_path / "s4"), str(tmp_path / "nowhere")]) == 1
+    assert main(["import", str(tmp_path / "s4"), str(tmp_path / "nowhere")]) == 2
     assert "no checkpoint" in capsys.readouterr().err and not (tmp_path / "s4").exists()
 
 

@@ -361,7 +361,7 @@ def test_cli_publish_pull_ls_stats_verify(tmp_path: Path, shared: dict[str, Any]
     assert json.loads(capsys.readouterr().out) == {"manifests": 1, "blocks": 2, "problems": []}
     assert main(["verify", str(tmp_path / "b"), "--shared", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["shared"] == {"manifests": 1, "blocks": 2, "problems": []}
-    assert main(["shared", "ls", str(tmp_path / "b"), "no/such"]) == 1
+    assert main(["shared", "ls", str(tmp_path / "b"), "no/such"]) == 2
     assert s3_server.secret_key not in capsys.readouterr().err
 
 

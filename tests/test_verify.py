@@ -110,13 +110,13 @@ def test_verify_cli_exit_codes_json_and_loss_report(tmp_path: Path, capsys: pyte
 def test_fix_without_losses_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     store = tmp_path / "s"
     _make(store)
-    (store / "l2.index.tmp").write_text("[")
+    (store / "l3" / "zarr.json.tmp").write_text("{")
     with sqlite3.connect(store / "catalog.sqlite") as conn:
         conn.execute("INSERT INTO journal (block_id, key, op, src, dst, state, created) "
                      "VALUES (1, 'small/0', 'demote', 'L2', 'L3', 'copied', 0)")
     assert main(["verify", str(store), "--fix"]) == 0
     out = capsys.readouterr().out
-    assert "removed temp l2.index.tmp" in out and "LOST" not in out
+    assert "removed temp l3/zarr.json.tmp" in out and "LOST" not in out
     assert verify(store).ok
 
 
@@ -126,12 +126,12 @@ def test_verify_refuses_a_locked_store_and_a_newer_schema(tmp_path: Path, capsys
     with tierstore.open(store, l2_cache_size=0):
         with pytest.raises(tierstore.StoreLockedError):
             verify(store)
-        assert main(["verify", str(store)]) == 1
+        assert main(["verify", str(store)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("tierstore: ") and "already open for writing" in err and "Traceback" not in err
     with sqlite3.connect(store / "catalog.sqlite") as conn:
         conn.execute("PRAGMA user_version = 99")
-    assert main(["verify", str(store)]) == 1
+    assert main(["verify", str(store)]) == 2
     assert "schema version 99" in capsys.readouterr().err
 
 
@@ -215,3 +215,145 @@ def test_a_lost_catalog_beside_data_is_refused_not_repaired(tmp_path: Path) -> N
     with pytest.raises(tierstore.CatalogError, match="restore the catalog"):
         verify(store, fix=True)
     assert len(list((store / "l3" / "blocks").iterdir())) == 1 + len(LARGE)  # nothing deleted
+
+
+def _reads_all(store: Path) -> None:
+    with tierstore.open(store, l2_cache_size=0) as db:
+        assert sorted(db.keys()) == sorted({**SMALL, **LARGE})
+        for key, value in {**SMALL, **LARGE}.items():
+            assert same_bits(db.get(key), value), key
+
+
+def test_a_shortened_shard_row_is_rebuilt_from_the_bytes_never_cut(tmp_path: Path) -> None:
+    store = tmp_path / "s"
+    _make(store)
+    array, shard, _ = _where(store, "small/5")
+    file = store / "l3" / array / f"{shard}.0"
+    size = file.stat().st_size
+    with sqlite3.connect(store / "catalog.sqlite") as conn:
+        conn.execute("UPDATE shards SET length = length / 2 WHERE array = ? AND shard = ?", (array, shard))
+    report = verify(store)
+    assert [(p.kind, p.subject) for p in report.problems] == [("shard", f"l3/{array}/{shard}.0")]
+    fixed = verify(store, fix=True)
+    assert fixed.ok and fixed.lost == [] and any("rebuilt the shard row" in line for line in fixed.repaired)
+    assert file.stat().st_size == size
+    with sqlite3.connect(store / "catalog.sqlite") as conn:
+        assert conn.execute("SELECT length FROM shards WHERE array = ? AND shard = ?", (array, shard)).fetchone() \
+            == (size,)
+    _reads_all(store)
+    assert verify(store).ok
+
+
+def test_open_rebuilds_a_shortened_or_lost_shard_row_and_keeps_the_file(tmp_path: Path) -> None:
+    store = tmp_path / "s"
+    _make(store)
+    array, shard, _ = _where(store, "small/5")
+    file = store / "l3" / array / f"{shard}.0"
+    size = file.stat().st_size
+    for damage in ("UPDATE shards SET length = length / 2", "DELETE FROM shards"):
+        with sqlite3.connect(store / "catalog.sqlite") as conn:
+            conn.execute(f"{damage} WHERE array = ? AND shard = ?", (array, shard))
+        if damage.startswith("DELETE"):
+            assert [p.kind for p in verify(store).problems] == ["shard"]
+        with tierstore.open(store, l2_cache_size=0) as db:
+            assert db.recovery.removed_files == [] and db.recovery.truncated == []
+            assert len(db.recovery.rebuilt) == 1 and f"l3/{array}/{shard}" in db.recovery.rebuilt[0]
+            db.put("after", torch.ones(3))  # the next append goes to a fresh shard, not over the kept one
+        assert file.stat().st_size == size
+        with tierstore.open(store, l2_cache_size=0) as db:
+            db.delete("after")
+        _reads_all(store)
+        assert verify(store).ok
+
+
+def test_a_lost_shard_row_beside_a_torn_tail_keeps_the_blocks_and_cuts_only_the_tail(tmp_path: Path) -> None:
+    store = tmp_path / "s"
+    _make(store)
+    array, shard, _ = _where(store, "small/5")
+    file = store / "l3" / array / f"{shard}.0"
+    size = file.stat().st_size
+    with sqlite3.connect(store / "catalog.sqlite") as conn:
+        conn.execute("DELETE FROM shards WHERE array = ? AND shard = ?", (array, shard))
+    with file.open("ab") as fh:
+        fh.write(b"torn tail nobody committed")
+    fixed = verify(store, fix=True)
+    assert fixed.ok and fixed.lost == [] and file.stat().st_size == size
+    _reads_all(store)
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    ("dtype = 'float128'", "float128"),
+    ("nbytes = nbytes + 8", "the row says"),
+    ("shape = '[7, 3]'", "the row says"),
+    ("dtype = 'int64'", "the row says"),  # 300 float32 elements are 1200 bytes, not 2400
+])
+def test_rows_whose_metadata_cannot_make_a_tensor_are_lost_not_passed(tmp_path: Path, change: str, why: str) -> None:
+    store = tmp_path / "s"
+    _make(store)
+    with sqlite3.connect(store / "catalog.sqlite") as conn:
+        conn.execute(f"UPDATE blocks SET {change} WHERE key = 'small/1'")
+    report = verify(store)
+    assert [(p.kind, p.subject) for p in report.problems] == [("corrupt", "small/1")]
+    assert why in report.problems[0].detail
+    fixed = verify(store, fix=True)
+    assert fixed.ok and fixed.lost == ["small/1"]
+    with tierstore.open(store, l2_cache_size=0) as db:
+        assert "small/1" not in db and same_bits(db.get("small/2"), SMALL["small/2"])
+
+
+@pytest.mark.parametrize("which", ["pack", "large"])
+def test_a_bit_flip_in_a_shard_index_is_found_and_written_again(tmp_path: Path, which: str) -> None:
+    import numpy as np
+    import zarr
+
+    store = tmp_path / "s"
+    _make(store, "off")
+    key = "small/3" if which == "pack" else "large/0"
+    array, shard, _ = _where(store, key)
+    file = store / "l3" / array / f"{shard}.0"
+    slots = 64 if which == "pack" else -(-LARGE[key].numel() * 4 // (1 << 20))  # one per inner chunk
+    index_at = file.stat().st_size - (slots * 16 + 4)
+    _flip(file, index_at + 16 * (3 if which == "pack" else 0))  # the offset of slot 3 (slot 0)
+    report = verify(store)
+    assert [(p.kind, p.subject) for p in report.problems] == [("index", f"l3/{array}/{shard}.0")]
+    fixed = verify(store, fix=True)
+    assert fixed.ok and fixed.lost == []
+    _reads_all(store)
+    if which == "large":
+        raw = LARGE[key].numpy().tobytes()
+        assert np.asarray(zarr.open_array(str(store / "l3" / array), mode="r")[:]).tobytes() == raw
+    else:
+        packed = zarr.open_array(str(store / "l3" / array), mode="r")
+        for small_key, value in SMALL.items():
+            _, _, offset = _where(store, small_key)
+            small = value.numpy().tobytes()
+            slot = offset // 4096  # raw pack: slot order is file order, one granule each
+            start = shard * 4096 * 64 + slot * 4096
+            assert np.asarray(packed[start:start + len(small)]).tobytes() == small, small_key
+
+
+def test_a_leftover_l2_index_tmp_is_no_damage_and_goes_at_open(tmp_path: Path) -> None:
+    store = tmp_path / "s"
+    _make(store)
+    (store / "l2.index.tmp").write_text("[")  # what a close on a full disk used to leave
+    assert verify(store).ok
+    with tierstore.open(store, l2_cache_size=0):
+        pass
+    assert not (store / "l2.index.tmp").exists()
+
+
+def test_the_l2_file_goes_when_the_store_is_no_longer_file_backed(tmp_path: Path) -> None:
+    store = tmp_path / "s"
+    with tierstore.open(store, l2_cache_size="1MiB", l2_file_backed=True) as db:
+        db.put("k", torch.ones(1000))
+        db.get("k")
+    assert (store / "l2.slab").exists() and (store / "l2.index").exists()
+    with tierstore.open(store, l2_cache_size="1MiB", l2_file_backed=True) as db:
+        assert same_bits(db.get("k"), torch.ones(1000))
+    assert (store / "l2.slab").exists()  # still file-backed: kept for the warm restart
+    with tierstore.open(store, l2_cache_size="1MiB", l2_file_backed=False) as db:
+        assert not (store / "l2.slab").exists() and not (store / "l2.index").exists()
+        assert same_bits(db.get("k"), torch.ones(1000))
+    with tierstore.open(store, readonly=True) as db:
+        assert same_bits(db.get("k"), torch.ones(1000))
+    assert verify(store).ok

@@ -99,7 +99,7 @@ __all__ = [
 
 
 def open(path: str | Path, config: CacheConfig | None = None, *, readonly: bool = False,
-         **overrides: Any) -> TierStore:
+         remember_config: bool = True, **overrides: Any) -> TierStore:
     """Open the store at ``path``, creating it unless ``readonly``.
 
     ``config`` (a :class:`CacheConfig`) sets sizes, policies and codecs; keyword ``overrides``
@@ -111,5 +111,7 @@ def open(path: str | Path, config: CacheConfig | None = None, *, readonly: bool 
     ``l1_device`` or ``l1_cache_size`` is given, and, unless ``l2_cache_size`` is given, an L2 no
     larger than the store's data at open and a quarter of the machine's memory (none if even
     that cannot be had), so a config remembered on a bigger machine never stops a reader.
+    ``remember_config=False`` keeps the remembered configuration (a one-off open with, say, L2 off
+    for maintenance, which must not leave the store without its L2 size).
     """
-    return TierStore(path, config, readonly=readonly, **overrides)
+    return TierStore(path, config, readonly=readonly, remember_config=remember_config, **overrides)

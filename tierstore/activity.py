@@ -24,7 +24,8 @@ from .config import CacheConfig
 if TYPE_CHECKING:
     from .store import TierStore
 
-__all__ = ["WINDOWS", "COUNTERS", "save_counters", "load_counters", "access_windows", "tier_overview", "Timeline",
+__all__ = ["WINDOWS", "COUNTERS", "save_counters", "load_counters", "access_windows", "lifetime_counts",
+           "tier_overview", "Timeline",
            "timeline"]
 
 WINDOWS = {"1m": 60.0, "1h": 3600.0, "1d": 86400.0}
@@ -35,6 +36,8 @@ META_COUNTERS = "tier_counters"
 WINDOW_COUNTS = "SELECT op, tier, count(*) FROM access_log WHERE ts >= ? GROUP BY op, tier"
 HIT_TOTALS = ("SELECT coalesce(sum(get_count), 0), coalesce(sum(hits_l1), 0), coalesce(sum(hits_l2), 0), "
               "coalesce(sum(hits_l3), 0) FROM block_stats")
+PUT_TOTAL = "SELECT coalesce(sum(put_count), 0) FROM block_stats"
+OP_TOTALS = "SELECT op, count(*) FROM access_log GROUP BY op"
 TIME_RANGE = "SELECT min(ts), max(ts) FROM access_log"
 ALL_ACCESSES = "SELECT ts, key, op, tier FROM access_log ORDER BY id"
 CURRENT_SIZES = "SELECT key, nbytes FROM blocks"
@@ -71,6 +74,20 @@ def access_windows(catalog: Catalog, now: float | None = None) -> dict[str, dict
                 row[tier] += count
         out[name] = row
     return out
+
+
+def lifetime_counts(catalog: Catalog) -> dict[str, Any]:
+    """Gets, puts, deletes and gets served per tier over every run (what ``tierstore stats`` shows).
+
+    Gets, puts and hits come from the per-key statistics, the same totals as :func:`tier_overview`'s
+    hit rates; deletes (which keep no per-key row) from the access log, so they count only what
+    the log still holds (``history_max_rows``).
+    """
+    gets, l1, l2, l3 = catalog.query_one(HIT_TOTALS)
+    (puts,) = catalog.query_one(PUT_TOTAL)
+    ops = dict(catalog.query(OP_TOTALS, ()))
+    return {"gets": int(gets), "puts": int(puts), "deletes": int(ops.get("delete", 0)),
+            "hits": {"L1": int(l1), "L2": int(l2), "L3": int(l3)}}
 
 
 def tier_overview(db: TierStore) -> dict[str, dict[str, Any]]:

@@ -29,9 +29,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import crc32c
 import sqlite_utils
 
-from .errors import CatalogError, CorruptBlockError, SchemaVersionError, StoreFullError, TierStoreError
+from .errors import (
+    CatalogError,
+    CorruptBlockError,
+    SchemaVersionError,
+    StoreFullError,
+    TierStoreError,
+    translate_os_error,
+)
 
 __all__ = ["Catalog", "BlockRow", "SCHEMA_VERSION", "schema_scripts"]
 
@@ -73,12 +81,26 @@ DELETE FROM shards WHERE NOT EXISTS (
   SELECT 1 FROM blocks WHERE blocks.l3_array = shards.array AND blocks.l3_shard = shards.shard)
   AND (array, shard) NOT IN (SELECT array, max(shard) FROM shards GROUP BY array)
 """
+SHORT_SHARDS = """
+SELECT b.l3_array, b.l3_shard, max(b.l3_offset + b.stored_bytes), s.length
+FROM blocks b LEFT JOIN shards s ON s.array = b.l3_array AND s.shard = b.l3_shard
+WHERE b.l3_array >= 'packs/' AND b.l3_array < 'packs0' AND b.l3_offset >= 0 AND b.stored_bytes >= 0
+GROUP BY b.l3_array, b.l3_shard
+HAVING s.length IS NULL OR s.length < max(b.l3_offset + b.stored_bytes) + ?
+"""
+"""Pack shards whose row is missing or shorter than the blocks in them (and the index after) need."""
+SHARD_EXTENT = """
+SELECT max(l3_offset + stored_bytes) FROM blocks INDEXED BY blocks_by_location
+WHERE l3_array = ? AND l3_shard = ? AND l3_offset >= 0 AND stored_bytes >= 0
+"""
+SHARD_CHUNKS = "SELECT l3_offset, l3_sizes FROM blocks WHERE l3_array = ? AND l3_shard = ?"
 GET_META = "SELECT value FROM store_meta WHERE name = ?"
 L3_LAYOUT = "l3_layout"
 """``store_meta`` row: the L3 layout of the store (see :mod:`tierstore.tiers.l3_zarr`); absent: layout 1."""
 L3_ROWS = f"SELECT {BLOCK_COLUMNS} FROM blocks WHERE l3_array IS NOT NULL"
 SET_L3_CHUNK = "UPDATE blocks SET l3_chunk = ? WHERE block_id = ?"
 HAS_L3_DATA = "SELECT EXISTS (SELECT 1 FROM blocks) OR EXISTS (SELECT 1 FROM shards)"
+DELETE_META = "DELETE FROM store_meta WHERE name = ?"
 SET_META = "INSERT INTO store_meta (name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value"
 GET_STATS = ("SELECT access_count, get_count, put_count, hits_l1, hits_l2, hits_l3, first_access, last_access, "
              "interarrival_ewma FROM block_stats WHERE key = ?")
@@ -123,6 +145,12 @@ SELECT s.key, s.access_count, s.last_access, b.nbytes FROM block_stats s JOIN bl
 WHERE s.access_count >= ? ORDER BY s.access_count DESC, s.last_access DESC LIMIT ?
 """
 
+COUNTER_SUFFIX = "-commits"
+"""The commit counter kept outside the WAL (see ``Catalog._check_commit_counter``)."""
+COMMIT_SEQ = "commit_seq"
+ROLLBACK_META = "catalog_rollback"
+CREATING_SUFFIX = ".tmp"
+"""A catalog being created (renamed into place when complete; a leftover is replaced)."""
 HEADROOM_SUFFIX = "-headroom"
 HEADROOM = 1 << 20
 """Disk held beside the catalog and given back when the disk is full, so that deletes can still commit."""
@@ -243,6 +271,8 @@ class Catalog:
         self._lock = threading.RLock()
         if readonly and not self.path.exists():
             raise CatalogError(f"no catalog at {self.path}; is this a tierstore store?", path=str(self.path))
+        if not readonly and _unborn(self.path):
+            self._create(durable)
         try:
             conn = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False, isolation_level=None)
             self._conn = conn
@@ -258,6 +288,11 @@ class Catalog:
             raise SchemaVersionError(
                 f"catalog {self.path} has schema version {version}, newer than this tierstore knows "
                 f"({SCHEMA_VERSION}); upgrade tierstore to open it", path=str(self.path))
+        if version == 0 and readonly:
+            conn.close()
+            raise SchemaVersionError(
+                f"catalog {self.path} is empty: the store's first open did not finish; open it read-write "
+                "once to create it", path=str(self.path))
         if version < SCHEMA_VERSION:
             if readonly:
                 conn.close()
@@ -267,6 +302,9 @@ class Catalog:
             self._migrate(version)
         if readonly:
             conn.execute("PRAGMA query_only = 1")
+        self._counter_fd = -1
+        self.rollback_note = self._check_commit_counter()
+        """Non-empty when the catalog lost commits it had acknowledged, until ``verify --fix``."""
         self._headroom_gone = False
         if not readonly:
             self._reserve_headroom()
@@ -301,6 +339,76 @@ class Catalog:
         except OSError:
             return False
 
+    # -- commit counter -----------------------------------------------------------------------------
+    # SQLite drops every WAL frame after the first damaged one without a word, so a damaged WAL after a
+    # killed writer silently rolls back acknowledged commits. Each write transaction therefore bumps
+    # commit_seq in store_meta and, after COMMIT, writes it to a small file beside the catalog (outside
+    # the WAL). A catalog whose commit_seq is behind that file lost commits. The file is written
+    # without fsync: it survives a killed process (the page cache does), and a file behind the
+    # catalog (after a power cut) is never mistaken for a loss.
+
+    def _check_commit_counter(self) -> str:
+        counted = _read_counter(self.path.with_name(self.path.name + COUNTER_SUFFIX))  # before the catalog
+        seq = _as_count(self.query_one(GET_META, (COMMIT_SEQ,)))
+        note = self.meta(ROLLBACK_META) or ""
+        if seq < counted:
+            note = (f"the catalog lost commits {seq + 1} to {counted} it had acknowledged (its write-ahead log "
+                    "was damaged after a crash, or it was restored from an older copy): blocks written or "
+                    "deleted by them are missing or older; check them, then run 'tierstore verify --fix' "
+                    "to acknowledge")
+        if self.readonly:
+            return note
+        try:
+            self._counter_fd = os.open(self.path.with_name(self.path.name + COUNTER_SUFFIX),
+                                       os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            raise translate_os_error(exc, what="open the commit counter", path=self.path) from None
+        if seq < counted:
+            self.set_meta({ROLLBACK_META: note})  # kept until acknowledged: the counter follows the catalog now
+        return note
+
+    def acknowledge_rollback(self) -> None:
+        """Forget a detected loss of commits (``verify --fix``, once it has been reported)."""
+        with self.write("acknowledge lost commits") as conn:
+            conn.execute(DELETE_META, (ROLLBACK_META,))
+        self.rollback_note = ""
+
+    def _create(self, durable: bool) -> None:
+        """Build a complete catalog in a temporary file and rename it into place.
+
+        A kill half-way through a first open then leaves no catalog (or the old empty one) and a
+        temporary file the next writer replaces, never a catalog stuck at an early schema version.
+        """
+        tmp = self.path.with_name(self.path.name + CREATING_SUFFIX)
+        tmp.unlink(missing_ok=True)
+        try:
+            conn = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                conn.execute("PRAGMA journal_mode = MEMORY")  # the rename is what makes creation atomic
+                for version, _name, sql in schema_scripts():
+                    conn.executescript(f"BEGIN;\n{sql}\nPRAGMA user_version = {version};\nCOMMIT;")
+            finally:
+                conn.close()
+            if durable:
+                fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            os.replace(tmp, self.path)
+            if durable:
+                fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        except sqlite3.Error as exc:
+            tmp.unlink(missing_ok=True)
+            raise self._fail(exc, "create the catalog") from None
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise translate_os_error(exc, what="create the catalog", path=self.path) from None
+
     def _migrate(self, current: int) -> None:
         for version, name, sql in schema_scripts():
             if version <= current:
@@ -319,11 +427,19 @@ class Catalog:
             conn = self._conn
             try:
                 conn.execute("BEGIN IMMEDIATE")
+                seq = 0
+                if self._counter_fd >= 0:  # read under the write lock: the file is never ahead of the catalog
+                    seq = _as_count(conn.execute(GET_META, (COMMIT_SEQ,)).fetchone()) + 1
+                    conn.execute(SET_META, (COMMIT_SEQ, str(seq)))
             except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise self._fail(exc, what) from None
             try:
                 yield conn
                 conn.execute("COMMIT")
+                if self._counter_fd >= 0:
+                    _write_counter(self._counter_fd, seq)
             except sqlite3.Error as exc:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
@@ -457,6 +573,33 @@ class Catalog:
     def shard_lengths(self) -> dict[tuple[str, int], int]:
         """Committed length of every shard file."""
         return {(a, s): n for a, s, n in self.query(SHARD_LENGTHS)}
+
+    def short_shards(self, index_bytes: int) -> list[tuple[str, int, int, int | None]]:
+        """``(array, shard, extent, length)`` of pack shards whose row is missing (length None) or
+        ends before ``extent`` (where its last block ends) plus ``index_bytes``."""
+        return [(a, s, e, n) for a, s, e, n in self.query(SHORT_SHARDS, (index_bytes,))
+                if isinstance(a, str) and _ARRAY_NAME.fullmatch(a) and type(s) is int and s >= 0
+                and type(e) is int and (n is None or type(n) is int)]  # never a path a damaged row made up
+
+    def shard_extent(self, array: str, shard: int) -> int | None:
+        """Where the last block in a shard ends (None: no block is in it)."""
+        value = self.query_one(SHARD_EXTENT, (array, shard))[0]
+        return value if type(value) is int else None
+
+    def set_shard_lengths(self, lengths: dict[tuple[str, int], int]) -> None:
+        """Write shard rows (rebuilt from the bytes by recovery or repair)."""
+        with self.write("rebuild shard rows") as conn:
+            conn.executemany(UPSERT_SHARD, [(a, s, n) for (a, s), n in lengths.items()])
+
+    def shard_chunks(self, array: str, shard: int) -> list[tuple[int, int]]:
+        """``(offset, size)`` of every chunk the blocks in a shard have (rows that do not parse skipped)."""
+        chunks: list[tuple[int, int]] = []
+        for offset, sizes in self.query(SHARD_CHUNKS, (array, shard)):
+            if type(offset) is int and isinstance(sizes, bytes) and len(sizes) % 4 == 0:
+                for size in memoryview(sizes).cast("I"):
+                    chunks.append((offset, int(size)))
+                    offset += int(size)
+        return chunks
 
     def live_arrays(self) -> set[str]:
         """L3 arrays (large blocks) that committed rows point at."""
@@ -593,6 +736,48 @@ class Catalog:
                 self._conn.close()
             except sqlite3.Error:
                 pass
+            if self._counter_fd >= 0:
+                os.close(self._counter_fd)
+                self._counter_fd = -1
+
+
+def _as_count(row: Any) -> int:
+    """The commit_seq value of a ``store_meta`` row (0 when absent or damaged)."""
+    text = str(row[0]) if row is not None else ""
+    return int(text) if text.isascii() and text.isdigit() else 0
+
+
+def _read_counter(path: Path) -> int:
+    """The commit count recorded beside the catalog (0 when there is none or it is damaged)."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(12)
+    except OSError:
+        return 0
+    if len(raw) != 12 or crc32c.crc32c(raw[:8]) != int.from_bytes(raw[8:], "little"):
+        return 0
+    return int.from_bytes(raw[:8], "little")
+
+
+def _write_counter(fd: int, seq: int) -> None:
+    raw = seq.to_bytes(8, "little")
+    try:
+        os.pwrite(fd, raw + crc32c.crc32c(raw).to_bytes(4, "little"), 0)  # one page: a kill never tears it
+    except OSError:
+        pass  # (a full disk cannot refuse 12 bytes in place): a counter behind the catalog is never a false alarm
+
+
+def _unborn(path: Path) -> bool:
+    """Whether no catalog was ever completed at ``path`` (none, or an empty file a crash left).
+
+    An empty file beside a non-empty WAL is not: the WAL may hold the whole catalog.
+    """
+    try:
+        if path.stat().st_size:
+            return False
+        return path.with_name(path.name + "-wal").stat().st_size == 0
+    except FileNotFoundError:
+        return True
 
 
 def _replaced_row(old: Sequence[Any]) -> BlockRow:

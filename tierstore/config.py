@@ -259,6 +259,10 @@ class CacheConfig:
 
     def _check_shared(self) -> None:
         url = self.shared_url
+        if isinstance(url, str) and "@" not in url and (bucket := re.match(r"^s3://([^/]*)", url)) \
+                and 0 < len(bucket.group(1)) < 3 and re.fullmatch(r"[a-z0-9.\-]*", bucket.group(1)):
+            raise ConfigError(f"shared_url={url!r}: the bucket name {bucket.group(1)!r} is too short; S3 bucket "
+                              "names are 3 to 63 characters (lower-case letters, digits, '.', '-')")
         if url is not None and (not isinstance(url, str) or not re.match(r"^s3://[a-z0-9][a-z0-9.\-]{1,62}(/.*)?$", url)
                                 or "@" in url):
             raise ConfigError(f"shared_url={url!r} is not an S3 URL; write 's3://bucket/prefix' "

@@ -41,6 +41,7 @@ __all__ = [
     "CacheUsageError",
     "UnsafePathError",
     "translate_os_error",
+    "traceback_for_log",
 ]
 
 
@@ -180,3 +181,9 @@ def translate_os_error(exc: OSError, *, what: str, path: str | os.PathLike[str] 
             f"{what}: {where!s} is a symbolic link, and tierstore never follows links inside a store; "
             "replace it with the real file or remove it", key=key, path=str(where))
     return TierStoreError(f"{what}: {exc.strerror or exc} at {where!s}", key=key, path=str(where))
+
+
+def traceback_for_log(exc: BaseException) -> BaseException | None:
+    """What to pass as a log call's ``exc_info``: a tierstore error's message says it all, anything else
+    is a bug or a driver surprise whose traceback is worth having."""
+    return None if isinstance(exc, TierStoreError) else exc

@@ -23,6 +23,7 @@ Tests and presets inject :class:`HardwareFacts` directly; the maths is the same.
 
 from __future__ import annotations
 
+import mmap
 import os
 import resource
 import shutil
@@ -200,8 +201,12 @@ def _codec(facts: HardwareFacts, bandwidth: Bandwidth | None, io_threads: int) -
     return _CODEC_SETTING[choice], f"codec: {choice}, the fastest read path measured ({shown})"
 
 
-def recommend(facts: HardwareFacts, bandwidth: Bandwidth | None = None) -> Recommendation:
-    """The configuration for a machine with ``facts`` (and measured ``bandwidth``, if any)."""
+def recommend(facts: HardwareFacts, bandwidth: Bandwidth | None = None, *, memory: int | None = None
+              ) -> Recommendation:
+    """The configuration for a machine with ``facts`` (and measured ``bandwidth``, if any).
+
+    ``memory`` is a budget for host memory: L2 (mapped and prefaulted at open) stays within it.
+    """
     notes: list[str] = []
     gpu = max(facts.gpus, key=lambda g: g.free_memory, default=None)
     l1 = 0
@@ -221,6 +226,9 @@ def recommend(facts: HardwareFacts, bandwidth: Bandwidth | None = None) -> Recom
     l2 = _round(min(facts.ram_available - headroom, facts.ram_total // 2))
     notes.append(f"L2 {format_size(l2)}: {format_size(facts.ram_available)} available minus {format_size(headroom)}, "
                  "at most half of RAM")
+    if memory is not None and memory < l2:
+        l2 = _round(memory) or memory // mmap.PAGESIZE * mmap.PAGESIZE
+        notes.append(f"L2 {format_size(l2)}: capped at the memory budget of {format_size(memory)}")
     pin = True
     limit = facts.memlock_limit
     if limit is not None and limit < l2:
@@ -282,9 +290,9 @@ class HardwareOptimizer:
             self.store._catalog.set_meta({META_NAME: self._bandwidth.to_json()})
         return self._bandwidth
 
-    def recommend(self) -> Recommendation:
-        """The configuration for this machine, with notes on why."""
-        return recommend(self.facts, self.bandwidth)
+    def recommend(self, *, memory: int | None = None) -> Recommendation:
+        """The configuration for this machine (L2 within ``memory`` if given), with notes on why."""
+        return recommend(self.facts, self.bandwidth, memory=memory)
 
     def recommend_config(self, **overrides: object) -> CacheConfig:
         """The recommended :class:`CacheConfig` (with any field overridden)."""

@@ -8,13 +8,18 @@ EWMA and the successor table (which key followed which get).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
+from .errors import traceback_for_log
+
 __all__ = ["AccessRecorder", "Access"]
+
+_log = logging.getLogger("tierstore.history")
 
 Access = tuple[float, str, str, str | None]
 """``(unix time, key, op, tier)``; op is get, put or delete; tier is where a get was served."""
@@ -103,9 +108,16 @@ class AccessRecorder:
                 break
             try:
                 self.flush()
-                self.last_error = None
             except Exception as exc:  # the store reports it in stats(); the next flush retries
+                # once per new failure, not once a second while the disk stays full
+                if self.last_error is None or str(self.last_error) != str(exc):
+                    _log.warning("writing the access history failed (%d accesses kept, retried): %s",
+                                 len(self._buffer), exc, exc_info=traceback_for_log(exc))
                 self.last_error = exc
+            else:
+                if self.last_error is not None:
+                    _log.info("writing the access history works again")
+                self.last_error = None
 
     def close(self) -> None:
         """Stop the thread after a last flush."""

@@ -33,6 +33,7 @@ must return its bytes now, and journaling a move that survives no crash would on
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -57,6 +58,7 @@ from .errors import (
     StoreClosedError,
     TierFullError,
     TierStoreError,
+    traceback_for_log,
 )
 from .predict import SuccessorTable
 from .residency import Residency, Resident
@@ -73,6 +75,7 @@ CRASH_ENV = "TIERSTORE_CRASH_AT"
 CRASH_POINTS = ("intent", "copied", "verified", "committed", "freed")
 """The steps of a move at which ``TIERSTORE_CRASH_AT`` can kill the process (after each one)."""
 TIERS = ("L1", "L2", "L3")
+_log = logging.getLogger("tierstore.migrator")
 _RANK = {"L1": 0, "L2": 1, "L3": 2}
 _L3_BIT = 4
 _SEED_SUCCESSORS = 200_000
@@ -302,7 +305,7 @@ class Migrator:
             try:  # never raise: the history batch is already committed and must not be written twice
                 self.catalog.trim_successors(self.config.history_max_rows)
             except TierStoreError as exc:
-                self.last_error = exc
+                self._note_failure("trimming the successor table", exc)
 
     # -- public operations ------------------------------------------------------------------------
 
@@ -435,6 +438,11 @@ class Migrator:
             if future.set_running_or_notify_cancel():
                 future.set_exception(StoreClosedError("the store was closed before this move ran"))
 
+    def _note_failure(self, what: str, exc: BaseException) -> None:
+        """Keep ``exc`` for ``stats()`` and log it: nobody is waiting on a background move's outcome."""
+        self.last_error = exc
+        _log.warning("%s failed: %s", what, exc, exc_info=traceback_for_log(exc))
+
     # -- the worker -------------------------------------------------------------------------------
 
     def _submit(self, job: Callable[[], Any]) -> Future[Any]:
@@ -452,7 +460,7 @@ class Migrator:
                 for key, follower, count in self.catalog.successor_counts(_SEED_SUCCESSORS):
                     self._table.add(key, follower, count)
         except TierStoreError as exc:
-            self.last_error = exc
+            self._note_failure("reading the successor table back", exc)
         finally:
             self._seeded.set()
 
@@ -500,7 +508,7 @@ class Migrator:
             if counter is not None:
                 self.counters[counter] += len(done)
         except Exception as exc:  # a background move must not kill the worker; stats() reports it
-            self.last_error = exc
+            self._note_failure("a background move", exc)
             self.counters["failed"] += 1
 
     # -- moves ------------------------------------------------------------------------------------
@@ -568,7 +576,7 @@ class Migrator:
                     moved = self._move(move, block_id, journal_id)
                 except TierStoreError as exc:
                     self.counters["failed"] += 1
-                    self.last_error = exc
+                    self._note_failure(f"moving {move.key!r} from {move.src} to {move.dst}", exc)
                     if errors is not None:
                         errors.append(exc)
                     moved = False
@@ -807,7 +815,7 @@ class Migrator:
                            loc.length, _L3_BIT, stamp, stamp, parent, loc.chunk)
             committed = self.hooks.commit_spill(row, loc, journal_id, entry.block_id)
         except (TierStoreError, OSError) as exc:
-            self.last_error = exc
+            self._note_failure(f"spilling {entry.key!r} to L3", exc)
             if loc is not None:
                 self.l3.free([loc])
             try:

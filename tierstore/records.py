@@ -50,3 +50,5 @@ class StoreStats:
     recovery: dict[str, list[str]]
     history_error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    hit_bytes: dict[str, int] = field(default_factory=dict)
+    """Bytes the gets counted in ``hits`` returned, per tier (``hit_bytes["L3"]``: bytes read from disk)."""

@@ -1,8 +1,11 @@
 """Opening a store after whatever came before: a crash, a lost catalog, a torn write.
 
 Run by the writer at open, before anything else touches the store: cache-only
-rows go, shard files are cut back to their committed length, files no row
-points at are removed, rows whose data is missing are reported. A catalog that
+rows go, shard rows the catalog lost or shortened are rebuilt from the bytes,
+shard files are cut back to their committed length, files no row points at are
+removed, rows whose data is missing are reported. No byte a committed block row
+points at is ever removed or cut: an inconsistency between catalog rows is
+repaired from the bytes, never by deleting them. A catalog that
 is missing beside L3 data stops the open, so that a lost catalog is never taken
 for a new store (which would delete every block file as an orphan).
 """
@@ -13,21 +16,23 @@ from pathlib import Path
 
 from .catalog import Catalog
 from .errors import CatalogError, translate_os_error
-from .tiers.l3_zarr import LAYOUT, PACK_SLOTS, Contents, Location, RecoveryReport, ZarrL3
+from .tiers.l3_zarr import LAYOUT, PACK_INDEX_BYTES, PACK_SLOTS, Contents, Location, RecoveryReport, ZarrL3
 from .txn import location_of
 
-__all__ = ["recover", "upgrade_layout", "refuse_orphaned_data"]
+__all__ = ["recover", "rebuild_shard_rows", "upgrade_layout", "refuse_orphaned_data"]
 
 
 def recover(catalog: Catalog, l3: ZarrL3) -> RecoveryReport:
     """Finish what a crashed writer left: drop cache-only rows, cut torn appends, remove orphans."""
     catalog.drop_volatile()
     catalog.forget_unused_shards()
-    lengths = catalog.shard_lengths()
     try:
+        rebuilt = rebuild_shard_rows(catalog, l3, _at_risk(catalog, l3))  # first: what follows trusts them
+        lengths = catalog.shard_lengths()
         report = l3.recover(lengths, catalog.live_arrays())
     except OSError as exc:
         raise translate_os_error(exc, what="recover the L3 tier", path=l3.root) from None
+    report.rebuilt = rebuilt
     last: dict[str, int] = {}
     for array, shard in lengths:
         last[array] = max(last.get(array, -1), shard)
@@ -62,6 +67,48 @@ def upgrade_layout(catalog: Catalog, l3: ZarrL3) -> None:
         l3.drop_layout1_names(shards, [loc.array for loc, _, _ in blocks])
     except OSError as exc:
         raise translate_os_error(exc, what="upgrade the L3 layout", path=l3.root) from None
+
+
+def rebuild_shard_rows(catalog: Catalog, l3: ZarrL3,
+                       short: list[tuple[str, int, int, int | None]] | None = None) -> list[str]:
+    """Rebuild the rows of pack shards that blocks use but the catalog lost or shortened.
+
+    A missing row would make the file an orphan (deleted) and a short one a torn append (cut),
+    destroying blocks that read fine; the bytes say how long the shard really is. ``short``
+    lists the shards to look at (default: every one, a scan of all packed rows). Returns one
+    line per row rebuilt.
+    """
+    lengths: dict[tuple[str, int], int] = {}
+    lines = []
+    for array, shard, extent, length in short if short is not None else catalog.short_shards(PACK_INDEX_BYTES):
+        end = l3.shard_end(array, shard, extent)
+        if end is None:
+            continue  # the file is gone: its blocks are missing, which is reported, not invented
+        end = max(end, length or 0)
+        if end != length:
+            lengths[(array, shard)] = end
+            was = "no row" if length is None else f"row said {length} bytes"
+            lines.append(f"l3/{array}/{shard}: {was}, its blocks end at {extent}; rebuilt as {end} bytes from the file")
+    if lengths:
+        catalog.set_shard_lengths(lengths)
+    return lines
+
+
+def _at_risk(catalog: Catalog, l3: ZarrL3) -> list[tuple[str, int, int, int | None]]:
+    """The shards whose files :meth:`ZarrL3.recover` would delete (no row) or cut (the last of each pack)
+    although blocks use more of them than their row says: one indexed query each, not a scan of all rows."""
+    lengths = catalog.shard_lengths()
+    last: dict[str, int] = {}
+    for array, number in lengths:
+        last[array] = max(last.get(array, -1), number)
+    candidates = {k for k in l3.pack_shard_files() if k not in lengths} | set(last.items())
+    found = []
+    for array, number in sorted(candidates):
+        extent = catalog.shard_extent(array, number)
+        length = lengths.get((array, number))
+        if extent is not None and (length is None or length < extent + PACK_INDEX_BYTES):
+            found.append((array, number, extent, length))
+    return found
 
 
 def refuse_orphaned_data(store_dir: Path, catalog_path: Path) -> None:

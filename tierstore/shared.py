@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import logging
 import os
 import threading
 import time
@@ -28,7 +29,13 @@ from typing import Any, TypeVar
 import numpy as np
 
 from .config import CacheConfig
-from .errors import BlockNotFoundError, BlockUnavailableError, SharedTierError, SharedTierUnavailableError
+from .errors import (
+    BlockNotFoundError,
+    BlockUnavailableError,
+    SharedTierError,
+    SharedTierUnavailableError,
+    traceback_for_log,
+)
 from .tiers.l3_codecs import choose_codec
 from .tiers.shared_objects import chunk_pool
 from .tiers.shared_s3 import BlockHeader, SharedS3Tier, encode_block
@@ -36,6 +43,7 @@ from .tiers.shared_s3 import BlockHeader, SharedS3Tier, encode_block
 __all__ = ["SharedCoordinator", "LocalBlock", "PublishReport", "PullReport", "SharedVerifyReport", "Progress",
            "BlockUnavailableError"]
 
+_log = logging.getLogger("tierstore.shared")
 _T = TypeVar("_T")
 Progress = Callable[[int, int], None]
 """``progress(done_bytes, total_bytes)``; total is 0 while unknown."""
@@ -110,6 +118,7 @@ class SharedCoordinator:
         self._retry_at = 0.0
         self._since: float | None = None
         self._last_error: str | None = None
+        self._publish_error: str | None = None
         self.counts = collections.Counter[str]()
         self._queue: dict[str, None] = {}
         self._queue_cond = threading.Condition()
@@ -142,11 +151,16 @@ class SharedCoordinator:
                 return  # one of a burst of requests in flight together: one failure, one backoff step
             self._failures += 1
             self._retry_at = now + min(_BACKOFF_MAX, _BACKOFF_MIN * 2 ** (self._failures - 1))
+            if self._since is None:
+                _log.warning("shared tier %s unavailable, working from the local tiers: %s", self.tier.url,
+                             exc.message)
             self._since = self._since or time.time()
 
     def _succeeded(self) -> None:
         if self._since is not None or self._failures:
             with self._health:
+                if self._since is not None:
+                    _log.info("shared tier %s reachable again", self.tier.url)
                 self._failures, self._retry_at, self._since = 0, 0.0, None
 
     def _call(self, coro: Coroutine[Any, Any, _T], what: str, *, size: int | None = 0) -> _T:
@@ -323,10 +337,10 @@ class SharedCoordinator:
                 self.counts["published"] += len(batch)
             except SharedTierUnavailableError:
                 retry = True
-            except (SharedTierError, BlockNotFoundError):
-                self.counts["publish_failed"] += len(batch)
-            except Exception:  # the store closed under us, a block went away: never kill the thread
-                self.counts["publish_failed"] += len(batch)
+            except (SharedTierError, BlockNotFoundError) as exc:
+                self._publish_failed(batch, exc)
+            except Exception as exc:  # the store closed under us, a block went away: never kill the thread
+                self._publish_failed(batch, exc)
             with self._queue_cond:
                 if retry:  # put them back in front, then wait out the backoff
                     self._queue = {**dict.fromkeys(batch), **self._queue}
@@ -334,6 +348,12 @@ class SharedCoordinator:
                 self._queue_cond.notify_all()
                 if retry and not self._stopping:
                     self._queue_cond.wait(max(0.05, self._retry_at - time.monotonic()))
+
+    def _publish_failed(self, batch: list[str], exc: BaseException) -> None:
+        self.counts["publish_failed"] += len(batch)
+        self._publish_error = str(exc)
+        _log.warning("publishing %d block(s) in the background failed (not retried): %s", len(batch), exc,
+                     exc_info=traceback_for_log(exc))
 
     # -- pulling -----------------------------------------------------------------------------------
 
@@ -429,6 +449,7 @@ class SharedCoordinator:
         retry_in = max(0.0, self._retry_at - time.monotonic())
         return {"url": self.tier.url, "endpoint": self.tier.endpoint, "publish": self.policy,
                 "degraded": self.degraded, "degraded_since": self._since, "last_error": self._last_error,
+                "last_publish_error": self._publish_error,
                 "retry_in": round(retry_in, 3) if self.degraded else 0.0, "queued": self.pending(),
                 **{k: self.counts[k] for k in ("published", "uploaded", "fetched", "bytes_up", "bytes_down",
                                                "errors", "publish_failed")}}

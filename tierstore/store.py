@@ -31,7 +31,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from concurrent.futures import Future
 from contextlib import contextmanager
 from heapq import merge
@@ -45,7 +45,7 @@ import torch
 from ._version import __version__
 from .activity import save_counters
 from .alloc import Allocation
-from .catalog import BlockRow, Catalog, now
+from .catalog import CREATING_SUFFIX, BlockRow, Catalog, now
 from .config import CacheConfig, parse_size
 from .errors import (
     BlockNotFoundError,
@@ -82,7 +82,7 @@ from .tiers.l2_slab import HostArena
 from .tiers.l3_codecs import choose_codec
 from .tiers.l3_zarr import EMPTY_LOCATION, LAYOUT, Contents, Location, RecoveryReport, ZarrL3
 from .txn import Change, Txn, location_of
-from .warm import save_index, warm_l2
+from .warm import drop_l2_files, save_index, warm_l2
 
 if TYPE_CHECKING:
     from .maintenance import MaintenanceReport
@@ -98,11 +98,18 @@ _L1_FIELDS = frozenset({"l1_device", "l1_cache_size"})
 """Fields that ask a read-only handle for an L1 pool (else a reader takes no device memory)."""
 
 
-class TierStore(SharedTier, StoreReports):
-    """A handle on one store. Use :func:`tierstore.open` to get one; it is a context manager."""
+class TierStore(SharedTier, StoreReports, MutableMapping[str, torch.Tensor]):
+    """A handle on one store. Use :func:`tierstore.open` to get one; it is a context manager.
+
+    It is a ``MutableMapping`` of key to tensor: ``db[k]`` is ``get(k)`` (``BlockNotFoundError``,
+    a ``KeyError``, when missing), ``db[k] = t`` a durable ``put``, ``del db[k]`` a ``delete``;
+    so it serves wherever a mapping of weights is asked for (accelerate's ``weights_map``, say).
+    ``get`` and ``keys`` keep their own signatures: ``get(key, device)`` raises for a missing key
+    instead of returning a default, and ``keys(prefix)`` returns a sorted iterator.
+    """
 
     def __init__(self, path: str | Path, config: CacheConfig | None = None, *, readonly: bool = False,
-                 **overrides: Any) -> None:
+                 remember_config: bool = True, **overrides: Any) -> None:
         self.path = _store_path(path)
         if not isinstance(readonly, (bool, np.bool_)):  # "no" would be truthy: a surprise read-only handle
             raise InvalidArgumentError(f"readonly must be True or False, not {readonly!r}")
@@ -110,6 +117,7 @@ class TierStore(SharedTier, StoreReports):
             raise ConfigError(f"config must be a tierstore.CacheConfig or None, not {type(config).__name__}; "
                               "pass single fields as keywords (tierstore.open(path, l2_cache_size='1GiB'))")
         self.readonly = bool(readonly)
+        self._keep_config = remember_config
         self._closed = True
         self._lock: WriterLock | None = None
         catalog_path = self.path / CATALOG_NAME
@@ -118,8 +126,10 @@ class TierStore(SharedTier, StoreReports):
                      what=f"open the store read-{'only' if readonly else 'write'}")
         if readonly:
             if not catalog_path.exists():
-                raise StoreNotFoundError(f"no tierstore store at {self.path} (no {CATALOG_NAME})",
-                                         path=str(self.path))
+                unfinished = catalog_path.with_name(CATALOG_NAME + CREATING_SUFFIX).exists()
+                raise StoreNotFoundError(f"no tierstore store at {self.path} (no {CATALOG_NAME})" + (
+                    "; its first open did not finish: open it read-write once to create it" if unfinished else ""),
+                    path=str(self.path))
         else:
             try:
                 self.path.mkdir(parents=True, exist_ok=True)
@@ -136,8 +146,7 @@ class TierStore(SharedTier, StoreReports):
         self._closed = False
 
     def _open(self, catalog_path: Path, config: CacheConfig | None, overrides: dict[str, Any]) -> None:
-        if not self.readonly:
-            refuse_orphaned_data(self.path, catalog_path)
+        refuse_orphaned_data(self.path, catalog_path)  # read-only too: its advice must be one that works
         fsync = config.fsync if config is not None else overrides.get("fsync", True)
         self._catalog = Catalog(catalog_path, readonly=self.readonly, durable=bool(fsync))
         self.config, asked = self._resolve_config(config, overrides)
@@ -147,6 +156,7 @@ class TierStore(SharedTier, StoreReports):
         self._local = threading.local()
         self._counts = {"get": 0, "put": 0, "delete": 0}
         self._hits = {"L1": 0, "L2": 0, "L3": 0}
+        self._hit_bytes = {"L1": 0, "L2": 0, "L3": 0}
         layout = self._catalog.l3_layout()
         if layout is None:  # nothing stored yet: a new store starts in the current layout
             layout = LAYOUT
@@ -158,6 +168,9 @@ class TierStore(SharedTier, StoreReports):
         """Moves a crash interrupted, undone at open (see :mod:`tierstore.migrator`)."""
         if not self.readonly:
             self._recover()
+            file_backed = self.config.l2_file_backed and self.config.l2_cache_size > 0
+            drop_l2_files(self.path, slab=L2_FILE, keep_slab=file_backed)
+        self.recovery.catalog_rollback = self._catalog.rollback_note
         self._next_block_id = self._catalog.next_block_id()
         self._ids_lock = threading.Lock()
         self._rows: dict[str, tuple[BlockRow, Location]] = {}
@@ -186,6 +199,7 @@ class TierStore(SharedTier, StoreReports):
         if self.config.shared_url is not None:  # no network until first used
             self._shared = SharedCoordinator(self.config, self._shared_block)
             self._hits["shared"] = 0
+            self._hit_bytes["shared"] = 0
         self._migrator = Migrator(self._catalog, self._l3, self._l1, self._l2, self.config, StoreHooks(
             lookup=self._lookup_located, new_block_id=self._new_block_id, next_block_id=lambda: self._next_block_id,
             check_room=self._check_l3_room, commit_spill=self._commit_spill, forget_volatile=self._forget_volatile,
@@ -279,8 +293,14 @@ class TierStore(SharedTier, StoreReports):
         return config, asked
 
     def _remember_config(self) -> None:
-        """Keep the config this read-write open succeeded with: the next plain open uses it."""
-        meta = {"config": json.dumps(self.config.to_dict()), "tierstore_version": __version__}
+        """Keep the config this read-write open succeeded with: the next plain open uses it.
+
+        With ``remember_config=False`` (a one-off open for maintenance) the remembered one stays,
+        unless the store has none yet.
+        """
+        meta = {"tierstore_version": __version__}
+        if self._keep_config or self._catalog.meta("config") is None:
+            meta["config"] = json.dumps(self.config.to_dict())
         if self._catalog.meta("store_id") is None:
             meta.update(store_id=uuid.uuid4().hex, created=repr(time.time()))
         self._catalog.set_meta(meta)
@@ -731,7 +751,8 @@ class TierStore(SharedTier, StoreReports):
             self._next_block_id += 1
             return block_id
 
-    def get(self, key: str, device: str | torch.device | None = None, *, copy: bool = False) -> torch.Tensor:
+    def get(self, key: str, device: str | torch.device | None = None,  # type: ignore[override]
+            *, copy: bool = False) -> torch.Tensor:
         """The tensor stored under ``key`` (on ``device`` if given).
 
         From L2 the tensor is a zero-copy view whose slot stays reserved for as long as any tensor
@@ -754,6 +775,7 @@ class TierStore(SharedTier, StoreReports):
             tensor, tier = self._get_shared(key, device, copy)
         self._counts["get"] += 1
         self._hits[tier] += 1
+        self._hit_bytes[tier] += tensor.nbytes
         self._recorder.record(key, "get", tier)
         self._migrator.on_get(key, device)
         return tensor
@@ -1143,7 +1165,26 @@ class TierStore(SharedTier, StoreReports):
     def __iter__(self) -> Iterator[str]:
         return self.keys()
 
-    def keys(self, prefix: str | None = None) -> Iterator[str]:
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.get(key)
+
+    def __setitem__(self, key: str, tensor: torch.Tensor) -> None:
+        self.put(key, tensor)
+
+    def __delitem__(self, key: str) -> None:
+        self.delete(key)
+
+    # Mapping would compare stores by reading and comparing every tensor (and so make handles
+    # unhashable); two handles are equal only when they are the same handle.
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    def __ne__(self, other: object) -> bool:
+        return self is not other
+
+    __hash__ = object.__hash__
+
+    def keys(self, prefix: str | None = None) -> Iterator[str]:  # type: ignore[override]
         """Keys in sorted order (those starting with ``prefix`` if given)."""
         self._check_open()
         if prefix is not None and not isinstance(prefix, str):

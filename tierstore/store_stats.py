@@ -42,6 +42,7 @@ class StoreReports:
     _shared: SharedCoordinator | None
     _counts: dict[str, int]
     _hits: dict[str, int]
+    _hit_bytes: dict[str, int]
     _count: int
     _logical_bytes: int
     _stored_bytes: int
@@ -75,6 +76,13 @@ class StoreReports:
             stored_bytes=row.stored_bytes, codec=row.codec, durable=row.durable, block_id=row.block_id,
             access_count=count, last_access=last, created=row.created, updated=row.updated, parent=row.parent)
 
+    def tiers_of(self, key: str) -> tuple[str, ...]:
+        """The tiers holding ``key``'s current version now ("L1", "L2", "L3"), without the catalog
+        round trip and history flush :meth:`info` makes: cheap enough to ask once per streamed weight."""
+        self._check_open()
+        check_key(key)
+        return self._tiers_of(self._lookup(key))
+
     def _tiers_of(self, row: BlockRow) -> tuple[str, ...]:
         tiers = []
         if self._l1 is not None:
@@ -106,6 +114,7 @@ class StoreReports:
             path=str(self.path), readonly=self.readonly, blocks=self._count, logical_bytes=self._logical_bytes,
             stored_bytes=self._stored_bytes, compression_ratio=ratio, gets=self._counts["get"],
             puts=self._counts["put"], deletes=self._counts["delete"], hits=dict(self._hits),
+            hit_bytes=dict(self._hit_bytes),
             tiers=self._tier_stats(),
             recovery={"removed": list(self.recovery.removed_files), "truncated": list(self.recovery.truncated),
                       "missing": list(self.recovery.missing), "links": list(self.recovery.links)},

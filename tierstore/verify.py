@@ -16,6 +16,7 @@ is checked again afterwards and what is still wrong is in ``remaining``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -28,12 +29,21 @@ import crc32c
 import numpy as np
 
 from .catalog import BLOCK_COLUMNS, DELETE_BLOCK, SCHEMA_VERSION, BlockRow, Catalog
-from .errors import CatalogError, CorruptBlockError, SchemaVersionError, StoreNotFoundError, UnsafePathError
+from .errors import (
+    CatalogError,
+    CorruptBlockError,
+    SchemaVersionError,
+    StoreNotFoundError,
+    UnsafePathError,
+    UnsupportedTensorError,
+)
 from .fsguard import CATALOG_ENTRIES, NOFOLLOW, STORE_FOLDERS, contained, refuse_links
 from .lockfile import WriterLock
-from .recovery import refuse_orphaned_data
-from .tiers.l3_zarr import LAYOUT, Contents, ZarrL3
+from .recovery import rebuild_shard_rows, refuse_orphaned_data
+from .tensors import dtype_from_name
+from .tiers.l3_zarr import LAYOUT, PACK_INDEX_BYTES, Contents, ZarrL3
 from .txn import location_of
+from .warm import TMP_INDEX_NAME
 
 __all__ = ["Problem", "VerifyReport", "verify", "PROBLEM_KINDS"]
 
@@ -46,18 +56,24 @@ DELETE_SHARD = "DELETE FROM shards WHERE array = ? AND shard = ?"
 ARRAY_OF = "SELECT l3_array FROM blocks WHERE key = ? AND l3_array >= 'blocks/' AND l3_array < 'blocks0'"
 _OWN_ARRAY = re.compile(r"blocks/[0-9a-f]{16}")
 BLOCK_IN_ARRAY = f"SELECT {BLOCK_COLUMNS} FROM blocks WHERE l3_array = ? LIMIT 1"
+BLOCK_AT = f"SELECT {BLOCK_COLUMNS} FROM blocks WHERE l3_array = ? AND l3_shard = ? LIMIT 1"
 GROUPS = ("l3/zarr.json", "l3/packs/zarr.json", "l3/blocks/zarr.json")
 TEMP_SUFFIXES = (".tmp", ".partial")
-"""Names a writer gives files it has not finished (zarr.json.tmp, l2.index.tmp, zarr's .partial)."""
+"""Names a writer gives files it has not finished (zarr.json.tmp, zarr's .partial); not ``l2.index.tmp``,
+which only costs a cold L2 and goes at the next open."""
 
-PROBLEM_KINDS = ("schema", "corrupt", "missing", "orphan", "torn", "stale", "meta", "journal", "temp", "link")
-"""``corrupt``: bytes fail their checksum or do not decode; ``missing``: a row's data file is gone;
-``orphan``: a data file no row points at; ``torn``: a shard longer than committed; ``stale``: a shard
-row whose file is gone (with no block left in it); ``meta``: an array's ``zarr.json`` is missing or
-damaged (zarr readers need it, tierstore does not); ``journal``: a
-move left in flight; ``temp``: an unfinished temporary file; ``schema``: an old catalog schema; ``link``: a
-symbolic link in the store (never followed; ``--fix`` removes the link itself, never what it points at, and
-drops the blocks whose bytes it stood for as lost)."""
+PROBLEM_KINDS = ("schema", "rollback", "corrupt", "missing", "orphan", "torn", "stale", "shard", "index", "meta",
+                 "journal", "temp", "link")
+"""``corrupt``: bytes fail their checksum or do not decode, or the row's metadata cannot describe
+them; ``missing``: a row's data file is gone; ``orphan``: a data file no row points at; ``torn``: a
+shard longer than committed; ``stale``: a shard row whose file is gone (with no block left in it);
+``shard``: a shard row missing or shorter than the blocks in the file need (rebuilt from the bytes);
+``index``: a shard's zarr index is damaged; ``meta``: an array's ``zarr.json`` is missing or
+damaged (zarr readers need both, tierstore does not); ``journal``: a
+move left in flight; ``temp``: an unfinished temporary file; ``schema``: an old catalog schema;
+``rollback``: the catalog lost commits it had acknowledged (a damaged WAL; --fix acknowledges it);
+``link``: a symbolic link in the store (never followed; ``--fix`` removes the link itself, never what it
+points at, and drops the blocks whose bytes it stood for as lost)."""
 
 Progress = Callable[[int, int], None]
 
@@ -183,14 +199,19 @@ def _check(store: Path, progress: Progress | None) -> VerifyReport:
     catalog = Catalog(catalog_path, readonly=True)
     l3 = ZarrL3(store, readonly=True, layout=catalog.l3_layout() or LAYOUT)
     try:
+        if catalog.rollback_note:
+            report.problems.append(Problem("rollback", CATALOG_NAME, catalog.rollback_note))
         rows = []
         for raw in catalog.query(ALL_BLOCKS):
             try:
-                rows.append(BlockRow.from_tuple(raw))
+                row = BlockRow.from_tuple(raw)
+                _check_meta(row)
+                rows.append(row)
             except (CorruptBlockError, ValueError, TypeError) as exc:  # a row no block could have
                 report.problems.append(Problem("corrupt", str(raw[0]), f"catalog row is damaged ({exc})"))
         _check_blocks(l3, rows, report, progress)
         _check_files(store, l3, catalog, report)
+        _check_indexes(l3, catalog, rows, report)
         for jid, block_id, key, op, src, dst, state in catalog.query(ALL_JOURNAL):
             report.problems.append(Problem("journal", key, f"move #{jid} {op} {src}->{dst} of block "
                                            f"{block_id} left in state {state!r}"))
@@ -198,6 +219,44 @@ def _check(store: Path, progress: Progress | None) -> VerifyReport:
         l3.close()
         catalog.close()
     return report
+
+
+def _check_meta(row: BlockRow) -> None:
+    """ValueError unless ``get`` could make a tensor of the row: a known dtype whose shape fills nbytes."""
+    try:
+        itemsize = dtype_from_name(row.dtype).itemsize
+    except UnsupportedTensorError:
+        raise ValueError(f"dtype {row.dtype!r:.40} is not one tierstore stores") from None
+    if itemsize * math.prod(row.shape) != row.nbytes:
+        raise ValueError(f"{row.dtype} of shape {list(row.shape)} is {itemsize * math.prod(row.shape)} bytes, "
+                         f"the row says {row.nbytes}")
+
+
+def _check_indexes(l3: ZarrL3, catalog: Catalog, rows: list[BlockRow], report: VerifyReport) -> None:
+    """Each shard's zarr index (crc32c, and listing every live chunk): zarr readers trust it."""
+    lengths = catalog.shard_lengths()
+    short = {(a, s) for a, s, _, _ in catalog.short_shards(PACK_INDEX_BYTES)}  # reported as "shard"
+    shards: dict[tuple[str, int], BlockRow] = {}
+    for row in rows:
+        if row.l3_array is not None and row.l3_shard is not None:
+            shards.setdefault((row.l3_array, row.l3_shard), row)
+    for (array, number), row in sorted(shards.items()):
+        loc = location_of(row)
+        path = l3.shard_path(array, number)
+        length = lengths.get((array, number)) if array.startswith("packs/") else _file_size(path)
+        if length is None or (array, number) in short:
+            continue  # no file (reported as "missing") or no trustworthy length (reported as "shard")
+        problem = l3.index_problem(loc, length, catalog.shard_chunks(array, number))
+        if problem is not None:
+            report.problems.append(Problem("index", _rel(l3, array, number), f"{problem}; --fix writes it again "
+                                           "from the blocks in the shard"))
+
+
+def _file_size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
 
 
 def _check_blocks(l3: ZarrL3, rows: list[BlockRow], report: VerifyReport, progress: Progress | None) -> None:
@@ -257,11 +316,12 @@ def _check_files(store: Path, l3: ZarrL3, catalog: Catalog, report: VerifyReport
             if entry.is_symlink():
                 report.problems.append(Problem("link", rel, f"symbolic link to {os.readlink(entry)!r}; tierstore "
                                                "never follows links in a store (--fix removes the link only)"))
-            elif name in filenames and name.endswith(TEMP_SUFFIXES):
+            elif name in filenames and name.endswith(TEMP_SUFFIXES) and entry != store / TMP_INDEX_NAME:
                 report.problems.append(Problem("temp", rel, "unfinished temporary file"))
     for group in GROUPS:
         if (store / group).parent.is_dir() and not _meta_ok(store / group, "group"):
             report.problems.append(Problem("meta", group, "zarr group metadata missing or damaged"))
+    short = {(a, s): (extent, n) for a, s, extent, n in catalog.short_shards(PACK_INDEX_BYTES)}
     packs = l3.root / "packs"
     for folder in sorted(p for p in packs.iterdir() if p.is_dir() and not p.is_symlink()) if packs.is_dir() else []:
         array = f"packs/{folder.name}"
@@ -271,7 +331,12 @@ def _check_files(store: Path, l3: ZarrL3, catalog: Catalog, report: VerifyReport
             rel = str(entry.relative_to(store))
             number = l3.shard_number(entry.name)
             key = (array, number) if number is not None else None
-            if key is None or key not in lengths:
+            if key is not None and key in short:  # blocks are in it: never an orphan, never torn
+                extent, length = short[key]
+                was = "has no catalog row" if length is None else f"has a catalog row of {length} bytes"
+                report.problems.append(Problem("shard", rel, f"{was} but blocks in it end at {extent} "
+                                               f"({_size(entry)} bytes); --fix rebuilds the row from the bytes"))
+            elif key is None or key not in lengths:
                 report.problems.append(Problem("orphan", rel, f"shard file unknown to the catalog "
                                                f"({_size(entry)} bytes)"))
             elif entry.stat().st_size > lengths[key]:
@@ -289,6 +354,29 @@ def _check_files(store: Path, l3: ZarrL3, catalog: Catalog, report: VerifyReport
         if f"blocks/{entry.name}" not in live:
             report.problems.append(Problem("orphan", str(entry.relative_to(store)),
                                            f"block array no row points at ({_size(entry)} bytes)"))
+
+
+def _live_end(catalog: Catalog, array: str, shard: int) -> int:
+    """Where the last chunk a block row points at in this shard ends, plus its index."""
+    chunks = catalog.shard_chunks(array, shard)
+    return max((o + n for o, n in chunks), default=0) + PACK_INDEX_BYTES
+
+
+def _shard_of(l3: ZarrL3, subject: str) -> tuple[str, int]:
+    """``(array, shard)`` of a problem's subject ``l3/<array>/<shard file name>``."""
+    array, _, name = subject.removeprefix("l3/").rpartition("/")
+    return array, l3.shard_number(name) or 0
+
+
+def _rewrite_index(l3: ZarrL3, catalog: Catalog, subject: str, lengths: dict[tuple[str, int], int]) -> None:
+    array, shard = _shard_of(l3, subject)
+    row = catalog.query(BLOCK_AT, (array, shard))
+    if not row:
+        return
+    first = BlockRow.from_tuple(row[0])
+    path = l3.shard_path(array, shard)
+    length = lengths[(array, shard)] if array.startswith("packs/") else path.stat().st_size
+    l3.write_index(location_of(first), length, catalog.shard_chunks(array, shard))
 
 
 def _size(path: Path) -> int:
@@ -324,6 +412,10 @@ def _repair(store: Path, report: VerifyReport) -> None:
     l3_rw = ZarrL3(store, layout=layout)  # writes missing group metadata
     report.repaired.extend(f"wrote {group} again" for group in groups)
     try:
+        if catalog.rollback_note:
+            report.repaired.append(f"acknowledged: {catalog.rollback_note}")
+            report.lost.append("(commits the catalog lost: see repaired)")
+            catalog.acknowledge_rollback()
         lost = sorted({p.subject for p in report.problems if p.kind in ("corrupt", "missing")})
         if lost:
             arrays = [r[0] for k in lost for r in catalog.query(ARRAY_OF, (k,))]
@@ -341,6 +433,8 @@ def _repair(store: Path, report: VerifyReport) -> None:
                 conn.executemany(DELETE_JOURNAL, [(r[0],) for r in journal])
             report.repaired.append(f"dropped {len(journal)} leftover journal row(s); committed blocks are "
                                    "unaffected (a move copies before it commits)")
+        if any(p.kind == "shard" for p in report.problems):
+            report.repaired.extend(f"rebuilt the shard row of {line}" for line in rebuild_shard_rows(catalog, l3))
         lengths = catalog.shard_lengths()
         used = {(r[0], r[1]) for r in catalog.query(USED_SHARDS)}
         stale = [(a, n) for (a, n) in lengths if (a, n) not in used and not l3.shard_path(a, n).exists()]
@@ -362,19 +456,25 @@ def _repair(store: Path, report: VerifyReport) -> None:
             if problem.kind == "meta":
                 continue
             target = store / problem.subject
-            if problem.kind in ("orphan", "temp", "torn") and not contained(store, target):
+            if problem.kind == "index":
+                _rewrite_index(l3_rw, catalog, problem.subject, lengths)
+                report.repaired.append(f"wrote the shard index of {problem.subject} again")
+            if problem.kind in ("orphan", "temp", "torn", "shard") and not contained(store, target):
                 continue  # became a link since the check: leave it to the next check
             if problem.kind in ("orphan", "temp") and target.exists():
                 shutil.rmtree(target) if target.is_dir() else target.unlink()
                 report.repaired.append(f"removed {problem.kind} {problem.subject}")
-            elif problem.kind == "torn":
-                array, _, name = problem.subject.removeprefix("l3/").rpartition("/")
-                fd = os.open(target, os.O_WRONLY | NOFOLLOW)
-                try:
-                    os.ftruncate(fd, lengths[(array, l3.shard_number(name) or 0)])
-                finally:
-                    os.close(fd)
-                report.repaired.append(f"cut torn append of {problem.subject} back to its committed length")
+            elif problem.kind in ("torn", "shard"):
+                array, shard = _shard_of(l3, problem.subject)
+                keep = _live_end(catalog, array, shard)
+                committed = lengths.get((array, shard), 0)
+                if committed >= keep and target.stat().st_size > committed:
+                    fd = os.open(target, os.O_WRONLY | NOFOLLOW)
+                    try:
+                        os.ftruncate(fd, committed)  # past every byte a block row points at
+                    finally:
+                        os.close(fd)
+                    report.repaired.append(f"cut torn append of {problem.subject} back to its committed length")
     finally:
         l3.close()
         l3_rw.close()

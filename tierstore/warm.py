@@ -24,9 +24,10 @@ from .residency import Residency
 from .tensors import dtype_from_name
 from .tiers.l2_slab import HostArena
 
-__all__ = ["WarmEntry", "save_index", "load_index", "warm_l2", "INDEX_NAME"]
+__all__ = ["WarmEntry", "save_index", "load_index", "warm_l2", "drop_l2_files", "INDEX_NAME", "TMP_INDEX_NAME"]
 
 INDEX_NAME = "l2.index"
+TMP_INDEX_NAME = INDEX_NAME + ".tmp"
 _FORMAT = 1
 
 
@@ -48,14 +49,26 @@ def save_index(store_dir: Path, store_id: str, generation: int, l2: Residency[Ho
     doc = {"format": _FORMAT, "store_id": store_id, "generation": generation,
            "capacity": l2.arena.capacity, "entries": entries}
     path = store_dir / INDEX_NAME
-    tmp = path.with_name(INDEX_NAME + ".tmp")
-    # O_NOFOLLOW: a planted l2.index.tmp link must not have this written into its target
-    with os.fdopen(open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w", encoding="utf-8") as fh:
-        json.dump(doc, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(TMP_INDEX_NAME)
+    try:
+        # O_NOFOLLOW: a planted l2.index.tmp link must not have this written into its target
+        with os.fdopen(open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w", encoding="utf-8") as fh:
+            json.dump(doc, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # (a full disk): the next open starts cold, and nothing is left behind
+        raise
     return len(entries)
+
+
+def drop_l2_files(store_dir: Path, *, slab: str, keep_slab: bool) -> None:
+    """At a read-write open: remove a temporary index a killed close left, and the L2 file and its
+    index when the store is no longer file-backed (they would hold disk and stale bytes for ever)."""
+    names = [TMP_INDEX_NAME] if keep_slab else [TMP_INDEX_NAME, INDEX_NAME, slab]
+    for name in names:
+        (store_dir / name).unlink(missing_ok=True)
 
 
 def load_index(store_dir: Path, store_id: str, generation: int, capacity: int) -> list[WarmEntry]:
@@ -68,7 +81,7 @@ def load_index(store_dir: Path, store_id: str, generation: int, capacity: int) -
         return []
     finally:  # unlink takes a link itself away, never what it points at
         path.unlink(missing_ok=True)
-        path.with_name(INDEX_NAME + ".tmp").unlink(missing_ok=True)
+        path.with_name(TMP_INDEX_NAME).unlink(missing_ok=True)
     try:
         doc = json.loads(raw)
         if (doc.get("format") != _FORMAT or doc.get("store_id") != store_id

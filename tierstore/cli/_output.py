@@ -9,17 +9,19 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from ..config import format_size
+from ..progress import BytesColumn
 from ..store import TierStore
 
-__all__ = ["console", "table", "emit", "block_rows", "stats_table", "add_json", "progress_bar",
+__all__ = ["console", "table", "emit", "block_rows", "stats_table", "add_json", "positive", "progress_bar",
            "tier_table", "windows_table"]
 
-console = Console(width=None if sys.stdout.isatty() else 160)
+console = Console(width=None if sys.stdout.isatty() else 100)  # piped or captured: what a terminal of 100 shows
 
 _RIGHT = frozenset({"size", "stored", "ratio", "accesses", "used", "free", "capacity", "blocks", "hits"})
 
@@ -47,6 +49,17 @@ def add_json(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
+def positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def block_rows(db: TierStore, prefix: str | None) -> list[dict[str, Any]]:
     """One dict per key under ``prefix``: what ``ls`` shows."""
     rows = []
@@ -58,13 +71,17 @@ def block_rows(db: TierStore, prefix: str | None) -> list[dict[str, Any]]:
     return rows
 
 
-def stats_table(stats: Any) -> Table:
-    """The ``stats`` table of a :class:`StoreStats`."""
+def stats_table(stats: Any, totals: dict[str, Any] | None = None) -> Table:
+    """The ``stats`` table of a :class:`StoreStats`: this handle's counts, or ``totals`` over every run
+    (``tierstore.activity.lifetime_counts``) where given."""
+    counts = totals if totals is not None else {"gets": stats.gets, "puts": stats.puts, "deletes": stats.deletes,
+                                                "hits": stats.hits}
+    when = " (all runs)" if totals is not None else " (this run)"
     return table(f"store {stats.path}", ["what", "value"], [
         ["blocks", stats.blocks], ["logical size", format_size(stats.logical_bytes)],
         ["stored in L3", format_size(stats.stored_bytes)], ["compression", f"{stats.compression_ratio:.2f}x"],
-        ["gets / puts / deletes", f"{stats.gets} / {stats.puts} / {stats.deletes}"],
-        ["hits L1 / L2 / L3", " / ".join(str(stats.hits[t]) for t in ("L1", "L2", "L3"))],
+        ["gets / puts / deletes" + when, f"{counts['gets']} / {counts['puts']} / {counts['deletes']}"],
+        ["hits L1 / L2 / L3" + when, " / ".join(str(counts["hits"][t]) for t in ("L1", "L2", "L3"))],
         *_shared_rows(stats.tiers.get("shared"), stats.hits.get("shared", 0)),
     ])
 
@@ -73,7 +90,7 @@ def stats_table(stats: Any) -> Table:
 def progress_bar(what: str) -> Iterator[Callable[[int, int], None]]:
     """A rich progress bar on stderr (shown only on a terminal); yields ``update(done, total)`` in bytes."""
     err = Console(stderr=True)
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+    with Progress(TextColumn("{task.description}"), BarColumn(), BytesColumn(), TimeRemainingColumn(),
                   console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task(what, total=None)
 
@@ -95,11 +112,17 @@ def tier_table(overview: dict[str, dict[str, Any]]) -> Table:
         extra = (f"compression {row['compression_ratio']:.2f}x, fragmentation {row['fragmentation']:.1%} "
                  f"({format_size(row['dead_bytes'])} reclaimable)") if tier == "L3" else \
             f"promotions {row['promotions']}, demotions {row['demotions']}"
-        capacity = row["capacity"]
-        rows.append([tier, "auto" if capacity is None and tier == "L1" else
-                     ("disk" if capacity is None else format_size(capacity)), _size_or_dash(row["used"]),
+        rows.append([tier, _capacity(tier, row["capacity"]), _size_or_dash(row["used"]),
                      "-" if row["blocks"] is None else row["blocks"], rate, extra])
     return table("tiers", ["tier", "capacity", "used", "blocks", "hit rate", "moves / L3"], rows)
+
+
+def _capacity(tier: str, capacity: int | None) -> str:
+    if tier == "L1" and (capacity == 0 or not torch.cuda.is_available()):
+        return "off"  # no GPU here, or L1 turned off: "auto" would promise a tier that does not exist
+    if capacity is None:
+        return "auto" if tier == "L1" else "disk"
+    return format_size(capacity)
 
 
 def windows_table(windows: dict[str, dict[str, int]]) -> Table:

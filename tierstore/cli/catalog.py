@@ -7,10 +7,10 @@ import dataclasses
 import time
 
 from .. import open as open_store
-from ..activity import access_windows, tier_overview
+from ..activity import access_windows, lifetime_counts, tier_overview
 from ..config import format_size
 from ..predict import next_access_estimate
-from ._output import add_json, block_rows, console, emit, stats_table, table, tier_table, windows_table
+from ._output import add_json, block_rows, console, emit, positive, stats_table, table, tier_table, windows_table
 
 __all__ = ["register"]
 
@@ -82,12 +82,18 @@ def cmd_stats(args: argparse.Namespace) -> int:
     with open_store(args.store, readonly=True, l1_cache_size=0, l2_cache_size=0) as db:
         stats = db.stats()
         overview, windows = tier_overview(db), access_windows(db._catalog)
+        totals = lifetime_counts(db.migrator.catalog)
+    # This handle was opened a moment ago with L1 and L2 off: its own counts and capacities say
+    # nothing. Show the store's: counts over every run, capacities it was configured with.
     data = {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)}
-    data.update(tier_overview=overview, windows=windows)
+    data.update(totals, hits={**stats.hits, **totals["hits"]}, tier_overview=overview, windows=windows,
+                tiers={tier: {**stats.tiers.get(tier, {}), "capacity": row["capacity"], "used": row["used"],
+                              "blocks": row["blocks"]} for tier, row in overview.items()}
+                | {t: v for t, v in stats.tiers.items() if t not in overview})
     if args.json:
         emit(args, data, lambda: stats_table(stats))
     else:
-        for part in (stats_table(stats), tier_table(overview), windows_table(windows)):
+        for part in (stats_table(stats, totals=totals), tier_table(overview), windows_table(windows)):
             console.print(part)
     return 0
 
@@ -101,7 +107,6 @@ def cmd_history(args: argparse.Namespace) -> int:
         [time.strftime("%H:%M:%S", time.localtime(float(r["time"] or 0))), r["key"], r["op"], r["tier"] or ""]
         for r in data]))
     return 0
-
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -122,7 +127,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     history = sub.add_parser("history", help="access log (example: tierstore history weights.ts --limit 20)")
     history.add_argument("store")
     history.add_argument("key", nargs="?")
-    history.add_argument("--limit", type=int, default=50)
+    history.add_argument("--limit", type=positive, default=50, help="newest accesses to show (default 50)")
     history.set_defaults(func=cmd_history)
     for command in (ls, info, stats, history):
         add_json(command)

@@ -61,7 +61,8 @@ def _maintain(args: argparse.Namespace, what: str) -> int:
     if not (store_dir / CATALOG_NAME).is_file():  # an error here, not a new empty store
         raise StoreNotFoundError(f"no tierstore store at {store_dir} (no {CATALOG_NAME})", path=str(store_dir))
     before = disk_usage(store_dir / "l3")
-    with open_store(store_dir, l2_cache_size=0) as db:  # opening runs recovery: orphans of a crash go first
+    # L2 off for this one pass, the store's own sizes kept; opening runs recovery: orphans of a crash go first
+    with open_store(store_dir, l2_cache_size=0, remember_config=False) as db:
         recovered = len(db.recovery.removed_files) + len(db.recovery.truncated)
         if what == "compact":
             with progress_bar("compacting") as update:

@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from .. import open as open_store
-from ._output import add_json, emit, table
+from ._output import add_json, emit, positive, table
 
 __all__ = ["register"]
 
@@ -30,6 +30,7 @@ def cmd_journal(args: argparse.Namespace) -> int:
 def cmd_successors(args: argparse.Namespace) -> int:
     """Show the blocks most often read right after KEY, and which of them a get of KEY prefetches."""
     with open_store(args.store, readonly=True, l2_cache_size=0) as db:
+        db.info(args.key)  # BlockNotFoundError for a key the store does not hold: an empty table would mislead
         table_ = db.migrator.successors
         likely = set(table_.likely(args.key))
         threshold = table_.threshold
@@ -51,7 +52,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                                 help="blocks read after KEY (example: tierstore successors weights.ts layers.0.w)")
     successors.add_argument("store")
     successors.add_argument("key")
-    successors.add_argument("--limit", type=int, default=20)
+    successors.add_argument("--limit", type=positive, default=20, help="rows to show (default 20)")
     successors.set_defaults(func=cmd_successors)
     for command in (journal, successors):
         add_json(command)

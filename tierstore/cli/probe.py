@@ -78,7 +78,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     if not (Path(args.store) / CATALOG_NAME).is_file():
         with open_store(args.store, readonly=True):  # raises the usual "no store" error
             pass
-    with open_store(args.store, readonly=not args.measure, l2_cache_size=0) as db:
+    with open_store(args.store, readonly=not args.measure, l2_cache_size=0, remember_config=False) as db:
         return _probe(args, db)
 
 

@@ -13,11 +13,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .. import open as open_store
 from ..config import format_size
 from ..errors import ConfigError
+from ..progress import BytesColumn, SpeedColumn
 from ..shared import SharedCoordinator, SharedVerifyReport
 from ..store import TierStore
 from ._output import add_json, console, emit, table
@@ -26,7 +27,7 @@ __all__ = ["register", "verify_shared_tier", "print_shared_verify"]
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {"l2_cache_size": 0}
+    out: dict[str, Any] = {"l2_cache_size": 0, "remember_config": False}  # one command's settings, not the store's
     for arg, field in (("url", "shared_url"), ("endpoint", "shared_endpoint"), ("region", "shared_region")):
         if getattr(args, arg, None):
             out[field] = getattr(args, arg)
@@ -39,7 +40,7 @@ def _bar(label: str, quiet: bool) -> Iterator[Callable[[int, int], None] | None]
     if quiet:
         yield None
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+    columns = (TextColumn("{task.description}"), BarColumn(), BytesColumn(), SpeedColumn(),
                TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task(label, total=None)

@@ -175,9 +175,11 @@ def progress_bar(enabled: bool, description: str, total: int) -> Iterator[Any]:
     if not enabled:
         yield None
         return
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+    from ..progress import BytesColumn, SpeedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), BytesColumn(), SpeedColumn(),
                   TimeRemainingColumn(), transient=False) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)

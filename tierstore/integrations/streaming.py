@@ -32,10 +32,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import parse_size
-from ..errors import CheckpointError
+from ..config import format_size, parse_size
+from ..errors import CheckpointError, ConfigError
 from ..store import TierStore
 from .hf_model import build_empty_model, stored_config, tied_weights, unit_groups
+from .stream_budget import memory_split
 
 __all__ = ["StreamStats", "WeightStreamer", "load_streamed", "streamed_unit_names"]
 
@@ -67,6 +68,9 @@ class StreamStats:
     prefetched_blocks: int
     prefetch_used_blocks: int
     prefetch_wasted_blocks: int
+    held_units: int = 0
+    """Streamed units whose tier slots the streamer keeps (held resident in L2/L1, never read again)."""
+    held_bytes: int = 0
 
     @property
     def prefetch_accuracy(self) -> float:
@@ -79,8 +83,14 @@ class WeightStreamer:
     """Hooks that load each unit's weights from the store around its forward, with prefetching."""
 
     def __init__(self, store: TierStore, units: list[_Unit], *, device: torch.device, dtype: torch.dtype | None,
-                 prefetch: int, resident_bytes: int, repeat_from: int | None = None) -> None:
-        """``repeat_from`` is the unit that runs after the last one (decoder layer 0: the next token)."""
+                 prefetch: int, resident_bytes: int, repeat_from: int | None = None, hold_bytes: int = 0) -> None:
+        """``repeat_from`` is the unit that runs after the last one (decoder layer 0: the next token).
+
+        ``hold_bytes`` is how much of the tier serving the units (L1 for a CUDA device with an L1,
+        else L2) the streamer may keep: units chosen up to it (decoder layers first) stay viewed
+        once fetched, so their slots cannot be evicted and every later pass finds them there, while
+        the others stream through the rest of the tier (see :mod:`.stream_budget`).
+        """
         self.store = store
         self.units = units
         self.device = device
@@ -91,10 +101,26 @@ class WeightStreamer:
         self._pending: dict[int, Future[list[torch.Tensor]]] = {}
         self._lock = threading.Lock()
         self._repeat = repeat_from if units and repeat_from is not None and 0 <= repeat_from < len(units) else None
+        self._tier = "L1" if device.type != "cpu" else "L2"
+        self._holdable = self._choose_held(hold_bytes)
+        self._held: dict[int, list[torch.Tensor]] = {}
+        self._copied: set[int] = set()
+        """Units whose fetch cast (copied) a weight: their tensors are not the tier's slots."""
         self.reset_stats()
         for index, unit in enumerate(units):
             unit.hooks = [unit.module.register_forward_pre_hook(self._pre_hook(index)),
                           unit.module.register_forward_hook(self._post_hook(index), always_call=True)]
+
+    def _choose_held(self, hold_bytes: int) -> set[int]:
+        """Units to hold, up to ``hold_bytes``: the decoder's first (they run for every token), then the rest."""
+        start = self._repeat if self._repeat is not None else 0
+        order = [*range(start, len(self.units)), *range(start)]
+        chosen, kept = set[int](), 0
+        for index in order:
+            if kept + self.units[index].nbytes <= hold_bytes:
+                chosen.add(index)
+                kept += self.units[index].nbytes
+        return chosen
 
     def reset_stats(self) -> None:
         """Start counting afresh (the demo does it per run)."""
@@ -105,7 +131,8 @@ class WeightStreamer:
         return StreamStats(units=len(self.units), resident_bytes=self._resident_bytes,
                            streamed_bytes=sum(u.nbytes for u in self.units), loads=self._loads,
                            demand_fetches=self._demand, prefetched_blocks=self._prefetched,
-                           prefetch_used_blocks=self._used, prefetch_wasted_blocks=self._wasted)
+                           prefetch_used_blocks=self._used, prefetch_wasted_blocks=self._wasted,
+                           held_units=len(self._held), held_bytes=sum(self.units[i].nbytes for i in self._held))
 
     # -- fetching -----------------------------------------------------------------------------------
 
@@ -117,6 +144,7 @@ class WeightStreamer:
             tensor = self.store.get(key, device=target)
             if self.dtype is not None and tensor.is_floating_point() and tensor.dtype != self.dtype:
                 tensor = tensor.to(self.dtype)
+                self._copied.add(index)
             out.append(tensor)
         return out
 
@@ -129,10 +157,13 @@ class WeightStreamer:
         if self._pool is None or not self.units:
             return
         wanted: list[int] = []
-        nxt = self._next(index)
-        while nxt is not None and len(wanted) < min(self.depth, len(self.units) - 1):
-            wanted.append(nxt)
-            nxt = self._next(nxt)
+        nxt, steps = self._next(index), 0
+        # Held units are already in their tier: look past them, so the reader stays ahead of the
+        # units that must come from L3.
+        while nxt is not None and nxt != index and steps < len(self.units) and len(wanted) < self.depth:
+            if nxt not in self._held:
+                wanted.append(nxt)
+            nxt, steps = self._next(nxt), steps + 1
         with self._lock:
             for stale in [i for i in self._pending if i not in wanted]:
                 self._drop(stale)
@@ -153,14 +184,28 @@ class WeightStreamer:
         if future is not None and not future.cancelled():
             self._used += len(self.units[index].params)
             return future.result()
-        self._demand += 1
+        if index not in self._held:
+            self._demand += 1
         return self._fetch(index)
+
+    def _keep(self, index: int, tensors: list[torch.Tensor]) -> None:
+        """Hold a chosen unit's views; a unit whose weights are not zero-copy views of its tier is streamed."""
+        if index not in self._holdable:
+            return
+        if index not in self._held:
+            unit = self.units[index]
+            in_tier = all(self._tier in self.store.tiers_of(key) for _, _, key, _ in unit.params)
+            if not in_tier or index in self._copied:  # a copy outside the tier: holding it costs memory
+                self._holdable.discard(index)
+                return
+        self._held[index] = tensors
 
     # -- hooks --------------------------------------------------------------------------------------
 
     def _pre_hook(self, index: int) -> Callable[..., None]:
         def load(module: nn.Module, args: Any) -> None:
             tensors = self._take(index)
+            self._keep(index, tensors)
             for (owner, name, _, _), tensor in zip(self.units[index].params, tensors, strict=True):
                 _place(owner, name, nn.Parameter(tensor, requires_grad=False))
             self._schedule(index)
@@ -183,6 +228,8 @@ class WeightStreamer:
         self.release()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+        self._held.clear()  # their slots can be evicted again
+        self._holdable.clear()
         for unit in self.units:
             for hook in unit.hooks:
                 hook.remove()
@@ -225,8 +272,38 @@ def _budget(resident_bytes: int | str) -> int:
     return parse_size(resident_bytes) if isinstance(resident_bytes, str) else int(resident_bytes)
 
 
+def _tier_capacity(store: TierStore, device: torch.device) -> int:
+    """Capacity of the tier that serves ``store.get`` for ``device`` (L1 for a CUDA device with an L1)."""
+    tiers = store.stats().tiers
+    tier = tiers.get("L1") if device.type != "cpu" else tiers.get("L2")
+    return int(tier["capacity"]) if tier else 0
+
+
+def _hold(store: TierStore, target: torch.device, units: list[_Unit], *, prefix: str, prefetch: int,
+          dtype: torch.dtype | None, memory: int | str | None, resident_bytes: int, hold_bytes: int | str | None
+          ) -> int:
+    """Bytes of streamed units to hold in their tier: from ``memory``, or ``hold_bytes``, or what the tier has."""
+    capacity = _tier_capacity(store, target)
+    working = (max(0, prefetch) + 1) * max((u.nbytes for u in units), default=0)
+    if memory is not None:
+        if resident_bytes:
+            raise ConfigError("load_streamed: give memory= or resident_bytes=, not both; memory= chooses the "
+                              "resident set itself")
+        split = memory_split(store, memory, prefix=prefix, prefetch=prefetch, dtype=dtype)
+        if target.type == "cpu" and capacity > split.l2_bytes:
+            raise ConfigError(
+                f"the store's L2 of {format_size(capacity)} with the {format_size(split.fixed_bytes)} of weights "
+                f"always loaded exceeds memory={format_size(split.memory)}; open the store with "
+                f"l2_cache_size={split.l2_bytes} (memory_split(store, memory).l2_bytes)")
+        capacity = min(capacity, split.l2_bytes) if target.type == "cpu" else capacity
+    if hold_bytes is not None:
+        return min(_budget(hold_bytes), max(0, capacity - working))
+    return max(0, capacity - working)
+
+
 def load_streamed(store: TierStore, *, prefix: str = "", device: str | torch.device | None = None,
-                  dtype: torch.dtype | None = None, resident_bytes: int | str = 0, prefetch: int = 2) -> Any:
+                  dtype: torch.dtype | None = None, resident_bytes: int | str = 0, prefetch: int = 2,
+                  memory: int | str | None = None, hold_bytes: int | str | None = None) -> Any:
     """The model imported under ``prefix``, its decoder layers streaming from ``store`` (see the module doc).
 
     The class is the one the stored config names (``LlamaForCausalLM``,
@@ -236,6 +313,13 @@ def load_streamed(store: TierStore, *, prefix: str = "", device: str | torch.dev
     in it (decoder layers first: they run for every token) loaded for good; ``prefetch`` is how
     many units ahead the background thread fetches (0: none). The model is in eval mode; its
     ``weight_streamer`` attribute holds the :class:`WeightStreamer` (``close()`` it when done).
+
+    Streamed units up to the serving tier's capacity, less a working reserve of ``prefetch + 1``
+    units, are held there once fetched (``hold_bytes`` lowers that; 0 holds none): a cyclic scan
+    then reads only the others from L3. ``memory`` (bytes or ``"3GiB"``) is a budget for all the
+    weights in host memory: the store's L2 must be at most ``memory_split(store, memory).l2_bytes``
+    (else ``ConfigError`` saying the size to open it with), and a budget below the model's minimum
+    is a ``ConfigError`` naming the minimum.
     """
     target = torch.device(device) if device is not None else torch.device("cpu")
     model: Any = build_empty_model(stored_config(store, prefix))
@@ -285,6 +369,8 @@ def load_streamed(store: TierStore, *, prefix: str = "", device: str | torch.dev
     for target_name, source in tied.items():  # tied weights: one tensor, two names
         owner_name, _, pname = target_name.rpartition(".")
         _place(model.get_submodule(owner_name), pname, model.get_parameter(source))
+    hold = _hold(store, target, units, prefix=prefix, prefetch=prefetch, dtype=dtype, memory=memory,
+                 resident_bytes=budget, hold_bytes=hold_bytes)
     model.weight_streamer = WeightStreamer(store, units, device=target, dtype=dtype, prefetch=prefetch,
-                                           resident_bytes=kept, repeat_from=repeat_from)
+                                           resident_bytes=kept, repeat_from=repeat_from, hold_bytes=hold)
     return model

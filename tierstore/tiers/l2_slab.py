@@ -24,6 +24,7 @@ import mmap
 import os
 import resource
 import sys
+import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -75,7 +76,7 @@ class ArenaStats:
 class _Mapping:
     """What close() must undo; kept apart from the arena so a finalizer can own it."""
 
-    __slots__ = ("addr", "cuda_registered", "locked", "mm", "size")
+    __slots__ = ("addr", "cuda_registered", "live", "live_lock", "locked", "mm", "size")
 
     def __init__(self, mm: mmap.mmap, size: int) -> None:
         self.mm: mmap.mmap | None = mm
@@ -83,6 +84,27 @@ class _Mapping:
         self.addr = _address_of(mm)
         self.cuda_registered = False
         self.locked = False
+        self.live: dict[tuple[int, int], int] = {}
+        """(offset, nbytes) of each slot range tensors still view, with how many views."""
+        self.live_lock = threading.Lock()  # finalizers run in whichever thread collects the view
+
+    def viewed(self, offset: int, nbytes: int) -> None:
+        key = (offset, nbytes)
+        with self.live_lock:
+            self.live[key] = self.live.get(key, 0) + 1
+
+    def unviewed(self, offset: int, nbytes: int) -> None:
+        key = (offset, nbytes)
+        with self.live_lock:
+            count = self.live.get(key, 0) - 1
+            if count > 0:
+                self.live[key] = count
+            else:
+                self.live.pop(key, None)
+
+    def viewed_ranges(self) -> list[tuple[int, int]]:
+        with self.live_lock:
+            return list(self.live)
 
 
 def _address_of(mm: mmap.mmap) -> int:
@@ -105,7 +127,27 @@ def _teardown(m: _Mapping) -> None:
     try:
         mm.close()
     except BufferError:
-        pass  # numpy/torch views still reference it; munmap happens when the last one goes
+        # Tensors still view it, so munmap waits for the last one; meanwhile give the memory of
+        # every page they do not view back to the system, so a closed store's L2 does not stay
+        # resident behind a few live tensors.
+        _release_unviewed(mm, m.size, m.viewed_ranges())
+
+
+def _release_unviewed(mm: mmap.mmap, size: int, live: list[tuple[int, int]]) -> None:
+    page = mmap.PAGESIZE
+    keep = sorted((offset // page * page, -(-(offset + nbytes) // page) * page) for offset, nbytes in live)
+    start = 0
+    for lo, hi in [*keep, (size, size)]:
+        if lo > start:
+            with contextlib.suppress(OSError, ValueError):  # advice only: the pages stay valid if refused
+                mm.madvise(mmap.MADV_DONTNEED, start, lo - start)
+        start = max(start, hi)
+
+
+def _released(m: _Mapping, offset: int, nbytes: int, on_release: Callable[[], None] | None) -> None:
+    m.unviewed(offset, nbytes)
+    if on_release is not None:
+        on_release()
 
 
 def _cudart() -> Any:
@@ -316,8 +358,8 @@ class HostArena:
             tensor = torch.from_numpy(raw).view(dtype).reshape(shape)
         except RuntimeError as exc:
             raise UnsupportedTensorError(f"cannot view slot bytes as {dtype}: {exc}", tier="L2") from exc
-        if on_release is not None:
-            weakref.finalize(raw, on_release).atexit = False
+        self._map.viewed(a.offset, nbytes)
+        weakref.finalize(raw, _released, self._map, a.offset, nbytes, on_release).atexit = False
         return tensor
 
     def stats(self) -> ArenaStats:
@@ -330,7 +372,12 @@ class HostArena:
         )
 
     def close(self) -> None:
-        """Unregister and unmap. Live views keep their memory readable until they die."""
+        """Unregister and unmap. Live views keep their memory readable until they die.
+
+        While views live the mapping cannot be unmapped; every page no view covers is given back
+        (``MADV_DONTNEED``) at once, so only the viewed slots stay resident. Other exports
+        (``buffer``, ``as_numpy``) must not be used after close: their pages may read as zeros.
+        """
         self._finalizer()
         self._pinned = False
 

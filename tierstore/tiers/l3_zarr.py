@@ -60,8 +60,8 @@ from ..fsguard import NOFOLLOW, contained, refuse_links
 from .l3_codecs import MIN_RATIO, RAW, Codec, codec_from_id
 from .open_files import OpenFiles
 
-__all__ = ["GRANULE", "PACK_SLOTS", "PACK_MAX", "OPEN_FILES", "LAYOUT", "EMPTY_LOCATION", "Contents", "Location",
-           "RecoveryReport", "ZarrL3"]
+__all__ = ["GRANULE", "PACK_SLOTS", "PACK_MAX", "OPEN_FILES", "PACK_INDEX_BYTES", "LAYOUT", "EMPTY_LOCATION",
+           "Contents", "Location", "RecoveryReport", "ZarrL3"]
 
 LAYOUT = 2
 """The L3 layout this code writes (the catalog's ``store_meta`` says which one a store has)."""
@@ -72,6 +72,8 @@ PACK_SLOTS = 64
 """Inner chunks per pack shard (a 1 KiB index per append)."""
 PACK_MAX = GRANULE * PACK_SLOTS
 """Blocks up to this many bytes are packed; larger ones get an array of their own."""
+PACK_INDEX_BYTES = PACK_SLOTS * 16 + 4
+"""The shard index written after every append to a pack (offset and size per slot, then its crc32c)."""
 ARRAY_CHUNK = 1 << 20
 """Target inner chunk of a large block: big enough to compress well, small enough to decode in parallel."""
 _BATCH = 64
@@ -84,8 +86,6 @@ closed as soon as its file is deleted (compaction, gc, a freed large block) and 
 """
 _EMPTY = np.uint64(2**64 - 1)
 _BLOCK_ARRAY = re.compile(r"blocks/[0-9a-f]{16}")
-_INDEX_BYTES = PACK_SLOTS * 16 + 4
-"""A pack shard's index: (offset, size) uint64 per inner chunk, then its crc32c."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +142,10 @@ class RecoveryReport:
     links: list[str] = field(default_factory=list)
     """Symbolic links found in L3: left alone (never followed, never removed); ``tierstore verify --fix``
     removes the links themselves and drops the blocks whose bytes they stand for."""
+    rebuilt: list[str] = field(default_factory=list)
+    """Shard rows the catalog lost or shortened, rebuilt from the bytes (their files were kept)."""
+    catalog_rollback: str = ""
+    """Non-empty when the catalog lost commits it had acknowledged (a damaged WAL): what was lost."""
 
 
 @dataclass(slots=True)
@@ -692,10 +696,10 @@ class ZarrL3:
         except (OSError, UnsafePathError):
             return {}
         try:
-            raw = os.pread(fd, _INDEX_BYTES, length - _INDEX_BYTES) if length >= _INDEX_BYTES else b""
+            raw = os.pread(fd, PACK_INDEX_BYTES, length - PACK_INDEX_BYTES) if length >= PACK_INDEX_BYTES else b""
         finally:
             self._files.release(path, fd)
-        if len(raw) != _INDEX_BYTES or crc32c.crc32c(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+        if len(raw) != PACK_INDEX_BYTES or crc32c.crc32c(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
             return {}
         index = np.frombuffer(raw[:-4], dtype="<u8").reshape(PACK_SLOTS, 2)
         return {int(offset): slot for slot, (offset, _) in enumerate(index) if offset != _EMPTY}
@@ -749,6 +753,74 @@ class ZarrL3:
                 _fsync_dir(folder)
 
     # -- recovery -------------------------------------------------------------------------------
+
+    def pack_shard_files(self) -> set[tuple[str, int]]:
+        """``(array, number)`` of every pack shard file there is (names only: no stat per file)."""
+        packs = self.root / "packs"
+        found: set[tuple[str, int]] = set()
+        for folder in (p for p in packs.iterdir() if p.is_dir()) if packs.is_dir() else []:
+            numbers = (self.shard_number(name) for name in os.listdir(folder))
+            found.update((f"packs/{folder.name}", n) for n in numbers if n is not None)
+        return found
+
+    def shard_end(self, array: str, shard: int, extent: int) -> int | None:
+        """How long a pack shard is by its bytes: the end of its first valid index after ``extent``.
+
+        ``extent`` is where the last committed block in it ends; the index of that block's commit
+        follows it unless later (since deleted) appends did. Without a valid index there, the
+        whole file counts (nothing a block may need is ever cut). None when the file is gone.
+        """
+        try:
+            data = self.shard_path(array, shard).read_bytes()
+        except FileNotFoundError:
+            return None
+        for start in range(max(extent, 0), len(data) - PACK_INDEX_BYTES + 1):
+            if _valid_index(data, start, PACK_SLOTS):
+                return start + PACK_INDEX_BYTES
+        return len(data)
+
+    def index_problem(self, loc: Location, length: int, chunks: list[tuple[int, int]]) -> str | None:
+        """What is wrong with the shard index zarr readers use (None: nothing).
+
+        ``length`` is the committed length of the shard file, ``chunks`` the ``(offset, size)``
+        of every chunk a live block has in it. tierstore reads by the catalog's offsets, so a bad
+        index only misleads zarr readers; :meth:`write_index` writes it again.
+        """
+        slots = PACK_SLOTS if loc.array.startswith("packs/") else len(loc.sizes)
+        size = slots * 16 + 4
+        path = self.shard_path(loc.array, loc.shard)
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(max(length - size, 0))
+                data = fh.read(size)
+        except FileNotFoundError:
+            return None  # the block check reports the missing file
+        if len(data) != size or not _valid_index(data, 0, slots, end=length - size):
+            return f"the shard index at byte {length - size} fails its crc32c or points past it"
+        listed = {tuple(int(v) for v in pair) for pair in np.frombuffer(data[:-4], dtype="<u8").reshape(-1, 2)}
+        absent = [c for c in chunks if c not in listed]
+        if absent:
+            return f"the shard index does not list {len(absent)} chunk(s) of live blocks (first at {absent[0][0]})"
+        return None
+
+    def write_index(self, loc: Location, length: int, chunks: list[tuple[int, int]]) -> None:
+        """Write the shard index at the end of ``loc``'s shard again from the chunks of its live blocks.
+
+        Chunks keep their slots where the old index still names them; the rest take, in file order,
+        the slots between their neighbours (appends fill slots in file order), else stay empty.
+        """
+        slots = PACK_SLOTS if loc.array.startswith("packs/") else len(loc.sizes)
+        size = slots * 16 + 4
+        path = self.shard_path(loc.array, loc.shard)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            old = np.frombuffer(os.pread(fd, size - 4, length - size), dtype="<u8").reshape(-1, 2)
+            index = _rebuilt_index(old, slots, sorted(set(chunks)))
+            _write_all(fd, [_index_bytes(index)], length - size)
+            if self.fsync:
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
 
     def recover(self, shard_lengths: dict[tuple[str, int], int], live_arrays: set[str]) -> RecoveryReport:
         """Bring the files in line with what the catalog committed (writer only, at open).
@@ -840,6 +912,38 @@ class ZarrL3:
         self._active.clear()
         self._touched.clear()
         self._files.close()
+
+
+def _valid_index(data: bytes, start: int, slots: int, *, end: int | None = None) -> bool:
+    """Whether ``data[start:]`` begins with a shard index whose crc32c holds and whose chunks end before it."""
+    body = data[start:start + slots * 16]
+    crc = data[start + slots * 16:start + slots * 16 + 4]
+    if len(crc) != 4 or crc32c.crc32c(body) != int.from_bytes(crc, "little"):
+        return False
+    pairs = np.frombuffer(body, dtype="<u8").reshape(-1, 2)
+    used = pairs[pairs[:, 0] != _EMPTY]
+    limit = start if end is None else end
+    return bool(len(used) == 0 or int((used[:, 0] + used[:, 1]).max()) <= limit)
+
+
+def _rebuilt_index(old: np.ndarray, slots: int, chunks: list[tuple[int, int]]) -> np.ndarray:
+    index = np.full((slots, 2), _EMPTY, dtype=np.uint64)
+    wanted = set(chunks)
+    placed: set[tuple[int, int]] = set()
+    for slot, (offset, size) in enumerate(old.tolist()[:slots]):
+        if (offset, size) in wanted and (offset, size) not in placed:
+            index[slot] = (offset, size)
+            placed.add((offset, size))
+    free = [s for s in range(slots) if index[s, 0] == _EMPTY]
+    for offset, size in (c for c in chunks if c not in placed):
+        before = [s for s in range(slots) if index[s, 0] != _EMPTY and int(index[s, 0]) < offset]
+        after = [s for s in range(slots) if index[s, 0] != _EMPTY and int(index[s, 0]) > offset]
+        lo, hi = (max(before) if before else -1), (min(after) if after else slots)
+        gap = [s for s in free if lo < s < hi]
+        if gap:
+            index[gap[0]] = (offset, size)
+            free.remove(gap[0])
+    return index
 
 
 def chunk_count(nbytes: int) -> int:

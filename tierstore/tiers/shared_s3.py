@@ -65,6 +65,11 @@ _SIGNED = re.compile(r"(?i)(x-amz-(?:signature|credential|security-token)=|signa
                      r"authorization:\s*)[^&\s\"',]+")
 
 
+_CREDENTIAL_SOURCES = ("AWS_ACCESS_KEY_ID", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                       "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+"""Environment variables through which the S3 client finds credentials of its own."""
+
+
 def aws_profile_credentials() -> SharedCredentials | None:
     """Credentials of ``AWS_PROFILE`` (or default) from ``~/.aws/credentials``, when the env has none."""
     if os.environ.get("AWS_ACCESS_KEY_ID"):
@@ -125,6 +130,12 @@ class SharedS3Tier:
                            secret_access_key=credentials.secret_access_key)
             if credentials.session_token:
                 options["session_token"] = credentials.session_token
+        # Left to find credentials itself, the S3 client ends at the instance metadata service
+        # (169.254.169.254), whose refusal reads as a puzzling 403 or a timeout: with nothing
+        # found here, no request is made and each call says so (see submit).
+        self._no_credentials = credentials is None and not any(os.environ.get(name) for name in _CREDENTIAL_SOURCES)
+        if self._no_credentials:
+            options["skip_signature"] = True
         client: dict[str, Any] = {"timeout": timedelta(seconds=timeout),
                                   "connect_timeout": timedelta(seconds=min(timeout, 5.0)),
                                   "allow_http": bool(self.endpoint and self.endpoint.startswith("http://"))}
@@ -151,6 +162,10 @@ class SharedS3Tier:
         if self._closed:
             return
         self._closed = True
+        try:  # requests still in flight end now, on the loop, instead of being destroyed pending with it
+            asyncio.run_coroutine_threadsafe(_cancel_all(self.timeout), self._loop).result(self.timeout + 1)
+        except (concurrent.futures.TimeoutError, RuntimeError):
+            pass  # the loop is stuck or already stopped: stopping it is all that is left
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=self.timeout)
         if not self._thread.is_alive():
@@ -189,8 +204,18 @@ class SharedS3Tier:
         if self._closed:
             coro.close()
             raise SharedTierError(f"shared tier {self.url} is closed", tier="shared")
+        if self._no_credentials:
+            coro.close()
+            raise SharedTierError(
+                f"shared tier {self.url}: no credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                "add them to ~/.aws/credentials (AWS_PROFILE picks a section) or pass shared_credentials",
+                tier="shared")
         future = asyncio.run_coroutine_threadsafe(coro if size is None else self.bounded(coro, size), self._loop)
-        future.add_done_callback(lambda done: _discard(coro) if done.cancelled() else None)
+        if size is not None:
+            # Cancelled before bounded() awaited it, ``coro`` would be reported as never awaited. Unwrapped,
+            # it is the task's own coroutine: the task throws the cancellation into it, and closing it
+            # here first made that throw fail ("Task exception was never retrieved").
+            future.add_done_callback(lambda done: _discard(coro) if done.cancelled() else None)
         return future
 
     def deadline(self, size: int = 0) -> float:
@@ -370,6 +395,15 @@ class SharedS3Tier:
         """``(name, size)`` of every manifest."""
         return [(path[len("manifests/"):-len(".json")], size) for path, size in await self.list_objects("manifests/")
                 if path.endswith(".json")]
+
+
+async def _cancel_all(timeout: float) -> None:
+    """Cancel every other task of the running loop and wait (up to ``timeout``) until they have ended."""
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=timeout)
 
 
 def _discard(coro: Coroutine[Any, Any, Any]) -> None:

@@ -1,0 +1,112 @@
+"""How a memory budget splits between the weights a streamed model always holds and the store's L2.
+
+A model streamed by :func:`~.streaming.load_streamed` holds two kinds of host memory for its weights:
+the *fixed* weights loaded once (embeddings, norms, ``lm_head``, a vision tower's patch embedding
+and mergers) and the store's L2 arena, which serves the streamed units (decoder layers, vision
+blocks) as zero-copy views. Inside L2 the streamer keeps a fixed set of units resident for good
+(*held*) and streams the others through a *working* reserve: the unit running and the ``prefetch`` units
+fetched ahead (a unit's slots are free again once its forward returned). LRU over the
+cyclic layer scan would keep nothing; a fixed held set reads only the units outside it from L3,
+which is the optimum for a cycle (every policy must read ``units - capacity`` of them per pass).
+
+:func:`memory_split` computes the split for a budget: ``l2_bytes = memory - fixed_bytes`` and
+``hold_bytes = l2_bytes - working_bytes``. A budget below ``fixed_bytes + working_bytes`` cannot run
+the model and is a :class:`~tierstore.errors.ConfigError` naming that minimum. The budget covers
+weights; the interpreter, torch, activations and the KV cache come on top (see BENCHMARKS.md for
+what that overhead measured).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import format_size, parse_size
+from ..errors import ConfigError
+from ..store import TierStore
+from .hf_model import build_empty_model, stored_config, tied_weights, unit_groups
+
+__all__ = ["MemorySplit", "memory_split", "unit_sizes"]
+
+
+@dataclass(frozen=True, slots=True)
+class MemorySplit:
+    """Where a budget's bytes go (all sizes in bytes)."""
+
+    memory: int
+    fixed_bytes: int
+    """Weights loaded once and kept outside L2 (embeddings, norms, lm_head, ...)."""
+    unit_bytes: tuple[int, ...]
+    """Each streamed unit's weights, in execution order."""
+    working_bytes: int
+    """L2 the streaming needs beside the held units: ``prefetch + 1`` of the largest unit."""
+    l2_bytes: int
+    """The L2 capacity to open the store with: ``memory - fixed_bytes``."""
+
+    @property
+    def minimum(self) -> int:
+        """The smallest budget that runs the model: fixed weights plus the working reserve."""
+        return self.fixed_bytes + self.working_bytes
+
+    @property
+    def hold_bytes(self) -> int:
+        """L2 left for units held resident for good."""
+        return max(0, self.l2_bytes - self.working_bytes)
+
+    @property
+    def streamed_bytes(self) -> int:
+        """All units' weights (held or streamed)."""
+        return sum(self.unit_bytes)
+
+
+def _cast_nbytes(store: TierStore, key: str, dtype: torch.dtype | None) -> int:
+    info = store.info(key)
+    if dtype is None or not info.dtype.is_floating_point:
+        return info.nbytes
+    return info.nbytes // info.dtype.itemsize * dtype.itemsize
+
+
+def unit_sizes(store: TierStore, *, prefix: str = "", dtype: torch.dtype | None = None
+               ) -> tuple[dict[str, int], int]:
+    """``({unit name: bytes}, fixed bytes)`` of the model under ``prefix``, units in execution order.
+
+    Sizes are as the model will hold them: cast to ``dtype`` where it is given. Builds the model
+    on the ``meta`` device only (no weights are read).
+    """
+    model = build_empty_model(stored_config(store, prefix))
+    present = set(store.keys(prefix=prefix or None))
+    tied = set(tied_weights(model))
+    units: dict[str, int] = {}
+    for unit in (n for group in unit_groups(model) for n in group):
+        units[unit] = sum(_cast_nbytes(store, prefix + f"{unit}.{n}", dtype)
+                          for n, _ in model.get_submodule(unit).named_parameters())
+    fixed = 0
+    for name, _ in model.named_parameters():  # duplicates removed: a tied weight is held once
+        if name in tied and prefix + name not in present:
+            continue
+        if not any(name.startswith(unit + ".") for unit in units) and prefix + name in present:
+            fixed += _cast_nbytes(store, prefix + name, dtype)
+    return units, fixed
+
+
+def memory_split(store: TierStore, memory: int | str, *, prefix: str = "", prefetch: int = 2,
+                 dtype: torch.dtype | None = None) -> MemorySplit:
+    """The split of ``memory`` for the model under ``prefix`` (see the module doc).
+
+    ``store`` may be opened read-only without L2: only the catalog is read. Raises ``ConfigError``
+    when ``memory`` is below :attr:`MemorySplit.minimum`.
+    """
+    budget = parse_size(memory, name="memory")
+    units, fixed = unit_sizes(store, prefix=prefix, dtype=dtype)
+    working = (max(0, prefetch) + 1) * max(units.values(), default=0)
+    split = MemorySplit(memory=budget, fixed_bytes=fixed, unit_bytes=tuple(units.values()), working_bytes=working,
+                        l2_bytes=max(0, budget - fixed))
+    if budget < split.minimum:
+        raise ConfigError(
+            f"memory={format_size(budget)} is below the minimum of {format_size(split.minimum)} for the model "
+            f"under prefix {prefix!r}: {format_size(fixed)} of weights always loaded plus "
+            f"{format_size(working)} to stream {max(0, prefetch) + 1} units of up to "
+            f"{format_size(max(units.values(), default=0))}; raise memory to at least {split.minimum} bytes "
+            "or lower prefetch")
+    return split
