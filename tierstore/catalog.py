@@ -94,6 +94,8 @@ SELECT max(l3_offset + stored_bytes) FROM blocks INDEXED BY blocks_by_location
 WHERE l3_array = ? AND l3_shard = ? AND l3_offset >= 0 AND stored_bytes >= 0
 """
 SHARD_CHUNKS = "SELECT l3_offset, l3_sizes FROM blocks WHERE l3_array = ? AND l3_shard = ?"
+SHARD_CHUNK_INDEX = ("SELECT l3_offset, l3_sizes, l3_chunk FROM blocks WHERE l3_array = ? AND l3_shard = ? "
+                     "AND l3_chunk IS NOT NULL")
 GET_META = "SELECT value FROM store_meta WHERE name = ?"
 L3_LAYOUT = "l3_layout"
 """``store_meta`` row: the L3 layout of the store (see :mod:`tierstore.tiers.l3_zarr`); absent: layout 1."""
@@ -590,6 +592,16 @@ class Catalog:
         """Write shard rows (rebuilt from the bytes by recovery or repair)."""
         with self.write("rebuild shard rows") as conn:
             conn.executemany(UPSERT_SHARD, [(a, s, n) for (a, s), n in lengths.items()])
+
+    def shard_chunk_index(self, array: str, shard: int) -> dict[tuple[int, int], int]:
+        """``{(offset, size): chunk index}`` of the chunks whose blocks record their ``l3_chunk``."""
+        found: dict[tuple[int, int], int] = {}
+        for offset, sizes, chunk in self.query(SHARD_CHUNK_INDEX, (array, shard)):
+            if type(offset) is int and type(chunk) is int and isinstance(sizes, bytes) and len(sizes) % 4 == 0:
+                for i, size in enumerate(memoryview(sizes).cast("I")):
+                    found[(offset, int(size))] = chunk + i
+                    offset += int(size)
+        return found
 
     def shard_chunks(self, array: str, shard: int) -> list[tuple[int, int]]:
         """``(offset, size)`` of every chunk the blocks in a shard have (rows that do not parse skipped)."""

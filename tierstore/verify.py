@@ -246,7 +246,8 @@ def _check_indexes(l3: ZarrL3, catalog: Catalog, rows: list[BlockRow], report: V
         length = lengths.get((array, number)) if array.startswith("packs/") else _file_size(path)
         if length is None or (array, number) in short:
             continue  # no file (reported as "missing") or no trustworthy length (reported as "shard")
-        problem = l3.index_problem(loc, length, catalog.shard_chunks(array, number))
+        problem = l3.index_problem(loc, length, catalog.shard_chunks(array, number),
+                                   catalog.shard_chunk_index(array, number))
         if problem is not None:
             report.problems.append(Problem("index", _rel(l3, array, number), f"{problem}; --fix writes it again "
                                            "from the blocks in the shard"))
@@ -376,7 +377,8 @@ def _rewrite_index(l3: ZarrL3, catalog: Catalog, subject: str, lengths: dict[tup
     first = BlockRow.from_tuple(row[0])
     path = l3.shard_path(array, shard)
     length = lengths[(array, shard)] if array.startswith("packs/") else path.stat().st_size
-    l3.write_index(location_of(first), length, catalog.shard_chunks(array, shard))
+    l3.write_index(location_of(first), length, catalog.shard_chunks(array, shard),
+                   catalog.shard_chunk_index(array, shard))
 
 
 def _size(path: Path) -> int:

@@ -779,7 +779,8 @@ class ZarrL3:
                 return start + PACK_INDEX_BYTES
         return len(data)
 
-    def index_problem(self, loc: Location, length: int, chunks: list[tuple[int, int]]) -> str | None:
+    def index_problem(self, loc: Location, length: int, chunks: list[tuple[int, int]],
+                      chunk_of: dict[tuple[int, int], int] | None = None) -> str | None:
         """What is wrong with the shard index zarr readers use (None: nothing).
 
         ``length`` is the committed length of the shard file, ``chunks`` the ``(offset, size)``
@@ -797,25 +798,38 @@ class ZarrL3:
             return None  # the block check reports the missing file
         if len(data) != size or not _valid_index(data, 0, slots, end=length - size):
             return f"the shard index at byte {length - size} fails its crc32c or points past it"
-        listed = {tuple(int(v) for v in pair) for pair in np.frombuffer(data[:-4], dtype="<u8").reshape(-1, 2)}
+        entries = [(int(o), int(n)) for o, n in np.frombuffer(data[:-4], dtype="<u8").reshape(-1, 2)]
+        listed = set(entries)
         absent = [c for c in chunks if c not in listed]
         if absent:
             return f"the shard index does not list {len(absent)} chunk(s) of live blocks (first at {absent[0][0]})"
+        first = loc.shard * PACK_SLOTS if loc.array.startswith("packs/") else 0
+        moved = [(c, n) for c, n in (chunk_of or {}).items() if not 0 <= n - first < slots or entries[n - first] != c]
+        if moved:  # zarr readers that follow the catalog's l3_chunk would read another chunk's bytes
+            (offset, _), chunk = moved[0]
+            return f"the shard index puts {len(moved)} chunk(s) elsewhere than their l3_chunk (first at {offset}, " \
+                   f"chunk {chunk})"
         return None
 
-    def write_index(self, loc: Location, length: int, chunks: list[tuple[int, int]]) -> None:
+    def write_index(self, loc: Location, length: int, chunks: list[tuple[int, int]],
+                    chunk_of: dict[tuple[int, int], int] | None = None) -> None:
         """Write the shard index at the end of ``loc``'s shard again from the chunks of its live blocks.
 
-        Chunks keep their slots where the old index still names them; the rest take, in file order,
-        the slots between their neighbours (appends fill slots in file order), else stay empty.
+        ``chunk_of`` gives the chunk index (along axis 0 of the array) of the chunks whose blocks know
+        theirs (the catalog's ``l3_chunk``): they go to exactly that slot, where zarr readers look for
+        them. The rest keep their slots where the old index still names them, else take, in file
+        order, the slots between their neighbours (appends fill slots in file order), else stay empty.
         """
-        slots = PACK_SLOTS if loc.array.startswith("packs/") else len(loc.sizes)
+        packed = loc.array.startswith("packs/")
+        slots = PACK_SLOTS if packed else len(loc.sizes)
+        first = loc.shard * PACK_SLOTS if packed else 0
+        known = {c: n - first for c, n in (chunk_of or {}).items() if 0 <= n - first < slots}
         size = slots * 16 + 4
         path = self.shard_path(loc.array, loc.shard)
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
             old = np.frombuffer(os.pread(fd, size - 4, length - size), dtype="<u8").reshape(-1, 2)
-            index = _rebuilt_index(old, slots, sorted(set(chunks)))
+            index = _rebuilt_index(old, slots, sorted(set(chunks)), known)
             _write_all(fd, [_index_bytes(index)], length - size)
             if self.fsync:
                 os.fdatasync(fd)
@@ -926,11 +940,18 @@ def _valid_index(data: bytes, start: int, slots: int, *, end: int | None = None)
     return bool(len(used) == 0 or int((used[:, 0] + used[:, 1]).max()) <= limit)
 
 
-def _rebuilt_index(old: np.ndarray, slots: int, chunks: list[tuple[int, int]]) -> np.ndarray:
+def _rebuilt_index(old: np.ndarray, slots: int, chunks: list[tuple[int, int]],
+                   known: dict[tuple[int, int], int] | None = None) -> np.ndarray:
     index = np.full((slots, 2), _EMPTY, dtype=np.uint64)
     wanted = set(chunks)
     placed: set[tuple[int, int]] = set()
+    for chunk, slot in (known or {}).items():
+        if chunk in wanted and index[slot, 0] == _EMPTY:
+            index[slot] = chunk
+            placed.add(chunk)
     for slot, (offset, size) in enumerate(old.tolist()[:slots]):
+        if index[slot, 0] != _EMPTY:
+            continue
         if (offset, size) in wanted and (offset, size) not in placed:
             index[slot] = (offset, size)
             placed.add((offset, size))
