@@ -104,5 +104,5 @@ def test_demo_under_a_memory_budget_smaller_than_the_model(tmp_path: Path,
     assert summary["tiers"]["L2"]["capacity"] <= split.l2_bytes
     run1, run2 = summary["runs"]
     assert run2["hits"]["L3"] < run1["hits"]["L3"]  # the held units came from L2
-    assert main(["demo", "--store", str(tmp_path / "demo"), "--tokens", "1", "--memory", str(split.minimum - 1)]) == 1
+    assert main(["demo", "--store", str(tmp_path / "demo"), "--tokens", "1", "--memory", str(split.minimum - 1)]) == 2
     assert f"at least {split.minimum} bytes" in capsys.readouterr().err
