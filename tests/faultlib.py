@@ -375,13 +375,13 @@ def check_files_match_catalog(store: Path, *, zarr_metadata: bool = True) -> Non
     finally:
         con.close()
     l3 = store / "l3"
-    expected: dict[Path, int | None] = {l3 / a / str(s): n for (a, s), n in shards.items()}
+    expected: dict[Path, int | None] = {l3 / a / f"{s}.0": n for (a, s), n in shards.items()}  # layout 2
     live_dirs: set[Path] = set()
     for key, array, shard, offset, stored in rows:
         if array is None:
             continue
         if array.startswith("blocks/"):
-            expected[l3 / array / "0"] = None
+            expected[l3 / array / "0.0"] = None
             if zarr_metadata:
                 expected[l3 / array / "zarr.json"] = None
             live_dirs.add(l3 / array)

@@ -214,6 +214,7 @@ def make_version_1(path: Path) -> None:
     """Turn the catalog at ``path`` into what tierstore wrote before schema 2 (and check that it is)."""
     conn = sqlite3.connect(path / "catalog.sqlite")
     try:
+        conn.execute("ALTER TABLE blocks DROP COLUMN l3_chunk")  # schema 3
         conn.execute("ALTER TABLE blocks DROP COLUMN parent")
         conn.execute("PRAGMA user_version = 1")
         conn.commit()

@@ -346,7 +346,7 @@ def test_child_code_helpers_agree_with_parent() -> None:
 def _row(store: Path, key: str) -> dict[str, Any]:
     con = sqlite3.connect(f"file:{store / 'catalog.sqlite'}?mode=ro", uri=True)
     try:
-        cur = con.execute("SELECT l3_array, l3_shard, l3_offset, stored_bytes, nbytes, codec FROM blocks "
+        cur = con.execute("SELECT l3_array, l3_shard, l3_offset, l3_chunk, stored_bytes, nbytes, codec FROM blocks "
                           "WHERE key = ?", (key,))
         names = [d[0] for d in cur.description]
         found = cur.fetchone()
@@ -408,7 +408,7 @@ def damaged_store(damage_template: Path, tmp_path: Path) -> tuple[Path, dict[str
 
 def _damage(store: Path, key: str, how: str) -> None:
     row = _row(store, key)
-    path = store / "l3" / str(row["l3_array"]) / str(row["l3_shard"])
+    path = store / "l3" / str(row["l3_array"]) / f"{row['l3_shard']}.0"
     offset, stored, nbytes = int(row["l3_offset"]), int(row["stored_bytes"]), int(row["nbytes"])
     if how == "flip":
         # inside the encoded data (for a raw block, inside its real bytes, not the granule padding)
@@ -524,20 +524,22 @@ def test_zarr_reads_what_tierstore_wrote(tmp_path: Path, compression: str) -> No
     row = _row(store, "large")
     assert str(row["l3_array"]).startswith("blocks/")
     arr = zarr.open_array(str(store / "l3" / str(row["l3_array"])), mode="r")
-    assert arr.shape == (large.numel() * 4,) and arr.dtype == np.uint8
+    size = arr.shape[1]  # (elements, element size) bytes
+    assert arr.shape == (large.numel() * 4 // size, size) and arr.dtype == np.uint8
     assert np.asarray(arr[:]).tobytes() == _raw(large)
 
     row = _row(store, "small")
     assert str(row["l3_array"]).startswith("packs/") and row["l3_offset"] == 0  # the first block of a fresh pack
     pack = zarr.open_array(str(store / "l3" / str(row["l3_array"])), mode="r")
-    start = int(row["l3_shard"]) * PACK_LIMIT
-    shard = np.asarray(pack[start:start + PACK_LIMIT])
+    size = pack.shape[1]
+    start = int(row["l3_chunk"]) * 4096 // size  # the block's first granule, as the README says
+    shard = np.asarray(pack[start:start + PACK_LIMIT // size]).reshape(-1)
     nbytes = small.numel() * 4
     assert shard[:nbytes].tobytes() == _raw(small)
     assert not shard[nbytes:].any()  # granule padding and unused granules read as the fill value
 
     group = zarr.open_group(str(store / "l3"), mode="r")
-    assert np.asarray(group[str(row["l3_array"])][start:start + nbytes]).tobytes() == _raw(small)
+    assert np.asarray(group[str(row["l3_array"])][start:start + nbytes // size]).tobytes() == _raw(small)
 
 
 def test_sigkill_model_rejects_partial_transactions() -> None:

@@ -22,11 +22,11 @@ def _plant(store: Path, marker: Path) -> None:
     l3 = store / "l3"
     fake = l3 / "blocks" / "00000000000fffff"  # an orphan block folder (recovery removes it, unread)
     fake.mkdir()
-    (fake / "0").write_bytes(bomb)
+    (fake / "0.0").write_bytes(bomb)
     (fake / "zarr.json").write_bytes(bomb)
     forged = l3 / "blocks" / "00000000000ffffe"  # a folder a forged row points at (read, checksum fails)
     forged.mkdir()
-    (forged / "0").write_bytes(bomb * 200)
+    (forged / "0.0").write_bytes(bomb * 200)
     (forged / "zarr.json").write_bytes(bomb)
     for name in ("weights.pt", "model.pkl", "l2.index", "l2.index.tmp", "config.pt", "data.npy"):
         (store / name).write_bytes(bomb)

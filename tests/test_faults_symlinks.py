@@ -164,7 +164,7 @@ def test_linked_shard_file_is_left_alone_by_open_compact_gc_and_dropped_by_fix(t
                 if i % 8:
                     db.delete(f"k{i}")
     (pack,) = [p for p in (store / "l3" / "packs").iterdir() if p.is_dir()]
-    shard = pack / "1"  # k64..k127: sparse, so compaction wants it
+    shard = pack / "1.0"  # k64..k127: sparse, so compaction wants it
     shutil.move(shard, outside / "shard1")
     shard.symlink_to(outside / "shard1")
     before = snapshot(outside)

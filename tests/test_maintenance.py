@@ -69,7 +69,7 @@ def test_gc_removes_shards_without_live_blocks(tmp_path: Path) -> None:
             for i in range(64):  # fills shard 0 exactly
                 db.put(f"a{i}", torch.zeros(1024))
         db.put("b", torch.ones(1024))  # shard 1
-        shard0 = db.path / "l3" / "packs" / "raw" / "0"
+        shard0 = db.path / "l3" / "packs" / "raw" / "0.0"
         assert shard0.exists()
         with db.transaction():
             for i in range(64):
@@ -140,7 +140,7 @@ def test_compact_skips_a_shard_with_a_damaged_block(tmp_path: Path) -> None:
         _churn(db)
         row = db.catalog.get_block("k2")
         assert row is not None and row.l3_array is not None
-        path = store / "l3" / row.l3_array / str(row.l3_shard)
+        path = store / "l3" / row.l3_array / f"{row.l3_shard}.0"
         with open(path, "r+b") as fh:
             fh.seek(int(row.l3_offset or 0) + 7)
             fh.write(b"\xff")

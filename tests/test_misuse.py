@@ -349,14 +349,14 @@ def test_bad_values_are_refused_and_change_nothing(populated: tuple[tierstore.Ti
 
 HOSTILE_KEYS = ["../../escape_probe", "../escape_probe2", "/abs/abs_probe", "..", ".", "/", "//", "./",
                 "dir_probe/sub_probe/file_probe", "C:\\win_probe", "..\\..\\bs_probe", "\\\\srv\\share_probe",
-                "~/home_probe", "$HOME/env_probe", "catalog.sqlite", "LOCK", "l3", "l3/packs/raw/0",
-                "l3/blocks/0000000000000001/0", "zarr.json", "probe\nnewline", "probe*?<>|\"'"]
+                "~/home_probe", "$HOME/env_probe", "catalog.sqlite", "LOCK", "l3", "l3/packs/raw/0.0",
+                "l3/blocks/0000000000000001/0.0", "zarr.json", "probe\nnewline", "probe*?<>|\"'"]
 _HEX16 = "[0-9a-f]{16}"
 _CODEC = "[a-z0-9-]+"
 _LAYOUT = [
     "catalog\\.sqlite(-wal|-shm|-journal|-headroom|-commits)?", "LOCK", "l2\\.slab", "l3", "l3/zarr\\.json",
-    "l3/packs", "l3/packs/zarr\\.json", f"l3/packs/{_CODEC}", f"l3/packs/{_CODEC}/(zarr\\.json|[0-9]+)",
-    "l3/blocks", "l3/blocks/zarr\\.json", f"l3/blocks/{_HEX16}", f"l3/blocks/{_HEX16}/(zarr\\.json|0)",
+    "l3/packs", "l3/packs/zarr\\.json", f"l3/packs/{_CODEC}", f"l3/packs/{_CODEC}/(zarr\\.json|[0-9]+\\.0)",
+    "l3/blocks", "l3/blocks/zarr\\.json", f"l3/blocks/{_HEX16}", f"l3/blocks/{_HEX16}/(zarr\\.json|0\\.0)",
 ]
 
 

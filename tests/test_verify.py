@@ -41,11 +41,11 @@ def _flip(file: Path, offset: int) -> None:
 def _plant_everything(path: Path) -> dict[str, str]:
     """One of each kind of damage; returns kind -> the subject verify should name."""
     array, shard, offset = _where(path, "small/2")
-    _flip(path / "l3" / array / str(shard), offset + 10)  # a flipped byte in a packed chunk
+    _flip(path / "l3" / array / f"{shard}.0", offset + 10)  # a flipped byte in a packed chunk
     large, _, _ = _where(path, "large/0")
-    _flip(path / "l3" / large / "0", 5000)  # ... and in a large block's chunk
+    _flip(path / "l3" / large / "0.0", 5000)  # ... and in a large block's chunk
     gone, _, _ = _where(path, "large/1")
-    (path / "l3" / gone / "0").unlink()  # a deleted array file
+    (path / "l3" / gone / "0.0").unlink()  # a deleted array file
     with sqlite3.connect(path / "catalog.sqlite") as conn:  # a row without data, a leftover journal row
         conn.execute("INSERT INTO blocks (key, block_id, dtype, shape, nbytes, checksum, codec, l3_array, l3_shard,"
                      " l3_offset, l3_sizes, l3_inner, stored_bytes, created, updated) SELECT 'ghost', 999999, dtype,"
@@ -55,12 +55,12 @@ def _plant_everything(path: Path) -> dict[str, str]:
                      "VALUES (3, 'small/3', 'promote', 'L3', 'L2', 'intent', 0)")
     orphan = path / "l3" / "blocks" / "0000000000abcdef"
     orphan.mkdir()
-    (orphan / "0").write_bytes(b"x" * 100)  # data no row points at
-    (path / "l3" / array / "9999").write_bytes(b"y" * 50)  # an orphan pack shard
+    (orphan / "0.0").write_bytes(b"x" * 100)  # data no row points at
+    (path / "l3" / array / "9999.0").write_bytes(b"y" * 50)  # an orphan pack shard
     (path / "l3" / large / "zarr.json.tmp").write_text("{")  # a leftover temporary file
-    (path / "l3" / array / str(shard)).open("ab").write(b"torn tail")  # an append nobody committed
+    (path / "l3" / array / f"{shard}.0").open("ab").write(b"torn tail")  # an append nobody committed
     return {"corrupt": "small/2", "missing": "large/1", "orphan": "l3/blocks/0000000000abcdef",
-            "temp": f"l3/{large}/zarr.json.tmp", "journal": "small/3", "torn": f"l3/{array}/{shard}"}
+            "temp": f"l3/{large}/zarr.json.tmp", "journal": "small/3", "torn": f"l3/{array}/{shard}.0"}
 
 
 @pytest.mark.parametrize("compression", ["auto", "off"])
@@ -75,7 +75,7 @@ def test_each_kind_of_damage_is_found_and_fix_repairs_it(tmp_path: Path, compres
     for kind, subject in planted.items():
         assert (kind, subject) in found, (kind, subject, found)
     assert ("corrupt", "large/0") in found and ("missing", "ghost") in found
-    assert ("orphan", f"l3/{_where(store, 'small/2')[0]}/9999") in found
+    assert ("orphan", f"l3/{_where(store, 'small/2')[0]}/9999.0") in found
     # the check changed nothing: a second check finds the same
     assert {(p.kind, p.subject) for p in verify(store).problems} == found
 
@@ -139,7 +139,7 @@ def test_a_deleted_pack_shard_loses_its_blocks_and_its_row(tmp_path: Path) -> No
     store = tmp_path / "s"
     _make(store)
     array, shard, _ = _where(store, "small/0")
-    (store / "l3" / array / str(shard)).unlink()
+    (store / "l3" / array / f"{shard}.0").unlink()
     report = verify(store)
     assert {p.subject for p in report.problems if p.kind == "missing"} == set(SMALL)
     fixed = verify(store, fix=True)
@@ -157,7 +157,7 @@ def test_a_shard_row_whose_file_is_gone_is_stale(tmp_path: Path) -> None:
     _make(store)
     with sqlite3.connect(store / "catalog.sqlite") as conn:
         conn.execute("INSERT INTO shards (array, shard, length) VALUES ('packs/raw', 7, 5000)")
-    assert [(p.kind, p.subject) for p in verify(store).problems] == [("stale", "l3/packs/raw/7")]
+    assert [(p.kind, p.subject) for p in verify(store).problems] == [("stale", "l3/packs/raw/7.0")]
     assert verify(store, fix=True).ok and verify(store).ok
 
 
@@ -181,9 +181,10 @@ def test_lost_zarr_metadata_is_written_again(tmp_path: Path) -> None:
     raw = LARGE["large/0"].numpy().tobytes()
     assert np.asarray(zarr.open_array(str(store / "l3" / large), mode="r")[:]).tobytes() == raw
     packed = zarr.open_array(str(store / "l3" / pack), mode="r")
-    start = shard * 4096 * 64
+    size = packed.shape[1]  # (elements, element size) bytes
+    start = shard * 4096 * 64 // size
     small = SMALL["small/0"].numpy().tobytes()
-    assert np.asarray(packed[start:start + len(small)]).tobytes() == small
+    assert np.asarray(packed[start:start + len(small) // size]).tobytes() == small
     assert zarr.open_group(str(store / "l3"), mode="r") is not None
 
 
@@ -227,12 +228,12 @@ def test_a_shortened_shard_row_is_rebuilt_from_the_bytes_never_cut(tmp_path: Pat
     store = tmp_path / "s"
     _make(store)
     array, shard, _ = _where(store, "small/5")
-    file = store / "l3" / array / str(shard)
+    file = store / "l3" / array / f"{shard}.0"
     size = file.stat().st_size
     with sqlite3.connect(store / "catalog.sqlite") as conn:
         conn.execute("UPDATE shards SET length = length / 2 WHERE array = ? AND shard = ?", (array, shard))
     report = verify(store)
-    assert [(p.kind, p.subject) for p in report.problems] == [("shard", f"l3/{array}/{shard}")]
+    assert [(p.kind, p.subject) for p in report.problems] == [("shard", f"l3/{array}/{shard}.0")]
     fixed = verify(store, fix=True)
     assert fixed.ok and fixed.lost == [] and any("rebuilt the shard row" in line for line in fixed.repaired)
     assert file.stat().st_size == size
@@ -247,7 +248,7 @@ def test_open_rebuilds_a_shortened_or_lost_shard_row_and_keeps_the_file(tmp_path
     store = tmp_path / "s"
     _make(store)
     array, shard, _ = _where(store, "small/5")
-    file = store / "l3" / array / str(shard)
+    file = store / "l3" / array / f"{shard}.0"
     size = file.stat().st_size
     for damage in ("UPDATE shards SET length = length / 2", "DELETE FROM shards"):
         with sqlite3.connect(store / "catalog.sqlite") as conn:
@@ -269,7 +270,7 @@ def test_a_lost_shard_row_beside_a_torn_tail_keeps_the_blocks_and_cuts_only_the_
     store = tmp_path / "s"
     _make(store)
     array, shard, _ = _where(store, "small/5")
-    file = store / "l3" / array / str(shard)
+    file = store / "l3" / array / f"{shard}.0"
     size = file.stat().st_size
     with sqlite3.connect(store / "catalog.sqlite") as conn:
         conn.execute("DELETE FROM shards WHERE array = ? AND shard = ?", (array, shard))
@@ -309,12 +310,12 @@ def test_a_bit_flip_in_a_shard_index_is_found_and_written_again(tmp_path: Path, 
     _make(store, "off")
     key = "small/3" if which == "pack" else "large/0"
     array, shard, _ = _where(store, key)
-    file = store / "l3" / array / str(shard)
+    file = store / "l3" / array / f"{shard}.0"
     slots = 64 if which == "pack" else -(-LARGE[key].numel() * 4 // (1 << 20))  # one per inner chunk
     index_at = file.stat().st_size - (slots * 16 + 4)
     _flip(file, index_at + 16 * (3 if which == "pack" else 0))  # the offset of slot 3 (slot 0)
     report = verify(store)
-    assert [(p.kind, p.subject) for p in report.problems] == [("index", f"l3/{array}/{shard}")]
+    assert [(p.kind, p.subject) for p in report.problems] == [("index", f"l3/{array}/{shard}.0")]
     fixed = verify(store, fix=True)
     assert fixed.ok and fixed.lost == []
     _reads_all(store)

@@ -46,8 +46,7 @@ import safetensors.torch
 import torch
 import zarr
 import zarr.storage
-from zarr.codecs import BytesCodec, ZstdCodec
-from zarr.codecs.numcodecs import Shuffle
+from zarr.codecs import BytesCodec, TransposeCodec, ZstdCodec
 
 import tierstore
 
@@ -274,10 +273,11 @@ class TierstorePeer(Peer):
         return handle.get(key)
 
 
-def _zarr_codecs() -> dict[str, Any]:
-    """tierstore's ``auto`` chain for 2-byte elements: bytes, byte shuffle, zstd level 1."""
-    return {"serializer": BytesCodec(), "filters": [], "fill_value": 0,
-            "compressors": [Shuffle(elementsize=2), ZstdCodec(level=1, checksum=False)]}
+def _zarr_codecs(order: tuple[int, ...]) -> dict[str, Any]:
+    """tierstore's ``auto`` chain for 2-byte elements held as (..., elements, 2) bytes: the transpose that
+    groups byte planes, bytes, zstd level 1."""
+    return {"serializer": BytesCodec(), "filters": [TransposeCodec(order=order)], "fill_value": 0,
+            "compressors": [ZstdCodec(level=1, checksum=False)]}
 
 
 class ZarrDirectPeer(Peer):
@@ -294,10 +294,11 @@ class ZarrDirectPeer(Peer):
         nbytes = data.item_bytes
         layout: dict[str, Any] = {}  # small: one chunk; large: one shard of ~1 MiB inner chunks
         if nbytes > PACK_MAX:
-            layout = {"chunks": (min(nbytes, ZARR_INNER),), "shards": (nbytes,)}
+            layout = {"chunks": (min(nbytes, ZARR_INNER) // 2, 2), "shards": (nbytes // 2, 2)}
         for key, tensor in data.tensors.items():
-            array = zarr.create_array(handle, name=key, shape=(nbytes,), dtype="uint8", **layout, **_zarr_codecs())
-            array[...] = as_bytes(tensor)
+            array = zarr.create_array(handle, name=key, shape=(nbytes // 2, 2), dtype="uint8", **layout,
+                                      **_zarr_codecs((1, 0)))
+            array[...] = as_bytes(tensor).reshape(-1, 2)
 
     def get(self, handle: zarr.storage.LocalStore, key: str, data: Dataset) -> torch.Tensor:
         return from_bytes(np.asarray(zarr.open_array(handle, path=key, mode="r")[...]), data.shape)
@@ -320,9 +321,10 @@ class ZarrPackedPeer(Peer):
 
     def put_batch(self, handle: zarr.storage.LocalStore, data: Dataset) -> None:
         n, nbytes = len(data.tensors), data.item_bytes
-        array = zarr.create_array(handle, name="pack", shape=(n, nbytes), dtype="uint8", chunks=(1, nbytes),
-                                  shards=(64, nbytes), attributes={"keys": data.keys}, **_zarr_codecs())
-        array[...] = np.stack([as_bytes(t) for t in data.tensors.values()])
+        array = zarr.create_array(handle, name="pack", shape=(n, nbytes // 2, 2), dtype="uint8",
+                                  chunks=(1, nbytes // 2, 2), shards=(64, nbytes // 2, 2),
+                                  attributes={"keys": data.keys}, **_zarr_codecs((0, 2, 1)))
+        array[...] = np.stack([as_bytes(t) for t in data.tensors.values()]).reshape(n, -1, 2)
 
     def get(self, handle: Any, key: str, data: Dataset) -> torch.Tensor:
         array, rows = handle

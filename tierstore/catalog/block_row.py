@@ -18,9 +18,10 @@ from ..errors import CorruptBlockError
 
 __all__ = ["BlockRow", "L3Columns", "NO_L3"]
 
-L3Columns = tuple[str, str | None, int | None, int | None, bytes | None, int | None, int]
-"""``(codec, array, shard, offset, sizes, inner, stored_bytes)``: where L3 keeps a block, as the catalog stores it."""
-NO_L3: L3Columns = ("raw", None, None, None, None, None, 0)
+L3Columns = tuple[str, str | None, int | None, int | None, bytes | None, int | None, int, int | None]
+"""``(codec, array, shard, offset, sizes, inner, stored_bytes, chunk)``: where L3 keeps a block, as the catalog
+stores it (``chunk`` is the ``l3_chunk`` column)."""
+NO_L3: L3Columns = ("raw", None, None, None, None, None, 0, None)
 """The L3 columns of a block with no bytes in L3 (cache-only, in L1 or L2)."""
 
 
@@ -47,15 +48,17 @@ class BlockRow:
     updated: float
     parent: str | None = None
     """The key of the block this one extends in a chain (``put(..., parent=...)``); it may be gone."""
+    l3_chunk: int | None = None
+    """The block's first inner chunk along axis 0 of ``l3_array`` (for zarr readers); None: unknown."""
 
     @staticmethod
     def stored(key: str, block_id: int, dtype: str, shape: tuple[int, ...], nbytes: int, checksum: int, *,
                durable: bool, l3: L3Columns, tiers: int, created: float, updated: float,
                parent: str | None) -> BlockRow:
         """A row whose bytes are where ``l3`` says (``Location.to_columns()``; nowhere for a cache-only block in L2)."""
-        codec, array, shard, offset, sizes, inner, stored_bytes = l3
+        codec, array, shard, offset, sizes, inner, stored_bytes, chunk = l3
         return BlockRow(key, block_id, dtype, shape, nbytes, checksum, durable, codec, array, shard, offset, sizes,
-                        inner, stored_bytes, tiers, created, updated, parent)
+                        inner, stored_bytes, tiers, created, updated, parent, chunk)
 
     @staticmethod
     def cache_only(key: str, block_id: int, dtype: str, shape: tuple[int, ...], nbytes: int, checksum: int, *,
@@ -68,30 +71,32 @@ class BlockRow:
     def l3_columns(self) -> L3Columns:
         """Where L3 keeps the bytes, for ``Location.from_columns()``."""
         return (self.codec, self.l3_array, self.l3_shard, self.l3_offset, self.l3_sizes, self.l3_inner,
-                self.stored_bytes)
+                self.stored_bytes, self.l3_chunk)
 
     def moved(self, l3: L3Columns) -> BlockRow:
         """The same block at another place in L3 (compaction copies its encoded chunks as they are)."""
-        codec, array, shard, offset, sizes, inner, stored_bytes = l3
+        codec, array, shard, offset, sizes, inner, stored_bytes, chunk = l3
         return dataclasses.replace(self, codec=codec, l3_array=array, l3_shard=shard, l3_offset=offset,
-                                   l3_sizes=sizes, l3_inner=inner, stored_bytes=stored_bytes)
+                                   l3_sizes=sizes, l3_inner=inner, stored_bytes=stored_bytes, l3_chunk=chunk)
 
     @staticmethod
     def from_tuple(row: Sequence[Any]) -> BlockRow:
         """Build from a ``SELECT {BLOCK_COLUMNS}`` row."""
         (key, block_id, dtype, shape, nbytes, checksum, durable, codec, array, shard, offset, sizes, inner,
-         stored, tiers, created, updated, parent) = row
+         stored, tiers, created, updated, parent, chunk) = row
         _check_location(key, nbytes, array, shard, offset, sizes, inner)
         if not isinstance(parent, str) or not parent:
             parent = None  # only an eviction hint: a damaged link is no link, never a damaged block
         return BlockRow(key, block_id, dtype, _checked_shape(key, shape), nbytes, checksum, bool(durable), codec,
-                        array, shard, offset, sizes, inner, stored, tiers, created, updated, parent)
+                        array, shard, offset, sizes, inner, stored, tiers, created, updated, parent,
+                        chunk if type(chunk) is int and chunk >= 0 else None)
 
     def to_tuple(self) -> tuple[Any, ...]:
         """Values in ``BLOCK_COLUMNS`` order."""
         return (self.key, self.block_id, self.dtype, json.dumps(list(self.shape)), self.nbytes, self.checksum,
                 int(self.durable), self.codec, self.l3_array, self.l3_shard, self.l3_offset, self.l3_sizes,
-                self.l3_inner, self.stored_bytes, self.tiers, self.created, self.updated, self.parent)
+                self.l3_inner, self.stored_bytes, self.tiers, self.created, self.updated, self.parent,
+                self.l3_chunk)
 
 
 _ARRAY_NAME = re.compile(r"packs/[a-z0-9-]+|blocks/[0-9a-f]{16}")

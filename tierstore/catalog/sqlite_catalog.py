@@ -566,8 +566,8 @@ def _replaced_row(old: Sequence[Any]) -> BlockRow:
         nbytes = old[4] if type(old[4]) is int else 0
         stored = old[13] if type(old[13]) is int else 0
         return BlockRow.stored(old[0], -1, "uint8", (nbytes,), nbytes, 0, durable=bool(old[6]),
-                               l3=("raw", None, None, None, None, None, stored), tiers=0, created=0.0, updated=0.0,
-                               parent=None)
+                               l3=("raw", None, None, None, None, None, stored, None), tiers=0, created=0.0,
+                               updated=0.0, parent=None)
 
 
 def _prefix_upper_bound(prefix: str) -> str | None:

@@ -4,21 +4,21 @@ from __future__ import annotations
 
 # -- blocks, shards, meta, statistics, journal (tierstore.catalog.sqlite_catalog) ---------------
 BLOCK_COLUMNS = ("key, block_id, dtype, shape, nbytes, checksum, durable, codec, l3_array, l3_shard, "
-                 "l3_offset, l3_sizes, l3_inner, stored_bytes, tiers, created, updated, parent")
+                 "l3_offset, l3_sizes, l3_inner, stored_bytes, tiers, created, updated, parent, l3_chunk")
 GET_BLOCK = f"SELECT {BLOCK_COLUMNS} FROM blocks WHERE key = ?"
 HAS_BLOCK = "SELECT 1 FROM blocks WHERE key = ?"
 GET_BLOCK_BY_ID = f"SELECT {BLOCK_COLUMNS} FROM blocks WHERE block_id = ?"
 UPSERT_BLOCK = f"""
-INSERT INTO blocks ({BLOCK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO blocks ({BLOCK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT(key) DO UPDATE SET
   block_id = excluded.block_id, dtype = excluded.dtype, shape = excluded.shape, nbytes = excluded.nbytes,
   checksum = excluded.checksum, durable = excluded.durable, codec = excluded.codec,
   l3_array = excluded.l3_array, l3_shard = excluded.l3_shard, l3_offset = excluded.l3_offset,
   l3_sizes = excluded.l3_sizes, l3_inner = excluded.l3_inner, stored_bytes = excluded.stored_bytes,
-  tiers = excluded.tiers, updated = excluded.updated, parent = excluded.parent
+  tiers = excluded.tiers, updated = excluded.updated, parent = excluded.parent, l3_chunk = excluded.l3_chunk
 """
 INSERT_NEW_BLOCK = f"""
-INSERT INTO blocks ({BLOCK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO blocks ({BLOCK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT(key) DO NOTHING
 """
 DELETE_BLOCK = "DELETE FROM blocks WHERE key = ?"
@@ -55,6 +55,13 @@ WHERE l3_array = ? AND l3_shard = ? AND l3_offset >= 0 AND stored_bytes >= 0
 """
 SHARD_CHUNKS = "SELECT l3_offset, l3_sizes FROM blocks WHERE l3_array = ? AND l3_shard = ?"
 GET_META = "SELECT value FROM store_meta WHERE name = ?"
+SHARD_CHUNK_INDEX = ("SELECT l3_offset, l3_sizes, l3_chunk FROM blocks WHERE l3_array = ? AND l3_shard = ? "
+                     "AND l3_chunk IS NOT NULL")
+L3_LAYOUT = "l3_layout"
+"""``store_meta`` row: the L3 layout of the store (see :mod:`tierstore.tiers.l3_zarr`); absent: layout 1."""
+L3_ROWS = f"SELECT {BLOCK_COLUMNS} FROM blocks WHERE l3_array IS NOT NULL"
+SET_L3_CHUNK = "UPDATE blocks SET l3_chunk = ? WHERE block_id = ?"
+HAS_L3_DATA = "SELECT EXISTS (SELECT 1 FROM blocks) OR EXISTS (SELECT 1 FROM shards)"
 DELETE_META = "DELETE FROM store_meta WHERE name = ?"
 SET_META = "INSERT INTO store_meta (name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value"
 GET_STATS = ("SELECT access_count, get_count, put_count, hits_l1, hits_l2, hits_l3, first_access, last_access, "

@@ -25,13 +25,18 @@ from .statements import (
     DROP_UNUSED_SHARDS,
     DROP_VOLATILE,
     GET_META,
+    HAS_L3_DATA,
     HIT_TOTALS,
     JOURNAL_DELETE,
+    L3_LAYOUT,
+    L3_ROWS,
     LIVE_ARRAYS,
     MAX_BLOCK_ID,
     OP_TOTALS,
     PUT_TOTAL,
+    SET_L3_CHUNK,
     SET_META,
+    SHARD_CHUNK_INDEX,
     SHARD_CHUNKS,
     SHARD_EXTENT,
     SHARD_LENGTHS,
@@ -86,6 +91,16 @@ class UpkeepQueries:
         with self._write("rebuild shard rows") as conn:
             conn.executemany(UPSERT_SHARD, [(a, s, n) for (a, s), n in lengths.items()])
 
+    def shard_chunk_index(self, array: str, shard: int) -> dict[tuple[int, int], int]:
+        """``{(offset, size): chunk index}`` of the chunks whose blocks record their ``l3_chunk``."""
+        found: dict[tuple[int, int], int] = {}
+        for offset, sizes, chunk in self._query(SHARD_CHUNK_INDEX, (array, shard)):
+            if type(offset) is int and type(chunk) is int and isinstance(sizes, bytes) and len(sizes) % 4 == 0:
+                for i, size in enumerate(memoryview(sizes).cast("I")):
+                    found[(offset, int(size))] = chunk + i
+                    offset += int(size)
+        return found
+
     def shard_chunks(self, array: str, shard: int) -> list[tuple[int, int]]:
         """``(offset, size)`` of every chunk the blocks in a shard have (rows that do not parse skipped)."""
         chunks: list[tuple[int, int]] = []
@@ -118,6 +133,23 @@ class UpkeepQueries:
         """A ``store_meta`` value."""
         row = self._query_one(GET_META, (name,))
         return None if row is None else str(row[0])
+
+    def l3_layout(self) -> int | None:
+        """The L3 layout the store is in (None: a writer may choose, since nothing is stored yet)."""
+        recorded = self.meta(L3_LAYOUT)
+        if recorded is not None:
+            return int(recorded)
+        return 1 if self._query_one(HAS_L3_DATA)[0] else None
+
+    def l3_rows(self) -> list[BlockRow]:
+        """Every row whose block has bytes in L3."""
+        return [BlockRow.from_tuple(r) for r in self._query(L3_ROWS)]
+
+    def commit_l3_layout(self, chunks: Sequence[tuple[int | None, int]], layout: int) -> None:
+        """Record each block's chunk (``(chunk, block_id)`` pairs) and the store's new L3 layout, atomically."""
+        with self._write("record the L3 layout") as conn:
+            conn.executemany(SET_L3_CHUNK, chunks)
+            conn.execute(SET_META, (L3_LAYOUT, str(layout)))
 
     def set_meta(self, values: dict[str, str]) -> None:
         """Write ``store_meta`` values."""

@@ -21,7 +21,7 @@ from ..errors import InvalidArgumentError, TransactionError, translate_os_error
 from ..tensors import check_key, check_tensor, dtype_from_name, dtype_name, tensor_bytes
 from ..tiers.codecs import choose_codec
 from ..tiers.l1_cuda import is_device_oom
-from ..tiers.l3_zarr import EMPTY_LOCATION, Location
+from ..tiers.l3_zarr import EMPTY_LOCATION, Contents, Location
 from ..tiers.slab_allocator import Allocation
 from .handle_reads import StoreReads
 from .mover import no_memory, physical_memory
@@ -190,7 +190,8 @@ class StoreWrites(StoreReads):
         block_id = self._index.new_block_id()
         try:
             if durable or slot is None:
-                loc = self._write_l3(key, block_id, data, tensor.element_size())
+                loc = self._write_l3(Contents(key, dtype_name(tensor.dtype), tuple(tensor.shape)), block_id, data,
+                                     tensor.element_size())
             else:
                 loc = EMPTY_LOCATION  # cache-only and in L2: no disk write now
         except BaseException:
@@ -222,11 +223,12 @@ class StoreWrites(StoreReads):
             raise
         return slot
 
-    def _write_l3(self, key: str, block_id: int, data: np.ndarray, itemsize: int) -> Location:
+    def _write_l3(self, contents: Contents, block_id: int, data: np.ndarray, itemsize: int) -> Location:
+        key = contents.key
         self._index.check_room(key, data.nbytes)
         codec = choose_codec(str(self.config.l3_compression), itemsize)
         try:
-            return self._l3.write(block_id, data, codec)
+            return self._l3.write(block_id, data, codec, contents)
         except OSError as exc:
             raise translate_os_error(exc, what=f"write block {key!r}", path=self._l3.root, key=key) from None
 

@@ -48,7 +48,7 @@ from ..tensors import dtype_from_name, dtype_name, tensor_from_bytes
 from ..tiers.codecs import choose_codec
 from ..tiers.l1_cuda import DevicePool
 from ..tiers.l2_slab import HostArena
-from ..tiers.l3_zarr import Location, ZarrL3
+from ..tiers.l3_zarr import Contents, Location, ZarrL3
 from .index import BlockIndex
 from .mover import Mover, checksum_ok
 from .moves import CRASH_ENV, CRASH_POINTS, RANK, TIERS, JournalReport, Move, Pin, Plan, recover_journal
@@ -588,7 +588,7 @@ class Migrator:
             codec = choose_codec(str(self.config.l3_compression), entry.dtype.itemsize)
             if entry.checksum < 0:  # a cache-only block is hashed the first time it leaves memory
                 entry.checksum = crc32c.crc32c(data.data)
-            loc = self.l3.write_now(block_id, data, codec)
+            loc = self.l3.write_now(block_id, data, codec, Contents(entry.key, dtype_name(entry.dtype), entry.shape))
             self._crash("copied")
             if loc.array:
                 back = np.empty(data.nbytes, dtype=np.uint8)

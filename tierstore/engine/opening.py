@@ -35,7 +35,7 @@ from ..errors import (
 from ..fsguard import CATALOG_ENTRIES, STORE_FILES, STORE_FOLDERS, refuse_links
 from ..tiers.l1_cuda import DevicePool
 from ..tiers.l2_slab import HostArena
-from ..tiers.l3_zarr import RecoveryReport, ZarrL3
+from ..tiers.l3_zarr import LAYOUT, RecoveryReport, ZarrL3
 from .access_recorder import AccessRecorder
 from .devices import l1_device
 from .index import BlockIndex
@@ -121,7 +121,12 @@ class StoreOpening:
         self._counts = {"get": 0, "put": 0, "delete": 0}
         self._hits = {"L1": 0, "L2": 0, "L3": 0}
         self._hit_bytes = {"L1": 0, "L2": 0, "L3": 0}
-        self._l3 = ZarrL3(self.path, fsync=self.config.fsync, readonly=self.readonly)
+        layout = self._catalog.l3_layout()
+        if layout is None:  # nothing stored yet: a new store starts in the current layout
+            layout = LAYOUT
+            if not self.readonly:
+                self._catalog.commit_l3_layout([], LAYOUT)
+        self._l3 = ZarrL3(self.path, fsync=self.config.fsync, readonly=self.readonly, layout=layout)
         self.recovery = RecoveryReport()
         self.journal_recovery = JournalReport()
         """Moves a crash interrupted, undone at open (see :mod:`tierstore.engine.moves`)."""
@@ -256,6 +261,8 @@ class StoreOpening:
     def _recover(self) -> None:
         self.journal_recovery = recover_journal(self._catalog, self._l3)
         self.recovery = steps().recover(self._catalog, self._l3)
+        if self._l3.layout < LAYOUT:
+            steps().upgrade_layout(self._catalog, self._l3)
 
     # -- handle -------------------------------------------------------------------------------------
 

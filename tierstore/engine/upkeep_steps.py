@@ -34,6 +34,8 @@ class UpkeepSteps:
     """At open, before the catalog: stop if L3 data lies there without its catalog."""
     recover: Callable[[Catalog, ZarrL3], RecoveryReport]
     """At open: cut back what a crash left behind."""
+    upgrade_layout: Callable[[Catalog, ZarrL3], None]
+    """At a read-write open, after ``recover``: move a layout-1 store's L3 to the current layout."""
     warm_l2: Callable[[Path, Catalog, Residency[HostArena]], tuple[int, int]]
     """At open: take back a file-backed L2; ``(generation, blocks taken back)``."""
     drop_l2_files: Callable[..., None]

@@ -1,11 +1,15 @@
 """Codecs of the L3 tier: how a block's bytes are compressed in a chunk.
 
-Each codec is a chain that zarr v3 also understands (``bytes`` then
-optionally ``numcodecs.shuffle`` and ``zstd``, or ``blosc``), so the L3
-arrays open in zarr-python as they are. ``shuffle-zstd`` is the byte-grouped
-zstd of DESIGN.md: the shuffle puts every element's high (sign and exponent)
-byte apart from its mantissa bytes, which is what lets bf16 weights compress
-~1.46x instead of ~1.28x.
+Each codec is a chain of codecs from the zarr v3 spec, so the L3 arrays open
+in zarr-python and tensorstore as they are. ``shuffle-zstd`` is the
+byte-grouped zstd of DESIGN.md: every element's high (sign and exponent) byte
+goes apart from its mantissa bytes, which is what lets bf16 weights compress
+~1.49x instead of ~1.29x. In the spec that grouping is the ``transpose``
+codec on a chunk viewed as ``(elements, element size)`` bytes: the same bytes
+as numcodecs' shuffle, which tierstore's own path computes (see
+``_shuffle_into_scratch``) because zarr's codec pipeline costs milliseconds a
+call. Layout-1 stores named it ``numcodecs.shuffle`` (not in the spec); the
+bytes are the same, so only their metadata changes on upgrade.
 """
 
 from __future__ import annotations
@@ -18,13 +22,14 @@ from typing import Any
 import numpy as np
 import zstandard
 from numcodecs import Blosc, Zstd
+from zarr.abc.codec import Codec as ZarrCodec
+from zarr.codecs import BloscCodec, BytesCodec, TransposeCodec, ZstdCodec
 
 __all__ = ["Codec", "RAW", "codec_from_id", "choose_codec", "MIN_RATIO"]
 
 MIN_RATIO = 1.1
 """Below this compression ratio a block is stored raw (decoding would cost more than it saves)."""
 
-_BYTES = {"name": "bytes", "configuration": {"endian": "little"}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,19 +51,18 @@ class Codec:
             return f"shuffle{self.elementsize}-zstd{self.level}"
         return f"blosclz4-{self.elementsize}"
 
-    def zarr_codecs(self) -> list[dict[str, Any]]:
-        """The zarr v3 ``codecs`` list of an inner chunk encoded by this codec."""
-        zstd = {"name": "zstd", "configuration": {"level": self.level, "checksum": False}}
+    def zarr_codecs(self) -> list[ZarrCodec]:
+        """The zarr v3 codecs of an inner chunk, a ``(rows, elementsize)`` uint8 array, encoded by this codec."""
+        zstd = ZstdCodec(level=self.level, checksum=False)
         if self.kind == "raw":
-            return [_BYTES]
+            return [BytesCodec()]
         if self.kind == "zstd":
-            return [_BYTES, zstd]
+            return [BytesCodec(), zstd]
         if self.kind == "shuffle-zstd":
-            return [_BYTES, {"name": "numcodecs.shuffle", "configuration": {"elementsize": self.elementsize}},
-                    zstd]
-        return [_BYTES, {"name": "blosc", "configuration": {
-            "cname": "lz4", "clevel": 5, "shuffle": "bitshuffle", "typesize": self.elementsize,
-            "blocksize": 0}}]
+            grouped: list[ZarrCodec] = [TransposeCodec(order=(1, 0))] if self.elementsize > 1 else []
+            return [*grouped, BytesCodec(), zstd]
+        return [BytesCodec(), BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=self.elementsize,
+                                         blocksize=0)]
 
     def encode(self, chunk: np.ndarray) -> bytes | np.ndarray:
         """Encode one chunk (a flat uint8 array)."""

@@ -1,13 +1,22 @@
 """L3: the durable tier, a compressed Zarr v3 hierarchy on the local disk.
 
 Layout under ``<store>/l3`` (every folder is a zarr v3 group or array, so
-``zarr.open_group`` reads it as is)::
+zarr-python and tensorstore read it as is)::
 
     zarr.json                       group
     packs/<codec>/zarr.json         one uint8 array per codec for small blocks
-    packs/<codec>/<n>               shard n: 4 KiB inner chunks, appended to in place
+    packs/<codec>/<n>.0             shard n: 4 KiB inner chunks, appended to in place
     blocks/<block id>/zarr.json     one uint8 array per large block
-    blocks/<block id>/0             its single shard: ~1 MiB inner chunks
+    blocks/<block id>/0.0           its single shard: ~1 MiB inner chunks
+
+Every array is 2-D, ``(elements, element size)`` bytes, so that byte-grouped
+codecs are the spec's ``transpose`` (see :mod:`.l3_codecs`). A pack's shape
+covers the shards it has; each 4 KiB granule is one inner chunk, and a packed
+block is the run of chunks from its ``Location.chunk``. A large block's array
+is exactly the block; its attributes name its key, dtype and shape.
+Layout 1 (stores written before) had 1-D arrays, shard files ``<n>``, a pack
+shape of 2^50 bytes and ``numcodecs.shuffle``; :meth:`ZarrL3.relink` turns
+one into layout 2 without rewriting any chunk (the bytes are the same).
 
 Everything is a *sharded* array so that one file holds many independently
 compressed chunks and an index at its end (zarr's ``sharding_indexed``).
@@ -25,6 +34,7 @@ milliseconds per call); reads are one ``pread`` of contiguous chunks.
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import json
 import math
@@ -40,14 +50,21 @@ from typing import Any
 
 import crc32c
 import numpy as np
+from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
+from zarr.core.chunk_key_encodings import V2ChunkKeyEncoding
+from zarr.core.dtype import UInt8
+from zarr.core.metadata.v3 import ArrayV3Metadata
 
 from ..errors import CorruptBlockError, UnsafePathError, translate_os_error
 from ..fsguard import NOFOLLOW, contained, refuse_links
 from .codecs import MIN_RATIO, RAW, Codec, codec_from_id
 from .open_files import OpenFiles
 
-__all__ = ["GRANULE", "PACK_SLOTS", "PACK_MAX", "OPEN_FILES", "PACK_INDEX_BYTES", "EMPTY_LOCATION", "Location",
-           "RecoveryReport", "ZarrL3"]
+__all__ = ["GRANULE", "PACK_SLOTS", "PACK_MAX", "OPEN_FILES", "PACK_INDEX_BYTES", "LAYOUT", "EMPTY_LOCATION",
+           "Contents", "Location", "RecoveryReport", "ZarrL3"]
+
+LAYOUT = 2
+"""The L3 layout this code writes (the catalog's ``store_meta`` says which one a store has)."""
 
 GRANULE = 4096
 """Inner chunk of a pack: small blocks take whole granules."""
@@ -69,11 +86,11 @@ closed as soon as its file is deleted (compaction, gc, a freed large block) and 
 """
 _EMPTY = np.uint64(2**64 - 1)
 _BLOCK_ARRAY = re.compile(r"blocks/[0-9a-f]{16}")
-_PACK_SHAPE = PACK_MAX * (1 << 32)
 
 
-L3Columns = tuple[str, str | None, int | None, int | None, bytes | None, int | None, int]
-"""A :class:`Location` as the catalog keeps it: ``(codec, array, shard, offset, sizes, inner, stored bytes)``.
+L3Columns = tuple[str, str | None, int | None, int | None, bytes | None, int | None, int, int | None]
+"""A :class:`Location` as the catalog keeps it: ``(codec, array, shard, offset, sizes, inner, stored bytes,
+chunk)``.
 
 The catalog stores the tuple without reading it (``BlockRow.l3_columns``); only L3 knows what it means.
 """
@@ -92,6 +109,9 @@ class Location:
     inner: int
     """Decoded size of one inner chunk."""
     codec: str
+    chunk: int | None = None
+    """Index of the block's first inner chunk along axis 0 of ``array`` (0 for a large block); None when
+    not known (a block of a layout-1 store whose shard index could not be read at the upgrade)."""
 
     @property
     def length(self) -> int:
@@ -108,19 +128,30 @@ class Location:
         return tuple(int(x) for x in np.frombuffer(blob, dtype="<u4"))
 
     def to_columns(self) -> L3Columns:
-        """``(codec, array, shard, offset, sizes, inner, stored bytes)`` as the catalog keeps them (opaque to it)."""
-        return self.codec, self.array or None, self.shard, self.offset, self.sizes_blob(), self.inner, self.length
+        """``(codec, array, shard, offset, sizes, inner, stored bytes, chunk)`` as the catalog keeps them (opaque
+        to it)."""
+        return (self.codec, self.array or None, self.shard, self.offset, self.sizes_blob(), self.inner, self.length,
+                self.chunk)
 
     @staticmethod
     def from_columns(columns: L3Columns) -> Location:
         """Inverse of :meth:`to_columns` (an empty location for a block with no bytes in L3)."""
-        codec, array, shard, offset, sizes, inner, _stored = columns
+        codec, array, shard, offset, sizes, inner, _stored, chunk = columns
         if array is None or sizes is None:
             return Location("", 0, 0, (), 0, codec)
-        return Location(array, shard or 0, offset or 0, Location.sizes_from_blob(sizes), inner or 0, codec)
+        return Location(array, shard or 0, offset or 0, Location.sizes_from_blob(sizes), inner or 0, codec, chunk)
 
 
 EMPTY_LOCATION = Location("", 0, 0, (), GRANULE, "raw")
+
+
+@dataclass(frozen=True, slots=True)
+class Contents:
+    """What a large block's array holds, for its attributes (zarr readers see no catalog)."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
 
 
 @dataclass(slots=True)
@@ -189,25 +220,40 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _array_meta(shape: int, shard: int, inner: int, codec: Codec, kind: str) -> dict[str, Any]:
-    return {
-        "zarr_format": 3,
-        "node_type": "array",
-        "shape": [shape],
-        "data_type": "uint8",
-        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [shard]}},
-        "chunk_key_encoding": {"name": "v2", "configuration": {"separator": "."}},
-        "fill_value": 0,
-        "codecs": [{"name": "sharding_indexed", "configuration": {
-            "chunk_shape": [inner],
-            "codecs": codec.zarr_codecs(),
-            "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
-            "index_location": "end",
-        }}],
-        "attributes": {"tierstore": {"kind": kind, "codec": codec.id}},
-        "dimension_names": None,
-        "storage_transformers": [],
-    }
+def _array_meta(nbytes: int, shard: int, inner: int, codec: Codec, attributes: dict[str, Any]) -> dict[str, Any]:
+    """The ``zarr.json`` of a 2-D ``(elements, element size)`` uint8 array of ``nbytes`` bytes.
+
+    ``shard`` and ``inner`` are in bytes; zarr's own metadata classes build and check the document.
+    """
+    return {**_geometry_meta(nbytes, shard, inner, codec), "attributes": {"tierstore": attributes}}
+
+
+@functools.lru_cache(maxsize=256)
+def _geometry_meta(nbytes: int, shard: int, inner: int, codec: Codec) -> dict[str, Any]:
+    # Cached: zarr's validation costs ~0.2-0.5 ms a document, a fifth of a 300 KiB block's put, and
+    # a model's blocks come in few sizes. Attributes are plain JSON that zarr passes through as given.
+    size = codec.elementsize
+    meta = ArrayV3Metadata(
+        shape=(nbytes // size, size), data_type=UInt8(),
+        chunk_grid={"name": "regular", "configuration": {"chunk_shape": [shard // size, size]}},
+        chunk_key_encoding=V2ChunkKeyEncoding(separator="."), fill_value=0,
+        codecs=[ShardingCodec(chunk_shape=(inner // size, size), codecs=codec.zarr_codecs(),
+                              index_codecs=[BytesCodec(), Crc32cCodec()], index_location="end")],
+        attributes={}, dimension_names=("element", "byte"), storage_transformers=())
+    return meta.to_dict()
+
+
+def _pack_meta(codec: Codec, shards: int) -> dict[str, Any]:
+    return _array_meta(max(shards, 1) * PACK_MAX, PACK_MAX, GRANULE, codec, {
+        "kind": "pack", "codec": codec.id, "granule": GRANULE,
+        "blocks": "many small blocks; the catalog's blocks table (l3_array, l3_chunk) says which chunks hold each"})
+
+
+def _block_meta(nbytes: int, shard: int, inner: int, codec: Codec, contents: Contents | None) -> dict[str, Any]:
+    attributes: dict[str, Any] = {"kind": "block", "codec": codec.id}
+    if contents is not None:
+        attributes.update(key=contents.key, dtype=contents.dtype, shape=list(contents.shape))
+    return _array_meta(nbytes, shard, inner, codec, attributes)
 
 
 def _write_all(fd: int, pieces: list[Any], offset: int) -> int:
@@ -238,20 +284,28 @@ def _index_bytes(index: np.ndarray) -> bytes:
 class ZarrL3:
     """The L3 tier of one store. Not thread-safe for writes: the store serialises writers."""
 
-    def __init__(self, store_dir: str | os.PathLike[str], *, fsync: bool = True, readonly: bool = False) -> None:
+    def __init__(self, store_dir: str | os.PathLike[str], *, fsync: bool = True, readonly: bool = False,
+                 layout: int = LAYOUT) -> None:
         self.root = Path(store_dir) / "l3"
         self._root = str(self.root)
         refuse_links(Path(store_dir), ("l3", "l3/packs", "l3/blocks"), what="open the L3 tier")
         self._files = OpenFiles(OPEN_FILES, self._open_read)
         self.fsync = fsync
         self.readonly = readonly
+        self.layout = layout
+        """1: shard files ``<n>`` (read, and written until :meth:`relink`); 2: ``<n>.0``, see the module."""
+        self._shard_suffix = ".0" if layout >= 2 else ""
+        self._pack_extent: dict[str, int] = {}
+        """Shards each pack's ``zarr.json`` covers, as this handle last wrote it."""
+        self._grown: dict[str, Codec] = {}
+        """Packs that started a shard past their extent since :meth:`prepare` last wrote their ``zarr.json``."""
         self._next_shard: dict[str, int] = {}
         self._active: dict[str, _Shard] = {}
         self._touched: dict[tuple[str, int], _Shard] = {}
         self._new_arrays: list[Path] = []
         self._dirs_to_sync: set[Path] = set()
         if not readonly:
-            self._ensure_group(self.root, {"tierstore": {"layout": 1}})
+            self._ensure_group(self.root, {"tierstore": {"layout": layout}})
             self._ensure_group(self.root / "packs", {})
             self._ensure_group(self.root / "blocks", {})
 
@@ -269,7 +323,18 @@ class ZarrL3:
 
     def shard_path(self, array: str, shard: int) -> Path:
         """The file of ``shard`` in ``array``."""
-        return self.root / array / str(shard)
+        return self.root / array / f"{shard}{self._shard_suffix}"
+
+    def _shard_file(self, array: str, shard: int) -> str:
+        return f"{self._root}/{array}/{shard}{self._shard_suffix}"
+
+    def shard_number(self, name: str) -> int | None:
+        """The shard a file name in an array folder stands for (None: not a shard file of this layout)."""
+        if self._shard_suffix:
+            if not name.endswith(self._shard_suffix):
+                return None
+            name = name[:-len(self._shard_suffix)]
+        return int(name) if name.isascii() and name.isdigit() else None
 
     def _open_read(self, path: str) -> int:
         """Open a file of this tier for reading; never through a link (see :mod:`tierstore.fsguard`)."""
@@ -319,14 +384,17 @@ class ZarrL3:
 
     # -- writing --------------------------------------------------------------------------------
 
-    def write(self, block_id: int, data: np.ndarray, codec: Codec) -> Location:
-        """Write a block's bytes (flat uint8); durable only after :meth:`prepare` and the catalog commit."""
+    def write(self, block_id: int, data: np.ndarray, codec: Codec, contents: Contents | None = None) -> Location:
+        """Write a block's bytes (flat uint8); durable only after :meth:`prepare` and the catalog commit.
+
+        ``contents`` names what a large block's array holds (its attributes); packed blocks share an array.
+        """
         nbytes = data.nbytes
         if nbytes == 0:
             return EMPTY_LOCATION
         if nbytes <= PACK_MAX:
             return self._write_packed(data, codec)
-        return self._write_array(block_id, data, codec)
+        return self._write_array(block_id, data, codec, contents)
 
     def _encode_granules(self, data: np.ndarray, codec: Codec) -> list[Any]:
         count = -(-data.nbytes // GRANULE)
@@ -352,7 +420,7 @@ class ZarrL3:
         For compaction: the bytes are not decoded or re-encoded; like :meth:`write`, the copy is
         durable only after :meth:`prepare` and the catalog commit.
         """
-        path = f"{self._root}/{loc.array}/{loc.shard}"
+        path = self._shard_file(loc.array, loc.shard)
         fd = self._files.acquire(path)
         try:
             data = os.pread(fd, loc.length, loc.offset)
@@ -367,14 +435,15 @@ class ZarrL3:
 
     def _append(self, codec: Codec, pieces: list[Any], sizes: tuple[int, ...]) -> Location:
         shard = self._active_shard(codec, len(pieces))
-        offset = shard.length
+        offset, first = shard.length, shard.slot
         written = _write_all(shard.fd, pieces, offset)
         shard.index[shard.slot:shard.slot + len(sizes), 0] = list(itertools.accumulate(sizes[:-1], initial=offset))
         shard.index[shard.slot:shard.slot + len(sizes), 1] = sizes
         shard.slot += len(sizes)
         shard.length += written
         self._touched[(shard.array, shard.number)] = shard
-        return Location(f"packs/{codec.id}", shard.number, offset, sizes, GRANULE, codec.id)
+        return Location(f"packs/{codec.id}", shard.number, offset, sizes, GRANULE, codec.id,
+                        shard.number * PACK_SLOTS + first)
 
     def active_shards(self) -> set[tuple[str, int]]:
         """``(array, shard)`` of the pack shards being appended to (compaction and gc leave them alone)."""
@@ -394,14 +463,14 @@ class ZarrL3:
             raise UnsafePathError(f"{folder} is a symbolic link or lies behind one, and tierstore never writes "
                                   "through links; run 'tierstore verify --fix' (it removes the link)",
                                   path=str(folder), tier="L3")
-        if not (folder / "zarr.json").exists():
-            folder.mkdir(parents=True, exist_ok=True)
-            _write_json(folder / "zarr.json", _array_meta(_PACK_SHAPE, PACK_MAX, GRANULE, codec, "pack"),
-                        sync=self.fsync)
-            self._dirs_to_sync.update((folder, folder.parent))
         number = self._next_shard.get(array, 0)
         self._next_shard[array] = number + 1
-        path = folder / str(number)
+        if not (folder / "zarr.json").exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            self._dirs_to_sync.update((folder, folder.parent))
+        if self._pack_extent.get(array, 0) <= number:  # prepare() grows the shape: once per commit, not per shard
+            self._grown[array] = codec
+        path = folder / f"{number}{self._shard_suffix}"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | NOFOLLOW, 0o644)
         index = np.full((PACK_SLOTS, 2), _EMPTY, dtype=np.uint64)
         shard = _Shard(array, number, path, fd, 0, 0, index, 0, 0, index.copy(), True)
@@ -409,7 +478,7 @@ class ZarrL3:
         self._dirs_to_sync.add(folder)
         return shard
 
-    def write_now(self, block_id: int, data: np.ndarray, codec: Codec) -> Location:
+    def write_now(self, block_id: int, data: np.ndarray, codec: Codec, contents: Contents | None = None) -> Location:
         """Write a block as an array of its own, synced at once, outside any pending batch.
 
         For a spill from a volatile tier in the middle of a transaction: the write neither joins
@@ -417,13 +486,14 @@ class ZarrL3:
         """
         if data.nbytes == 0:
             return EMPTY_LOCATION
-        loc = self._write_array(block_id, data, codec, standalone=True)
+        loc = self._write_array(block_id, data, codec, contents, standalone=True)
         if self.fsync:
             _fsync_dir(self.root / loc.array)
             _fsync_dir(self.root / "blocks")
         return loc
 
-    def _write_array(self, block_id: int, data: np.ndarray, codec: Codec, *, standalone: bool = False) -> Location:
+    def _write_array(self, block_id: int, data: np.ndarray, codec: Codec, contents: Contents | None, *,
+                     standalone: bool = False) -> Location:
         nbytes = data.nbytes
         count = -(-nbytes // ARRAY_CHUNK)
         per_chunk = -(-nbytes // count)
@@ -446,7 +516,7 @@ class ZarrL3:
         folder.mkdir()
         if not standalone:
             self._new_arrays.append(folder)
-        path = folder / "0"
+        path = folder / f"0{self._shard_suffix}"
         sizes: list[int] = []
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o644)
         try:
@@ -468,15 +538,19 @@ class ZarrL3:
                 os.fdatasync(fd)
         finally:
             os.close(fd)
-        _write_json(folder / "zarr.json", _array_meta(nbytes, count * inner, inner, codec, "block"),
-                    sync=self.fsync)
+        _write_json(folder / "zarr.json", _block_meta(nbytes, count * inner, inner, codec, contents), sync=self.fsync)
         if not standalone:
             self._dirs_to_sync.update((folder, folder.parent))
-        return Location(f"blocks/{block_id:016x}", 0, 0, tuple(sizes), inner, codec.id)
+        return Location(f"blocks/{block_id:016x}", 0, 0, tuple(sizes), inner, codec.id, 0)
 
     def prepare(self) -> dict[tuple[str, int], int]:
         """Make everything written since the last commit durable; return the shard lengths to commit."""
         lengths: dict[tuple[str, int], int] = {}
+        for array, codec in self._grown.items():  # a pack's shape covers the shards it has
+            shards = 1 + max((n for a, n in self._touched if a == array), default=0)
+            _write_json(self.root / array / "zarr.json", _pack_meta(codec, shards), sync=self.fsync)
+            self._pack_extent[array] = shards
+        self._grown.clear()
         for key, shard in self._touched.items():
             tail = _index_bytes(shard.index)  # the shard stays a valid zarr shard after every commit
             _write_all(shard.fd, [tail], shard.length)
@@ -519,6 +593,7 @@ class ZarrL3:
             if self._active.get(shard.array) is not shard:
                 os.close(shard.fd)
         self._touched.clear()
+        self._grown.clear()  # the shards that grew a pack are gone
         for folder in self._new_arrays:
             shutil.rmtree(folder, ignore_errors=True)
         self._new_arrays.clear()
@@ -528,7 +603,7 @@ class ZarrL3:
         """Release committed blocks that no row points at any more (after the catalog commit)."""
         for loc in locations:
             if _BLOCK_ARRAY.fullmatch(loc.array):  # never a path a damaged catalog row made up
-                self._files.discard([f"{self._root}/{loc.array}/0"])
+                self._files.discard([self._shard_file(loc.array, 0)])
                 if contained(self._root, self.root / loc.array):  # rmtree refuses a link itself, not one above
                     shutil.rmtree(self.root / loc.array, ignore_errors=True)
         # packed bytes stay as dead space in their shard until compaction rewrites it
@@ -543,7 +618,7 @@ class ZarrL3:
         """
         if not loc.sizes:
             return
-        path = f"{self._root}/{loc.array}/{loc.shard}"
+        path = self._shard_file(loc.array, loc.shard)
         fd = self._files.acquire(path)
         try:
             if len(loc.sizes) <= _BATCH:
@@ -614,22 +689,94 @@ class ZarrL3:
         except (RuntimeError, ValueError, TypeError) as exc:
             raise CorruptBlockError(f"{path}: chunk does not decode ({exc})", path=path, tier="L3") from None
 
-    def restore_meta(self, loc: Location, nbytes: int) -> None:
-        """Write the ``zarr.json`` of the array holding ``loc`` again (it was lost or damaged).
+    def restore_meta(self, loc: Location, nbytes: int, *, contents: Contents | None = None,
+                     pack_shards: int = 1) -> None:
+        """Write the ``zarr.json`` of the array holding ``loc`` again (it was lost, damaged or is layout 1).
 
         Only zarr readers need it (tierstore reads by the catalog's offsets); ``nbytes`` is the
-        block's size, the shape of a large block's array.
+        block's size, the shape of a large block's array; ``pack_shards`` how many shards a pack has.
         """
         codec = codec_from_id(loc.codec)
         if loc.array.startswith("packs/"):
-            doc = _array_meta(_PACK_SHAPE, PACK_MAX, GRANULE, codec, "pack")
+            doc = _pack_meta(codec, pack_shards)
+            self._pack_extent[loc.array] = max(self._pack_extent.get(loc.array, 0), pack_shards)
         else:
-            doc = _array_meta(nbytes, len(loc.sizes) * loc.inner, loc.inner, codec, "block")
+            doc = _block_meta(nbytes, len(loc.sizes) * loc.inner, loc.inner, codec, contents)
         target = self.root / loc.array / "zarr.json"
         if not contained(self._root, target):
             raise UnsafePathError(f"{target} is a symbolic link or lies behind one; tierstore never writes "
                                   "through links", path=str(target), tier="L3")
         _write_json(target, doc, sync=self.fsync)
+
+    # -- layout upgrade ---------------------------------------------------------------------------
+
+    def pack_slots(self, array: str, shard: int, length: int) -> dict[int, int]:
+        """``{byte offset: slot}`` of the chunks in a pack shard, from the index its committed end holds.
+
+        Empty when the index is unreadable (short or failing its crc32c): then its blocks' chunks are
+        unknown, which costs zarr readers their address and tierstore nothing (it reads by offset).
+        """
+        path = self._shard_file(array, shard)
+        try:
+            fd = self._files.acquire(path)
+        except (OSError, UnsafePathError):
+            return {}
+        try:
+            raw = os.pread(fd, PACK_INDEX_BYTES, length - PACK_INDEX_BYTES) if length >= PACK_INDEX_BYTES else b""
+        finally:
+            self._files.release(path, fd)
+        if len(raw) != PACK_INDEX_BYTES or crc32c.crc32c(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+            return {}
+        index = np.frombuffer(raw[:-4], dtype="<u8").reshape(PACK_SLOTS, 2)
+        return {int(offset): slot for slot, (offset, _) in enumerate(index) if offset != _EMPTY}
+
+    def relink(self, shards: Iterable[tuple[str, int]], blocks: Iterable[tuple[Location, int, Contents]]) -> None:
+        """First step from layout 1 to 2: every shard file gets its layout-2 name too, every array new metadata.
+
+        Hard links, so no byte is copied and the layout-1 names keep working for whoever reads by them
+        until :meth:`drop_layout1_names`, after the catalog committed the new layout. Idempotent: a crash
+        in between leaves layout 1 whole, and the next open runs this again.
+        """
+        extents: dict[str, int] = {}
+        folders: set[Path] = set()
+        for array, number in shards:
+            self._link(self.root / array / str(number), self.root / array / f"{number}.0")
+            extents[array] = max(extents.get(array, 0), number + 1)
+            folders.add(self.root / array)
+        codec_ids = {a: a.removeprefix("packs/") for a in extents}
+        for array, count in extents.items():
+            self.restore_meta(Location(array, 0, 0, (), GRANULE, codec_ids[array]), 0, pack_shards=count)
+        for loc, nbytes, contents in blocks:
+            self._link(self.root / loc.array / "0", self.root / loc.array / "0.0")
+            self.restore_meta(loc, nbytes, contents=contents)
+            folders.add(self.root / loc.array)
+        if self.fsync:
+            for folder in folders:
+                _fsync_dir(folder)
+
+    def _link(self, old: Path, new: Path) -> None:
+        if not contained(self._root, old):
+            return  # a link, or behind one: never followed (recovery reported it)
+        try:
+            os.link(old, new, follow_symlinks=False)
+        except FileExistsError:
+            pass  # a relink a crash interrupted got this far
+        except FileNotFoundError:
+            pass  # missing since before: recovery reported it
+
+    def drop_layout1_names(self, shards: Iterable[tuple[str, int]], arrays: Iterable[str]) -> None:
+        """Last step to layout 2, after the catalog committed it: the old names go, this handle uses the new."""
+        names = [self.root / a / str(n) for a, n in shards] + [self.root / a / "0" for a in arrays]
+        self._files.discard([str(p) for p in names])  # reads reopen by the new names
+        for path in names:
+            if contained(self._root, path):
+                path.unlink(missing_ok=True)
+        self.layout, self._shard_suffix = 2, ".0"
+        _write_json(self.root / "zarr.json", {"zarr_format": 3, "node_type": "group",
+                                              "attributes": {"tierstore": {"layout": 2}}}, sync=self.fsync)
+        if self.fsync:
+            for folder in {p.parent for p in names} | {self.root}:
+                _fsync_dir(folder)
 
     # -- recovery -------------------------------------------------------------------------------
 
@@ -638,7 +785,8 @@ class ZarrL3:
         packs = self.root / "packs"
         found: set[tuple[str, int]] = set()
         for folder in (p for p in packs.iterdir() if p.is_dir()) if packs.is_dir() else []:
-            found.update((f"packs/{folder.name}", int(n)) for n in os.listdir(folder) if n.isdigit())
+            numbers = (self.shard_number(name) for name in os.listdir(folder))
+            found.update((f"packs/{folder.name}", n) for n in numbers if n is not None)
         return found
 
     def shard_end(self, array: str, shard: int, extent: int) -> int | None:
@@ -657,7 +805,8 @@ class ZarrL3:
                 return start + PACK_INDEX_BYTES
         return len(data)
 
-    def index_problem(self, loc: Location, length: int, chunks: list[tuple[int, int]]) -> str | None:
+    def index_problem(self, loc: Location, length: int, chunks: list[tuple[int, int]],
+                      chunk_of: dict[tuple[int, int], int] | None = None) -> str | None:
         """What is wrong with the shard index zarr readers use (None: nothing).
 
         ``length`` is the committed length of the shard file, ``chunks`` the ``(offset, size)``
@@ -675,25 +824,38 @@ class ZarrL3:
             return None  # the block check reports the missing file
         if len(data) != size or not _valid_index(data, 0, slots, end=length - size):
             return f"the shard index at byte {length - size} fails its crc32c or points past it"
-        listed = {tuple(int(v) for v in pair) for pair in np.frombuffer(data[:-4], dtype="<u8").reshape(-1, 2)}
+        entries = [(int(o), int(n)) for o, n in np.frombuffer(data[:-4], dtype="<u8").reshape(-1, 2)]
+        listed = set(entries)
         absent = [c for c in chunks if c not in listed]
         if absent:
             return f"the shard index does not list {len(absent)} chunk(s) of live blocks (first at {absent[0][0]})"
+        first = loc.shard * PACK_SLOTS if loc.array.startswith("packs/") else 0
+        moved = [(c, n) for c, n in (chunk_of or {}).items() if not 0 <= n - first < slots or entries[n - first] != c]
+        if moved:  # zarr readers that follow the catalog's l3_chunk would read another chunk's bytes
+            (offset, _), chunk = moved[0]
+            return f"the shard index puts {len(moved)} chunk(s) elsewhere than their l3_chunk (first at {offset}, " \
+                   f"chunk {chunk})"
         return None
 
-    def write_index(self, loc: Location, length: int, chunks: list[tuple[int, int]]) -> None:
+    def write_index(self, loc: Location, length: int, chunks: list[tuple[int, int]],
+                    chunk_of: dict[tuple[int, int], int] | None = None) -> None:
         """Write the shard index at the end of ``loc``'s shard again from the chunks of its live blocks.
 
-        Chunks keep their slots where the old index still names them; the rest take, in file order,
-        the slots between their neighbours (appends fill slots in file order), else stay empty.
+        ``chunk_of`` gives the chunk index (along axis 0 of the array) of the chunks whose blocks know
+        theirs (the catalog's ``l3_chunk``): they go to exactly that slot, where zarr readers look for
+        them. The rest keep their slots where the old index still names them, else take, in file
+        order, the slots between their neighbours (appends fill slots in file order), else stay empty.
         """
-        slots = PACK_SLOTS if loc.array.startswith("packs/") else len(loc.sizes)
+        packed = loc.array.startswith("packs/")
+        slots = PACK_SLOTS if packed else len(loc.sizes)
+        first = loc.shard * PACK_SLOTS if packed else 0
+        known = {c: n - first for c, n in (chunk_of or {}).items() if 0 <= n - first < slots}
         size = slots * 16 + 4
         path = self.shard_path(loc.array, loc.shard)
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
             old = np.frombuffer(os.pread(fd, size - 4, length - size), dtype="<u8").reshape(-1, 2)
-            index = _rebuilt_index(old, slots, sorted(set(chunks)))
+            index = _rebuilt_index(old, slots, sorted(set(chunks)), known)
             _write_all(fd, [_index_bytes(index)], length - size)
             if self.fsync:
                 os.fdatasync(fd)
@@ -726,12 +888,13 @@ class ZarrL3:
             for entry in folder.iterdir():
                 if entry.is_symlink():
                     report.links.append(str(entry))
-                    if entry.name.isdigit():  # listed once, as a link, not also as missing
-                        seen.add((array, int(entry.name)))
+                    if (linked := self.shard_number(entry.name)) is not None:  # listed once, as a link
+                        seen.add((array, linked))
                     continue
                 if entry.name == "zarr.json":
                     continue
-                key = (array, int(entry.name)) if entry.name.isdigit() else None
+                found = self.shard_number(entry.name)
+                key = (array, found) if found is not None else None
                 if key is None or key not in shard_lengths:
                     entry.unlink()
                     report.removed_files.append(str(entry))
@@ -754,8 +917,9 @@ class ZarrL3:
         present: set[str] = set()
         for entry in blocks.iterdir() if blocks.exists() else []:
             name = f"blocks/{entry.name}"
-            if entry.is_symlink() or (entry / "0").is_symlink():
-                report.links.append(str(entry if entry.is_symlink() else entry / "0"))
+            shard = entry / f"0{self._shard_suffix}"
+            if entry.is_symlink() or shard.is_symlink():
+                report.links.append(str(entry if entry.is_symlink() else shard))
                 present.add(name)  # listed once, as a link, not also as missing
                 continue
             if entry.name == "zarr.json":
@@ -763,10 +927,14 @@ class ZarrL3:
             if name not in live_arrays:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
                 report.removed_files.append(str(entry))
-            elif (entry / "0").exists():
+            elif shard.exists():
                 present.add(name)
                 for extra in entry.glob("*.tmp"):
                     extra.unlink()
+                old = entry / "0"
+                if self._shard_suffix and old.is_file() and not old.is_symlink():  # left by an upgrade cut short
+                    old.unlink()
+                    report.removed_files.append(str(old))
         report.missing.extend(str(self.root / a) for a in sorted(live_arrays - present))
         if self.fsync and (report.removed_files or report.truncated):
             _fsync_dir(self.root)
@@ -798,11 +966,18 @@ def _valid_index(data: bytes, start: int, slots: int, *, end: int | None = None)
     return bool(len(used) == 0 or int((used[:, 0] + used[:, 1]).max()) <= limit)
 
 
-def _rebuilt_index(old: np.ndarray, slots: int, chunks: list[tuple[int, int]]) -> np.ndarray:
+def _rebuilt_index(old: np.ndarray, slots: int, chunks: list[tuple[int, int]],
+                   known: dict[tuple[int, int], int] | None = None) -> np.ndarray:
     index = np.full((slots, 2), _EMPTY, dtype=np.uint64)
     wanted = set(chunks)
     placed: set[tuple[int, int]] = set()
+    for chunk, slot in (known or {}).items():
+        if chunk in wanted and index[slot, 0] == _EMPTY:
+            index[slot] = chunk
+            placed.add(chunk)
     for slot, (offset, size) in enumerate(old.tolist()[:slots]):
+        if index[slot, 0] != _EMPTY:
+            continue
         if (offset, size) in wanted and (offset, size) not in placed:
             index[slot] = (offset, size)
             placed.add((offset, size))

@@ -20,6 +20,7 @@ def _compact(db: TierStore, min_fill: float, progress: compaction.Progress | Non
 def handle_steps() -> UpkeepSteps:
     """The steps :mod:`tierstore.engine.upkeep_steps` hands every handle."""
     return UpkeepSteps(refuse_orphaned_data=recovery.refuse_orphaned_data, recover=recovery.recover,
+                       upgrade_layout=recovery.upgrade_layout,
                        warm_l2=warm_restart.warm_l2, drop_l2_files=warm_restart.drop_l2_files,
                        save_index=warm_restart.save_index, compact=_compact,
                        gc=compaction.gc)

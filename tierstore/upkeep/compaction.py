@@ -153,7 +153,8 @@ def compact(db: TierStore, *, min_fill: float = 0.5, progress: Progress | None =
                 rows = catalog.rows_in_shard(usage.array, usage.shard)
                 damaged = _first_damaged(db, rows)
                 if damaged is not None:
-                    skipped.append(f"l3/{usage.array}/{usage.shard} (block {damaged!r} is damaged)")
+                    skipped.append(f"l3/{l3.shard_path(usage.array, usage.shard).relative_to(l3.root)} "
+                                   f"(block {damaged!r} is damaged)")
                     continue
                 for row in rows:
                     loc = l3.copy_packed(location_of(row))

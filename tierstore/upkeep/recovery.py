@@ -15,10 +15,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..catalog import Catalog
+from ..engine.transaction import location_of
 from ..errors import CatalogError, translate_os_error
-from ..tiers.l3_zarr import PACK_INDEX_BYTES, RecoveryReport, ZarrL3
+from ..tiers.l3_zarr import LAYOUT, PACK_INDEX_BYTES, PACK_SLOTS, Contents, Location, RecoveryReport, ZarrL3
 
-__all__ = ["recover", "rebuild_shard_rows", "refuse_orphaned_data"]
+__all__ = ["recover", "rebuild_shard_rows", "upgrade_layout", "refuse_orphaned_data"]
 
 
 def recover(catalog: Catalog, l3: ZarrL3) -> RecoveryReport:
@@ -37,6 +38,35 @@ def recover(catalog: Catalog, l3: ZarrL3) -> RecoveryReport:
         last[array] = max(last.get(array, -1), shard)
     l3.start_shards_after(last)
     return report
+
+
+def upgrade_layout(catalog: Catalog, l3: ZarrL3) -> None:
+    """Move a layout-1 store's L3 to layout 2 (writer only, at open, after :func:`recover`).
+
+    No chunk is rewritten: the encoded bytes are the same in both layouts. Each shard file gets its
+    layout-2 name as a hard link and each array its new ``zarr.json``; then one catalog commit
+    records every block's chunk and the new layout; then the old names go. A crash before the commit
+    leaves layout 1 whole (the next open upgrades again), a crash after it only leaves old names,
+    which recovery removes as files no row points at.
+    """
+    shards = catalog.shard_lengths()
+    slots = {(array, n): l3.pack_slots(array, n, length) for (array, n), length in shards.items()}
+    chunks: list[tuple[int | None, int]] = []
+    blocks: list[tuple[Location, int, Contents]] = []
+    for row in catalog.l3_rows():
+        loc = location_of(row)
+        if loc.array.startswith("packs/"):
+            slot = slots.get((loc.array, loc.shard), {}).get(loc.offset)
+            chunks.append((None if slot is None else loc.shard * PACK_SLOTS + slot, row.block_id))
+        else:
+            chunks.append((0, row.block_id))
+            blocks.append((loc, row.nbytes, Contents(row.key, row.dtype, row.shape)))
+    try:
+        l3.relink(shards, blocks)
+        catalog.commit_l3_layout(chunks, LAYOUT)
+        l3.drop_layout1_names(shards, [loc.array for loc, _, _ in blocks])
+    except OSError as exc:
+        raise translate_os_error(exc, what="upgrade the L3 layout", path=l3.root) from None
 
 
 def rebuild_shard_rows(catalog: Catalog, l3: ZarrL3,

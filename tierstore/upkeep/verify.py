@@ -41,7 +41,7 @@ from ..errors import (
 )
 from ..fsguard import CATALOG_ENTRIES, NOFOLLOW, STORE_FOLDERS, contained, refuse_links
 from ..tensors import dtype_from_name
-from ..tiers.l3_zarr import PACK_INDEX_BYTES, ZarrL3
+from ..tiers.l3_zarr import LAYOUT, PACK_INDEX_BYTES, Contents, ZarrL3
 from .recovery import rebuild_shard_rows, refuse_orphaned_data
 from .warm_restart import TMP_INDEX_NAME
 
@@ -177,7 +177,7 @@ def _check(store: Path, progress: Progress | None) -> VerifyReport:
                                        f"{SCHEMA_VERSION}; --fix upgrades it"))
         return report
     catalog = Catalog(catalog_path, readonly=True)
-    l3 = ZarrL3(store, readonly=True)
+    l3 = ZarrL3(store, readonly=True, layout=catalog.l3_layout() or LAYOUT)
     try:
         if catalog.rollback_note:
             report.problems.append(Problem("rollback", CATALOG_NAME, catalog.rollback_note))
@@ -226,7 +226,8 @@ def _check_indexes(l3: ZarrL3, catalog: Catalog, rows: list[BlockRow], report: V
         length = lengths.get((array, number)) if array.startswith("packs/") else _file_size(path)
         if length is None or (array, number) in short:
             continue  # no file (reported as "missing") or no trustworthy length (reported as "shard")
-        problem = l3.index_problem(loc, length, catalog.shard_chunks(array, number))
+        problem = l3.index_problem(loc, length, catalog.shard_chunks(array, number),
+                                   catalog.shard_chunk_index(array, number))
         if problem is not None:
             report.problems.append(Problem("index", _rel(l3, array, number), f"{problem}; --fix writes it again "
                                            "from the blocks in the shard"))
@@ -283,7 +284,7 @@ def _meta_ok(path: Path, node_type: str = "array") -> bool:
 
 
 def _rel(l3: ZarrL3, array: str, shard: int) -> str:
-    return f"l3/{array}/{shard}"
+    return f"l3/{l3.shard_path(array, shard).relative_to(l3.root)}"
 
 
 def _check_files(store: Path, l3: ZarrL3, catalog: Catalog, report: VerifyReport) -> None:
@@ -309,7 +310,8 @@ def _check_files(store: Path, l3: ZarrL3, catalog: Catalog, report: VerifyReport
             if entry.name == "zarr.json" or entry.name.endswith(TEMP_SUFFIXES) or entry.is_symlink():
                 continue
             rel = str(entry.relative_to(store))
-            key = (array, int(entry.name)) if entry.name.isdigit() else None
+            number = l3.shard_number(entry.name)
+            key = (array, number) if number is not None else None
             if key is not None and key in short:  # blocks are in it: never an orphan, never torn
                 extent, length = short[key]
                 was = "has no catalog row" if length is None else f"has a catalog row of {length} bytes"
@@ -341,14 +343,21 @@ def _live_end(catalog: Catalog, array: str, shard: int) -> int:
     return max((o + n for o, n in chunks), default=0) + PACK_INDEX_BYTES
 
 
+def _shard_of(l3: ZarrL3, subject: str) -> tuple[str, int]:
+    """``(array, shard)`` of a problem's subject ``l3/<array>/<shard file name>``."""
+    array, _, name = subject.removeprefix("l3/").rpartition("/")
+    return array, l3.shard_number(name) or 0
+
+
 def _rewrite_index(l3: ZarrL3, catalog: Catalog, subject: str, lengths: dict[tuple[str, int], int]) -> None:
-    array, _, shard = subject.removeprefix("l3/").rpartition("/")
-    first = catalog.first_row_in_shard(array, int(shard))
+    array, shard = _shard_of(l3, subject)
+    first = catalog.first_row_in_shard(array, shard)
     if first is None:
         return
-    path = l3.shard_path(array, int(shard))
-    length = lengths[(array, int(shard))] if array.startswith("packs/") else path.stat().st_size
-    l3.write_index(location_of(first), length, catalog.shard_chunks(array, int(shard)))
+    path = l3.shard_path(array, shard)
+    length = lengths[(array, shard)] if array.startswith("packs/") else path.stat().st_size
+    l3.write_index(location_of(first), length, catalog.shard_chunks(array, shard),
+                   catalog.shard_chunk_index(array, shard))
 
 
 def _size(path: Path) -> int:
@@ -379,8 +388,9 @@ def _repair(store: Path, report: VerifyReport) -> None:
     groups = [p.subject for p in report.problems if p.kind == "meta" and p.subject in GROUPS]
     for group in groups:
         (store / group).unlink(missing_ok=True)
-    l3 = ZarrL3(store, readonly=True)
-    l3_rw = ZarrL3(store)  # writes missing group metadata
+    layout = catalog.l3_layout() or LAYOUT
+    l3 = ZarrL3(store, readonly=True, layout=layout)
+    l3_rw = ZarrL3(store, layout=layout)  # writes missing group metadata
     report.repaired.extend(f"wrote {group} again" for group in groups)
     try:
         if catalog.rollback_note:
@@ -416,7 +426,9 @@ def _repair(store: Path, report: VerifyReport) -> None:
                 array = problem.subject.removeprefix("l3/").removesuffix("/zarr.json")
                 first = catalog.first_row_in_array(array)
                 if first is not None:
-                    l3_rw.restore_meta(location_of(first), first.nbytes)
+                    shards = 1 + max((n for a, n in lengths if a == array), default=0)
+                    l3_rw.restore_meta(location_of(first), first.nbytes,
+                                       contents=Contents(first.key, first.dtype, first.shape), pack_shards=shards)
                     report.repaired.append(f"wrote {problem.subject} again")
             if problem.kind == "meta":
                 continue
@@ -430,9 +442,9 @@ def _repair(store: Path, report: VerifyReport) -> None:
                 shutil.rmtree(target) if target.is_dir() else target.unlink()
                 report.repaired.append(f"removed {problem.kind} {problem.subject}")
             elif problem.kind in ("torn", "shard"):
-                array, _, shard = problem.subject.removeprefix("l3/").rpartition("/")
-                keep = _live_end(catalog, array, int(shard))
-                committed = lengths.get((array, int(shard)), 0)
+                array, shard = _shard_of(l3, problem.subject)
+                keep = _live_end(catalog, array, shard)
+                committed = lengths.get((array, shard), 0)
                 if committed >= keep and target.stat().st_size > committed:
                     fd = os.open(target, os.O_WRONLY | NOFOLLOW)
                     try:
