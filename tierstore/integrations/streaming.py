@@ -34,7 +34,7 @@ from torch import nn
 
 from ..config import format_size, parse_size
 from ..engine.handle import TierStore
-from ..errors import CheckpointError, ConfigError, HardwareUnavailableError
+from ..errors import CheckpointError, ConfigError
 from .hf_model import build_empty_model, stored_config, tied_weights, unit_groups
 from .stream_budget import memory_split
 
@@ -307,31 +307,10 @@ def _hold(store: TierStore, target: torch.device, units: list[_Unit], *, prefix:
     return max(0, capacity - working)
 
 
-def _plan_hold(store: TierStore, target: torch.device, units: list[_Unit], plan: Plan, prefetch: int) -> set[str]:
-    """The units ``plan`` keeps in the tier serving ``target``: L1 for a CUDA device, else L2.
-
-    A CPU-computed unit is what the CPU device does with any unit; a plan for another model, or one
-    whose resident set and streaming reserve exceed the tier, is a ``ConfigError``.
-    """
-    planned = {u.name for u in plan.units}
-    if planned != {u.name for u in units}:
-        raise ConfigError(f"the plan is for other units ({len(planned)} planned, {len(units)} streamed here); "
-                          "plan this store's model: placement.plan(placement.model_units(store), machine)")
-    tier = "L1" if target.type != "cpu" else "L2"
-    names = set(plan.resident(tier))
-    need = sum(u.nbytes for u in units if u.name in names) + (max(0, prefetch) + 1) * max(u.nbytes for u in units)
-    capacity = _tier_capacity(store, target)
-    if need > capacity:
-        raise ConfigError(f"the plan keeps {len(names)} units in {tier}, which with the streaming reserve needs "
-                          f"{format_size(need)}, but {tier} holds {format_size(capacity)}; open the store with "
-                          f"{'l1' if tier == 'L1' else 'l2'}_cache_size={need} or more")
-    return names
-
-
 def load_streamed(store: TierStore, *, prefix: str = "", device: str | torch.device | None = None,
                   dtype: torch.dtype | None = None, resident_bytes: int | str = 0, prefetch: int = 2,
-                  memory: int | str | None = None, hold_bytes: int | str | None = None, plan: Plan | None = None
-                  ) -> Any:
+                  memory: int | str | None = None, hold_bytes: int | str | None = None, plan: Plan | None = None,
+                  gpu: str | torch.device | None = None, gpu_dtype: torch.dtype | None = None) -> Any:
     """The model imported under ``prefix``, its decoder layers streaming from ``store`` (see the module doc).
 
     The class is the one the stored config names (``LlamaForCausalLM``,
@@ -349,17 +328,26 @@ def load_streamed(store: TierStore, *, prefix: str = "", device: str | torch.dev
     (else ``ConfigError`` saying the size to open it with), and a budget below the model's minimum
     is a ``ConfigError`` naming the minimum.
 
-    ``plan`` (a :class:`~tierstore.plan.placement.Plan` for this model) holds exactly the units the plan
-    keeps resident in the serving tier and streams the others (see :func:`_plan_hold`).
+    ``plan`` (a :class:`~tierstore.plan.placement.Plan` for this model) is executed as
+    :mod:`.hybrid_exec` says: each unit's weights come from the tier the plan names and it computes,
+    per phase, on the CPU or on ``gpu`` (the plan's ``cuda``; default ``"cuda"``, ``"cpu"`` with an
+    ``l1_device="cpu"`` store in tests) in ``gpu_dtype`` (default: the L1 tier's Pascal policy). The
+    fixed weights go to ``device``, by default the GPU when the plan puts the head there. A plan
+    needing a GPU this process lacks is a ``HardwareUnavailableError``; tiers smaller than it
+    keeps, a ``ConfigError`` naming the size to open them with.
     """
+    gpu_target = None
+    if plan is not None:
+        if memory is not None or hold_bytes is not None or resident_bytes:
+            raise ConfigError("load_streamed: plan= decides what is resident; give it without memory=, hold_bytes= "
+                              "or resident_bytes=")
+        from .hybrid_exec import gpu_device  # hybrid_exec builds on this module
+
+        if plan.uses_gpu or plan.resident("L1") or gpu is not None:
+            gpu_target = gpu_device(gpu)
+        if device is None and plan.head_on == "cuda" and gpu_target is not None:
+            device = gpu_target
     target = torch.device(device) if device is not None else torch.device("cpu")
-    if plan is not None and (memory is not None or hold_bytes is not None or resident_bytes):
-        raise ConfigError("load_streamed: plan= decides what is resident; give it without memory=, hold_bytes= "
-                          "or resident_bytes=")
-    if plan is not None and plan.uses_gpu and not torch.cuda.is_available():
-        raise HardwareUnavailableError(
-            f"the plan computes on a GPU ({plan.machine.name}), but this torch has no CUDA device; plan for this "
-            "machine (tierstore plan STORE --hardware probe) or install a CUDA build of torch")
     model: Any = build_empty_model(stored_config(store, prefix))
     present = set(store.keys(prefix=prefix or None))
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -409,8 +397,23 @@ def load_streamed(store: TierStore, *, prefix: str = "", device: str | torch.dev
         _place(model.get_submodule(owner_name), pname, model.get_parameter(source))
     hold = _hold(store, target, units, prefix=prefix, prefetch=prefetch, dtype=dtype, memory=memory,
                  resident_bytes=budget, hold_bytes=hold_bytes)
-    names = _plan_hold(store, target, units, plan, prefetch) if plan is not None else None
+    if plan is not None:
+        model.weight_streamer = _hybrid(store, units, plan, target=target, dtype=dtype, gpu=gpu_target,
+                                        gpu_dtype=gpu_dtype, prefetch=prefetch, kept=kept, repeat_from=repeat_from)
+        return model
     model.weight_streamer = WeightStreamer(store, units, device=target, dtype=dtype, prefetch=prefetch,
-                                           resident_bytes=kept, repeat_from=repeat_from, hold_bytes=hold,
-                                           hold_names=names)
+                                           resident_bytes=kept, repeat_from=repeat_from, hold_bytes=hold)
     return model
+
+
+def _hybrid(store: TierStore, units: list[_Unit], plan: Plan, *, target: torch.device, dtype: torch.dtype | None,
+            gpu: torch.device | None, gpu_dtype: torch.dtype | None, prefetch: int, kept: int,
+            repeat_from: int | None) -> WeightStreamer:
+    """The :class:`~.hybrid_exec.HybridStreamer` executing ``plan``, once the tiers are checked against it."""
+    from .hybrid_exec import HybridStreamer, check_plan, gpu_compute_dtype
+
+    stored = next((store.info(key).dtype for u in units for _, _, key, _ in u.params), torch.float32)
+    compute = gpu_compute_dtype(store, stored, gpu, gpu_dtype) if gpu is not None else None
+    check_plan(store, units, plan, prefetch=prefetch, gpu=gpu, gpu_dtype=compute)
+    return HybridStreamer(store, units, plan, home=target, home_dtype=dtype or stored, gpu=gpu, gpu_dtype=compute,
+                          cpu_dtype=dtype or stored, prefetch=prefetch, resident_bytes=kept, repeat_from=repeat_from)
