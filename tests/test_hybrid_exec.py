@@ -138,17 +138,16 @@ def test_a_plan_the_process_or_the_store_cannot_execute_is_a_typed_error(checkpo
                 load_streamed(db, plan=chosen)  # the plan's "cuda" defaults to a CUDA device
             with pytest.raises(HardwareUnavailableError, match="no CUDA"):
                 load_streamed(db, plan=chosen, gpu="cuda:0")
-    with _open(path, layer) as db:
-        with pytest.raises(HardwareUnavailableError, match="'meta'"):
-            load_streamed(db, plan=chosen, gpu="meta")
-    with tierstore.open(path, l1_cache_size=0, l2_cache_size="4MiB") as db:
-        with pytest.raises(ConfigError, match="no L1 on cpu; open it with l1_cache_size=") as info:
-            load_streamed(db, plan=chosen, gpu="cpu")
+    with _open(path, layer) as db, pytest.raises(HardwareUnavailableError, match="'meta'"):
+        load_streamed(db, plan=chosen, gpu="meta")
+    with tierstore.open(path, l1_cache_size=0, l2_cache_size="4MiB") as db, \
+            pytest.raises(ConfigError, match="no L1 on cpu; open it with l1_cache_size=") as info:
+        load_streamed(db, plan=chosen, gpu="cpu")
     assert info.value.tier == "L1"
     need = 3 * layer + 3 * layer  # the plan's three L2 units and a reserve of prefetch + 1 units
-    with _open(path, layer, l2_cache_size=need - 1) as db:
-        with pytest.raises(ConfigError, match=f"l2_cache_size={need} or more"):
-            load_streamed(db, plan=chosen, gpu="cpu", prefetch=2, dtype=torch.bfloat16)
-    with _open(path, layer, l1_cache_size=layer, l1_bf16_cast="always", l1_bf16_fallback="float32") as db:
-        with pytest.raises(ConfigError, match=f"l1_cache_size={4 * layer} or more"):  # two fp32 layers
-            load_streamed(db, plan=chosen, gpu="cpu")
+    with _open(path, layer, l2_cache_size=need - 1) as db, \
+            pytest.raises(ConfigError, match=f"l2_cache_size={need} or more"):
+        load_streamed(db, plan=chosen, gpu="cpu", prefetch=2, dtype=torch.bfloat16)
+    with _open(path, layer, l1_cache_size=layer, l1_bf16_cast="always", l1_bf16_fallback="float32") as db, \
+            pytest.raises(ConfigError, match=f"l1_cache_size={4 * layer} or more"):  # two fp32 layers
+        load_streamed(db, plan=chosen, gpu="cpu")

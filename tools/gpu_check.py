@@ -8,10 +8,14 @@ promotion from its pinned L2; target >= 0.8x the pinned baseline), how well a pr
 matmul (wall time against the sum of the parts), and the pool's alloc/free rate against
 ``torch.empty`` + ``del``; then checks every dtype through L1 bit for bit, the bf16 -> fp16 cast
 against ``Tensor.to``, release callbacks, shrink, L1-only blocks written back through a store, and
-out-of-memory translation. Without CUDA it says so, runs the correctness checks and the alloc rate on
-a CPU-device pool and exits 0. Exit status 1 means a correctness check failed; slow numbers are
-reported, not fatal. ``--json`` also writes the table, with raw numbers, to a file. Needs only torch
-and tierstore; takes well under 3 minutes on one GPU.
+out-of-memory translation. Then (``--plan-layers N``, default 8; ``--no-plan-2b`` skips it) it plans
+Qwen3-VL 2B at its real layer shapes for this machine, executes the plan with ``load_streamed(plan=)``
+on CUDA and reports predicted against measured ms/token (:mod:`gpu_check_plan`, about 1-3 minutes).
+Without CUDA it says so, runs the correctness checks and the alloc rate on a CPU-device pool, says
+in the JSON (``skipped``) which CUDA steps it skipped and why, and exits 0. Exit status 1 means a
+correctness check failed; slow numbers are reported, not fatal. ``--json`` also writes the table,
+with raw numbers, to a file. Needs only torch, transformers (the 2B step) and tierstore; takes well
+under 5 minutes on one GPU.
 """
 
 from __future__ import annotations
@@ -364,13 +368,40 @@ def _machine(device: torch.device | None) -> dict[str, Any]:
     return info
 
 
+def _plan_2b(device: torch.device, layers: int) -> dict[str, Any]:
+    """The 2B plan step (:func:`gpu_check_plan.run_plan_check`); an exception is reported, not raised."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_check_plan import run_plan_check
+
+    try:
+        return run_plan_check(device, shape="2b", layers=layers)
+    except Exception as exc:  # a failed step is a row of the report
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _plan_row(result: dict[str, Any]) -> Row:
+    if "error" in result:
+        return Row("2B plan, load_streamed(plan=)", result["error"][:80], "runs", "FAIL", result)
+    ratio = result["measured_over_predicted"] or float("nan")
+    return Row(f"2B plan ({result['layers']} layers) decode",
+               f"{result['measured_decode_s'] * 1e3:.1f} ms/token measured",
+               f"{result['predicted_decode_s'] * 1e3:.1f} ms/token predicted",
+               f"measured/predicted {ratio:.2f}" + (" (outside +-25%)" if not 0.75 <= ratio <= 1.25 else ""),
+               result)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--size", default="256MiB", help="bytes per bandwidth copy (default 256MiB)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median)")
     parser.add_argument("--device", default="cuda", help="CUDA device (default: the current one)")
     parser.add_argument("--json", metavar="PATH", help="also write the results, with raw numbers, to PATH")
+    parser.add_argument("--plan-layers", type=int, default=8,
+                        help="decoder layers of the 2B plan step (28 is the real model; default 8)")
+    parser.add_argument("--no-plan-2b", action="store_true", help="skip the 2B placement-plan step")
     args = parser.parse_args(argv)
+    skipped: dict[str, str] = {}
+    plan_2b: dict[str, Any] | None = None
     print(f"torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}")
     device: torch.device | None = None
     if not torch.cuda.is_available():
@@ -379,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
         cpu = torch.device("cpu")
         with DevicePool("64MiB", device=cpu, chunk_size="64MiB") as pool:
             rows = [*correctness(cpu), _alloc_rate(pool, cpu, count=2_000)]
+        why = "no CUDA device: torch.cuda.is_available() is False"
+        skipped = {"bandwidth and overlap": why, "2B placement plan on CUDA": why}
     else:
         device = torch.device(args.device)
         device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
@@ -386,13 +419,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"GPU {device.index}: {props.name}, compute capability {props.major}.{props.minor}, "
               f"{format_size(props.total_memory)}, bf16 math: {(props.major, props.minor) >= (8, 0)}")
         rows = bandwidth_and_overlap(device, parse_size(args.size), args.repeats) + correctness(device)
+        if args.no_plan_2b:
+            skipped["2B placement plan on CUDA"] = "--no-plan-2b"
+        else:
+            plan_2b = _plan_2b(device, args.plan_layers)
+            rows.append(_plan_row(plan_2b))
+    for step, why in skipped.items():
+        print(f"skipped: {step} ({why})")
     _print_table(rows)
     failed = [r.check for r in rows if r.verdict.startswith("FAIL")]
     if failed:
         print(f"FAILED: {', '.join(failed)}")
     if args.json:
         report = {"machine": _machine(device), "size": parse_size(args.size), "repeats": args.repeats,
-                  "failed": failed, "rows": [r._asdict() for r in rows]}
+                  "failed": failed, "skipped": skipped, "plan_2b": plan_2b, "rows": [r._asdict() for r in rows]}
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 1 if failed else 0

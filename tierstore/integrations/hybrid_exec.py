@@ -206,7 +206,7 @@ class HybridStreamer(WeightStreamer):
 
     # -- hooks --------------------------------------------------------------------------------------
 
-    def _pre_hook(self, index: int) -> Callable[..., Any]:  # type: ignore[override]
+    def _pre_hook(self, index: int) -> Callable[..., Any]:
         def load(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
             prefill = _tokens(args, kwargs) > 1
             device, dtype = self.placement(index, prefill)
