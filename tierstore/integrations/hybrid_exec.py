@@ -128,18 +128,23 @@ _CACHE_KWARGS = ("cache", "past_key_values")
 """What a layer's forward calls its KV cache (transformers 5 says ``cache``; 4.x ``past_key_values``)."""
 
 
-def _convert(value: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
-    """``value`` with every tensor in it on ``device`` (floating ones in ``dtype``); containers rebuilt."""
+def _convert(value: Any, device: torch.device, dtype: torch.dtype | None, *, non_blocking: bool = True) -> Any:
+    """``value`` with every tensor in it on ``device`` (floating ones in ``dtype``); containers rebuilt.
+
+    Copies to a CUDA device are asynchronous unless ``non_blocking=False`` (a source that may die,
+    and free its pinned slot, before the copy ran); copies to the CPU always wait.
+    """
+    asynchronous = non_blocking and device.type == "cuda"
     if isinstance(value, torch.Tensor):
         if value.is_floating_point() and dtype is not None and value.dtype != dtype:
-            return value.to(device=device, dtype=dtype, non_blocking=device.type == "cuda")
-        return value.to(device, non_blocking=device.type == "cuda") if value.device != device else value
+            return value.to(device=device, dtype=dtype, non_blocking=asynchronous)
+        return value.to(device, non_blocking=asynchronous) if value.device != device else value
     if isinstance(value, tuple):
-        return tuple(_convert(v, device, dtype) for v in value)
+        return tuple(_convert(v, device, dtype, non_blocking=non_blocking) for v in value)
     if isinstance(value, list):
-        return [_convert(v, device, dtype) for v in value]
+        return [_convert(v, device, dtype, non_blocking=non_blocking) for v in value]
     if isinstance(value, dict):
-        return {k: _convert(v, device, dtype) for k, v in value.items()}
+        return {k: _convert(v, device, dtype, non_blocking=non_blocking) for k, v in value.items()}
     return value
 
 
@@ -212,8 +217,12 @@ class HybridStreamer(WeightStreamer):
             device, dtype = self.placement(index, prefill)
             tensors = self._take(index)
             self._keep(index, tensors)
+            # A held unit's views outlive any copy from them; a streamed unit's L2 slots may be reused
+            # once its views die after this forward, so its host-to-device copies complete first.
+            held = index in self._held
             for (owner, name, _, _), tensor in zip(self.units[index].params, tensors, strict=True):
-                _place(owner, name, nn.Parameter(_convert(tensor, device, dtype), requires_grad=False))
+                weight = _convert(tensor, device, dtype, non_blocking=held)
+                _place(owner, name, nn.Parameter(weight, requires_grad=False))
             self._schedule(index)
             for name in _CACHE_KWARGS:
                 if kwargs.get(name) is not None:
