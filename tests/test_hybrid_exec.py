@@ -3,7 +3,9 @@
 A tiny bf16 Llama of 8 layers runs under a hand-made plan that mixes every placement (L1; L2 copied
 to the GPU; CPU from L2; L3 streamed to either) and layers that prefill on the GPU and decode on the
 CPU. With one dtype everywhere the tokens and logits equal the in-memory model's; with the GPU in
-fp32 (the Pascal fallback, ``l1_bf16_fallback="float32"``) beside bf16 on the CPU they are close.
+fp32 or fp16 (the Pascal fallbacks, ``l1_bf16_fallback``) beside bf16 on the CPU they are close: against
+the model in fp32, the logits' largest error was 0.0034 (fp32 GPU) and 0.0030 (fp16 GPU), the bf16
+in-memory model's 0.0054, and the 6 greedy tokens were the same; the test allows 0.02 and 80% of tokens.
 """
 
 from __future__ import annotations
@@ -95,14 +97,17 @@ def test_a_mixed_plan_in_one_dtype_is_the_in_memory_model(checkpoint: tuple[Any,
         assert executed[(name, "decode")] == (dec, torch.bfloat16, tier)
 
 
-def test_a_fp32_gpu_beside_a_bf16_cpu_casts_at_the_boundaries(checkpoint: tuple[Any, Path]) -> None:
+@pytest.mark.parametrize("fallback", ["float32", "float16"])
+def test_a_pascal_gpu_dtype_beside_a_bf16_cpu_casts_at_the_boundaries(checkpoint: tuple[Any, Path],
+                                                                        fallback: str) -> None:
+    """The GPU units compute in fp32 or fp16 (the L1 policy for a GPU without bf16), the CPU ones in bf16."""
     reference, path = checkpoint
     chosen, layer = _plan(path)
     expected_logits, expected = _run(reference.float())
     reference.to(torch.bfloat16)
     seen: dict[tuple[int, int], tuple[torch.dtype, torch.dtype]] = {}
-    with _open(path, layer, l1_bf16_cast="always", l1_bf16_fallback="float32") as db:
-        model = load_streamed(db, plan=chosen, gpu="cpu", dtype=torch.bfloat16)  # gpu_dtype: the L1 policy says fp32
+    with _open(path, layer, l1_bf16_cast="always", l1_bf16_fallback=fallback) as db:
+        model = load_streamed(db, plan=chosen, gpu="cpu", dtype=torch.bfloat16)  # gpu_dtype: the L1 policy
         for i in (0, 2, 3, 4):
             proj = model.model.layers[i].self_attn.q_proj
 
@@ -115,16 +120,16 @@ def test_a_fp32_gpu_beside_a_bf16_cpu_casts_at_the_boundaries(checkpoint: tuple[
         executed = dict(streamer.executed)
         streamer.close()
     assert logits.dtype == torch.bfloat16  # the head is on the CPU, in the model's dtype
-    f32, bf16 = torch.float32, torch.bfloat16
-    assert seen[(0, 1)] == (f32, f32) and seen[(2, 1)] == (f32, f32) and seen[(3, 1)] == (bf16, bf16)
-    assert seen[(4, PROMPT.shape[1])] == (f32, f32) and seen[(4, 1)] == (bf16, bf16)  # prefill GPU, decode CPU
-    assert executed[("model.layers.7", "prefill")] == ("cuda", f32, "L3")
+    on_gpu, bf16 = getattr(torch, fallback), torch.bfloat16
+    assert seen[(0, 1)] == (on_gpu, on_gpu) and seen[(2, 1)] == (on_gpu, on_gpu) and seen[(3, 1)] == (bf16, bf16)
+    assert seen[(4, PROMPT.shape[1])] == (on_gpu, on_gpu) and seen[(4, 1)] == (bf16, bf16)  # prefill GPU, decode CPU
+    assert executed[("model.layers.7", "prefill")] == ("cuda", on_gpu, "L3")
     assert executed[("model.layers.7", "decode")] == ("cpu", bf16, "L3")
     # each layer's KV cache lives in the dtype of the device it decoded on
-    assert cache.layers[0].keys.dtype == f32 and cache.layers[4].keys.dtype == bf16
-    assert cache.layers[5].keys.dtype == f32 and cache.layers[6].keys.dtype == bf16
+    assert cache.layers[0].keys.dtype == on_gpu and cache.layers[4].keys.dtype == bf16
+    assert cache.layers[5].keys.dtype == on_gpu and cache.layers[6].keys.dtype == bf16
     # bf16 rounding on the CPU half of the layers, against the fp32 model
-    assert (logits.float() - expected_logits).abs().max() < 0.1
+    assert (logits.float() - expected_logits).abs().max() < 0.02
     agree = (out.sequences == expected.sequences).float().mean()
     assert agree >= 0.8
 
