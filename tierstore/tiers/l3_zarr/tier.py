@@ -7,7 +7,7 @@ the part that does the work (:mod:`.writer`, :mod:`.reader`, :mod:`.repair`).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -108,13 +108,18 @@ class ZarrL3:
 
     # -- reading (see :class:`.reader.L3Reader`) ------------------------------------------------
 
-    def read_into(self, loc: Location, out: np.ndarray) -> None:
-        """Decode the block at ``loc`` into ``out`` (flat uint8 of the block's exact size).
+    def read_into(self, loc: Location, out: np.ndarray) -> int:
+        """Decode the block at ``loc`` into ``out`` (flat uint8 of the block's exact size); returns its crc32c.
 
-        Raises ``FileNotFoundError`` when the shard file is gone (the caller decides whether the
-        catalog moved on or the data is lost) and ``CorruptBlockError`` when bytes are damaged.
+        A large block's pieces are read ahead while earlier ones decode. Raises ``FileNotFoundError``
+        when the shard file is gone (the caller decides whether the catalog moved on or the data is
+        lost) and ``CorruptBlockError`` when bytes are damaged.
         """
-        self.reader.read_into(loc, out)
+        return self.reader.read_into(loc, out)
+
+    def read_many(self, requests: Sequence[tuple[Location, np.ndarray]]) -> list[int | BaseException]:
+        """Decode several blocks through one read-ahead pipeline; per request its crc32c or its error."""
+        return self.reader.read_many(requests)
 
     # -- recovery, index upkeep, layout upgrade (see :class:`.repair.L3Repair`) -----------------
 
