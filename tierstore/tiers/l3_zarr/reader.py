@@ -77,10 +77,14 @@ def _pieces(loc: Location) -> Iterator[_Piece]:
 
 
 def _input_buffer(size: int) -> np.ndarray:
-    """This thread's buffer for encoded bytes, at least ``size`` long (reused: no allocation per read)."""
+    """This thread's buffer for encoded bytes, at least ``size`` long (reused: no allocation per read).
+
+    It grows to the largest piece the thread read (about :data:`PIECE` on the read pool), so a
+    caller's thread that reads only small blocks keeps a small one.
+    """
     buf: np.ndarray | None = getattr(_LOCAL, "input", None)
     if buf is None or buf.nbytes < size:
-        buf = _LOCAL.input = np.empty(max(size, PIECE), dtype=np.uint8)
+        buf = _LOCAL.input = np.empty(max(size, 2 * (0 if buf is None else buf.nbytes), 64 << 10), dtype=np.uint8)
     return buf[:size]
 
 
