@@ -25,7 +25,7 @@ from collections.abc import Hashable, Iterator, Sequence
 from typing import Generic, TypeVar
 
 from ..errors import ConfigError, TierFullError
-from . import batch_replay
+from . import batch_replay, compiled_learn, compiled_shadows
 from .access_tracker import AccessPatternTracker, KeyStats
 from .batch_replay import CROWDED
 from .shadow_caches import Evictions, ShadowARC, ShadowCache, ShadowLIRS, ShadowLRU, ShadowS3FIFO, ShadowWTinyLFU
@@ -284,7 +284,8 @@ class PredictivePolicy(Generic[K]):
     def __init__(self, capacity: int, *, prediction_window: int = 200, prediction_threshold: float = 0.7,
                  experts: tuple[str, ...] = ("s3fifo", "arc", "wtinylfu", "predicted", "lru", "lirs"),
                  epoch: int | None = None, window: int | None = None, switch_cost: float = 1.0,
-                 horizon_factor: int = 2, patience: float = 2.0, block_size: int = 1) -> None:
+                 horizon_factor: int = 2, patience: float = 2.0, block_size: int = 1,
+                 compiled: bool = False) -> None:
         if capacity < 1 or block_size < 1:
             raise ConfigError(f"the predictive policy needs a capacity of at least 1 entry, got {capacity} "
                               f"with block_size={block_size}")
@@ -296,6 +297,13 @@ class PredictivePolicy(Generic[K]):
         horizon = max(prediction_window, horizon_factor * capacity)
         self.predictor = SimpleMLPredictor(self.tracker, horizon=horizon, threshold=prediction_threshold)
         self.experts = _build_experts(experts, capacity, patience, self.predictor)
+        self._compiled: compiled_learn.CompiledLearner | None = None
+        if compiled:  # the learned expert's state as arrays, replayed by numba (simulate only)
+            belady = next((e for e in self.experts if isinstance(e, PredictedNextUse)), None)
+            self._compiled = compiled_learn.CompiledLearner(self.predictor, belady)
+            if belady is not None:
+                self.experts[self.experts.index(belady)] = self._compiled  # type: ignore[call-overload]
+            self.experts = [compiled_shadows.compiled_shadow(e) for e in self.experts]
         self.epoch = epoch or max(64, capacity // 8)
         self.window = max(window or max(8192, 16 * capacity), 2 * self.epoch)
         self.decay = 1.0 - self.epoch / self.window
@@ -328,6 +336,9 @@ class PredictivePolicy(Generic[K]):
         return len(self._resident)
 
     def record_access(self, key: K, now: float) -> None:
+        if self._compiled is not None:
+            raise ConfigError("a compiled predictive policy replays traces through simulate() only; "
+                              "create it with compiled=False to drive it access by access")
         self.tracker.record(key, now)
         self.predictor.observe(key)
         lead = self.experts[self._leader]
@@ -354,6 +365,8 @@ class PredictivePolicy(Generic[K]):
         time (:mod:`tierstore.predict.batch_replay`). ``parents``: each key's chain parent, or None. Time is
         counted in accesses; the tracker's caller-time statistics are left as they were.
         """
+        if self._compiled is not None:
+            return batch_replay.simulate(self, keys, parents, None, self._compiled)
         belady = next((e for e in self.experts if isinstance(e, PredictedNextUse)), None)
         return batch_replay.simulate(self, keys, parents, belady)
 
