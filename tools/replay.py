@@ -40,12 +40,13 @@ from replay_policies import CHUNK, SIMULATORS, Progress
 from replay_store import STORE_POLICIES, replay_store, round_capacity, simulate_policy
 
 from tierstore.predict import compiled_learn
+from tierstore.predict.kv_policy import KVPolicy
 from tierstore.predict.policies import access
 from tierstore.predict.predictor import PredictivePolicy, SuccessorTable
 
 DEFAULT_CAPACITIES = "1%,5%,10%,25%"
-DEFAULT_POLICIES = "lru,fifo,lfu,arc,s3fifo,wtinylfu,opt,predictive"
-POLICIES = (*SIMULATORS, "predictive")
+DEFAULT_POLICIES = "lru,fifo,lfu,arc,s3fifo,wtinylfu,opt,predictive,kv"
+POLICIES = (*SIMULATORS, "predictive", "kv")
 
 
 @contextmanager
@@ -67,7 +68,7 @@ def collector_paused() -> Iterator[None]:
 
 def simulate_predictive(keys: list[int], capacity: int, progress: Progress,
                         parents: list[int] | None = None, prefetch: list[int] | None = None,
-                        compiled: bool = compiled_learn.AVAILABLE) -> bytearray:
+                        compiled: bool = compiled_learn.AVAILABLE, kind: str = "predictive") -> bytearray:
     """Drive the store's predictive policy: its batch replay, or per access with prefetching.
 
     Without ``prefetch`` this is :meth:`PredictivePolicy.simulate` (the same decisions as the
@@ -78,9 +79,11 @@ def simulate_predictive(keys: list[int], capacity: int, progress: Progress,
     evicting by policy like a miss does, but not counted as an access; that runs per access.
     ``compiled`` (without prefetching; the default where numba is installed) replays the learned
     expert and the ARC, S3-FIFO and W-TinyLFU shadows as numba kernels: the same decisions
-    (``tests/test_predict_compiled.py``), 2.5-3x faster.
+    (``tests/test_predict_compiled.py``), 2.5-3x faster. ``kind`` ``kv`` replays the KV-aware policy
+    (:class:`tierstore.predict.kv_policy.KVPolicy`) instead.
     """
-    policy: PredictivePolicy[int] = PredictivePolicy(capacity, compiled=compiled and prefetch is None)
+    make = KVPolicy if kind == "kv" else PredictivePolicy
+    policy: PredictivePolicy[int] = make(capacity, compiled=compiled and prefetch is None)
     if prefetch is None:
         chains = None if parents is None else [None if p < 0 else p for p in parents]
         out = bytearray()
@@ -188,10 +191,10 @@ def run(trace: Trace, policies: Sequence[str], capacities: dict[str, int], prefi
         for label, capacity in capacities.items():
             progress = reporter.start(f"{name} @ {label} ({capacity} entries)")
             began = time.perf_counter()
-            if name == "predictive":
-                ahead = [0] if prefetched is not None else None
+            if name in ("predictive", "kv"):
+                ahead = [0] if prefetched is not None and name == "predictive" else None
                 hits = simulate_predictive(keys, capacity, progress, parents, ahead,
-                                           compiled_learn.AVAILABLE and not pure)
+                                           compiled_learn.AVAILABLE and not pure, name)
                 if prefetched is not None and ahead is not None:
                     prefetched[label] = ahead[0]
             else:

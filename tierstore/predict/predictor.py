@@ -285,7 +285,7 @@ class PredictivePolicy(Generic[K]):
                  experts: tuple[str, ...] = ("s3fifo", "arc", "wtinylfu", "predicted", "lru", "lirs"),
                  epoch: int | None = None, window: int | None = None, switch_cost: float = 1.0,
                  horizon_factor: int = 2, patience: float = 2.0, block_size: int = 1,
-                 compiled: bool = False) -> None:
+                 compiled: bool = False, shadows: Sequence[ShadowCache[K]] = ()) -> None:
         if capacity < 1 or block_size < 1:
             raise ConfigError(f"the predictive policy needs a capacity of at least 1 entry, got {capacity} "
                               f"with block_size={block_size}")
@@ -296,7 +296,7 @@ class PredictivePolicy(Generic[K]):
         self.tracker: AccessPatternTracker[K] = AccessPatternTracker(0, max_successors=0)
         horizon = max(prediction_window, horizon_factor * capacity)
         self.predictor = SimpleMLPredictor(self.tracker, horizon=horizon, threshold=prediction_threshold)
-        self.experts = _build_experts(experts, capacity, patience, self.predictor)
+        self.experts = [*shadows, *_build_experts(experts, capacity, patience, self.predictor)]
         self._compiled: compiled_learn.CompiledLearner | None = None
         if compiled:  # the learned expert's state as arrays, replayed by numba (simulate only)
             belady = next((e for e in self.experts if isinstance(e, PredictedNextUse)), None)
