@@ -117,3 +117,23 @@ def test_the_store_can_pick_the_kv_policy() -> None:
     assert access(policy, "a", 0.0, 1 << 20, 1 << 12) is False and access(policy, "a", 1.0, 1 << 20, 1 << 12)
     with pytest.raises(ConfigError):
         make_policy("kv")  # it needs a capacity
+
+
+@pytest.mark.skipif(not AVAILABLE, reason="numba is not installed")
+@settings(max_examples=40, deadline=None)
+@given(keys=traces(), capacity=st.integers(1, 40), half_life=st.sampled_from([1.0, 2.5, 40.0, 1e6]),
+       pieces=st.integers(1, 3))
+def test_compiled_lrfu_evicts_what_the_python_one_does(keys: list[int], capacity: int, half_life: float,
+                                                       pieces: int) -> None:
+    from tierstore.predict.compiled_shadows import CompiledLRFU
+
+    reference, twin = ShadowLRFU[int](capacity, half_life * capacity), CompiledLRFU(capacity, half_life * capacity)
+    want: Evictions[int] = []
+    got: Evictions[int] = []
+    step = -(-len(keys) // pieces)
+    for n, start in enumerate(range(0, len(keys), step)):
+        part = keys[start:start + step]
+        assert twin.run(np.asarray(part, dtype=np.int64), got) == reference.run(part, want)
+        assert got == want and sorted(twin) == sorted(reference)
+        reference.rerank(half_life * (n + 2))
+        twin.rerank(half_life * (n + 2))

@@ -44,7 +44,7 @@ except ImportError:  # pragma: no cover - a core dependency, but the Python path
         """Without numba the kernels stay plain Python (the classes refuse to run them)."""
         return lambda f: f
 
-__all__ = ["AVAILABLE", "CompiledLearner", "njit"]
+__all__ = ["AVAILABLE", "CompiledLearner", "njit", "heap_push", "heap_pop", "heap_top", "heap_compact"]
 
 I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
@@ -61,7 +61,7 @@ def _less(val: F64, ser: I64, a: int, b: int) -> bool:  # pragma: no cover - com
 
 
 @njit(cache=True)
-def _push(val: F64, ser: I64, key: I64, n: int, v: float, s: int, k: int) -> int:  # pragma: no cover
+def heap_push(val: F64, ser: I64, key: I64, n: int, v: float, s: int, k: int) -> int:  # pragma: no cover
     val[n], ser[n], key[n] = v, s, k
     i = n
     while i > 0:
@@ -77,7 +77,7 @@ def _push(val: F64, ser: I64, key: I64, n: int, v: float, s: int, k: int) -> int
 
 
 @njit(cache=True)
-def _sift_down(val: F64, ser: I64, key: I64, n: int, i: int) -> None:  # pragma: no cover - compiled
+def heap_sift_down(val: F64, ser: I64, key: I64, n: int, i: int) -> None:  # pragma: no cover - compiled
     while True:
         left = 2 * i + 1
         if left >= n:
@@ -95,30 +95,30 @@ def _sift_down(val: F64, ser: I64, key: I64, n: int, i: int) -> None:  # pragma:
 
 
 @njit(cache=True)
-def _pop(val: F64, ser: I64, key: I64, n: int) -> int:  # pragma: no cover - compiled
+def heap_pop(val: F64, ser: I64, key: I64, n: int) -> int:  # pragma: no cover - compiled
     n -= 1
     val[0], ser[0], key[0] = val[n], ser[n], key[n]
-    _sift_down(val, ser, key, n, 0)
+    heap_sift_down(val, ser, key, n, 0)
     return n
 
 
 @njit(cache=True)
-def _top(val: F64, ser: I64, key: I64, n: int, version: I64) -> int:  # pragma: no cover - compiled
+def heap_top(val: F64, ser: I64, key: I64, n: int, version: I64) -> int:  # pragma: no cover - compiled
     """Drop stale entries from the top; return the heap's new length (the top is then valid)."""
     while version[key[0]] != ser[0]:
-        n = _pop(val, ser, key, n)
+        n = heap_pop(val, ser, key, n)
     return n
 
 
 @njit(cache=True)
-def _compact(val: F64, ser: I64, key: I64, n: int, version: I64) -> int:  # pragma: no cover - compiled
+def heap_compact(val: F64, ser: I64, key: I64, n: int, version: I64) -> int:  # pragma: no cover - compiled
     kept = 0
     for j in range(n):
         if version[key[j]] == ser[j]:
             val[kept], ser[kept], key[kept] = val[j], ser[j], key[j]
             kept += 1
     for j in range((kept >> 1) - 1, -1, -1):
-        _sift_down(val, ser, key, kept, j)
+        heap_sift_down(val, ser, key, kept, j)
     return kept
 
 
@@ -227,9 +227,9 @@ def _learn(keys: I64, ints: I64, floats: F64, weights: F64, count: I64, last_tic
         if version[key] != 0:
             hits += 1
         elif held >= capacity:
-            due_n = _top(due_val, due_ser, due_key, due_n, version)
+            due_n = heap_top(due_val, due_ser, due_key, due_n, version)
             if due_val[0] >= tick:
-                far_n = _top(far_val, far_ser, far_key, far_n, version)
+                far_n = heap_top(far_val, far_ser, far_key, far_n, version)
                 if -far_val[0] <= expected:
                     ev_at[events], ev_key[events] = i, key  # expected back last: not admitted
                     events += 1
@@ -245,13 +245,13 @@ def _learn(keys: I64, ints: I64, floats: F64, weights: F64, count: I64, last_tic
             held += 1
         serial += 1
         version[key] = serial
-        far_n = _push(far_val, far_ser, far_key, far_n, -expected, serial, key)
+        far_n = heap_push(far_val, far_ser, far_key, far_n, -expected, serial, key)
         ahead = expected - tick
-        due_n = _push(due_val, due_ser, due_key, due_n, tick + patience * (ahead if ahead > 1.0 else 1.0),
+        due_n = heap_push(due_val, due_ser, due_key, due_n, tick + patience * (ahead if ahead > 1.0 else 1.0),
                       serial, key)
         if far_n > crowded or due_n > crowded:  # the Python expert checks only `far`; lists do not overflow
-            far_n = _compact(far_val, far_ser, far_key, far_n, version)
-            due_n = _compact(due_val, due_ser, due_key, due_n, version)
+            far_n = heap_compact(far_val, far_ser, far_key, far_n, version)
+            due_n = heap_compact(due_val, due_ser, due_key, due_n, version)
     ints[_TICK], ints[_DRAW], ints[_SAMPLES], ints[_SERIAL], ints[_HELD] = tick, draw, samples, serial, held
     ints[_FAR_N], ints[_DUE_N], ints[_EX_HEAD], ints[_EX_LEN] = far_n, due_n, ex_head, ex_len
     floats[_FIRST_GAP] = first_gap

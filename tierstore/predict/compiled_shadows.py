@@ -12,6 +12,7 @@ reference. Keys are non-negative ints; the arrays grow to the largest one seen.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -19,12 +20,12 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import ConfigError
-from .compiled_learn import AVAILABLE, njit
+from .compiled_learn import AVAILABLE, heap_compact, heap_pop, heap_push, heap_sift_down, heap_top, njit
 
 if TYPE_CHECKING:
     from .shadow_caches import Evictions
 
-__all__ = ["CompiledARC", "CompiledS3FIFO", "CompiledWTinyLFU", "compiled_shadow"]
+__all__ = ["CompiledARC", "CompiledLRFU", "CompiledS3FIFO", "CompiledWTinyLFU", "compiled_shadow"]
 
 I64 = npt.NDArray[np.int64]
 
@@ -362,6 +363,8 @@ def compiled_shadow(expert: Any) -> Any:
     """The compiled twin of a fresh Python shadow (same capacity), or ``expert`` itself if it has none."""
     from .shadow_caches import ShadowARC, ShadowS3FIFO, ShadowWTinyLFU
 
+    if hasattr(expert, "compiled"):  # the KV policy's adaptive LRFU: its twin on compiled LRFUs
+        return expert.compiled()
     if isinstance(expert, ShadowS3FIFO):
         return CompiledS3FIFO(expert.capacity)
     if isinstance(expert, ShadowWTinyLFU):
@@ -369,3 +372,103 @@ def compiled_shadow(expert: Any) -> Any:
     if isinstance(expert, ShadowARC):
         return CompiledARC(expert.capacity)
     return expert
+
+
+@njit(cache=True)
+def _lrfu(keys: I64, ints: I64, rate: float, value: Any, at: I64, version: I64, hval: Any, hser: I64, hkey: I64,
+          ev_at: I64, ev_key: I64) -> tuple[int, int]:  # pragma: no cover - compiled
+    tick, serial, held, n, capacity = ints[0], ints[1], ints[2], ints[3], ints[4]
+    crowded = 4 * capacity + 64
+    hits = 0
+    events = 0
+    for i in range(len(keys)):
+        key = keys[i]
+        tick += 1
+        v = 1.0 if at[key] == 0 else value[key] * 2.0 ** ((at[key] - tick) * rate) + 1.0
+        value[key], at[key] = v, tick
+        if version[key] != 0:
+            hits += 1
+        elif held >= capacity:
+            n = heap_top(hval, hser, hkey, n, version)
+            gone = hkey[0]
+            n = heap_pop(hval, hser, hkey, n)
+            version[gone] = 0
+            held -= 1
+            ev_at[events], ev_key[events] = i, gone
+            events += 1
+        if version[key] == 0:
+            held += 1
+        serial += 1
+        version[key] = serial
+        n = heap_push(hval, hser, hkey, n, math.log2(v) + tick * rate, serial, key)
+        if n > crowded:
+            n = heap_compact(hval, hser, hkey, n, version)
+    ints[0], ints[1], ints[2], ints[3] = tick, serial, held, n
+    return hits, events
+
+
+@njit(cache=True)
+def _rerank(ints: I64, rate: float, value: Any, at: I64, version: I64, hval: Any, hser: I64,
+            hkey: I64) -> None:  # pragma: no cover - compiled
+    n = 0
+    for k in range(len(version)):
+        if version[k]:
+            hval[n], hser[n], hkey[n] = math.log2(value[k]) + at[k] * rate, version[k], k
+            n += 1
+    for j in range((n >> 1) - 1, -1, -1):
+        heap_sift_down(hval, hser, hkey, n, j)
+    ints[3] = n
+
+
+class CompiledLRFU:
+    """:class:`tierstore.predict.kv_policy.ShadowLRFU`, compiled (the same decisions on dense int keys)."""
+
+    dense = True
+
+    def __init__(self, capacity: int, half_life: float) -> None:
+        if not AVAILABLE:
+            raise ConfigError("the compiled shadows need numba: pip install numba (or replay without compiled=True)")
+        self.capacity = max(1, capacity)
+        self.half_life = max(1.0, float(half_life))
+        self.name = f"lrfu{half_life / self.capacity:g}"
+        self._rate = 1.0 / self.half_life
+        self.ints = np.array([0, 0, 0, 0, self.capacity], dtype=np.int64)
+        heap = 4 * self.capacity + 66
+        self.hval, self.hser, self.hkey = np.zeros(heap), np.zeros(heap, dtype=np.int64), np.zeros(heap, dtype=np.int64)
+        self.value, self.at, self.version = np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+
+    def _fit(self, keys: I64) -> None:
+        if len(keys) and int(keys.min()) < 0:
+            raise ConfigError("the compiled shadows take non-negative int keys (dense ids); got a negative one")
+        top = int(keys.max()) + 1 if len(keys) else 0
+        if top > len(self.version):
+            more = max(top, 2 * len(self.version), 1024) - len(self.version)
+            self.value = np.concatenate([self.value, np.zeros(more)])
+            self.at = np.concatenate([self.at, np.zeros(more, dtype=np.int64)])
+            self.version = np.concatenate([self.version, np.zeros(more, dtype=np.int64)])
+
+    def rerank(self, half_life: float) -> None:
+        """As :meth:`tierstore.predict.kv_policy.ShadowLRFU.rerank`."""
+        self.half_life = max(1.0, float(half_life))
+        self._rate = 1.0 / self.half_life
+        _rerank(self.ints, self._rate, self.value, self.at, self.version, self.hval, self.hser, self.hkey)
+
+    def run(self, keys: I64, evicted: Evictions[int] | None = None) -> int:
+        """Process ``keys`` (an int64 array); the hits; evictions into ``evicted``."""
+        self._fit(keys)
+        ev_at, ev_key = np.zeros(len(keys), dtype=np.int64), np.zeros(len(keys), dtype=np.int64)
+        hits, events = _lrfu(keys, self.ints, self._rate, self.value, self.at, self.version, self.hval, self.hser,
+                             self.hkey, ev_at, ev_key)
+        if evicted is not None and events:
+            evicted.extend(zip(ev_at[:events].tolist(), ev_key[:events].tolist(), strict=True))
+        return int(hits)
+
+    def access(self, key: int) -> int | None:
+        """Not available: the compiled shadows replay batches (:meth:`run`)."""
+        raise ConfigError("the compiled lrfu replays batches (simulate); it has no per-access path")
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, int) and 0 <= key < len(self.version) and bool(self.version[key])
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(np.flatnonzero(self.version).tolist())

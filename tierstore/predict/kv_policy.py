@@ -119,15 +119,26 @@ class AdaptiveLRFU(Generic[K]):
     name = "lrfu"
 
     def __init__(self, capacity: int, half_lives: Sequence[float] = HALF_LIVES, *, epoch: int | None = None,
-                 window: int | None = None) -> None:
+                 window: int | None = None, lrfu: type[ShadowLRFU[K]] | None = None) -> None:
         self.capacity = max(1, capacity)
-        self.panel = [ShadowLRFU[K](self.capacity, h * self.capacity) for h in half_lives]
+        self.half_lives = tuple(half_lives)
+        self._window = window
+        make = lrfu or ShadowLRFU
+        self.dense = lrfu is not None  # compiled LRFUs take int64 slices (the batch replay passes them)
+        self.panel = [make(self.capacity, h * self.capacity) for h in half_lives]
         self.epoch = epoch or max(64, self.capacity // 8)
         self.decay = 1.0 - self.epoch / max(window or max(8192, 16 * self.capacity), 2 * self.epoch)
         self.scores = [0.0] * len(self.panel)
-        self.tier = ShadowLRFU[K](self.capacity, self.panel[0].half_life)
+        self.tier = make(self.capacity, self.panel[0].half_life)
         self._chosen = 0
         self._countdown = self.epoch
+
+    def compiled(self) -> AdaptiveLRFU[K]:
+        """A fresh twin of this (fresh) cache on compiled LRFUs (:mod:`tierstore.predict.compiled_shadows`)."""
+        from .compiled_shadows import CompiledLRFU
+
+        return AdaptiveLRFU(self.capacity, self.half_lives, epoch=self.epoch, window=self._window,
+                            lrfu=CompiledLRFU)  # type: ignore[arg-type]
 
     @property
     def half_life(self) -> float:
