@@ -334,6 +334,10 @@ class CompiledLearner:
         """Not available: the compiled state is replayed a batch at a time (:meth:`run`)."""
         raise ConfigError("the compiled learner replays batches (simulate); it has no per-access path")
 
+    def missing_from(self, tier: I64) -> int:
+        """How many keys the Belady expert holds that are not among ``tier`` (distinct keys it has seen)."""
+        return int(self.ints[_HELD]) - int(np.count_nonzero(self.version[tier]))
+
     @property
     def samples(self) -> int:
         """Training samples the regression has taken."""

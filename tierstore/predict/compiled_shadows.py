@@ -279,6 +279,12 @@ class _Lists:
         """Not available: the compiled shadows replay batches (:meth:`run`)."""
         raise ConfigError(f"the compiled {self.name} replays batches (simulate); it has no per-access path")
 
+    def missing_from(self, tier: I64) -> int:
+        """How many keys this shadow holds that are not among ``tier`` (distinct keys it has seen)."""
+        where = self.where[tier]
+        inside = sum(int(np.count_nonzero(where == lst)) for lst in self.held)
+        return int(sum(int(self.size[lst]) for lst in self.held)) - inside
+
     def __contains__(self, key: object) -> bool:
         return isinstance(key, int) and 0 <= key < len(self.where) and int(self.where[key]) in self.held
 
@@ -466,6 +472,10 @@ class CompiledLRFU:
     def access(self, key: int) -> int | None:
         """Not available: the compiled shadows replay batches (:meth:`run`)."""
         raise ConfigError("the compiled lrfu replays batches (simulate); it has no per-access path")
+
+    def missing_from(self, tier: I64) -> int:
+        """How many keys this shadow holds that are not among ``tier`` (distinct keys it has seen)."""
+        return int(self.ints[2]) - int(np.count_nonzero(self.version[tier]))
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, int) and 0 <= key < len(self.version) and bool(self.version[key])

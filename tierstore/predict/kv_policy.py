@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
 from .predictor import PredictivePolicy
@@ -130,6 +130,8 @@ class AdaptiveLRFU(Generic[K]):
         self.decay = 1.0 - self.epoch / max(window or max(8192, 16 * self.capacity), 2 * self.epoch)
         self.scores = [0.0] * len(self.panel)
         self.tier = make(self.capacity, self.panel[0].half_life)
+        if lrfu is not None:  # compiled: the panel counts what a switch to it costs over arrays
+            self.missing_from: Callable[[Any], int] = self.tier.missing_from  # type: ignore[union-attr]
         self._chosen = 0
         self._countdown = self.epoch
 

@@ -24,6 +24,9 @@ from collections import OrderedDict, deque
 from collections.abc import Hashable, Iterator, Sequence
 from typing import Generic, TypeVar
 
+import numpy as np
+import numpy.typing as npt
+
 from ..errors import ConfigError, TierFullError
 from . import batch_replay, compiled_learn, compiled_shadows
 from .access_tracker import AccessPatternTracker, KeyStats
@@ -398,12 +401,20 @@ class PredictivePolicy(Generic[K]):
         """
         scores, lead, resident = self.scores, self._leader, self._resident
         best, best_net = lead, 0.0
+        tier: npt.NDArray[np.int64] | None = None  # the tier's keys as an array, for compiled experts
         for i, expert in enumerate(self.experts):
             gain = scores[i] - scores[lead]
             if i == lead or gain < 1.0 or gain <= best_net:  # net <= gain: it cannot win
                 continue
-            held = list(expert)  # the keys it holds that the tier lacks, counted at C speed
-            net = gain - self.switch_cost * (len(held) - sum(map(resident.__contains__, held)))
+            missing_from = getattr(expert, "missing_from", None)
+            if missing_from is not None:  # a compiled expert counts over the tier's keys, not its own
+                if tier is None:
+                    tier = np.fromiter(resident, dtype=np.int64, count=len(resident))
+                lacking = missing_from(tier)
+            else:
+                held = list(expert)  # the keys it holds that the tier lacks, counted at C speed
+                lacking = len(held) - sum(map(resident.__contains__, held))
+            net = gain - self.switch_cost * lacking
             if net > best_net:
                 best, best_net = i, net
         return best
