@@ -20,11 +20,14 @@ order is fixed between accesses and a lazy heap finds the victim in O(log n).
 
 Which half-life is right depends on how far apart a workload's reuses are relative to the cache:
 measured on the synthetic Mooncake trace, 16x the capacity at 1% of its blocks, 8x at 5% and 2x at
-10% and 25%. So :class:`KVPolicy` learns it online: a panel of :class:`ShadowLRFU` at half-lives of
-1, 2, 4, 8, 16 and 32 capacities, plus ARC, S3-FIFO, LIRS and the predictor's own Belady expert
-for streams that are not KV traffic, scored on the recent stream with the predictive policy's
-"worth most after the cost of switching" rule (:class:`tierstore.predict.predictor.PredictivePolicy`,
-which it is; chain tails go first there too).
+10% and 25%. So :class:`AdaptiveLRFU` learns it online: a panel of :class:`ShadowLRFU` at half-lives
+of 1-32 capacities scores hits on the recent stream, and the cache adopts the best one's half-life
+by re-ranking (no key moves, so no switch cost). :class:`KVPolicy` is the predictive policy
+(:class:`tierstore.predict.predictor.PredictivePolicy`, chain tails first there too) with the
+adaptive LRFU leading its panel and the classic and learned experts behind it, for streams that are
+not KV traffic, under a dearer switch rule (4 misses per key the tier lacks). Measured on every
+trace in BENCHMARKS.md (issue 18 section): above every classic policy on the synthetic Mooncake
+trace with prefix-aware scoring, below S3-FIFO on block-I/O and object traces; not a default.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ __all__ = ["ShadowLRFU", "AdaptiveLRFU", "KVPolicy", "HALF_LIVES"]
 K = TypeVar("K", bound=Hashable)
 
 HALF_LIVES = (16, 8, 2, 4, 1, 32)
-"""The panel's half-lives, in capacities (the first leads until the panel's scores say otherwise)."""
+"""The adaptive LRFU's half-lives, in capacities (it ranks by the first until the panel's scores say
+otherwise; 16 first: the best single one at 1% of the synthetic Mooncake trace)."""
 
 
 class ShadowLRFU(Generic[K]):
