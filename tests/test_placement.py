@@ -74,10 +74,10 @@ def test_overlap_is_a_max_not_a_sum() -> None:
 
 
 def test_cpu_decode_reads_weights_at_the_measured_matvec_rate() -> None:
-    """A CPU matrix-vector product reads bf16 weights below memcpy (1.5 against 5.6 GB/s on the bench VM).
+    """A CPU matrix-vector product reads bf16 weights below memcpy (0.45-2.2 against 2.5-5.6 GB/s on the bench VM).
 
     Decode on the CPU from L2 is then bound by ``cpu_matvec``, not ``memcpy`` (which predicted the
-    2B's in-memory decode ~4x too fast there); without a measurement the model keeps ``memcpy``.
+    2B's in-memory decode 3-8x too fast there); without a measurement the model keeps ``memcpy``.
     """
     model = ModelUnits(tuple(Unit(f"layers.{i}", 100 * MiB, 70 * MiB, 50 * MiB) for i in range(4)),
                        fixed_bytes=0, head_bytes=50 * MiB)

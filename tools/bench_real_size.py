@@ -20,10 +20,11 @@ tokens), peak RSS (``VmHWM``), bytes per decoded token read from the disk device
 token, and whether the tokens equal the reference. Then the planner's prediction for each variant
 on the measured machine, and the ratio measured/predicted.
 
-Compute dtype is bf16, as stored: this CPU (AMX/AVX512-BF16) multiplies bf16 as fast as fp32 per
-weight byte read, and bf16 keeps streamed weights zero-copy views of L2 (a cast copies every unit).
+Compute dtype is bf16, as stored: this CPU (AMX/AVX512-BF16) multiplies bf16 at 4-6x fp32's FLOP/s
+and a decoded token reads bf16 weights at about fp32's bytes/s, and bf16 keeps streamed weights
+zero-copy views of L2 (a cast copies every unit). The table and findings are in BENCHMARKS.md.
 
-    python tools/bench_real_size.py --model 2b            # ~15 min on a 2-core VM
+    python tools/bench_real_size.py --model 2b            # ~15 min on the shared 2-core VM (the 4B ~25)
     python tools/bench_real_size.py --model both --tokens 4 --json run.json
 """
 

@@ -53,7 +53,7 @@ class Machine:
 
     None: ``memcpy``. A matrix-vector product is memory-bound only where the kernel keeps up with
     the memory; on a few cores (and for bf16 on most CPUs) it reads its weights well below
-    ``memcpy``: 1.5 GB/s against 5.6 GB/s on the 2-core VM of BENCHMARKS.md.
+    ``memcpy``: 0.45-2.2 GB/s against 2.5-5.6 GB/s on the shared 2-core VM of BENCHMARKS.md.
     """
 
     def __post_init__(self) -> None:
@@ -154,16 +154,16 @@ LAYER_SHAPES = ((2048, 2048), (1024, 2048), (1024, 2048), (2048, 2048), (6144, 2
 """``(out, in)`` of a decoder layer's projections (q, k, v, o, gate, up, down of a 2B-class model): 96 MiB of bf16."""
 
 
-def measure_matvec(shapes: tuple[tuple[int, int], ...] = LAYER_SHAPES, *, passes: int = 5) -> float:
+def measure_matvec(shapes: tuple[tuple[int, int], ...] = LAYER_SHAPES, *, layers: int = 2, passes: int = 5) -> float:
     """Bytes/s of bf16 weights ``F.linear`` reads for one token, as a decoder layer runs it: decode on the CPU.
 
     The input is ``(1, 1, in)``, as transformers passes a decoded token (the 2-D and 3-D paths run
-    different kernels); the median of ``passes`` passes over one layer's projections (96 MiB,
-    beyond the CPU's caches), not the best: on a shared machine the median is what a decode of
-    many layers sustains.
+    different kernels); the median of ``passes`` passes over ``layers`` layers' projections (192
+    MiB: beyond the CPU's caches, 105 MiB of L3 on the bench VM, as a decode's weights are), not
+    the best: on a shared machine the median is what a decode of many layers sustains.
     """
-    weights = [torch.randn(rows, cols).to(torch.bfloat16) for rows, cols in shapes]
-    inputs = [torch.randn(1, 1, cols).to(torch.bfloat16) for _, cols in shapes]
+    weights = [torch.randn(rows, cols).to(torch.bfloat16) for _ in range(layers) for rows, cols in shapes]
+    inputs = [torch.randn(1, 1, cols).to(torch.bfloat16) for _ in range(layers) for _, cols in shapes]
     times = []
     with torch.inference_mode():
         for _ in range(passes + 1):
