@@ -628,12 +628,10 @@ class Child:
 def start_child(fn: Callable[[], dict[str, Any]]) -> Child:
     """Fork a child that runs ``fn`` and sends back its JSON-able result (no pickle).
 
-    The child resets the L3 codec thread pool and runs torch single-threaded (thread pools do not
-    survive a fork).
+    The child runs torch single-threaded (thread pools do not survive a fork; the L3 codec pool
+    starts afresh in a forked child by itself).
     """
     import json
-
-    from tierstore.tiers import l3_zarr
 
     read, write = os.pipe()
     pid = os.fork()
@@ -641,7 +639,6 @@ def start_child(fn: Callable[[], dict[str, Any]]) -> Child:
         os.close(read)
         code = 0
         try:
-            l3_zarr._POOL = None
             torch.set_num_threads(1)
             out = json.dumps(fn()).encode()
         except BaseException as exc:  # reported to the parent

@@ -24,7 +24,7 @@ def first_to_leave(db: tierstore.TierStore, watched: list[str], limit: int = 64)
     raise AssertionError("L2 never evicted a watched block")
 
 
-@pytest.mark.parametrize("policy", ["lru", "fifo", "predictive"])
+@pytest.mark.parametrize("policy", ["lru", "fifo", "predictive", "kv"])
 def test_l2_evicts_chain_tails_before_their_prefixes(store_path: Path, policy: str) -> None:
     with tierstore.open(store_path, l2_cache_size="4MiB", fsync=False, l2_eviction_policy=policy) as db:
         db.put("c0", torch.randn(64_000))

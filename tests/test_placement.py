@@ -73,6 +73,23 @@ def test_overlap_is_a_max_not_a_sum() -> None:
     assert streamed.decode_s == pytest.approx(100 * MiB / 1e9)  # compute and decode hide behind the read
 
 
+def test_cpu_decode_reads_weights_at_the_measured_matvec_rate() -> None:
+    """A CPU matrix-vector product reads bf16 weights below memcpy (0.45-2.2 against 2.5-5.6 GB/s on the bench VM).
+
+    Decode on the CPU from L2 is then bound by ``cpu_matvec``, not ``memcpy`` (which predicted the
+    2B's in-memory decode 3-8x too fast there); without a measurement the model keeps ``memcpy``.
+    """
+    model = ModelUnits(tuple(Unit(f"layers.{i}", 100 * MiB, 70 * MiB, 50 * MiB) for i in range(4)),
+                       fixed_bytes=0, head_bytes=50 * MiB)
+    placed = [UnitPlan(u.name, u.nbytes, "L2", "cpu", "cpu") for u in model.units]
+    slow = replace(CPU_BOX, memcpy=5.6e9, cpu_matvec=1.5e9)
+    assert predict(slow, model, placed).decode_s == pytest.approx(450 * MiB / 1.5e9)
+    assert predict(replace(slow, cpu_matvec=None), model, placed).decode_s == pytest.approx(450 * MiB / 5.6e9)
+    assert plan(model, slow, memory=4 * GiB, context=0).prediction.decode_s == pytest.approx(450 * MiB / 1.5e9)
+    with pytest.raises(ConfigError, match="cpu_matvec"):
+        replace(CPU_BOX, cpu_matvec=0.0)
+
+
 def test_a_budget_below_the_minimum_names_it() -> None:
     model = _model()
     minimum = plan(model, Machine.seed_laptop(), memory=8 * GiB).minimum
@@ -91,6 +108,8 @@ def test_machines_from_files_and_their_errors(tmp_path: Path) -> None:
     path = tmp_path / "m.json"
     path.write_text(json.dumps(Machine.seed_laptop().to_dict()))
     assert Machine.from_file(path) == Machine.seed_laptop()
+    path.write_text(json.dumps(replace(CPU_BOX, cpu_matvec=2e9).to_dict()))
+    assert Machine.from_file(path).cpu_matvec == 2e9
     path.write_text(json.dumps({**CPU_BOX.to_dict(), "cores": 4}))
     with pytest.raises(ConfigError, match="cores"):
         Machine.from_file(path)

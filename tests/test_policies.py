@@ -320,14 +320,14 @@ def test_replay_json_output(tmp_path: Path) -> None:
             all_keys += ids
             f.write(json.dumps({"timestamp": t, "hash_ids": ids}) + "\n")
     printed: list[str] = []
-    code = replay.main([str(trace), "--capacity", "10%,5", "--policy", "lru,arc,opt,predictive",
+    code = replay.main([str(trace), "--capacity", "10%,5", "--policy", "lru,arc,opt,predictive,kv",
                         "--json", "--quiet", "--prefix-aware"], out=printed.append)
     assert code == 0
     document = json.loads(printed[0])
     assert document["trace"] == "synthetic_trace.jsonl"
     assert document["accesses"] == len(all_keys)
     assert document["unique"] == len(set(all_keys))
-    assert set(document["results"]) == {"lru", "arc", "opt", "predictive"}
+    assert set(document["results"]) == {"lru", "arc", "opt", "predictive", "kv"}
     for rates in document["results"].values():
         assert set(rates) == {"10%", "5"}
         assert all(0.0 <= rate <= 1.0 for rate in rates.values())

@@ -18,7 +18,7 @@ from .errors import ConfigError
 __all__ = ["CacheConfig", "SharedCredentials", "parse_size", "format_size", "EVICTION_POLICIES",
            "SHARED_PUBLISH_POLICIES"]
 
-EVICTION_POLICIES = ("lru", "fifo", "lfu", "predictive")
+EVICTION_POLICIES = ("lru", "fifo", "lfu", "predictive", "kv")
 SHARED_PUBLISH_POLICIES = ("explicit", "on-evict", "write-through")
 _SECRET_FIELDS = frozenset({"shared_credentials"})
 """Fields never written anywhere (catalog, JSON, repr)."""

@@ -21,7 +21,7 @@ from typing import Any
 
 CLASSICS = ("lru", "fifo", "lfu", "arc", "s3fifo", "wtinylfu")
 NAMES = {"synthetic_trace.jsonl": "synthetic (Mooncake)", "cloudPhysicsIO.csv": "cloudPhysicsIO"}
-ORDER = ("lru", "fifo", "lfu", "arc", "s3fifo", "wtinylfu", "opt", "predictive")
+ORDER = ("lru", "fifo", "lfu", "arc", "s3fifo", "wtinylfu", "opt", "predictive", "kv")
 TOLERANCE = 0.0005
 
 
@@ -99,11 +99,13 @@ def prefix_table(traces: dict[str, dict[str, Any]], prefix: dict[str, Any] | Non
     for name in ORDER:
         if name in entry["prefix"]:
             lines.append(f"| {name} | " + " | ".join(f"{entry['prefix'][name][c]:.3f}" for c in caps) + " |")
-    if prefix is not None:
-        rates = prefix["prefix_results"]["predictive"]
-        plain = prefix["results"]["predictive"]
-        lines.append("| predictive --prefix-aware | " + " | ".join(f"{rates[c]:.3f}" for c in caps) + " |")
-        lines.append("| predictive --prefix-aware (plain hit rate) | "
+    for name in ("predictive", "kv") if prefix is not None else ():
+        if prefix is None or name not in prefix["prefix_results"]:
+            continue
+        rates = prefix["prefix_results"][name]
+        plain = prefix["results"][name]
+        lines.append(f"| {name} --prefix-aware | " + " | ".join(f"{rates[c]:.3f}" for c in caps) + " |")
+        lines.append(f"| {name} --prefix-aware (plain hit rate) | "
                      + " | ".join(f"{plain[c]:.3f}" for c in caps) + " |")
     return "\n".join(lines)
 

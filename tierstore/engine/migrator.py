@@ -43,6 +43,7 @@ from ..errors import (
     TierStoreError,
     traceback_for_log,
 )
+from ..predict.policies import LEARNED_POLICIES
 from ..predict.predictor import SuccessorTable
 from ..tensors import dtype_from_name, dtype_name, tensor_from_bytes
 from ..tiers.codecs import choose_codec
@@ -94,7 +95,7 @@ class Migrator:
         self._learn_lock = threading.Lock()
         self._seeded = threading.Event()
         """Set once the worker has read the catalog's successor table (off the open path)."""
-        tuned = [r for r in (l1, l2) if r is not None and r.policy_name == "predictive"]
+        tuned = [r for r in (l1, l2) if r is not None and r.policy_name in LEARNED_POLICIES]
         count, logical, _stored = catalog.totals() if tuned else (0, 0, 0)
         for residency in tuned:
             if count:

@@ -49,12 +49,14 @@ def checksum_ok(data: np.ndarray, checksum: int) -> bool:
     return bool(crc32c.crc32c(data.data) == checksum)
 
 
-def check_bytes(key: str, data: np.ndarray, checksum: int, where: str, doing: str = "") -> None:
+def check_bytes(key: str, data: np.ndarray, checksum: int, where: str, doing: str = "", *,
+                crc: int | None = None) -> None:
     """``CorruptBlockError`` unless ``data`` copied from L3 matches the catalog's ``checksum``.
 
-    ``where`` names the L3 array, ``doing`` what the copy was for (", while being promoted").
+    ``where`` names the L3 array, ``doing`` what the copy was for (", while being promoted");
+    ``crc`` is ``data``'s crc32c when the read already computed it (``ZarrL3.read_into`` does).
     """
-    if not checksum_ok(data, checksum):
+    if not (checksum_ok(data, checksum) if crc is None else crc == checksum):
         raise CorruptBlockError(f"block {key!r} failed its checksum in L3 ({where}){doing}; the stored bytes are "
                                 "damaged - restore them or run 'tierstore verify --fix'", key=key, tier="L3")
 
@@ -116,7 +118,7 @@ class Mover:
         """
         for _attempt in range(3):
             try:
-                self.l3.read_into(loc, out)
+                crc = self.l3.read_into(loc, out)
                 break
             except FileNotFoundError:
                 newer = self.catalog.get_block(row.key)
@@ -141,7 +143,7 @@ class Mover:
                                       tier="L3") from None
         else:
             raise TierStoreError(f"block {row.key!r} kept moving while being read; read it again", key=row.key)
-        check_bytes(row.key, out, row.checksum, loc.array)
+        check_bytes(row.key, out, row.checksum, loc.array, crc=crc)
         return row
 
     def fill_l2(self, key: str, row: BlockRow, loc: Location, generation: int,
@@ -182,14 +184,14 @@ class Mover:
         try:
             out = l2.arena.as_numpy(slot)
             try:
-                self.l3.read_into(loc, out)
+                crc = self.l3.read_into(loc, out)
             except FileNotFoundError:  # replaced or deleted meanwhile: nothing to promote
                 l2.release(slot)
                 return False
             except CorruptBlockError as exc:
                 raise CorruptBlockError(f"block {key!r}: {exc.message}", key=key, path=exc.path, tier="L3") from None
             step("copied")
-            check_bytes(key, out, row.checksum, loc.array, ", while being promoted")
+            check_bytes(key, out, row.checksum, loc.array, ", while being promoted", crc=crc)
             step("verified")
         except BaseException:
             l2.release(slot)
@@ -203,8 +205,8 @@ class Mover:
     def read_l3_checked(self, key: str, row: BlockRow, loc: Location) -> np.ndarray:
         """``row``'s bytes read from L3 into fresh memory and verified (a promotion that skips L2)."""
         buf = np.empty(row.nbytes, dtype=np.uint8)
-        self.l3.read_into(loc, buf)
-        check_bytes(key, buf, row.checksum, loc.array, ", while being promoted")
+        crc = self.l3.read_into(loc, buf)
+        check_bytes(key, buf, row.checksum, loc.array, ", while being promoted", crc=crc)
         return buf
 
     # -- host -> L1 ---------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import Generic, Protocol, TypeVar
 
 import torch
 
-from ..predict.policies import Policy, make_policy
+from ..predict.policies import LEARNED_POLICIES, Policy, make_policy
 from ..tensors import copy_bytes
 from ..tiers.slab_allocator import Allocation
 
@@ -291,10 +291,10 @@ class Residency(Generic[A]):
                 self._kill(entry)
 
     def tune(self, block_size: int) -> None:
-        """Re-create a predictive policy for blocks of about ``block_size`` bytes (only while empty)."""
+        """Re-create a learned (predictive or kv) policy for blocks of about ``block_size`` bytes (only while empty)."""
         with self.lock:
-            if self.policy_name == "predictive" and not self.entries and block_size > 0:
-                self.policy = make_policy("predictive", capacity=max(1, self.arena.capacity),
+            if self.policy_name in LEARNED_POLICIES and not self.entries and block_size > 0:
+                self.policy = make_policy(self.policy_name, capacity=max(1, self.arena.capacity),
                                           block_size=min(block_size, max(1, self.arena.capacity)))
 
     def pin(self, key: str) -> None:

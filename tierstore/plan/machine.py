@@ -20,7 +20,7 @@ import torch
 
 from ..errors import ConfigError
 
-__all__ = ["Machine"]
+__all__ = ["Machine", "measure_matvec"]
 
 GB, MiB, GiB = 10**9, 1 << 20, 1 << 30
 
@@ -37,7 +37,7 @@ class Machine:
     memcpy: float
     """Host memory bandwidth, bytes/s: what a CPU matrix-vector product reads its weights at."""
     cpu_flops: float
-    """Dense matmul throughput of the CPU on the weights' dtype, FLOP/s."""
+    """Dense matmul throughput of the CPU on the weights' dtype (bf16), FLOP/s: what prefill on the CPU runs at."""
     ram_free: int
     h2d_pinned: float | None = None
     """Host-to-device copy from pinned memory (L2 is pinned), bytes/s."""
@@ -48,9 +48,18 @@ class Machine:
     vram_bandwidth: float | None = None
     """Device memory bandwidth, bytes/s: what a GPU matrix-vector product reads its weights at."""
     vram_free: int = 0
+    cpu_matvec: float | None = None
+    """Bytes/s of bf16 weights a CPU matrix-vector product (one decoded token) reads, on all threads.
+
+    None: ``memcpy``. A matrix-vector product is memory-bound only where the kernel keeps up with
+    the memory; on a few cores (and for bf16 on most CPUs) it reads its weights well below
+    ``memcpy``: 0.45-2.2 GB/s against 2.5-5.6 GB/s on the shared 2-core VM of BENCHMARKS.md.
+    """
 
     def __post_init__(self) -> None:
-        for name in ("disk_read", "decode", "memcpy", "cpu_flops"):
+        for name in ("disk_read", "decode", "memcpy", "cpu_flops", "cpu_matvec"):
+            if name == "cpu_matvec" and self.cpu_matvec is None:
+                continue
             if not getattr(self, name) > 0:
                 raise ConfigError(f"machine {self.name!r}: {name} must be a positive speed, not "
                                   f"{getattr(self, name)!r}; measure it (Machine.from_probe) or give it")
@@ -58,6 +67,11 @@ class Machine:
         if any(v is not None for v in gpu) and not all(v is not None and v > 0 for v in gpu):
             raise ConfigError(f"machine {self.name!r}: a GPU needs h2d_pinned, gpu_flops and vram_bandwidth "
                               f"(got {gpu}); give all three, or none for a machine without a GPU")
+
+    @property
+    def cpu_weight_read(self) -> float:
+        """Bytes/s at which a CPU matrix-vector product reads its weights: ``cpu_matvec``, else ``memcpy``."""
+        return self.cpu_matvec if self.cpu_matvec is not None else self.memcpy
 
     @property
     def has_gpu(self) -> bool:
@@ -116,12 +130,14 @@ class Machine:
             gpu["h2d_pinned"] = bw.h2d_pinned
         return Machine(name=f"this machine ({facts.cpu_model}, {facts.physical_cores} cores)",
                        disk_read=bw.disk_read, decode=decode, memcpy=bw.memcpy,
-                       cpu_flops=_matmul_flops(torch.device("cpu")), ram_free=facts.ram_available, **gpu)
+                       cpu_flops=_matmul_flops(torch.device("cpu"), dtype=torch.bfloat16),
+                       cpu_matvec=measure_matvec(), ram_free=facts.ram_available, **gpu)
 
 
-def _matmul_flops(device: torch.device, n: int = 1024) -> float:
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+def _matmul_flops(device: torch.device, n: int = 1024, *, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of an ``n``-square matmul in ``dtype`` (the CPU's is measured in bf16, the weights' dtype)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
     best = float("inf")
     for _ in range(4):
         if device.type == "cuda":
@@ -132,6 +148,31 @@ def _matmul_flops(device: torch.device, n: int = 1024) -> float:
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / max(best, 1e-9)
+
+
+LAYER_SHAPES = ((2048, 2048), (1024, 2048), (1024, 2048), (2048, 2048), (6144, 2048), (6144, 2048), (2048, 6144))
+"""``(out, in)`` of a decoder layer's projections (q, k, v, o, gate, up, down of a 2B-class model): 96 MiB of bf16."""
+
+
+def measure_matvec(shapes: tuple[tuple[int, int], ...] = LAYER_SHAPES, *, layers: int = 2, passes: int = 5) -> float:
+    """Bytes/s of bf16 weights ``F.linear`` reads for one token, as a decoder layer runs it: decode on the CPU.
+
+    The input is ``(1, 1, in)``, as transformers passes a decoded token (the 2-D and 3-D paths run
+    different kernels); the median of ``passes`` passes over ``layers`` layers' projections (192
+    MiB: beyond the CPU's caches, 105 MiB of L3 on the bench VM, as a decode's weights are), not
+    the best: on a shared machine the median is what a decode of many layers sustains.
+    """
+    weights = [torch.randn(rows, cols).to(torch.bfloat16) for _ in range(layers) for rows, cols in shapes]
+    inputs = [torch.randn(1, 1, cols).to(torch.bfloat16) for _ in range(layers) for _, cols in shapes]
+    times = []
+    with torch.inference_mode():
+        for _ in range(passes + 1):
+            start = time.perf_counter()
+            for w, x in zip(weights, inputs, strict=True):
+                torch.nn.functional.linear(x, w)
+            times.append(time.perf_counter() - start)
+    times = sorted(times[1:])  # the first pass warms the kernels
+    return sum(w.nbytes for w in weights) / max(times[len(times) // 2], 1e-9)
 
 
 def _measure_gpu(nbytes: int) -> dict[str, Any]:

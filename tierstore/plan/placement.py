@@ -19,7 +19,8 @@ memory when the model has a vision tower.
 The cost model (every term is bytes over a bandwidth or FLOPs over a throughput):
 
 - a unit on the GPU costs ``max(T * 2 * params / gpu_flops, bytes / vram_bandwidth)``, on the CPU
-  ``max(T * 2 * params / cpu_flops, bytes / memcpy)`` for ``T`` tokens;
+  ``max(T * 2 * params / cpu_flops, bytes / cpu_matvec)`` for ``T`` tokens (``cpu_matvec``: the
+  measured rate a CPU matrix-vector product reads bf16 weights at, ``memcpy`` when not measured);
 - a unit not in L1 that runs on the GPU crosses the link: ``bytes / h2d_pinned``;
 - a unit in L3 is read (``stored_bytes / disk_read``) and decompressed (``bytes / decode``), and
   decompression uses the CPU that CPU-computed units need;
@@ -178,7 +179,7 @@ def _phase(machine: Machine, model: ModelUnits, units: Sequence[UnitPlan], token
                 link += unit.nbytes / machine.h2d_pinned
                 link_bytes += unit.nbytes
         else:
-            cpu += max(flops / machine.cpu_flops, unit.nbytes / machine.memcpy)
+            cpu += max(flops / machine.cpu_flops, unit.nbytes / machine.cpu_weight_read)
         if placed.tier == "L3":
             disk += unit.stored_bytes / machine.disk_read
             unpack += unit.nbytes / machine.decode
@@ -187,7 +188,7 @@ def _phase(machine: Machine, model: ModelUnits, units: Sequence[UnitPlan], token
     if head_on == "cuda" and machine.gpu_flops and machine.vram_bandwidth:
         gpu += max(head_flops / machine.gpu_flops, model.head_bytes / machine.vram_bandwidth)
     else:
-        cpu += max(head_flops / machine.cpu_flops, model.head_bytes / machine.memcpy)
+        cpu += max(head_flops / machine.cpu_flops, model.head_bytes / machine.cpu_weight_read)
     terms = {"compute": gpu + cpu, "cpu+decode": cpu + unpack, "disk": disk, "link": link}
     limit = max(terms, key=lambda k: terms[k])
     return terms[limit], disk_bytes, link_bytes, limit
@@ -321,7 +322,7 @@ def _accelerate(model: ModelUnits, machine: Machine, memory: int, prefill_tokens
             if gpu and machine.gpu_flops and machine.vram_bandwidth:
                 total += max(flops / machine.gpu_flops, unit.nbytes / machine.vram_bandwidth)
             else:
-                total += max(flops / machine.cpu_flops, unit.nbytes / machine.memcpy)
+                total += max(flops / machine.cpu_flops, unit.nbytes / machine.cpu_weight_read)
             if unit.name not in l1 and unit.name not in l2:
                 total += unit.nbytes / machine.disk_read
                 disk_bytes += unit.nbytes

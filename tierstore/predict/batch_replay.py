@@ -23,10 +23,13 @@ import math
 from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
+import numpy as np
+
 from ..errors import ConfigError
 from .access_tracker import KeyState
 
 if TYPE_CHECKING:
+    from .compiled_learn import CompiledLearner
     from .predictor import PredictedNextUse, PredictivePolicy, SimpleMLPredictor
     from .shadow_caches import Evictions
 
@@ -207,11 +210,13 @@ def learn(predictor: SimpleMLPredictor[K], keys: Sequence[K], expert: PredictedN
 
 
 def simulate(policy: PredictivePolicy[K], keys: Sequence[K], parents: Sequence[K | None] | None = None,
-             belady: PredictedNextUse[K] | None = None) -> bytearray:
+             belady: PredictedNextUse[K] | None = None, compiled: CompiledLearner | None = None) -> bytearray:
     """Hits (1) and misses (0) of ``keys`` through ``policy``, as :meth:`PredictivePolicy.simulate`.
 
     ``belady`` is the policy's Belady expert among its experts, if it has one (the caller names it:
-    this module does not import the predictor's classes, which import it).
+    this module does not import the predictor's classes, which import it). ``compiled``, instead of
+    it, is the policy's :class:`tierstore.predict.compiled_learn.CompiledLearner`: it stands in the
+    panel for the Belady expert (if the panel has one) and learns in place of :func:`learn`.
     """
     if policy._used != len(policy._resident):
         raise ConfigError("simulate replays unit-size accesses; this policy already holds keys of other "
@@ -224,16 +229,25 @@ def simulate(policy: PredictivePolicy[K], keys: Sequence[K], parents: Sequence[K
     resident, parent_of, children = policy._resident, policy._parent, policy._children
     touch = resident.move_to_end
     used = policy._used
+    dense = None if compiled is None else np.asarray(keys, dtype=np.int64)
+    stand_in = compiled if compiled is not None and compiled.belady else belady
+    arrays = [getattr(expert, "dense", False) for expert in experts]  # compiled experts take int64 slices
     start = 0
     while start < n:
         stop = min(n, start + policy._countdown)
         chunk = keys[start:stop]
         leader = policy._leader
         reported: Evictions[K] = []
-        learned = learn(predictor, chunk, belady, reported if experts[leader] is belady else None)
+        report = reported if experts[leader] is stand_in else None
+        if dense is not None and compiled is not None:
+            learned = compiled.run(dense[start:stop], report)  # type: ignore[arg-type]
+        else:
+            learned = learn(predictor, chunk, belady, report)
         for e, expert in enumerate(experts):
-            if expert is belady:
+            if expert is stand_in:
                 tally[e] += learned
+            elif dense is not None and arrays[e]:
+                tally[e] += expert.run(dense[start:stop], reported if e == leader else None)  # type: ignore[arg-type]
             else:
                 tally[e] += expert.run(chunk, reported if e == leader else None)
         policy._countdown -= stop - start

@@ -25,11 +25,13 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from ..errors import ConfigError, TierFullError
 
-__all__ = ["Policy", "LRU", "FIFO", "LFU", "access", "make_policy", "POLICY_NAMES"]
+__all__ = ["Policy", "LRU", "FIFO", "LFU", "access", "make_policy", "POLICY_NAMES", "LEARNED_POLICIES"]
 
 K = TypeVar("K", bound=Hashable)
 
-POLICY_NAMES = ("lru", "fifo", "lfu", "predictive")
+POLICY_NAMES = ("lru", "fifo", "lfu", "predictive", "kv")
+LEARNED_POLICIES = ("predictive", "kv")
+"""The policies that size their shadow experts in entries (``make_policy`` needs a capacity)."""
 
 
 class Policy(Protocol[K]):
@@ -230,10 +232,11 @@ class LFU(_Sized[K]):
 
 def make_policy(name: str, *, capacity: int | None = None, prediction_window: int = 200,
                 prediction_threshold: float = 0.7, block_size: int = 1) -> Policy[Any]:
-    """A fresh policy by its config name (``lru``, ``fifo``, ``lfu`` or ``predictive``).
+    """A fresh policy by its config name (``lru``, ``fifo``, ``lfu``, ``predictive`` or ``kv``).
 
-    ``predictive`` needs ``capacity`` (in the unit of the sizes passed to ``insert``): it scores
-    its shadow experts at ``capacity // block_size`` entries.
+    ``predictive`` and ``kv`` (:class:`tierstore.predict.kv_policy.KVPolicy`, the KV-cache-aware
+    one) need ``capacity`` (in the unit of the sizes passed to ``insert``): they score their shadow
+    experts at ``capacity // block_size`` entries.
     """
     key = name.lower()
     if key == "lru":
@@ -242,9 +245,14 @@ def make_policy(name: str, *, capacity: int | None = None, prediction_window: in
         return FIFO()
     if key == "lfu":
         return LFU()
-    if key == "predictive":
+    if key in LEARNED_POLICIES:
         if capacity is None or capacity < 1:
-            raise ConfigError(f"the predictive policy needs a capacity of at least 1 entry, got {capacity!r}")
+            raise ConfigError(f"the {key} policy needs a capacity of at least 1 entry, got {capacity!r}")
+        if key == "kv":
+            from .kv_policy import KVPolicy  # imports the predictor, which imports this module; import late
+
+            return KVPolicy(capacity, prediction_window=prediction_window,
+                            prediction_threshold=prediction_threshold, block_size=block_size)
         from .predictor import PredictivePolicy  # predict imports this module's protocol; import late
 
         return PredictivePolicy(capacity, prediction_window=prediction_window,

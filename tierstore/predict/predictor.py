@@ -24,8 +24,11 @@ from collections import OrderedDict, deque
 from collections.abc import Hashable, Iterator, Sequence
 from typing import Generic, TypeVar
 
+import numpy as np
+import numpy.typing as npt
+
 from ..errors import ConfigError, TierFullError
-from . import batch_replay
+from . import batch_replay, compiled_learn, compiled_shadows
 from .access_tracker import AccessPatternTracker, KeyStats
 from .batch_replay import CROWDED
 from .shadow_caches import Evictions, ShadowARC, ShadowCache, ShadowLIRS, ShadowLRU, ShadowS3FIFO, ShadowWTinyLFU
@@ -284,7 +287,8 @@ class PredictivePolicy(Generic[K]):
     def __init__(self, capacity: int, *, prediction_window: int = 200, prediction_threshold: float = 0.7,
                  experts: tuple[str, ...] = ("s3fifo", "arc", "wtinylfu", "predicted", "lru", "lirs"),
                  epoch: int | None = None, window: int | None = None, switch_cost: float = 1.0,
-                 horizon_factor: int = 2, patience: float = 2.0, block_size: int = 1) -> None:
+                 horizon_factor: int = 2, patience: float = 2.0, block_size: int = 1,
+                 compiled: bool = False, shadows: Sequence[ShadowCache[K]] = ()) -> None:
         if capacity < 1 or block_size < 1:
             raise ConfigError(f"the predictive policy needs a capacity of at least 1 entry, got {capacity} "
                               f"with block_size={block_size}")
@@ -295,7 +299,14 @@ class PredictivePolicy(Generic[K]):
         self.tracker: AccessPatternTracker[K] = AccessPatternTracker(0, max_successors=0)
         horizon = max(prediction_window, horizon_factor * capacity)
         self.predictor = SimpleMLPredictor(self.tracker, horizon=horizon, threshold=prediction_threshold)
-        self.experts = _build_experts(experts, capacity, patience, self.predictor)
+        self.experts = [*shadows, *_build_experts(experts, capacity, patience, self.predictor)]
+        self._compiled: compiled_learn.CompiledLearner | None = None
+        if compiled:  # the learned expert's state as arrays, replayed by numba (simulate only)
+            belady = next((e for e in self.experts if isinstance(e, PredictedNextUse)), None)
+            self._compiled = compiled_learn.CompiledLearner(self.predictor, belady)
+            if belady is not None:
+                self.experts[self.experts.index(belady)] = self._compiled  # type: ignore[call-overload]
+            self.experts = [compiled_shadows.compiled_shadow(e) for e in self.experts]
         self.epoch = epoch or max(64, capacity // 8)
         self.window = max(window or max(8192, 16 * capacity), 2 * self.epoch)
         self.decay = 1.0 - self.epoch / self.window
@@ -328,6 +339,9 @@ class PredictivePolicy(Generic[K]):
         return len(self._resident)
 
     def record_access(self, key: K, now: float) -> None:
+        if self._compiled is not None:
+            raise ConfigError("a compiled predictive policy replays traces through simulate() only; "
+                              "create it with compiled=False to drive it access by access")
         self.tracker.record(key, now)
         self.predictor.observe(key)
         lead = self.experts[self._leader]
@@ -354,6 +368,8 @@ class PredictivePolicy(Generic[K]):
         time (:mod:`tierstore.predict.batch_replay`). ``parents``: each key's chain parent, or None. Time is
         counted in accesses; the tracker's caller-time statistics are left as they were.
         """
+        if self._compiled is not None:
+            return batch_replay.simulate(self, keys, parents, None, self._compiled)
         belady = next((e for e in self.experts if isinstance(e, PredictedNextUse)), None)
         return batch_replay.simulate(self, keys, parents, belady)
 
@@ -385,12 +401,20 @@ class PredictivePolicy(Generic[K]):
         """
         scores, lead, resident = self.scores, self._leader, self._resident
         best, best_net = lead, 0.0
+        tier: npt.NDArray[np.int64] | None = None  # the tier's keys as an array, for compiled experts
         for i, expert in enumerate(self.experts):
             gain = scores[i] - scores[lead]
             if i == lead or gain < 1.0 or gain <= best_net:  # net <= gain: it cannot win
                 continue
-            held = list(expert)  # the keys it holds that the tier lacks, counted at C speed
-            net = gain - self.switch_cost * (len(held) - sum(map(resident.__contains__, held)))
+            missing_from = getattr(expert, "missing_from", None)
+            if missing_from is not None:  # a compiled expert counts over the tier's keys, not its own
+                if tier is None:
+                    tier = np.array(list(resident), dtype=np.int64)  # list() runs in C; fromiter is 5x slower
+                lacking = missing_from(tier)
+            else:
+                held = list(expert)  # the keys it holds that the tier lacks, counted at C speed
+                lacking = len(held) - sum(map(resident.__contains__, held))
+            net = gain - self.switch_cost * lacking
             if net > best_net:
                 best, best_net = i, net
         return best

@@ -115,11 +115,14 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
     codec = cache.get(level)
     if codec is None:
         if level == 1:
-            # Weights are near-random mantissas beside a few exponent values: a small hash table and
-            # long minimum matches find what repeats at twice level 1's speed, with a slightly better
-            # ratio here (bf16: 1.465x -> 1.491x, 212 -> 412 MB/s).
-            params = zstandard.ZstdCompressionParameters.from_level(
-                1, strategy=zstandard.STRATEGY_FAST, hash_log=10, min_match=7, write_content_size=1)
+            # Weights are near-random mantissas beside a few exponent values: what compresses is the
+            # exponents' skew, which the literals' Huffman code takes; matches buy little and cost the
+            # decoder a sequence pass. The smallest hash table and the longest minimum match leave
+            # almost only literals: bf16 1 MiB chunks 1.465x (level 1) -> 1.498x, and decoding ~20%
+            # faster than with the hash_log=10 this used before (same zstd frames: old data reads).
+            params = zstandard.ZstdCompressionParameters(
+                window_log=17, hash_log=6, chain_log=6, search_log=1, min_match=7,
+                strategy=zstandard.STRATEGY_FAST, write_content_size=1)
             codec = zstandard.ZstdCompressor(compression_params=params)
         else:
             codec = zstandard.ZstdCompressor(level=level, write_content_size=True)
@@ -158,9 +161,10 @@ def _unshuffle(grouped: np.ndarray, out: np.ndarray, elementsize: int) -> None:
         np.copyto(out, grouped)
         return
     count = out.nbytes // elementsize
-    if elementsize == 2 and out.nbytes % 2 == 0:  # bf16/fp16: (high << 8) | low, ~2.5x a strided copy
+    if elementsize == 2 and out.nbytes % 2 == 0:  # bf16/fp16: high * 256 | low, ~3x a strided copy
         pairs = out.view(np.uint16)
-        np.left_shift(grouped[count:], 8, out=pairs, dtype=np.uint16)
+        pairs[:] = grouped[count:]  # widen, then multiply in place: ~20% faster than a widening shift
+        np.multiply(pairs, np.uint16(256), out=pairs)
         np.bitwise_or(pairs, grouped[:count], out=pairs)
         return
     columns = out.reshape(-1, elementsize)

@@ -1,0 +1,350 @@
+"""The learned expert's replay (:func:`tierstore.predict.batch_replay.learn`) compiled with numba.
+
+:func:`tierstore.predict.batch_replay.learn` is ~2/3 of the predictive policy's batch replay (the
+tracker, the online logistic regression and the Belady expert's two heaps, sequential per access in
+pure Python; BENCHMARKS.md, trace replay). :class:`CompiledLearner` keeps the same state in numpy
+arrays indexed by the key (dense non-negative ints, as the trace simulator passes) and runs the same
+loop as one numba kernel: the same floating-point operations in the same order (no fastmath, so
+LLVM neither reassociates nor fuses them), the same sampling draws, the same heap order, so the
+same weights, predictions and evictions. The pure-Python ``learn`` stays the reference:
+``tests/test_predict_compiled.py`` checks that a policy replayed through this class makes the same
+decisions on random traces.
+
+The heaps are lazy like the Python ones (a key's stale entries stay until they reach the top) and
+ordered by (value, serial), a total order since serials are unique: whatever the layout, the top
+valid entry is the same one the Python heap returns.
+
+numba is optional at run time: :data:`AVAILABLE` says whether it imported; without it the policy
+uses the Python path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from .predictor import PredictedNextUse, SimpleMLPredictor
+    from .shadow_caches import Evictions
+
+try:  # pragma: no branch - one of the two
+    from numba import njit
+
+    AVAILABLE = True
+except ImportError:  # pragma: no cover - a core dependency, but the Python path does not need it
+    AVAILABLE = False
+
+    def njit(*args: Any, **kwargs: Any) -> Any:  # type: ignore[no-redef]
+        """Without numba the kernels stay plain Python (the classes refuse to run them)."""
+        return lambda f: f
+
+__all__ = ["AVAILABLE", "CompiledLearner", "njit", "heap_push", "heap_pop", "heap_top", "heap_compact"]
+
+I64 = npt.NDArray[np.int64]
+F64 = npt.NDArray[np.float64]
+
+# slots of the scalar state arrays
+(_TICK, _DRAW, _CUT, _SAMPLES, _HORIZON, _SERIAL, _HELD, _CAPACITY, _FAR_N, _DUE_N, _EX_HEAD, _EX_LEN,
+ _CROWDED) = range(13)
+_FIRST_GAP, _ALPHA, _RATE, _LOG_H, _PATIENCE, _N1 = range(6)
+
+
+@njit(cache=True, inline="always")
+def _less(val: F64, ser: I64, a: int, b: int) -> bool:  # pragma: no cover - compiled
+    return bool(val[a] < val[b] or (val[a] == val[b] and ser[a] < ser[b]))
+
+
+@njit(cache=True)
+def heap_push(val: F64, ser: I64, key: I64, n: int, v: float, s: int, k: int) -> int:  # pragma: no cover
+    val[n], ser[n], key[n] = v, s, k
+    i = n
+    while i > 0:
+        parent = (i - 1) >> 1
+        if _less(val, ser, i, parent):
+            val[i], val[parent] = val[parent], val[i]
+            ser[i], ser[parent] = ser[parent], ser[i]
+            key[i], key[parent] = key[parent], key[i]
+            i = parent
+        else:
+            break
+    return n + 1
+
+
+@njit(cache=True)
+def heap_sift_down(val: F64, ser: I64, key: I64, n: int, i: int) -> None:  # pragma: no cover - compiled
+    while True:
+        left = 2 * i + 1
+        if left >= n:
+            return
+        small = left
+        right = left + 1
+        if right < n and _less(val, ser, right, left):
+            small = right
+        if not _less(val, ser, small, i):
+            return
+        val[i], val[small] = val[small], val[i]
+        ser[i], ser[small] = ser[small], ser[i]
+        key[i], key[small] = key[small], key[i]
+        i = small
+
+
+@njit(cache=True)
+def heap_pop(val: F64, ser: I64, key: I64, n: int) -> int:  # pragma: no cover - compiled
+    n -= 1
+    val[0], ser[0], key[0] = val[n], ser[n], key[n]
+    heap_sift_down(val, ser, key, n, 0)
+    return n
+
+
+@njit(cache=True)
+def heap_top(val: F64, ser: I64, key: I64, n: int, version: I64) -> int:  # pragma: no cover - compiled
+    """Drop stale entries from the top; return the heap's new length (the top is then valid)."""
+    while version[key[0]] != ser[0]:
+        n = heap_pop(val, ser, key, n)
+    return n
+
+
+@njit(cache=True)
+def heap_compact(val: F64, ser: I64, key: I64, n: int, version: I64) -> int:  # pragma: no cover - compiled
+    kept = 0
+    for j in range(n):
+        if version[key[j]] == ser[j]:
+            val[kept], ser[kept], key[kept] = val[j], ser[j], key[j]
+            kept += 1
+    for j in range((kept >> 1) - 1, -1, -1):
+        heap_sift_down(val, ser, key, kept, j)
+    return kept
+
+
+@njit(cache=True)
+def _learn(keys: I64, ints: I64, floats: F64, weights: F64, count: I64, last_tick: I64, gap: F64,
+           last_gap: I64, pend_tick: I64, pend_x: F64, ex_tick: I64, ex_key: I64, probability: F64,
+           belady: bool, version: I64, far_val: F64, far_ser: I64, far_key: I64, due_val: F64,
+           due_ser: I64, due_key: I64, ev_at: I64, ev_key: I64) -> tuple[int, int]:  # pragma: no cover
+    tick, draw, cut, samples, horizon = ints[_TICK], ints[_DRAW], ints[_CUT], ints[_SAMPLES], ints[_HORIZON]
+    serial, held, capacity = ints[_SERIAL], ints[_HELD], ints[_CAPACITY]
+    far_n, due_n, ex_head, ex_len, crowded = ints[_FAR_N], ints[_DUE_N], ints[_EX_HEAD], ints[_EX_LEN], ints[_CROWDED]
+    first_gap, alpha, rate, log_h = floats[_FIRST_GAP], floats[_ALPHA], floats[_RATE], floats[_LOG_H]
+    patience, n1 = floats[_PATIENCE], floats[_N1]
+    ring = len(ex_tick)
+    w0, w1, w2, w3, w4, w5 = weights[0], weights[1], weights[2], weights[3], weights[4], weights[5]
+    far_horizon = 2.0 * horizon
+    hits = 0
+    events = 0
+    for i in range(len(keys)):
+        key = keys[i]
+        tick += 1
+        repeat = count[key] > 0
+        if not repeat:
+            count[key] = 1
+            last_tick[key] = tick
+            gap[key] = 0.0
+            last_gap[key] = 0
+        else:
+            g_ = tick - last_tick[key]
+            if count[key] == 1:
+                gap[key] = float(g_)
+                first_gap = g_ if first_gap == 0.0 else first_gap + 0.01 * (g_ - first_gap)
+            else:
+                gap[key] += alpha * (g_ - gap[key])
+            count[key] += 1
+            last_gap[key] = g_
+            last_tick[key] = tick
+        # the returned key's sample (label 1) first, then the expired ones (label 0)
+        for phase in range(2):
+            while True:
+                if phase == 0:
+                    if pend_tick[key] < 0:
+                        break
+                    row = key
+                    label = 1.0
+                    pend_tick[key] = -1
+                else:
+                    if ex_len == 0 or ex_tick[ex_head] >= tick - horizon:
+                        break
+                    born, gone = ex_tick[ex_head], ex_key[ex_head]
+                    ex_head = ex_head + 1 if ex_head + 1 < ring else 0
+                    ex_len -= 1
+                    if pend_tick[gone] != born:
+                        continue
+                    pend_tick[gone] = -1
+                    row = gone
+                    label = 0.0
+                x1, x2, x3, x4, x5 = pend_x[row, 0], pend_x[row, 1], pend_x[row, 2], pend_x[row, 3], pend_x[row, 4]
+                z = w0 + w1 * x1 + w2 * x2 + w3 * x3 + w4 * x4 + w5 * x5
+                z = 30.0 if z > 30.0 else (-30.0 if z < -30.0 else z)
+                step = rate * (label - 1.0 / (1.0 + math.exp(-z)))
+                w0 += step
+                w1 += step * x1
+                w2 += step * x2
+                w3 += step * x3
+                w4 += step * x4
+                w5 += step * x5
+                samples += 1
+                if phase == 0:
+                    break
+        if repeat:
+            g = gap[key]
+            x3 = math.log1p(g) / log_h
+            if x3 > 2.0:
+                x3 = 2.0
+            x4 = math.log1p(last_gap[key]) / log_h
+            if x4 > 2.0:
+                x4 = 2.0
+            x1 = math.log1p(count[key]) * 0.25
+            x5 = 1.0 if g <= horizon else 0.0
+            z = w0 + w1 * x1 + w2 * 0.0 + w3 * x3 + w4 * x4 + w5 * x5
+            draw = (draw * 1664525 + 1013904223) & 0xFFFFFFFF
+            if draw < cut:
+                pend_tick[key] = tick
+                pend_x[key, 0], pend_x[key, 1], pend_x[key, 2], pend_x[key, 3], pend_x[key, 4] = x1, 0.0, x3, x4, x5
+                slot = ex_head + ex_len
+                ex_tick[slot % ring], ex_key[slot % ring] = tick, key
+                ex_len += 1
+        else:
+            z = w0 + w1 * n1 + w2 * 1.0 + w3 * 1.0 + w4 * 1.0 + w5 * 0.0
+            draw = (draw * 1664525 + 1013904223) & 0xFFFFFFFF
+            if draw < cut:
+                pend_tick[key] = tick
+                pend_x[key, 0], pend_x[key, 1], pend_x[key, 2], pend_x[key, 3], pend_x[key, 4] = n1, 1.0, 1.0, 1.0, 0.0
+                slot = ex_head + ex_len
+                ex_tick[slot % ring], ex_key[slot % ring] = tick, key
+                ex_len += 1
+        z = 30.0 if z > 30.0 else (-30.0 if z < -30.0 else z)
+        p = 1.0 / (1.0 + math.exp(-z))
+        probability[key] = p
+        if not belady:
+            continue
+        gap_ = gap[key] if repeat else (first_gap if first_gap > 1.0 else 1.0)
+        double = 2.0 * gap_
+        expected = tick + p * gap_ + (1.0 - p) * (double if double > far_horizon else far_horizon)
+        if version[key] != 0:
+            hits += 1
+        elif held >= capacity:
+            due_n = heap_top(due_val, due_ser, due_key, due_n, version)
+            if due_val[0] >= tick:
+                far_n = heap_top(far_val, far_ser, far_key, far_n, version)
+                if -far_val[0] <= expected:
+                    ev_at[events], ev_key[events] = i, key  # expected back last: not admitted
+                    events += 1
+                    continue
+                victim = far_key[0]
+            else:
+                victim = due_key[0]
+            version[victim] = 0
+            held -= 1
+            ev_at[events], ev_key[events] = i, victim
+            events += 1
+        if version[key] == 0:
+            held += 1
+        serial += 1
+        version[key] = serial
+        far_n = heap_push(far_val, far_ser, far_key, far_n, -expected, serial, key)
+        ahead = expected - tick
+        due_n = heap_push(due_val, due_ser, due_key, due_n, tick + patience * (ahead if ahead > 1.0 else 1.0),
+                      serial, key)
+        if far_n > crowded or due_n > crowded:  # the Python expert checks only `far`; lists do not overflow
+            far_n = heap_compact(far_val, far_ser, far_key, far_n, version)
+            due_n = heap_compact(due_val, due_ser, due_key, due_n, version)
+    ints[_TICK], ints[_DRAW], ints[_SAMPLES], ints[_SERIAL], ints[_HELD] = tick, draw, samples, serial, held
+    ints[_FAR_N], ints[_DUE_N], ints[_EX_HEAD], ints[_EX_LEN] = far_n, due_n, ex_head, ex_len
+    floats[_FIRST_GAP] = first_gap
+    weights[0], weights[1], weights[2], weights[3], weights[4], weights[5] = w0, w1, w2, w3, w4, w5
+    return hits, events
+
+
+class CompiledLearner:
+    """The predictor's tracker, regression and Belady expert as arrays, replayed by one numba kernel.
+
+    Built from a *fresh* predictor (and its Belady expert, if the panel has one) and used instead of
+    :func:`tierstore.predict.batch_replay.learn` from then on; the Python objects are left as they
+    were. Keys must be non-negative ints (the simulator's dense key ids); the arrays grow to the
+    largest key seen. ``in``/``iter`` answer for the Belady expert's contents, as the panel asks.
+    """
+
+    name = "predicted"
+    dense = True  # run() takes an int64 array (the batch replay passes its dense slice)
+
+    def __init__(self, predictor: SimpleMLPredictor[Any], expert: PredictedNextUse[Any] | None) -> None:
+        if not AVAILABLE:
+            raise ConfigError("the compiled replay needs numba: pip install numba (or replay without compiled=True)")
+        if predictor.tracker.tick or predictor.samples:
+            raise ConfigError("the compiled replay starts from a fresh policy; this one has already seen accesses")
+        tracker = predictor.tracker
+        self.belady = expert is not None
+        capacity = expert.capacity if expert is not None else 1
+        crowded = 4 * capacity + 64  # batch_replay.CROWDED, as the Python expert compacts
+        self.ints = np.zeros(13, dtype=np.int64)
+        self.ints[[_DRAW, _CUT, _HORIZON, _CAPACITY, _CROWDED]] = (predictor._draw, predictor._cut,
+                                                                  predictor.horizon, capacity, crowded)
+        self.floats = np.array([tracker.first_gap, tracker.alpha, predictor.learning_rate, predictor._log_horizon,
+                                expert.patience if expert is not None else 2.0, math.log1p(1) * 0.25])
+        self.weights = np.array(predictor.weights, dtype=np.float64)
+        self._size = 0
+        self.ex_tick = np.zeros(predictor.horizon + 2, dtype=np.int64)
+        self.ex_key = np.zeros(predictor.horizon + 2, dtype=np.int64)
+        heap = crowded + 2
+        self.far = (np.zeros(heap), np.zeros(heap, dtype=np.int64), np.zeros(heap, dtype=np.int64))
+        self.due = (np.zeros(heap), np.zeros(heap, dtype=np.int64), np.zeros(heap, dtype=np.int64))
+        self._grow(1024)
+
+    def _grow(self, size: int) -> None:
+        old = self._size
+
+        def extend(a: Any, fill: float, shape: tuple[int, ...] = ()) -> Any:
+            more = np.full((size - old, *shape), fill, dtype=a.dtype)
+            return np.concatenate([a, more]) if old else more
+
+        i64, f64 = np.zeros(0, dtype=np.int64), np.zeros(0)
+        self.count = extend(getattr(self, "count", i64), 0)
+        self.last_tick = extend(getattr(self, "last_tick", i64), 0)
+        self.gap = extend(getattr(self, "gap", f64), 0.0)
+        self.last_gap = extend(getattr(self, "last_gap", i64), 0)
+        self.pend_tick = extend(getattr(self, "pend_tick", i64), -1)
+        self.pend_x = extend(getattr(self, "pend_x", np.zeros((0, 5))), 0.0, (5,))
+        self.probability = extend(getattr(self, "probability", f64), 0.0)
+        self.version = extend(getattr(self, "version", i64), 0)
+        self._size = size
+
+    def run(self, keys: I64, evicted: Evictions[int] | None) -> int:
+        """Process ``keys`` (an int64 array); the Belady expert's hits; its evictions into ``evicted``."""
+        if len(keys) == 0:
+            return 0
+        top = int(keys.max())
+        if int(keys.min()) < 0:
+            raise ConfigError("the compiled replay takes non-negative int keys (dense ids); got a negative one")
+        if top >= self._size:
+            self._grow(max(top + 1, 2 * self._size))
+        ev_at = np.zeros(len(keys), dtype=np.int64)
+        ev_key = np.zeros(len(keys), dtype=np.int64)
+        hits, events = _learn(keys, self.ints, self.floats, self.weights, self.count, self.last_tick, self.gap,
+                              self.last_gap, self.pend_tick, self.pend_x, self.ex_tick, self.ex_key,
+                              self.probability, self.belady, self.version, *self.far, *self.due, ev_at, ev_key)
+        if evicted is not None and events:
+            evicted.extend(zip(ev_at[:events].tolist(), ev_key[:events].tolist(), strict=True))
+        return int(hits)
+
+    def access(self, key: int) -> int | None:
+        """Not available: the compiled state is replayed a batch at a time (:meth:`run`)."""
+        raise ConfigError("the compiled learner replays batches (simulate); it has no per-access path")
+
+    def missing_from(self, tier: I64) -> int:
+        """How many keys the Belady expert holds that are not among ``tier`` (distinct keys it has seen)."""
+        return int(self.ints[_HELD]) - int(np.count_nonzero(self.version[tier]))
+
+    @property
+    def samples(self) -> int:
+        """Training samples the regression has taken."""
+        return int(self.ints[_SAMPLES])
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, int) and 0 <= key < self._size and bool(self.version[key])
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(np.flatnonzero(self.version).tolist())
