@@ -214,12 +214,17 @@ def import_checkpoint(checkpoint: str | Path, store: TierStore, *, prefix: str =
     count = 0
     with progress_bar(progress, f"importing {len(seen)} tensors", total) as advance, store.transaction():
         for f, entries, _ in headers:
-            with _safe_open(f) as shard:
-                for e in entries:
-                    store.put(prefix + e.name, _read_tensor(shard, f, e))
-                    count += 1
-                    if advance is not None:
-                        advance(e.nbytes)
+            for e in entries:
+                # One mapping per tensor: safe_open maps the whole shard, and every page a read touches
+                # stays in this process's RSS until the mapping closes, so a shard held open for all
+                # its tensors would grow RSS by the shard's size (1 GiB shards: +1 GiB at import).
+                with _safe_open(f) as shard:
+                    tensor = _read_tensor(shard, f, e)
+                store.put(prefix + e.name, tensor)
+                del tensor
+                count += 1
+                if advance is not None:
+                    advance(e.nbytes)
         for name in CONFIG_FILES:
             if folder is not None and (folder / name).is_file():
                 _put_bytes(store, prefix + HF_META + name, (folder / name).read_bytes())
