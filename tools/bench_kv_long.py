@@ -224,7 +224,8 @@ def main() -> None:
             paired = [d["decode_ms"] / x["decode_ms"] for d, x in zip(ref, results, strict=True)]
             note = (f"{r['fetched']} gets, {r['l3_hits']} from L3, {r['prefetch_hits']} prefetched"
                     if "fetched" in r else "")
-            print(f"| {tokens} | {r['kv_mib']:.0f} | {variant} | {statistics.median(x['ttft_ms'] for x in results) / 1e3:.2f}"
+            ttft = statistics.median(x["ttft_ms"] for x in results) / 1e3
+            print(f"| {tokens} | {r['kv_mib']:.0f} | {variant} | {ttft:.2f}"
                   f" | {statistics.median(x['share_ms'] for x in results):.0f} | {dec:.1f} | {ref_dec / dec:.2f}x | "
                   f"{statistics.median(paired):.2f}x ({min(paired):.2f}-{max(paired):.2f}) | {rss:.0f} | {note} |")
         print(f"\n# {tokens} tokens: tokens and logits identical to DynamicCache's in every run: "

@@ -2,12 +2,13 @@
 
 A layer's stored tokens are a table of segments (a block table, as vLLM keeps one per
 sequence): each segment is one store block ``[2, batch, kv_heads, tokens, head_dim]`` covering
-a contiguous run of tokens. Durable prefix blocks are segments of ``block_tokens`` tokens (they
-are keyed by a hash chain, so they must stay that size); everything else is written when the
-layer spills, as one segment per spill, and a new segment swallows the segments before it that
-are no longer than itself (a binary counter: a layer holds O(log n) segments, and every token
-is copied O(log n) times in all). Bringing a spilled layer back is one store get per segment
-and one ``cat``: the same single copy a ``DynamicCache`` makes at every step.
+a contiguous run of tokens. Durable prefix spans are segments of whole ``block_tokens``
+blocks (keyed by the prompt's hash chain; a segment may use only the first blocks of a stored
+span); everything else is written when the layer spills, as one segment per spill, and a new
+segment swallows the segments before it that are no longer than itself (a binary counter: a
+layer holds O(log n) segments, and every token is copied O(log n) times in all). Bringing a
+spilled layer back is one store get per segment and one ``cat``: the same single copy a
+``DynamicCache`` makes at every step.
 """
 
 from __future__ import annotations
@@ -163,8 +164,9 @@ class TieredLayer(DynamicLayer):  # type: ignore[misc]  # transformers is not ty
         parts = self.owner.fetch_segments(self.index, self.block_keys, self.device)
         device = new_keys[0].device if new_keys else self.device  # a prepared prefix may be read elsewhere
         self.device = device
-        keys = [kv[0].to(device) for kv in parts]
-        values = [kv[1].to(device) for kv in parts]
+        # a durable span may hold more blocks than the prompt shares with it: use the segment's tokens
+        keys = [kv[0][..., :s.tokens, :].to(device) for kv, s in zip(parts, self.segments, strict=True)]
+        values = [kv[1][..., :s.tokens, :].to(device) for kv, s in zip(parts, self.segments, strict=True)]
         if self.tail_keys is not None and self.tail_values is not None:
             keys.append(self.tail_keys)
             values.append(self.tail_values)
