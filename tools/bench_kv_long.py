@@ -18,7 +18,9 @@ after the prefill's first token. ``TTFT`` is the measured prefill plus that cach
 (its ``update`` calls); ``decode`` the median ms per token. Variants: ``dyn`` (DynamicCache),
 ``offload`` (``DynamicCache(offloading=True)``, transformers' offloaded cache: it needs CUDA),
 ``l2`` (budget 1/16 of the K/V, the store's L2 holds all of it), ``l3`` (the same budget, L2 a
-quarter of the K/V: most of it comes back from L3). Every variant's tokens are checked equal to
+quarter of the K/V: most of it comes back from L3, compressed with the store's default codec),
+``l3raw`` and ``l3lz4`` (the same with ``l3_compression="off"`` / ``"blosc-lz4"``). Every
+variant's tokens are checked equal to
 DynamicCache's. ``--repeat`` runs the variants round-robin that many times; medians, and the
 median over rounds of each round's DynamicCache/variant ratio (the paired ratio).
 """
@@ -119,7 +121,8 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
             cache = None
         else:
             l2 = kv_bytes * 2 if args.variant == "l2" else kv_bytes // 4
-            store = tierstore.open(Path(tmp) / "kv", l2_cache_size=l2, fsync=False)
+            codec = {"l3raw": "off", "l3lz4": "blosc-lz4"}.get(args.variant, True)
+            store = tierstore.open(Path(tmp) / "kv", l2_cache_size=l2, fsync=False, l3_compression=codec)
             cache = TieredCache(store, config=model.config, budget=kv_bytes // 16)
         try:
             if cache is None:
