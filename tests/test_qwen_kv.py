@@ -474,3 +474,32 @@ def test_match_span_stops_at_the_first_other_block() -> None:
     assert cut is not None and (cut.stop, cut.whole) == (2, False)
     assert match_span("b", stored, ["99" * 16], 0, 10) is None
     assert match_span("b", torch.zeros(3, 8, dtype=torch.uint8), ["00" * 16], 0, 10) is None  # not a hash list
+
+
+def test_requests_in_threads_store_and_restore_the_same_spans(model: Any, db: tierstore.TierStore) -> None:
+    """Four requests in threads share a prompt: whoever stores the spans first, every output is DynamicCache's."""
+    import threading
+
+    inputs = synthetic_inputs(list(range(1, 90)), image_seed=3, suffix=list(range(90, 100)))
+    ref = reference(model, inputs)
+    errors: list[BaseException] = []
+    restored: list[int] = []
+
+    def request() -> None:
+        try:
+            for _ in range(2):
+                with TieredCache(db, config=model.config, persist=True, span_blocks=2, budget=1) as cache:
+                    out = cache.generate(model, **inputs, **GEN)
+                    assert torch.equal(out.sequences, ref.sequences)
+                    restored.append(cache.stats.restored_tokens)
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=request) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert max(restored) == 112 and len(restored) == 8  # the 7 full blocks of 117 tokens
+    assert all(k.startswith("kv/prefix/") for k in db.keys(prefix="kv/"))  # the cache-only segments are gone
