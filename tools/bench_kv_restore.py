@@ -101,7 +101,8 @@ def restore(args: argparse.Namespace) -> dict[str, Any]:
         ttft = time.perf_counter() - start
         est = cache.stats.restore_estimate
         result = {"ttft_s": ttft, "restored": cache.stats.restored_tokens, "fetched": cache.stats.blocks_fetched,
-                  "l3_hits": db.stats().hits["L3"], "first": int(out[0, -1]),
+                  "l3_hits": db.stats().hits["L3"], "promoted": db.migrator.stats()["promoted"],
+                  "first": int(out[0, -1]),
                   "predicted_restore_s": est.restore_s if est else None,
                   "predicted_recompute_s": est.recompute_s if est else None, "decision": bool(est and est.restore),
                   "codec": db.info(cache.layers[0].block_keys[0]).codec if cache.layers[0].segments else ""}
@@ -173,7 +174,8 @@ def main() -> None:
           f"{meta['prefill_s']:.1f} s ({args.tokens / meta['prefill_s']:.0f} tokens/s); planner bandwidths: disk read "
           f"{bw['disk_read'] / 1e9:.2f} GB/s, memcpy {bw['memcpy'] / 1e9:.2f} GB/s, decode "
           + ", ".join(f"{k} {v / 1e9:.2f} GB/s" for k, v in bw["decode"].items()))
-    print("\n| first token by | persist s | stored MiB | store gets | from L3 | TTFT s (median, range) | "
+    print("\n| first token by | persist s | stored MiB | store gets | read from L3 (by the get / moved up ahead) | "
+          "TTFT s (median, range) | "
           "predicted restore s | predicted recompute s | decision | peak RSS MiB |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
     for v in ("spans", "blocks", "recompute"):
@@ -191,7 +193,8 @@ def main() -> None:
             continue
         r, p = results[-1], saved[v]
         label = "restore, spans of 64 blocks" if v == "spans" else "restore, one block per 16 tokens (before)"
-        print(f"| {label} | {p['persist_s']:.1f} | {p['stored_mib']:.0f} | {r['fetched']} | {r['l3_hits']} | {span} | "
+        print(f"| {label} | {p['persist_s']:.1f} | {p['stored_mib']:.0f} | {r['fetched']} | "
+              f"{r['l3_hits']} / {r['promoted']} | {span} | "
               f"{r['predicted_restore_s']:.2f} | {r['predicted_recompute_s']:.1f} | "
               f"{'restore' if r['decision'] else 'recompute'} | {rss:.0f} |")
     print(f"\n# first token {first} every way; restored {runs['spans'][-1]['restored']} of {args.tokens} tokens; "
