@@ -503,3 +503,29 @@ def test_requests_in_threads_store_and_restore_the_same_spans(model: Any, db: ti
     assert not errors, errors
     assert max(restored) == 112 and len(restored) == 8  # the 7 full blocks of 117 tokens
     assert all(k.startswith("kv/prefix/") for k in db.keys(prefix="kv/"))  # the cache-only segments are gone
+
+
+def test_restores_are_timed_and_scale_the_next_prediction(model: Any, db: tierstore.TierStore) -> None:
+    """A restore's measured reads replace the bandwidths' guess: predicted far too fast, the next one declines."""
+    from tierstore.integrations.kv_restore import RestorePolicy
+    from tierstore.plan.bandwidth import Bandwidth
+
+    inputs = synthetic_inputs(TEXT, image_seed=1, suffix=SUFFIX)
+    TieredCache(db, config=model.config, persist=True).generate(model, **inputs, **GEN)
+    fast = Bandwidth(disk_read=1e15, disk_write=1e15, memcpy=1e15, h2d_pinned=None, decode={}, ratio={},
+                     measured_at=0.0, disk_path="")
+    policy = RestorePolicy(fast, prefill_tokens_per_s=1e6, per_block_s=1e-9)  # 64 tokens: 64 us to compute
+    first = TieredCache(db, config=model.config, persist=True, restore_policy=policy)
+    first.generate(model, **inputs, **GEN)
+    assert first.stats.restored_tokens == 64 and first.stats.restore_estimate is not None
+    assert first.stats.restore_estimate.read_scale == 1.0
+    assert policy.read_scale > 1000  # two layers read, a cat each: far more than 2 ns
+    policy.prefill_tokens_per_s = 1e6  # the prefill of the 8 new tokens was timed too: keep the test's speed
+    second = TieredCache(db, config=model.config, persist=True, restore_policy=policy)
+    out = second.generate(model, **inputs, **GEN)
+    estimate = second.stats.restore_estimate
+    assert estimate is not None and estimate.read_scale == policy.read_scale and not estimate.restore
+    assert second.stats.restored_tokens == 0 and second.stats.declined_tokens == 64
+    assert torch.equal(out.sequences, reference(model, inputs).sequences)
+    policy.observe_restore(1.0, 3.0)
+    assert policy.read_scale == pytest.approx(0.5 * estimate.read_scale + 1.5)  # a moving average

@@ -140,6 +140,10 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
         self._chain: list[str] = []
         self._found: list[SpanMatch] = []
         """The stored spans that match the prompt's start (found by prepare, restored or not)."""
+        self._restoring: set[int] = set()
+        """Layers whose restored prefix has not been read yet (the restore is being timed)."""
+        self._restore_predicted = 0.0
+        self._restore_seconds = 0.0
         self._temp_keys: set[str] = set()
         self._garbage: list[str] = []
         """Cache-only segments no layer refers to any more, deleted with the next write."""
@@ -205,6 +209,7 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
         super().reset()
         self._chain = []
         self._found = []
+        self._restoring = set()
         self._unwritten = []
         self._delete_temp()
 
@@ -386,6 +391,15 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
             layer.pending = self.store.prefetch(layer.block_keys, tier)
         self.stats.prefetches += 1
 
+    def note_read(self, index: int, seconds: float) -> None:
+        """Layer ``index`` read its stored segments in ``seconds``; the last restored layer read reports the restore."""
+        if index not in self._restoring:
+            return
+        self._restoring.discard(index)
+        self._restore_seconds += seconds
+        if not self._restoring:
+            self._policy().observe_restore(self._restore_predicted, self._restore_seconds)
+
     def _enforce_budget(self, used: int) -> None:
         """Spill layers, furthest next use first (the one just used, then the ones before it)."""
         if self.budget is None:
@@ -463,6 +477,11 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
                 layer.device = target
                 layer.is_initialized = True
                 layer.keys = layer.values = None
+            estimate = self.stats.restore_estimate
+            if estimate is not None and estimate.restore_s is not None:  # time the reads the model waits for
+                self._restoring = {layer.index for layer in tiered}
+                self._restore_predicted = estimate.restore_s / estimate.read_scale
+                self._restore_seconds = 0.0
             self.prefetch_layer(0)
         self.stats.restored_tokens = blocks * self.block_tokens
         return self.stats.restored_tokens

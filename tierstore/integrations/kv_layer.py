@@ -13,6 +13,7 @@ spilled layer back is one store get per segment and one ``cat``: the same single
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, wait
 from dataclasses import dataclass
@@ -57,6 +58,8 @@ class LayerStore(Protocol):
     def forget_segments(self, segments: Sequence[Segment]) -> None: ...
 
     def prefetch_layer(self, index: int) -> None: ...
+
+    def note_read(self, index: int, seconds: float) -> None: ...
 
 
 class TieredLayer(DynamicLayer):  # type: ignore[misc]  # transformers is not type-checked
@@ -157,6 +160,7 @@ class TieredLayer(DynamicLayer):  # type: ignore[misc]  # transformers is not ty
             if not new_keys:
                 return self._keys, self._values
             return torch.cat([self._keys, *new_keys], dim=-2), torch.cat([self._values, *new_values], dim=-2)
+        started = time.perf_counter()
         if self.pending is not None:  # the store moved the segments up meanwhile (or is still at it)
             future, self.pending = self.pending, None
             self.owner.stats.prefetch_hits += future.done() and future.exception() is None
@@ -174,8 +178,11 @@ class TieredLayer(DynamicLayer):  # type: ignore[misc]  # transformers is not ty
         keys += new_keys
         values += new_values
         if len(keys) == 1:  # a lone store view: copy it, the cache's tensors are its own (as DynamicCache's)
-            return keys[0].clone(), values[0].clone()
-        return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
+            joined = keys[0].clone(), values[0].clone()
+        else:
+            joined = torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
+        self.owner.note_read(self.index, time.perf_counter() - started)
+        return joined
 
     def spill(self) -> bool:
         """Store the full blocks not yet stored, then drop the live tensors but the tail. True if it did."""
