@@ -305,7 +305,7 @@ def test_tiered_cache_puts_each_block_with_the_previous_one_as_parent(store_path
     inputs = synthetic_inputs(list(range(1, 40)), image_seed=None, suffix=list(range(60, 75)))  # 3 full blocks
     gen: dict[str, Any] = {"max_new_tokens": 2, "do_sample": False}
     with tierstore.open(store_path, fsync=False) as db:
-        cache = TieredCache(db, config=model.config, persist=True)
+        cache = TieredCache(db, config=model.config, persist=True, span_blocks=1)  # a store block per block
         cache.generate(model, **inputs, **gen)
         chains = [list(layer.block_keys) for layer in cache.layers]
         cache.release()

@@ -100,7 +100,8 @@ def test_prefix_reused_across_reopen(model: Any, tmp_path: Path, computed: list[
     with tierstore.open(tmp_path / "p") as db:
         cache = TieredCache(db, config=model.config, persist=True)
         first = cache.generate(model, **inputs, **GEN)
-        assert cache.stats.restored_tokens == 0 and cache.stats.blocks_written == 2 * 4
+        # 4 full blocks, one span a layer (2 layers) and the span's block hashes beside it
+        assert cache.stats.restored_tokens == 0 and cache.stats.blocks_written == 2 + 1
         assert all(db.info(k).durable for k in db.keys(prefix="kv/prefix/"))
         cache.release()
     assert computed[0] == 72
@@ -347,7 +348,8 @@ def test_restore_only_when_predicted_faster(model: Any, db: tierstore.TierStore,
     out = cache.generate(model, **inputs, **GEN)
     estimate = cache.stats.restore_estimate
     assert estimate is not None and estimate.tokens == 64 and estimate.recompute_s == pytest.approx(0.0064)
-    assert estimate.nbytes == 2 * 4 * db.info(cache.layers[0].block_keys[0]).nbytes  # 2 layers x 4 blocks
+    assert estimate.nbytes == 2 * db.info(cache.layers[0].block_keys[0]).nbytes  # 2 layers x one span of 4 blocks
+    assert estimate.blocks == 2  # one get a layer
     assert cache.stats.restored_tokens == restored and cache.stats.declined_tokens == 64 - restored
     assert computed[0] == 72 - restored
     assert torch.equal(out.sequences, reference(model, inputs).sequences)
@@ -391,3 +393,139 @@ def test_caches_in_threads_merge_and_delete_segments_beside_the_store_mover(mode
             thread.join()
         assert not errors, errors
         assert list(db.keys(prefix="kv/")) == []
+
+
+# -- durable prefix spans: a few gets a layer, partial matches, continuations --------------------------------
+
+
+def test_spans_restore_in_one_get_per_span(model: Any, db: tierstore.TierStore, computed: list[int]) -> None:
+    """7 full blocks stored as spans of 3 (3+3+1 blocks): a restore is 3 gets a layer, output as DynamicCache's."""
+    inputs = synthetic_inputs(list(range(1, 100)), image_seed=2, suffix=list(range(100, 108)))  # 125 tokens
+    first = TieredCache(db, config=model.config, persist=True, span_blocks=3)
+    first.generate(model, **inputs, **GEN)
+    assert [(s.start, s.stop) for s in first.layers[0].segments] == [(0, 48), (48, 96), (96, 112)]
+    assert first.stats.blocks_written == 2 * 3 + 3  # 2 layers x 3 spans, and 3 hash lists
+    ref = reference(model, inputs)
+    computed.clear()
+    cache = TieredCache(db, config=model.config, persist=True, span_blocks=3)
+    out = cache.generate(model, **inputs, **GEN)
+    assert cache.stats.restored_tokens == 112 and computed[0] == 125 - 112
+    assert cache.stats.restore_estimate is not None and cache.stats.restore_estimate.blocks == 2 * 3
+    assert cache.stats.blocks_written == 0 and cache.stats.blocks_fetched == 2 * 3  # each layer read once
+    assert_same_output(out, ref)
+
+
+def test_prompt_leaving_a_span_inside_it_and_its_continuation(model: Any, db: tierstore.TierStore,
+                                                              computed: list[int]) -> None:
+    """B shares 4 of A's blocks (inside A's second span): it restores 4 blocks, stores its own from there; C = B."""
+    a = list(range(1, 100))  # 6 full blocks of 99 tokens: spans [0,3) and [3,6)
+    b = [*a[:64], *range(200, 235)]  # differs from token 64 on: block 4, inside A's span [3, 6)
+    TieredCache(db, config=model.config, persist=True, span_blocks=3).generate(
+        model, **synthetic_inputs(a, image_seed=None), **GEN)
+    inputs = synthetic_inputs(b, image_seed=None)
+    ref = reference(model, inputs)
+    computed.clear()
+    cache_b = TieredCache(db, config=model.config, persist=True, span_blocks=3)
+    out = cache_b.generate(model, **inputs, **GEN)
+    assert cache_b.stats.restored_tokens == 64 and computed[0] == 99 - 64
+    assert [(s.start, s.stop) for s in cache_b.layers[1].segments] == [(0, 48), (48, 64), (64, 96)]
+    assert_same_output(out, ref)
+    computed.clear()
+    cache_c = TieredCache(db, config=model.config, persist=True, span_blocks=3)
+    again = cache_c.generate(model, **inputs, **GEN)
+    assert cache_c.stats.restored_tokens == 96 and computed[0] == 99 - 96  # A's span, part of A's, B's own
+    assert cache_c.stats.blocks_written == 0 and cache_c.stats.restore_estimate is not None
+    assert cache_c.stats.restore_estimate.blocks == 2 * 3
+    assert torch.equal(again.sequences, ref.sequences)
+    for x, y in zip(again.logits, ref.logits, strict=True):
+        torch.testing.assert_close(x, y)
+
+
+def test_declined_restore_uses_the_stored_spans_instead_of_writing_them_again(model: Any, db: tierstore.TierStore,
+                                                                             computed: list[int]) -> None:
+    from tierstore.integrations.kv_restore import RestorePolicy
+    from tierstore.plan.bandwidth import Bandwidth
+
+    inputs = synthetic_inputs(TEXT, image_seed=1, suffix=SUFFIX)
+    TieredCache(db, config=model.config, persist=True).generate(model, **inputs, **GEN)
+    count = len(db)
+    slow = Bandwidth(disk_read=1e3, disk_write=1e3, memcpy=1e3, h2d_pinned=None, decode={}, ratio={}, measured_at=0.0,
+                     disk_path="")
+    cache = TieredCache(db, config=model.config, persist=True, budget=1,
+                        restore_policy=RestorePolicy(slow, prefill_tokens_per_s=1e6))
+    out = cache.generate(model, **inputs, **GEN)
+    assert cache.stats.declined_tokens == 64 and cache.stats.restored_tokens == 0 and computed[0] == 72
+    assert cache.stats.blocks_reused == 2 * 4 and cache.layers[0].segments[0].durable
+    cache.release()
+    assert len(db) == count  # nothing durable written twice; the spilled segments are gone again
+    assert torch.equal(out.sequences, reference(model, inputs).sequences)
+
+
+def test_match_span_stops_at_the_first_other_block() -> None:
+    from tierstore.integrations.kv_prefix import match_span, span_chain_tensor
+
+    stored = span_chain_tensor(["00" * 16, "11" * 16, "22" * 16])
+    assert stored.shape == (3, 16)
+    whole = match_span("b", stored, ["00" * 16, "11" * 16, "22" * 16, "33" * 16], 0, 10)
+    assert whole is not None and (whole.stop, whole.whole) == (3, True)
+    part = match_span("b", stored, ["ff" * 16, "00" * 16, "11" * 16, "99" * 16], 1, 10)
+    assert part is not None and (part.start, part.stop, part.whole) == (1, 3, False)
+    cut = match_span("b", stored, ["00" * 16, "11" * 16, "22" * 16], 0, 2)  # at most 2 blocks usable
+    assert cut is not None and (cut.stop, cut.whole) == (2, False)
+    assert match_span("b", stored, ["99" * 16], 0, 10) is None
+    assert match_span("b", torch.zeros(3, 8, dtype=torch.uint8), ["00" * 16], 0, 10) is None  # not a hash list
+
+
+def test_requests_in_threads_store_and_restore_the_same_spans(model: Any, db: tierstore.TierStore) -> None:
+    """Four requests in threads share a prompt: whoever stores the spans first, every output is DynamicCache's."""
+    import threading
+
+    inputs = synthetic_inputs(list(range(1, 90)), image_seed=3, suffix=list(range(90, 100)))
+    ref = reference(model, inputs)
+    errors: list[BaseException] = []
+    restored: list[int] = []
+
+    def request() -> None:
+        try:
+            for _ in range(2):
+                with TieredCache(db, config=model.config, persist=True, span_blocks=2, budget=1) as cache:
+                    out = cache.generate(model, **inputs, **GEN)
+                    assert torch.equal(out.sequences, ref.sequences)
+                    restored.append(cache.stats.restored_tokens)
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=request) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert max(restored) == 112 and len(restored) == 8  # the 7 full blocks of 117 tokens
+    assert all(k.startswith("kv/prefix/") for k in db.keys(prefix="kv/"))  # the cache-only segments are gone
+
+
+def test_restores_are_timed_and_scale_the_next_prediction(model: Any, db: tierstore.TierStore) -> None:
+    """A restore's measured reads replace the bandwidths' guess: predicted far too fast, the next one declines."""
+    from tierstore.integrations.kv_restore import RestorePolicy
+    from tierstore.plan.bandwidth import Bandwidth
+
+    inputs = synthetic_inputs(TEXT, image_seed=1, suffix=SUFFIX)
+    TieredCache(db, config=model.config, persist=True).generate(model, **inputs, **GEN)
+    fast = Bandwidth(disk_read=1e15, disk_write=1e15, memcpy=1e15, h2d_pinned=None, decode={}, ratio={},
+                     measured_at=0.0, disk_path="")
+    policy = RestorePolicy(fast, prefill_tokens_per_s=1e6, per_block_s=1e-9)  # 64 tokens: 64 us to compute
+    first = TieredCache(db, config=model.config, persist=True, restore_policy=policy)
+    first.generate(model, **inputs, **GEN)
+    assert first.stats.restored_tokens == 64 and first.stats.restore_estimate is not None
+    assert first.stats.restore_estimate.read_scale == 1.0
+    assert policy.read_scale > 1000  # two layers read, a cat each: far more than 2 ns
+    policy.prefill_tokens_per_s = 1e6  # the prefill of the 8 new tokens was timed too: keep the test's speed
+    second = TieredCache(db, config=model.config, persist=True, restore_policy=policy)
+    out = second.generate(model, **inputs, **GEN)
+    estimate = second.stats.restore_estimate
+    assert estimate is not None and estimate.read_scale == policy.read_scale and not estimate.restore
+    assert second.stats.restored_tokens == 0 and second.stats.declined_tokens == 64
+    assert torch.equal(out.sequences, reference(model, inputs).sequences)
+    policy.observe_restore(1.0, 3.0)
+    assert policy.read_scale == pytest.approx(0.5 * estimate.read_scale + 1.5)  # a moving average

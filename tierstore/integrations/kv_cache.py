@@ -15,7 +15,11 @@ With ``persist=True``, the prompt's full blocks are stored durably under a hash 
 block's hash covers the previous hash, its token ids and, for image tokens, the image's content
 hash and the token's place in that image), so a later request -- in this process or another --
 whose prompt starts with the same blocks loads them instead of computing them, when reading
-them is predicted to be faster than computing them (:mod:`tierstore.integrations.kv_restore`):
+them is predicted to be faster than computing them (:mod:`tierstore.integrations.kv_restore`).
+The blocks are stored as *spans* of up to ``span_blocks`` blocks per layer (one store block
+each, keyed by the hashes before its first block and of its last, with the span's block hashes
+beside it), so restoring a 16k-token prefix is a few gets per layer, not one per block; a later
+prompt that shares only the start of a span reads the span and uses that start:
 
     with tierstore.open("kv.ts") as db:
         cache = TieredCache(db, config=model.config, persist=True, budget="64MiB")
@@ -41,7 +45,7 @@ from ..config import parse_size
 from ..engine.handle import TierStore
 from ..errors import CacheUsageError
 from .kv_layer import Segment, TieredLayer
-from .kv_prefix import IMAGE, block_hashes, prefix_inputs
+from .kv_prefix import IMAGE, ROOT, SpanMatch, block_hashes, match_span, prefix_inputs, span_chain_tensor
 from .kv_restore import RestoreEstimate, RestorePolicy, policy_for
 from .vision_cache import config_fingerprint, tensor_digest
 
@@ -49,6 +53,8 @@ __all__ = ["TieredCache", "TieredLayer", "KVCacheStats", "block_hashes", "prefix
 
 PREFIX = "kv"
 DEFAULT_BLOCK_TOKENS = 16
+DEFAULT_SPAN_BLOCKS = 64
+"""Blocks per durable prefix span: 1,024 tokens at 16-token blocks (LMCache's chunks are 256 tokens)."""
 
 
 @dataclass
@@ -58,7 +64,7 @@ class KVCacheStats:
     blocks_written: int = 0
     """Store blocks put: durable prefix blocks and cache-only segments."""
     blocks_reused: int = 0
-    """Durable prefix blocks already in the store when their turn to be written came."""
+    """Durable prefix blocks (of ``block_tokens``) already in the store when their turn to be written came."""
     blocks_fetched: int = 0
     """Store blocks (segments) read back into live tensors."""
     spills: int = 0
@@ -99,14 +105,17 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
     ``restore_policy`` decides whether a stored prefix is read or recomputed (default: the
     process's policy for this model, with the store's measured bandwidths). Prefix reuse needs
     every layer to be full attention: with sliding-window layers nothing is restored.
+    ``span_blocks`` is how many blocks a durable prefix span holds (1: one store block per block).
     """
 
     def __init__(self, store: TierStore, *, config: Any | None = None, persist: bool = False,
                  budget: int | str | None = None, block_tokens: int = DEFAULT_BLOCK_TOKENS,
                  prefetch: bool = True, num_layers: int | None = None, namespace: str = "",
-                 restore_policy: RestorePolicy | None = None) -> None:
+                 restore_policy: RestorePolicy | None = None, span_blocks: int = DEFAULT_SPAN_BLOCKS) -> None:
         if block_tokens < 1:
             raise CacheUsageError(f"block_tokens must be at least 1, not {block_tokens}")
+        if span_blocks < 1:
+            raise CacheUsageError(f"span_blocks must be at least 1, not {span_blocks}")
         text = config.get_text_config(decoder=True) if config is not None else None
         if num_layers is None and text is not None:
             num_layers = int(text.num_hidden_layers)
@@ -119,6 +128,7 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
         self.persist = persist
         self.budget = None if budget is None else parse_size(budget)
         self.block_tokens = block_tokens
+        self.span_blocks = span_blocks
         self.stats = KVCacheStats()
         self.config = config
         self.image_token_id = getattr(config, "image_token_id", None)
@@ -128,6 +138,12 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
         self.restore_policy = restore_policy
         self._session = uuid.uuid4().hex[:16]
         self._chain: list[str] = []
+        self._found: list[SpanMatch] = []
+        """The stored spans that match the prompt's start (found by prepare, restored or not)."""
+        self._restoring: set[int] = set()
+        """Layers whose restored prefix has not been read yet (the restore is being timed)."""
+        self._restore_predicted = 0.0
+        self._restore_seconds = 0.0
         self._temp_keys: set[str] = set()
         self._garbage: list[str] = []
         """Cache-only segments no layer refers to any more, deleted with the next write."""
@@ -192,6 +208,8 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
         self._settle_prefetches()
         super().reset()
         self._chain = []
+        self._found = []
+        self._restoring = set()
         self._unwritten = []
         self._delete_temp()
 
@@ -244,12 +262,21 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
 
     # -- blocks -------------------------------------------------------------------------------------
 
-    def _block_key(self, layer: int, block: int) -> str:
-        """The store key of durable prefix block ``block`` of ``layer``."""
-        return f"{PREFIX}/prefix/{self.fingerprint}/{self._chain[block]}/{layer}"
+    def _span_head(self, start: int) -> str:
+        """The key prefix of every stored span whose first block is block ``start`` of this prompt."""
+        before = self._chain[start - 1] if start else ROOT
+        return f"{PREFIX}/prefix/{self.fingerprint}/{before}/"
+
+    def _span_base(self, start: int, stop: int) -> str:
+        """The key of the span of blocks ``[start, stop)``, less the layer: ``.../<hash before>/<last hash>``."""
+        return self._span_head(start) + self._chain[stop - 1]
 
     def _write_durable(self, layer: TieredLayer) -> None:
-        """Queue the prefix blocks ``layer`` completed (persist only; one sequence only)."""
+        """Queue the prefix spans ``layer`` completed (persist only; one sequence only).
+
+        Spans end at multiples of ``span_blocks`` blocks and at the prompt's last full block; a
+        span prepare() found stored (restored or declined) is used as it is, not written again.
+        """
         live = layer.live_kv
         if not self.persist or self.store.readonly or live is None:
             return
@@ -259,15 +286,25 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
         keys, values = live
         if full <= start or layer.stored_tokens % t or keys.shape[0] != 1:
             return  # batched or reordered sequences are not the prompt the chain was hashed from
-        for block in range(start, full):
-            key = self._block_key(layer.index, block)
+        for match in self._found:
+            if match.start == start and match.stop <= full:
+                layer.segments.append(Segment(f"{match.base}/{layer.index}", start * t, match.stop * t, True))
+                self.stats.blocks_reused += match.stop - start
+                start = match.stop
+        while start < full:
+            stop = min(full, (start // self.span_blocks + 1) * self.span_blocks)
+            base = self._span_base(start, stop)
+            key = f"{base}/{layer.index}"
             if self._contains(key):
-                self.stats.blocks_reused += 1
+                self.stats.blocks_reused += stop - start
             else:
-                span = slice(block * t, (block + 1) * t)
+                span = slice(start * t, stop * t)
                 parent = layer.segments[-1].key if layer.segments else None  # so the store evicts chain tails first
                 self._unwritten.append((key, torch.stack([keys[..., span, :], values[..., span, :]]), True, parent))
-            layer.segments.append(Segment(key, block * t, (block + 1) * t, True))
+                if layer.index == 0:  # the span's block hashes, once: prepare() matches a prompt against them
+                    self._unwritten.append((f"{base}/chain", span_chain_tensor(self._chain[start:stop]), True, None))
+            layer.segments.append(Segment(key, start * t, stop * t, True))
+            start = stop
 
     def flush(self) -> None:
         """Put the queued prefix blocks in one transaction (one sync for a whole forward's blocks)."""
@@ -354,6 +391,15 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
             layer.pending = self.store.prefetch(layer.block_keys, tier)
         self.stats.prefetches += 1
 
+    def note_read(self, index: int, seconds: float) -> None:
+        """Layer ``index`` read its stored segments in ``seconds``; the last restored layer read reports the restore."""
+        if index not in self._restoring:
+            return
+        self._restoring.discard(index)
+        self._restore_seconds += seconds
+        if not self._restoring:
+            self._policy().observe_restore(self._restore_predicted, self._restore_seconds)
+
     def _enforce_budget(self, used: int) -> None:
         """Spill layers, furthest next use first (the one just used, then the ones before it)."""
         if self.budget is None:
@@ -416,34 +462,69 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
         if len(tiered) != len(self.layers):  # a sliding layer's window is not stored: no prefix can be whole
             return 0
         usable = min(len(self._chain), (input_ids.shape[1] - 1) // self.block_tokens)
-        last = len(self.layers) - 1
-        blocks = 0
-        while blocks < usable and all(self._contains(self._block_key(i, blocks)) for i in (0, last)):
-            blocks += 1
-        if blocks and not self._worth_restoring(blocks):
+        self._found = self._find_spans(usable)
+        blocks = self._found[-1].stop if self._found else 0
+        if blocks and not self._worth_restoring(self._found):
             self.stats.declined_tokens = blocks * self.block_tokens
             blocks = 0
         if blocks:
             t = self.block_tokens
             target = torch.device(device) if device is not None else input_ids.device
             for layer in tiered:
-                layer.segments = [Segment(self._block_key(layer.index, b), b * t, (b + 1) * t, True)
-                                  for b in range(blocks)]
+                layer.segments = [Segment(f"{m.base}/{layer.index}", m.start * t, m.stop * t, True)
+                                  for m in self._found]
                 layer.length = blocks * t
                 layer.device = target
                 layer.is_initialized = True
                 layer.keys = layer.values = None
+            estimate = self.stats.restore_estimate
+            if estimate is not None and estimate.restore_s is not None:  # time the reads the model waits for
+                self._restoring = {layer.index for layer in tiered}
+                self._restore_predicted = estimate.restore_s / estimate.read_scale
+                self._restore_seconds = 0.0
             self.prefetch_layer(0)
         self.stats.restored_tokens = blocks * self.block_tokens
         return self.stats.restored_tokens
 
-    def _worth_restoring(self, blocks: int) -> bool:
-        """Whether reading ``blocks`` stored blocks of every layer is predicted to beat computing them."""
+    def _find_spans(self, usable: int) -> list[SpanMatch]:
+        """The stored spans that hold the prompt's first blocks (at most ``usable``), in order.
+
+        From block 0 on: of the spans stored from there (every layer's, judged by the first and
+        last), the one whose block hashes match the prompt the longest, then the same from the
+        block after it, until no stored span matches.
+        """
+        found: list[SpanMatch] = []
+        start = 0
+        layers = (0, len(self.layers) - 1)
+        while start < usable:
+            head = self._span_head(start)
+            with self._store_lock:
+                candidates = [k for k in self.store.keys(prefix=head) if k.endswith("/chain")
+                              and k.count("/") == head.count("/") + 1]
+            best: SpanMatch | None = None
+            for chain_key in candidates:
+                base = chain_key[:-len("/chain")]
+                if not all(self._contains(f"{base}/{i}") for i in layers):
+                    continue
+                with self._store_lock:
+                    stored = self.store.get(chain_key, copy=True)
+                match = match_span(base, stored, self._chain, start, usable)
+                if match is not None and (best is None or match.stop > best.stop):
+                    best = match
+            if best is None:
+                break
+            found.append(best)  # when the prompt left the span inside it, a span stored from there may follow
+            start = best.stop
+        return found
+
+    def _worth_restoring(self, found: Sequence[SpanMatch]) -> bool:
+        """Whether reading the ``found`` spans of every layer is predicted to beat computing their tokens."""
         with self._store_lock:
-            info = self.store.info(self._block_key(0, 0))
-        n = blocks * len(self.layers)
-        estimate = self._policy().estimate(tokens=blocks * self.block_tokens, nbytes=info.nbytes * n, blocks=n,
-                                           tier=info.tiers[0], codec=info.codec)
+            infos = [self.store.info(f"{m.base}/0") for m in found]
+        layers = len(self.layers)
+        tokens = found[-1].stop * self.block_tokens
+        estimate = self._policy().estimate(tokens=tokens, nbytes=sum(i.nbytes for i in infos) * layers,
+                                           blocks=len(found) * layers, tier=infos[0].tiers[0], codec=infos[0].codec)
         self.stats.restore_estimate = estimate
         return estimate.restore
 

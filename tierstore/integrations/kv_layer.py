@@ -2,16 +2,18 @@
 
 A layer's stored tokens are a table of segments (a block table, as vLLM keeps one per
 sequence): each segment is one store block ``[2, batch, kv_heads, tokens, head_dim]`` covering
-a contiguous run of tokens. Durable prefix blocks are segments of ``block_tokens`` tokens (they
-are keyed by a hash chain, so they must stay that size); everything else is written when the
-layer spills, as one segment per spill, and a new segment swallows the segments before it that
-are no longer than itself (a binary counter: a layer holds O(log n) segments, and every token
-is copied O(log n) times in all). Bringing a spilled layer back is one store get per segment
-and one ``cat``: the same single copy a ``DynamicCache`` makes at every step.
+a contiguous run of tokens. Durable prefix spans are segments of whole ``block_tokens``
+blocks (keyed by the prompt's hash chain; a segment may use only the first blocks of a stored
+span); everything else is written when the layer spills, as one segment per spill, and a new
+segment swallows the segments before it that are no longer than itself (a binary counter: a
+layer holds O(log n) segments, and every token is copied O(log n) times in all). Bringing a
+spilled layer back is one store get per segment and one ``cat``: the same single copy a
+``DynamicCache`` makes at every step.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, wait
 from dataclasses import dataclass
@@ -56,6 +58,8 @@ class LayerStore(Protocol):
     def forget_segments(self, segments: Sequence[Segment]) -> None: ...
 
     def prefetch_layer(self, index: int) -> None: ...
+
+    def note_read(self, index: int, seconds: float) -> None: ...
 
 
 class TieredLayer(DynamicLayer):  # type: ignore[misc]  # transformers is not type-checked
@@ -156,6 +160,7 @@ class TieredLayer(DynamicLayer):  # type: ignore[misc]  # transformers is not ty
             if not new_keys:
                 return self._keys, self._values
             return torch.cat([self._keys, *new_keys], dim=-2), torch.cat([self._values, *new_values], dim=-2)
+        started = time.perf_counter()
         if self.pending is not None:  # the store moved the segments up meanwhile (or is still at it)
             future, self.pending = self.pending, None
             self.owner.stats.prefetch_hits += future.done() and future.exception() is None
@@ -163,8 +168,9 @@ class TieredLayer(DynamicLayer):  # type: ignore[misc]  # transformers is not ty
         parts = self.owner.fetch_segments(self.index, self.block_keys, self.device)
         device = new_keys[0].device if new_keys else self.device  # a prepared prefix may be read elsewhere
         self.device = device
-        keys = [kv[0].to(device) for kv in parts]
-        values = [kv[1].to(device) for kv in parts]
+        # a durable span may hold more blocks than the prompt shares with it: use the segment's tokens
+        keys = [kv[0][..., :s.tokens, :].to(device) for kv, s in zip(parts, self.segments, strict=True)]
+        values = [kv[1][..., :s.tokens, :].to(device) for kv, s in zip(parts, self.segments, strict=True)]
         if self.tail_keys is not None and self.tail_values is not None:
             keys.append(self.tail_keys)
             values.append(self.tail_values)
@@ -172,8 +178,11 @@ class TieredLayer(DynamicLayer):  # type: ignore[misc]  # transformers is not ty
         keys += new_keys
         values += new_values
         if len(keys) == 1:  # a lone store view: copy it, the cache's tensors are its own (as DynamicCache's)
-            return keys[0].clone(), values[0].clone()
-        return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
+            joined = keys[0].clone(), values[0].clone()
+        else:
+            joined = torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
+        self.owner.note_read(self.index, time.perf_counter() - started)
+        return joined
 
     def spill(self) -> bool:
         """Store the full blocks not yet stored, then drop the live tensors but the tail. True if it did."""

@@ -1,19 +1,57 @@
-"""Prefix keys and inputs for K/V prefix reuse: the hash chain over a prompt's token blocks, and the
-``generate`` arguments for a Qwen3-VL prompt whose first tokens are already in the cache."""
+"""Prefix keys and inputs for K/V prefix reuse: the hash chain over a prompt's token blocks, the
+matching of a prompt against a stored span's block hashes, and the ``generate`` arguments for a
+Qwen3-VL prompt whose first tokens are already in the cache."""
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["block_hashes", "prefix_inputs", "IMAGE", "VIDEO"]
+__all__ = ["block_hashes", "prefix_inputs", "IMAGE", "VIDEO", "ROOT", "SpanMatch", "match_span",
+           "span_chain_tensor"]
 
 IMAGE, VIDEO = 1, 2
 """Token types (``mm_token_type_ids``) of image and video tokens."""
+ROOT = "root"
+"""What stands for "the hash before block 0" in a span's key."""
+HASH_BYTES = 16
+
+
+@dataclass(frozen=True, slots=True)
+class SpanMatch:
+    """Blocks ``[start, stop)`` of a prompt are the first blocks of the stored span ``base`` (keys ``base/<layer>``)."""
+
+    base: str
+    start: int
+    stop: int
+    whole: bool
+    """The prompt matched every block of the span."""
+
+
+def span_chain_tensor(hashes: Sequence[str]) -> torch.Tensor:
+    """The block hashes of a span as a ``[blocks, 16]`` uint8 tensor (stored beside the span)."""
+    raw = b"".join(bytes.fromhex(h) for h in hashes)
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).reshape(len(hashes), HASH_BYTES)
+
+
+def match_span(base: str, stored: torch.Tensor, chain: Sequence[str], start: int, limit: int) -> SpanMatch | None:
+    """How far the prompt (its block hashes ``chain``) runs along a span stored from block ``start``.
+
+    ``stored`` is the span's ``[blocks, 16]`` hash tensor; at most ``limit`` blocks of the prompt
+    count. None when not even the first block matches (or the tensor is not a hash list).
+    """
+    if stored.dtype != torch.uint8 or stored.ndim != 2 or stored.shape[1] != HASH_BYTES:
+        return None
+    rows = stored.cpu().numpy()
+    n = 0
+    while n < len(rows) and start + n < min(limit, len(chain)) and rows[n].tobytes().hex() == chain[start + n]:
+        n += 1
+    return SpanMatch(base, start, start + n, n == len(rows)) if n else None
 
 
 def block_hashes(input_ids: torch.Tensor, token_types: np.ndarray, block_tokens: int, *,

@@ -9,6 +9,10 @@ A restore is not free: SGLang HiCache users measured a file-backend hit slower t
 - recomputing: the prefix's tokens at the prefill speed this process has seen for the model
   (every :class:`~tierstore.integrations.kv_cache.TieredCache` prefill is timed and reported here).
 
+Bandwidths measured on an idle moment miss what a loaded machine, the catalog and the cache's own
+copies add, so every restore is timed too (the reads the model waited for) and the reading side
+is scaled by what restores really took against what was predicted (a moving average).
+
 Without a prefill measurement, or without bandwidths, there is nothing to weigh and the restore
 is used (the cheaper side is unknown; reading what was stored is the default).
 """
@@ -38,9 +42,11 @@ class RestoreEstimate:
     tier: str
     """Where the prefix's first block is: "L1", "L2" or "L3"."""
     restore_s: float | None
-    """None when the bandwidths are not measured."""
+    """None when the bandwidths are not measured; includes ``read_scale``."""
     recompute_s: float | None
     """None before any prefill of this model was timed."""
+    read_scale: float = 1.0
+    """Measured over predicted time of this policy's earlier restores (1.0 before any)."""
 
     @property
     def restore(self) -> bool:
@@ -63,6 +69,9 @@ class RestorePolicy:
         self.bandwidth = bandwidth
         self.prefill_tokens_per_s = prefill_tokens_per_s
         self.per_block_s = per_block_s
+        self.read_scale = 1.0
+        """Measured over predicted restore time, a moving average over the restores observed."""
+        self._restores = 0
         self._lock = threading.Lock()
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
@@ -73,6 +82,15 @@ class RestorePolicy:
         with self._lock:
             old = self.prefill_tokens_per_s
             self.prefill_tokens_per_s = rate if old is None else 0.5 * old + 0.5 * rate
+
+    def observe_restore(self, predicted_s: float, seconds: float) -> None:
+        """Record that a restore predicted at ``predicted_s`` (before ``read_scale``) took ``seconds``."""
+        if predicted_s <= 0 or seconds <= 0:
+            return
+        ratio = seconds / predicted_s
+        with self._lock:
+            self.read_scale = ratio if self._restores == 0 else 0.5 * self.read_scale + 0.5 * ratio
+            self._restores += 1
 
     def read_bytes_per_s(self, tier: str, codec: str) -> float | None:
         """Predicted speed of reading bytes from ``tier`` (None when not measured)."""
@@ -87,10 +105,11 @@ class RestorePolicy:
     def estimate(self, *, tokens: int, nbytes: int, blocks: int, tier: str = "L3", codec: str = "") -> RestoreEstimate:
         """Predict reading ``blocks`` blocks (``nbytes`` in all) of ``tier`` against computing ``tokens``."""
         speed = self.read_bytes_per_s(tier, codec)
-        restore_s = None if speed is None else nbytes / speed + blocks * self.per_block_s
+        scale = self.read_scale
+        restore_s = None if speed is None else (nbytes / speed + blocks * self.per_block_s) * scale
         rate = self.prefill_tokens_per_s
         recompute_s = None if rate is None else tokens / rate
-        return RestoreEstimate(tokens, nbytes, blocks, tier, restore_s, recompute_s)
+        return RestoreEstimate(tokens, nbytes, blocks, tier, restore_s, recompute_s, scale)
 
 
 _POLICIES: dict[str, RestorePolicy] = {}
