@@ -28,7 +28,7 @@ from ..errors import (
     TierStoreError,
 )
 from ..tensors import check_key, dtype_from_name, dtype_name, tensor_bytes
-from ..tiers.l1_cuda import DevicePool, is_device_oom
+from ..tiers.l1_cuda import DevicePool, event_done, is_device_oom
 from ..tiers.l2_slab import HostArena
 from ..tiers.l3_zarr import ZarrL3
 from ..tiers.slab_allocator import Allocation
@@ -106,7 +106,9 @@ class StoreReads:
         return (tensor if device is None else tensor.to(device)), tier
 
     def _on_l1(self, device: str | torch.device) -> bool:
-        pool_device: torch.device = self._l1.arena.device  # type: ignore[union-attr]
+        if self._l1 is None:
+            return False
+        pool_device: torch.device = self._l1.arena.device
         target = torch.device(device)
         return target.type == pool_device.type and target.index in (None, pool_device.index)
 
@@ -166,8 +168,8 @@ class StoreReads:
         if entry is not None:
             ready = entry.ready
             if ready is not None:  # a promotion still copying: the caller's stream waits for it
-                torch.cuda.current_stream(pool.device).wait_event(ready)  # type: ignore[arg-type]
-                if ready.query():  # type: ignore[attr-defined]
+                torch.cuda.current_stream(pool.device).wait_event(ready)
+                if event_done(ready):
                     entry.ready = None
             tensor = l1.view(entry, copy=copy)
             if tensor is not None:
@@ -219,15 +221,16 @@ class StoreReads:
             if pending.slot is not None and l2 is not None:
                 view = l2.arena.view(pending.slot, dtype_from_name(pending.row.dtype), pending.row.shape)
                 return view.clone(), "L2"
-            if pending.l1_slot is not None:
-                return self._l1_host(pending.l1_slot, dtype_from_name(pending.row.dtype), pending.row.shape), "L1"
+            if pending.l1_slot is not None and self._l1 is not None:
+                dtype = dtype_from_name(pending.row.dtype)
+                return self._l1_host(self._l1.arena, pending.l1_slot, dtype, pending.row.shape), "L1"
             return self._mover.read_l3(pending.row, location_of(pending.row)), "L3"
         l1 = self._l1
         if l1 is not None and key in l1.volatile_keys:  # checked before L2: a write-back admits there first
             with l1.lock:
                 entry1 = l1.entries.get(key)
                 if entry1 is not None and entry1.volatile:
-                    return self._l1_host(entry1.alloc, entry1.dtype, entry1.shape), "L1"
+                    return self._l1_host(l1.arena, entry1.alloc, entry1.dtype, entry1.shape), "L1"
         if l2 is not None and not self.readonly:  # the writer's L2 only ever holds current versions
             self._migrator.await_move(key)  # a prefetch of this block in flight: take its copy
             entry = l2.lookup(key)
@@ -253,11 +256,12 @@ class StoreReads:
         filled = self._mover.fill_l2(key, row, loc, generation, copy)
         return filled if filled is not None else (self._mover.read_l3(row, loc), "L3")
 
-    def _l1_host(self, alloc: Allocation, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    def _l1_host(self, pool: DevicePool, alloc: Allocation, dtype: torch.dtype,
+                 shape: tuple[int, ...]) -> torch.Tensor:
         """A host copy of an L1 slot's block (in L2 scratch memory when there is room)."""
         out = self.allocate(shape, dtype)
         if out.numel():
-            self._l1.arena.copy_out(alloc, tensor_bytes(out))  # type: ignore[union-attr]
+            pool.copy_out(alloc, tensor_bytes(out))
         return out
 
     def _lookup(self, key: str) -> BlockRow:
@@ -267,13 +271,13 @@ class StoreReads:
             if row is None:
                 raise BlockNotFoundError(f"no block {key!r} in {self.path}", key=key)
             return row
-        entry = self._volatile(key)
-        if entry is not None and self._l1 is not None and self._l1.entries.get(key) is entry:
-            return self._volatile_row(entry, L1_BIT, self._l1.parent_of(key))  # hashed when it leaves L1
-        if entry is not None:
+        entry, l1, l2 = self._volatile(key), self._l1, self._l2
+        if entry is not None and l1 is not None and l1.entries.get(key) is entry:
+            return self._volatile_row(entry, L1_BIT, l1.parent_of(key))  # hashed when it leaves L1
+        if entry is not None and l2 is not None:  # a volatile entry not in L1 is in L2
             if entry.checksum == UNHASHED:
-                entry.checksum = crc32c.crc32c(self._l2.arena.as_numpy(entry.alloc).data)  # type: ignore[union-attr]
-            return self._volatile_row(entry, L2_BIT, self._l2.parent_of(key))  # type: ignore[union-attr]
+                entry.checksum = crc32c.crc32c(l2.arena.as_numpy(entry.alloc).data)
+            return self._volatile_row(entry, L2_BIT, l2.parent_of(key))
         try:
             return self._index.lookup(key)[0]
         except BlockNotFoundError:

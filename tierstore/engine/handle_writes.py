@@ -180,11 +180,11 @@ class StoreWrites(StoreReads):
             if not is_device_oom(exc):
                 raise
             raise no_memory(tensor.numel() * tensor.element_size(), f"put {key!r}") from None
-        slot = None
-        if self._l2 is not None and data.nbytes > 0:
-            slot = self._l2.reserve(data.nbytes, self._spill)
+        slot, l2 = None, self._l2
+        if l2 is not None and data.nbytes > 0:
+            slot = l2.reserve(data.nbytes, self._spill)
             if slot is not None:
-                np.copyto(self._l2.arena.as_numpy(slot), data)  # a snapshot: the caller may reuse its tensor
+                np.copyto(l2.arena.as_numpy(slot), data)  # a snapshot: the caller may reuse its tensor
         # A cache-only block kept in L2 is hashed only if it ever goes to disk (see _spill).
         checksum = UNHASHED if slot is not None and not durable else crc32c.crc32c(data.data)
         block_id = self._index.new_block_id()
@@ -195,8 +195,8 @@ class StoreWrites(StoreReads):
             else:
                 loc = EMPTY_LOCATION  # cache-only and in L2: no disk write now
         except BaseException:
-            if slot is not None:
-                self._l2.release(slot)  # type: ignore[union-attr]
+            if slot is not None and l2 is not None:
+                l2.release(slot)
             raise
         stamp = now()
         previous = txn.pending.get(key)

@@ -28,16 +28,14 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
-import crc32c
 import numpy as np
 import torch
 
-from ..catalog import BlockRow, Catalog, now
+from ..catalog import BlockRow, Catalog
 from ..config import CacheConfig
 from ..errors import (
     BlockNotFoundError,
     ConfigError,
-    CorruptBlockError,
     StoreClosedError,
     TierFullError,
     TierStoreError,
@@ -45,13 +43,11 @@ from ..errors import (
 )
 from ..predict.policies import LEARNED_POLICIES
 from ..predict.predictor import SuccessorTable
-from ..tensors import dtype_from_name, dtype_name, tensor_from_bytes
-from ..tiers.codecs import choose_codec
 from ..tiers.l1_cuda import DevicePool
 from ..tiers.l2_slab import HostArena
-from ..tiers.l3_zarr import Contents, Location, ZarrL3
+from ..tiers.l3_zarr import Location, ZarrL3
 from .index import BlockIndex
-from .mover import Mover, checksum_ok
+from .mover import Mover
 from .moves import CRASH_ENV, CRASH_POINTS, RANK, TIERS, JournalReport, Move, Pin, Plan, recover_journal
 from .planner import simple_plan
 from .residency import Residency, Resident
@@ -60,7 +56,6 @@ __all__ = ["CRASH_ENV", "CRASH_POINTS", "JournalReport", "Migrator", "Move", "Pi
            "recover_journal"]
 
 _log = logging.getLogger("tierstore.migrator")
-_L3_BIT = 4
 _SEED_SUCCESSORS = 200_000
 """Transitions read back from the catalog at open (the most frequent first)."""
 TRIM_EVERY = 128
@@ -447,23 +442,24 @@ class Migrator:
     def _move(self, move: Move, block_id: int, journal_id: int) -> bool:
         if move.op == "promote":
             return self._to_l2(move.key) if move.dst == "L2" else self._to_l1(move.key)
+        l1, l2 = self.l1, self.l2
         if move.src == "L1":
-            entry = self._resident(self.l1, move.key)
-            if entry is None or (entry.volatile and not self.mover.write_back_l1(entry)):
+            entry = self._resident(l1, move.key)
+            if l1 is None or entry is None or (entry.volatile and not self.mover.write_back_l1(entry)):
                 return False
-            if move.dst == "L2" and self.l2 is not None and not self._to_l2(move.key):
+            if move.dst == "L2" and l2 is not None and not self._to_l2(move.key):
                 return False
-            freed = self.l1.evict(move.key, entry.block_id)  # type: ignore[union-attr]
-            if freed and move.dst == "L3" and self.l2 is not None:
-                self.l2.evict(move.key)
+            freed = l1.evict(move.key, entry.block_id)
+            if freed and move.dst == "L3" and l2 is not None:
+                l2.evict(move.key)
             self._crash("freed")
             return freed
-        entry = self._resident(self.l2, move.key)
-        if entry is None:
+        entry = self._resident(l2, move.key)
+        if l2 is None or entry is None:
             return False
         if entry.volatile and not self._spill(entry, block_id, journal_id):
             return False
-        freed = self.l2.evict(move.key, entry.block_id)  # type: ignore[union-attr]
+        freed = l2.evict(move.key, entry.block_id)
         self._crash("freed")
         return freed
 
@@ -509,25 +505,8 @@ class Migrator:
         host_entry = self._resident(self.l2, key)
         if host_entry is None and self.l2 is not None and self._to_l2(key):
             host_entry = self._resident(self.l2, key)
-        if host_entry is not None:
-            view = self.l2.view(host_entry)  # type: ignore[union-attr]
-            if view is None:  # replaced or evicted meanwhile: nothing to prefetch
-                return False
-            host = view
-            block_id, dtype, shape = host_entry.block_id, host_entry.dtype, host_entry.shape
-            checksum, parent = host_entry.checksum, self.l2.parent_of(key)  # type: ignore[union-attr]
-        else:
-            found = self._promotable(key)
-            if found is None:
-                return False
-            row, loc = found
-            buf = self.mover.read_l3_checked(key, row, loc)
-            block_id, dtype, shape, checksum = row.block_id, dtype_from_name(row.dtype), row.shape, row.checksum
-            parent = row.parent
-            host = tensor_from_bytes(buf, dtype, shape)
-        copied = self.mover.into_l1(key, host, block_id=block_id, shape=shape, checksum=checksum, parent=parent,
-                                    generation=generation, on_stream=False, step=self._crash)
-        return copied is not None and copied[0] is not None
+        found = self._promotable(key) if host_entry is None else None
+        return self.mover.promote_l1(key, host_entry, found, generation, self._crash)
 
     def spill(self, entry: Resident) -> bool:
         """Write a cache-only block leaving L2 to L3 (journaled); False if that could not be done.
@@ -538,21 +517,14 @@ class Migrator:
         """
         if self._stop or self.readonly:
             return False
-        if self.config.l3_admission == "reused" and not self._reused(entry.key):
+        l2 = self.l2
+        if self.config.l3_admission == "reused" and not self._reused(entry.key) and l2 is not None:
             self.index.forget_volatile(entry.key, entry.block_id)
-            self.l2.mark_durable(entry)  # type: ignore[union-attr] # let it go without a copy: dropped
+            l2.mark_durable(entry)  # let it go without a copy: dropped
             self.counters["dropped"] += 1
             self.counters["dropped_bytes"] += entry.alloc.nbytes
             return True
-        block_id = self.index.new_block_id()
-        try:
-            journal_id = self.catalog.journal_begin([(block_id, entry.key, "demote", "L2", "L3")])[0]
-        except TierStoreError:
-            return False
-        self._crash("intent")
-        done = self._spill(entry, block_id, journal_id)
-        self._settled.discard(journal_id)
-        return done
+        return self._spill_alone(entry, "L2")
 
     def _reused(self, key: str) -> bool:
         """Whether ``key`` was read since it was last put (the newest access in its history is a get)."""
@@ -567,9 +539,13 @@ class Migrator:
         """Write a cache-only block leaving L1 (its bytes ``data``, copied out) to L3, journaled as a spill."""
         if self._stop or self.readonly:
             return False
+        return self._spill_alone(entry, "L1", data)
+
+    def _spill_alone(self, entry: Resident, src: str, data: np.ndarray | None = None) -> bool:
+        """A spill outside any plan: its own journal row (the intent), then :meth:`_spill`."""
         block_id = self.index.new_block_id()
         try:
-            journal_id = self.catalog.journal_begin([(block_id, entry.key, "demote", "L1", "L3")])[0]
+            journal_id = self.catalog.journal_begin([(block_id, entry.key, "demote", src, "L3")])[0]
         except TierStoreError:
             return False
         self._crash("intent")
@@ -578,32 +554,13 @@ class Migrator:
         return done
 
     def _spill(self, entry: Resident, block_id: int, journal_id: int, data: np.ndarray | None = None) -> bool:
-        l2 = self.l2
+        """Write ``entry`` (an L2 entry, or an L1 one whose bytes are ``data``) to L3 and commit its row
+        under ``journal_id`` if its version is still the key's newest (else count it stale and drop the copy)."""
         from_l2 = data is None
-        if data is None:
-            assert l2 is not None
-            data = l2.arena.as_numpy(entry.alloc)
         loc: Location | None = None
         try:
-            self.index.check_room(entry.key, data.nbytes)
-            codec = choose_codec(str(self.config.l3_compression), entry.dtype.itemsize)
-            if entry.checksum < 0:  # a cache-only block is hashed the first time it leaves memory
-                entry.checksum = crc32c.crc32c(data.data)
-            loc = self.l3.write_now(block_id, data, codec, Contents(entry.key, dtype_name(entry.dtype), entry.shape))
-            self._crash("copied")
-            if loc.array:
-                back = np.empty(data.nbytes, dtype=np.uint8)
-                self.l3.read_into(loc, back)
-                if not checksum_ok(back, entry.checksum):
-                    raise CorruptBlockError(f"spilling {entry.key!r}: the L3 copy does not match its checksum",
-                                            key=entry.key, tier="L3")
-            self._crash("verified")
-            stamp = now()
-            holder = l2 if from_l2 else self.l1
-            parent = holder.parent_of(entry.key) if holder is not None else None  # the link goes to L3 too
-            row = BlockRow.stored(entry.key, block_id, dtype_name(entry.dtype), entry.shape, data.nbytes,
-                                  entry.checksum, durable=False, l3=loc.to_columns(), tiers=_L3_BIT, created=stamp,
-                                  updated=stamp, parent=parent)
+            row, loc = self.mover.write_l3(entry, block_id, self.mover.spill_bytes(entry) if data is None else data,
+                                           str(self.config.l3_compression), from_l2, self._crash)
             committed = self.index.commit_spill(row, loc, journal_id, entry.block_id)
             if committed:
                 self._spilled(row.key)
@@ -626,6 +583,6 @@ class Migrator:
             # is dropped, not committed, and the superseded entry may go (the writer discards it anyway).
             self.l3.free([loc])
             self.counters["stale"] += 1
-        if from_l2 and l2 is not None:
-            l2.mark_durable(entry)
+        if from_l2 and self.l2 is not None:
+            self.l2.mark_durable(entry)
         return True

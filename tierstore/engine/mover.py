@@ -1,12 +1,13 @@
 """The mover: the only code that copies a block's bytes from one tier to another.
 
 It fills L2 from L3 on a get miss, promotes into L1 (casting where the device needs it), writes
-a cache-only block leaving L1 back to L2 and reads L3 back for checks, and it holds the one
+a cache-only block leaving L1 back to L2, writes a cache-only block leaving L2 or L1 to L3 (a
+spill: :meth:`Mover.write_l3`, which reads the L3 copy back and checks it), and it holds the one
 checksum check every copy passes (:func:`check_bytes`). It journals nothing: a get calls it
 directly (a fill survives no crash, so there is nothing to settle), and the migrator calls it
-between its journal's intent and commit, passing its crash points as ``step``. Writes to L3 of a
-cache-only block (spills, L1 write-backs) are journaled moves: the mover hands them to the
-migrator's journaled spill (``attach``).
+between its journal's intent and commit, passing its crash points as ``step``. A spill is a
+journaled move: the residencies' eviction callbacks reach the migrator's journal (``attach``),
+which calls :meth:`Mover.write_l3` for the bytes and commits the row through the block index.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import crc32c
 import numpy as np
 import torch
 
-from ..catalog import BlockRow, Catalog
+from ..catalog import BlockRow, Catalog, now
 from ..catalog.tier_bits import UNHASHED
 from ..errors import BlockNotFoundError, CorruptBlockError, TierFullError, TierStoreError, UnsafePathError
-from ..tensors import dtype_from_name, tensor_from_bytes
+from ..tensors import dtype_from_name, dtype_name, tensor_from_bytes
+from ..tiers.codecs import choose_codec
 from ..tiers.l1_cuda import DevicePool
 from ..tiers.l2_slab import HostArena
-from ..tiers.l3_zarr import Location, ZarrL3
+from ..tiers.l3_zarr import Contents, Location, ZarrL3
 from .index import BlockIndex
 from .residency import Residency, Resident
 from .transaction import location_of
@@ -34,6 +36,9 @@ __all__ = ["Mover", "Replaced", "check_bytes", "checksum_ok", "no_memory", "phys
 
 Step = Callable[[str], None]
 """A journaled move's crash point (``copied``, ``verified``, ``committed``, ``freed``); a no-op for a get."""
+
+
+_L3_BIT = 4
 
 
 def _no_step(point: str) -> None:
@@ -209,6 +214,31 @@ class Mover:
         check_bytes(key, buf, row.checksum, loc.array, ", while being promoted", crc=crc)
         return buf
 
+    def promote_l1(self, key: str, host_entry: Resident | None, found: tuple[BlockRow, Location] | None,
+                   generation: int, step: Step = _no_step) -> bool:
+        """A planned promotion into L1: from ``host_entry`` (its L2 copy) or else ``found`` (its L3 row).
+
+        False when the L2 copy was replaced or evicted meanwhile, there is nothing to promote, or
+        L1 has no free room.
+        """
+        l2 = self.l2
+        if host_entry is not None and l2 is not None:
+            host = l2.view(host_entry)
+            if host is None:  # replaced or evicted meanwhile: nothing to prefetch
+                return False
+            block_id, shape, checksum = host_entry.block_id, host_entry.shape, host_entry.checksum
+            parent = l2.parent_of(key)
+        elif found is not None:
+            row, loc = found
+            buf = self.read_l3_checked(key, row, loc)
+            block_id, shape, checksum, parent = row.block_id, row.shape, row.checksum, row.parent
+            host = tensor_from_bytes(buf, dtype_from_name(row.dtype), shape)
+        else:
+            return False
+        copied = self.into_l1(key, host, block_id=block_id, shape=shape, checksum=checksum, parent=parent,
+                              generation=generation, on_stream=False, step=step)
+        return copied is not None and copied[0] is not None
+
     # -- host -> L1 ---------------------------------------------------------------------------------
 
     def into_l1(self, key: str, host: torch.Tensor, *, block_id: int, shape: tuple[int, ...], checksum: int,
@@ -279,6 +309,47 @@ class Mover:
             return False
         l1.mark_durable(entry)
         return True
+
+    # -- L2 / L1 -> L3 ------------------------------------------------------------------------------
+
+    def spill_bytes(self, entry: Resident) -> np.ndarray:
+        """The bytes of a cache-only L2 entry, to write to L3 (a view of its slot, not a copy)."""
+        assert self.l2 is not None, "only an L2 residency spills its entries"
+        return self.l2.arena.as_numpy(entry.alloc)
+
+    def write_l3(self, entry: Resident, block_id: int, data: np.ndarray, compression: str, from_l2: bool,
+                 step: Step = _no_step) -> tuple[BlockRow, Location]:
+        """Write a cache-only block leaving memory (its bytes ``data``) to L3 as ``block_id``, verified.
+
+        Hashes the block first if it never was; reads a compressed copy back and checks it
+        (``CorruptBlockError``, the new copy freed, when it does not match). Returns the row to
+        commit (durable=False, held in L3 only, with the block's parent link taken from the tier
+        it leaves: L2 when ``from_l2``, else L1) and its L3 location; it commits nothing.
+        """
+        self.index.check_room(entry.key, data.nbytes)
+        codec = choose_codec(compression, entry.dtype.itemsize)
+        if entry.checksum < 0:  # a cache-only block is hashed the first time it leaves memory
+            entry.checksum = crc32c.crc32c(data.data)
+        loc = self.l3.write_now(block_id, data, codec, Contents(entry.key, dtype_name(entry.dtype), entry.shape))
+        try:
+            step("copied")
+            if loc.array:
+                back = np.empty(data.nbytes, dtype=np.uint8)
+                self.l3.read_into(loc, back)
+                if not checksum_ok(back, entry.checksum):
+                    raise CorruptBlockError(f"spilling {entry.key!r}: the L3 copy does not match its checksum",
+                                            key=entry.key, tier="L3")
+            step("verified")
+        except BaseException:
+            self.l3.free([loc])
+            raise
+        holder = self.l2 if from_l2 else self.l1
+        parent = holder.parent_of(entry.key) if holder is not None else None  # the link goes to L3 too
+        stamp = now()
+        row = BlockRow.stored(entry.key, block_id, dtype_name(entry.dtype), entry.shape, data.nbytes,
+                              entry.checksum, durable=False, l3=loc.to_columns(), tiers=_L3_BIT, created=stamp,
+                              updated=stamp, parent=parent)
+        return row, loc
 
     def l1_bytes(self, entry: Resident) -> np.ndarray:
         """A host copy of an L1 entry's bytes (hashing it if it was not yet)."""

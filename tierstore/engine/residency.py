@@ -68,7 +68,7 @@ class Resident:
     base: torch.Tensor | None = None
     """A tensor over the slot, made on the first get; every get hands out an alias of it."""
     base_uses: int = 0
-    ready: object = None
+    ready: torch.cuda.Event | None = None
     """L1 on CUDA: the event of the copy that filled the slot, until a reader has waited on it."""
 
     @property

@@ -42,10 +42,11 @@ import torch
 
 from ..config import parse_size
 from ..errors import ConfigError, DeviceMemoryError, StoreClosedError, TierFullError, UnsupportedTensorError
-from .l1_device import DeviceMemory, PoolStats, is_device_oom, needs_cast
+from .l1_device import DeviceMemory, PoolStats, event_done, is_device_oom, needs_cast, new_event
 from .slab_allocator import Allocation, ClassStats, SlabAllocator, view_nbytes
 
-__all__ = ["DeviceMemory", "DevicePool", "MemoryProbe", "PoolStats", "is_device_oom", "needs_cast"]
+__all__ = ["DeviceMemory", "DevicePool", "MemoryProbe", "PoolStats", "event_done", "is_device_oom", "needs_cast",
+           "new_event"]
 
 HostBytes: TypeAlias = "torch.Tensor | npt.NDArray[np.generic]"
 Event: TypeAlias = "torch.cuda.Event"
@@ -102,7 +103,7 @@ def _after_birth(chunk: _Chunk, stream: torch.cuda.Stream) -> None:
     """Order ``stream`` after the work queued when ``chunk`` was allocated (until that has run)."""
     born = chunk.born
     if born is not None:
-        if born.query():  # type: ignore[no-untyped-call]
+        if event_done(born):
             chunk.born = None
         else:
             stream.wait_event(born)
@@ -259,7 +260,7 @@ class DevicePool:
         """An event marking the work queued so far on the current stream (None on the CPU: nothing queued)."""
         if self._device.type != "cuda":
             return None
-        event = self._spare.pop() if self._spare else torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event = self._spare.pop() if self._spare else new_event()
         event.record(torch.cuda.current_stream(self._device))
         return event
 
@@ -331,7 +332,7 @@ class DevicePool:
         with _oom_as_tier_full("copying into L1"):
             with torch.cuda.stream(side):
                 out.copy_(data, non_blocking=True)
-            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            event = new_event()
             event.record(side)
         self._inflight.append((event, data, None))
         return event
@@ -362,7 +363,7 @@ class DevicePool:
             self.copy_in(staging, src, stream=side)
             with _oom_as_tier_full("casting into L1"), torch.cuda.stream(side):
                 out.copy_(self.as_tensor(staging).view(src.dtype))
-                event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                event = new_event()
                 event.record(side)
         except BaseException:
             side.synchronize()
@@ -533,7 +534,7 @@ class DevicePool:
             raise
         chunk = self._chunks[self._next_id] = _Chunk(self._next_id, tensor)
         if self._device.type == "cuda":
-            chunk.born = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            chunk.born = new_event()
             chunk.born.record(torch.cuda.current_stream(self._device))
         self._next_id += 1
         self._reserved += size
@@ -563,7 +564,7 @@ class DevicePool:
             event, a = self._cooling[0]
             if wait:
                 event.synchronize()
-            elif not event.query():  # type: ignore[no-untyped-call]
+            elif not event_done(event):
                 break
             self._cooling.popleft()
             self._cooling_at.discard(a.offset)
@@ -578,7 +579,7 @@ class DevicePool:
             event, _source, staging = self._inflight[0]
             if wait:
                 event.synchronize()
-            elif not event.query():  # type: ignore[no-untyped-call]
+            elif not event_done(event):
                 break
             self._inflight.popleft()
             if staging is not None:
