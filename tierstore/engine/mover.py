@@ -335,8 +335,7 @@ class Mover:
             step("copied")
             if loc.array:
                 back = np.empty(data.nbytes, dtype=np.uint8)
-                self.l3.read_into(loc, back)
-                if not checksum_ok(back, entry.checksum):
+                if self.l3.read_into(loc, back) != entry.checksum:  # read_into returns the crc32c it read
                     raise CorruptBlockError(f"spilling {entry.key!r}: the L3 copy does not match its checksum",
                                             key=entry.key, tier="L3")
             step("verified")
