@@ -18,9 +18,9 @@ import pytest
 import torch
 
 import tierstore
+from tests.model_fixtures import tiny_llama_store
 from tierstore import ConfigError
 from tierstore.errors import HardwareUnavailableError
-from tierstore.integrations.checkpoint import import_checkpoint
 from tierstore.integrations.plan_units import model_units
 from tierstore.integrations.streaming import load_streamed
 from tierstore.plan.placement import Machine, Plan, UnitPlan, plan
@@ -35,19 +35,7 @@ LAYOUT = [("L1", "cuda", "cuda"), ("L1", "cuda", "cuda"), ("L2", "cuda", "cuda")
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=LAYERS,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
-                         tie_word_embeddings=False)
-    model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
-    folder = tmp_path_factory.mktemp("ckpt") / "llama"
-    model.save_pretrained(folder)
-    store = tmp_path_factory.mktemp("store") / "s"
-    with tierstore.open(store, l2_cache_size=0) as db:
-        import_checkpoint(folder, db, require_config=True)
-    return model, store
+    return tiny_llama_store(tmp_path_factory, LAYERS, dtype=torch.bfloat16)
 
 
 def _plan(store: Path) -> tuple[Plan, int]:

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import tierstore
+from tests.model_fixtures import tiny_llama_store
 from tierstore import ConfigError
 from tierstore.cli import main
 from tierstore.errors import HardwareUnavailableError
-from tierstore.integrations.checkpoint import import_checkpoint
 from tierstore.integrations.plan_units import model_units
 from tierstore.integrations.streaming import load_streamed
 from tierstore.plan.placement import Machine, ModelUnits, Unit, UnitPlan, baselines, plan, predict
@@ -125,19 +125,7 @@ def test_machines_from_files_and_their_errors(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
     """A tiny Llama of 12 decoder layers (~100 KiB each), in memory and imported into a store."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=LAYERS,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
-                         tie_word_embeddings=False)
-    model = LlamaForCausalLM(config).eval()
-    folder = tmp_path_factory.mktemp("ckpt") / "llama"
-    model.save_pretrained(folder)
-    store = tmp_path_factory.mktemp("store") / "s"
-    with tierstore.open(store, l2_cache_size=0) as db:
-        import_checkpoint(folder, db, require_config=True)
-    return model, store
+    return tiny_llama_store(tmp_path_factory, LAYERS)
 
 
 def _logits(model: Any) -> torch.Tensor:

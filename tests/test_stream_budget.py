@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import tierstore
+from tests.model_fixtures import tiny_llama_store
 from tierstore import ConfigError
-from tierstore.integrations.checkpoint import import_checkpoint
 from tierstore.integrations.stream_budget import memory_split, unit_sizes
 from tierstore.integrations.streaming import load_streamed
 
@@ -26,19 +26,7 @@ PROMPT = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79]])
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
     """A tiny Llama of 20 equal decoder layers (~100 KiB each), in memory and as a checkpoint."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=LAYERS,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
-                         tie_word_embeddings=False)
-    model = LlamaForCausalLM(config).eval()
-    folder = tmp_path_factory.mktemp("ckpt") / "llama"
-    model.save_pretrained(folder, max_shard_size="400KB")
-    store = tmp_path_factory.mktemp("store") / "s"
-    with tierstore.open(store, l2_cache_size=0) as db:
-        import_checkpoint(folder, db, require_config=True)
-    return model, store
+    return tiny_llama_store(tmp_path_factory, LAYERS, max_shard_size="400KB")
 
 
 def _logits(model: Any) -> torch.Tensor:
