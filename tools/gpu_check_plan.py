@@ -38,27 +38,18 @@ _HEADROOM = 256 * MiB  # what the planner keeps free in VRAM beside an eighth of
 
 
 def qwen3_vl_config(shape: str, layers: int) -> Any:
-    """Qwen3-VL with the 2B text shapes (``shape="2b"``) or a tiny one (``"tiny"``), ``layers`` decoder layers."""
-    from transformers import Qwen3VLConfig
+    """Qwen3-VL with the 2B's published shapes (``shape="2b"``) or a tiny one (``"tiny"``), ``layers`` decoder layers.
 
-    if shape == "tiny":
-        text: dict[str, Any] = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                                    intermediate_size=256, vocab_size=4096)
-        vision: dict[str, Any] = dict(hidden_size=64, intermediate_size=128, num_heads=4, num_position_embeddings=64)
-        section = [8, 4, 4]
-    else:
-        text = dict(hidden_size=2048, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-                    intermediate_size=6144, vocab_size=151936)
-        vision = dict(hidden_size=1024, intermediate_size=4096, num_heads=16, num_position_embeddings=2304)
-        section = [24, 20, 20]
-    text.update(num_hidden_layers=layers, max_position_embeddings=262144, rms_norm_eps=1e-6, rope_theta=5_000_000,
-                tie_word_embeddings=True, dtype="bfloat16",
-                rope_scaling={"rope_type": "default", "mrope_section": section, "mrope_interleaved": True})
-    vision.update(depth=2, deepstack_visual_indexes=[0], out_hidden_size=text["hidden_size"], patch_size=16,
-                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, hidden_act="gelu_pytorch_tanh")
-    return Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=151655, video_token_id=151656,
-                         vision_start_token_id=151652, vision_end_token_id=151653, tie_word_embeddings=True,
-                         dtype="bfloat16")
+    The shapes are :func:`bench_real_size.shape_config`'s; the vision tower is cut to 2 blocks (a text
+    prompt never runs it).
+    """
+    from bench_real_size import shape_config  # tools/ is on sys.path when run as a script
+
+    config = shape_config(shape)
+    config.text_config.num_hidden_layers = layers
+    config.vision_config.depth = 2
+    config.vision_config.deepstack_visual_indexes = [0]
+    return config
 
 
 def _sync(device: torch.device) -> None:
