@@ -15,24 +15,22 @@ totals, the versions of cache-only keys); it is never held while taking a tier l
 outside the writer mutex (a spill of a cache-only block chosen for eviction by any thread) commits
 only if the key's newest version is still the one it copied, else it is dropped (versions, not hope).
 
-This module keeps the handle's lifecycle, transactions and public API. The get path is in
-:mod:`tierstore.engine.handle_reads`, the put path and the commit in
-:mod:`tierstore.engine.handle_writes`, the reports (``info``, ``history``, ``stats``) in
-:mod:`tierstore.engine.handle_reports` and the store's side of the shared tier (``publish``,
-``pull``, read-through) in :mod:`tierstore.engine.handle_shared`: mixins ``TierStore`` inherits.
-The block index (:mod:`tierstore.engine.index`) and the mover (:mod:`tierstore.engine.mover`) are
-objects the handle, the migrator and upkeep share.
+This module keeps the handle's lifecycle, transactions and public API; the work is done by parts
+the handle composes (built at open, in :mod:`tierstore.engine.opening`, each given the parts it needs):
+the get path (:class:`~tierstore.engine.handle_reads.Reads`), the put path and the commit
+(:class:`~tierstore.engine.handle_writes.Writes`), the reports ``info``, ``history``, ``stats``
+(:class:`~tierstore.engine.handle_reports.Reports`) and the store's side of the shared tier, ``publish``,
+``pull``, read-through (:class:`~tierstore.engine.handle_shared.SharedAccess`). The block index
+(:mod:`tierstore.engine.index`) and the mover (:mod:`tierstore.engine.mover`) are objects the handle,
+the migrator and upkeep share.
 """
 
 from __future__ import annotations
 
-import math
-import operator
 import threading
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from concurrent.futures import Future
 from contextlib import contextmanager
-from heapq import merge
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,25 +41,20 @@ from ..catalog.tier_counters import save_counters
 from ..config import CacheConfig
 from ..errors import (
     BlockNotFoundError,
-    InvalidKeyError,
     ReadOnlyError,
     StoreClosedError,
     TierStoreError,
     TransactionError,
-    UnsupportedTensorError,
 )
 from ..tensors import check_key
 from ..tiers.l1_cuda import DevicePool
 from ..tiers.l3_zarr import ZarrL3
 from .access_recorder import Access, summarize
-from .devices import usable_device
-from .handle_reports import StoreReports
-from .handle_shared import SharedTier
-from .handle_writes import StoreWrites
 from .index import BlockIndex
 from .migrator import Migrator, Pin, Plan
-from .mover import Mover, no_memory, physical_memory
+from .mover import Mover
 from .opening import CATALOG_NAME, L2_FILE, StoreOpening
+from .shared_coordinator import Progress, PublishReport, PullReport, SharedCoordinator, SharedVerifyReport
 from .transaction import Txn
 from .upkeep_steps import steps
 from .values import BlockInfo, StoreStats
@@ -73,8 +66,7 @@ __all__ = ["TierStore", "BlockInfo", "StoreStats", "open_store", "CATALOG_NAME",
 
 
 
-class TierStore(StoreOpening, StoreWrites, SharedTier, StoreReports,  # type: ignore[misc]  # get(key, device)
-                MutableMapping[str, torch.Tensor]):
+class TierStore(StoreOpening, MutableMapping[str, torch.Tensor]):
     """A handle on one store. Use :func:`tierstore.open` to get one; it is a context manager.
 
     It is a ``MutableMapping`` of key to tensor: ``db[k]`` is ``get(k)`` (``BlockNotFoundError``,
@@ -114,7 +106,7 @@ class TierStore(StoreOpening, StoreWrites, SharedTier, StoreReports,  # type: ig
             self._l3.close()
             if not self.readonly and (self._l1 is not None or self._l2 is not None):
                 try:  # per-tier counters add up across runs (tierstore stats)
-                    save_counters(self._catalog, self._tier_stats())
+                    save_counters(self._catalog, self._reports.tier_stats())
                 except TierStoreError:
                     pass
             if self._l2 is not None and self._l2.arena.path is not None:
@@ -186,6 +178,103 @@ class TierStore(StoreOpening, StoreWrites, SharedTier, StoreReports,  # type: ig
             raise ReadOnlyError(f"store {self.path} was opened read-only; open it with readonly=False to write",
                                 path=str(self.path))
 
+    # -- reads -------------------------------------------------------------------------------------
+
+    def get(self, key: str, device: str | torch.device | None = None, *, copy: bool = False) -> torch.Tensor:  # type: ignore[override]
+        """The tensor stored under ``key`` (on ``device`` if given).
+
+        From L2 the tensor is a zero-copy view whose slot stays reserved for as long as any tensor
+        derived from it lives, so later store activity never changes it; do not modify it in
+        place (pass ``copy=True`` for a tensor of your own). Raises ``BlockNotFoundError`` (a
+        ``KeyError``) for a missing key and ``CorruptBlockError`` when stored bytes are damaged.
+        """
+        return self._reads.get(key, device, copy, self._shared_access.get_shared if self._shared is not None else None)
+
+    def shrink_l1(self, nbytes: int | str | None = None) -> int:
+        """Give L1 device memory back to PyTorch (for the model); returns the bytes released.
+
+        Evicts blocks by ``l1_eviction_policy`` until ``nbytes`` (default: all it can) of whole
+        pool chunks are free, then hands those chunks to PyTorch's caching allocator. Blocks whose
+        only copy is in L1 are written back to L2 (or L3) first; blocks still viewed stay. 0 if
+        L1 is off.
+        """
+        return self._reads.shrink_l1(nbytes)
+
+    def __contains__(self, key: object) -> bool:
+        return self._reads.contains(key)
+
+    # -- writes ------------------------------------------------------------------------------------
+
+    def put(self, key: str, tensor: torch.Tensor, *, durable: bool = True, parent: str | None = None) -> None:
+        """Store ``tensor`` under ``key`` (replacing any earlier version).
+
+        Outside a transaction the put is its own transaction: when it returns, the block is on
+        disk and survives a crash. ``durable=False`` marks a cache-only block (a KV cache entry,
+        say): it stays in memory (L2) and reaches the disk only when evicted from there, and it
+        is dropped when the store is next opened. A cache-only tensor already on the L1 device
+        stays there (a device-to-device copy, no trip through the host); evicted from L1, it is
+        written back to L2, or to L3 when L2 has no room, never dropped.
+
+        ``parent`` names the block this one extends in a chain (KV-cache blocks keyed by a chain of
+        prefix hashes): while both are in L2 (or L1), the tier evicts the chain's tail first, since a
+        block helps only if every block before it is present. The link is kept in the block's catalog
+        row (it survives a reopen and comes back with every promotion) and is replaced by the next
+        put of ``key``; a parent that is not stored, or deleted later, is simply no link.
+        """
+        self._writes.put(key, tensor, durable=durable, parent=parent)
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; raises ``BlockNotFoundError`` if it is not there."""
+        self._writes.delete(key)
+
+    # -- reports -----------------------------------------------------------------------------------
+
+    def info(self, key: str) -> BlockInfo:
+        """Everything the catalog knows of ``key``."""
+        return self._reports.info(key)
+
+    def tiers_of(self, key: str) -> tuple[str, ...]:
+        """The tiers holding ``key``'s current version now ("L1", "L2", "L3"), without the catalog
+        round trip and history flush :meth:`info` makes: cheap enough to ask once per streamed weight."""
+        return self._reports.tiers_of(key)
+
+    def history(self, key: str | None = None, limit: int = 100) -> list[Access]:
+        """The newest ``limit`` accesses (of ``key``), newest first."""
+        return self._reports.history(key, limit)
+
+    def stats(self) -> StoreStats:
+        """Counts, sizes and activity, per tier."""
+        return self._reports.stats()
+
+    # -- the shared tier ---------------------------------------------------------------------------
+
+    @property
+    def shared(self) -> SharedCoordinator | None:
+        """The shared tier of this store (``shared_url``), or None."""
+        return self._shared
+
+    def publish(self, prefix: str | None = None, *, keys: Iterable[str] | None = None, name: str | None = None,
+                progress: Progress | None = None) -> PublishReport:
+        """Upload blocks (``keys``, or all under ``prefix``) to the shared tier; blocks already there are skipped.
+
+        With ``name``, a manifest listing them is written last, for ``pull(name)`` on other machines.
+        Every published key can also be read by other machines' ``get`` (fallthrough).
+        """
+        return self._shared_access.publish(prefix, keys=keys, name=name, progress=progress)
+
+    def pull(self, name: str, *, progress: Progress | None = None) -> PullReport:
+        """Fetch every block of the manifest ``name`` that this store lacks (checked by content hash)."""
+        return self._shared_access.pull(name, progress=progress)
+
+    def verify_shared(self, names: Iterable[str] | None = None, *, deep: bool = True,
+                      progress: Progress | None = None) -> SharedVerifyReport:
+        """Check the shared tier: every block each manifest lists exists (``deep``: and matches its hash)."""
+        return self._shared_access.verify_shared(names, deep=deep, progress=progress)
+
+    def wait_published(self, timeout: float | None = None) -> bool:
+        """Wait for background publishing (write-through, on-evict); False if ``timeout`` ran out."""
+        return self._shared_access.wait_published(timeout)
+
     # -- transactions -------------------------------------------------------------------------------
 
     @contextmanager
@@ -214,20 +303,16 @@ class TierStore(StoreOpening, StoreWrites, SharedTier, StoreReports,  # type: ig
                 yield self
             except BaseException:
                 self._local.txn = None
-                self._abort(txn)
+                self._writes.abort(txn)
                 raise
             self._local.txn = None
-            self._commit(txn)
+            self._writes.commit(txn)
 
     def _txn(self) -> Txn | None:
         txn: Txn | None = getattr(self._local, "txn", None)
         return txn
 
     # -- blocks -------------------------------------------------------------------------------------
-
-    def _volatile_keys(self) -> set[str]:
-        """Keys whose newest committed version is cache-only (a snapshot)."""
-        return self._index.volatile_keys()
 
     def allocate(self, shape: tuple[int, ...], dtype: torch.dtype,
                  device: str | torch.device | None = None) -> torch.Tensor:
@@ -238,41 +323,10 @@ class TierStore(StoreOpening, StoreWrites, SharedTier, StoreReports,  # type: ig
         view of it are collected. L1 makes room by ``l1_eviction_policy`` (writing back what
         only it holds).
         """
-        self._check_open()
-        try:
-            shape = tuple(operator.index(s) for s in shape)
-        except TypeError:
-            raise UnsupportedTensorError(f"allocate() takes a shape of ints, not {shape!r:.80}") from None
-        if not isinstance(dtype, torch.dtype) or any(s < 0 for s in shape):
-            raise UnsupportedTensorError(f"allocate() needs a torch.dtype and sizes >= 0, got {dtype!r}, {shape}")
-        nbytes = math.prod(shape) * dtype.itemsize
-        if nbytes > physical_memory():
-            raise no_memory(nbytes, f"allocate {shape} {dtype}")
-        if device is not None:
-            device = usable_device(device)
-            if self._l1 is not None and nbytes > 0 and self._on_l1(device):
-                tensor = self._l1.scratch(nbytes, dtype, shape, evict=True, spill=self._mover.write_back_l1)
-                if tensor is not None:
-                    return tensor
-            return torch.empty(shape, dtype=dtype, device=device)
-        if self._l2 is not None and nbytes > 0:
-            tensor = self._l2.scratch(nbytes, dtype, shape)
-            if tensor is not None:
-                return tensor
-        try:
-            return torch.empty(shape, dtype=dtype)
-        except (RuntimeError, MemoryError):
-            raise no_memory(nbytes, f"allocate {shape} {dtype}") from None
+        return self._reads.allocate(shape, dtype, device)
 
     def __len__(self) -> int:
-        self._check_open()
-        self._index.refresh()
-        count = self._index.counted()
-        txn = self._txn()
-        if txn is not None:
-            for key, change in txn.pending.items():
-                count += (change.row is not None) - self._exists(key)
-        return count
+        return self._reads.count()
 
     def __iter__(self) -> Iterator[str]:
         return self.keys()
@@ -298,29 +352,7 @@ class TierStore(StoreOpening, StoreWrites, SharedTier, StoreReports,  # type: ig
 
     def keys(self, prefix: str | None = None) -> Iterator[str]:  # type: ignore[override]
         """Keys in sorted order (those starting with ``prefix`` if given)."""
-        self._check_open()
-        if prefix is not None and not isinstance(prefix, str):
-            raise InvalidKeyError(f"keys(prefix=...) takes a str, not {type(prefix).__name__}")
-        volatile = sorted(k for k in self._volatile_keys() if prefix is None or k.startswith(prefix))
-        keys: Iterator[str] = _unique(merge(self._iter_keys(prefix), volatile)) if volatile else self._iter_keys(prefix)
-        txn = self._txn()
-        if txn is not None and txn.pending:
-            present = set(keys)
-            for key, change in txn.pending.items():
-                if prefix is None or key.startswith(prefix):
-                    (present.add if change.row is not None else present.discard)(key)
-            return iter(sorted(present))
-        return keys
-
-    def _iter_keys(self, prefix: str | None) -> Iterator[str]:
-        after = ""
-        while True:
-            self._check_open()
-            page = self._catalog.keys_page(after, 1000, prefix)
-            yield from page
-            if len(page) < 1000:
-                return
-            after = page[-1]
+        return self._reads.keys(prefix)
 
     def flush(self) -> None:
         """Write the in-memory access history to the catalog now."""
@@ -385,15 +417,6 @@ class TierStore(StoreOpening, StoreWrites, SharedTier, StoreReports,  # type: ig
     def migrator(self) -> Migrator:
         """The store's mover (``stats()``, ``wait()``, ``plan()``, the successor table)."""
         return self._migrator
-
-
-def _unique(keys: Iterator[str]) -> Iterator[str]:
-    """Sorted ``keys`` without repeats (a key spilled while being listed is both volatile and committed)."""
-    last = None
-    for key in keys:
-        if key != last:
-            yield key
-            last = key
 
 
 def open_store(path: str | Path, config: CacheConfig | None = None, *, readonly: bool = False,

@@ -1,4 +1,4 @@
-"""The get path of a :class:`~tierstore.engine.handle.TierStore` (mixin): where a read finds its block.
+"""The get path of a :class:`~tierstore.engine.handle.TierStore` (:class:`Reads`): where a read finds its block.
 
 In order: the transaction's pending change, the volatile L1/L2 entry of a cache-only key, the L2
 residency, then the block index (cached row, else the catalog) and L3 through the mover, which fills
@@ -7,10 +7,12 @@ a fresh L2 slot. A get for the L1 device promotes through the mover into an L1 s
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+import operator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from heapq import merge
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import crc32c
 import numpy as np
@@ -18,7 +20,7 @@ import torch
 
 from ..catalog import BlockRow, Catalog
 from ..catalog.tier_bits import L1_BIT, L2_BIT, UNHASHED
-from ..config import CacheConfig, parse_size
+from ..config import parse_size
 from ..errors import (
     BlockNotFoundError,
     ConfigError,
@@ -26,59 +28,56 @@ from ..errors import (
     InvalidArgumentError,
     InvalidKeyError,
     TierStoreError,
+    UnsupportedTensorError,
 )
 from ..tensors import check_key, dtype_from_name, dtype_name, tensor_bytes
 from ..tiers.l1_cuda import DevicePool, event_done, is_device_oom
 from ..tiers.l2_slab import HostArena
-from ..tiers.l3_zarr import ZarrL3
 from ..tiers.slab_allocator import Allocation
 from .access_recorder import AccessRecorder
 from .devices import usable_device
 from .index import BlockIndex
 from .migrator import Migrator
-from .mover import Mover, Replaced
+from .mover import Mover, Replaced, no_memory, physical_memory
 from .residency import Residency, Resident
-from .shared_coordinator import SharedCoordinator
 from .transaction import Txn, location_of
 
-__all__ = ["StoreReads"]
+__all__ = ["Reads", "ReadThrough"]
+
+ReadThrough = Callable[[str, "str | torch.device | None", bool], tuple[torch.Tensor, str]]
+"""Where a read goes on a local miss (the shared tier): ``(key, device, copy) -> (tensor, tier)``."""
 
 
-class StoreReads:
-    """Reads of a :class:`~tierstore.engine.handle.TierStore` (mixin)."""
+class Reads:
+    """The get path of a :class:`~tierstore.engine.handle.TierStore`: the handle delegates its reads here.
 
-    path: Path
-    readonly: bool
-    config: CacheConfig
-    _closed: bool
-    _catalog: Catalog
-    _l3: ZarrL3
-    _l1: Residency[DevicePool] | None
-    _l2: Residency[HostArena] | None
-    _index: BlockIndex
-    _mover: Mover
-    _migrator: Migrator
-    _recorder: AccessRecorder
-    _shared: SharedCoordinator | None
-    _counts: dict[str, int]
-    _hits: dict[str, int]
-    _hit_bytes: dict[str, int]
+    It is given the parts it reads through (the tiers, the block index, the mover, the migrator,
+    the recorder, the handle's counters) and two questions for the handle: the calling thread's
+    transaction and whether the store is still open.
+    """
 
-    if TYPE_CHECKING:
-        def _check_open(self) -> None: ...
-        def _txn(self) -> Txn | None: ...
-        def allocate(self, shape: tuple[int, ...], dtype: torch.dtype,
-                     device: str | torch.device | None = None) -> torch.Tensor: ...
-        def _get_shared(self, key: str, device: str | torch.device | None, copy: bool) -> tuple[torch.Tensor, str]: ...
+    def __init__(self, *, path: Path, readonly: bool, catalog: Catalog, l1: Residency[DevicePool] | None,
+                 l2: Residency[HostArena] | None, index: BlockIndex, mover: Mover, migrator: Migrator,
+                 recorder: AccessRecorder, counts: dict[str, int], hits: dict[str, int],
+                 hit_bytes: dict[str, int], txn: Callable[[], Txn | None], check_open: Callable[[], None]) -> None:
+        self.path = path
+        self.readonly = readonly
+        self._catalog = catalog
+        self._l1 = l1
+        self._l2 = l2
+        self._index = index
+        self._mover = mover
+        self._migrator = migrator
+        self._recorder = recorder
+        self._counts = counts
+        self._hits = hits
+        self._hit_bytes = hit_bytes
+        self._txn = txn
+        self._check_open = check_open
 
-    def get(self, key: str, device: str | torch.device | None = None, *, copy: bool = False) -> torch.Tensor:
-        """The tensor stored under ``key`` (on ``device`` if given).
-
-        From L2 the tensor is a zero-copy view whose slot stays reserved for as long as any tensor
-        derived from it lives, so later store activity never changes it; do not modify it in
-        place (pass ``copy=True`` for a tensor of your own). Raises ``BlockNotFoundError`` (a
-        ``KeyError``) for a missing key and ``CorruptBlockError`` when stored bytes are damaged.
-        """
+    def get(self, key: str, device: str | torch.device | None, copy: bool,
+            read_through: ReadThrough | None) -> torch.Tensor:
+        """:meth:`TierStore.get <tierstore.engine.handle.TierStore.get>`; ``read_through`` serves a local miss."""
         self._check_open()
         check_key(key)
         if device is not None:
@@ -86,12 +85,12 @@ class StoreReads:
         if not isinstance(copy, (bool, np.bool_)):
             raise InvalidArgumentError(f"get {key!r}: copy must be True or False, not {copy!r}", key=key)
         try:
-            tensor, tier = self._get_local(key, device, copy)
+            tensor, tier = self.get_local(key, device, copy)
         except BlockNotFoundError:
             txn = self._txn()
-            if self._shared is None or (txn is not None and key in txn.pending):
+            if read_through is None or (txn is not None and key in txn.pending):
                 raise
-            tensor, tier = self._get_shared(key, device, copy)
+            tensor, tier = read_through(key, device, copy)
         self._counts["get"] += 1
         self._hits[tier] += 1
         self._hit_bytes[tier] += tensor.nbytes
@@ -99,13 +98,13 @@ class StoreReads:
         self._migrator.on_get(key, device)
         return tensor
 
-    def _get_local(self, key: str, device: str | torch.device | None, copy: bool) -> tuple[torch.Tensor, str]:
-        if device is not None and self._l1 is not None and self._on_l1(device):
+    def get_local(self, key: str, device: str | torch.device | None, copy: bool) -> tuple[torch.Tensor, str]:
+        if device is not None and self._l1 is not None and self.on_l1(device):
             return self._get_l1(key, copy)
-        tensor, tier = self._get(key, copy)
+        tensor, tier = self.read(key, copy)
         return (tensor if device is None else tensor.to(device)), tier
 
-    def _on_l1(self, device: str | torch.device) -> bool:
+    def on_l1(self, device: str | torch.device) -> bool:
         if self._l1 is None:
             return False
         pool_device: torch.device = self._l1.arena.device
@@ -113,13 +112,7 @@ class StoreReads:
         return target.type == pool_device.type and target.index in (None, pool_device.index)
 
     def shrink_l1(self, nbytes: int | str | None = None) -> int:
-        """Give L1 device memory back to PyTorch (for the model); returns the bytes released.
-
-        Evicts blocks by ``l1_eviction_policy`` until ``nbytes`` (default: all it can) of whole
-        pool chunks are free, then hands those chunks to PyTorch's caching allocator. Blocks whose
-        only copy is in L1 are written back to L2 (or L3) first; blocks still viewed stay. 0 if
-        L1 is off.
-        """
+        """:meth:`TierStore.shrink_l1 <tierstore.engine.handle.TierStore.shrink_l1>`."""
         self._check_open()
         try:  # checked even with L1 off: a bad size is a bug in the caller on every machine
             want = None if nbytes is None else parse_size(nbytes, name="nbytes")
@@ -146,18 +139,18 @@ class StoreReads:
         pool = l1.arena
         txn = self._txn()
         if txn is not None and key in txn.pending:  # uncommitted: never cached in L1
-            tensor, tier = self._get(key, copy)
+            tensor, tier = self.read(key, copy)
             return tensor.to(pool.device), tier
         generation = l1.generation  # before the lookup: a commit after it makes the promotion's admission fail
-        row = self._lookup(key)
+        row = self.lookup(key)
         try:
-            with self._device_oom(f"get {key!r} into L1"):
+            with self.device_oom(f"get {key!r} into L1"):
                 return self._promote(key, row, copy, generation)
         except DeviceMemoryError:
             self.shrink_l1()  # give the device everything L1 can spare, then try once more
             if pool.device.type == "cuda":
                 torch.cuda.empty_cache()
-        with self._device_oom(f"get {key!r} into L1 (after shrinking L1)"):
+        with self.device_oom(f"get {key!r} into L1 (after shrinking L1)"):
             return self._promote(key, row, copy, generation)
 
     def _promote(self, key: str, row: BlockRow, copy: bool, generation: int) -> tuple[torch.Tensor, str]:
@@ -175,7 +168,7 @@ class StoreReads:
             if tensor is not None:
                 return tensor, "L1"
             # replaced or evicted by another thread since the lookup: promote it afresh
-        host, tier = self._get(key, False)
+        host, tier = self.read(key, False)
         target = pool.needs_cast(host.dtype) or host.dtype
         copied = self._mover.into_l1(key, host, block_id=row.block_id, shape=row.shape, checksum=row.checksum,
                                      parent=row.parent, generation=generation, on_stream=True)
@@ -190,7 +183,7 @@ class StoreReads:
         return tensor, tier
 
     @contextmanager
-    def _device_oom(self, what: str) -> Iterator[None]:
+    def device_oom(self, what: str) -> Iterator[None]:
         """Turn the L1 device running out of memory into ``DeviceMemoryError`` (nothing stored is lost)."""
         try:
             yield
@@ -203,7 +196,7 @@ class StoreReads:
                                     "L2/L3 - free device memory or call shrink_l1(), then retry",
                                     tier="L1") from exc
 
-    def _get(self, key: str, copy: bool) -> tuple[torch.Tensor, str]:
+    def read(self, key: str, copy: bool) -> tuple[torch.Tensor, str]:
         for _attempt in range(4):
             try:
                 return self._get_once(key, copy)
@@ -264,14 +257,14 @@ class StoreReads:
             pool.copy_out(alloc, tensor_bytes(out))
         return out
 
-    def _lookup(self, key: str) -> BlockRow:
+    def lookup(self, key: str) -> BlockRow:
         txn = self._txn()
         if txn is not None and key in txn.pending:
             row = txn.pending[key].row
             if row is None:
                 raise BlockNotFoundError(f"no block {key!r} in {self.path}", key=key)
             return row
-        entry, l1, l2 = self._volatile(key), self._l1, self._l2
+        entry, l1, l2 = self.volatile(key), self._l1, self._l2
         if entry is not None and l1 is not None and l1.entries.get(key) is entry:
             return self._volatile_row(entry, L1_BIT, l1.parent_of(key))  # hashed when it leaves L1
         if entry is not None and l2 is not None:  # a volatile entry not in L1 is in L2
@@ -283,12 +276,12 @@ class StoreReads:
         except BlockNotFoundError:
             if not self._index.await_settled(key):
                 raise
-        entry = self._volatile(key)  # the cache-only version whose commit was settling
+        entry = self.volatile(key)  # the cache-only version whose commit was settling
         if entry is None:
             return self._index.lookup(key)[0]
-        return self._lookup(key)  # finds the entry now: no further wait
+        return self.lookup(key)  # finds the entry now: no further wait
 
-    def _volatile(self, key: str) -> Resident | None:
+    def volatile(self, key: str) -> Resident | None:
         """The entry holding the only copy of cache-only ``key`` (in L1 or L2), if any."""
         for tier in (self._l1, self._l2):
             if tier is not None and key in tier.volatile_keys:
@@ -302,7 +295,7 @@ class StoreReads:
         return BlockRow.cache_only(entry.key, entry.block_id, dtype_name(entry.dtype), entry.shape, entry.alloc.nbytes,
                                    entry.checksum, tier=tier_bit, created=0.0, updated=0.0, parent=parent)
 
-    def __contains__(self, key: object) -> bool:
+    def contains(self, key: object) -> bool:
         self._check_open()
         try:
             check_key(key)
@@ -312,12 +305,87 @@ class StoreReads:
         txn = self._txn()
         if txn is not None and key in txn.pending:
             return txn.pending[key].row is not None
-        return self._exists(key)
+        return self.exists(key)
 
-    def _exists(self, key: str) -> bool:
+    def exists(self, key: str) -> bool:
         for _attempt in range(2):
-            if self._volatile(key) is not None or self._catalog.has_block(key):
+            if self.volatile(key) is not None or self._catalog.has_block(key):
                 return True
             if not self._index.await_settled(key):
                 return False
         return False
+
+    def allocate(self, shape: tuple[int, ...], dtype: torch.dtype,
+                 device: str | torch.device | None = None) -> torch.Tensor:
+        """:meth:`TierStore.allocate <tierstore.engine.handle.TierStore.allocate>`."""
+        self._check_open()
+        try:
+            shape = tuple(operator.index(s) for s in shape)
+        except TypeError:
+            raise UnsupportedTensorError(f"allocate() takes a shape of ints, not {shape!r:.80}") from None
+        if not isinstance(dtype, torch.dtype) or any(s < 0 for s in shape):
+            raise UnsupportedTensorError(f"allocate() needs a torch.dtype and sizes >= 0, got {dtype!r}, {shape}")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes > physical_memory():
+            raise no_memory(nbytes, f"allocate {shape} {dtype}")
+        if device is not None:
+            device = usable_device(device)
+            if self._l1 is not None and nbytes > 0 and self.on_l1(device):
+                tensor = self._l1.scratch(nbytes, dtype, shape, evict=True, spill=self._mover.write_back_l1)
+                if tensor is not None:
+                    return tensor
+            return torch.empty(shape, dtype=dtype, device=device)
+        if self._l2 is not None and nbytes > 0:
+            tensor = self._l2.scratch(nbytes, dtype, shape)
+            if tensor is not None:
+                return tensor
+        try:
+            return torch.empty(shape, dtype=dtype)
+        except (RuntimeError, MemoryError):
+            raise no_memory(nbytes, f"allocate {shape} {dtype}") from None
+
+    def count(self) -> int:
+        """How many keys the calling thread sees (its transaction's pending changes counted in)."""
+        self._check_open()
+        self._index.refresh()
+        count = self._index.counted()
+        txn = self._txn()
+        if txn is not None:
+            for key, change in txn.pending.items():
+                count += (change.row is not None) - self.exists(key)
+        return count
+
+    def keys(self, prefix: str | None = None) -> Iterator[str]:
+        """:meth:`TierStore.keys <tierstore.engine.handle.TierStore.keys>`."""
+        self._check_open()
+        if prefix is not None and not isinstance(prefix, str):
+            raise InvalidKeyError(f"keys(prefix=...) takes a str, not {type(prefix).__name__}")
+        volatile = sorted(k for k in self._index.volatile_keys() if prefix is None or k.startswith(prefix))
+        keys: Iterator[str] = _unique(merge(self._iter_keys(prefix), volatile)) if volatile else self._iter_keys(prefix)
+        txn = self._txn()
+        if txn is not None and txn.pending:
+            present = set(keys)
+            for key, change in txn.pending.items():
+                if prefix is None or key.startswith(prefix):
+                    (present.add if change.row is not None else present.discard)(key)
+            return iter(sorted(present))
+        return keys
+
+    def _iter_keys(self, prefix: str | None) -> Iterator[str]:
+        after = ""
+        while True:
+            self._check_open()
+            page = self._catalog.keys_page(after, 1000, prefix)
+            yield from page
+            if len(page) < 1000:
+                return
+            after = page[-1]
+
+
+def _unique(keys: Iterator[str]) -> Iterator[str]:
+    """Sorted ``keys`` without repeats (a key spilled while being listed is both volatile and committed)."""
+    last = None
+    for key in keys:
+        if key != last:
+            yield key
+            last = key

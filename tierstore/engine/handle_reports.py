@@ -1,14 +1,15 @@
 """The store's reports: a block's :meth:`info`, the access :meth:`history`, the :meth:`stats` per tier.
 
-:class:`StoreReports` is a mixin of :class:`tierstore.engine.handle.TierStore`; it only reads the
-store's state (the attributes and methods declared below are the store's).
+:class:`Reports` is a part of :class:`tierstore.engine.handle.TierStore` (the handle delegates these
+methods to it); it only reads the store's state.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import crc32c
 
@@ -20,44 +21,50 @@ from ..tiers.l1_cuda import DevicePool
 from ..tiers.l2_slab import HostArena
 from ..tiers.l3_zarr import RecoveryReport
 from .access_recorder import Access, AccessRecorder
+from .handle_reads import Reads
 from .index import BlockIndex
 from .mover import Mover
-from .residency import Residency, Resident
+from .residency import Residency
 from .shared_coordinator import SharedCoordinator
 from .values import BlockInfo, StoreStats
 
-__all__ = ["StoreReports"]
+__all__ = ["Reports"]
 
 
-class StoreReports:
-    """Statistics and reporting of a :class:`~tierstore.engine.handle.TierStore` (mixin)."""
+class Reports:
+    """The reports of a :class:`~tierstore.engine.handle.TierStore` (``info``, ``tiers_of``, ``history``, ``stats``).
 
-    path: Path
-    readonly: bool
-    config: CacheConfig
-    recovery: RecoveryReport
-    _catalog: Catalog
-    _recorder: AccessRecorder
-    _l1: Residency[DevicePool] | None
-    _l2: Residency[HostArena] | None
-    _shared: SharedCoordinator | None
-    _counts: dict[str, int]
-    _hits: dict[str, int]
-    _hit_bytes: dict[str, int]
-    _index: BlockIndex
-    _mover: Mover
+    It only reads the parts it is given; blocks are looked up as a read does (through ``reads``).
+    """
 
-    if TYPE_CHECKING:
-        def _check_open(self) -> None: ...
-        def _lookup(self, key: str) -> BlockRow: ...
-        def _volatile(self, key: str) -> Resident | None: ...
+    def __init__(self, *, path: Path, readonly: bool, config: CacheConfig, recovery: RecoveryReport,
+                 catalog: Catalog, recorder: AccessRecorder, l1: Residency[DevicePool] | None,
+                 l2: Residency[HostArena] | None, shared: SharedCoordinator | None, counts: dict[str, int],
+                 hits: dict[str, int], hit_bytes: dict[str, int], index: BlockIndex, mover: Mover, reads: Reads,
+                 check_open: Callable[[], None]) -> None:
+        self.path = path
+        self.readonly = readonly
+        self.config = config
+        self.recovery = recovery
+        self._catalog = catalog
+        self._recorder = recorder
+        self._l1 = l1
+        self._l2 = l2
+        self._shared = shared
+        self._counts = counts
+        self._hits = hits
+        self._hit_bytes = hit_bytes
+        self._index = index
+        self._mover = mover
+        self._reads = reads
+        self._check_open = check_open
 
     def info(self, key: str) -> BlockInfo:
         """Everything the catalog knows of ``key``."""
         self._check_open()
         check_key(key)
-        row = self._lookup(key)
-        if row.checksum == UNHASHED and (entry := self._volatile(key)) is not None and row.tiers == L1_BIT:
+        row = self._reads.lookup(key)
+        if row.checksum == UNHASHED and (entry := self._reads.volatile(key)) is not None and row.tiers == L1_BIT:
             row = dataclasses.replace(row, checksum=crc32c.crc32c(self._mover.l1_bytes(entry).data))
         committed = self._catalog.get_block(key)
         if committed is not None and committed.block_id == row.block_id:
@@ -79,7 +86,7 @@ class StoreReports:
         round trip and history flush :meth:`info` makes: cheap enough to ask once per streamed weight."""
         self._check_open()
         check_key(key)
-        return self._tiers_of(self._lookup(key))
+        return self._tiers_of(self._reads.lookup(key))
 
     def _tiers_of(self, row: BlockRow) -> tuple[str, ...]:
         tiers = []
@@ -114,12 +121,12 @@ class StoreReports:
             stored_bytes=index.stored_bytes, compression_ratio=ratio, gets=self._counts["get"],
             puts=self._counts["put"], deletes=self._counts["delete"], hits=dict(self._hits),
             hit_bytes=dict(self._hit_bytes),
-            tiers=self._tier_stats(),
+            tiers=self.tier_stats(),
             recovery={"removed": list(self.recovery.removed_files), "truncated": list(self.recovery.truncated),
                       "missing": list(self.recovery.missing), "links": list(self.recovery.links)},
             history_error=None if error is None else str(error))
 
-    def _tier_stats(self) -> dict[str, dict[str, Any]]:
+    def tier_stats(self) -> dict[str, dict[str, Any]]:
         tiers: dict[str, dict[str, Any]] = {}
         if self._l2 is not None:
             residency = self._l2.stats()  # first: it returns the slots of collected views to the arena

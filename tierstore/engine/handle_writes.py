@@ -1,4 +1,4 @@
-"""The put path of a :class:`~tierstore.engine.handle.TierStore` (mixin) and its commit protocol.
+"""The put path of a :class:`~tierstore.engine.handle.TierStore` (:class:`Writes`) and its commit protocol.
 
 Committing follows "bytes before rows": block bytes are written to fresh L3 locations and synced,
 then one catalog commit switches them in (under the index lock, with the block index updated in
@@ -8,39 +8,69 @@ new versions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING
 
 import crc32c
 import numpy as np
 import torch
 
-from ..catalog import BlockRow, now
+from ..catalog import BlockRow, Catalog, now
 from ..catalog.tier_bits import L1_BIT, L2_BIT, L3_BIT, UNHASHED
+from ..config import CacheConfig
 from ..errors import InvalidArgumentError, TransactionError, translate_os_error
 from ..tensors import check_key, check_tensor, dtype_from_name, dtype_name, tensor_bytes
 from ..tiers.codecs import choose_codec
-from ..tiers.l1_cuda import is_device_oom
-from ..tiers.l3_zarr import EMPTY_LOCATION, Contents, Location
+from ..tiers.l1_cuda import DevicePool, is_device_oom
+from ..tiers.l2_slab import HostArena
+from ..tiers.l3_zarr import EMPTY_LOCATION, Contents, Location, ZarrL3
 from ..tiers.slab_allocator import Allocation
-from .handle_reads import StoreReads
-from .mover import no_memory, physical_memory
-from .residency import Resident
+from .access_recorder import AccessRecorder
+from .handle_reads import Reads
+from .index import BlockIndex
+from .migrator import Migrator
+from .mover import Mover, no_memory, physical_memory
+from .residency import Residency, Resident
+from .shared_coordinator import SharedCoordinator
 from .transaction import Change, Txn, location_of
 
-__all__ = ["StoreWrites"]
+__all__ = ["Writes"]
 
 
-class StoreWrites(StoreReads):
-    """Writes of a :class:`~tierstore.engine.handle.TierStore` (mixin; a write looks blocks up as a read does)."""
+class Writes:
+    """The put path and the commit of a :class:`~tierstore.engine.handle.TierStore`: the handle delegates here.
 
-    if TYPE_CHECKING:
-        def _check_writable(self) -> None: ...
-        def _txn(self) -> Txn | None: ...
-        def transaction(self) -> AbstractContextManager[object]: ...
-        def _landing(self) -> bool: ...
+    A write looks blocks up as a read does (through ``reads``); the handle answers the calling
+    thread's transaction, opens one (``transaction``), checks it may write and whether it is closed;
+    ``landing`` says whether the calling thread is storing blocks fetched from the shared tier.
+    """
 
-    def _abort(self, txn: Txn) -> None:
+    def __init__(self, *, readonly: bool, config: CacheConfig, catalog: Catalog, l3: ZarrL3,
+                 l1: Residency[DevicePool] | None, l2: Residency[HostArena] | None, index: BlockIndex,
+                 mover: Mover, migrator: Migrator, recorder: AccessRecorder, shared: SharedCoordinator | None,
+                 counts: dict[str, int], reads: Reads, txn: Callable[[], Txn | None],
+                 transaction: Callable[[], AbstractContextManager[object]], check_writable: Callable[[], None],
+                 closed: Callable[[], bool], landing: Callable[[], bool]) -> None:
+        self.readonly = readonly
+        self.config = config
+        self._catalog = catalog
+        self._l3 = l3
+        self._l1 = l1
+        self._l2 = l2
+        self._index = index
+        self._mover = mover
+        self._migrator = migrator
+        self._recorder = recorder
+        self._shared = shared
+        self._counts = counts
+        self._reads = reads
+        self._txn = txn
+        self.transaction = transaction
+        self._check_writable = check_writable
+        self._closed = closed
+        self._landing = landing
+
+    def abort(self, txn: Txn) -> None:
         self._l3.rollback()
         if self._l1 is not None:
             for slot in [c.l1_slot for c in txn.pending.values() if c.l1_slot is not None] + txn.dropped_l1:
@@ -52,7 +82,7 @@ class StoreWrites(StoreReads):
             for slot in txn.dropped_slots:
                 self._l2.release(slot)
 
-    def _commit(self, txn: Txn) -> None:
+    def commit(self, txn: Txn) -> None:
         txn.superseded()
         l2_only = {k for k, c in txn.pending.items() if c.row is not None and c.row.l3_array is None
                    and c.row.nbytes > 0}
@@ -61,7 +91,7 @@ class StoreWrites(StoreReads):
         try:
             lengths = self._l3.prepare()
         except OSError as exc:
-            self._abort(txn)
+            self.abort(txn)
             raise translate_os_error(exc, what="sync block data", path=self._l3.root) from None
         replaced: list[BlockRow] = []
         failure: BaseException | None = None
@@ -80,7 +110,7 @@ class StoreWrites(StoreReads):
                     key: change.row.block_id if key in l2_only and change.row is not None else None
                     for key, change in txn.pending.items()})
         if failure is not None:  # undone outside the index lock: releasing slots takes tier locks
-            self._abort(txn)
+            self.abort(txn)
             raise failure
         self._l3.free([location_of(row) for row in replaced] + txn.garbage)
         try:
@@ -121,21 +151,7 @@ class StoreWrites(StoreReads):
                              row.checksum, volatile=True, parent=row.parent)
 
     def put(self, key: str, tensor: torch.Tensor, *, durable: bool = True, parent: str | None = None) -> None:
-        """Store ``tensor`` under ``key`` (replacing any earlier version).
-
-        Outside a transaction the put is its own transaction: when it returns, the block is on
-        disk and survives a crash. ``durable=False`` marks a cache-only block (a KV cache entry,
-        say): it stays in memory (L2) and reaches the disk only when evicted from there, and it
-        is dropped when the store is next opened. A cache-only tensor already on the L1 device
-        stays there (a device-to-device copy, no trip through the host); evicted from L1, it is
-        written back to L2, or to L3 when L2 has no room, never dropped.
-
-        ``parent`` names the block this one extends in a chain (KV-cache blocks keyed by a chain of
-        prefix hashes): while both are in L2 (or L1), the tier evicts the chain's tail first, since a
-        block helps only if every block before it is present. The link is kept in the block's catalog
-        row (it survives a reopen and comes back with every promotion) and is replaced by the next
-        put of ``key``; a parent that is not stored, or deleted later, is simply no link.
-        """
+        """:meth:`TierStore.put <tierstore.engine.handle.TierStore.put>`."""
         self._check_writable()
         check_key(key)
         check_tensor(tensor)
@@ -163,7 +179,7 @@ class StoreWrites(StoreReads):
         return txn
 
     def _put(self, txn: Txn, key: str, tensor: torch.Tensor, durable: bool, parent: str | None) -> None:
-        if not durable and self._l1 is not None and tensor.numel() and self._on_l1(tensor.device):
+        if not durable and self._l1 is not None and tensor.numel() and self._reads.on_l1(tensor.device):
             l1_slot = self._put_l1(tensor)
             if l1_slot is not None:
                 stamp = now()
@@ -182,10 +198,10 @@ class StoreWrites(StoreReads):
             raise no_memory(tensor.numel() * tensor.element_size(), f"put {key!r}") from None
         slot, l2 = None, self._l2
         if l2 is not None and data.nbytes > 0:
-            slot = l2.reserve(data.nbytes, self._spill)
+            slot = l2.reserve(data.nbytes, self.spill)
             if slot is not None:
                 np.copyto(l2.arena.as_numpy(slot), data)  # a snapshot: the caller may reuse its tensor
-        # A cache-only block kept in L2 is hashed only if it ever goes to disk (see _spill).
+        # A cache-only block kept in L2 is hashed only if it ever goes to disk (see spill).
         checksum = UNHASHED if slot is not None and not durable else crc32c.crc32c(data.data)
         block_id = self._index.new_block_id()
         try:
@@ -216,7 +232,7 @@ class StoreWrites(StoreReads):
         if slot is None:
             return None
         try:
-            with self._device_oom("put into L1"):
+            with self._reads.device_oom("put into L1"):
                 l1.arena.copy_in(slot, src)  # on the current stream: no event to wait for
         except BaseException:
             l1.release(slot)
@@ -232,19 +248,19 @@ class StoreWrites(StoreReads):
         except OSError as exc:
             raise translate_os_error(exc, what=f"write block {key!r}", path=self._l3.root, key=key) from None
 
-    def _spill(self, entry: Resident) -> bool:
+    def spill(self, entry: Resident) -> bool:
         """Write a cache-only block leaving L2 to L3 (a journaled move, see :mod:`tierstore.engine.migrator`)."""
-        if self._closed or self.readonly:
+        if self._closed() or self.readonly:
             return False
         return self._migrator.spill(entry)
 
-    def _spilled(self, key: str) -> None:
+    def spilled(self, key: str) -> None:
         """The migrator committed cache-only ``key`` to L3: it can be published now."""
         if self._shared is not None and self._shared.policy != "explicit" and not self._landing():
             self._shared.enqueue([key])
 
     def delete(self, key: str) -> None:
-        """Remove ``key``; raises ``BlockNotFoundError`` if it is not there."""
+        """:meth:`TierStore.delete <tierstore.engine.handle.TierStore.delete>`."""
         self._check_writable()
         check_key(key)
         txn = self._txn()
@@ -256,5 +272,5 @@ class StoreWrites(StoreReads):
         self._counts["delete"] += 1
 
     def _delete(self, txn: Txn, key: str) -> None:
-        self._lookup(key)
+        self._reads.lookup(key)
         txn.set(key, Change(None))

@@ -1,8 +1,9 @@
-"""Opening a :class:`~tierstore.engine.handle.TierStore` (mixin): checks, recovery, the tiers, the engine's parts.
+"""Opening a :class:`~tierstore.engine.handle.TierStore` (its base class): checks, recovery, tiers, parts.
 
 A read-write open takes the writer lock, recovers what a crash left (journal, L3 sweep), builds
 the block index, the volatile tiers (L1 on a device, L2 in host memory, taken back warm when
-file-backed), the mover and the migrator, and remembers the config only once all of that worked.
+file-backed), the mover and the migrator, the handle's parts (:class:`Reads`, :class:`Writes`,
+:class:`Reports`, :class:`SharedAccess`), and remembers the config only once all of that worked.
 A failed open releases everything it built (:meth:`StoreOpening._abandon`).
 """
 
@@ -38,6 +39,10 @@ from ..tiers.l2_slab import HostArena
 from ..tiers.l3_zarr import LAYOUT, RecoveryReport, ZarrL3
 from .access_recorder import AccessRecorder
 from .devices import l1_device
+from .handle_reads import Reads
+from .handle_reports import Reports
+from .handle_shared import SharedAccess
+from .handle_writes import Writes
 from .index import BlockIndex
 from .migrator import Migrator
 from .mover import Mover, physical_memory
@@ -48,8 +53,11 @@ from .upkeep_steps import steps
 from .writer_lock import WriterLock
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from contextlib import AbstractContextManager
+
     from .access_recorder import Access
-    from .residency import Resident
+    from .transaction import Txn
 
 __all__ = ["CATALOG_NAME", "L2_FILE", "StoreOpening"]
 
@@ -61,16 +69,18 @@ _L1_FIELDS = frozenset({"l1_device", "l1_cache_size"})
 
 
 class StoreOpening:
-    """Open and abandon of a :class:`~tierstore.engine.handle.TierStore` (mixin)."""
+    """Open and abandon of a :class:`~tierstore.engine.handle.TierStore` (its base class)."""
 
     if TYPE_CHECKING:
         _closed: bool
-        _shared: SharedCoordinator | None
 
-        def _shared_block(self, key: str) -> Any: ...
-        def _spilled(self, key: str) -> None: ...
-        def _spill(self, entry: Resident) -> bool: ...
+        def _check_open(self) -> None: ...
+        def _check_writable(self) -> None: ...
+        def _txn(self) -> Txn | None: ...
         def _write_history(self, batch: list[Access]) -> None: ...
+        def put(self, key: str, tensor: torch.Tensor, *, durable: bool = True, parent: str | None = None) -> None: ...
+        def transaction(self) -> AbstractContextManager[Any]: ...
+        def keys(self, prefix: str | None = None) -> Iterator[str]: ...
 
     def __init__(self, path: str | Path, config: CacheConfig | None = None, *, readonly: bool = False,
                  remember_config: bool = True, **overrides: Any) -> None:
@@ -150,16 +160,38 @@ class StoreOpening:
         self._mover = Mover(self._catalog, self._l3, self._l1, self._l2, self._index)
         self._shared: SharedCoordinator | None = None
         if self.config.shared_url is not None:  # no network until first used
-            self._shared = SharedCoordinator(self.config, self._shared_block)
+            self._shared = SharedCoordinator(self.config, lambda key: self._shared_access.block(key))
             self._hits["shared"] = 0
             self._hit_bytes["shared"] = 0
         self._migrator = Migrator(self._catalog, self._l3, self._l1, self._l2, self.config, self._index, self._mover,
-                                  flush_history=lambda: self._recorder.flush(), spilled=self._spilled,
-                                  readonly=self.readonly)
-        self._mover.attach(spill_l2=self._spill, may_write=lambda: not self._closed and not self.readonly,
+                                  flush_history=lambda: self._recorder.flush(),
+                                  spilled=lambda key: self._writes.spilled(key), readonly=self.readonly)
+        self._mover.attach(spill_l2=lambda entry: self._writes.spill(entry),
+                           may_write=lambda: not self._closed and not self.readonly,
                            write_back_l3=lambda entry, data: self._migrator.write_back(entry, data))
         sink = None if self.readonly else self._write_history
         self._recorder = AccessRecorder(sink, interval=self.config.history_flush_interval)
+        self._build_parts()
+
+    def _build_parts(self) -> None:
+        """The handle's parts it delegates to: reads, writes, reports, shared-tier access."""
+        self._reads = Reads(path=self.path, readonly=self.readonly, catalog=self._catalog, l1=self._l1, l2=self._l2,
+                            index=self._index, mover=self._mover, migrator=self._migrator, recorder=self._recorder,
+                            counts=self._counts, hits=self._hits, hit_bytes=self._hit_bytes, txn=self._txn,
+                            check_open=self._check_open)
+        self._shared_access = SharedAccess(path=self.path, readonly=self.readonly, catalog=self._catalog,
+                                           shared=self._shared, reads=self._reads, check_open=self._check_open,
+                                           check_writable=self._check_writable, put=self.put,
+                                           transaction=self.transaction, keys=self.keys)
+        self._writes = Writes(readonly=self.readonly, config=self.config, catalog=self._catalog, l3=self._l3,
+                              l1=self._l1, l2=self._l2, index=self._index, mover=self._mover, migrator=self._migrator,
+                              recorder=self._recorder, shared=self._shared, counts=self._counts, reads=self._reads,
+                              txn=self._txn, transaction=self.transaction, check_writable=self._check_writable,
+                              closed=lambda: self._closed, landing=self._shared_access.landing)
+        self._reports = Reports(path=self.path, readonly=self.readonly, config=self.config, recovery=self.recovery,
+                                catalog=self._catalog, recorder=self._recorder, l1=self._l1, l2=self._l2,
+                                shared=self._shared, counts=self._counts, hits=self._hits, hit_bytes=self._hit_bytes,
+                                index=self._index, mover=self._mover, reads=self._reads, check_open=self._check_open)
 
     def _abandon(self) -> None:
         """Release what a failed open built (in reverse order), so nothing of it outlives the error."""
