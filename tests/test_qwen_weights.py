@@ -318,3 +318,18 @@ def test_facade_exports_the_public_names() -> None:
                  "VisionFeatureCache", "Qwen3VLHierarchicalCacheAdapter", "create_hardware_optimized_cache_manager"):
         assert callable(getattr(qwen3_vl, name))
     assert qwen3_vl.create_hardware_optimized_cache_manager is tierstore.create_hardware_optimized_cache_manager
+
+
+def test_cli_import_hf_stores_raw_with_l3_compression_off(tiny: tuple[Any, Path], tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """``--l3-compression off`` keeps the blocks raw (no decode on a read); the store remembers the codec."""
+    assert main(["import-hf", str(tiny[1]), str(tmp_path / "z")]) == 0
+    assert main(["import-hf", str(tiny[1]), str(tmp_path / "raw"), "--l3-compression", "off"]) == 0
+    with tierstore.open(tmp_path / "z", readonly=True) as z, tierstore.open(tmp_path / "raw", readonly=True) as raw:
+        assert raw.config.l3_compression == "off" and z.config.l3_compression == "auto"
+        assert raw.stats().compression_ratio <= 1.0 < z.stats().compression_ratio
+        assert {raw.info(k).codec for k in raw.keys(prefix=None)} == {"raw"}
+        for key in z.keys(prefix=None):
+            assert torch.equal(raw.get(key), z.get(key))
+    assert main(["import-hf", str(tiny[1]), str(tmp_path / "bad"), "--l3-compression", "gzip"]) == 2
+    assert "is not a codec" in capsys.readouterr().err

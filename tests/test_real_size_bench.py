@@ -52,6 +52,8 @@ def work(bench: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     total = bench.write_random_checkpoint(config, folder / "ckpt", seed=3, shard_bytes=256 << 10)
     with tierstore.open(folder / "store", l2_cache_size=0) as db:
         import_checkpoint(folder / "ckpt", db, require_config=True)
+    with tierstore.open(folder / "store-raw", l2_cache_size=0, l3_compression="off") as db:
+        import_checkpoint(folder / "ckpt", db, require_config=True)
     assert len(list((folder / "ckpt").glob("*.safetensors"))) > 1  # sharded
     index = json.loads((folder / "ckpt" / "model.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] == total and "lm_head.weight" not in index["weight_map"]
@@ -73,18 +75,23 @@ def test_random_checkpoint_is_seeded(bench: Any, work: Path, tmp_path: Path) -> 
 
 
 def test_variants_run_under_budget_and_agree(bench: Any, work: Path, tmp_path: Path) -> None:
-    """In memory, tierstore (memory=) and the CPU plan give the same tokens; streaming reads from L3."""
+    """In memory, tierstore (memory=, compressed or raw L3) and the CPU plan give the same tokens.
+
+    Not all units are held; at this budget the one decoder layer not held may stay cached in the
+    working reserve, so decode need not read L3 (the real-size run shows the per-token L3 reads).
+    """
     machine = Machine(name="test", disk_read=1e9, decode=1e9, memcpy=5e9, cpu_flops=5e10, ram_free=8 << 30)
     machine_file = tmp_path / "machine.json"
     machine_file.write_text(json.dumps(machine.to_dict()))
     memory = 3 << 20  # below the tiny model's ~4.6 MiB: some units stream
     results = {v: bench.run_variant(v, work, memory, 3, (1, 4, 4), machine_file, matvec=False)
-               for v in ("memory", "tierstore", "plan")}
+               for v in ("memory", "tierstore", "raw", "plan")}
     reference = results["memory"]["tokens"]
     assert len(reference) == 3
-    for variant in ("tierstore", "plan"):
+    for variant in ("tierstore", "raw", "plan"):
         r = results[variant]
         assert r["tokens"] == reference
-        assert r["held_units"] < r["units"] and r["l3_bytes_per_token"] > 0
+        assert r["held_units"] < r["units"] and r["l2_bypasses"] == 0
         assert r["l2_bytes"] <= memory
+    assert results["raw"]["store_bytes"] > results["tierstore"]["store_bytes"]
     assert all(r["peak_rss"] > 0 and r["ttft_s"] > 0 for r in results.values())

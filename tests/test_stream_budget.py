@@ -146,3 +146,75 @@ def test_an_l2_bigger_than_the_budget_allows_is_refused(checkpoint: tuple[Any, P
     with tierstore.open(path, l2_cache_size=split.l2_bytes + 64 * 4096) as db, \
             pytest.raises(ConfigError, match=f"l2_cache_size={split.l2_bytes}"):
         load_streamed(db, memory=10 * layer)
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
+    """A Llama of 12 layers of ~2.6 MiB whose large weights take page runs of L2 (not slab slots)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=12,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    folder = tmp_path_factory.mktemp("wide-ckpt") / "llama"
+    model.save_pretrained(folder, max_shard_size="4MB")
+    store = tmp_path_factory.mktemp("wide-store") / "s"
+    with tierstore.open(store, l2_cache_size=0) as db:
+        import_checkpoint(folder, db, require_config=True)
+    return model, store
+
+
+def _bypasses(db: Any) -> int:
+    return int(db.stats().tiers["L2"]["bypasses"])
+
+
+def test_a_budget_holds_what_it_allows_and_nothing_bypasses_l2(wide: tuple[Any, Path]) -> None:
+    """Under ``memory=`` the fixed weights stay out of L2 and the held set is what the split says.
+
+    Before: the fixed weights' copies took free L2 (``get(copy=True)`` uses L2 scratch), the working
+    region had no slack, fetches bypassed L2 every pass and each holdable unit that once missed was
+    streamed for good.
+    """
+    reference, path = wide
+    expected = _logits(reference)
+    with tierstore.open(path, readonly=True, l2_cache_size=0) as db:
+        units, _ = unit_sizes(db)
+        layer = max(units.values())
+        memory = memory_split(db, 1 << 40).fixed_bytes + 9 * layer + layer // 2
+        split = memory_split(db, memory, prefetch=2)
+    with tierstore.open(path, readonly=True, l2_cache_size=split.l2_bytes) as db:
+        model = load_streamed(db, memory=memory, prefetch=2)
+        l2 = db.stats().tiers["L2"]
+        assert l2["requested"] == l2["bytes"]  # only the blocks cached there, no copies of the fixed weights
+        assert torch.equal(_logits(model), expected)
+        before = _bypasses(db)
+        for _ in range(3):
+            assert torch.equal(_logits(model), expected)
+        stats = model.weight_streamer.stats()
+        assert _bypasses(db) == before
+        assert stats.held_units == split.hold_bytes // layer == 9 - 4  # less 3 working units and 1 of slack
+        model.weight_streamer.close()
+
+
+def test_a_unit_that_missed_l2_once_is_held_on_a_later_pass(wide: tuple[Any, Path]) -> None:
+    """L2 full of someone else's memory during the first pass: the units to hold stream; freed, they are held."""
+    reference, path = wide
+    expected = _logits(reference)
+    with tierstore.open(path, readonly=True, l2_cache_size=0) as db:
+        units, _ = unit_sizes(db)
+        layer = max(units.values())
+        memory = memory_split(db, 1 << 40).fixed_bytes + 9 * layer + layer // 2
+        split = memory_split(db, memory, prefetch=2)
+    with tierstore.open(path, readonly=True, l2_cache_size=split.l2_bytes) as db:
+        model = load_streamed(db, memory=memory, prefetch=2)
+        streamer = model.weight_streamer
+        squatter = db.allocate((split.l2_bytes - 4 * layer,), torch.uint8)  # leaves room to stream, not to hold
+        assert torch.equal(_logits(model), expected)
+        assert streamer.stats().held_units < split.hold_bytes // layer
+        del squatter
+        assert torch.equal(_logits(model), expected)
+        assert torch.equal(_logits(model), expected)
+        assert streamer.stats().held_units == split.hold_bytes // layer
+        streamer.close()

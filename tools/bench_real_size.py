@@ -48,7 +48,9 @@ from typing import Any
 import torch
 
 GiB = 1 << 30
-VARIANTS = ("memory", "tierstore", "accelerate", "plan")
+VARIANTS = ("memory", "tierstore", "raw", "accelerate", "plan")
+STORES = {"tierstore": "store", "plan": "store", "raw": "store-raw"}
+"""The store each tierstore variant opens: ``raw`` is the same checkpoint imported with ``--l3-compression off``."""
 TEXT = {  # the published text shapes (Qwen3-VL-2B/4B-Instruct config.json)
     "2b": dict(hidden_size=2048, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
                intermediate_size=6144),
@@ -246,10 +248,11 @@ def load_variant(variant: str, work: Path, memory: int, machine_file: Path | Non
             work / "ckpt", dtype=torch.bfloat16, device_map="auto", max_memory={"cpu": memory},
             offload_folder=offload)
         return model.eval(), None
-    with tierstore.open(work / "store", readonly=True, l2_cache_size=0) as probe:
+    folder = work / STORES[variant]
+    with tierstore.open(folder, readonly=True, l2_cache_size=0) as probe:
         split = memory_split(probe, memory, prefetch=2)
-    store = tierstore.open(work / "store", readonly=True, l2_cache_size=split.l2_bytes)
-    if variant == "tierstore":
+    store = tierstore.open(folder, readonly=True, l2_cache_size=split.l2_bytes)
+    if variant in ("tierstore", "raw"):
         return load_streamed(store, memory=memory, prefetch=2), store
     from tierstore.integrations.plan_units import model_units
     from tierstore.plan.machine import Machine
@@ -269,7 +272,7 @@ def run_variant(variant: str, work: Path, memory: int, tokens: int, grid: tuple[
     from transformers.utils import logging
 
     logging.disable_progress_bar()
-    drop_page_cache(work / "ckpt", work / "store")
+    drop_page_cache(work / "ckpt", work / "store", work / "store-raw")
     start = time.perf_counter()
     model, store = load_variant(variant, work, memory, machine_file)
     load_s = time.perf_counter() - start
@@ -299,8 +302,10 @@ def run_variant(variant: str, work: Path, memory: int, tokens: int, grid: tuple[
     }
     if store is not None:
         s = model.weight_streamer.stats()
-        result.update(held_units=s.held_units, held_bytes=s.held_bytes, units=s.units,
-                      l2_bytes=store.stats().tiers["L2"]["capacity"])
+        l2 = store.stats().tiers["L2"]
+        result.update(held_units=s.held_units, held_bytes=s.held_bytes, units=s.units, l2_bytes=l2["capacity"],
+                      l2_misses=l2["misses"], l2_bypasses=l2["bypasses"],
+                      store_bytes=sum(p.stat().st_size for p in (work / STORES[variant]).rglob("*") if p.is_file()))
         model.weight_streamer.close()
         store.close()
     if variant == "accelerate":
@@ -314,17 +319,21 @@ def run_variant(variant: str, work: Path, memory: int, tokens: int, grid: tuple[
 # -- the driver ----------------------------------------------------------------------------------------
 
 
-def import_store(work: Path) -> dict[str, Any]:
-    """``tierstore import-hf ckpt store`` as a user runs it, in a child: seconds, GB/s, its peak RSS."""
+def import_store(work: Path, folder: str = "store", codec: str | None = None) -> dict[str, Any]:
+    """``tierstore import-hf ckpt store`` as a user runs it, in a child: seconds, GB/s, its peak RSS.
+
+    ``codec`` is its ``--l3-compression`` (None: the default, compressed).
+    """
     drop_page_cache(work / "ckpt")
     nbytes = sum(p.stat().st_size for p in (work / "ckpt").glob("*.safetensors"))
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "tierstore", "import-hf", str(work / "ckpt"), str(work / "store")],
+    extra = [] if codec is None else ["--l3-compression", codec]
+    subprocess.run([sys.executable, "-m", "tierstore", "import-hf", str(work / "ckpt"), str(work / folder), *extra],
                    check=True)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    stored = sum(p.stat().st_size for p in (work / "store").rglob("*") if p.is_file())
+    stored = sum(p.stat().st_size for p in (work / folder).rglob("*") if p.is_file())
     return {"seconds": seconds, "bytes": nbytes, "gb_per_s": nbytes / seconds / 1e9,
             "peak_rss": peak if peak > before * 1024 else None, "store_bytes": stored}
 
@@ -359,7 +368,7 @@ def predictions(work: Path, machine: Any, memory: int, prefill_tokens: int) -> d
     except ConfigError:  # baselines plans with the default KV/vision budgets, which a tiny budget lacks
         accelerate = None
     memory_all = predict(machine, units, everything, prefill_tokens=prefill_tokens)
-    return {"memory": memory_all, "tierstore": chosen.prediction, "plan": chosen.prediction,
+    return {"memory": memory_all, "tierstore": chosen.prediction, "plan": chosen.prediction, "raw": None,
             "accelerate": accelerate, "_plan": chosen}
 
 
@@ -383,6 +392,13 @@ def bench_model(name: str, args: argparse.Namespace, machine: Any, machine_file:
         print(f"{name}: import-hf {imported['bytes'] / GiB:.2f} GiB in {imported['seconds']:.0f} s "
               f"({imported['gb_per_s']:.2f} GB/s), peak RSS {(imported['peak_rss'] or 0) / 2**20:.0f} MiB, "
               f"stored {imported['store_bytes'] / GiB:.2f} GiB")
+        if "raw" in args.variants.split(","):
+            if not (work / "store-raw" / "catalog.sqlite").exists():
+                imported["raw"] = import_store(work, "store-raw", codec="off")
+                (work / "import.json").write_text(json.dumps(imported))
+            raw = imported["raw"]
+            print(f"{name}: import-hf --l3-compression off in {raw['seconds']:.0f} s, stored "
+                  f"{raw['store_bytes'] / GiB:.2f} GiB")
         available = _mem_available()
         results = {}
         for variant in args.variants.split(","):

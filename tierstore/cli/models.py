@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from .. import open as open_store
 from ..integrations.hf_export import DEFAULT_MAX_SHARD_SIZE
@@ -11,12 +12,17 @@ from ._output import console
 __all__ = ["register"]
 
 
+def _codec(args: argparse.Namespace) -> dict[str, Any]:
+    """``l3_compression`` for the store when ``--l3-compression`` was given (the store remembers it)."""
+    return {} if args.l3_compression is None else {"l3_compression": args.l3_compression}
+
+
 def cmd_import_hf(args: argparse.Namespace) -> int:
     """Import a Hugging Face model folder (config.json + safetensors shards) into a store."""
     from ..integrations.checkpoint import checkpoint_files, import_checkpoint
 
     checkpoint_files(args.checkpoint, require_config=True)  # a bad folder fails before any store is created
-    with open_store(args.store) as db:
+    with open_store(args.store, **_codec(args)) as db:
         count = import_checkpoint(args.checkpoint, db, prefix=args.prefix, require_config=True, progress=True)
     console.print(f"imported {count} tensors and the model config from {args.checkpoint} into {args.store}")
     return 0
@@ -27,7 +33,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     from ..integrations.checkpoint import checkpoint_files, import_checkpoint
 
     checkpoint_files(args.source)  # a bad source fails before any store is created
-    with open_store(args.store) as db:
+    with open_store(args.store, **_codec(args)) as db:
         count = import_checkpoint(args.source, db, prefix=args.prefix, progress=True)
     console.print(f"imported {count} tensors from {args.source} into {args.store}")
     return 0
@@ -79,3 +85,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     exp_hf.set_defaults(func=cmd_export_hf)
     for command in (hf, imp, exp, exp_hf):
         command.add_argument("--prefix", default="", help="key prefix of the model's tensors in the store")
+    for command in (hf, imp):
+        command.add_argument("--l3-compression", default=None, metavar="CODEC",
+                             help="how the store keeps blocks on disk: off (raw: no decode on every read, "
+                                  "the size of the checkpoint), auto, zstd[:LEVEL], shuffle-zstd[:LEVEL], "
+                                  "blosc-lz4; the store remembers it (default: the store's setting, auto "
+                                  "for a new store)")

@@ -36,7 +36,7 @@ from ..config import format_size, parse_size
 from ..engine.handle import TierStore
 from ..errors import CheckpointError, ConfigError
 from .hf_model import build_empty_model, stored_config, tied_weights, unit_groups
-from .stream_budget import memory_split
+from .stream_budget import hold_reserve, memory_split
 
 if TYPE_CHECKING:
     from ..plan.placement import Plan
@@ -195,15 +195,20 @@ class WeightStreamer:
         return self._fetch(index)
 
     def _keep(self, index: int, tensors: list[torch.Tensor]) -> None:
-        """Hold a chosen unit's views; a unit whose weights are not zero-copy views of its tier is streamed."""
+        """Hold a chosen unit's views; a unit whose weights are not zero-copy views of its tier is streamed.
+
+        A unit whose fetch cast a weight (a copy) can never be a view: it is no longer held. One whose
+        fetch found no room in the tier this time is streamed this pass and tried again on the next.
+        """
         if index not in self._holdable:
             return
         if index not in self._held:
-            unit = self.units[index]
-            in_tier = all(self._tier in self.store.tiers_of(key) for _, _, key, _ in unit.params)
-            if not in_tier or index in self._copied:  # a copy outside the tier: holding it costs memory
+            if index in self._copied:  # a cast copy outside the tier: holding it costs memory
                 self._holdable.discard(index)
                 return
+            unit = self.units[index]
+            if not all(self._tier in self.store.tiers_of(key) for _, _, key, _ in unit.params):
+                return  # this fetch bypassed the tier: the next pass tries again
         self._held[index] = tensors
 
     # -- hooks --------------------------------------------------------------------------------------
@@ -274,6 +279,19 @@ def _place_buffers(model: nn.Module, store: TierStore, prefix: str, present: set
             setattr(module, name, value.to(device))  # keeps the buffer's persistence
 
 
+def _owned(store: TierStore, key: str, target: torch.device) -> torch.Tensor:
+    """A weight of the model's own, outside the tiers that serve the streamed units.
+
+    ``get(copy=True)`` puts a host copy in free L2 memory when there is room (scratch, held for as
+    long as the tensor lives): a weight loaded for good would then take L2 the budget gave to the
+    streamed units (:mod:`.stream_budget` counts these weights outside L2). A clone of the view is
+    ordinary memory, and the block's slot can be evicted again.
+    """
+    if target.type != "cpu":
+        return store.get(key, device=target, copy=True)
+    return store.get(key).clone()
+
+
 def _budget(resident_bytes: int | str) -> int:
     return parse_size(resident_bytes) if isinstance(resident_bytes, str) else int(resident_bytes)
 
@@ -290,7 +308,7 @@ def _hold(store: TierStore, target: torch.device, units: list[_Unit], *, prefix:
           ) -> int:
     """Bytes of streamed units to hold in their tier: from ``memory``, or ``hold_bytes``, or what the tier has."""
     capacity = _tier_capacity(store, target)
-    working = (max(0, prefetch) + 1) * max((u.nbytes for u in units), default=0)
+    working = hold_reserve(max((u.nbytes for u in units), default=0), prefetch)
     if memory is not None:
         if resident_bytes:
             raise ConfigError("load_streamed: give memory= or resident_bytes=, not both; memory= chooses the "
@@ -322,11 +340,12 @@ def load_streamed(store: TierStore, *, prefix: str = "", device: str | torch.dev
     ``weight_streamer`` attribute holds the :class:`WeightStreamer` (``close()`` it when done).
 
     Streamed units up to the serving tier's capacity, less a working reserve of ``prefetch + 1``
-    units, are held there once fetched (``hold_bytes`` lowers that; 0 holds none): a cyclic scan
-    then reads only the others from L3. ``memory`` (bytes or ``"3GiB"``) is a budget for all the
-    weights in host memory: the store's L2 must be at most ``memory_split(store, memory).l2_bytes``
-    (else ``ConfigError`` saying the size to open it with), and a budget below the model's minimum
-    is a ``ConfigError`` naming the minimum.
+    units and one unit of slack (:func:`~.stream_budget.hold_reserve`), are held there once
+    fetched (``hold_bytes`` lowers that; 0 holds none): a cyclic scan then reads only the others
+    from L3. ``memory`` (bytes or ``"3GiB"``) is a budget for all the weights in host memory: the
+    store's L2 must be at most ``memory_split(store, memory).l2_bytes`` (else ``ConfigError`` saying
+    the size to open it with), and a budget below the model's minimum is a ``ConfigError`` naming
+    the minimum. The weights loaded for good are copies outside L2 (:func:`_owned`).
 
     ``plan`` (a :class:`~tierstore.plan.placement.Plan` for this model) is executed as
     :mod:`.hybrid_exec` says: each unit's weights come from the tier the plan names and it computes,
@@ -384,7 +403,7 @@ def load_streamed(store: TierStore, *, prefix: str = "", device: str | torch.dev
     for name in params:
         if name in streamed or name in tied:
             continue
-        tensor = store.get(prefix + name, device=None if target.type == "cpu" else target, copy=True)
+        tensor = _owned(store, prefix + name, target)
         if not any(name.startswith(unit + ".") for unit in resident):
             kept += tensor.nbytes  # as stored, like the units' sizes
         if dtype is not None and tensor.is_floating_point():
