@@ -11,8 +11,11 @@ import tierstore
 
 
 def tiny_llama_store(tmp_path_factory: pytest.TempPathFactory, layers: int, *, dtype: torch.dtype | None = None,
-                     max_shard_size: str | None = None) -> tuple[object, Path]:
-    """A tiny seeded Llama of ``layers`` equal decoder layers (~100 KiB each), in memory and imported into a store.
+                     max_shard_size: str | None = None, seed: int = 0, hidden: int = 64, intermediate: int = 96,
+                     vocab: int = 128, head_dim: int = 16) -> tuple[object, Path]:
+    """A small seeded Llama of ``layers`` equal decoder layers, in memory and imported into a store.
+
+    The defaults make layers of ~100 KiB (4 heads, 2 KV heads of ``head_dim``).
 
     Returns the model (eval mode, in ``dtype`` if given) and the store's path; the tests of streaming,
     budgets, plans and hybrid execution compare what they stream against this model.
@@ -21,10 +24,10 @@ def tiny_llama_store(tmp_path_factory: pytest.TempPathFactory, layers: int, *, d
 
     from tierstore.integrations.checkpoint import import_checkpoint
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
-                         tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
+                         max_position_embeddings=64, tie_word_embeddings=False)
     model = LlamaForCausalLM(config)
     model = (model.to(dtype) if dtype is not None else model).eval()
     folder = tmp_path_factory.mktemp("ckpt") / "llama"

@@ -151,19 +151,8 @@ def test_an_l2_bigger_than_the_budget_allows_is_refused(checkpoint: tuple[Any, P
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
     """A Llama of 12 layers of ~2.6 MiB whose large weights take page runs of L2 (not slab slots)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=12,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=64,
-                         tie_word_embeddings=False)
-    model = LlamaForCausalLM(config).eval()
-    folder = tmp_path_factory.mktemp("wide-ckpt") / "llama"
-    model.save_pretrained(folder, max_shard_size="4MB")
-    store = tmp_path_factory.mktemp("wide-store") / "s"
-    with tierstore.open(store, l2_cache_size=0) as db:
-        import_checkpoint(folder, db, require_config=True)
-    return model, store
+    return tiny_llama_store(tmp_path_factory, 12, max_shard_size="4MB", seed=1, hidden=256, intermediate=768,
+                            vocab=4096, head_dim=64)
 
 
 def _bypasses(db: Any) -> int:

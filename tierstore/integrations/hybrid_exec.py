@@ -199,14 +199,17 @@ class HybridStreamer(WeightStreamer):
         return [self.store.get(key, device=self.gpu if l1 else None) for _, _, key, _ in self.units[index].params]
 
     def _keep(self, index: int, tensors: list[torch.Tensor]) -> None:
-        """Hold the views of an L1 or L2 unit (its slots stay put); an L3 unit streams."""
+        """Hold the views of an L1 or L2 unit (its slots stay put); an L3 unit streams.
+
+        A fetch that found no room in the unit's tier this time is streamed this pass and held on a
+        later one (as :meth:`WeightStreamer._keep`): dropping it for good left the held set short.
+        """
         if index not in self._holdable:
             return
         if index not in self._held:
             tier = self.plan_units[self.units[index].name].tier
             if not all(tier in self.store.tiers_of(key) for _, _, key, _ in self.units[index].params):
-                self._holdable.discard(index)
-                return
+                return  # this fetch bypassed the tier: the next pass tries again
         self._held[index] = tensors
 
     # -- hooks --------------------------------------------------------------------------------------
