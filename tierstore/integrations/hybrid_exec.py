@@ -42,7 +42,7 @@ from ..config import format_size
 from ..engine.handle import TierStore
 from ..errors import ConfigError, HardwareUnavailableError
 from ..tiers.l1_device import needs_cast
-from .streaming import WeightStreamer, _place, _Unit
+from .streaming import StreamUnit, WeightStreamer, place_param
 
 if TYPE_CHECKING:
     from ..plan.placement import Plan, UnitPlan
@@ -82,7 +82,7 @@ def gpu_compute_dtype(store: TierStore, stored: torch.dtype, gpu: torch.device,
     return needs_cast(stored, gpu, fallback=fallback, force=force)
 
 
-def check_plan(store: TierStore, units: list[_Unit], plan: Plan, *, prefetch: int, gpu: torch.device | None,
+def check_plan(store: TierStore, units: list[StreamUnit], plan: Plan, *, prefetch: int, gpu: torch.device | None,
                gpu_dtype: torch.dtype | None) -> None:
     """``ConfigError`` unless ``plan`` is for these units and the store's tiers hold what it keeps.
 
@@ -157,7 +157,7 @@ def _tokens(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
 class HybridStreamer(WeightStreamer):
     """A :class:`WeightStreamer` that computes each unit on the device and from the tier its plan names."""
 
-    def __init__(self, store: TierStore, units: list[_Unit], plan: Plan, *, home: torch.device,
+    def __init__(self, store: TierStore, units: list[StreamUnit], plan: Plan, *, home: torch.device,
                  home_dtype: torch.dtype | None, gpu: torch.device | None, gpu_dtype: torch.dtype | None,
                  cpu_dtype: torch.dtype | None, prefetch: int, resident_bytes: int,
                  repeat_from: int | None = None) -> None:
@@ -225,7 +225,7 @@ class HybridStreamer(WeightStreamer):
             held = index in self._held
             for (owner, name, _, _), tensor in zip(self.units[index].params, tensors, strict=True):
                 weight = _convert(tensor, device, dtype, non_blocking=held)
-                _place(owner, name, nn.Parameter(weight, requires_grad=False))
+                place_param(owner, name, nn.Parameter(weight, requires_grad=False))
             self._schedule(index)
             for name in _CACHE_KWARGS:
                 if kwargs.get(name) is not None:
@@ -240,7 +240,7 @@ class HybridStreamer(WeightStreamer):
     def _post_hook(self, index: int) -> Callable[..., Any]:
         def release(module: nn.Module, args: Any, output: Any) -> Any:
             for owner, name, _, placeholder in self.units[index].params:
-                _place(owner, name, placeholder)
+                place_param(owner, name, placeholder)
             return _convert(output, self.home, self.home_dtype)
         return release
 

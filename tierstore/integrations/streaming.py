@@ -41,11 +41,11 @@ from .stream_budget import hold_reserve, memory_split
 if TYPE_CHECKING:
     from ..plan.placement import Plan
 
-__all__ = ["StreamStats", "WeightStreamer", "load_streamed", "streamed_unit_names"]
+__all__ = ["StreamStats", "StreamUnit", "WeightStreamer", "load_streamed", "place_param", "streamed_unit_names"]
 
 
 @dataclass(slots=True)
-class _Unit:
+class StreamUnit:
     """A module whose weights are fetched before its forward and dropped after it."""
 
     name: str
@@ -85,7 +85,7 @@ class StreamStats:
 class WeightStreamer:
     """Hooks that load each unit's weights from the store around its forward, with prefetching."""
 
-    def __init__(self, store: TierStore, units: list[_Unit], *, device: torch.device, dtype: torch.dtype | None,
+    def __init__(self, store: TierStore, units: list[StreamUnit], *, device: torch.device, dtype: torch.dtype | None,
                  prefetch: int, resident_bytes: int, repeat_from: int | None = None, hold_bytes: int = 0,
                  hold_names: set[str] | None = None) -> None:
         """``repeat_from`` is the unit that runs after the last one (decoder layer 0: the next token).
@@ -218,14 +218,14 @@ class WeightStreamer:
             tensors = self._take(index)
             self._keep(index, tensors)
             for (owner, name, _, _), tensor in zip(self.units[index].params, tensors, strict=True):
-                _place(owner, name, nn.Parameter(tensor, requires_grad=False))
+                place_param(owner, name, nn.Parameter(tensor, requires_grad=False))
             self._schedule(index)
         return load
 
     def _post_hook(self, index: int) -> Callable[..., None]:
         def release(module: nn.Module, args: Any, output: Any) -> None:
             for owner, name, _, placeholder in self.units[index].params:
-                _place(owner, name, placeholder)
+                place_param(owner, name, placeholder)
         return release
 
     def release(self) -> None:
@@ -246,7 +246,7 @@ class WeightStreamer:
                 hook.remove()
 
 
-def _place(owner: nn.Module, name: str, param: nn.Parameter) -> None:
+def place_param(owner: nn.Module, name: str, param: nn.Parameter) -> None:
     """Set parameter ``name`` of ``owner`` without ``register_parameter``.
 
     accelerate's ``init_empty_weights`` (building a model in another thread) swaps
@@ -303,7 +303,7 @@ def _tier_capacity(store: TierStore, device: torch.device) -> int:
     return int(tier["capacity"]) if tier else 0
 
 
-def _hold(store: TierStore, target: torch.device, units: list[_Unit], *, prefix: str, prefetch: int,
+def _hold(store: TierStore, target: torch.device, units: list[StreamUnit], *, prefix: str, prefetch: int,
           dtype: torch.dtype | None, memory: int | str | None, resident_bytes: int, hold_bytes: int | str | None
           ) -> int:
     """Bytes of streamed units to hold in their tier: from ``memory``, or ``hold_bytes``, or what the tier has."""
@@ -384,7 +384,7 @@ def load_streamed(store: TierStore, *, prefix: str = "", device: str | torch.dev
         if kept + nbytes <= budget:
             kept += nbytes
             resident.add(unit_name)
-    units: list[_Unit] = []
+    units: list[StreamUnit] = []
     repeat_from = None
     for unit_name in (n for group in groups for n in group):
         if unit_name in resident:
@@ -398,7 +398,7 @@ def load_streamed(store: TierStore, *, prefix: str = "", device: str | torch.dev
             owner_name, _, pname = n.rpartition(".")
             owner = module.get_submodule(owner_name) if owner_name else module
             entries.append((owner, pname, prefix + f"{unit_name}.{n}", p))
-        units.append(_Unit(unit_name, module, entries, nbytes))
+        units.append(StreamUnit(unit_name, module, entries, nbytes))
     streamed = {key[len(prefix):] for u in units for _, _, key, _ in u.params}
     for name in params:
         if name in streamed or name in tied:
@@ -409,11 +409,11 @@ def load_streamed(store: TierStore, *, prefix: str = "", device: str | torch.dev
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         owner_name, _, pname = name.rpartition(".")
-        _place(model.get_submodule(owner_name) if owner_name else model, pname,
+        place_param(model.get_submodule(owner_name) if owner_name else model, pname,
                nn.Parameter(tensor.to(target), requires_grad=False))
     for target_name, source in tied.items():  # tied weights: one tensor, two names
         owner_name, _, pname = target_name.rpartition(".")
-        _place(model.get_submodule(owner_name), pname, model.get_parameter(source))
+        place_param(model.get_submodule(owner_name), pname, model.get_parameter(source))
     hold = _hold(store, target, units, prefix=prefix, prefetch=prefetch, dtype=dtype, memory=memory,
                  resident_bytes=budget, hold_bytes=hold_bytes)
     if plan is not None:
@@ -425,7 +425,7 @@ def load_streamed(store: TierStore, *, prefix: str = "", device: str | torch.dev
     return model
 
 
-def _hybrid(store: TierStore, units: list[_Unit], plan: Plan, *, target: torch.device, dtype: torch.dtype | None,
+def _hybrid(store: TierStore, units: list[StreamUnit], plan: Plan, *, target: torch.device, dtype: torch.dtype | None,
             gpu: torch.device | None, gpu_dtype: torch.dtype | None, prefetch: int, kept: int,
             repeat_from: int | None) -> WeightStreamer:
     """The :class:`~.hybrid_exec.HybridStreamer` executing ``plan``, once the tiers are checked against it."""
