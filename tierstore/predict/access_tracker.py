@@ -11,7 +11,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-__all__ = ["KeyStats", "KeyState", "AccessPatternTracker"]
+__all__ = ["KeyStats", "KeyState", "TrackerState", "AccessPatternTracker"]
 
 K = TypeVar("K", bound=Hashable)
 
@@ -46,6 +46,31 @@ class KeyState:
         self.time_gap = 0.0
         self.last_gap = 0
         self.out = 0  # transitions from this key to the next accessed one
+
+
+@dataclass(frozen=True, slots=True)
+class TrackerState(Generic[K]):
+    """The tracker's working state, for a loop that does :meth:`AccessPatternTracker.record`'s work inline.
+
+    From :meth:`AccessPatternTracker.export_state`; the containers are the tracker's own, not copies
+    (see :mod:`tierstore.predict.replay_state`). ``tick``, ``first_gap``, ``transition`` and
+    ``previous`` are the tracker's public attributes of those names.
+    """
+
+    keys: dict[K, KeyState]
+    """Each key's live record."""
+    successors: dict[K, dict[K, int]]
+    """Each key's successor table (Misra-Gries counts)."""
+    recent: deque[K]
+    """The latest ``window`` keys, oldest first."""
+    in_window: dict[K, int]
+    """How often each key occurs in ``recent``."""
+    tick: int
+    first_gap: float
+    transition: float
+    previous: K | None
+    previous_state: KeyState | None
+    """The record of ``previous``."""
 
 
 class AccessPatternTracker(Generic[K]):
@@ -143,6 +168,21 @@ class AccessPatternTracker(Generic[K]):
                 del table[other]
             for other in table:
                 table[other] -= 1
+
+    def export_state(self) -> TrackerState[K]:
+        """The tracker's working state, its containers shared (for the batch replay's fused loop)."""
+        return TrackerState(self._keys, self._successors, self._recent, self._in_window, self.tick,
+                            self.first_gap, self.transition, self.previous, self._previous_state)
+
+    def load_state(self, state: TrackerState[K]) -> None:
+        """Take ``state`` (from :meth:`export_state`, its scalars advanced by a replay) as the tracker's own.
+
+        The caller-time statistics (``time_per_tick``, the last ``now``) are left as they were.
+        """
+        self._keys, self._successors, self._recent, self._in_window = (state.keys, state.successors,
+                                                                       state.recent, state.in_window)
+        self.tick, self.first_gap, self.transition = state.tick, state.first_gap, state.transition
+        self.previous, self._previous_state = state.previous, state.previous_state
 
     def state(self, key: K) -> KeyState | None:
         """The live record of ``key`` (do not modify it), or None if it was never accessed."""

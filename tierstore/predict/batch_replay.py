@@ -6,8 +6,10 @@ makes, access for access, the decisions that driving the policy through
 traces), 2-4x faster (BENCHMARKS.md, trace replay): the panel runs one epoch at a time, each
 expert over the epoch's keys in one tight loop (:meth:`tierstore.predict.shadow_caches.ShadowCache.run`;
 the tracker, the predictor and its Belady expert in :func:`learn`), then the tier follows the
-leader's reported evictions through the same epoch, and :meth:`PredictivePolicy._choose_leader`
-(the one both paths call) picks the leader for the next.
+leader's reported evictions through the same epoch, and :meth:`PredictivePolicy.choose_leader`
+(the one both paths call) picks the leader for the next. The loops work on the owners' state as
+their ``export_state()`` hands it out and give it back through ``load_state()``
+(:mod:`tierstore.predict.replay_state`).
 
 :func:`learn` is the per-access work of ``AccessPatternTracker.record``, ``SimpleMLPredictor.observe``
 and ``PredictedNextUse.access`` fused into one loop over the predictor's own state, the same
@@ -21,6 +23,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Hashable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
@@ -31,6 +34,7 @@ from .access_tracker import KeyState
 if TYPE_CHECKING:
     from .compiled_learn import CompiledLearner
     from .predictor import PredictedNextUse, PredictivePolicy, SimpleMLPredictor
+    from .replay_state import PanelState
     from .shadow_caches import Evictions
 
 __all__ = ["learn", "simulate"]
@@ -49,14 +53,15 @@ def learn(predictor: SimpleMLPredictor[K], keys: Sequence[K], expert: PredictedN
     :meth:`tierstore.predict.shadow_caches.ShadowCache.run` (the accessed key itself when it was not admitted).
     """
     tracker = predictor.tracker
-    states, successors, max_successors = tracker._keys, tracker._successors, tracker.max_successors
-    recent, in_window, window, alpha = tracker._recent, tracker._in_window, tracker.window, tracker.alpha
+    tracked, learned = tracker.export_state(), predictor.export_state()
+    states, successors, max_successors = tracked.keys, tracked.successors, tracker.max_successors
+    recent, in_window, window, alpha = tracked.recent, tracked.in_window, tracker.window, tracker.alpha
     slide, expire = recent.append, recent.popleft
-    tick, first_gap, transition = tracker.tick, tracker.first_gap, tracker.transition
-    previous, previous_state = tracker.previous, tracker._previous_state
-    rate, horizon, log_h = predictor.learning_rate, predictor.horizon, predictor._log_horizon
-    pending, expiry, probability = predictor._pending, predictor._expiry, predictor._probability
-    draw, cut = predictor._draw, predictor._cut
+    tick, first_gap, transition = tracked.tick, tracked.first_gap, tracked.transition
+    previous, previous_state = tracked.previous, tracked.previous_state
+    rate, horizon, log_h = predictor.learning_rate, predictor.horizon, learned.log_horizon
+    pending, expiry, probability = learned.pending, learned.expiry, learned.probability
+    draw, cut = learned.draw, learned.cut
     w0, w1, w2, w3, w4, w5 = predictor.weights
     samples = predictor.samples
     log1p, exp = math.log1p, math.exp
@@ -65,7 +70,8 @@ def learn(predictor: SimpleMLPredictor[K], keys: Sequence[K], expert: PredictedN
     far_horizon = 2.0 * horizon
     belady = expert is not None
     if expert is not None:
-        version, far, due, serial = expert._version, expert._far, expert._due, expert._serial
+        held = expert.export_state()
+        version, far, due, serial = held.version, held.far, held.due, held.serial
         capacity, patience = expert.capacity, expert.patience
         crowded = CROWDED * capacity + 64
     push = heapq.heappush
@@ -200,12 +206,13 @@ def learn(predictor: SimpleMLPredictor[K], keys: Sequence[K], expert: PredictedN
             heapq.heapify(due)
     if keys and not max_successors:  # the latest access (the successor branch tracks it as it goes)
         previous, previous_state = keys[-1], states[keys[-1]]
-    tracker.tick, tracker.first_gap, tracker.transition = tick, first_gap, transition
-    tracker.previous, tracker._previous_state = previous, previous_state
+    tracker.load_state(replace(tracked, tick=tick, first_gap=first_gap, transition=transition, previous=previous,
+                               previous_state=previous_state))
     predictor.weights[:] = [w0, w1, w2, w3, w4, w5]
-    predictor.samples, predictor._draw = samples, draw
+    predictor.samples = samples
+    predictor.load_state(replace(learned, draw=draw))
     if expert is not None:
-        expert._far, expert._due, expert._serial = far, due, serial
+        expert.load_state(replace(held, far=far, due=due, serial=serial))
     return hits
 
 
@@ -218,25 +225,26 @@ def simulate(policy: PredictivePolicy[K], keys: Sequence[K], parents: Sequence[K
     it, is the policy's :class:`tierstore.predict.compiled_learn.CompiledLearner`: it stands in the
     panel for the Belady expert (if the panel has one) and learns in place of :func:`learn`.
     """
-    if policy._used != len(policy._resident):
+    panel = policy.export_state()
+    if panel.used != len(panel.resident):
         raise ConfigError("simulate replays unit-size accesses; this policy already holds keys of other "
                           "sizes: simulate on a fresh policy, or drive it through tierstore.predict.policies.access")
     if parents is not None and len(parents) != len(keys):
         raise ConfigError(f"simulate needs one parent per key: {len(parents)} parents for {len(keys)} keys")
     n, capacity = len(keys), policy.capacity
     hits = bytearray(n)
-    experts, tally, predictor = policy.experts, policy._hits, policy.predictor
-    resident, parent_of, children = policy._resident, policy._parent, policy._children
+    experts, tally, predictor = policy.experts, panel.hits, policy.predictor
+    resident, parent_of, children = panel.resident, panel.parent, panel.children
     touch = resident.move_to_end
-    used = policy._used
+    used = panel.used
     dense = None if compiled is None else np.asarray(keys, dtype=np.int64)
     stand_in = compiled if compiled is not None and compiled.belady else belady
     arrays = [getattr(expert, "dense", False) for expert in experts]  # compiled experts take int64 slices
     start = 0
     while start < n:
-        stop = min(n, start + policy._countdown)
+        stop = min(n, start + panel.countdown)
         chunk = keys[start:stop]
-        leader = policy._leader
+        leader = panel.leader
         reported: Evictions[K] = []
         report = reported if experts[leader] is stand_in else None
         if dense is not None and compiled is not None:
@@ -250,9 +258,9 @@ def simulate(policy: PredictivePolicy[K], keys: Sequence[K], parents: Sequence[K
                 tally[e] += expert.run(dense[start:stop], reported if e == leader else None)  # type: ignore[arg-type]
             else:
                 tally[e] += expert.run(chunk, reported if e == leader else None)
-        policy._countdown -= stop - start
-        boundary = not policy._countdown
-        outside = policy._outside
+        countdown = panel.countdown - (stop - start)
+        boundary = not countdown
+        outside = panel.outside
         events = iter(reported)
         done = (-1, chunk[0])  # past the last eviction: `at` matches no index
         at, gone = next(events, done)
@@ -271,12 +279,12 @@ def simulate(policy: PredictivePolicy[K], keys: Sequence[K], parents: Sequence[K
                     del outside[key]
                 hits[start + i] = 1
                 if i == last and boundary:
-                    policy._choose_leader()
+                    panel = _next_epoch(policy, panel, used)
                 continue
             if i == last and boundary:  # the epoch's last access is admitted under the next leader
-                policy._choose_leader()
-                outside = policy._outside
-                held = key in experts[policy._leader]
+                panel = _next_epoch(policy, panel, used)
+                outside = panel.outside
+                held = key in experts[panel.leader]
             if not held and used >= capacity:
                 continue
             while used >= capacity:
@@ -305,6 +313,14 @@ def simulate(policy: PredictivePolicy[K], keys: Sequence[K], parents: Sequence[K
                 if parent is not None and parent != key:
                     parent_of[key] = parent
                     children.setdefault(parent, {})[key] = None
-        policy._used = used
+        panel = replace(panel, used=used, countdown=panel.countdown if boundary else countdown)
+        policy.load_state(panel)
         start = stop
     return hits
+
+
+def _next_epoch(policy: PredictivePolicy[K], panel: PanelState[K], used: int) -> PanelState[K]:
+    """Hand ``panel`` (the tier holding ``used``) back to ``policy``, end its epoch; the next epoch's state."""
+    policy.load_state(replace(panel, used=used, countdown=0))
+    policy.choose_leader()
+    return policy.export_state()

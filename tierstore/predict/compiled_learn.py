@@ -281,9 +281,10 @@ class CompiledLearner:
         capacity = expert.capacity if expert is not None else 1
         crowded = 4 * capacity + 64  # batch_replay.CROWDED, as the Python expert compacts
         self.ints = np.zeros(13, dtype=np.int64)
-        self.ints[[_DRAW, _CUT, _HORIZON, _CAPACITY, _CROWDED]] = (predictor._draw, predictor._cut,
+        learned = predictor.export_state()
+        self.ints[[_DRAW, _CUT, _HORIZON, _CAPACITY, _CROWDED]] = (learned.draw, learned.cut,
                                                                   predictor.horizon, capacity, crowded)
-        self.floats = np.array([tracker.first_gap, tracker.alpha, predictor.learning_rate, predictor._log_horizon,
+        self.floats = np.array([tracker.first_gap, tracker.alpha, predictor.learning_rate, learned.log_horizon,
                                 expert.patience if expert is not None else 2.0, math.log1p(1) * 0.25])
         self.weights = np.array(predictor.weights, dtype=np.float64)
         self._size = 0

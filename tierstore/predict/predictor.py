@@ -30,6 +30,7 @@ import numpy.typing as npt
 from ..errors import ConfigError, TierFullError
 from . import batch_replay, compiled_learn, compiled_shadows
 from .access_tracker import AccessPatternTracker, KeyStats
+from .replay_state import BeladyState, PanelState, PredictorState
 from .batch_replay import CROWDED
 from .shadow_caches import Evictions, ShadowARC, ShadowCache, ShadowLIRS, ShadowLRU, ShadowS3FIFO, ShadowWTinyLFU
 
@@ -131,6 +132,19 @@ class SimpleMLPredictor(Generic[K]):
         p = self._probability[key] = self._score(x)
         return p
 
+    def export_state(self) -> PredictorState[K]:
+        """The regression's working state, its containers shared (for the batch replay's fused loop)."""
+        return PredictorState(self._pending, self._expiry, self._probability, self._draw, self._cut,
+                              self._log_horizon)
+
+    def load_state(self, state: PredictorState[K]) -> None:
+        """Take ``state`` (from :meth:`export_state`, its draw advanced by a replay) as the regression's own.
+
+        ``cut`` and ``log_horizon`` are derived from the settings and stay as they are.
+        """
+        self._pending, self._expiry, self._probability = state.pending, state.expiry, state.probability
+        self._draw = state.draw
+
     def reuse_probability(self, key: K) -> float:
         """P(``key`` is accessed within ``horizon`` ticks of its last access), decayed past that horizon."""
         p = self._probability.get(key)
@@ -189,6 +203,14 @@ class PredictedNextUse(Generic[K]):
 
     def __iter__(self) -> Iterator[K]:
         return iter(self._version)
+
+    def export_state(self) -> BeladyState[K]:
+        """The expert's contents and heaps, shared (for the batch replay's fused loop)."""
+        return BeladyState(self._version, self._far, self._due, self._serial)
+
+    def load_state(self, state: BeladyState[K]) -> None:
+        """Take ``state`` (from :meth:`export_state`, as a replay left it: heaps compacted, serial advanced)."""
+        self._version, self._far, self._due, self._serial = state.version, state.far, state.due, state.serial
 
     def _push(self, key: K, expected: float, now: int) -> None:
         self._serial += 1
@@ -358,7 +380,7 @@ class PredictivePolicy(Generic[K]):
                 del outside[key]
         self._countdown -= 1
         if not self._countdown:
-            self._choose_leader()
+            self.choose_leader()
 
     def simulate(self, keys: Sequence[K], parents: Sequence[K | None] | None = None) -> bytearray:
         """Replay ``keys`` as unit-size accesses to a tier of ``capacity`` entries; 1 per hit, 0 per miss.
@@ -373,8 +395,23 @@ class PredictivePolicy(Generic[K]):
         belady = next((e for e in self.experts if isinstance(e, PredictedNextUse)), None)
         return batch_replay.simulate(self, keys, parents, belady)
 
-    def _choose_leader(self) -> None:
-        """End an epoch: decay the experts' scores and maybe change leader (both paths call this)."""
+    def export_state(self) -> PanelState[K]:
+        """The tier's keys and the epoch's state, the containers shared (for the batch replay's loop)."""
+        return PanelState(self._resident, self._outside, self._parent, self._children, self._hits, self._used,
+                          self._leader, self._countdown)
+
+    def load_state(self, state: PanelState[K]) -> None:
+        """Take ``state`` (from :meth:`export_state`, advanced by a replay) as the policy's own."""
+        self._resident, self._outside, self._parent, self._children = (state.resident, state.outside,
+                                                                       state.parent, state.children)
+        self._hits, self._used, self._leader, self._countdown = state.hits, state.used, state.leader, state.countdown
+
+    def choose_leader(self) -> None:
+        """End an epoch: decay the experts' scores and maybe change leader (both paths call this).
+
+        Restarts the epoch's countdown, zeroes the epoch's hits and, on a change of leader, rebuilds
+        the set of resident keys the new leader does not hold.
+        """
         self._countdown = self.epoch
         scores, hits = self.scores, self._hits
         for i, count in enumerate(hits):
