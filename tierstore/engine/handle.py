@@ -16,7 +16,8 @@ outside the writer mutex (a spill of a cache-only block chosen for eviction by a
 only if the key's newest version is still the one it copied, else it is dropped (versions, not hope).
 
 This module keeps the handle's lifecycle, transactions and public API; the work is done by parts
-the handle composes (built at open, in :mod:`tierstore.engine.opening`, each given the parts it needs):
+the handle composes (built at open by :func:`tierstore.engine.opening.open_parts`, each given the parts it
+needs and the handle's callbacks, :class:`~tierstore.engine.opening.HandleCalls`):
 the get path (:class:`~tierstore.engine.handle_reads.Reads`), the put path and the commit
 (:class:`~tierstore.engine.handle_writes.Writes`), the reports ``info``, ``history``, ``stats``
 (:class:`~tierstore.engine.handle_reports.Reports`) and the store's side of the shared tier, ``publish``,
@@ -53,7 +54,7 @@ from .access_recorder import Access, summarize
 from .index import BlockIndex
 from .migrator import Migrator, Pin, Plan
 from .mover import Mover
-from .opening import CATALOG_NAME, L2_FILE, StoreOpening
+from .opening import CATALOG_NAME, L2_FILE, HandleCalls, open_parts
 from .shared_coordinator import Progress, PublishReport, PullReport, SharedCoordinator, SharedVerifyReport
 from .transaction import Txn
 from .upkeep_steps import steps
@@ -66,7 +67,7 @@ __all__ = ["TierStore", "BlockInfo", "StoreStats", "open_store", "CATALOG_NAME",
 
 
 
-class TierStore(StoreOpening, MutableMapping[str, torch.Tensor]):
+class TierStore(MutableMapping[str, torch.Tensor]):
     """A handle on one store. Use :func:`tierstore.open` to get one; it is a context manager.
 
     It is a ``MutableMapping`` of key to tensor: ``db[k]`` is ``get(k)`` (``BlockNotFoundError``,
@@ -77,6 +78,28 @@ class TierStore(StoreOpening, MutableMapping[str, torch.Tensor]):
     """
 
     # -- handle -------------------------------------------------------------------------------------
+
+    def __init__(self, path: str | Path, config: CacheConfig | None = None, *, readonly: bool = False,
+                 remember_config: bool = True, **overrides: Any) -> None:
+        self._closed = True
+        self._write_mutex = threading.RLock()
+        self._local = threading.local()
+        calls = HandleCalls(check_open=self._check_open, check_writable=self._check_writable,
+                            closed=lambda: self._closed, txn=self._txn, write_history=self._write_history,
+                            put=self.put, transaction=self.transaction, keys=self.keys)
+        opened = open_parts(path, config, readonly=readonly, remember_config=remember_config, overrides=overrides,
+                            calls=calls)
+        self.path, self.readonly, self.config = opened.path, opened.readonly, opened.config
+        self.recovery, self.journal_recovery = opened.recovery, opened.journal_recovery
+        """What the open recovered: the L3 sweep's report and the interrupted moves undone (tierstore.engine.moves)."""
+        self.warm_blocks = opened.warm_blocks
+        """Blocks taken back from a file-backed L2 at open (restart-warm)."""
+        self._lock, self._catalog, self._l3, self._index = opened.lock, opened.catalog, opened.l3, opened.index
+        self._l1, self._l2, self._l2_generation = opened.l1, opened.l2, opened.l2_generation
+        self._mover, self._migrator, self._shared = opened.mover, opened.migrator, opened.shared
+        self._recorder, self._reads, self._writes = opened.recorder, opened.reads, opened.writes
+        self._reports, self._shared_access = opened.reports, opened.shared_access
+        self._closed = False
 
     def __enter__(self) -> TierStore:
         return self

@@ -30,8 +30,8 @@ import numpy.typing as npt
 from ..errors import ConfigError, TierFullError
 from . import batch_replay, compiled_learn, compiled_shadows
 from .access_tracker import AccessPatternTracker, KeyStats
-from .replay_state import BeladyState, PanelState, PredictorState
 from .batch_replay import CROWDED
+from .replay_state import BeladyState, PanelState, PredictorState
 from .shadow_caches import Evictions, ShadowARC, ShadowCache, ShadowLIRS, ShadowLRU, ShadowS3FIFO, ShadowWTinyLFU
 
 __all__ = ["KeyStats", "AccessPatternTracker", "SimpleMLPredictor", "PredictivePolicy", "SuccessorTable",

@@ -25,7 +25,7 @@ K = TypeVar("K", bound=Hashable)
 
 @dataclass(frozen=True, slots=True)
 class PredictorState(Generic[K]):
-    """:class:`tierstore.predict.predictor.SimpleMLPredictor`'s working state (``weights`` and ``samples`` are public)."""
+    """:class:`tierstore.predict.predictor.SimpleMLPredictor`'s working state (``weights``, ``samples``: public)."""
 
     pending: dict[K, tuple[int, tuple[float, ...]]]
     """Each key's sample awaiting its label: (tick it was taken, features)."""
