@@ -33,6 +33,7 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import TextIO
 
 from .._version import __version__
 from ..errors import TierStoreError
@@ -64,7 +65,7 @@ class _OneLine(logging.Formatter):
         return f"tierstore: {record.levelname.lower()}: {' '.join(record.getMessage().split())}"
 
 
-class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+class _Stderr(logging.StreamHandler[TextIO]):
     """A handler on whatever ``sys.stderr`` is when a record comes (StreamHandler keeps the one it started with)."""
 
     def emit(self, record: logging.LogRecord) -> None:

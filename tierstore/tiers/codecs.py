@@ -72,7 +72,8 @@ class Codec:
             return _compressor(self.level).compress(chunk.data)
         if self.kind == "shuffle-zstd":
             return _compressor(self.level).compress(_shuffle_into_scratch(chunk, self.elementsize).data)
-        return _blosc(self.elementsize).encode(chunk)  # type: ignore[no-any-return]
+        encoded: bytes = _blosc(self.elementsize).encode(chunk)  # numcodecs is untyped; Blosc.encode returns bytes
+        return encoded
 
     def decode_into(self, data: Any, out: np.ndarray) -> None:
         """Decode one encoded chunk into ``out`` (exactly the chunk's decoded size).

@@ -42,7 +42,7 @@ import torch
 
 from ..config import parse_size
 from ..errors import ConfigError, DeviceMemoryError, StoreClosedError, TierFullError, UnsupportedTensorError
-from .l1_device import DeviceMemory, PoolStats, event_done, is_device_oom, needs_cast, new_event
+from .l1_device import DeviceMemory, PoolStats, event_done, is_device_oom, needs_cast, new_event, new_stream
 from .slab_allocator import Allocation, ClassStats, SlabAllocator, view_nbytes
 
 __all__ = ["DeviceMemory", "DevicePool", "MemoryProbe", "PoolStats", "event_done", "is_device_oom", "needs_cast",
@@ -509,7 +509,7 @@ class DevicePool:
 
     def _side_stream(self) -> torch.cuda.Stream:
         if self._stream is None:
-            self._stream = torch.cuda.Stream(self._device)  # type: ignore[no-untyped-call]
+            self._stream = new_stream(self._device)
         return self._stream
 
     def _grow_for(self, nbytes: int) -> _Chunk:

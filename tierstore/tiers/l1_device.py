@@ -6,13 +6,14 @@ Facts and values only (no pool state): :mod:`tierstore.tiers.l1_cuda` and the me
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from .slab_allocator import ClassStats
 
-__all__ = ["DeviceMemory", "PoolStats", "event_done", "is_device_oom", "needs_cast", "new_event"]
+__all__ = ["DeviceMemory", "PoolStats", "event_done", "is_device_oom", "needs_cast", "new_event", "new_stream"]
 
 # Compute capability from which a GPU does native math in the dtype; below it, cast on the way in.
 _NATIVE_FROM: dict[torch.dtype, tuple[int, int]] = {torch.bfloat16: (8, 0)}
@@ -88,13 +89,23 @@ def is_device_oom(exc: BaseException) -> bool:
         isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
 
 
-# torch.cuda.Event's constructor and query() carry no annotations: these two typed wrappers are the
-# only places the L1 code calls them, so mypy --strict needs its exception in one spot, not at every call.
+# torch.cuda.Event's and Stream's constructors and Event.query() carry no annotations: typed here
+# once, with the signatures torch documents, and called only through the wrappers below.
+_make_event: Callable[[], torch.cuda.Event] = torch.cuda.Event
+_query_event: Callable[[torch.cuda.Event], bool] = torch.cuda.Event.query
+_make_stream: Callable[[torch.device], torch.cuda.Stream] = torch.cuda.Stream
+
+
+def new_stream(device: torch.device) -> torch.cuda.Stream:
+    """A new CUDA stream on ``device`` (a CUDA device)."""
+    return _make_stream(device)
+
+
 def new_event() -> torch.cuda.Event:
     """A fresh CUDA event (not yet recorded)."""
-    return torch.cuda.Event()  # type: ignore[no-untyped-call]
+    return _make_event()
 
 
 def event_done(event: torch.cuda.Event) -> bool:
     """Whether the work ``event`` marks has finished (never blocks)."""
-    return bool(event.query())  # type: ignore[no-untyped-call]
+    return bool(_query_event(event))
