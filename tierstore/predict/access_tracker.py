@@ -48,7 +48,7 @@ class KeyState:
         self.out = 0  # transitions from this key to the next accessed one
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TrackerState(Generic[K]):
     """The tracker's working state, for a loop that does :meth:`AccessPatternTracker.record`'s work inline.
 

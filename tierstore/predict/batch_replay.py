@@ -23,7 +23,6 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Hashable, Sequence
-from dataclasses import replace
 from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
@@ -206,13 +205,15 @@ def learn(predictor: SimpleMLPredictor[K], keys: Sequence[K], expert: PredictedN
             heapq.heapify(due)
     if keys and not max_successors:  # the latest access (the successor branch tracks it as it goes)
         previous, previous_state = keys[-1], states[keys[-1]]
-    tracker.load_state(replace(tracked, tick=tick, first_gap=first_gap, transition=transition, previous=previous,
-                               previous_state=previous_state))
+    tracked.tick, tracked.first_gap, tracked.transition = tick, first_gap, transition
+    tracked.previous, tracked.previous_state = previous, previous_state
+    tracker.load_state(tracked)
     predictor.weights[:] = [w0, w1, w2, w3, w4, w5]
-    predictor.samples = samples
-    predictor.load_state(replace(learned, draw=draw))
+    predictor.samples, learned.draw = samples, draw
+    predictor.load_state(learned)
     if expert is not None:
-        expert.load_state(replace(held, far=far, due=due, serial=serial))
+        held.far, held.due, held.serial = far, due, serial
+        expert.load_state(held)
     return hits
 
 
@@ -313,7 +314,9 @@ def simulate(policy: PredictivePolicy[K], keys: Sequence[K], parents: Sequence[K
                 if parent is not None and parent != key:
                     parent_of[key] = parent
                     children.setdefault(parent, {})[key] = None
-        panel = replace(panel, used=used, countdown=panel.countdown if boundary else countdown)
+        panel.used = used
+        if not boundary:  # else the next epoch's countdown, from choose_leader
+            panel.countdown = countdown
         policy.load_state(panel)
         start = stop
     return hits
@@ -321,6 +324,7 @@ def simulate(policy: PredictivePolicy[K], keys: Sequence[K], parents: Sequence[K
 
 def _next_epoch(policy: PredictivePolicy[K], panel: PanelState[K], used: int) -> PanelState[K]:
     """Hand ``panel`` (the tier holding ``used``) back to ``policy``, end its epoch; the next epoch's state."""
-    policy.load_state(replace(panel, used=used, countdown=0))
+    panel.used, panel.countdown = used, 0
+    policy.load_state(panel)
     policy.choose_leader()
     return policy.export_state()
