@@ -89,23 +89,21 @@ def is_device_oom(exc: BaseException) -> bool:
         isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
 
 
-# torch.cuda.Event's and Stream's constructors and Event.query() carry no annotations: typed here
-# once, with the signatures torch documents, and called only through the wrappers below.
-_make_event: Callable[[], torch.cuda.Event] = torch.cuda.Event
-_query_event: Callable[[torch.cuda.Event], bool] = torch.cuda.Event.query
-_make_stream: Callable[[torch.device], torch.cuda.Stream] = torch.cuda.Stream
-
-
+# torch.cuda.Event's and Stream's constructors and Event.query() carry no annotations: the wrappers
+# below give them the signatures torch documents (looked up at each call, as a direct call would).
 def new_stream(device: torch.device) -> torch.cuda.Stream:
     """A new CUDA stream on ``device`` (a CUDA device)."""
-    return _make_stream(device)
+    make: Callable[[torch.device], torch.cuda.Stream] = torch.cuda.Stream
+    return make(device)
 
 
 def new_event() -> torch.cuda.Event:
     """A fresh CUDA event (not yet recorded)."""
-    return _make_event()
+    make: Callable[[], torch.cuda.Event] = torch.cuda.Event
+    return make()
 
 
 def event_done(event: torch.cuda.Event) -> bool:
     """Whether the work ``event`` marks has finished (never blocks)."""
-    return bool(_query_event(event))
+    query: Callable[[], bool] = event.query  # the event's own method (tests pass stand-ins)
+    return bool(query())

@@ -150,12 +150,10 @@ def _released(m: _Mapping, offset: int, nbytes: int, on_release: Callable[[], No
         on_release()
 
 
-_torch_cudart: Callable[[], Any] = torch.cuda.cudart  # unannotated in torch; returns its cudart module
-
-
 def _cudart() -> Any:
     """torch's libcudart bindings; only ever called once torch.cuda.is_available()."""
-    return _torch_cudart()
+    cudart: Callable[[], Any] = torch.cuda.cudart  # unannotated in torch; returns its cudart module
+    return cudart()
 
 
 @functools.cache
