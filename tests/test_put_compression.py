@@ -77,7 +77,7 @@ def test_threads_spilling_blocks_of_both_codecs(store_path: Path) -> None:
         assert not errors, errors
         raw_writers = {"w1", "w3"}
         spilled = 0
-        for key in db.keys():
+        for key in list(db):
             info = db.info(key)
             if "L3" in info.tiers:
                 spilled += 1
