@@ -33,7 +33,7 @@ class Machine:
     disk_read: float
     """Sequential read of the store's disk, bytes/s (what an L3 read of stored bytes costs)."""
     decode: float
-    """Decompression of L3 blocks on all ``cores`` (one thread's speed times ``cores``), bytes/s of decoded data."""
+    """Decompression of L3 blocks on all ``cores`` at once, bytes/s of decoded data (``decode / cores`` per thread)."""
     memcpy: float
     """Host memory bandwidth, bytes/s: what a CPU matrix-vector product reads its weights at."""
     cpu_flops: float
@@ -61,7 +61,8 @@ class Machine:
     compute_threads: int | None = None
     """Threads a CPU matrix product runs on (None: all ``cores``, torch's default)."""
     page_cache_read: float | None = None
-    """One thread's ``pread`` of a file held in the page cache into memory already faulted in, bytes/s.
+    """One thread's ``pread`` of a file held in the page cache into memory already faulted in, bytes/s
+    (its share with every core reading, as :func:`~tierstore.plan.bandwidth.measure_fetch` measures).
 
     What a raw L3 block costs to copy into its L2 slot once its file is cached (None: ``memcpy``).
     """
@@ -164,8 +165,8 @@ class Machine:
 
         facts = detect(folder)
         bw = measure(folder, nbytes=nbytes)
-        fetch = measure_fetch(folder)
         cores = max(1, facts.logical_cores)
+        fetch = measure_fetch(folder, threads=cores)  # every core at once: the share each gets, as the read pool sees
         gpu: dict[str, Any] = {}
         if torch.cuda.is_available():
             gpu = _measure_gpu(nbytes)
