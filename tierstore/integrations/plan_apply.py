@@ -3,9 +3,8 @@
 A unit streamed every token costs its decompression on every pass; where the plan says decoding
 would be the bottleneck it fetches the unit raw (:attr:`~tierstore.plan.placement.Plan.raw_units`),
 which needs the unit's blocks stored raw. :func:`store_raw` rewrites them through the public store
-API, as ``tierstore import-hf --l3-compression off`` writes a whole model: a handle opened with
-``l3_compression="off"`` writes every put raw; opened with ``remember_config=False``, the store keeps
-its own setting for later puts. All the units' tensors are rewritten in one transaction: a crash
+API with ``put(..., compression="off")`` (a block's own codec; the store keeps its setting for
+later puts). All the units' tensors are rewritten in one transaction: a crash
 leaves the store as it was, and the values do not change (only how L3 keeps them).
 """
 
@@ -35,7 +34,7 @@ def store_raw(store: str | Path, chosen: Plan, *, prefix: str = "") -> int:
     Blocks already raw are left alone. Raises ``ConfigError`` when a unit has no tensors in the
     store (a plan made for another model or prefix).
     """
-    with open_store(store, l3_compression="off", l2_cache_size=0, remember_config=False) as db:
+    with open_store(store, l2_cache_size=0, remember_config=False) as db:
         keys = list(db.keys(prefix or None))
         todo: list[str] = []
         for unit in chosen.raw_units:
@@ -46,5 +45,5 @@ def store_raw(store: str | Path, chosen: Plan, *, prefix: str = "") -> int:
             todo += [k for k in found if db.info(k).codec != "raw"]
         with db.transaction():
             for key in todo:
-                db.put(key, db.get(key, copy=True))
+                db.put(key, db.get(key, copy=True), compression="off")
     return len(todo)
