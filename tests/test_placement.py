@@ -110,8 +110,8 @@ def test_machines_from_files_and_their_errors(tmp_path: Path) -> None:
     assert Machine.from_file(path) == Machine.seed_laptop()
     path.write_text(json.dumps(replace(CPU_BOX, cpu_matvec=2e9).to_dict()))
     assert Machine.from_file(path).cpu_matvec == 2e9
-    path.write_text(json.dumps({**CPU_BOX.to_dict(), "cores": 4}))
-    with pytest.raises(ConfigError, match="cores"):
+    path.write_text(json.dumps({**CPU_BOX.to_dict(), "sockets": 4}))
+    with pytest.raises(ConfigError, match="sockets"):
         Machine.from_file(path)
     with pytest.raises(ConfigError, match="all three"):
         replace(CPU_BOX, gpu_flops=1e12)

@@ -529,3 +529,36 @@ def test_restores_are_timed_and_scale_the_next_prediction(model: Any, db: tierst
     assert torch.equal(out.sequences, reference(model, inputs).sequences)
     policy.observe_restore(1.0, 3.0)
     assert policy.read_scale == pytest.approx(0.5 * estimate.read_scale + 1.5)  # a moving average
+
+
+@pytest.mark.parametrize("spill, expected", [("off", "off"), ("zstd:1", "zstd:1"), (None, None)],
+                         ids=["default-raw", "zstd", "store-codec"])
+def test_spilled_segments_ask_for_the_cache_codec(model: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  spill: str | None, expected: str | None) -> None:
+    """Cache-only segments are put with ``spill_compression`` (raw by default: read back every step),
+    durable prefix spans with the store's codec (tests/test_put_compression.py: the store honours it)."""
+    inputs = synthetic_inputs(TEXT, image_seed=None, suffix=SUFFIX)
+    ref = reference(model, inputs)
+    kwargs: dict[str, Any] = {} if spill == "off" else {"spill_compression": spill}
+    asked: dict[bool, set[str | None]] = {True: set(), False: set()}
+    with tiny_tiers(tmp_path / "s") as db:
+        put = db.put
+
+        def spy(key: str, tensor: torch.Tensor, **kw: Any) -> None:
+            asked[bool(kw.get("durable", True))].add(kw.get("compression"))
+            put(key, tensor, **kw)
+
+        monkeypatch.setattr(db, "put", spy)
+        with TieredCache(db, config=model.config, budget=20_000, **kwargs) as cache:
+            out = model.generate(**inputs, cache=cache, **GEN)
+            assert_same_output(out, ref)
+            assert db.stats().hits["L3"] > 0
+        with TieredCache(db, config=model.config, persist=True, span_blocks=1, **kwargs) as cache:
+            assert_same_output(cache.generate(model, **inputs, **GEN), ref)
+    assert asked[False] == {expected}
+    assert asked[True] == {None}
+
+
+def test_a_bad_spill_codec_is_a_cache_usage_error(db: tierstore.TierStore) -> None:
+    with pytest.raises(CacheUsageError):
+        TieredCache(db, num_layers=2, spill_compression="lzma")

@@ -84,6 +84,8 @@ def test_variants_run_under_budget_and_agree(bench: Any, work: Path, tmp_path: P
     machine_file = tmp_path / "machine.json"
     machine_file.write_text(json.dumps(machine.to_dict()))
     memory = 3 << 20  # below the tiny model's ~4.6 MiB: some units stream
+    rewritten = bench.prepare_plan_store(work, machine, memory)  # the plan's raw units stored raw (plan --apply)
+    assert rewritten > 0
     results = {v: bench.run_variant(v, work, memory, 3, (1, 4, 4), machine_file, matvec=False)
                for v in ("memory", "tierstore", "raw", "plan")}
     reference = results["memory"]["tokens"]
@@ -93,5 +95,5 @@ def test_variants_run_under_budget_and_agree(bench: Any, work: Path, tmp_path: P
         assert r["tokens"] == reference
         assert r["held_units"] < r["units"] and r["l2_bypasses"] == 0
         assert r["l2_bytes"] <= memory
-    assert results["raw"]["store_bytes"] > results["tierstore"]["store_bytes"]
+    assert results["raw"]["store_bytes"] > results["plan"]["store_bytes"] > results["tierstore"]["store_bytes"]
     assert all(r["peak_rss"] > 0 and r["ttft_s"] > 0 for r in results.values())

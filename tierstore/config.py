@@ -104,6 +104,11 @@ _L1_DEVICE_RE = re.compile(r"(cpu|cuda)(:[0-9]{1,4})?")
 _CODEC_RE = re.compile(r"^(off|none|raw|auto|zstd|shuffle-zstd|bytegroup-zstd|blosc-lz4)(?::(-?[0-9]+))?$")
 
 
+def normalize_compression(value: bool | str) -> str:
+    """The canonical codec setting for ``value`` (``l3_compression``'s forms); ``ConfigError`` if it is none."""
+    return _normalize_compression(value)
+
+
 def _normalize_compression(value: bool | str) -> str:
     if value is True:
         return "auto"

@@ -17,9 +17,11 @@ them over (with every spill and write that causes), and decodes ``--decode`` tok
 after the prefill's first token. ``TTFT`` is the measured prefill plus that cache's share of it
 (its ``update`` calls); ``decode`` the median ms per token. Variants: ``dyn`` (DynamicCache),
 ``offload`` (``DynamicCache(offloading=True)``, transformers' offloaded cache: it needs CUDA),
-``l2`` (budget 1/16 of the K/V, the store's L2 holds all of it), ``l3`` (the same budget, L2 a
-quarter of the K/V: most of it comes back from L3, compressed with the store's default codec),
-``l3raw`` and ``l3lz4`` (the same with ``l3_compression="off"`` / ``"blosc-lz4"``). Every
+``l2`` (budget 1/16 of the K/V, the store's L2, 1.25x the K/V, holds all of it), ``l3`` (the
+same budget, L2 a quarter of the K/V: most of it comes back from L3, spilled with TieredCache's
+default ``spill_compression="off"``), ``l3zstd`` (the same, spilled with the store's default codec,
+byte-shuffled zstd: ``spill_compression=None``), ``l3raw`` (a store with ``l3_compression="off"``)
+and ``l3lz4`` (``spill_compression="blosc-lz4"``). Every
 variant's tokens are checked equal to
 DynamicCache's. ``--repeat`` runs the variants round-robin that many times; medians, and the
 median over rounds of each round's DynamicCache/variant ratio (the paired ratio).
@@ -120,10 +122,11 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
         elif args.variant == "offload":
             cache = None
         else:
-            l2 = kv_bytes * 2 if args.variant == "l2" else kv_bytes // 4
-            codec = {"l3raw": "off", "l3lz4": "blosc-lz4"}.get(args.variant, True)
+            l2 = kv_bytes * 5 // 4 if args.variant == "l2" else kv_bytes // 4
+            codec = "off" if args.variant == "l3raw" else True
+            spill = {"l3zstd": None, "l3lz4": "blosc-lz4"}.get(args.variant, "off")
             store = tierstore.open(Path(tmp) / "kv", l2_cache_size=l2, fsync=False, l3_compression=codec)
-            cache = TieredCache(store, config=model.config, budget=kv_bytes // 16)
+            cache = TieredCache(store, config=model.config, budget=kv_bytes // 16, spill_compression=spill)
         try:
             if cache is None:
                 cache = DynamicCache(offloading=True)  # raises without CUDA (torch.Stream on no accelerator)

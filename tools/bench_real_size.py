@@ -11,14 +11,16 @@ RSS is its own), on a synthetic image + prompt, greedy:
 - ``tierstore``: ``load_streamed(store, memory=M)`` with L2 sized by ``memory_split``,
 - ``accelerate``: ``from_pretrained(device_map="auto", max_memory={"cpu": M}, offload_folder=...)``,
 - ``plan``: ``load_streamed(store, plan=placement.plan(model_units(store), machine, memory=M))`` with
-  the machine measured once (``Machine.from_probe``) at the start of the run.
+  the machine measured once (``Machine.from_probe``) at the start of the run, on a copy of the
+  store where the units the plan streams raw were rewritten raw first (``tierstore plan --apply``).
 
 Per variant: load time, TTFT (prefill incl. the vision tower), decode ms/token (median gap between
 tokens), peak RSS (``VmHWM``), bytes per decoded token read from the disk device
 (``/proc/self/io`` ``read_bytes``; the variant's files are dropped from the page cache first with
 ``posix_fadvise(DONTNEED)``) and read through ``read()`` (``rchar``), the store's own L3 bytes per
 token, and whether the tokens equal the reference. Then the planner's prediction for each variant
-on the measured machine, and the ratio measured/predicted.
+on the measured machine, and the ratio measured/predicted; also with the CPU's matvec and fetch
+rates measured in the variant's own process right before ``generate`` (the "in-run" prediction).
 
 Compute dtype is bf16, as stored: this CPU (AMX/AVX512-BF16) multiplies bf16 at 4-6x fp32's FLOP/s
 and a decoded token reads bf16 weights at about fp32's bytes/s, and bf16 keeps streamed weights
@@ -49,8 +51,9 @@ import torch
 
 GiB = 1 << 30
 VARIANTS = ("memory", "tierstore", "raw", "accelerate", "plan")
-STORES = {"tierstore": "store", "plan": "store", "raw": "store-raw"}
-"""The store each tierstore variant opens: ``raw`` is the same checkpoint imported with ``--l3-compression off``."""
+STORES = {"tierstore": "store", "plan": "store-plan", "raw": "store-raw"}
+"""The store each tierstore variant opens: ``raw`` is the same checkpoint imported with ``--l3-compression off``;
+``plan`` is a copy of ``store`` with the units the plan streams raw rewritten raw (``tierstore plan --apply``)."""
 TEXT = {  # the published text shapes (Qwen3-VL-2B/4B-Instruct config.json)
     "2b": dict(hidden_size=2048, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
                intermediate_size=6144),
@@ -260,7 +263,26 @@ def load_variant(variant: str, work: Path, memory: int, machine_file: Path | Non
 
     machine = Machine.from_file(machine_file) if machine_file is not None else Machine.from_probe(work)
     chosen = plan(model_units(store), machine, memory=memory, prefetch=2, **PLAN_TERMS)
+    if chosen.raw_units:
+        raise RuntimeError(f"the plan still wants {len(chosen.raw_units)} units raw in {folder}: prepare_plan_store "
+                           "did not apply it")
     return load_streamed(store, plan=chosen, prefetch=2), store
+
+
+def prepare_plan_store(work: Path, machine: Any, memory: int) -> int:
+    """``store-plan``: a copy of ``store`` with the plan's raw units rewritten raw (``plan --apply``); how many."""
+    import tierstore
+    from tierstore.integrations.plan_apply import store_raw
+    from tierstore.integrations.plan_units import model_units
+    from tierstore.plan.placement import plan
+
+    target = work / STORES["plan"]
+    if not (target / "catalog.sqlite").exists():
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(work / "store", target)
+    with tierstore.open(target, readonly=True, l2_cache_size=0) as db:
+        chosen = plan(model_units(db), machine, memory=memory, prefetch=2, **PLAN_TERMS)
+    return store_raw(target, chosen) if chosen.raw_units else 0
 
 
 def run_variant(variant: str, work: Path, memory: int, tokens: int, grid: tuple[int, int, int],
@@ -279,9 +301,11 @@ def run_variant(variant: str, work: Path, memory: int, tokens: int, grid: tuple[
     load_peak = _vm_hwm()
     config = model.config
     inputs = bench_inputs(config, grid)
+    from tierstore.plan.bandwidth import measure_fetch
     from tierstore.plan.machine import measure_matvec
 
     rate = measure_matvec() if matvec else None  # under this variant's share of the shared CPU, right before it runs
+    fetch = measure_fetch(work) if matvec else None
     stamps = _Stamps()
     stamps.store = store
     io0 = _proc_io()
@@ -294,7 +318,7 @@ def run_variant(variant: str, work: Path, memory: int, tokens: int, grid: tuple[
         "variant": variant, "load_s": load_s, "ttft_s": stamps.times[1] - begin,
         "decode_s": statistics.median(gaps) if gaps else float("nan"), "gaps_s": gaps,
         "tokens": out[0, inputs["input_ids"].shape[1]:].tolist(), "peak_rss": _vm_hwm(),
-        "peak_rss_load": load_peak, "matvec_rate": rate,
+        "peak_rss_load": load_peak, "matvec_rate": rate, "fetch_rates": fetch,
         "read_bytes_per_token": (stamps.io[-1]["read_bytes"] - stamps.io[1]["read_bytes"]) / decoded,
         "rchar_per_token": (stamps.io[-1]["rchar"] - stamps.io[1]["rchar"]) / decoded,
         "prefill_read_bytes": stamps.io[1]["read_bytes"] - io0["read_bytes"],
@@ -353,7 +377,11 @@ def child(variant: str, work: Path, memory: int, tokens: int, grid: tuple[int, i
 
 
 def predictions(work: Path, machine: Any, memory: int, prefill_tokens: int) -> dict[str, Any]:
-    """The cost model's prediction of each variant on ``machine`` (see ``tierstore.plan.placement``)."""
+    """The cost model's prediction of each variant on ``machine`` (see ``tierstore.plan.placement``).
+
+    ``tierstore`` and ``raw`` are the plan of their store taken as stored (``rewrite=False``: what
+    ``memory=`` does), ``plan`` the planner's own choice on the compressed store.
+    """
     import tierstore
     from tierstore.errors import ConfigError
     from tierstore.integrations.plan_units import model_units
@@ -361,15 +389,30 @@ def predictions(work: Path, machine: Any, memory: int, prefill_tokens: int) -> d
 
     with tierstore.open(work / "store", readonly=True, l2_cache_size=0) as db:
         units = model_units(db)
-    chosen = plan(units, machine, memory=memory, prefetch=2, prefill_tokens=prefill_tokens, **PLAN_TERMS)
+    raw_units = None
+    if (work / "store-raw" / "catalog.sqlite").exists():
+        with tierstore.open(work / "store-raw", readonly=True, l2_cache_size=0) as db:
+            raw_units = model_units(db)
+    terms: dict[str, Any] = dict(memory=memory, prefetch=2, prefill_tokens=prefill_tokens, **PLAN_TERMS)
+    chosen = plan(units, machine, **terms)
+    stored = plan(units, machine, rewrite=False, **terms)
+    raw = plan(raw_units, machine, rewrite=False, **terms).prediction if raw_units is not None else None
     everything = [UnitPlan(u.name, u.nbytes, "L2", "cpu" if u.decoder else "-", "cpu") for u in units.units]
     try:
         accelerate = baselines(units, machine, memory, prefill_tokens=prefill_tokens)["accelerate offload"]
     except ConfigError:  # baselines plans with the default KV/vision budgets, which a tiny budget lacks
         accelerate = None
     memory_all = predict(machine, units, everything, prefill_tokens=prefill_tokens)
-    return {"memory": memory_all, "tierstore": chosen.prediction, "plan": chosen.prediction, "raw": None,
+    return {"memory": memory_all, "tierstore": stored.prediction, "plan": chosen.prediction, "raw": raw,
             "accelerate": accelerate, "_plan": chosen}
+
+
+def in_run_machine(machine: Any, result: dict[str, Any]) -> Any:
+    """``machine`` with the CPU rates a variant's process measured right before ``generate``."""
+    fetch = result.get("fetch_rates") or {}
+    extra = {"decode": fetch["decode"] * machine.cores, "page_cache_read": fetch["page_cache_read"],
+             "checksum": fetch["checksum"]} if fetch else {}
+    return replace(machine, cpu_matvec=result["matvec_rate"], **extra)
 
 
 def bench_model(name: str, args: argparse.Namespace, machine: Any, machine_file: Path) -> dict[str, Any]:
@@ -399,6 +442,10 @@ def bench_model(name: str, args: argparse.Namespace, machine: Any, machine_file:
             raw = imported["raw"]
             print(f"{name}: import-hf --l3-compression off in {raw['seconds']:.0f} s, stored "
                   f"{raw['store_bytes'] / GiB:.2f} GiB")
+        if "plan" in args.variants.split(","):
+            start = time.perf_counter()
+            rewritten = prepare_plan_store(work, machine, memory)
+            print(f"{name}: plan store: {rewritten} tensors rewritten raw in {time.perf_counter() - start:.0f} s")
         available = _mem_available()
         results = {}
         for variant in args.variants.split(","):
@@ -415,8 +462,7 @@ def bench_model(name: str, args: argparse.Namespace, machine: Any, machine_file:
         in_run = {}  # the same model with the CPU rate each variant's process measured just before it ran
         for variant, r in results.items():
             if r.get("matvec_rate"):
-                in_run[variant] = predictions(work, replace(machine, cpu_matvec=r["matvec_rate"]), memory,
-                                              prefill)[variant]
+                in_run[variant] = predictions(work, in_run_machine(machine, r), memory, prefill)[variant]
         return report(name, total, memory, imported, results, predicted, in_run)
     finally:
         if not args.keep:

@@ -91,10 +91,13 @@ def table(memory: int) -> None:
             got = baselines(model, machine, memory)
             chosen = plan(model, machine, memory=memory)
             decoders = [u for u in chosen.units if u.decode_on != "-"]
-            counts = [sum(u.placement == p for u in decoders) for p in ("L1", "L2->GPU", "CPU from L2", "L3 stream")]
+            counts = [sum(u.placement == p for u in decoders) for p in ("L1", "L2->GPU", "CPU from L2")]
+            counts.append(sum(u.tier == "L3" for u in decoders))
+            raw = sum(u.name in chosen.raw_units for u in decoders)
             bound = physical_bound(model, machine, memory)
             cells = [f"{got[k].tokens_per_s:.2f}" for k in ("planner",)]
-            cells.append("/".join(map(str, counts)) + f" ({got['planner'].decode_limit}-bound)")
+            cells.append("/".join(map(str, counts)) + (f", {raw} raw" if raw else "")
+                         + f" ({got['planner'].decode_limit}-bound)")
             cells += [f"{got[k].tokens_per_s:.2f}" for k in ("stream everything", "accelerate offload", "CPU only")]
             print(f"| {shape.name} | {format_size(total)} | x{lanes} | " + " | ".join(cells) + f" | {1 / bound:.2f} |")
 

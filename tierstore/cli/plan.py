@@ -25,13 +25,14 @@ def _machine(spec: str, store: str) -> Machine:
     return Machine.from_file(spec)
 
 
-def _runs(units: tuple[UnitPlan, ...]) -> list[list[UnitPlan]]:
-    """Consecutive units of one list (``...layers``) with the same placement: one table row each."""
+def _runs(units: tuple[UnitPlan, ...], raw: set[str]) -> list[list[UnitPlan]]:
+    """Consecutive units of one list (``...layers``) with the same placement and storage: one table row each."""
     runs: list[list[UnitPlan]] = []
     for unit in units:
         last = runs[-1][-1] if runs else None
         same = last is not None and last.name.rpartition(".")[0] == unit.name.rpartition(".")[0] and \
-            (last.tier, last.decode_on, last.prefill_on) == (unit.tier, unit.decode_on, unit.prefill_on)
+            (last.tier, last.decode_on, last.prefill_on, last.fetch, last.name in raw) == \
+            (unit.tier, unit.decode_on, unit.prefill_on, unit.fetch, unit.name in raw)
         if same:
             runs[-1].append(unit)
         else:
@@ -41,14 +42,15 @@ def _runs(units: tuple[UnitPlan, ...]) -> list[list[UnitPlan]]:
 
 def _rows(chosen: Plan) -> list[list[Any]]:
     rows = []
-    for run in _runs(chosen.units):
+    raw = set(chosen.raw_units)
+    for run in _runs(chosen.units, raw):
         group, _, first = run[0].name.rpartition(".")
         last = run[-1].name.rpartition(".")[2]
         name = f"{group}.{first}" if len(run) == 1 else f"{group}.{first}-{last}"
-        if len(name) > 32:
-            name = "..." + name[-29:]
+        if len(name) > 30:
+            name = "..." + name[-27:]
         rows.append([name, len(run), format_size(sum(u.nbytes for u in run)), run[0].placement, run[0].decode_on,
-                     run[0].prefill_on])
+                     run[0].prefill_on, "raw" if run[0].name in raw else "-"])
     return rows
 
 
@@ -58,14 +60,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
     with open_store(args.store, readonly=True, l2_cache_size=0) as db:
         model = model_units(db, prefix=args.prefix)
     memory = parse_size(args.memory, name="memory") if args.memory is not None else None
-    chosen = plan(model, machine, memory=memory, prefetch=args.prefetch, context=args.context)
+    chosen = plan(model, machine, memory=memory, prefetch=args.prefetch, context=args.context,
+                  rewrite=args.apply or not args.as_stored, mapped=args.mapped)
     p = chosen.prediction
 
     def render() -> Any:
         return table(f"plan for {Path(args.store).name} on {machine.name}",
-                     ["units", "n", "size", "placement", "decode", "prefill"], _rows(chosen))
+                     ["units", "n", "size", "placement", "decode", "prefill", "store"], _rows(chosen))
 
     emit(args, chosen.to_dict(), render)
+    rewritten = None
+    if args.apply and chosen.raw_units:
+        from ..integrations.plan_apply import store_raw
+
+        with console.status(f"storing {len(chosen.raw_units)} units raw"):
+            rewritten = store_raw(args.store, chosen, prefix=args.prefix)
     if not args.json:
         console.print(f"memory {format_size(chosen.memory)} (minimum {format_size(chosen.minimum)}): fixed weights "
                       f"{format_size(chosen.fixed_bytes)} ({'GPU' if chosen.head_on == 'cuda' else 'CPU'}), "
@@ -75,7 +84,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
                       f"{p.decode_s * 1000:.1f} ms/token ({p.tokens_per_s:.2f} tokens/s, {p.decode_limit}-bound), "
                       f"{format_size(p.disk_bytes_per_token)} from disk and {format_size(p.link_bytes_per_token)} "
                       "over the link per token")
+        console.print(_cache_note(chosen))
+        if chosen.raw_units:
+            console.print(f"{len(chosen.raw_units)} units stream raw (store column): "
+                          + (f"rewrote {rewritten} tensors raw" if rewritten is not None
+                             else "the prediction assumes them stored raw; --apply rewrites them"))
     return 0
+
+
+def _cache_note(chosen: Plan) -> str:
+    """The page-cache assumption behind the prediction, in words."""
+    files, room = format_size(chosen.l3_file_bytes), format_size(chosen.page_cache_room)
+    if chosen.prediction.page_cache:
+        return (f"assumes the streamed L3 files ({files}) stay in the page cache after the first pass: they fit "
+                f"in the {room} of free RAM beside the budget")
+    if chosen.l3_file_bytes:
+        return f"assumes the streamed L3 files ({files}) are read from the disk every pass ({room} of page cache)"
+    return "nothing streams from L3"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -90,5 +115,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cmd.add_argument("--prefix", default="", help="the prefix the model was imported under")
     cmd.add_argument("--prefetch", type=int, default=2, help="units read ahead (default 2)")
     cmd.add_argument("--context", type=int, default=4096, help="tokens of KV cache to budget (default 4096)")
+    cmd.add_argument("--apply", action="store_true",
+                     help="rewrite the units the plan streams raw (store column) as raw L3 blocks, in one transaction")
+    cmd.add_argument("--as-stored", action="store_true",
+                     help="plan the units as the store keeps them (no raw rewrites)")
+    cmd.add_argument("--mapped", action="store_true",
+                     help="raw units stream as page-cache views (a streamer that maps raw L3 blocks)")
     cmd.set_defaults(func=cmd_plan)
     add_json(cmd)

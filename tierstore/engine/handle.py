@@ -228,7 +228,8 @@ class TierStore(MutableMapping[str, torch.Tensor]):
 
     # -- writes ------------------------------------------------------------------------------------
 
-    def put(self, key: str, tensor: torch.Tensor, *, durable: bool = True, parent: str | None = None) -> None:
+    def put(self, key: str, tensor: torch.Tensor, *, durable: bool = True, parent: str | None = None,
+            compression: bool | str | None = None) -> None:
         """Store ``tensor`` under ``key`` (replacing any earlier version).
 
         Outside a transaction the put is its own transaction: when it returns, the block is on
@@ -243,8 +244,14 @@ class TierStore(MutableMapping[str, torch.Tensor]):
         block helps only if every block before it is present. The link is kept in the block's catalog
         row (it survives a reopen and comes back with every promotion) and is replaced by the next
         put of ``key``; a parent that is not stored, or deleted later, is simply no link.
+
+        ``compression`` overrides the store's ``l3_compression`` for this block (the same forms:
+        ``"off"``, ``"zstd:3"``, ``True``...), both when it is written now and when a cache-only
+        block is spilled later: ``"off"`` for blocks read back every step (spilled K/V, weights
+        streamed every token), where decoding would cost more than the disk saves. A setting
+        that is not a codec raises ``InvalidArgumentError`` and stores nothing.
         """
-        self._writes.put(key, tensor, durable=durable, parent=parent)
+        self._writes.put(key, tensor, durable=durable, parent=parent, compression=compression)
 
     def delete(self, key: str) -> None:
         """Remove ``key``; raises ``BlockNotFoundError`` if it is not there."""

@@ -17,8 +17,8 @@ import torch
 
 from ..catalog import BlockRow, Catalog, now
 from ..catalog.tier_bits import L1_BIT, L2_BIT, L3_BIT, UNHASHED
-from ..config import CacheConfig
-from ..errors import InvalidArgumentError, TransactionError, translate_os_error
+from ..config import CacheConfig, normalize_compression
+from ..errors import ConfigError, InvalidArgumentError, TransactionError, translate_os_error
 from ..tensors import check_key, check_tensor, dtype_from_name, dtype_name, tensor_bytes
 from ..tiers.codecs import choose_codec
 from ..tiers.l1_cuda import DevicePool, is_device_oom
@@ -142,15 +142,16 @@ class Writes:
                 row = change.row
                 if row is not None and change.slot is not None:
                     l2.admit(key, row.block_id, change.slot, dtype_from_name(row.dtype), row.shape, row.checksum,
-                             volatile=key in l2_only, parent=row.parent)
+                             volatile=key in l2_only, parent=row.parent, compression=change.compression)
         if l1 is not None:
             for key, change in txn.pending.items():
                 row = change.row
                 if row is not None and change.l1_slot is not None:  # a device tensor, cache-only: only in L1
                     l1.admit(key, row.block_id, change.l1_slot, dtype_from_name(row.dtype), row.shape,
-                             row.checksum, volatile=True, parent=row.parent)
+                             row.checksum, volatile=True, parent=row.parent, compression=change.compression)
 
-    def put(self, key: str, tensor: torch.Tensor, *, durable: bool = True, parent: str | None = None) -> None:
+    def put(self, key: str, tensor: torch.Tensor, *, durable: bool = True, parent: str | None = None,
+            compression: bool | str | None = None) -> None:
         """:meth:`TierStore.put <tierstore.engine.handle.TierStore.put>`."""
         self._check_writable()
         check_key(key)
@@ -164,12 +165,13 @@ class Writes:
             check_key(parent)
             if parent == key:
                 raise InvalidArgumentError(f"put {key!r}: a block cannot be its own chain parent")
+        codec_setting = None if compression is None else _compression(key, compression)
         txn = self._txn()
         if txn is None:
             with self.transaction():
-                self._put(self._txn_or_fail(), key, tensor, durable, parent)
+                self._put(self._txn_or_fail(), key, tensor, durable, parent, codec_setting)
         else:
-            self._put(txn, key, tensor, durable, parent)
+            self._put(txn, key, tensor, durable, parent, codec_setting)
         self._counts["put"] += 1
 
     def _txn_or_fail(self) -> Txn:
@@ -178,7 +180,8 @@ class Writes:
             raise TransactionError("no transaction is open in this thread")
         return txn
 
-    def _put(self, txn: Txn, key: str, tensor: torch.Tensor, durable: bool, parent: str | None) -> None:
+    def _put(self, txn: Txn, key: str, tensor: torch.Tensor, durable: bool, parent: str | None,
+             compression: str | None) -> None:
         if not durable and self._l1 is not None and tensor.numel() and self._reads.on_l1(tensor.device):
             l1_slot = self._put_l1(tensor)
             if l1_slot is not None:
@@ -188,7 +191,7 @@ class Writes:
                 row = BlockRow.cache_only(key, self._index.new_block_id(), dtype_name(tensor.dtype),
                                           tuple(tensor.shape), l1_slot.nbytes, UNHASHED, tier=L1_BIT, created=created,
                                           updated=stamp, parent=parent)
-                txn.set(key, Change(row, None, l1_slot))
+                txn.set(key, Change(row, None, l1_slot, compression))
                 return
         try:
             data = tensor_bytes(tensor)  # a copy when the tensor is not contiguous on the CPU
@@ -207,7 +210,7 @@ class Writes:
         try:
             if durable or slot is None:
                 loc = self._write_l3(Contents(key, dtype_name(tensor.dtype), tuple(tensor.shape)), block_id, data,
-                                     tensor.element_size())
+                                     tensor.element_size(), compression)
             else:
                 loc = EMPTY_LOCATION  # cache-only and in L2: no disk write now
         except BaseException:
@@ -221,7 +224,7 @@ class Writes:
                               durable=durable, l3=loc.to_columns(),
                               tiers=(L3_BIT if loc.array else 0) | (L2_BIT if slot else 0),
                               created=old.created if old is not None else stamp, updated=stamp, parent=parent)
-        txn.set(key, Change(row, slot))
+        txn.set(key, Change(row, slot, compression=compression))
 
     def _put_l1(self, tensor: torch.Tensor) -> Allocation | None:
         """A snapshot of device tensor ``tensor`` in a fresh L1 slot (None when L1 has no room)."""
@@ -239,10 +242,11 @@ class Writes:
             raise
         return slot
 
-    def _write_l3(self, contents: Contents, block_id: int, data: np.ndarray, itemsize: int) -> Location:
+    def _write_l3(self, contents: Contents, block_id: int, data: np.ndarray, itemsize: int,
+                  compression: str | None) -> Location:
         key = contents.key
         self._index.check_room(key, data.nbytes)
-        codec = choose_codec(str(self.config.l3_compression), itemsize)
+        codec = choose_codec(compression or str(self.config.l3_compression), itemsize)
         try:
             return self._l3.write(block_id, data, codec, contents)
         except OSError as exc:
@@ -274,3 +278,14 @@ class Writes:
     def _delete(self, txn: Txn, key: str) -> None:
         self._reads.lookup(key)
         txn.set(key, Change(None))
+
+
+def _compression(key: str, value: object) -> str:
+    """``put``'s ``compression`` argument as a codec setting, or ``InvalidArgumentError``."""
+    if not isinstance(value, (bool, str)):
+        raise InvalidArgumentError(f"put {key!r}: compression must be a bool or a codec name, "
+                                   f"not {type(value).__name__}")
+    try:
+        return normalize_compression(value)
+    except ConfigError as exc:
+        raise InvalidArgumentError(f"put {key!r}: {exc}") from None

@@ -301,7 +301,7 @@ class Mover:
                 if entry.checksum == UNHASHED:
                     entry.checksum = crc32c.crc32c(out.data)
                 l2.admit(entry.key, entry.block_id, slot, entry.dtype, entry.shape, entry.checksum, volatile=True,
-                         parent=l1.parent_of(entry.key))
+                         parent=l1.parent_of(entry.key), compression=entry.compression)
                 l1.mark_durable(entry)
                 return True
         data = self.l1_bytes(entry)
@@ -327,7 +327,7 @@ class Mover:
         it leaves: L2 when ``from_l2``, else L1) and its L3 location; it commits nothing.
         """
         self.index.check_room(entry.key, data.nbytes)
-        codec = choose_codec(compression, entry.dtype.itemsize)
+        codec = choose_codec(entry.compression or compression, entry.dtype.itemsize)
         if entry.checksum < 0:  # a cache-only block is hashed the first time it leaves memory
             entry.checksum = crc32c.crc32c(data.data)
         loc = self.l3.write_now(block_id, data, codec, Contents(entry.key, dtype_name(entry.dtype), entry.shape))

@@ -70,6 +70,8 @@ class Resident:
     base_uses: int = 0
     ready: torch.cuda.Event | None = None
     """L1 on CUDA: the event of the copy that filled the slot, until a reader has waited on it."""
+    compression: str | None = None
+    """The codec setting its put asked for, used if it is spilled to L3; None: the store's."""
 
     @property
     def in_use(self) -> bool:
@@ -258,7 +260,7 @@ class Residency(Generic[A]):
 
     def admit(self, key: str, block_id: int, alloc: Allocation, dtype: torch.dtype, shape: tuple[int, ...],
               checksum: int, *, volatile: bool = False, generation: int | None = None,
-              parent: str | None = None) -> Resident | None:
+              parent: str | None = None, compression: str | None = None) -> Resident | None:
         """Make the block in ``alloc`` resident; None (and the slot freed) if a newer version raced it.
 
         ``parent`` names the block this one extends in a chain (a KV-cache prefix block): while
@@ -272,7 +274,8 @@ class Residency(Generic[A]):
                 return None
             if old is not None:
                 self._kill(old)
-            entry = Resident(key, block_id, alloc, dtype, shape, checksum, volatile, self.pinned.get(key, 0))
+            entry = Resident(key, block_id, alloc, dtype, shape, checksum, volatile, self.pinned.get(key, 0),
+                             compression=compression)
             self.entries[key] = entry
             if volatile:
                 self.volatile_keys.add(key)

@@ -26,6 +26,8 @@ class Change:
     row: BlockRow | None
     slot: Allocation | None = None
     l1_slot: Allocation | None = None
+    compression: str | None = None
+    """The put's own codec setting (``put(compression=)``), None for the store's."""
 
 
 @dataclass(slots=True)

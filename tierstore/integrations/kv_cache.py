@@ -41,9 +41,9 @@ import numpy as np
 import torch
 from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, get_layer_types_and_kwargs
 
-from ..config import parse_size
+from ..config import normalize_compression, parse_size
 from ..engine.handle import TierStore
-from ..errors import CacheUsageError
+from ..errors import CacheUsageError, ConfigError
 from .kv_layer import Segment, TieredLayer
 from .kv_prefix import IMAGE, ROOT, SpanMatch, block_hashes, match_span, prefix_inputs, span_chain_tensor
 from .kv_restore import RestoreEstimate, RestorePolicy, policy_for
@@ -106,12 +106,17 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
     process's policy for this model, with the store's measured bandwidths). Prefix reuse needs
     every layer to be full attention: with sliding-window layers nothing is restored.
     ``span_blocks`` is how many blocks a durable prefix span holds (1: one store block per block).
+    ``spill_compression`` is the L3 codec of the cache-only segments when the store spills them
+    (``put(compression=)``; default ``"off"``: a spilled segment is read back every decode step,
+    and decoding compressed K/V cost more than the disk saved in ``tools/bench_kv_long.py``);
+    ``None`` uses the store's ``l3_compression``. Durable prefix spans always use the store's.
     """
 
     def __init__(self, store: TierStore, *, config: Any | None = None, persist: bool = False,
                  budget: int | str | None = None, block_tokens: int = DEFAULT_BLOCK_TOKENS,
                  prefetch: bool = True, num_layers: int | None = None, namespace: str = "",
-                 restore_policy: RestorePolicy | None = None, span_blocks: int = DEFAULT_SPAN_BLOCKS) -> None:
+                 restore_policy: RestorePolicy | None = None, span_blocks: int = DEFAULT_SPAN_BLOCKS,
+                 spill_compression: bool | str | None = "off") -> None:
         if block_tokens < 1:
             raise CacheUsageError(f"block_tokens must be at least 1, not {block_tokens}")
         if span_blocks < 1:
@@ -124,6 +129,10 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
         if store.readonly and budget is not None:
             raise CacheUsageError("a read-only store cannot take spilled K/V blocks: open it read-write or "
                                   "pass budget=None")
+        try:
+            self.spill_compression = None if spill_compression is None else normalize_compression(spill_compression)
+        except ConfigError as exc:
+            raise CacheUsageError(f"spill_compression: {exc}") from None
         self.store = store
         self.persist = persist
         self.budget = None if budget is None else parse_size(budget)
@@ -314,7 +323,8 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
         try:
             with self._store_lock, self.store.transaction():
                 for key, kv, durable, parent in batch:
-                    self.store.put(key, kv, durable=durable, parent=parent)
+                    self.store.put(key, kv, durable=durable, parent=parent,
+                                   compression=None if durable else self.spill_compression)
         except BaseException:
             self._unwritten = batch + self._unwritten  # nothing was stored: try again at the next flush
             raise
@@ -343,7 +353,7 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
             garbage += [s.key for s in dropped if not s.durable and s.key != key]
             self._garbage = []
         with self._store_lock, self.store.transaction():
-            self.store.put(key, kv, durable=False, parent=parent)
+            self.store.put(key, kv, durable=False, parent=parent, compression=self.spill_compression)
             for old in garbage:
                 if old in self.store:
                     self.store.delete(old)

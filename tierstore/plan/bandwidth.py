@@ -14,18 +14,21 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import crc32c
 import numpy as np
 import torch
 
 from ..tiers.codecs import Codec
 
-__all__ = ["Bandwidth", "measure", "META_NAME"]
+__all__ = ["Bandwidth", "measure", "measure_fetch", "META_NAME", "STORE_CODEC"]
 
 META_NAME = "hardware_bandwidth"
 """``store_meta`` row holding the last measurement, as JSON."""
 
 _CODECS = {"shuffle-zstd": Codec("shuffle-zstd", 1, 2), "blosc-lz4": Codec("blosc-lz4", 0, 2)}
 """The codecs the recommendation weighs, on bf16-like data (element size 2)."""
+STORE_CODEC = "shuffle-zstd"
+"""The codec a store's default ``l3_compression`` (``auto``) writes bf16 blocks with: what the planner prices."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +46,10 @@ class Bandwidth:
     """Compression ratio of each codec on weight-like data (normal bf16)."""
     measured_at: float
     disk_path: str
+    page_cache_read: float | None = None
+    """``pread`` of a file in the page cache into memory already faulted in, one thread (None: not measured)."""
+    checksum: float | None = None
+    """crc32c of data in memory, one thread: what the L3 reader adds per byte it returns (None: not measured)."""
 
     def to_json(self) -> str:
         """For ``store_meta``."""
@@ -120,6 +127,69 @@ def _h2d(nbytes: int) -> float | None:
     return nbytes / _best(run, 5)
 
 
+def _median(fn: Callable[[], None], rounds: int) -> float:
+    """Median of ``rounds`` runs after one warm-up, in seconds: on a shared machine, what a long run sustains."""
+    fn()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return max(sorted(times)[len(times) // 2], 1e-9)
+
+
+def measure_fetch(folder: str | os.PathLike[str], *, nbytes: int = 32 << 20, rounds: int = 5,
+                  threads: int | None = None) -> dict[str, float]:
+    """Each step of fetching a streamed block from L3, bytes/s per thread, as the L3 reader runs it (medians).
+
+    ``page_cache_read``: ``preadv`` of a file that is in the page cache into a buffer already faulted
+    in (a raw L3 block read into its L2 slot); ``decode``: :data:`STORE_CODEC` decompression into
+    memory, per decoded byte; both run as the reader's pool runs them, 1 MiB pieces on ``threads``
+    threads at once (default: every core), and report the aggregate speed divided by ``threads``:
+    on a machine shared with other work, threads running together get less than one core each,
+    and this is the share each gets (one thread measured alone, times the cores, promised the
+    streamed 2B about twice the decode speed it got on the shared 2-core VM). ``checksum``: crc32c
+    on one thread, as the reader checks a block (on the thread that asked for it). The file is
+    written in ``folder`` (the store's disk) and read twice, so the reads hit the page cache. A
+    few tenths of a second.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = max(1, threads or os.cpu_count() or 1)
+    data = torch.randn(nbytes // 2, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    raw = data.view(torch.uint8).numpy()
+    step = 1 << 20
+    starts = range(0, raw.nbytes, step)
+    out = np.ones_like(raw)
+    codec = _CODECS[STORE_CODEC]
+    encoded = [codec.encode(raw[i:i + step]) for i in starts]
+    path = Path(folder) / f".tierstore-fetch-{os.getpid()}.tmp"
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        def rate(piece: Callable[[int], object]) -> float:
+            def all_pieces() -> None:
+                for _ in pool.map(piece, starts):
+                    pass
+
+            return nbytes / _median(all_pieces, rounds) / workers
+
+        try:
+            path.write_bytes(raw.tobytes())
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                read = rate(lambda i: os.preadv(fd, [out[i:i + step].data], i))
+            finally:
+                os.close(fd)
+        finally:
+            path.unlink(missing_ok=True)
+        decode = rate(lambda i: codec.decode_into(encoded[i // step], out[i:i + step]))
+
+    def check_all() -> None:
+        crc32c.crc32c(out.data)
+
+    check = nbytes / _median(check_all, rounds)
+    return {"page_cache_read": read, "checksum": check, "decode": decode}
+
+
 def measure(folder: str | os.PathLike[str], *, nbytes: int = 64 << 20) -> Bandwidth:
     """Measure the machine, with the disk test in ``folder`` (the store's folder); about a second."""
     path = Path(folder)
@@ -129,5 +199,7 @@ def measure(folder: str | os.PathLike[str], *, nbytes: int = 64 << 20) -> Bandwi
     np.copyto(dst, src)  # fault the pages in first: the copy into reused memory is what the pools do
     memcpy = nbytes / _best(lambda: np.copyto(dst, src), 5)
     decode, ratio = _codecs(min(nbytes, 16 << 20))
+    fetch = measure_fetch(path, nbytes=min(nbytes, 16 << 20))
     return Bandwidth(disk_read=read, disk_write=write, memcpy=memcpy, h2d_pinned=_h2d(nbytes), decode=decode,
-                     ratio=ratio, measured_at=time.time(), disk_path=str(path.resolve()))
+                     ratio=ratio, measured_at=time.time(), disk_path=str(path.resolve()),
+                     page_cache_read=fetch["page_cache_read"], checksum=fetch["checksum"])

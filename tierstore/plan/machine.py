@@ -33,7 +33,7 @@ class Machine:
     disk_read: float
     """Sequential read of the store's disk, bytes/s (what an L3 read of stored bytes costs)."""
     decode: float
-    """Decompression of L3 blocks on all I/O threads, bytes/s of decoded data."""
+    """Decompression of L3 blocks on all ``cores`` at once, bytes/s of decoded data (``decode / cores`` per thread)."""
     memcpy: float
     """Host memory bandwidth, bytes/s: what a CPU matrix-vector product reads its weights at."""
     cpu_flops: float
@@ -56,13 +56,31 @@ class Machine:
     ``memcpy``: 0.45-2.2 GB/s against 2.5-5.6 GB/s on the shared 2-core VM of BENCHMARKS.md.
     """
 
+    cores: int = 1
+    """CPU cores the process runs on: compute threads and the L3 fetch threads share them."""
+    compute_threads: int | None = None
+    """Threads a CPU matrix product runs on (None: all ``cores``, torch's default)."""
+    page_cache_read: float | None = None
+    """One thread's ``pread`` of a file held in the page cache into memory already faulted in, bytes/s
+    (its share with every core reading, as :func:`~tierstore.plan.bandwidth.measure_fetch` measures).
+
+    What a raw L3 block costs to copy into its L2 slot once its file is cached (None: ``memcpy``).
+    """
+    checksum: float | None = None
+    """One thread's crc32c, bytes/s: the L3 reader checks every block it returns (None: not counted)."""
+
     def __post_init__(self) -> None:
-        for name in ("disk_read", "decode", "memcpy", "cpu_flops", "cpu_matvec"):
-            if name == "cpu_matvec" and self.cpu_matvec is None:
+        optional = ("cpu_matvec", "page_cache_read", "checksum")
+        for name in ("disk_read", "decode", "memcpy", "cpu_flops", *optional):
+            if name in optional and getattr(self, name) is None:
                 continue
             if not getattr(self, name) > 0:
                 raise ConfigError(f"machine {self.name!r}: {name} must be a positive speed, not "
                                   f"{getattr(self, name)!r}; measure it (Machine.from_probe) or give it")
+        threads = self.compute_threads
+        if not (isinstance(self.cores, int) and self.cores >= 1) or (threads is not None and threads < 1):
+            raise ConfigError(f"machine {self.name!r}: cores={self.cores!r} and compute_threads={threads!r} must be "
+                              "whole numbers of at least 1")
         gpu = (self.h2d_pinned, self.gpu_flops, self.vram_bandwidth)
         if any(v is not None for v in gpu) and not all(v is not None and v > 0 for v in gpu):
             raise ConfigError(f"machine {self.name!r}: a GPU needs h2d_pinned, gpu_flops and vram_bandwidth "
@@ -72,6 +90,28 @@ class Machine:
     def cpu_weight_read(self) -> float:
         """Bytes/s at which a CPU matrix-vector product reads its weights: ``cpu_matvec``, else ``memcpy``."""
         return self.cpu_matvec if self.cpu_matvec is not None else self.memcpy
+
+    @property
+    def threads_computing(self) -> int:
+        """Cores the CPU compute keeps busy: ``compute_threads``, at most ``cores`` (None: all of them)."""
+        return min(self.cores, self.compute_threads or self.cores)
+
+    def fetch_seconds(self, nbytes: int, stored_bytes: int, how: str) -> float:
+        """CPU-seconds (one thread's) to fetch a streamed block of ``nbytes`` from L3, its file in the page cache.
+
+        ``how`` is ``decode`` (compressed, ``stored_bytes`` in the file): ``stored_bytes /
+        page_cache_read + nbytes / (decode / cores) + nbytes / checksum``; ``read`` (stored raw, read
+        into L2): ``nbytes / page_cache_read + nbytes / checksum``; ``map`` (stored raw, the page
+        cache's pages viewed in place): 0. A file not in the page cache adds the disk's time, which
+        is no CPU work (see :mod:`tierstore.plan.placement`).
+        """
+        if how == "map":
+            return 0.0
+        read = self.page_cache_read or self.memcpy
+        check = nbytes / self.checksum if self.checksum else 0.0
+        if how == "read":
+            return nbytes / read + check
+        return stored_bytes / read + nbytes / (self.decode / self.cores) + check
 
     @property
     def has_gpu(self) -> bool:
@@ -105,33 +145,38 @@ class Machine:
         i5-10210U (4 cores, AVX2, ~30 GB/s DDR4 dual channel; ~100 GFLOP/s sustained fp32 matmul),
         a GTX 10xx with 4 GB (sm61: fp16 arithmetic runs at 1/64 of fp32, so fp16 weights are
         multiplied with fp32 accumulation at the fp32 rate, ~1.8 TFLOP/s; ~110 GB/s GDDR5), PCIe
-        3.0 at ``lanes`` lanes (~0.75 GB/s per lane pinned, ~2/3 of that pageable), NVMe at 2.5 GB/s.
+        3.0 at ``lanes`` lanes (~0.75 GB/s per lane pinned, ~2/3 of that pageable), NVMe at 2.5 GB/s;
+        one thread copies a cached file at ~10 GB/s and checks crc32c (SSE4.2) at ~8 GB/s.
         """
         if lanes not in (1, 2, 4, 8, 16):
             raise ConfigError(f"seed_laptop: lanes={lanes} is not a PCIe width; use 4 or 16")
         pinned = 0.75 * GB * lanes
         return Machine(name=f"seed laptop (i5-10210U, GTX 10xx {vram // GiB} GB sm61, PCIe 3.0 x{lanes}, NVMe)",
                        disk_read=2.5 * GB, decode=4 * 0.8 * GB, memcpy=30 * GB, cpu_flops=100e9, ram_free=ram_free,
+                       cores=4, page_cache_read=10 * GB, checksum=8 * GB,
                        h2d_pinned=pinned, h2d_pageable=pinned * 2 / 3, gpu_flops=1.8e12, vram_bandwidth=110 * GB,
                        vram_free=vram - 200 * MiB)
 
     @staticmethod
     def from_probe(folder: str | os.PathLike[str] = ".", *, nbytes: int = 32 << 20) -> Machine:
         """Measure this machine now (a few seconds); the disk is the one holding ``folder``."""
-        from .bandwidth import measure
+        from .bandwidth import measure, measure_fetch
         from .hardware import detect
 
         facts = detect(folder)
         bw = measure(folder, nbytes=nbytes)
-        decode = max(bw.decode.values()) * max(1, facts.logical_cores)
+        cores = max(1, facts.logical_cores)
+        fetch = measure_fetch(folder, threads=cores)  # every core at once: the share each gets, as the read pool sees
         gpu: dict[str, Any] = {}
         if torch.cuda.is_available():
             gpu = _measure_gpu(nbytes)
             gpu["h2d_pinned"] = bw.h2d_pinned
         return Machine(name=f"this machine ({facts.cpu_model}, {facts.physical_cores} cores)",
-                       disk_read=bw.disk_read, decode=decode, memcpy=bw.memcpy,
+                       disk_read=bw.disk_read, decode=fetch["decode"] * cores, memcpy=bw.memcpy,
                        cpu_flops=_matmul_flops(torch.device("cpu"), dtype=torch.bfloat16),
-                       cpu_matvec=measure_matvec(), ram_free=facts.ram_available, **gpu)
+                       cpu_matvec=measure_matvec(), ram_free=facts.ram_available, cores=cores,
+                       compute_threads=torch.get_num_threads(), page_cache_read=fetch["page_cache_read"],
+                       checksum=fetch["checksum"], **gpu)
 
 
 def _matmul_flops(device: torch.device, n: int = 1024, *, dtype: torch.dtype = torch.float32) -> float:

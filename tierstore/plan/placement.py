@@ -21,16 +21,33 @@ The cost model (every term is bytes over a bandwidth or FLOPs over a throughput)
 - a unit on the GPU costs ``max(T * 2 * params / gpu_flops, bytes / vram_bandwidth)``, on the CPU
   ``max(T * 2 * params / cpu_flops, bytes / cpu_matvec)`` for ``T`` tokens (``cpu_matvec``: the
   measured rate a CPU matrix-vector product reads bf16 weights at, ``memcpy`` when not measured);
-- a unit not in L1 that runs on the GPU crosses the link: ``bytes / h2d_pinned``;
-- a unit in L3 is read (``stored_bytes / disk_read``) and decompressed (``bytes / decode``), and
-  decompression uses the CPU that CPU-computed units need;
-- units run one after another, while the prefetch thread reads, decodes and copies ahead, so a
-  phase takes ``max(gpu + cpu compute, cpu compute + decode, disk, link)``: overlap is a max, not a sum.
+- a unit not in L1 that runs on the GPU crosses the link: ``bytes / h2d_pinned`` (a mapped unit,
+  not pinned: ``h2d_pageable``);
+- a unit in L3 is *fetched* for every pass, one of three ways (:attr:`UnitPlan.fetch`): ``decode``
+  (stored compressed: read ``stored_bytes``, decompress, check), ``read`` (stored raw: ``pread``
+  into its L2 slot, check) or ``map`` (stored raw: the page cache's pages used in place, no copy).
+  Its CPU cost is :meth:`Machine.fetch_seconds` (one thread's CPU-seconds: ``stored /
+  page_cache_read + bytes / (decode / cores) + bytes / checksum`` for ``decode``, ``bytes /
+  page_cache_read + bytes / checksum`` for ``read``, 0 for ``map``);
+- **the page cache**: the files of every L3 unit (``stored_bytes`` compressed, ``bytes`` raw) fit
+  in the page cache when their sum is at most ``ram_free - memory - 1 GiB`` (free RAM outside the
+  budget, less the process's own overhead); then every pass after the first reads them from memory
+  and decode reads nothing from the disk. Else each pass reads them from the disk,
+  ``file_bytes / disk_read`` (no CPU). TTFT is the first pass: always from the disk;
+- **cores are shared**: compute keeps ``k = threads_computing`` of the ``c = cores`` busy for its
+  ``cpu`` seconds; the fetch threads' ``F`` CPU-seconds fit beside it only on the spare cores, so
+  the CPU side takes ``max(cpu, (k * cpu + F) / c)``: with ``k = c`` (torch's default, a bf16
+  matvec on every core) fetching *adds* ``F / c`` to compute, with spare cores it overlaps;
+- units run one after another, while the prefetch threads read, decode and copy ahead, so a phase
+  takes ``max(gpu + cpu compute, cpu side, disk, link)``: overlap is a max, not a sum.
 
 The planner fills VRAM with decoder layers (they run for every token), then host memory up to the
 budget less the fixed weights, the KV and vision caches and the streaming reserve (``prefetch + 1``
 of the largest unit), vision blocks last; then it searches how many L2 units compute on the CPU and
-where L3 units compute for the least decode time, and again for prefill. A budget below the
+where L3 units compute for the least decode time, and again for prefill; how streamed units are
+fetched is chosen the same way (``decode``, or ``read``/``map`` where the unit is stored raw or the
+plan may ask for it to be, :attr:`Plan.raw_units`: a block that streams every token is better raw
+when decoding it would be the bottleneck). A budget below the
 minimum is a :class:`~tierstore.errors.ConfigError` naming it. These are predictions of the model,
 not measurements.
 """
@@ -44,13 +61,16 @@ from typing import Any
 from ..config import format_size
 from ..errors import ConfigError, HardwareUnavailableError
 from .machine import Machine
+from .page_cache import cache_room
 
 __all__ = ["Unit", "ModelUnits", "UnitPlan", "Prediction", "Plan", "Machine", "plan", "predict",
-           "baselines", "physical_bound"]
+           "baselines", "physical_bound", "FETCH_MODES"]
 
 MiB = 1 << 20
 _HEADROOM = 256 * MiB
 """VRAM kept for activations and the CUDA context, beside an eighth of the free VRAM."""
+FETCH_MODES = ("decode", "read", "map")
+"""How a streamed unit comes from L3: decompressed, ``pread`` raw into L2, or mapped from the page cache."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +84,15 @@ class Unit:
     """Bytes in L3 (compressed): what a read from the disk costs."""
     params: int
     decoder: bool = True
+
+    @property
+    def compressed(self) -> bool:
+        """Whether L3 keeps it compressed (smaller than computed): ``decode`` is how it streams as stored."""
+        return self.stored_bytes < self.nbytes
+
+    def file_bytes(self, fetch: str) -> int:
+        """Bytes of its L3 files when fetched by ``fetch``: ``stored_bytes`` to decode, else ``nbytes`` (raw)."""
+        return self.stored_bytes if fetch == "decode" else self.nbytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +115,14 @@ class UnitPlan:
     tier: str
     decode_on: str
     prefill_on: str
+    fetch: str = "stored"
+    """An L3 unit's fetch (:data:`FETCH_MODES`); ``stored``: as the store keeps it (``decode`` if compressed)."""
+
+    def fetch_of(self, unit: Unit) -> str:
+        """The fetch this plan makes of ``unit``: ``stored`` resolved, and a raw unit never ``decode``."""
+        if self.fetch == "stored" or (self.fetch == "decode" and not unit.compressed):
+            return "decode" if unit.compressed else "read"
+        return self.fetch
 
     @property
     def placement(self) -> str:
@@ -95,7 +132,7 @@ class UnitPlan:
         if self.tier == "L2":
             return "CPU from L2" if (self.decode_on if self.decode_on != "-" else self.prefill_on) == "cpu" \
                 else "L2->GPU"
-        return "L3 stream"
+        return {"read": "L3 read", "map": "L3 mapped"}.get(self.fetch, "L3 stream")
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +145,11 @@ class Prediction:
     disk_bytes_per_token: int
     link_bytes_per_token: int
     decode_limit: str
-    """The resource that bounds decode: ``compute``, ``cpu+decode``, ``disk`` or ``link``."""
+    """The resource that bounds decode: ``compute``, ``cpu+fetch``, ``disk`` or ``link``."""
+    l3_bytes_per_token: int = 0
+    """Bytes of weights fetched from L3 per token (as computed, whether from the disk or the page cache)."""
+    page_cache: bool = False
+    """Whether the model took the L3 files to be in the page cache after the first pass (see the module doc)."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -132,6 +173,13 @@ class Plan:
     vision_cache_bytes: int
     head_on: str
     prediction: Prediction
+    raw_units: tuple[str, ...] = ()
+    """Units stored compressed that the plan streams raw (``read``/``map``): what ``tierstore plan --apply``
+    rewrites raw."""
+    l3_file_bytes: int = 0
+    """Bytes of the streamed units' L3 files, as the plan fetches them."""
+    page_cache_room: int = 0
+    """Free RAM outside the budget the model counts as page cache (``ram_free - memory - 1 GiB``)."""
 
     def resident(self, tier: str) -> tuple[str, ...]:
         """Names of the units the plan keeps in ``tier`` (``L1`` or ``L2``) for good."""
@@ -148,27 +196,41 @@ class Plan:
         return {"machine": self.machine.to_dict(), "memory": self.memory, "minimum": self.minimum,
                 "fixed_bytes": self.fixed_bytes, "working_bytes": self.working_bytes, "kv_bytes": self.kv_bytes,
                 "kv_tier": self.kv_tier, "vision_cache_bytes": self.vision_cache_bytes, "head_on": self.head_on,
+                "raw_units": list(self.raw_units), "l3_file_bytes": self.l3_file_bytes,
+                "page_cache_room": self.page_cache_room,
                 "units": [{"name": u.name, "nbytes": u.nbytes, "tier": u.tier, "placement": u.placement,
-                           "decode_on": u.decode_on, "prefill_on": u.prefill_on} for u in self.units],
+                           "decode_on": u.decode_on, "prefill_on": u.prefill_on, "fetch": u.fetch,
+                           "storage": "raw" if u.name in self.raw_units else "as stored"} for u in self.units],
                 "prediction": {"ttft_s": p.ttft_s, "decode_s": p.decode_s, "tokens_per_s": p.tokens_per_s,
                                "disk_bytes_per_token": p.disk_bytes_per_token,
+                               "l3_bytes_per_token": p.l3_bytes_per_token, "page_cache": p.page_cache,
                                "link_bytes_per_token": p.link_bytes_per_token, "decode_limit": p.decode_limit}}
 
 
 # -- the cost model -----------------------------------------------------------------------------------
 
 
-def _phase(machine: Machine, model: ModelUnits, units: Sequence[UnitPlan], tokens: int, head_on: str,
-           *, decode: bool) -> tuple[float, int, int, str]:
-    """Seconds, disk bytes and link bytes of one phase, and the resource that bounds it."""
+def l3_file_bytes(model: ModelUnits, units: Sequence[UnitPlan]) -> int:
+    """Bytes of the L3 files the streamed units of ``units`` are fetched from (compressed or raw)."""
     by_name = {u.name: u for u in model.units}
-    gpu = cpu = unpack = disk = link = 0.0
-    disk_bytes = link_bytes = 0
+    return sum(by_name[p.name].file_bytes(p.fetch_of(by_name[p.name])) for p in units if p.tier == "L3")
+
+
+def _phase(machine: Machine, model: ModelUnits, units: Sequence[UnitPlan], tokens: int, head_on: str,
+           *, decode: bool, cached: bool = False) -> tuple[float, int, int, str, int]:
+    """Seconds, disk bytes, link bytes, the bounding resource and L3 bytes of one phase (the module doc's model).
+
+    ``cached``: the L3 files are in the page cache (read from memory, no disk time).
+    """
+    by_name = {u.name: u for u in model.units}
+    gpu = cpu = fetch = disk = link = 0.0
+    disk_bytes = link_bytes = l3_bytes = 0
     for placed in units:
         where = placed.decode_on if decode else placed.prefill_on
         if where == "-":
             continue
         unit = by_name[placed.name]
+        how = placed.fetch_of(unit) if placed.tier == "L3" else "-"
         flops = tokens * 2.0 * unit.params
         if where == "cuda":
             if not (machine.gpu_flops and machine.vram_bandwidth and machine.h2d_pinned):
@@ -176,31 +238,40 @@ def _phase(machine: Machine, model: ModelUnits, units: Sequence[UnitPlan], token
                                                f"{machine.name!r} has none; place it on the CPU or describe the GPU")
             gpu += max(flops / machine.gpu_flops, unit.nbytes / machine.vram_bandwidth)
             if placed.tier != "L1":
-                link += unit.nbytes / machine.h2d_pinned
+                link += unit.nbytes / ((machine.h2d_pageable or machine.h2d_pinned) if how == "map"
+                                       else machine.h2d_pinned)
                 link_bytes += unit.nbytes
         else:
             cpu += max(flops / machine.cpu_flops, unit.nbytes / machine.cpu_weight_read)
         if placed.tier == "L3":
-            disk += unit.stored_bytes / machine.disk_read
-            unpack += unit.nbytes / machine.decode
-            disk_bytes += unit.stored_bytes
+            fetch += machine.fetch_seconds(unit.nbytes, unit.stored_bytes, how)
+            l3_bytes += unit.nbytes
+            if not cached:
+                disk += unit.file_bytes(how) / machine.disk_read
+                disk_bytes += unit.file_bytes(how)
     head_flops = 2.0 * model.head_bytes / 2  # one token's logits; a 2-byte dtype
     if head_on == "cuda" and machine.gpu_flops and machine.vram_bandwidth:
         gpu += max(head_flops / machine.gpu_flops, model.head_bytes / machine.vram_bandwidth)
     else:
         cpu += max(head_flops / machine.cpu_flops, model.head_bytes / machine.cpu_weight_read)
-    terms = {"compute": gpu + cpu, "cpu+decode": cpu + unpack, "disk": disk, "link": link}
+    cpu_side = max(cpu, (machine.threads_computing * cpu + fetch) / machine.cores)
+    terms = {"compute": gpu + cpu, "cpu+fetch": cpu_side, "disk": disk, "link": link}
     limit = max(terms, key=lambda k: terms[k])
-    return terms[limit], disk_bytes, link_bytes, limit
+    return terms[limit], disk_bytes, link_bytes, limit, l3_bytes
 
 
 def predict(machine: Machine, model: ModelUnits, units: Sequence[UnitPlan], *, head_on: str = "cpu",
-            prefill_tokens: int = 512) -> Prediction:
-    """TTFT and seconds per token of an assignment, by the cost model in the module doc."""
-    ttft, _, _, _ = _phase(machine, model, units, prefill_tokens, head_on, decode=False)
-    step, disk_bytes, link_bytes, limit = _phase(machine, model, units, 1, head_on, decode=True)
+            prefill_tokens: int = 512, memory: int | None = None) -> Prediction:
+    """TTFT and seconds per token of an assignment, by the cost model in the module doc.
+
+    ``memory``: the host budget, for the page cache (``None``: the L3 files are read from the disk on
+    every pass). TTFT is priced cold (the first pass reads from the disk).
+    """
+    cached = memory is not None and l3_file_bytes(model, units) <= cache_room(machine, memory)
+    ttft = _phase(machine, model, units, prefill_tokens, head_on, decode=False)[0]
+    step, disk_bytes, link_bytes, limit, l3 = _phase(machine, model, units, 1, head_on, decode=True, cached=cached)
     return Prediction(ttft_s=ttft, decode_s=step, disk_bytes_per_token=disk_bytes, link_bytes_per_token=link_bytes,
-                      decode_limit=limit)
+                      decode_limit=limit, l3_bytes_per_token=l3, page_cache=cached)
 
 
 # -- the planner --------------------------------------------------------------------------------------
@@ -234,32 +305,55 @@ def _assign(model: ModelUnits, tiers: dict[str, str], on_cpu: set[str], l3_on: s
     return out
 
 
-def _best_devices(machine: Machine, model: ModelUnits, tiers: dict[str, str], head_on: str, tokens: int, *,
-                  decode: bool) -> dict[str, str]:
+def _placed(model: ModelUnits, tiers: dict[str, str], decode: dict[str, str], prefill: dict[str, str],
+            fetch: dict[str, str]) -> list[UnitPlan]:
+    return [UnitPlan(u.name, u.nbytes, tiers[u.name], decode[u.name], prefill[u.name], fetch.get(u.name, "-"))
+            for u in model.units]
+
+
+def _best_devices(machine: Machine, model: ModelUnits, tiers: dict[str, str], fetch: dict[str, str], head_on: str,
+                  tokens: int, *, decode: bool, cached: bool) -> tuple[float, dict[str, str]]:
     """The device assignment of one phase with the least predicted time (a small exhaustive search)."""
     l2 = [u.name for u in model.units if tiers[u.name] == "L2" and (u.decoder or not decode)]
-    if not machine.has_gpu:
-        return _assign(model, tiers, set(), "cpu", False, decode=decode)
+    options = [(set(), "cpu", False)] if not machine.has_gpu else \
+        [(set(l2[len(l2) - k:]), l3_on, True) for k in range(len(l2) + 1) for l3_on in ("cuda", "cpu")]
     best: tuple[float, dict[str, str]] | None = None
-    for k in range(len(l2) + 1):
-        for l3_on in ("cuda", "cpu"):
-            devices = _assign(model, tiers, set(l2[len(l2) - k:]), l3_on, True, decode=decode)
-            placed = [UnitPlan(u.name, u.nbytes, tiers[u.name], devices[u.name], devices[u.name]) for u in model.units]
-            seconds = _phase(machine, model, placed, tokens, head_on, decode=decode)[0]
-            if best is None or seconds < best[0] - 1e-12:
-                best = (seconds, devices)
+    for on_cpu, l3_on, gpu in options:
+        devices = _assign(model, tiers, on_cpu, l3_on, gpu, decode=decode)
+        seconds = _phase(machine, model, _placed(model, tiers, devices, devices, fetch), tokens, head_on,
+                         decode=decode, cached=cached)[0]
+        if best is None or seconds < best[0] - 1e-12:
+            best = (seconds, devices)
     assert best is not None
-    return best[1]
+    return best
+
+
+def _fetch_options(model: ModelUnits, tiers: dict[str, str], *, rewrite: bool, mapped: bool) -> list[dict[str, str]]:
+    """Candidate fetch assignments of the L3 units: as stored, or the first ``k`` streamed decoder units raw.
+
+    Only decoder units are candidates (they stream every token; a vision block runs once, in the
+    cold first pass, where a raw file is only bigger). ``k`` takes every value up to 16 units, else
+    nine points from 0 to all: the cost is linear in ``k`` within each term of the max.
+    """
+    streamed = [u for u in model.units if tiers[u.name] == "L3"]
+    base = {u.name: "decode" if u.compressed else ("map" if mapped else "read") for u in streamed}
+    switchable = [u for u in streamed if u.compressed and u.decoder] if rewrite else []
+    n = len(switchable)
+    points = range(1, n + 1) if n <= 16 else sorted({round(n * i / 8) for i in range(1, 9)})
+    how = "map" if mapped else "read"
+    return [base] + [{**base, **{u.name: how for u in switchable[:k]}} for k in points]
 
 
 def plan(model: ModelUnits, machine: Machine, *, memory: int | None = None, prefetch: int = 2,
          context: int = 4096, prefill_tokens: int = 512, vision_cache_bytes: int | None = None,
-         allow_l1: bool = True) -> Plan:
+         allow_l1: bool = True, rewrite: bool = True, mapped: bool = False) -> Plan:
     """The placement of ``model`` on ``machine`` within ``memory`` bytes of host memory (see the module doc).
 
     ``memory`` defaults to the machine's free RAM; ``context`` sizes the KV cache; ``vision_cache_bytes``
     defaults to 64 MiB for a model with a vision tower. ``allow_l1=False`` keeps every weight in host
-    memory (the GPU still computes what is copied to it).
+    memory (the GPU still computes what is copied to it). ``rewrite=False`` streams every unit as
+    stored (no :attr:`Plan.raw_units`); ``mapped=True`` lets raw units stream as page-cache views
+    (``map``) instead of copies into L2 (``read``), for a streamer that maps raw L3 blocks.
     """
     budget = machine.ram_free if memory is None else int(memory)
     if not model.units:
@@ -289,13 +383,25 @@ def plan(model: ModelUnits, machine: Machine, *, memory: int | None = None, pref
     tiers.update({u.name: "L1" for u in l1})
     rest = [u for u in decoders if tiers[u.name] == "L3"] + [u for u in model.units if not u.decoder]
     tiers.update({u.name: "L2" for u in _fill(rest, budget - minimum)})
-    dec = _best_devices(machine, model, tiers, head_on, 1, decode=True)
-    pre = _best_devices(machine, model, tiers, head_on, prefill_tokens, decode=False)
-    placed = tuple(UnitPlan(u.name, u.nbytes, tiers[u.name], dec[u.name], pre[u.name]) for u in model.units)
+    room = cache_room(machine, budget)
+    best: tuple[float, int, dict[str, str], dict[str, str], bool] | None = None
+    for fetch in _fetch_options(model, tiers, rewrite=rewrite, mapped=mapped):
+        files = sum(u.file_bytes(fetch[u.name]) for u in model.units if u.name in fetch)
+        cached = files <= room
+        seconds, dec = _best_devices(machine, model, tiers, fetch, head_on, 1, decode=True, cached=cached)
+        changed = sum(1 for u in model.units if u.name in fetch and u.compressed and fetch[u.name] != "decode")
+        if best is None or seconds < best[0] * (1 - 1e-9):  # a tie keeps fewer rewrites (less disk)
+            best = (seconds, changed, fetch, dec, cached)
+    assert best is not None
+    _, _, fetch, dec, cached = best
+    pre = _best_devices(machine, model, tiers, fetch, head_on, prefill_tokens, decode=False, cached=False)[1]
+    placed = tuple(_placed(model, tiers, dec, pre, fetch))
+    raw = tuple(u.name for u in model.units if u.name in fetch and u.compressed and fetch[u.name] != "decode")
     return Plan(machine=machine, memory=budget, minimum=minimum, units=placed, fixed_bytes=model.fixed_bytes,
                 working_bytes=working, kv_bytes=kv, kv_tier=kv_tier, vision_cache_bytes=vision_cache,
                 head_on=head_on, prediction=predict(machine, model, placed, head_on=head_on,
-                                                    prefill_tokens=prefill_tokens))
+                                                    prefill_tokens=prefill_tokens, memory=budget),
+                raw_units=raw, l3_file_bytes=l3_file_bytes(model, placed), page_cache_room=room)
 
 
 # -- what the peers would do, by the same model ---------------------------------------------------------
@@ -304,14 +410,19 @@ def plan(model: ModelUnits, machine: Machine, *, memory: int | None = None, pref
 def _accelerate(model: ModelUnits, machine: Machine, memory: int, prefill_tokens: int) -> Prediction:
     """accelerate ``device_map="auto"`` with the same ``max_memory``: GPU first, then CPU, then disk.
 
-    Offloaded weights are copied to the GPU by a forward pre-hook on the spot (pageable memory;
-    disk offload reads raw, uncompressed files), with no prefetch: the costs add up.
+    Offloaded weights are copied in by a forward pre-hook on the spot (to the GPU from pageable
+    memory; "disk" offload reads raw, uncompressed files, one thread copying each tensor out), with
+    no prefetch: the costs add up. After the first pass the offloaded files are read from the page
+    cache when they fit in it (``bytes / page_cache_read``, as :mod:`tierstore.plan.page_cache`
+    counts it), else from the disk (``bytes / disk_read``); TTFT is the cold first pass.
     """
     gpu = machine.has_gpu
     vram = max(0, machine.vram_free - _HEADROOM - machine.vram_free // 8 - model.fixed_bytes) if gpu else 0
     l1 = {u.name for u in _fill(model.units, vram)}
     l2 = {u.name for u in _fill([u for u in model.units if u.name not in l1], max(0, memory - model.fixed_bytes))}
     link = machine.h2d_pageable or machine.h2d_pinned or float("inf")
+    offloaded = sum(u.nbytes for u in model.units if u.name not in l1 and u.name not in l2)
+    cached = offloaded <= cache_room(machine, memory)
 
     def phase(tokens: int, decode: bool) -> tuple[float, int, int]:
         total, disk_bytes, link_bytes = 0.0, 0, 0
@@ -324,8 +435,11 @@ def _accelerate(model: ModelUnits, machine: Machine, memory: int, prefill_tokens
             else:
                 total += max(flops / machine.cpu_flops, unit.nbytes / machine.cpu_weight_read)
             if unit.name not in l1 and unit.name not in l2:
-                total += unit.nbytes / machine.disk_read
-                disk_bytes += unit.nbytes
+                if decode and cached:
+                    total += unit.nbytes / (machine.page_cache_read or machine.memcpy)
+                else:
+                    total += unit.nbytes / machine.disk_read
+                    disk_bytes += unit.nbytes
             if gpu and unit.name not in l1:
                 total += unit.nbytes / link
                 link_bytes += unit.nbytes
@@ -333,7 +447,7 @@ def _accelerate(model: ModelUnits, machine: Machine, memory: int, prefill_tokens
 
     ttft, _, _ = phase(prefill_tokens, False)
     step, disk_bytes, link_bytes = phase(1, True)
-    return Prediction(ttft, step, disk_bytes, link_bytes, "sum (no overlap)")
+    return Prediction(ttft, step, disk_bytes, link_bytes, "sum (no overlap)", page_cache=cached)
 
 
 def physical_bound(model: ModelUnits, machine: Machine, memory: int) -> float:
@@ -362,7 +476,7 @@ def baselines(model: ModelUnits, machine: Machine, memory: int, *, prefill_token
     streamed = [UnitPlan(u.name, u.nbytes, "L3", ("cuda" if machine.has_gpu else "cpu") if u.decoder else "-",
                          "cuda" if machine.has_gpu else "cpu") for u in model.units]
     out["stream everything"] = predict(machine, model, streamed, head_on="cuda" if machine.has_gpu else "cpu",
-                                       prefill_tokens=prefill_tokens)
+                                       prefill_tokens=prefill_tokens, memory=memory)
     out["accelerate offload"] = _accelerate(model, machine, memory, prefill_tokens)
     cpu_only = replace(machine, h2d_pinned=None, h2d_pageable=None, gpu_flops=None, vram_bandwidth=None, vram_free=0)
     out["CPU only"] = plan(model, cpu_only, memory=memory, prefill_tokens=prefill_tokens, prefetch=prefetch).prediction
