@@ -76,7 +76,8 @@ def main() -> int:
     if args.profile:
         profile = cProfile.Profile()
         profile.enable()
-        _, cpu, _ = replay(keys, caps.get(args.profile) or max(1, round(len(uniques) * float(args.profile[:-1]) / 100)))
+        share = float(args.profile.rstrip("%")) / 100
+        _, cpu, _ = replay(keys, max(1, round(len(uniques) * share)))
         profile.disable()
         print(f"{args.profile}: {len(keys) / cpu / 1e3:.0f}k accesses per CPU-second under the profiler")
         pstats.Stats(profile).sort_stats("tottime").print_stats(25)
@@ -88,17 +89,18 @@ def main() -> int:
             hits, cpu, wall = replay(keys, caps[label])
             runs[label].append((len(keys) / cpu, len(keys) / wall))
             hit_rate[label] = sum(hits) / len(keys)
-            print(f"  {label} ({caps[label]}): {len(keys) / cpu / 1e3:.0f}k/CPU-s, {len(keys) / wall / 1e3:.0f}k/wall-s, "
-                  f"hit rate {hit_rate[label]:.4f}", file=sys.stderr)
+            print(f"  {label} ({caps[label]}): {len(keys) / cpu / 1e3:.0f}k/CPU-s, "
+                  f"{len(keys) / wall / 1e3:.0f}k/wall-s, hit rate {hit_rate[label]:.4f}", file=sys.stderr)
             if args.check and len(runs[label]) == 1:
                 pure, _, _ = replay(keys, caps[label], compiled=False)
                 print(f"    pure Python: {'same hits' if pure == hits else 'DIFFERENT HITS'}", file=sys.stderr)
                 if pure != hits:
                     return 1
     summary = {label: {"capacity": caps[label], "hit_rate": round(hit_rate[label], 4),
-                       "per_cpu_s": round(statistics.median(r[0] for r in runs[label])),
-                       "per_cpu_s_range": [round(min(r[0] for r in runs[label])), round(max(r[0] for r in runs[label]))],
-                       "per_wall_s": round(statistics.median(r[1] for r in runs[label]))} for label in labels}
+                       "per_cpu_s": round(statistics.median(r[0] for r in rows)),
+                       "per_cpu_s_range": [round(min(r[0] for r in rows)), round(max(r[0] for r in rows))],
+                       "per_wall_s": round(statistics.median(r[1] for r in rows))}
+               for label, rows in runs.items()}
     if args.json:
         print(json.dumps({"trace": Path(args.trace).name, "accesses": len(keys), "warmup_cpu_s": round(warmup, 2),
                           "results": summary}))

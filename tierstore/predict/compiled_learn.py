@@ -397,7 +397,7 @@ class CompiledLearner:
         return int(hits)
 
     def _kernel(self, keys: I64, ev_at: I64, ev_key: I64) -> tuple[int, int]:
-        return _learn(keys, self.ints, self.floats, self.weights, self.count, self.last_tick,  # type: ignore[no-any-return]
+        return _learn(keys, self.ints, self.floats, self.weights, self.count, self.last_tick,
                       self.gap, self.last_gap, self.pend_tick, self.pend_x, self.ex_tick, self.ex_key,
                       self.probability, self.belady, self.version, *self.far, self.far_pos, *self.due, self.due_pos,
                       ev_at, ev_key)

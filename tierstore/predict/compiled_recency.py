@@ -197,7 +197,7 @@ class CompiledLRU(Buffers):
 
     def _kernel(self, keys: I64, ev_at: I64, ev_key: I64) -> tuple[int, int]:
         o = self.order
-        return _lru(keys, self.capacity, o.where, o.prev, o.nxt, o.ends, o.size, ev_at, ev_key)  # type: ignore[no-any-return]
+        return _lru(keys, self.capacity, o.where, o.prev, o.nxt, o.ends, o.size, ev_at, ev_key)
 
     def missing_from(self, tier: I64) -> int:
         """How many keys this shadow holds that are not among ``tier`` (distinct keys it has seen)."""
@@ -232,7 +232,7 @@ class CompiledLIRS(Buffers):
 
     def _kernel(self, keys: I64, ev_at: I64, ev_key: I64) -> tuple[int, int]:
         s, q = self.stack, self.queue
-        return _lirs(keys, self.ints, self.state, s.where, s.prev, s.nxt, s.ends, s.size,  # type: ignore[no-any-return]
+        return _lirs(keys, self.ints, self.state, s.where, s.prev, s.nxt, s.ends, s.size,
                      q.where, q.prev, q.nxt, q.ends, q.size, ev_at, ev_key)
 
     def missing_from(self, tier: I64) -> int:

@@ -268,7 +268,7 @@ class CompiledWTinyLFU(_Lists):
         self.freq = np.concatenate([self.freq, np.zeros(more, dtype=np.int64)])
 
     def _kernel(self, keys: I64, ev_at: I64, ev_key: I64) -> tuple[int, int]:
-        return _wtinylfu(keys, self.ints, self.freq, self.where, self.prev, self.nxt,  # type: ignore[no-any-return]
+        return _wtinylfu(keys, self.ints, self.freq, self.where, self.prev, self.nxt,
                          self.ends, self.size, ev_at, ev_key)
 
 
@@ -283,7 +283,7 @@ class CompiledARC(_Lists):
         self.state = np.zeros(1)
 
     def _kernel(self, keys: I64, ev_at: I64, ev_key: I64) -> tuple[int, int]:
-        return _arc(keys, self.capacity, self.state, self.where, self.prev, self.nxt,  # type: ignore[no-any-return]
+        return _arc(keys, self.capacity, self.state, self.where, self.prev, self.nxt,
                     self.ends, self.size, ev_at, ev_key)
 
 
@@ -303,7 +303,7 @@ class CompiledS3FIFO(_Lists):
         self.freq = np.concatenate([self.freq, np.full(more, -1, dtype=np.int64)])
 
     def _kernel(self, keys: I64, ev_at: I64, ev_key: I64) -> tuple[int, int]:
-        return _s3fifo(keys, self.caps, self.freq, self.where, self.prev, self.nxt,  # type: ignore[no-any-return]
+        return _s3fifo(keys, self.caps, self.freq, self.where, self.prev, self.nxt,
                        self.ends, self.size, ev_at, ev_key)
 
 
@@ -403,7 +403,7 @@ class CompiledLRFU(Buffers):
         _rerank(self.ints, self._rate, self.value, self.at, self.version, self.hval, self.hser, self.hkey)
 
     def _kernel(self, keys: I64, ev_at: I64, ev_key: I64) -> tuple[int, int]:
-        return _lrfu(keys, self.ints, self._rate, self.value, self.at, self.version,  # type: ignore[no-any-return]
+        return _lrfu(keys, self.ints, self._rate, self.value, self.at, self.version,
                      self.hval, self.hser, self.hkey, ev_at, ev_key)
 
     def missing_from(self, tier: I64) -> int:
