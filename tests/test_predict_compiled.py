@@ -89,3 +89,19 @@ def test_compiled_policy_refuses_what_it_cannot_replay() -> None:
         CompiledLIRS(4).run(np.array([5, -2], dtype=np.int64))
     fresh: PredictivePolicy[int] = PredictivePolicy(8, compiled=True)
     assert fresh.simulate([1, 2, 1, 2, 100_000, 1]) == bytearray([0, 0, 1, 1, 0, 1])  # arrays grow
+
+
+@pytest.mark.parametrize("capacity", [150, 700])
+def test_compiled_replay_agrees_with_deep_heaps_and_long_lirs_stacks(capacity: int) -> None:
+    """A skewed trace long and wide enough for heaps of hundreds of keys and LIRS ghost pruning."""
+    rng = np.random.default_rng(capacity)
+    hot = rng.zipf(1.3, 30_000) % 5000  # skewed reuse over 5,000 keys
+    scan = np.arange(30_000) % 3000 + 10_000  # a loop longer than the cache, interleaved
+    keys = np.where(rng.random(30_000) < 0.8, hot, scan).astype(np.int64).tolist()
+    options = {"experts": ("predicted", "lirs", "lru"), "epoch": 97}
+    pure: PredictivePolicy[int] = PredictivePolicy(capacity, **options)  # type: ignore[arg-type]
+    fast: PredictivePolicy[int] = PredictivePolicy(capacity, compiled=True, **options)  # type: ignore[arg-type]
+    assert fast.simulate(keys) == pure.simulate(keys)
+    assert fast.scores == pure.scores and fast.switches == pure.switches
+    for x, y in zip(fast.experts, pure.experts, strict=True):
+        assert sorted(x) == sorted(y), x.name
