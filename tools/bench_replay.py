@@ -4,6 +4,7 @@
     python tools/bench_replay.py --capacity 1%,25% --repeat 5
     python tools/bench_replay.py --limit 1000000 --profile 1%      # cProfile of one run, top 25 by tottime
     python tools/bench_replay.py --limit 200000 --check            # also the pure-Python replay: same hits?
+    python tools/bench_replay.py --limit 500000 --capacity 763,19087 --check  # the full trace's 1%, 25%
 
 Each run replays the trace the way ``tools/replay.py`` does (dense key ids, ``simulate`` in
 64k-access calls, the cyclic collector paused) on a fresh ``PredictivePolicy(c, compiled=True)``
@@ -57,7 +58,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trace", default="/work/shared/traces/orm-busy.trace.xz")
     parser.add_argument("--limit", type=int, default=None, help="replay only the first N accesses")
-    parser.add_argument("--capacity", default="1%,5%,10%,25%", help="share of the unique keys, comma list")
+    parser.add_argument("--capacity", default="1%,5%,10%,25%",
+                        help="comma list: a share of the unique keys ('5%%') or an entry count")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--profile", default=None, help="one capacity (e.g. 1%%): cProfile one run instead")
     parser.add_argument("--check", action="store_true", help="also replay in pure Python and compare the hits")
@@ -67,7 +69,8 @@ def main() -> int:
     uniques, inverse = np.unique(trace.keys, return_inverse=True)
     keys = [int(k) for k in inverse.reshape(-1).astype(np.int64).tolist()]
     labels = [c.strip() for c in args.capacity.split(",") if c.strip()]
-    caps = {label: max(1, round(len(uniques) * float(label[:-1]) / 100)) for label in labels}
+    caps = {label: max(1, round(len(uniques) * float(label[:-1]) / 100)) if label.endswith("%") else int(label)
+            for label in labels}
     cpu0 = time.process_time()
     replay(keys[:CHUNK], 64)  # load (or compile) the numba kernels
     warmup = time.process_time() - cpu0
