@@ -124,7 +124,7 @@ def heap_compact(val: F64, ser: I64, key: I64, n: int, version: I64) -> int:  # 
     return kept
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def iheap_up(val: F64, ser: I64, key: I64, pos: I64, i: int) -> int:  # pragma: no cover - compiled
     """Move slot ``i``'s entry up to its place (a hole moves down, the entry is written once)."""
     v, s, k = val[i], ser[i], key[i]
@@ -141,7 +141,7 @@ def iheap_up(val: F64, ser: I64, key: I64, pos: I64, i: int) -> int:  # pragma: 
     return i
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def iheap_down(val: F64, ser: I64, key: I64, pos: I64, n: int, i: int) -> None:  # pragma: no cover - compiled
     """Move slot ``i``'s entry down to its place."""
     v, s, k = val[i], ser[i], key[i]
@@ -162,7 +162,7 @@ def iheap_down(val: F64, ser: I64, key: I64, pos: I64, n: int, i: int) -> None: 
     pos[k] = i
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def iheap_set(val: F64, ser: I64, key: I64, pos: I64, n: int, k: int, v: float, s: int) -> int:  # pragma: no cover
     """Give key ``k`` the entry (``v``, ``s``), in place if it has one; the heap's new length."""
     i = pos[k]
@@ -175,7 +175,7 @@ def iheap_set(val: F64, ser: I64, key: I64, pos: I64, n: int, k: int, v: float, 
     return n
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def iheap_remove(val: F64, ser: I64, key: I64, pos: I64, n: int, k: int) -> int:  # pragma: no cover - compiled
     """Drop key ``k``'s entry; the heap's new length."""
     i = pos[k]

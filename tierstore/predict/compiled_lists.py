@@ -10,6 +10,10 @@ one batch to the next (a batch of the replay is an epoch, as short as 64 accesse
 per-call costs around a kernel matter as much as the kernel: allocating two buffers and finding a
 batch's smallest and largest key cost more than an ARC kernel's 64 accesses), and growing the key
 arrays only when a kernel reports, through :func:`out_of_range`, a key past them.
+
+The list operations are inlined into each kernel at numba's level (``inline="always"``): numba
+compiles every function into a module of its own, so LLVM never inlines a call across them, and
+a called ``append``/``unlink`` made the LRU kernel 1.8x slower (180 against 99 ns an access).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ def out_of_range(keys: I64, size: int) -> bool:  # pragma: no cover - compiled
     return False
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def append(where: I64, prev: I64, nxt: I64, ends: I64, size: I64, lst: int, k: int) -> None:  # pragma: no cover
     tail = ends[lst, 1]
     where[k], prev[k], nxt[k] = lst, tail, -1
@@ -51,7 +55,7 @@ def append(where: I64, prev: I64, nxt: I64, ends: I64, size: I64, lst: int, k: i
     size[lst] += 1
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def unlink(where: I64, prev: I64, nxt: I64, ends: I64, size: I64, k: int) -> None:  # pragma: no cover
     lst, p, n = where[k], prev[k], nxt[k]
     if p >= 0:
@@ -66,7 +70,7 @@ def unlink(where: I64, prev: I64, nxt: I64, ends: I64, size: I64, k: int) -> Non
     size[lst] -= 1
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def pop_front(where: I64, prev: I64, nxt: I64, ends: I64, size: I64, lst: int) -> int:  # pragma: no cover
     k = int(ends[lst, 0])
     unlink(where, prev, nxt, ends, size, k)

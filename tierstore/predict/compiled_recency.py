@@ -67,7 +67,7 @@ def _set(where: I64, prev: I64, nxt: I64, ends: I64, size: I64, k: int) -> None:
         append(where, prev, nxt, ends, size, 1, k)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _prune(ints: I64, state: I64, s_in: I64, s_prev: I64, s_nxt: I64, s_ends: I64,
            s_size: I64) -> None:  # pragma: no cover - compiled
     while s_size[1]:
@@ -80,7 +80,7 @@ def _prune(ints: I64, state: I64, s_in: I64, s_prev: I64, s_nxt: I64, s_ends: I6
             ints[_GHOSTS] -= 1
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _promote(key: int, ints: I64, state: I64, s_in: I64, s_prev: I64, s_nxt: I64, s_ends: I64, s_size: I64,
              q_in: I64, q_prev: I64, q_nxt: I64, q_ends: I64, q_size: I64) -> None:  # pragma: no cover
     _to_end(s_in, s_prev, s_nxt, s_ends, s_size, key)
@@ -93,7 +93,7 @@ def _promote(key: int, ints: I64, state: I64, s_in: I64, s_prev: I64, s_nxt: I64
     _prune(ints, state, s_in, s_prev, s_nxt, s_ends, s_size)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _forget_ghosts(ints: I64, state: I64, s_in: I64, s_prev: I64, s_nxt: I64, s_ends: I64,
                    s_size: I64) -> None:  # pragma: no cover - compiled
     drop = ints[_GHOSTS] - ints[_CAPACITY]  # the oldest `drop` ghosts, bottom of the stack first

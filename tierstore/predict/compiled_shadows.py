@@ -84,7 +84,7 @@ def _wtinylfu(keys: I64, ints: I64, freq: I64, where: I64, prev: I64, nxt: I64, 
     return hits, events
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _replace(where: I64, prev: I64, nxt: I64, ends: I64, size: I64, in_b2: bool, p: float) -> int:  # pragma: no cover
     t1 = size[1]
     if t1 and (t1 > p or (in_b2 and t1 == p)):
@@ -149,7 +149,7 @@ def _arc(keys: I64, c: int, state: Any, where: I64, prev: I64, nxt: I64, ends: I
     return hits, events
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _s3fifo_main(where: I64, prev: I64, nxt: I64, ends: I64, size: I64, freq: I64) -> int:  # pragma: no cover
     while size[2]:
         key = _pop_front(where, prev, nxt, ends, size, 2)
