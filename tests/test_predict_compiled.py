@@ -1,7 +1,7 @@
 """The compiled replay (numba) against the pure-Python batch replay it must agree with.
 
 ``PredictivePolicy(..., compiled=True)`` replays the learned expert (:mod:`tierstore.predict.compiled_learn`)
-and the ARC, S3-FIFO and W-TinyLFU shadows (:mod:`tierstore.predict.compiled_shadows`) as numba kernels
+and the shadows (:mod:`tierstore.predict.compiled_shadows`, :mod:`tierstore.predict.compiled_recency`) as numba kernels
 over arrays; the Python classes are the reference. On random traces both must make the same
 decisions, access for access, and leave the same learned weights, scores and tier behind.
 """
