@@ -53,7 +53,9 @@ I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
 
 # slots of the scalar state arrays
-_TICK, _DRAW, _CUT, _SAMPLES, _HORIZON, _SERIAL, _HELD, _CAPACITY, _FAR_N, _DUE_N, _EX_HEAD, _EX_LEN = range(12)
+# (_CROWDED, the lazy heaps' compaction size, is no longer read: the heaps are indexed)
+(_TICK, _DRAW, _CUT, _SAMPLES, _HORIZON, _SERIAL, _HELD, _CAPACITY, _FAR_N, _DUE_N, _EX_HEAD, _EX_LEN,
+ _CROWDED) = range(13)
 _FIRST_GAP, _ALPHA, _RATE, _LOG_H, _PATIENCE, _N1 = range(6)
 
 
@@ -345,8 +347,10 @@ class CompiledLearner:
         tracker = predictor.tracker
         self.belady = expert is not None
         capacity = expert.capacity if expert is not None else 1
-        self.ints = np.zeros(12, dtype=np.int64)
-        self.ints[[_DRAW, _CUT, _HORIZON, _CAPACITY]] = (predictor._draw, predictor._cut, predictor.horizon, capacity)
+        crowded = 4 * capacity + 64  # batch_replay.CROWDED, as the Python expert compacts
+        self.ints = np.zeros(13, dtype=np.int64)
+        self.ints[[_DRAW, _CUT, _HORIZON, _CAPACITY, _CROWDED]] = (predictor._draw, predictor._cut,
+                                                                  predictor.horizon, capacity, crowded)
         self.floats = np.array([tracker.first_gap, tracker.alpha, predictor.learning_rate, predictor._log_horizon,
                                 expert.patience if expert is not None else 2.0, math.log1p(1) * 0.25])
         self.weights = np.array(predictor.weights, dtype=np.float64)
