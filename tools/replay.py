@@ -78,9 +78,9 @@ def simulate_predictive(keys: list[int], capacity: int, progress: Progress,
     (:class:`tierstore.predict.predictor.SuccessorTable`, fed with the stream), are brought in ahead of use:
     evicting by policy like a miss does, but not counted as an access; that runs per access.
     ``compiled`` (without prefetching; the default where numba is installed) replays the learned
-    expert and the ARC, S3-FIFO and W-TinyLFU shadows as numba kernels: the same decisions
-    (``tests/test_predict_compiled.py``), 2.5-3x faster. ``kind`` ``kv`` replays the KV-aware policy
-    (:class:`tierstore.predict.kv_policy.KVPolicy`) instead.
+    expert and every shadow of the panel (ARC, S3-FIFO, W-TinyLFU, LRU, LIRS) as numba kernels: the
+    same decisions (``tests/test_predict_compiled.py``), ~5x faster (``tools/bench_replay.py``).
+    ``kind`` ``kv`` replays the KV-aware policy (:class:`tierstore.predict.kv_policy.KVPolicy`) instead.
     """
     make = KVPolicy if kind == "kv" else PredictivePolicy
     policy: PredictivePolicy[int] = make(capacity, compiled=compiled and prefetch is None)

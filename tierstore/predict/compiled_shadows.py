@@ -14,62 +14,29 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import ConfigError
-from .compiled_learn import AVAILABLE, heap_compact, heap_pop, heap_push, heap_sift_down, heap_top, njit
-
-if TYPE_CHECKING:
-    from .shadow_caches import Evictions
+from .compiled_learn import heap_compact, heap_pop, heap_push, heap_sift_down, heap_top, njit
+from .compiled_lists import Buffers, out_of_range
+from .compiled_lists import append as _append
+from .compiled_lists import pop_front as _pop_front
+from .compiled_lists import unlink as _unlink
 
 __all__ = ["CompiledARC", "CompiledLRFU", "CompiledS3FIFO", "CompiledWTinyLFU", "compiled_shadow"]
 
 I64 = npt.NDArray[np.int64]
 
-# Linked lists: `where[k]` is the list holding k (0: none), `prev`/`nxt` its neighbours (-1: none);
-# `ends[l] = head, tail` and `size[l]` for list l (1-based, as `where`).
-
-
-@njit(cache=True)
-def _append(where: I64, prev: I64, nxt: I64, ends: I64, size: I64, lst: int, k: int) -> None:  # pragma: no cover
-    tail = ends[lst, 1]
-    where[k], prev[k], nxt[k] = lst, tail, -1
-    if tail >= 0:
-        nxt[tail] = k
-    else:
-        ends[lst, 0] = k
-    ends[lst, 1] = k
-    size[lst] += 1
-
-
-@njit(cache=True)
-def _unlink(where: I64, prev: I64, nxt: I64, ends: I64, size: I64, k: int) -> None:  # pragma: no cover
-    lst, p, n = where[k], prev[k], nxt[k]
-    if p >= 0:
-        nxt[p] = n
-    else:
-        ends[lst, 0] = n
-    if n >= 0:
-        prev[n] = p
-    else:
-        ends[lst, 1] = p
-    where[k] = 0
-    size[lst] -= 1
-
-
-@njit(cache=True)
-def _pop_front(where: I64, prev: I64, nxt: I64, ends: I64, size: I64, lst: int) -> int:  # pragma: no cover
-    k = int(ends[lst, 0])
-    _unlink(where, prev, nxt, ends, size, k)
-    return k
+# Linked lists over dense int keys: tierstore.predict.compiled_lists (`where`, `prev`, `nxt`, `ends`, `size`).
 
 
 @njit(cache=True)
 def _wtinylfu(keys: I64, ints: I64, freq: I64, where: I64, prev: I64, nxt: I64, ends: I64, size: I64,
               ev_at: I64, ev_key: I64) -> tuple[int, int]:  # pragma: no cover - compiled
+    if out_of_range(keys, len(where)):
+        return -1, 0
     seen, sample, window_cap, main_cap, protected_cap = ints[0], ints[1], ints[2], ints[3], ints[4]
     hits = 0
     events = 0
@@ -117,7 +84,7 @@ def _wtinylfu(keys: I64, ints: I64, freq: I64, where: I64, prev: I64, nxt: I64, 
     return hits, events
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _replace(where: I64, prev: I64, nxt: I64, ends: I64, size: I64, in_b2: bool, p: float) -> int:  # pragma: no cover
     t1 = size[1]
     if t1 and (t1 > p or (in_b2 and t1 == p)):
@@ -132,6 +99,8 @@ def _replace(where: I64, prev: I64, nxt: I64, ends: I64, size: I64, in_b2: bool,
 @njit(cache=True)
 def _arc(keys: I64, c: int, state: Any, where: I64, prev: I64, nxt: I64, ends: I64, size: I64,
          ev_at: I64, ev_key: I64) -> tuple[int, int]:  # pragma: no cover - compiled
+    if out_of_range(keys, len(where)):
+        return -1, 0
     p = state[0]
     hits = 0
     events = 0
@@ -180,7 +149,7 @@ def _arc(keys: I64, c: int, state: Any, where: I64, prev: I64, nxt: I64, ends: I
     return hits, events
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _s3fifo_main(where: I64, prev: I64, nxt: I64, ends: I64, size: I64, freq: I64) -> int:  # pragma: no cover
     while size[2]:
         key = _pop_front(where, prev, nxt, ends, size, 2)
@@ -196,6 +165,8 @@ def _s3fifo_main(where: I64, prev: I64, nxt: I64, ends: I64, size: I64, freq: I6
 @njit(cache=True)
 def _s3fifo(keys: I64, caps: I64, freq: I64, where: I64, prev: I64, nxt: I64, ends: I64, size: I64,
             ev_at: I64, ev_key: I64) -> tuple[int, int]:  # pragma: no cover - compiled
+    if out_of_range(keys, len(where)):
+        return -1, 0
     capacity, small_cap, main_cap = caps[0], caps[1], caps[2]
     hits = 0
     events = 0
@@ -241,26 +212,20 @@ def _s3fifo(keys: I64, caps: I64, freq: I64, where: I64, prev: I64, nxt: I64, en
     return hits, events
 
 
-class _Lists:
+class _Lists(Buffers):
     """Linked lists over dense int keys (the arrays the kernels above share)."""
 
     held: tuple[int, ...] = (1, 2)  # the lists whose keys are resident
-    name = "compiled"
-    dense = True  # run() takes an int64 array (the batch replay passes its dense slice)
 
     def __init__(self, lists: int) -> None:
-        if not AVAILABLE:
-            raise ConfigError("the compiled shadows need numba: pip install numba (or replay without compiled=True)")
+        super().__init__()
         self.ends = np.full((lists + 1, 2), -1, dtype=np.int64)
         self.size = np.zeros(lists + 1, dtype=np.int64)
         self.where = np.zeros(0, dtype=np.int64)
         self.prev = np.zeros(0, dtype=np.int64)
         self.nxt = np.zeros(0, dtype=np.int64)
 
-    def _fit(self, keys: I64) -> None:
-        if len(keys) and int(keys.min()) < 0:
-            raise ConfigError("the compiled shadows take non-negative int keys (dense ids); got a negative one")
-        top = int(keys.max()) + 1 if len(keys) else 0
+    def _grow_to(self, top: int) -> None:
         if top > len(self.where):
             more = max(top, 2 * len(self.where), 1024) - len(self.where)
             self.where = np.concatenate([self.where, np.zeros(more, dtype=np.int64)])
@@ -270,14 +235,6 @@ class _Lists:
 
     def _grown(self, more: int) -> None:
         pass
-
-    def _report(self, evicted: Evictions[int] | None, ev_at: I64, ev_key: I64, events: int) -> None:
-        if evicted is not None and events:
-            evicted.extend(zip(ev_at[:events].tolist(), ev_key[:events].tolist(), strict=True))
-
-    def access(self, key: int) -> int | None:
-        """Not available: the compiled shadows replay batches (:meth:`run`)."""
-        raise ConfigError(f"the compiled {self.name} replays batches (simulate); it has no per-access path")
 
     def missing_from(self, tier: I64) -> int:
         """How many keys this shadow holds that are not among ``tier`` (distinct keys it has seen)."""
@@ -310,14 +267,9 @@ class CompiledWTinyLFU(_Lists):
     def _grown(self, more: int) -> None:
         self.freq = np.concatenate([self.freq, np.zeros(more, dtype=np.int64)])
 
-    def run(self, keys: I64, evicted: Evictions[int] | None = None) -> int:
-        """Process ``keys`` (an int64 array); the hits; evictions into ``evicted``."""
-        self._fit(keys)
-        ev_at, ev_key = np.zeros(len(keys), dtype=np.int64), np.zeros(len(keys), dtype=np.int64)
-        hits, events = _wtinylfu(keys, self.ints, self.freq, self.where, self.prev, self.nxt, self.ends, self.size,
-                                 ev_at, ev_key)
-        self._report(evicted, ev_at, ev_key, events)
-        return int(hits)
+    def _kernel(self, keys: I64, ev_at: I64, ev_key: I64) -> tuple[int, int]:
+        return _wtinylfu(keys, self.ints, self.freq, self.where, self.prev, self.nxt,
+                         self.ends, self.size, ev_at, ev_key)
 
 
 class CompiledARC(_Lists):
@@ -330,14 +282,9 @@ class CompiledARC(_Lists):
         self.capacity = max(1, capacity)
         self.state = np.zeros(1)
 
-    def run(self, keys: I64, evicted: Evictions[int] | None = None) -> int:
-        """Process ``keys`` (an int64 array); the hits; evictions into ``evicted``."""
-        self._fit(keys)
-        ev_at, ev_key = np.zeros(len(keys), dtype=np.int64), np.zeros(len(keys), dtype=np.int64)
-        hits, events = _arc(keys, self.capacity, self.state, self.where, self.prev, self.nxt, self.ends, self.size,
-                            ev_at, ev_key)
-        self._report(evicted, ev_at, ev_key, events)
-        return int(hits)
+    def _kernel(self, keys: I64, ev_at: I64, ev_key: I64) -> tuple[int, int]:
+        return _arc(keys, self.capacity, self.state, self.where, self.prev, self.nxt,
+                    self.ends, self.size, ev_at, ev_key)
 
 
 class CompiledS3FIFO(_Lists):
@@ -355,19 +302,15 @@ class CompiledS3FIFO(_Lists):
     def _grown(self, more: int) -> None:
         self.freq = np.concatenate([self.freq, np.full(more, -1, dtype=np.int64)])
 
-    def run(self, keys: I64, evicted: Evictions[int] | None = None) -> int:
-        """Process ``keys`` (an int64 array); the hits; evictions into ``evicted``."""
-        self._fit(keys)
-        ev_at, ev_key = np.zeros(len(keys), dtype=np.int64), np.zeros(len(keys), dtype=np.int64)
-        hits, events = _s3fifo(keys, self.caps, self.freq, self.where, self.prev, self.nxt, self.ends, self.size,
-                               ev_at, ev_key)
-        self._report(evicted, ev_at, ev_key, events)
-        return int(hits)
+    def _kernel(self, keys: I64, ev_at: I64, ev_key: I64) -> tuple[int, int]:
+        return _s3fifo(keys, self.caps, self.freq, self.where, self.prev, self.nxt,
+                       self.ends, self.size, ev_at, ev_key)
 
 
 def compiled_shadow(expert: Any) -> Any:
     """The compiled twin of a fresh Python shadow (same capacity), or ``expert`` itself if it has none."""
-    from .shadow_caches import ShadowARC, ShadowS3FIFO, ShadowWTinyLFU
+    from .compiled_recency import CompiledLIRS, CompiledLRU
+    from .shadow_caches import ShadowARC, ShadowLIRS, ShadowLRU, ShadowS3FIFO, ShadowWTinyLFU
 
     if hasattr(expert, "compiled"):  # the KV policy's adaptive LRFU: its twin on compiled LRFUs
         return expert.compiled()
@@ -377,12 +320,18 @@ def compiled_shadow(expert: Any) -> Any:
         return CompiledWTinyLFU(expert.capacity)
     if isinstance(expert, ShadowARC):
         return CompiledARC(expert.capacity)
+    if isinstance(expert, ShadowLIRS):
+        return CompiledLIRS(expert.capacity)
+    if isinstance(expert, ShadowLRU):
+        return CompiledLRU(expert.capacity)
     return expert
 
 
 @njit(cache=True)
 def _lrfu(keys: I64, ints: I64, rate: float, value: Any, at: I64, version: I64, hval: Any, hser: I64, hkey: I64,
           ev_at: I64, ev_key: I64) -> tuple[int, int]:  # pragma: no cover - compiled
+    if out_of_range(keys, len(version)):
+        return -1, 0
     tick, serial, held, n, capacity = ints[0], ints[1], ints[2], ints[3], ints[4]
     crowded = 4 * capacity + 64
     hits = 0
@@ -426,14 +375,11 @@ def _rerank(ints: I64, rate: float, value: Any, at: I64, version: I64, hval: Any
     ints[3] = n
 
 
-class CompiledLRFU:
+class CompiledLRFU(Buffers):
     """:class:`tierstore.predict.kv_policy.ShadowLRFU`, compiled (the same decisions on dense int keys)."""
 
-    dense = True
-
     def __init__(self, capacity: int, half_life: float) -> None:
-        if not AVAILABLE:
-            raise ConfigError("the compiled shadows need numba: pip install numba (or replay without compiled=True)")
+        super().__init__()
         self.capacity = max(1, capacity)
         self.half_life = max(1.0, float(half_life))
         self.name = f"lrfu{half_life / self.capacity:g}"
@@ -443,10 +389,7 @@ class CompiledLRFU:
         self.hval, self.hser, self.hkey = np.zeros(heap), np.zeros(heap, dtype=np.int64), np.zeros(heap, dtype=np.int64)
         self.value, self.at, self.version = np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
 
-    def _fit(self, keys: I64) -> None:
-        if len(keys) and int(keys.min()) < 0:
-            raise ConfigError("the compiled shadows take non-negative int keys (dense ids); got a negative one")
-        top = int(keys.max()) + 1 if len(keys) else 0
+    def _grow_to(self, top: int) -> None:
         if top > len(self.version):
             more = max(top, 2 * len(self.version), 1024) - len(self.version)
             self.value = np.concatenate([self.value, np.zeros(more)])
@@ -459,19 +402,9 @@ class CompiledLRFU:
         self._rate = 1.0 / self.half_life
         _rerank(self.ints, self._rate, self.value, self.at, self.version, self.hval, self.hser, self.hkey)
 
-    def run(self, keys: I64, evicted: Evictions[int] | None = None) -> int:
-        """Process ``keys`` (an int64 array); the hits; evictions into ``evicted``."""
-        self._fit(keys)
-        ev_at, ev_key = np.zeros(len(keys), dtype=np.int64), np.zeros(len(keys), dtype=np.int64)
-        hits, events = _lrfu(keys, self.ints, self._rate, self.value, self.at, self.version, self.hval, self.hser,
-                             self.hkey, ev_at, ev_key)
-        if evicted is not None and events:
-            evicted.extend(zip(ev_at[:events].tolist(), ev_key[:events].tolist(), strict=True))
-        return int(hits)
-
-    def access(self, key: int) -> int | None:
-        """Not available: the compiled shadows replay batches (:meth:`run`)."""
-        raise ConfigError("the compiled lrfu replays batches (simulate); it has no per-access path")
+    def _kernel(self, keys: I64, ev_at: I64, ev_key: I64) -> tuple[int, int]:
+        return _lrfu(keys, self.ints, self._rate, self.value, self.at, self.version,
+                     self.hval, self.hser, self.hkey, ev_at, ev_key)
 
     def missing_from(self, tier: I64) -> int:
         """How many keys this shadow holds that are not among ``tier`` (distinct keys it has seen)."""

@@ -446,7 +446,9 @@ class PredictivePolicy(Generic[K]):
             missing_from = getattr(expert, "missing_from", None)
             if missing_from is not None:  # a compiled expert counts over the tier's keys, not its own
                 if tier is None:
-                    tier = np.array(list(resident), dtype=np.int64)  # list() runs in C; fromiter is 5x slower
+                    # the underlying dict's keys, in its storage order (any order counts the same): walking
+                    # the OrderedDict's own links after many move_to_end calls is a cache miss a key, 8x slower
+                    tier = np.fromiter(dict.keys(resident), dtype=np.int64, count=len(resident))
                 lacking = missing_from(tier)
             else:
                 held = list(expert)  # the keys it holds that the tier lacks, counted at C speed

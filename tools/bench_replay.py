@@ -1,0 +1,120 @@
+"""Time the predictive policy's compiled replay in CPU-seconds (the machine is shared: wall time lies).
+
+    python tools/bench_replay.py                                   # orm-busy in full, 1/5/10/25%, 3 runs
+    python tools/bench_replay.py --capacity 1%,25% --repeat 5
+    python tools/bench_replay.py --limit 1000000 --profile 1%      # cProfile of one run, top 25 by tottime
+    python tools/bench_replay.py --limit 200000 --check            # also the pure-Python replay: same hits?
+    python tools/bench_replay.py --limit 500000 --capacity 763,19087 --check  # the full trace's 1%, 25%
+
+Each run replays the trace the way ``tools/replay.py`` does (dense key ids, ``simulate`` in
+64k-access calls, the cyclic collector paused) on a fresh ``PredictivePolicy(c, compiled=True)``
+and reports accesses per CPU-second of this process (``time.process_time``) and per wall-second,
+median and spread over ``--repeat`` runs, runs of the capacities interleaved. numba compiles the
+kernels once per machine into its on-disk cache (``cache=True``); the first run of a process
+loads (or, with a cold cache, compiles) them: ``warmup_s`` is that first call alone, and the rates
+exclude it only because the cache is on disk (a fresh checkout pays the compile once, ~10-30 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import json
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+
+from replay_formats import read_trace
+from replay_policies import CHUNK
+
+from tierstore.predict.predictor import PredictivePolicy
+
+
+def replay(keys: list[int], capacity: int, compiled: bool = True) -> tuple[bytearray, float, float]:
+    """Hits, CPU-seconds and wall-seconds of one replay on a fresh policy."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        cpu, wall = time.process_time(), time.perf_counter()
+        policy: PredictivePolicy[int] = PredictivePolicy(capacity, compiled=compiled)
+        out = bytearray()
+        for start in range(0, len(keys), CHUNK):
+            out += policy.simulate(keys[start:start + CHUNK])
+        return out, time.process_time() - cpu, time.perf_counter() - wall
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trace", default="/work/shared/traces/orm-busy.trace.xz")
+    parser.add_argument("--limit", type=int, default=None, help="replay only the first N accesses")
+    parser.add_argument("--capacity", default="1%,5%,10%,25%",
+                        help="comma list: a share of the unique keys ('5%%') or an entry count")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--profile", default=None, help="one capacity (e.g. 1%%): cProfile one run instead")
+    parser.add_argument("--check", action="store_true", help="also replay in pure Python and compare the hits")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    trace = read_trace(Path(args.trace), None, args.limit)
+    uniques, inverse = np.unique(trace.keys, return_inverse=True)
+    keys = [int(k) for k in inverse.reshape(-1).astype(np.int64).tolist()]
+    labels = [c.strip() for c in args.capacity.split(",") if c.strip()]
+    caps = {label: max(1, round(len(uniques) * float(label[:-1]) / 100)) if label.endswith("%") else int(label)
+            for label in labels}
+    cpu0 = time.process_time()
+    replay(keys[:CHUNK], 64)  # load (or compile) the numba kernels
+    warmup = time.process_time() - cpu0
+    print(f"{Path(args.trace).name}: {len(keys)} accesses, {len(uniques)} unique; warmup (JIT cache load) "
+          f"{warmup:.2f} CPU-s", file=sys.stderr)
+    if args.profile:
+        profile = cProfile.Profile()
+        profile.enable()
+        share = float(args.profile.rstrip("%")) / 100
+        _, cpu, _ = replay(keys, max(1, round(len(uniques) * share)))
+        profile.disable()
+        print(f"{args.profile}: {len(keys) / cpu / 1e3:.0f}k accesses per CPU-second under the profiler")
+        pstats.Stats(profile).sort_stats("tottime").print_stats(25)
+        return 0
+    runs: dict[str, list[tuple[float, float]]] = {label: [] for label in labels}
+    hit_rate: dict[str, float] = {}
+    for _ in range(args.repeat):
+        for label in labels:
+            hits, cpu, wall = replay(keys, caps[label])
+            runs[label].append((len(keys) / cpu, len(keys) / wall))
+            hit_rate[label] = sum(hits) / len(keys)
+            print(f"  {label} ({caps[label]}): {len(keys) / cpu / 1e3:.0f}k/CPU-s, "
+                  f"{len(keys) / wall / 1e3:.0f}k/wall-s, hit rate {hit_rate[label]:.4f}", file=sys.stderr)
+            if args.check and len(runs[label]) == 1:
+                pure, _, _ = replay(keys, caps[label], compiled=False)
+                print(f"    pure Python: {'same hits' if pure == hits else 'DIFFERENT HITS'}", file=sys.stderr)
+                if pure != hits:
+                    return 1
+    summary = {label: {"capacity": caps[label], "hit_rate": round(hit_rate[label], 4),
+                       "per_cpu_s": round(statistics.median(r[0] for r in rows)),
+                       "per_cpu_s_range": [round(min(r[0] for r in rows)), round(max(r[0] for r in rows))],
+                       "per_wall_s": round(statistics.median(r[1] for r in rows))}
+               for label, rows in runs.items()}
+    if args.json:
+        print(json.dumps({"trace": Path(args.trace).name, "accesses": len(keys), "warmup_cpu_s": round(warmup, 2),
+                          "results": summary}))
+    else:
+        for label, row in summary.items():
+            low, high = row["per_cpu_s_range"]  # type: ignore[misc]
+            print(f"{label:>4} ({row['capacity']}): {row['per_cpu_s'] / 1e3:.0f}k per CPU-second "
+                  f"({low / 1e3:.0f}-{high / 1e3:.0f}k), {row['per_wall_s'] / 1e3:.0f}k per wall-second, "
+                  f"hit rate {row['hit_rate']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
