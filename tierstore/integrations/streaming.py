@@ -36,6 +36,7 @@ from ..config import format_size, parse_size
 from ..engine.handle import TierStore
 from ..errors import CheckpointError, ConfigError
 from .hf_model import build_empty_model, stored_config, tied_weights, unit_groups
+from .linear_fold import fold_linear_inputs
 from .stream_budget import hold_reserve, memory_split
 
 if TYPE_CHECKING:
@@ -414,6 +415,7 @@ def load_streamed(store: TierStore, *, prefix: str = "", device: str | torch.dev
     for target_name, source in tied.items():  # tied weights: one tensor, two names
         owner_name, _, pname = target_name.rpartition(".")
         place_param(model.get_submodule(owner_name), pname, model.get_parameter(source))
+    fold_linear_inputs(model)  # its weights do not require grad: see linear_fold (a copy of lm_head per prefill)
     hold = _hold(store, target, units, prefix=prefix, prefetch=prefetch, dtype=dtype, memory=memory,
                  resident_bytes=budget, hold_bytes=hold_bytes)
     if plan is not None:
