@@ -346,7 +346,10 @@ def load_streamed(store: TierStore, *, prefix: str = "", device: str | torch.dev
     from L3. ``memory`` (bytes or ``"3GiB"``) is a budget for all the weights in host memory: the
     store's L2 must be at most ``memory_split(store, memory).l2_bytes`` (else ``ConfigError`` saying
     the size to open it with), and a budget below the model's minimum is a ``ConfigError`` naming
-    the minimum. The weights loaded for good are copies outside L2 (:func:`_owned`).
+    the minimum. The weights loaded for good are copies outside L2 (:func:`_owned`). Every
+    ``nn.Linear`` gets a pre-hook that lays out 3-D inputs so torch multiplies them as one matrix
+    (:mod:`.linear_fold`): with weights that do not require grad, the logits' last-position slice
+    would otherwise copy the whole ``lm_head`` each prefill.
 
     ``plan`` (a :class:`~tierstore.plan.placement.Plan` for this model) is executed as
     :mod:`.hybrid_exec` says: each unit's weights come from the tier the plan names and it computes,
