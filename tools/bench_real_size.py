@@ -250,7 +250,7 @@ def load_variant(variant: str, work: Path, memory: int, machine_file: Path | Non
                  rss: RssPhases | None = None) -> tuple[Any, Any]:
     """``(model, store or None)`` of ``variant`` from the folders under ``work`` (``ckpt``, ``store``).
 
-    ``rss`` gets the phases ``open store`` (the catalog, ``memory_split``, L2 prefaulted) and ``load``.
+    ``rss`` gets the phases ``open store`` (the catalog, ``memory_split``, L2 prefaulted) and ``load_streamed``.
     """
     import tierstore
     from tierstore.integrations.stream_budget import memory_split
@@ -276,7 +276,7 @@ def load_variant(variant: str, work: Path, memory: int, machine_file: Path | Non
         split = memory_split(probe, memory, prefetch=2)
     store = tierstore.open(folder, readonly=True, l2_cache_size=split.l2_bytes)
     if rss is not None:
-        rss.mark("load")
+        rss.mark("load_streamed")
     if variant in ("tierstore", "raw"):
         return load_streamed(store, memory=memory, prefetch=2), store
     from tierstore.integrations.plan_units import model_units
@@ -310,7 +310,7 @@ def _run_variant(variant: str, work: Path, memory: int, tokens: int, grid: tuple
     logging.disable_progress_bar()
     drop_page_cache(work / "ckpt", work / "store", work / "store-raw")
     start = time.perf_counter()
-    rss.mark("load")  # the store's variants split it: open store, load
+    rss.mark("load")  # the store's variants split it: open store, load_streamed
     model, store = load_variant(variant, work, memory, machine_file, rss)
     load_s = time.perf_counter() - start
     load_peak = _vm_hwm()
