@@ -96,6 +96,9 @@ def test_demo_under_a_memory_budget_smaller_than_the_model(tmp_path: Path,
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["identical"] and summary["reference"] == "the model held in memory in another process"
     assert summary["memory"] == 24 << 20 and summary["held_units"] > 0
+    # the streamed runs' own peak (VmHWM reset after the import and the reference), within the process's
+    assert 0 < summary["streaming_peak_rss"] <= summary["peak_rss"]
+    assert summary["overhead"] == summary["streaming_peak_rss"] - (24 << 20)
     with tierstore.open(tmp_path / "demo", readonly=True, l2_cache_size=0) as db:
         from tierstore.integrations.stream_budget import memory_split
 

@@ -49,6 +49,9 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/, for rss_phases
+from rss_phases import RssPhases
+
 GiB = 1 << 30
 VARIANTS = ("memory", "tierstore", "raw", "accelerate", "plan")
 STORES = {"tierstore": "store", "plan": "store-plan", "raw": "store-raw"}
@@ -217,14 +220,17 @@ def drop_page_cache(*folders: Path) -> None:
 class _Stamps:
     """A ``generate`` streamer that records when each token arrives and the process's I/O counters then."""
 
-    def __init__(self) -> None:
+    def __init__(self, rss: RssPhases | None = None) -> None:
         self.times: list[float] = []
         self.io: list[dict[str, int]] = []
         self.l3: list[int] = []
         self.store: Any = None
+        self.rss = rss
 
     def put(self, value: Any) -> None:
         self.times.append(time.perf_counter())
+        if self.rss is not None and len(self.times) == 2:  # [0] is the prompt, [1] the first new token
+            self.rss.mark("decode")
         self.io.append(_proc_io())
         self.l3.append(self.store.stats().hit_bytes["L3"] if self.store is not None else 0)
 
@@ -232,8 +238,28 @@ class _Stamps:
         pass
 
 
-def load_variant(variant: str, work: Path, memory: int, machine_file: Path | None = None) -> tuple[Any, Any]:
-    """``(model, store or None)`` of ``variant`` from the folders under ``work`` (``ckpt``, ``store``)."""
+def rates_in_child(work: Path) -> tuple[float, dict[str, float]]:
+    """``measure_matvec()`` and ``measure_fetch(work)`` in a child process: their buffers (192 MiB of
+    weights, 32 MiB blocks) never count in this variant's RSS."""
+    import tierstore
+
+    code = ("import json, sys; from tierstore.plan.machine import measure_matvec; "
+            "from tierstore.plan.bandwidth import measure_fetch; "
+            "print(json.dumps([measure_matvec(), measure_fetch(sys.argv[1])]))")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(Path(tierstore.__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", code, str(work)], capture_output=True, text=True, check=True,
+                          env=env)
+    rate, fetch = json.loads(done.stdout.strip().splitlines()[-1])
+    return float(rate), {k: float(v) for k, v in fetch.items()}
+
+
+def load_variant(variant: str, work: Path, memory: int, machine_file: Path | None = None,
+                 rss: RssPhases | None = None) -> tuple[Any, Any]:
+    """``(model, store or None)`` of ``variant`` from the folders under ``work`` (``ckpt``, ``store``).
+
+    ``rss`` gets the phases ``open store`` (the catalog, ``memory_split``, L2 prefaulted) and ``load_streamed``.
+    """
     import tierstore
     from tierstore.integrations.stream_budget import memory_split
     from tierstore.integrations.streaming import load_streamed
@@ -252,9 +278,13 @@ def load_variant(variant: str, work: Path, memory: int, machine_file: Path | Non
             offload_folder=offload)
         return model.eval(), None
     folder = work / STORES[variant]
+    if rss is not None:
+        rss.mark("open store")
     with tierstore.open(folder, readonly=True, l2_cache_size=0) as probe:
         split = memory_split(probe, memory, prefetch=2)
     store = tierstore.open(folder, readonly=True, l2_cache_size=split.l2_bytes)
+    if rss is not None:
+        rss.mark("load_streamed")
     if variant in ("tierstore", "raw"):
         return load_streamed(store, memory=memory, prefetch=2), store
     from tierstore.integrations.plan_units import model_units
@@ -289,29 +319,40 @@ def run_variant(variant: str, work: Path, memory: int, tokens: int, grid: tuple[
                 machine_file: Path | None = None, *, matvec: bool = True) -> dict[str, Any]:
     """Load and run one variant in this process; what it measured, as JSON-ready values.
 
-    ``matvec`` also measures the CPU's matrix-vector rate just before ``generate`` (``matvec_rate``).
+    ``matvec`` also measures the CPU's matrix-vector rate just before ``generate`` (``matvec_rate``), in a
+    child process (:func:`matvec_in_child`) so that its weights are not in this process's peak RSS.
     """
+    rss = RssPhases()
+    with rss:
+        result = _run_variant(variant, work, memory, tokens, grid, machine_file, matvec, rss)
+    result["rss_phases"] = rss.summary()
+    return result
+
+
+def _run_variant(variant: str, work: Path, memory: int, tokens: int, grid: tuple[int, int, int],
+                 machine_file: Path | None, matvec: bool, rss: RssPhases) -> dict[str, Any]:
+    rss.mark("imports")
     from transformers.utils import logging
 
     logging.disable_progress_bar()
     drop_page_cache(work / "ckpt", work / "store", work / "store-raw")
     start = time.perf_counter()
-    model, store = load_variant(variant, work, memory, machine_file)
+    rss.mark("load")  # the store's variants split it: open store, load_streamed
+    model, store = load_variant(variant, work, memory, machine_file, rss)
     load_s = time.perf_counter() - start
     load_peak = _vm_hwm()
     config = model.config
     inputs = bench_inputs(config, grid)
-    from tierstore.plan.bandwidth import measure_fetch
-    from tierstore.plan.machine import measure_matvec
-
-    rate = measure_matvec() if matvec else None  # under this variant's share of the shared CPU, right before it runs
-    fetch = measure_fetch(work) if matvec else None
-    stamps = _Stamps()
+    # under this variant's share of the shared CPU, right before it runs, in a child (not in this RSS)
+    rate, fetch = rates_in_child(work) if matvec else (None, None)
+    stamps = _Stamps(rss)
     stamps.store = store
     io0 = _proc_io()
+    rss.mark("prefill")  # the vision tower, the prompt, the first token
     begin = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=tokens, do_sample=False, streamer=stamps)
+    rss.mark("after generate")
     gaps = [b - a for a, b in zip(stamps.times[1:], stamps.times[2:], strict=False)]  # [0] is the prompt
     decoded = max(1, len(stamps.times) - 2)
     result = {
@@ -473,7 +514,9 @@ def _line(r: dict[str, Any]) -> str:
     return (f"load {r['load_s']:.1f} s, TTFT {r['ttft_s']:.1f} s, decode {r['decode_s'] * 1e3:.0f} ms/token, "
             f"peak RSS {r['peak_rss'] / 2**20:.0f} MiB (load {r['peak_rss_load'] / 2**20:.0f}), disk "
             f"{r['read_bytes_per_token'] / 2**20:.0f} MiB/token, L3 {r['l3_bytes_per_token'] / 2**20:.0f} MiB/token, "
-            f"tokens {r['tokens']}")
+            f"tokens {r['tokens']}\n    RSS MiB by phase (end/peak): "
+            + ", ".join(f"{k} {v['end'] / 2**20:.0f}/{v['peak'] / 2**20:.0f}"
+                        for k, v in r.get("rss_phases", {}).items()))
 
 
 def report(name: str, total: int, memory: int, imported: dict[str, Any], results: dict[str, Any],

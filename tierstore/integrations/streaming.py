@@ -36,6 +36,7 @@ from ..config import format_size, parse_size
 from ..engine.handle import TierStore
 from ..errors import CheckpointError, ConfigError
 from .hf_model import build_empty_model, stored_config, tied_weights, unit_groups
+from .linear_fold import fold_linear_inputs
 from .stream_budget import hold_reserve, memory_split
 
 if TYPE_CHECKING:
@@ -345,7 +346,10 @@ def load_streamed(store: TierStore, *, prefix: str = "", device: str | torch.dev
     from L3. ``memory`` (bytes or ``"3GiB"``) is a budget for all the weights in host memory: the
     store's L2 must be at most ``memory_split(store, memory).l2_bytes`` (else ``ConfigError`` saying
     the size to open it with), and a budget below the model's minimum is a ``ConfigError`` naming
-    the minimum. The weights loaded for good are copies outside L2 (:func:`_owned`).
+    the minimum. The weights loaded for good are copies outside L2 (:func:`_owned`). Every
+    ``nn.Linear`` gets a pre-hook that lays out 3-D inputs so torch multiplies them as one matrix
+    (:mod:`.linear_fold`): with weights that do not require grad, the logits' last-position slice
+    would otherwise copy the whole ``lm_head`` each prefill.
 
     ``plan`` (a :class:`~tierstore.plan.placement.Plan` for this model) is executed as
     :mod:`.hybrid_exec` says: each unit's weights come from the tier the plan names and it computes,
@@ -414,6 +418,7 @@ def load_streamed(store: TierStore, *, prefix: str = "", device: str | torch.dev
     for target_name, source in tied.items():  # tied weights: one tensor, two names
         owner_name, _, pname = target_name.rpartition(".")
         place_param(model.get_submodule(owner_name), pname, model.get_parameter(source))
+    fold_linear_inputs(model)  # its weights do not require grad: see linear_fold (a copy of lm_head per prefill)
     hold = _hold(store, target, units, prefix=prefix, prefetch=prefetch, dtype=dtype, memory=memory,
                  resident_bytes=budget, hold_bytes=hold_bytes)
     if plan is not None:

@@ -22,17 +22,20 @@ import heapq
 import math
 from collections import OrderedDict, deque
 from collections.abc import Hashable, Iterator, Sequence
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from ..errors import ConfigError, TierFullError
-from . import batch_replay, compiled_learn, compiled_shadows
+from . import batch_replay
 from .access_tracker import AccessPatternTracker, KeyStats
 from .batch_replay import CROWDED
 from .replay_state import BeladyState, PanelState, PredictorState
 from .shadow_caches import Evictions, ShadowARC, ShadowCache, ShadowLIRS, ShadowLRU, ShadowS3FIFO, ShadowWTinyLFU
+
+if TYPE_CHECKING:
+    from .compiled_learn import CompiledLearner
 
 __all__ = ["KeyStats", "AccessPatternTracker", "SimpleMLPredictor", "PredictivePolicy", "SuccessorTable",
            "next_access_estimate"]
@@ -322,8 +325,12 @@ class PredictivePolicy(Generic[K]):
         horizon = max(prediction_window, horizon_factor * capacity)
         self.predictor = SimpleMLPredictor(self.tracker, horizon=horizon, threshold=prediction_threshold)
         self.experts = [*shadows, *_build_experts(experts, capacity, patience, self.predictor)]
-        self._compiled: compiled_learn.CompiledLearner | None = None
+        self._compiled: CompiledLearner | None = None
         if compiled:  # the learned expert's state as arrays, replayed by numba (simulate only)
+            # imported here: numba costs ~65 MiB of RSS (llvmlite) in every process that imports it,
+            # and only the trace simulator asks for compiled replays
+            from . import compiled_learn, compiled_shadows
+
             belady = next((e for e in self.experts if isinstance(e, PredictedNextUse)), None)
             self._compiled = compiled_learn.CompiledLearner(self.predictor, belady)
             if belady is not None:

@@ -132,13 +132,22 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
 
 
 def _scratch(size: int) -> np.ndarray:
-    buffers: dict[int, np.ndarray] | None = getattr(_LOCAL, "scratch", None)
-    if buffers is None:
-        buffers = _LOCAL.scratch = {}
-    buf = buffers.get(size)
-    if buf is None:
-        buf = buffers[size] = np.empty(size, dtype=np.uint8)
-    return buf
+    """This thread's scratch for one chunk, exactly ``size`` bytes long: a prefix of one reused buffer.
+
+    One buffer per thread, grown to the largest chunk the thread has handled (~1 MiB: L3 chunks
+    are ``ARRAY_CHUNK`` or smaller), not one per distinct chunk size: L3's chunk sizes vary by
+    block, and a buffer kept per size grew with every new one.
+    """
+    buf: np.ndarray | None = getattr(_LOCAL, "scratch", None)
+    if buf is None or buf.nbytes < size:
+        buf = _LOCAL.scratch = np.empty(size, dtype=np.uint8)
+    return buf[:size]
+
+
+def scratch_bytes() -> int:
+    """Bytes of chunk scratch this thread holds (for tests: bounded by its largest chunk)."""
+    buf: np.ndarray | None = getattr(_LOCAL, "scratch", None)
+    return 0 if buf is None else buf.nbytes
 
 
 def _shuffle_into_scratch(chunk: np.ndarray, elementsize: int) -> np.ndarray:
