@@ -320,7 +320,7 @@ def run_variant(variant: str, work: Path, memory: int, tokens: int, grid: tuple[
     """Load and run one variant in this process; what it measured, as JSON-ready values.
 
     ``matvec`` also measures the CPU's matrix-vector rate just before ``generate`` (``matvec_rate``), in a
-    child process (:func:`matvec_in_child`) so that its weights are not in this process's peak RSS.
+    child process (:func:`rates_in_child`, with the fetch rates) so that its weights are not in this process's peak RSS.
     """
     rss = RssPhases()
     with rss:
