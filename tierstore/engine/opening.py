@@ -128,7 +128,7 @@ class StoreOpening:
             self.config = self.config.replace(l1_device=None, l1_cache_size=0)
         self._write_mutex = threading.RLock()
         self._local = threading.local()
-        self._counts = {"get": 0, "put": 0, "delete": 0}
+        self._counts = {"get": 0, "put": 0, "delete": 0, "mapped": 0}
         self._hits = {"L1": 0, "L2": 0, "L3": 0}
         self._hit_bytes = {"L1": 0, "L2": 0, "L3": 0}
         layout = self._catalog.l3_layout()
