@@ -12,7 +12,6 @@ import random
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 

@@ -18,8 +18,8 @@ When every streamed unit is stored raw in L3 (``tierstore import-hf --l3-compres
 streamer maps the units it does not hold (:meth:`~tierstore.engine.handle.TierStore.map`: views of
 the shard files' pages, no copy, no L2 slot), so L2 serves only the held units: ``l2_bytes = memory -
 fixed_bytes - working_bytes`` (the mapped working units' pages count in the process's memory while
-they are viewed) and ``hold_bytes = l2_bytes - slack_bytes``, with a slack of 1/128 of L2 for the
-allocator's rounding (held units are placed once, in an empty L2, so they do not fragment it). The budget covers
+they are viewed) and ``hold_bytes = l2_bytes - slack_bytes``, with a slack for the allocator's rounding
+(:func:`mapped_slack`: held units are placed once, in an empty L2, so they do not fragment it). The budget covers
 weights; the interpreter, torch, activations and the KV cache come on top (see BENCHMARKS.md for
 what that overhead measured).
 """
@@ -50,13 +50,20 @@ def hold_reserve(largest_unit: int, prefetch: int) -> int:
     return (max(0, prefetch) + 2) * largest_unit
 
 
+_SLABS = 2 << 20
+"""Two of L2's 1 MiB slabs: what small tensors (norms, narrow projections) leave unused in partly filled slabs."""
+
+
 def mapped_slack(largest_unit: int, l2_bytes: int) -> int:
-    """L2 kept free beside the held units when the streamed ones are mapped: 1/128 of L2, at most one unit.
+    """L2 kept free beside the held units when the streamed ones are mapped: 1/128 of L2 plus two slabs, at
+    most one unit.
 
     Only the held units live in L2 then, placed once into an empty tier; what they lose to the
-    allocator is its rounding (page runs for large tensors, a slab per size class for small ones).
+    allocator is its rounding: pages for large tensors, and the unused part of the slab each size class
+    of small tensors fills (measured: 1.5 MiB of 20 MiB at 1/16 of the 2B's width, whose k/v projections
+    and norms are all slab-sized; a few MiB at the real 2B, whose projections take page runs).
     """
-    return min(largest_unit, l2_bytes // 128)
+    return min(largest_unit, l2_bytes // 128 + _SLABS)
 
 
 @dataclass(frozen=True, slots=True)
