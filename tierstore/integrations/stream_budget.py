@@ -54,16 +54,18 @@ _SLABS = 2 << 20
 """Two of L2's 1 MiB slabs: what small tensors (norms, narrow projections) leave unused in partly filled slabs."""
 
 
-def mapped_slack(largest_unit: int, l2_bytes: int) -> int:
-    """L2 kept free beside the held units when the streamed ones are mapped: 1/128 of L2 plus two slabs, at
-    most one unit.
+def mapped_slack(l2_bytes: int) -> int:
+    """L2 kept free beside the held units when the streamed ones are mapped: 1/128 of L2 plus two slabs.
 
     Only the held units live in L2 then, placed once into an empty tier; what they lose to the
     allocator is its rounding: pages for large tensors, and the unused part of the slab each size class
     of small tensors fills (measured: 1.5 MiB of 20 MiB at 1/16 of the 2B's width, whose k/v projections
-    and norms are all slab-sized; a few MiB at the real 2B, whose projections take page runs).
+    and norms are all slab-sized; a few MiB at the real 2B, whose projections take page runs). A slab
+    is at most 1/8 of a small L2 (the allocator's clamp), where a unit of small tensors can leave a
+    slab per size class nearly empty: there the slack grows to half of L2 (measured at the benchmark's
+    tiny Qwen3-VL, 600 KiB of L2: a quarter still sent a vision block past L2 every pass).
     """
-    return min(largest_unit, l2_bytes // 128 + _SLABS)
+    return l2_bytes // 128 + min(_SLABS, l2_bytes // 2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +95,7 @@ class MemorySplit:
         """L2 kept free beside the working reserve: room to place a unit's tensors (see :func:`hold_reserve`,
         and :func:`mapped_slack` when ``mapped``)."""
         if self.mapped:
-            return mapped_slack(max(self.unit_bytes, default=0), self.l2_bytes)
+            return mapped_slack(self.l2_bytes)
         return max(self.unit_bytes, default=0)
 
     @property

@@ -300,17 +300,20 @@ def _place_buffers(model: nn.Module, store: TierStore, prefix: str, present: set
             setattr(module, name, value.to(device))  # keeps the buffer's persistence
 
 
-def _owned(store: TierStore, key: str, target: torch.device) -> torch.Tensor:
+def _owned(store: TierStore, key: str, target: torch.device, mapped: bool) -> torch.Tensor:
     """A weight of the model's own, outside the tiers that serve the streamed units.
 
     ``get(copy=True)`` puts a host copy in free L2 memory when there is room (scratch, held for as
     long as the tensor lives): a weight loaded for good would then take L2 the budget gave to the
     streamed units (:mod:`.stream_budget` counts these weights outside L2). A clone of the view is
-    ordinary memory, and the block's slot can be evicted again.
+    ordinary memory, and the block's slot can be evicted again. With ``mapped``, a weight stored raw
+    is kept as its map (:meth:`TierStore.map <tierstore.engine.handle.TierStore.map>`: private pages
+    of the file, no copy and no L2 slot on the way).
     """
     if target.type != "cpu":
         return store.get(key, device=target, copy=True)
-    return store.get(key).clone()
+    view = store.map(key) if mapped else None
+    return view if view is not None else store.get(key).clone()
 
 
 def _budget(resident_bytes: int | str) -> int:
@@ -337,7 +340,7 @@ def _hold(store: TierStore, target: torch.device, units: list[StreamUnit], *, pr
     names = {u.name for u in units}
     maps = mapped and target.type == "cpu" and bool(units) and all(
         raw for name, raw in raw_units(store, prefix=prefix).items() if name in names)
-    working = mapped_slack(largest, capacity) if maps else hold_reserve(largest, prefetch)
+    working = mapped_slack(capacity) if maps else hold_reserve(largest, prefetch)
     if memory is not None:
         if resident_bytes:
             raise ConfigError("load_streamed: give memory= or resident_bytes=, not both; memory= chooses the "
@@ -350,7 +353,7 @@ def _hold(store: TierStore, target: torch.device, units: list[StreamUnit], *, pr
                 f"l2_cache_size={split.l2_bytes} (memory_split(store, memory).l2_bytes)")
         capacity = min(capacity, split.l2_bytes) if target.type == "cpu" else capacity
         if maps:
-            working = mapped_slack(largest, capacity)
+            working = mapped_slack(capacity)
     if hold_bytes is not None:
         return min(_budget(hold_bytes), max(0, capacity - working))
     return max(0, capacity - working)
@@ -377,7 +380,7 @@ def load_streamed(store: TierStore, *, prefix: str = "", device: str | torch.dev
     from L3. ``memory`` (bytes or ``"3GiB"``) is a budget for all the weights in host memory: the
     store's L2 must be at most ``memory_split(store, memory).l2_bytes`` (else ``ConfigError`` saying
     the size to open it with), and a budget below the model's minimum is a ``ConfigError`` naming
-    the minimum. The weights loaded for good are copies outside L2 (:func:`_owned`).
+    the minimum. The weights loaded for good are copies outside L2, or maps of raw L3 (:func:`_owned`).
 
     ``plan`` (a :class:`~tierstore.plan.placement.Plan` for this model) is executed as
     :mod:`.hybrid_exec` says: each unit's weights come from the tier the plan names and it computes,
@@ -393,6 +396,8 @@ def load_streamed(store: TierStore, *, prefix: str = "", device: str | torch.dev
     keeps no working reserve and holds units up to its capacity (see :mod:`.stream_budget`), and
     ``memory`` counts the mapped working units beside it. False copies every unit through L2.
     """
+    if not isinstance(mapped, bool):
+        raise ConfigError(f"load_streamed: mapped must be True or False, not {mapped!r}")
     gpu_target = None
     if plan is not None:
         if memory is not None or hold_bytes is not None or resident_bytes:
@@ -441,7 +446,7 @@ def load_streamed(store: TierStore, *, prefix: str = "", device: str | torch.dev
     for name in params:
         if name in streamed or name in tied:
             continue
-        tensor = _owned(store, prefix + name, target)
+        tensor = _owned(store, prefix + name, target, mapped)
         if not any(name.startswith(unit + ".") for unit in resident):
             kept += tensor.nbytes  # as stored, like the units' sizes
         if dtype is not None and tensor.is_floating_point():
@@ -452,8 +457,6 @@ def load_streamed(store: TierStore, *, prefix: str = "", device: str | torch.dev
     for target_name, source in tied.items():  # tied weights: one tensor, two names
         owner_name, _, pname = target_name.rpartition(".")
         place_param(model.get_submodule(owner_name), pname, model.get_parameter(source))
-    if not isinstance(mapped, bool):
-        raise ConfigError(f"load_streamed: mapped must be True or False, not {mapped!r}")
     hold = _hold(store, target, units, prefix=prefix, prefetch=prefetch, dtype=dtype, memory=memory,
                  resident_bytes=budget, hold_bytes=hold_bytes, mapped=mapped)
     if plan is not None:
