@@ -126,7 +126,8 @@ class Reads:
         self._hits["L3"] += 1
         self._hit_bytes["L3"] += tensor.nbytes
         self._recorder.record(key, "get", "L3")
-        self._migrator.on_get(key, None)
+        # No migrator.on_get: its prefetch of the likely successors into L2 would copy the blocks a
+        # mapping reader maps (it maps those too); the history still learns from the record.
         return tensor
 
     def _map_once(self, key: str) -> torch.Tensor | None:
