@@ -95,11 +95,11 @@ def test_the_planner_streams_raw_where_decoding_would_bind() -> None:
     model = _model(layers=6)
     memory = plan(model, BOX, memory=64 * GiB, context=0).minimum + LAYER  # holds one layer, streams five
     roomy = replace(BOX, ram_free=memory + PROCESS_OVERHEAD + 2 * GiB)
-    chosen = plan(model, roomy, memory=memory, context=0)
+    chosen = plan(model, roomy, memory=memory, context=0, mapped=False)  # copies into L2, as mapped=False streams
     streamed = [u.name for u in chosen.units if u.tier == "L3"]
     assert len(streamed) == 5 and chosen.raw_units == tuple(streamed)
     assert {u.fetch for u in chosen.units if u.tier == "L3"} == {"read"} and chosen.prediction.page_cache
-    as_stored = plan(model, roomy, memory=memory, context=0, rewrite=False)
+    as_stored = plan(model, roomy, memory=memory, context=0, rewrite=False, mapped=False)
     assert as_stored.raw_units == () and as_stored.prediction.decode_s > chosen.prediction.decode_s
     mapped = plan(model, roomy, memory=memory, context=0, mapped=True)
     assert {u.fetch for u in mapped.units if u.tier == "L3"} == {"map"}

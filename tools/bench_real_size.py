@@ -9,6 +9,9 @@ RSS is its own), on a synthetic image + prompt, greedy:
 - ``memory``: ``from_pretrained`` of the folder, bf16 (only where it fits in the RAM available;
   its tokens are the reference),
 - ``tierstore``: ``load_streamed(store, memory=M)`` with L2 sized by ``memory_split``,
+- ``raw``: the same on the store imported with ``--l3-compression off``: the units it does not hold are
+  zero-copy maps of the L3 files (``TierStore.map``), L2 holds only held units; ``raw-copy``: the same store
+  with ``mapped=False``, every streamed unit copied into L2 by ``pread``,
 - ``accelerate``: ``from_pretrained(device_map="auto", max_memory={"cpu": M}, offload_folder=...)``,
 - ``plan``: ``load_streamed(store, plan=placement.plan(model_units(store), machine, memory=M))`` with
   the machine measured once (``Machine.from_probe``) at the start of the run, on a copy of the
@@ -53,10 +56,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/, for rss_phas
 from rss_phases import RssPhases
 
 GiB = 1 << 30
-VARIANTS = ("memory", "tierstore", "raw", "accelerate", "plan")
-STORES = {"tierstore": "store", "plan": "store-plan", "raw": "store-raw"}
-"""The store each tierstore variant opens: ``raw`` is the same checkpoint imported with ``--l3-compression off``;
-``plan`` is a copy of ``store`` with the units the plan streams raw rewritten raw (``tierstore plan --apply``)."""
+VARIANTS = ("memory", "tierstore", "raw", "raw-copy", "accelerate", "plan")
+STORES = {"tierstore": "store", "plan": "store-plan", "raw": "store-raw", "raw-copy": "store-raw"}
+"""The store each tierstore variant opens: ``raw`` and ``raw-copy`` are the same checkpoint imported with
+``--l3-compression off``; ``raw`` maps the streamed units (``load_streamed``'s default), ``raw-copy`` copies
+them through L2 (``mapped=False``); ``plan`` is a copy of ``store`` with the units the plan streams raw
+rewritten raw (``tierstore plan --apply``)."""
 TEXT = {  # the published text shapes (Qwen3-VL-2B/4B-Instruct config.json)
     "2b": dict(hidden_size=2048, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
                intermediate_size=6144),
@@ -280,13 +285,14 @@ def load_variant(variant: str, work: Path, memory: int, machine_file: Path | Non
     folder = work / STORES[variant]
     if rss is not None:
         rss.mark("open store")
+    mapped = variant != "raw-copy"
     with tierstore.open(folder, readonly=True, l2_cache_size=0) as probe:
-        split = memory_split(probe, memory, prefetch=2)
+        split = memory_split(probe, memory, prefetch=2, mapped=mapped)
     store = tierstore.open(folder, readonly=True, l2_cache_size=split.l2_bytes)
     if rss is not None:
         rss.mark("load_streamed")
-    if variant in ("tierstore", "raw"):
-        return load_streamed(store, memory=memory, prefetch=2), store
+    if variant in ("tierstore", "raw", "raw-copy"):
+        return load_streamed(store, memory=memory, prefetch=2, mapped=mapped), store
     from tierstore.integrations.plan_units import model_units
     from tierstore.plan.machine import Machine
     from tierstore.plan.placement import plan
@@ -369,6 +375,7 @@ def _run_variant(variant: str, work: Path, memory: int, tokens: int, grid: tuple
         s = model.weight_streamer.stats()
         l2 = store.stats().tiers["L2"]
         result.update(held_units=s.held_units, held_bytes=s.held_bytes, units=s.units, l2_bytes=l2["capacity"],
+                      mapped_blocks=s.mapped_blocks,
                       l2_misses=l2["misses"], l2_bypasses=l2["bypasses"],
                       store_bytes=sum(p.stat().st_size for p in (work / STORES[variant]).rglob("*") if p.is_file()))
         model.weight_streamer.close()
@@ -437,7 +444,8 @@ def predictions(work: Path, machine: Any, memory: int, prefill_tokens: int) -> d
     terms: dict[str, Any] = dict(memory=memory, prefetch=2, prefill_tokens=prefill_tokens, **PLAN_TERMS)
     chosen = plan(units, machine, **terms)
     stored = plan(units, machine, rewrite=False, **terms)
-    raw = plan(raw_units, machine, rewrite=False, **terms).prediction if raw_units is not None else None
+    raw = plan(raw_units, machine, rewrite=False, mapped=True, **terms).prediction if raw_units is not None else None
+    raw_copy = plan(raw_units, machine, rewrite=False, **terms).prediction if raw_units is not None else None
     everything = [UnitPlan(u.name, u.nbytes, "L2", "cpu" if u.decoder else "-", "cpu") for u in units.units]
     try:
         accelerate = baselines(units, machine, memory, prefill_tokens=prefill_tokens)["accelerate offload"]
@@ -445,7 +453,7 @@ def predictions(work: Path, machine: Any, memory: int, prefill_tokens: int) -> d
         accelerate = None
     memory_all = predict(machine, units, everything, prefill_tokens=prefill_tokens)
     return {"memory": memory_all, "tierstore": stored.prediction, "plan": chosen.prediction, "raw": raw,
-            "accelerate": accelerate, "_plan": chosen}
+            "raw-copy": raw_copy, "accelerate": accelerate, "_plan": chosen}
 
 
 def in_run_machine(machine: Any, result: dict[str, Any]) -> Any:
@@ -476,7 +484,7 @@ def bench_model(name: str, args: argparse.Namespace, machine: Any, machine_file:
         print(f"{name}: import-hf {imported['bytes'] / GiB:.2f} GiB in {imported['seconds']:.0f} s "
               f"({imported['gb_per_s']:.2f} GB/s), peak RSS {(imported['peak_rss'] or 0) / 2**20:.0f} MiB, "
               f"stored {imported['store_bytes'] / GiB:.2f} GiB")
-        if "raw" in args.variants.split(","):
+        if {"raw", "raw-copy"} & set(args.variants.split(",")):
             if not (work / "store-raw" / "catalog.sqlite").exists():
                 imported["raw"] = import_store(work, "store-raw", codec="off")
                 (work / "import.json").write_text(json.dumps(imported))
@@ -514,7 +522,9 @@ def _line(r: dict[str, Any]) -> str:
     return (f"load {r['load_s']:.1f} s, TTFT {r['ttft_s']:.1f} s, decode {r['decode_s'] * 1e3:.0f} ms/token, "
             f"peak RSS {r['peak_rss'] / 2**20:.0f} MiB (load {r['peak_rss_load'] / 2**20:.0f}), disk "
             f"{r['read_bytes_per_token'] / 2**20:.0f} MiB/token, L3 {r['l3_bytes_per_token'] / 2**20:.0f} MiB/token, "
-            f"tokens {r['tokens']}\n    RSS MiB by phase (end/peak): "
+            f"tokens {r['tokens']}" + (f", held {r['held_units']}/{r['units']} units, "
+                                        f"{r['mapped_blocks']} blocks mapped" if "held_units" in r else "")
+            + "\n    RSS MiB by phase (end/peak): "
             + ", ".join(f"{k} {v['end'] / 2**20:.0f}/{v['peak'] / 2**20:.0f}"
                         for k, v in r.get("rss_phases", {}).items()))
 

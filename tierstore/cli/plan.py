@@ -119,7 +119,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                      help="rewrite the units the plan streams raw (store column) as raw L3 blocks, in one transaction")
     cmd.add_argument("--as-stored", action="store_true",
                      help="plan the units as the store keeps them (no raw rewrites)")
-    cmd.add_argument("--mapped", action="store_true",
-                     help="raw units stream as page-cache views (a streamer that maps raw L3 blocks)")
+    cmd.add_argument("--mapped", action=argparse.BooleanOptionalAction, default=True,
+                     help="raw units stream as page-cache views, as load_streamed maps them (default); "
+                          "--no-mapped: copied into L2, as load_streamed(mapped=False)")
     cmd.set_defaults(func=cmd_plan)
     add_json(cmd)

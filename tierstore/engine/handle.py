@@ -203,15 +203,39 @@ class TierStore(MutableMapping[str, torch.Tensor]):
 
     # -- reads -------------------------------------------------------------------------------------
 
-    def get(self, key: str, device: str | torch.device | None = None, *, copy: bool = False) -> torch.Tensor:  # type: ignore[override]
+    def get(self, key: str, device: str | torch.device | None = None, *, copy: bool = False,  # type: ignore[override]
+            mapped: bool = False) -> torch.Tensor:
         """The tensor stored under ``key`` (on ``device`` if given).
 
         From L2 the tensor is a zero-copy view whose slot stays reserved for as long as any tensor
         derived from it lives, so later store activity never changes it; do not modify it in
-        place (pass ``copy=True`` for a tensor of your own). Raises ``BlockNotFoundError`` (a
-        ``KeyError``) for a missing key and ``CorruptBlockError`` when stored bytes are damaged.
+        place (pass ``copy=True`` for a tensor of your own). ``mapped=True`` serves a block stored
+        raw in L3 and held by no faster tier as :meth:`map` does (no copy, no L2 slot), anything
+        else as an ordinary get. Raises ``BlockNotFoundError`` (a ``KeyError``) for a missing key
+        and ``CorruptBlockError`` when stored bytes are damaged.
         """
-        return self._reads.get(key, device, copy, self._shared_access.get_shared if self._shared is not None else None)
+        return self._reads.get(key, device, copy, self._shared_access.get_shared if self._shared is not None else None,
+                               mapped=mapped)
+
+    def map(self, key: str) -> torch.Tensor | None:
+        """A zero-copy view of ``key``'s bytes in L3 when the block is stored raw there, else None.
+
+        The view maps the block's region of its shard file (``MAP_PRIVATE``: writes into the tensor
+        stay in this process's private pages and never reach the file) and is checked against the
+        catalog's checksum, as every L3 read is; the disk read happens in this call (the pages are
+        populated), so a background thread can map ahead of use. L3 never rewrites committed bytes
+        in place, so the tensor never changes under its holder, even when the block is replaced,
+        deleted or compacted away meanwhile (the file's pages live on until the last tensor over
+        them is collected). While the tensor lives its pages count in the process's resident set,
+        as page cache the kernel can reclaim once it is gone. The access is recorded as a get's.
+
+        None when a get would serve the block from elsewhere (a pending change of this thread's
+        transaction, a cache-only block, a copy in L2) or read it differently (stored with a codec,
+        or the kernel cannot map it): use :meth:`get` (``get(key, mapped=True)`` does both). Raises
+        ``InvalidKeyError`` for a bad key and ``CorruptBlockError`` when the mapped bytes fail their
+        checksum.
+        """
+        return self._reads.map(key)
 
     def shrink_l1(self, nbytes: int | str | None = None) -> int:
         """Give L1 device memory back to PyTorch (for the model); returns the bytes released.

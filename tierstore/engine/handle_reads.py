@@ -76,14 +76,23 @@ class Reads:
         self._check_open = check_open
 
     def get(self, key: str, device: str | torch.device | None, copy: bool,
-            read_through: ReadThrough | None) -> torch.Tensor:
+            read_through: ReadThrough | None, *, mapped: bool = False) -> torch.Tensor:
         """:meth:`TierStore.get <tierstore.engine.handle.TierStore.get>`; ``read_through`` serves a local miss."""
         self._check_open()
         check_key(key)
         if device is not None:
             device = usable_device(device)
-        if not isinstance(copy, (bool, np.bool_)):
-            raise InvalidArgumentError(f"get {key!r}: copy must be True or False, not {copy!r}", key=key)
+        for name, flag in (("copy", copy), ("mapped", mapped)):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise InvalidArgumentError(f"get {key!r}: {name} must be True or False, not {flag!r}", key=key)
+        if mapped:
+            if copy:
+                raise InvalidArgumentError(f"get {key!r}: mapped=True views the stored bytes and copy=True asks for "
+                                           "a copy of them; give one of the two", key=key)
+            if device is None or torch.device(device).type == "cpu":
+                view = self.map(key)
+                if view is not None:
+                    return view if device is None else view.to(device)
         try:
             tensor, tier = self.get_local(key, device, copy)
         except BlockNotFoundError:
@@ -97,6 +106,47 @@ class Reads:
         self._recorder.record(key, "get", tier)
         self._migrator.on_get(key, device)
         return tensor
+
+    def map(self, key: str) -> torch.Tensor | None:
+        """:meth:`TierStore.map <tierstore.engine.handle.TierStore.map>`."""
+        self._check_open()
+        check_key(key)
+        for _attempt in range(4):
+            try:
+                tensor = self._map_once(key)
+                break
+            except Replaced:  # a writer replaced the block (and freed its file) while we mapped it
+                continue
+        else:
+            return None  # kept changing: the ordinary get sorts it out
+        if tensor is None:
+            return None
+        self._counts["get"] += 1
+        self._counts["mapped"] += 1
+        self._hits["L3"] += 1
+        self._hit_bytes["L3"] += tensor.nbytes
+        self._recorder.record(key, "get", "L3")
+        # No migrator.on_get: its prefetch of the likely successors into L2 would copy the blocks a
+        # mapping reader maps (it maps those too); the history still learns from the record.
+        return tensor
+
+    def _map_once(self, key: str) -> torch.Tensor | None:
+        """A mapped view of ``key``'s committed L3 bytes, or None when a get would serve it elsewhere."""
+        txn = self._txn()
+        if txn is not None and key in txn.pending:  # uncommitted: the transaction's own bytes
+            return None
+        if self.volatile(key) is not None:  # cache-only: its only copy is in L1/L2
+            return None
+        l2 = self._l2
+        if l2 is not None and key in l2:  # a faster tier holds it (a readonly handle's may be older: get checks)
+            return None
+        try:
+            row, loc = self._index.lookup(key)
+        except BlockNotFoundError:
+            return None  # missing, or a cache-only version settling: the ordinary get says which
+        if row.nbytes == 0:
+            return None
+        return self._mover.map_l3(row, loc)
 
     def get_local(self, key: str, device: str | torch.device | None, copy: bool) -> tuple[torch.Tensor, str]:
         if device is not None and self._l1 is not None and self.on_l1(device):

@@ -120,7 +120,7 @@ class Reports:
             path=str(self.path), readonly=self.readonly, blocks=index.count, logical_bytes=index.logical_bytes,
             stored_bytes=index.stored_bytes, compression_ratio=ratio, gets=self._counts["get"],
             puts=self._counts["put"], deletes=self._counts["delete"], hits=dict(self._hits),
-            hit_bytes=dict(self._hit_bytes),
+            hit_bytes=dict(self._hit_bytes), mapped=self._counts["mapped"],
             tiers=self.tier_stats(),
             recovery={"removed": list(self.recovery.removed_files), "truncated": list(self.recovery.truncated),
                       "missing": list(self.recovery.missing), "links": list(self.recovery.links)},

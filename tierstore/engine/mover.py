@@ -66,6 +66,11 @@ def check_bytes(key: str, data: np.ndarray, checksum: int, where: str, doing: st
                                 "damaged - restore them or run 'tierstore verify --fix'", key=key, tier="L3")
 
 
+def _named(exc: CorruptBlockError | UnsafePathError, key: str) -> TierStoreError:
+    """``exc`` again, its message and fields naming the block's ``key``."""
+    return type(exc)(f"block {key!r}: {exc.message}", key=key, path=exc.path, tier="L3")
+
+
 def physical_memory() -> int:
     """Bytes of RAM this machine has (no copy can be larger)."""
     try:
@@ -126,30 +131,56 @@ class Mover:
                 crc = self.l3.read_into(loc, out)
                 break
             except FileNotFoundError:
-                newer = self.catalog.get_block(row.key)
-                if newer is None:
-                    if self.index.await_settled(row.key):  # replaced by a cache-only version, not deleted
-                        raise Replaced from None
-                    raise BlockNotFoundError(f"block {row.key!r} was deleted while being read",
-                                             key=row.key) from None
-                if newer.block_id != row.block_id:
-                    raise Replaced from None
-                if location_of(newer) == loc:
-                    path = self.l3.shard_path(loc.array, loc.shard)
-                    raise CorruptBlockError(
-                        f"block {row.key!r}: its data file {path} is missing; run 'tierstore verify --fix' "
-                        "to drop damaged blocks", key=row.key, path=str(path), tier="L3") from None
-                row, loc = newer, location_of(newer)
-            except CorruptBlockError as exc:
-                raise CorruptBlockError(f"block {row.key!r}: {exc.message}", key=row.key, path=exc.path,
-                                        tier="L3") from None
-            except UnsafePathError as exc:
-                raise UnsafePathError(f"block {row.key!r}: {exc.message}", key=row.key, path=exc.path,
-                                      tier="L3") from None
+                row, loc = self._moved(row, loc)
+            except (CorruptBlockError, UnsafePathError) as exc:
+                raise _named(exc, row.key) from None
         else:
             raise TierStoreError(f"block {row.key!r} kept moving while being read; read it again", key=row.key)
         check_bytes(row.key, out, row.checksum, loc.array, crc=crc)
         return row
+
+    def map_l3(self, row: BlockRow, loc: Location) -> torch.Tensor | None:
+        """``row``'s tensor as a zero-copy view of its raw bytes in L3, verified; None when not stored raw.
+
+        Nothing is copied: the view maps the shard file ``MAP_PRIVATE`` (writes into it stay the
+        holder's, see :mod:`tierstore.tiers.l3_zarr.mapped`), and L3 never rewrites committed bytes
+        in place, so it never changes under its holder. The catalog's checksum is checked over the
+        mapped bytes, as every L3 read is. Raises as :meth:`read_l3_into` does (``Replaced``, ...).
+        """
+        for _attempt in range(3):
+            try:
+                data = self.l3.map_raw(loc, row.nbytes)
+                break
+            except FileNotFoundError:
+                row, loc = self._moved(row, loc)
+            except (CorruptBlockError, UnsafePathError) as exc:
+                raise _named(exc, row.key) from None
+        else:
+            raise TierStoreError(f"block {row.key!r} kept moving while being read; read it again", key=row.key)
+        if data is None:
+            return None
+        check_bytes(row.key, data, row.checksum, loc.array)
+        return tensor_from_bytes(data, dtype_from_name(row.dtype), row.shape)
+
+    def _moved(self, row: BlockRow, loc: Location) -> tuple[BlockRow, Location]:
+        """Where ``row``'s block is now that the file at ``loc`` is gone: compaction moved it (same block id).
+
+        Raises :class:`Replaced` when a writer replaced it (read the key again), ``BlockNotFoundError``
+        when it was deleted and ``CorruptBlockError`` when the catalog still names the missing file.
+        """
+        newer = self.catalog.get_block(row.key)
+        if newer is None:
+            if self.index.await_settled(row.key):  # replaced by a cache-only version, not deleted
+                raise Replaced from None
+            raise BlockNotFoundError(f"block {row.key!r} was deleted while being read", key=row.key) from None
+        if newer.block_id != row.block_id:
+            raise Replaced from None
+        if location_of(newer) == loc:
+            path = self.l3.shard_path(loc.array, loc.shard)
+            raise CorruptBlockError(
+                f"block {row.key!r}: its data file {path} is missing; run 'tierstore verify --fix' "
+                "to drop damaged blocks", key=row.key, path=str(path), tier="L3") from None
+        return newer, location_of(newer)
 
     def fill_l2(self, key: str, row: BlockRow, loc: Location, generation: int,
                 copy: bool) -> tuple[torch.Tensor, str] | None:

@@ -188,7 +188,7 @@ class _Opener:
         self.config, asked = self._resolve_config(config, overrides)
         if self.readonly and not asked & _L1_FIELDS:  # a reader takes device memory only when asked to
             self.config = self.config.replace(l1_device=None, l1_cache_size=0)
-        self.counts = {"get": 0, "put": 0, "delete": 0}
+        self.counts = {"get": 0, "put": 0, "delete": 0, "mapped": 0}
         self.hits = {"L1": 0, "L2": 0, "L3": 0}
         self.hit_bytes = {"L1": 0, "L2": 0, "L3": 0}
         layout = self.catalog.l3_layout()

@@ -52,3 +52,5 @@ class StoreStats:
     extra: dict[str, Any] = field(default_factory=dict)
     hit_bytes: dict[str, int] = field(default_factory=dict)
     """Bytes the gets counted in ``hits`` returned, per tier (``hit_bytes["L3"]``: bytes read from disk)."""
+    mapped: int = 0
+    """Of the gets served from L3, how many were zero-copy maps of raw bytes (:meth:`TierStore.map`)."""

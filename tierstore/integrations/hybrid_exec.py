@@ -160,9 +160,10 @@ class HybridStreamer(WeightStreamer):
     def __init__(self, store: TierStore, units: list[StreamUnit], plan: Plan, *, home: torch.device,
                  home_dtype: torch.dtype | None, gpu: torch.device | None, gpu_dtype: torch.dtype | None,
                  cpu_dtype: torch.dtype | None, prefetch: int, resident_bytes: int,
-                 repeat_from: int | None = None) -> None:
+                 repeat_from: int | None = None, mapped: bool = True) -> None:
         """``home``/``home_dtype``: where the fixed weights compute (what a unit's output goes back to);
-        ``gpu``/``gpu_dtype``: the plan's ``cuda``; ``cpu_dtype``: CPU-computed units (None: as stored)."""
+        ``gpu``/``gpu_dtype``: the plan's ``cuda``; ``cpu_dtype``: CPU-computed units (None: as stored);
+        ``mapped``: the plan's L3 units stored raw are mapped, not copied into L2 (see :class:`WeightStreamer`)."""
         self.plan_units: dict[str, UnitPlan] = {u.name: u for u in plan.units}
         self.home, self.home_dtype = home, home_dtype
         self.gpu, self.gpu_dtype, self.cpu_dtype = gpu, gpu_dtype, cpu_dtype
@@ -170,7 +171,7 @@ class HybridStreamer(WeightStreamer):
         """``(unit, phase) -> (plan device: cuda/cpu, compute dtype, weights' tier)`` of its last forward."""
         held = {u.name for u in plan.units if u.tier in ("L1", "L2")}
         super().__init__(store, units, device=home, dtype=cpu_dtype, prefetch=prefetch,
-                         resident_bytes=resident_bytes, repeat_from=repeat_from, hold_names=held)
+                         resident_bytes=resident_bytes, repeat_from=repeat_from, hold_names=held, mapped=mapped)
         for index, unit in enumerate(units):  # the kwargs-aware hooks replace the plain ones
             for hook in unit.hooks:
                 hook.remove()
@@ -194,9 +195,11 @@ class HybridStreamer(WeightStreamer):
         return torch.device("cpu"), self.cpu_dtype
 
     def _fetch(self, index: int) -> list[torch.Tensor]:
-        """The unit's weights as its tier holds them: L1 slots on the GPU device, else L2 views."""
-        l1 = self.plan_units[self.units[index].name].tier == "L1"
-        return [self.store.get(key, device=self.gpu if l1 else None) for _, _, key, _ in self.units[index].params]
+        """The unit's weights as its tier holds them: L1 slots on the GPU device, L2 views, or maps of raw L3."""
+        tier = self.plan_units[self.units[index].name].tier
+        device = self.gpu if tier == "L1" else None
+        maps = self._maps and tier == "L3"  # streamed units: a map of raw L3 bytes, no L2 slot
+        return [self._get(key, device, maps) for _, _, key, _ in self.units[index].params]
 
     def _keep(self, index: int, tensors: list[torch.Tensor]) -> None:
         """Hold the views of an L1 or L2 unit (its slots stay put); an L3 unit streams.

@@ -12,7 +12,14 @@ which is the optimum for a cycle (every policy must read ``units - capacity`` of
 :func:`memory_split` computes the split for a budget: ``l2_bytes = memory - fixed_bytes`` and
 ``hold_bytes = l2_bytes - working_bytes - slack_bytes`` (one unit of slack, see :func:`hold_reserve`).
 A budget below ``fixed_bytes + working_bytes`` cannot run the model and is a
-:class:`~tierstore.errors.ConfigError` naming that minimum. The budget covers
+:class:`~tierstore.errors.ConfigError` naming that minimum.
+
+When every streamed unit is stored raw in L3 (``tierstore import-hf --l3-compression off``) the
+streamer maps the units it does not hold (:meth:`~tierstore.engine.handle.TierStore.map`: views of
+the shard files' pages, no copy, no L2 slot), so L2 serves only the held units: ``l2_bytes = memory -
+fixed_bytes - working_bytes`` (the mapped working units' pages count in the process's memory while
+they are viewed) and ``hold_bytes = l2_bytes - slack_bytes``, with a slack for the allocator's rounding
+(:func:`mapped_slack`: held units are placed once, in an empty L2, so they do not fragment it). The budget covers
 weights; the interpreter, torch, activations and the KV cache come on top (see BENCHMARKS.md for
 what that overhead measured).
 """
@@ -28,7 +35,7 @@ from ..engine.handle import TierStore
 from ..errors import ConfigError
 from .hf_model import build_empty_model, stored_config, tied_weights, unit_groups
 
-__all__ = ["MemorySplit", "hold_reserve", "memory_split", "unit_sizes"]
+__all__ = ["MemorySplit", "hold_reserve", "mapped_slack", "memory_split", "raw_units", "unit_sizes"]
 
 
 def hold_reserve(largest_unit: int, prefetch: int) -> int:
@@ -43,6 +50,23 @@ def hold_reserve(largest_unit: int, prefetch: int) -> int:
     return (max(0, prefetch) + 2) * largest_unit
 
 
+_SLABS = 2 << 20
+"""Two of L2's 1 MiB slabs: what small tensors (norms, narrow projections) leave unused in partly filled slabs."""
+
+
+def mapped_slack(l2_bytes: int) -> int:
+    """L2 kept free beside the held units when the streamed ones are mapped: 1/128 of L2 plus two slabs.
+
+    Only the held units live in L2 then, placed once into an empty tier; what they lose to the
+    allocator is its rounding: pages for large tensors, and the unused part of the slab each size class
+    of small tensors fills (measured: 1.5 MiB of 20 MiB at 1/16 of the 2B's width, whose k/v projections
+    and norms are all slab-sized; a few MiB at the real 2B, whose projections take page runs). A slab
+    is at most 1/8 of a small L2 (the allocator's clamp), where a unit of small tensors can leave a
+    slab per size class nearly empty: there the slack grows to half of L2 (measured at the benchmark's
+    tiny Qwen3-VL, 600 KiB of L2: a quarter still sent a vision block past L2 every pass).
+    """
+    return l2_bytes // 128 + min(_SLABS, l2_bytes // 2)
+
 
 @dataclass(frozen=True, slots=True)
 class MemorySplit:
@@ -56,7 +80,10 @@ class MemorySplit:
     working_bytes: int
     """L2 the streaming needs beside the held units: ``prefetch + 1`` of the largest unit."""
     l2_bytes: int
-    """The L2 capacity to open the store with: ``memory - fixed_bytes``."""
+    """The L2 capacity to open the store with: ``memory - fixed_bytes`` (less ``working_bytes`` when ``mapped``)."""
+    mapped: bool = False
+    """Every streamed unit is stored raw in L3 and streams as maps of it: the working units are mapped
+    pages beside L2, and L2 holds only held units."""
 
     @property
     def minimum(self) -> int:
@@ -65,13 +92,18 @@ class MemorySplit:
 
     @property
     def slack_bytes(self) -> int:
-        """L2 kept free beside the working reserve: room to place a unit's tensors (see :func:`hold_reserve`)."""
+        """L2 kept free beside the working reserve: room to place a unit's tensors (see :func:`hold_reserve`,
+        and :func:`mapped_slack` when ``mapped``)."""
+        if self.mapped:
+            return mapped_slack(self.l2_bytes)
         return max(self.unit_bytes, default=0)
 
     @property
     def hold_bytes(self) -> int:
-        """L2 left for units held resident for good: less the working reserve and the slack."""
-        return max(0, self.l2_bytes - self.working_bytes - self.slack_bytes)
+        """L2 left for units held resident for good: less the working reserve (outside L2 when ``mapped``) and
+        the slack."""
+        working = 0 if self.mapped else self.working_bytes
+        return max(0, self.l2_bytes - working - self.slack_bytes)
 
     @property
     def streamed_bytes(self) -> int:
@@ -109,18 +141,29 @@ def unit_sizes(store: TierStore, *, prefix: str = "", dtype: torch.dtype | None 
     return units, fixed
 
 
+def raw_units(store: TierStore, *, prefix: str = "") -> dict[str, bool]:
+    """``{unit name: whether every weight of it is stored raw in L3}`` (mappable), units in execution order."""
+    model = build_empty_model(stored_config(store, prefix))
+    return {unit: all(store.info(prefix + f"{unit}.{n}").codec == "raw"
+                      for n, _ in model.get_submodule(unit).named_parameters())
+            for unit in (n for group in unit_groups(model) for n in group)}
+
+
 def memory_split(store: TierStore, memory: int | str, *, prefix: str = "", prefetch: int = 2,
-                 dtype: torch.dtype | None = None) -> MemorySplit:
+                 dtype: torch.dtype | None = None, mapped: bool = True) -> MemorySplit:
     """The split of ``memory`` for the model under ``prefix`` (see the module doc).
 
-    ``store`` may be opened read-only without L2: only the catalog is read. Raises ``ConfigError``
-    when ``memory`` is below :attr:`MemorySplit.minimum`.
+    ``mapped`` (as :func:`~.streaming.load_streamed`'s): streamed units stored raw are mapped, so
+    when all of them are, L2 holds only held units (:attr:`MemorySplit.mapped`). ``store`` may be
+    opened read-only without L2: only the catalog is read. Raises ``ConfigError`` when ``memory``
+    is below :attr:`MemorySplit.minimum`.
     """
     budget = parse_size(memory, name="memory")
     units, fixed = unit_sizes(store, prefix=prefix, dtype=dtype)
     working = (max(0, prefetch) + 1) * max(units.values(), default=0)
+    maps = bool(mapped and units and all(raw_units(store, prefix=prefix).values()))
     split = MemorySplit(memory=budget, fixed_bytes=fixed, unit_bytes=tuple(units.values()), working_bytes=working,
-                        l2_bytes=max(0, budget - fixed))
+                        l2_bytes=max(0, budget - fixed - (working if maps else 0)), mapped=maps)
     if budget < split.minimum:
         raise ConfigError(
             f"memory={format_size(budget)} is below the minimum of {format_size(split.minimum)} for the model "

@@ -37,7 +37,7 @@ from ..engine.handle import TierStore
 from ..errors import CheckpointError, ConfigError
 from .hf_model import build_empty_model, stored_config, tied_weights, unit_groups
 from .linear_fold import fold_linear_inputs
-from .stream_budget import hold_reserve, memory_split
+from .stream_budget import hold_reserve, mapped_slack, memory_split, raw_units
 
 if TYPE_CHECKING:
     from ..plan.placement import Plan
@@ -75,6 +75,9 @@ class StreamStats:
     held_units: int = 0
     """Streamed units whose tier slots the streamer keeps (held resident in L2/L1, never read again)."""
     held_bytes: int = 0
+    mapped_blocks: int = 0
+    """Weights of streamed units served as zero-copy maps of their raw L3 bytes (:meth:`TierStore.map`): no
+    copy into L2, no L2 slot."""
 
     @property
     def prefetch_accuracy(self) -> float:
@@ -88,7 +91,7 @@ class WeightStreamer:
 
     def __init__(self, store: TierStore, units: list[StreamUnit], *, device: torch.device, dtype: torch.dtype | None,
                  prefetch: int, resident_bytes: int, repeat_from: int | None = None, hold_bytes: int = 0,
-                 hold_names: set[str] | None = None) -> None:
+                 hold_names: set[str] | None = None, mapped: bool = True) -> None:
         """``repeat_from`` is the unit that runs after the last one (decoder layer 0: the next token).
 
         ``hold_bytes`` is how much of the tier serving the units (L1 for a CUDA device with an L1,
@@ -96,6 +99,11 @@ class WeightStreamer:
         once fetched, so their slots cannot be evicted and every later pass finds them there, while
         the others stream through the rest of the tier (see :mod:`.stream_budget`). ``hold_names``
         names the units to hold instead (a placement plan's resident set).
+
+        ``mapped``: the weights of units that are not held, computed on the CPU, are views of their
+        raw L3 bytes where they are stored raw (:meth:`TierStore.map
+        <tierstore.engine.handle.TierStore.map>`, made and checked by the prefetch thread) instead
+        of copies in L2 slots; the others are read as usual.
         """
         self.store = store
         self.units = units
@@ -113,6 +121,7 @@ class WeightStreamer:
         self._held: dict[int, list[torch.Tensor]] = {}
         self._copied: set[int] = set()
         """Units whose fetch cast (copied) a weight: their tensors are not the tier's slots."""
+        self._maps = mapped and device.type == "cpu"
         self.reset_stats()
         for index, unit in enumerate(units):
             unit.hooks = [unit.module.register_forward_pre_hook(self._pre_hook(index)),
@@ -131,7 +140,7 @@ class WeightStreamer:
 
     def reset_stats(self) -> None:
         """Start counting afresh (the demo does it per run)."""
-        self._loads = self._demand = self._prefetched = self._used = self._wasted = 0
+        self._loads = self._demand = self._prefetched = self._used = self._wasted = self._mapped = 0
 
     def stats(self) -> StreamStats:
         """Counters since the last :meth:`reset_stats`."""
@@ -139,21 +148,33 @@ class WeightStreamer:
                            streamed_bytes=sum(u.nbytes for u in self.units), loads=self._loads,
                            demand_fetches=self._demand, prefetched_blocks=self._prefetched,
                            prefetch_used_blocks=self._used, prefetch_wasted_blocks=self._wasted,
-                           held_units=len(self._held), held_bytes=sum(self.units[i].nbytes for i in self._held))
+                           held_units=len(self._held), held_bytes=sum(self.units[i].nbytes for i in self._held),
+                           mapped_blocks=self._mapped)
 
     # -- fetching -----------------------------------------------------------------------------------
 
     def _fetch(self, index: int) -> list[torch.Tensor]:
         """The unit's weights from the store: zero-copy slot views, cast only when ``dtype`` asks."""
         target = None if self.device.type == "cpu" else self.device
+        maps = self._maps and index not in self._holdable  # a held unit's slots are what it keeps
         out = []
         for _, _, key, _ in self.units[index].params:
-            tensor = self.store.get(key, device=target)
+            tensor = self._get(key, target, maps)
             if self.dtype is not None and tensor.is_floating_point() and tensor.dtype != self.dtype:
                 tensor = tensor.to(self.dtype)
                 self._copied.add(index)
             out.append(tensor)
         return out
+
+    def _get(self, key: str, device: torch.device | None, maps: bool) -> torch.Tensor:
+        """``key``'s tensor: a map of its raw L3 bytes when ``maps`` and the store can, else a get on ``device``."""
+        if maps:
+            tensor = self.store.map(key)
+            if tensor is not None:
+                with self._lock:  # the prefetch thread and the model's thread both count
+                    self._mapped += 1
+                return tensor
+        return self.store.get(key, device=device)
 
     def _next(self, index: int) -> int | None:
         """The unit that runs after ``index``: the next one, or, after the last, decoder layer 0 (the next token)."""
@@ -280,17 +301,20 @@ def _place_buffers(model: nn.Module, store: TierStore, prefix: str, present: set
             setattr(module, name, value.to(device))  # keeps the buffer's persistence
 
 
-def _owned(store: TierStore, key: str, target: torch.device) -> torch.Tensor:
+def _owned(store: TierStore, key: str, target: torch.device, mapped: bool) -> torch.Tensor:
     """A weight of the model's own, outside the tiers that serve the streamed units.
 
     ``get(copy=True)`` puts a host copy in free L2 memory when there is room (scratch, held for as
     long as the tensor lives): a weight loaded for good would then take L2 the budget gave to the
     streamed units (:mod:`.stream_budget` counts these weights outside L2). A clone of the view is
-    ordinary memory, and the block's slot can be evicted again.
+    ordinary memory, and the block's slot can be evicted again. With ``mapped``, a weight stored raw
+    is kept as its map (:meth:`TierStore.map <tierstore.engine.handle.TierStore.map>`: private pages
+    of the file, no copy and no L2 slot on the way).
     """
     if target.type != "cpu":
         return store.get(key, device=target, copy=True)
-    return store.get(key).clone()
+    view = store.map(key) if mapped else None
+    return view if view is not None else store.get(key).clone()
 
 
 def _budget(resident_bytes: int | str) -> int:
@@ -305,22 +329,32 @@ def _tier_capacity(store: TierStore, device: torch.device) -> int:
 
 
 def _hold(store: TierStore, target: torch.device, units: list[StreamUnit], *, prefix: str, prefetch: int,
-          dtype: torch.dtype | None, memory: int | str | None, resident_bytes: int, hold_bytes: int | str | None
-          ) -> int:
-    """Bytes of streamed units to hold in their tier: from ``memory``, or ``hold_bytes``, or what the tier has."""
+          dtype: torch.dtype | None, memory: int | str | None, resident_bytes: int, hold_bytes: int | str | None,
+          mapped: bool) -> int:
+    """Bytes of streamed units to hold in their tier: from ``memory``, or ``hold_bytes``, or what the tier has.
+
+    When every streamed unit will be mapped (``mapped``, a CPU target, all stored raw), the tier keeps
+    no working reserve: it holds units up to its capacity less :func:`~.stream_budget.mapped_slack`.
+    """
     capacity = _tier_capacity(store, target)
-    working = hold_reserve(max((u.nbytes for u in units), default=0), prefetch)
+    largest = max((u.nbytes for u in units), default=0)
+    names = {u.name for u in units}
+    maps = mapped and target.type == "cpu" and bool(units) and all(
+        raw for name, raw in raw_units(store, prefix=prefix).items() if name in names)
+    working = mapped_slack(capacity) if maps else hold_reserve(largest, prefetch)
     if memory is not None:
         if resident_bytes:
             raise ConfigError("load_streamed: give memory= or resident_bytes=, not both; memory= chooses the "
                               "resident set itself")
-        split = memory_split(store, memory, prefix=prefix, prefetch=prefetch, dtype=dtype)
+        split = memory_split(store, memory, prefix=prefix, prefetch=prefetch, dtype=dtype, mapped=mapped)
         if target.type == "cpu" and capacity > split.l2_bytes:
             raise ConfigError(
                 f"the store's L2 of {format_size(capacity)} with the {format_size(split.fixed_bytes)} of weights "
                 f"always loaded exceeds memory={format_size(split.memory)}; open the store with "
                 f"l2_cache_size={split.l2_bytes} (memory_split(store, memory).l2_bytes)")
         capacity = min(capacity, split.l2_bytes) if target.type == "cpu" else capacity
+        if maps:
+            working = mapped_slack(capacity)
     if hold_bytes is not None:
         return min(_budget(hold_bytes), max(0, capacity - working))
     return max(0, capacity - working)
@@ -329,7 +363,8 @@ def _hold(store: TierStore, target: torch.device, units: list[StreamUnit], *, pr
 def load_streamed(store: TierStore, *, prefix: str = "", device: str | torch.device | None = None,
                   dtype: torch.dtype | None = None, resident_bytes: int | str = 0, prefetch: int = 2,
                   memory: int | str | None = None, hold_bytes: int | str | None = None, plan: Plan | None = None,
-                  gpu: str | torch.device | None = None, gpu_dtype: torch.dtype | None = None) -> Any:
+                  gpu: str | torch.device | None = None, gpu_dtype: torch.dtype | None = None,
+                  mapped: bool = True) -> Any:
     """The model imported under ``prefix``, its decoder layers streaming from ``store`` (see the module doc).
 
     The class is the one the stored config names (``LlamaForCausalLM``,
@@ -346,7 +381,7 @@ def load_streamed(store: TierStore, *, prefix: str = "", device: str | torch.dev
     from L3. ``memory`` (bytes or ``"3GiB"``) is a budget for all the weights in host memory: the
     store's L2 must be at most ``memory_split(store, memory).l2_bytes`` (else ``ConfigError`` saying
     the size to open it with), and a budget below the model's minimum is a ``ConfigError`` naming
-    the minimum. The weights loaded for good are copies outside L2 (:func:`_owned`). Every
+    the minimum. The weights loaded for good are copies outside L2, or maps of raw L3 (:func:`_owned`). Every
     ``nn.Linear`` gets a pre-hook that lays out 3-D inputs so torch multiplies them as one matrix
     (:mod:`.linear_fold`): with weights that do not require grad, the logits' last-position slice
     would otherwise copy the whole ``lm_head`` each prefill.
@@ -358,7 +393,15 @@ def load_streamed(store: TierStore, *, prefix: str = "", device: str | torch.dev
     fixed weights go to ``device``, by default the GPU when the plan puts the head there. A plan
     needing a GPU this process lacks is a ``HardwareUnavailableError``; tiers smaller than it
     keeps, a ``ConfigError`` naming the size to open them with.
+
+    ``mapped`` (on a CPU device): streamed units that are not held and are stored raw in L3 are
+    mapped (:meth:`TierStore.map <tierstore.engine.handle.TierStore.map>`: views of the files' pages,
+    checked, made by the prefetch thread) rather than copied into L2; when all of them are, L2
+    keeps no working reserve and holds units up to its capacity (see :mod:`.stream_budget`), and
+    ``memory`` counts the mapped working units beside it. False copies every unit through L2.
     """
+    if not isinstance(mapped, bool):
+        raise ConfigError(f"load_streamed: mapped must be True or False, not {mapped!r}")
     gpu_target = None
     if plan is not None:
         if memory is not None or hold_bytes is not None or resident_bytes:
@@ -407,7 +450,7 @@ def load_streamed(store: TierStore, *, prefix: str = "", device: str | torch.dev
     for name in params:
         if name in streamed or name in tied:
             continue
-        tensor = _owned(store, prefix + name, target)
+        tensor = _owned(store, prefix + name, target, mapped)
         if not any(name.startswith(unit + ".") for unit in resident):
             kept += tensor.nbytes  # as stored, like the units' sizes
         if dtype is not None and tensor.is_floating_point():
@@ -420,19 +463,21 @@ def load_streamed(store: TierStore, *, prefix: str = "", device: str | torch.dev
         place_param(model.get_submodule(owner_name), pname, model.get_parameter(source))
     fold_linear_inputs(model)  # its weights do not require grad: see linear_fold (a copy of lm_head per prefill)
     hold = _hold(store, target, units, prefix=prefix, prefetch=prefetch, dtype=dtype, memory=memory,
-                 resident_bytes=budget, hold_bytes=hold_bytes)
+                 resident_bytes=budget, hold_bytes=hold_bytes, mapped=mapped)
     if plan is not None:
         model.weight_streamer = _hybrid(store, units, plan, target=target, dtype=dtype, gpu=gpu_target,
-                                        gpu_dtype=gpu_dtype, prefetch=prefetch, kept=kept, repeat_from=repeat_from)
+                                        gpu_dtype=gpu_dtype, prefetch=prefetch, kept=kept, repeat_from=repeat_from,
+                                        mapped=mapped)
         return model
     model.weight_streamer = WeightStreamer(store, units, device=target, dtype=dtype, prefetch=prefetch,
-                                           resident_bytes=kept, repeat_from=repeat_from, hold_bytes=hold)
+                                           resident_bytes=kept, repeat_from=repeat_from, hold_bytes=hold,
+                                           mapped=mapped)
     return model
 
 
 def _hybrid(store: TierStore, units: list[StreamUnit], plan: Plan, *, target: torch.device, dtype: torch.dtype | None,
             gpu: torch.device | None, gpu_dtype: torch.dtype | None, prefetch: int, kept: int,
-            repeat_from: int | None) -> WeightStreamer:
+            repeat_from: int | None, mapped: bool) -> WeightStreamer:
     """The :class:`~.hybrid_exec.HybridStreamer` executing ``plan``, once the tiers are checked against it."""
     from .hybrid_exec import HybridStreamer, check_plan, gpu_compute_dtype
 
@@ -440,4 +485,5 @@ def _hybrid(store: TierStore, units: list[StreamUnit], plan: Plan, *, target: to
     compute = gpu_compute_dtype(store, stored, gpu, gpu_dtype) if gpu is not None else None
     check_plan(store, units, plan, prefetch=prefetch, gpu=gpu, gpu_dtype=compute)
     return HybridStreamer(store, units, plan, home=target, home_dtype=dtype or stored, gpu=gpu, gpu_dtype=compute,
-                          cpu_dtype=dtype or stored, prefetch=prefetch, resident_bytes=kept, repeat_from=repeat_from)
+                          cpu_dtype=dtype or stored, prefetch=prefetch, resident_bytes=kept, repeat_from=repeat_from,
+                          mapped=mapped)

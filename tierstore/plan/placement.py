@@ -346,14 +346,15 @@ def _fetch_options(model: ModelUnits, tiers: dict[str, str], *, rewrite: bool, m
 
 def plan(model: ModelUnits, machine: Machine, *, memory: int | None = None, prefetch: int = 2,
          context: int = 4096, prefill_tokens: int = 512, vision_cache_bytes: int | None = None,
-         allow_l1: bool = True, rewrite: bool = True, mapped: bool = False) -> Plan:
+         allow_l1: bool = True, rewrite: bool = True, mapped: bool = True) -> Plan:
     """The placement of ``model`` on ``machine`` within ``memory`` bytes of host memory (see the module doc).
 
     ``memory`` defaults to the machine's free RAM; ``context`` sizes the KV cache; ``vision_cache_bytes``
     defaults to 64 MiB for a model with a vision tower. ``allow_l1=False`` keeps every weight in host
     memory (the GPU still computes what is copied to it). ``rewrite=False`` streams every unit as
-    stored (no :attr:`Plan.raw_units`); ``mapped=True`` lets raw units stream as page-cache views
-    (``map``) instead of copies into L2 (``read``), for a streamer that maps raw L3 blocks.
+    stored (no :attr:`Plan.raw_units`); raw units stream as page-cache views (``map``), as
+    ``load_streamed`` fetches them by default; ``mapped=False`` prices them as copies into L2
+    (``read``), as ``load_streamed(mapped=False)`` does.
     """
     budget = machine.ram_free if memory is None else int(memory)
     if not model.units:

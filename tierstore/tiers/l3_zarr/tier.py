@@ -16,6 +16,7 @@ from ...fsguard import refuse_links
 from ..codecs import Codec
 from .files import L3Files
 from .layout import LAYOUT, Contents, Location, RecoveryReport
+from .mapped import map_raw, raw_extent
 from .reader import L3Reader
 from .repair import L3Repair
 from .writer import L3Writer
@@ -120,6 +121,16 @@ class ZarrL3:
     def read_many(self, requests: Sequence[tuple[Location, np.ndarray]]) -> list[int | BaseException]:
         """Decode several blocks through one read-ahead pipeline; per request its crc32c or its error."""
         return self.reader.read_many(requests)
+
+    def is_raw(self, loc: Location, nbytes: int) -> bool:
+        """Whether the block at ``loc`` is stored raw and contiguous, so :meth:`map_raw` can view it."""
+        return raw_extent(loc, nbytes) is not None
+
+    def map_raw(self, loc: Location, nbytes: int) -> np.ndarray | None:
+        """A zero-copy view (flat uint8, ``MAP_PRIVATE``) of a raw block's bytes in its shard file; None if not
+        mappable (see :mod:`.mapped`). Unchecked: the caller verifies the checksum. ``FileNotFoundError`` when
+        the shard file is gone, ``CorruptBlockError`` when it is shorter than the block."""
+        return map_raw(self.files, loc, nbytes)
 
     # -- recovery, index upkeep, layout upgrade (see :class:`.repair.L3Repair`) -----------------
 
