@@ -241,6 +241,12 @@ def _wait_opened(log: Path, deadline: float) -> None:
         time.sleep(0.005)
 
 
+def _wait_committed(log: Path, deadline: float) -> None:
+    while not any(line.startswith("committed ") for line in _log_lines(log)):
+        assert time.monotonic() < deadline, f"the writer committed nothing in time ({log})"
+        time.sleep(0.005)
+
+
 def run_crash_rounds(tmp_path: Path, launcher: Callable[[Path, Path], AbstractContextManager[Launch]], kills: int,
                      seed: int,
                      wait_for_open: bool) -> tuple[int, int]:
@@ -259,6 +265,8 @@ def run_crash_rounds(tmp_path: Path, launcher: Callable[[Path, Path], AbstractCo
             # opening and recovering the store); the others at a random moment after the open
             if wait_for_open and round_no % 3:
                 _wait_opened(log, time.monotonic() + 120)
+            if wait_for_open and round_no % 4 == 1:  # some acknowledged transactions whatever the machine's load
+                _wait_committed(log, time.monotonic() + 120)
             time.sleep(rng.uniform(0.02, 0.3))
             os.kill(pid, signal.SIGKILL)
             status = wait()
