@@ -82,9 +82,10 @@ class Reads:
         check_key(key)
         if device is not None:
             device = usable_device(device)
-        for name, flag in (("copy", copy), ("mapped", mapped)):
-            if not isinstance(flag, (bool, np.bool_)):
-                raise InvalidArgumentError(f"get {key!r}: {name} must be True or False, not {flag!r}", key=key)
+        if not isinstance(copy, (bool, np.bool_)):
+            raise InvalidArgumentError(f"get {key!r}: copy must be True or False, not {copy!r}", key=key)
+        if mapped is not False and not isinstance(mapped, (bool, np.bool_)):  # the hot path: one identity test
+            raise InvalidArgumentError(f"get {key!r}: mapped must be True or False, not {mapped!r}", key=key)
         if mapped:
             if copy:
                 raise InvalidArgumentError(f"get {key!r}: mapped=True views the stored bytes and copy=True asks for "
