@@ -87,14 +87,15 @@ def test_variants_run_under_budget_and_agree(bench: Any, work: Path, tmp_path: P
     rewritten = bench.prepare_plan_store(work, machine, memory)  # the plan's raw units stored raw (plan --apply)
     assert rewritten > 0
     results = {v: bench.run_variant(v, work, memory, 3, (1, 4, 4), machine_file, matvec=False)
-               for v in ("memory", "tierstore", "raw", "raw-copy", "plan")}
+               for v in ("memory", "tierstore", "raw", "raw-copy", "raw-once", "plan")}
     reference = results["memory"]["tokens"]
     assert len(reference) == 3
-    for variant in ("tierstore", "raw", "raw-copy", "plan"):
+    for variant in ("tierstore", "raw", "raw-copy", "raw-once", "plan"):
         r = results[variant]
         assert r["tokens"] == reference
         assert r["held_units"] < r["units"] and r["l2_bypasses"] == 0
         assert r["l2_bytes"] <= memory
     assert results["raw"]["store_bytes"] > results["plan"]["store_bytes"] > results["tierstore"]["store_bytes"]
     assert results["raw"]["mapped_blocks"] > 0 and results["raw-copy"]["mapped_blocks"] == 0
+    assert results["raw-once"]["mapped_blocks"] > 0
     assert all(r["peak_rss"] > 0 and r["ttft_s"] > 0 for r in results.values())

@@ -11,7 +11,8 @@ RSS is its own), on a synthetic image + prompt, greedy:
 - ``tierstore``: ``load_streamed(store, memory=M)`` with L2 sized by ``memory_split``,
 - ``raw``: the same on the store imported with ``--l3-compression off``: the units it does not hold are
   zero-copy maps of the L3 files (``TierStore.map``), L2 holds only held units; ``raw-copy``: the same store
-  with ``mapped=False``, every streamed unit copied into L2 by ``pread``,
+  with ``mapped=False``, every streamed unit copied into L2 by ``pread``; ``raw-once``: ``raw`` with
+  ``l3_verify_maps="once"`` (each block's checksum checked on its first map only),
 - ``accelerate``: ``from_pretrained(device_map="auto", max_memory={"cpu": M}, offload_folder=...)``,
 - ``plan``: ``load_streamed(store, plan=placement.plan(model_units(store), machine, memory=M))`` with
   the machine measured once (``Machine.from_probe``) at the start of the run, on a copy of the
@@ -56,8 +57,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/, for rss_phas
 from rss_phases import RssPhases
 
 GiB = 1 << 30
-VARIANTS = ("memory", "tierstore", "raw", "raw-copy", "accelerate", "plan")
-STORES = {"tierstore": "store", "plan": "store-plan", "raw": "store-raw", "raw-copy": "store-raw"}
+VARIANTS = ("memory", "tierstore", "raw", "raw-copy", "raw-once", "accelerate", "plan")
+STORES = {"tierstore": "store", "plan": "store-plan", "raw": "store-raw", "raw-copy": "store-raw",
+          "raw-once": "store-raw"}
 """The store each tierstore variant opens: ``raw`` and ``raw-copy`` are the same checkpoint imported with
 ``--l3-compression off``; ``raw`` maps the streamed units (``load_streamed``'s default), ``raw-copy`` copies
 them through L2 (``mapped=False``); ``plan`` is a copy of ``store`` with the units the plan streams raw
@@ -288,10 +290,11 @@ def load_variant(variant: str, work: Path, memory: int, machine_file: Path | Non
     mapped = variant != "raw-copy"
     with tierstore.open(folder, readonly=True, l2_cache_size=0) as probe:
         split = memory_split(probe, memory, prefetch=2, mapped=mapped)
-    store = tierstore.open(folder, readonly=True, l2_cache_size=split.l2_bytes)
+    verify = {"l3_verify_maps": "once"} if variant == "raw-once" else {}
+    store = tierstore.open(folder, readonly=True, l2_cache_size=split.l2_bytes, **verify)
     if rss is not None:
         rss.mark("load_streamed")
-    if variant in ("tierstore", "raw", "raw-copy"):
+    if variant in ("tierstore", "raw", "raw-copy", "raw-once"):
         return load_streamed(store, memory=memory, prefetch=2, mapped=mapped), store
     from tierstore.integrations.plan_units import model_units
     from tierstore.plan.machine import Machine
@@ -453,7 +456,7 @@ def predictions(work: Path, machine: Any, memory: int, prefill_tokens: int) -> d
         accelerate = None
     memory_all = predict(machine, units, everything, prefill_tokens=prefill_tokens)
     return {"memory": memory_all, "tierstore": stored.prediction, "plan": chosen.prediction, "raw": raw,
-            "raw-copy": raw_copy, "accelerate": accelerate, "_plan": chosen}
+            "raw-copy": raw_copy, "raw-once": raw, "accelerate": accelerate, "_plan": chosen}
 
 
 def in_run_machine(machine: Any, result: dict[str, Any]) -> Any:
@@ -484,7 +487,7 @@ def bench_model(name: str, args: argparse.Namespace, machine: Any, machine_file:
         print(f"{name}: import-hf {imported['bytes'] / GiB:.2f} GiB in {imported['seconds']:.0f} s "
               f"({imported['gb_per_s']:.2f} GB/s), peak RSS {(imported['peak_rss'] or 0) / 2**20:.0f} MiB, "
               f"stored {imported['store_bytes'] / GiB:.2f} GiB")
-        if {"raw", "raw-copy"} & set(args.variants.split(",")):
+        if {"raw", "raw-copy", "raw-once"} & set(args.variants.split(",")):
             if not (work / "store-raw" / "catalog.sqlite").exists():
                 imported["raw"] = import_store(work, "store-raw", codec="off")
                 (work / "import.json").write_text(json.dumps(imported))

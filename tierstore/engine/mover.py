@@ -89,8 +89,11 @@ class Mover:
     """Copies between L3, L2 (``Residency[HostArena]``) and L1 (``Residency[DevicePool]``) of one store."""
 
     def __init__(self, catalog: Catalog, l3: ZarrL3, l1: Residency[DevicePool] | None,
-                 l2: Residency[HostArena] | None, index: BlockIndex) -> None:
+                 l2: Residency[HostArena] | None, index: BlockIndex, *, verify_maps: str = "always") -> None:
         self.catalog = catalog
+        self._verify_every_map = verify_maps == "always"
+        self._verified_maps: set[tuple[int, Location]] = set()
+        """Block versions (id, where) whose mapped bytes passed their checksum (``l3_verify_maps="once"``)."""
         self.index = index
         self.l3 = l3
         self.l1 = l1
@@ -145,7 +148,8 @@ class Mover:
         Nothing is copied: the view maps the shard file ``MAP_PRIVATE`` (writes into it stay the
         holder's, see :mod:`tierstore.tiers.l3_zarr.mapped`), and L3 never rewrites committed bytes
         in place, so it never changes under its holder. The catalog's checksum is checked over the
-        mapped bytes, as every L3 read is. Raises as :meth:`read_l3_into` does (``Replaced``, ...).
+        mapped bytes, as every L3 read is (with ``l3_verify_maps="once"``: on this version's first map).
+        Raises as :meth:`read_l3_into` does (``Replaced``, ...).
         """
         for _attempt in range(3):
             try:
@@ -159,7 +163,11 @@ class Mover:
             raise TierStoreError(f"block {row.key!r} kept moving while being read; read it again", key=row.key)
         if data is None:
             return None
-        check_bytes(row.key, data, row.checksum, loc.array)
+        version = (row.block_id, loc)
+        if self._verify_every_map or version not in self._verified_maps:
+            check_bytes(row.key, data, row.checksum, loc.array)
+            if not self._verify_every_map:
+                self._verified_maps.add(version)
         return tensor_from_bytes(data, dtype_from_name(row.dtype), row.shape)
 
     def _moved(self, row: BlockRow, loc: Location) -> tuple[BlockRow, Location]:

@@ -217,7 +217,8 @@ class _Opener:
             self.l2 = Residency("L2", arena, self.config.l2_eviction_policy)
             if arena.path is not None:
                 self._warm_l2()
-        self.mover = Mover(self.catalog, self.l3, self.l1, self.l2, self.index)
+        self.mover = Mover(self.catalog, self.l3, self.l1, self.l2, self.index,
+                           verify_maps=self.config.l3_verify_maps)
         self.shared: SharedCoordinator | None = None
         if self.config.shared_url is not None:  # no network until first used
             self.shared = SharedCoordinator(self.config, lambda key: self.shared_access.block(key))
