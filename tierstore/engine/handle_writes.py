@@ -207,9 +207,10 @@ class Writes:
         # A cache-only block kept in L2 is hashed only if it ever goes to disk (see spill).
         checksum = UNHASHED if slot is not None and not durable else crc32c.crc32c(data.data)
         block_id = self._index.new_block_id()
+        name, shape = dtype_name(tensor.dtype), tuple(tensor.shape)
         try:
             if durable or slot is None:
-                loc = self._write_l3(Contents(key, dtype_name(tensor.dtype), tuple(tensor.shape)), block_id, data,
+                loc = self._write_l3(Contents(key, name, shape), block_id, data,
                                      tensor.element_size(), compression)
             else:
                 loc = EMPTY_LOCATION  # cache-only and in L2: no disk write now
@@ -220,7 +221,7 @@ class Writes:
         stamp = now()
         previous = txn.pending.get(key)
         old = previous.row if previous is not None else None  # the catalog keeps `created` on replace
-        row = BlockRow.stored(key, block_id, dtype_name(tensor.dtype), tuple(tensor.shape), data.nbytes, checksum,
+        row = BlockRow.stored(key, block_id, name, shape, data.nbytes, checksum,
                               durable=durable, l3=loc.to_columns(),
                               tiers=(L3_BIT if loc.array else 0) | (L2_BIT if slot else 0),
                               created=old.created if old is not None else stamp, updated=stamp, parent=parent)

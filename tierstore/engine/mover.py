@@ -12,6 +12,7 @@ which calls :meth:`Mover.write_l3` for the bytes and commits the row through the
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -71,8 +72,9 @@ def _named(exc: CorruptBlockError | UnsafePathError, key: str) -> TierStoreError
     return type(exc)(f"block {key!r}: {exc.message}", key=key, path=exc.path, tier="L3")
 
 
+@functools.cache
 def physical_memory() -> int:
-    """Bytes of RAM this machine has (no copy can be larger)."""
+    """Bytes of RAM this machine has (no copy can be larger); asked once per process (every put checks it)."""
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):  # pragma: no cover - every Linux has both
