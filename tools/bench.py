@@ -49,6 +49,7 @@ import zarr.storage
 from zarr.codecs import BytesCodec, TransposeCodec, ZstdCodec
 
 import tierstore
+from tierstore.reports.process_memory import reset_peak_rss
 
 warnings.filterwarnings("ignore", message=".*Numcodecs codecs are not in the Zarr version 3 specification.*")
 warnings.filterwarnings("ignore", message=".*not yet part of the Zarr.*specification.*")
@@ -171,13 +172,6 @@ def rss_mib(field: str = "VmRSS") -> float:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return max_rss_mib()
-
-
-def reset_peak_rss() -> None:
-    """Make ``VmHWM`` (and ``ru_maxrss``) start again from the current RSS, so that import-time
-    peaks do not hide what comes after (Linux: ``clear_refs`` 5)."""
-    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
-        fh.write("5")
 
 
 # -- peers ---------------------------------------------------------------------------------------

@@ -53,6 +53,8 @@ from typing import Any
 
 import torch
 
+from tierstore.reports.process_memory import peak_rss
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/, for rss_phases
 from rss_phases import RssPhases
 
@@ -204,13 +206,6 @@ def _proc_io() -> dict[str, int]:
     return out
 
 
-def _vm_hwm() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def drop_page_cache(*folders: Path) -> None:
     """Evict the files under ``folders`` from the page cache (``POSIX_FADV_DONTNEED``: clean pages only)."""
     for folder in folders:
@@ -349,7 +344,7 @@ def _run_variant(variant: str, work: Path, memory: int, tokens: int, grid: tuple
     rss.mark("load")  # the store's variants split it: open store, load_streamed
     model, store = load_variant(variant, work, memory, machine_file, rss)
     load_s = time.perf_counter() - start
-    load_peak = _vm_hwm()
+    load_peak = peak_rss()
     config = model.config
     inputs = bench_inputs(config, grid)
     # under this variant's share of the shared CPU, right before it runs, in a child (not in this RSS)
@@ -367,7 +362,7 @@ def _run_variant(variant: str, work: Path, memory: int, tokens: int, grid: tuple
     result = {
         "variant": variant, "load_s": load_s, "ttft_s": stamps.times[1] - begin,
         "decode_s": statistics.median(gaps) if gaps else float("nan"), "gaps_s": gaps,
-        "tokens": out[0, inputs["input_ids"].shape[1]:].tolist(), "peak_rss": _vm_hwm(),
+        "tokens": out[0, inputs["input_ids"].shape[1]:].tolist(), "peak_rss": peak_rss(),
         "peak_rss_load": load_peak, "matvec_rate": rate, "fetch_rates": fetch,
         "read_bytes_per_token": (stamps.io[-1]["read_bytes"] - stamps.io[1]["read_bytes"]) / decoded,
         "rchar_per_token": (stamps.io[-1]["rchar"] - stamps.io[1]["rchar"]) / decoded,

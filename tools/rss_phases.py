@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RssPhases", "Sample", "reset_peak", "status"]
+__all__ = ["RssPhases", "Sample", "status"]
 
 FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM")
 
@@ -37,15 +37,6 @@ def status() -> dict[str, int]:
         if key in FIELDS:
             out[key] = int(value.split()[0]) * 1024
     return out
-
-
-def reset_peak() -> bool:
-    """Reset this process's ``VmHWM`` to its current RSS (``/proc/self/clear_refs`` 5); False if refused."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
 
 
 @dataclass(frozen=True, slots=True)

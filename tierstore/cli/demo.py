@@ -32,6 +32,7 @@ from .. import open as open_store
 from ..config import format_size, parse_size
 from ..engine.handle import TierStore
 from ..integrations.stream_budget import memory_split
+from ..reports.process_memory import peak_rss, reset_peak_rss
 from ._output import console, stats_table, table
 
 __all__ = ["register"]
@@ -112,24 +113,6 @@ def _reference(args: argparse.Namespace, folder: Path, built: Any, model_bytes: 
     return expected, label, time.perf_counter() - start
 
 
-def _reset_peak_rss() -> bool:
-    """Start this process's ``VmHWM`` afresh from its current RSS (Linux ``clear_refs`` 5); False where refused."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def _peak_rss(since_reset: bool) -> int:
-    """Peak RSS in bytes: ``VmHWM`` (since :func:`_reset_peak_rss` when it worked), else the lifetime ``ru_maxrss``."""
-    if since_reset:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def _generate(model: Any, inputs: dict[str, torch.Tensor], tokens: int) -> torch.Tensor:
     with torch.inference_mode():
         out: torch.Tensor = model.generate(**inputs, max_new_tokens=tokens, do_sample=False)
@@ -188,7 +171,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         del reference
         gc.collect()
         # The import and the reference are done: the peak from here on is the streamed model's own.
-        reset = _reset_peak_rss()
+        reset = reset_peak_rss()
         if args.l2:
             l2 = parse_size(args.l2)
         else:
@@ -243,7 +226,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                       + (" (random weights: the tokens mean nothing)" if checkpoint is not None and not args.checkpoint
                          else ""))
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        streaming = _peak_rss(reset)
+        streaming = peak_rss(since_reset=reset)
         overhead = f" = budget + {format_size(streaming - memory)}" if memory and streaming >= memory else ""
         console.print(f"held in L2 for good: {held.held_units} units ({format_size(held.held_bytes)}); peak RSS "
                       f"{'while streaming' if reset else 'of this process'} {format_size(streaming)}"
