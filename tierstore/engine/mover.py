@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import crc32c
 import numpy as np
@@ -34,6 +34,8 @@ from .residency import Residency, Resident
 from .transaction import location_of
 
 __all__ = ["Mover", "Replaced", "check_bytes", "checksum_ok", "no_memory", "physical_memory"]
+
+T = TypeVar("T")
 
 Step = Callable[[str], None]
 """A journaled move's crash point (``copied``, ``verified``, ``committed``, ``freed``); a no-op for a get."""
@@ -131,18 +133,21 @@ class Mover:
         caller reads the key again: the new version may differ in size, dtype and shape); a
         block that compaction moved (same block id, same bytes) is followed to its new place.
         """
+        row, loc, crc = self._follow(row, loc, lambda where: self.l3.read_into(where, out))
+        check_bytes(row.key, out, row.checksum, loc.array, crc=crc)
+        return row
+
+    def _follow(self, row: BlockRow, loc: Location, read: Callable[[Location], T]) -> tuple[BlockRow, Location, T]:
+        """``read(loc)``, following the block to where compaction moved it when its file is gone
+        (:meth:`_moved`); L3's errors named with the key."""
         for _attempt in range(3):
             try:
-                crc = self.l3.read_into(loc, out)
-                break
+                return row, loc, read(loc)
             except FileNotFoundError:
                 row, loc = self._moved(row, loc)
             except (CorruptBlockError, UnsafePathError) as exc:
                 raise _named(exc, row.key) from None
-        else:
-            raise TierStoreError(f"block {row.key!r} kept moving while being read; read it again", key=row.key)
-        check_bytes(row.key, out, row.checksum, loc.array, crc=crc)
-        return row
+        raise TierStoreError(f"block {row.key!r} kept moving while being read; read it again", key=row.key)
 
     def map_l3(self, row: BlockRow, loc: Location) -> torch.Tensor | None:
         """``row``'s tensor as a zero-copy view of its raw bytes in L3, verified; None when not stored raw.
@@ -153,16 +158,8 @@ class Mover:
         mapped bytes, as every L3 read is (with ``l3_verify_maps="once"``: on this version's first map).
         Raises as :meth:`read_l3_into` does (``Replaced``, ...).
         """
-        for _attempt in range(3):
-            try:
-                data = self.l3.map_raw(loc, row.nbytes)
-                break
-            except FileNotFoundError:
-                row, loc = self._moved(row, loc)
-            except (CorruptBlockError, UnsafePathError) as exc:
-                raise _named(exc, row.key) from None
-        else:
-            raise TierStoreError(f"block {row.key!r} kept moving while being read; read it again", key=row.key)
+        nbytes = row.nbytes
+        row, loc, data = self._follow(row, loc, lambda where: self.l3.map_raw(where, nbytes))
         if data is None:
             return None
         version = (row.block_id, loc)

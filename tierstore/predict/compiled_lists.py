@@ -18,6 +18,7 @@ a called ``append``/``unlink`` made the LRU kernel 1.8x slower (180 against 99 n
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -77,7 +78,7 @@ def pop_front(where: I64, prev: I64, nxt: I64, ends: I64, size: I64, lst: int) -
     return k
 
 
-class Buffers:
+class Buffers(ABC):
     """The Python side of a compiled expert (a base class): :meth:`run` around its kernel.
 
     A subclass implements ``_kernel(keys, ev_at, ev_key) -> (hits, events)`` (hits -1, touching
@@ -95,11 +96,13 @@ class Buffers:
         self._ev_at = np.zeros(0, dtype=np.int64)
         self._ev_key = np.zeros(0, dtype=np.int64)
 
+    @abstractmethod
     def _kernel(self, keys: I64, ev_at: I64, ev_key: I64) -> tuple[int, int]:
-        raise NotImplementedError
+        """Run the compiled kernel over ``keys``: ``(hits, evictions written)``, hits -1 if a key is out of range."""
 
+    @abstractmethod
     def _grow_to(self, top: int) -> None:
-        raise NotImplementedError
+        """Make every per-key array at least ``top`` long."""
 
     def run(self, keys: I64, evicted: Evictions[int] | None = None) -> int:
         """Process ``keys`` (an int64 array); the hits; evictions into ``evicted``."""
