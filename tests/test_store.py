@@ -174,3 +174,33 @@ def test_lost_catalog_does_not_delete_data(store_path: Path, damage: str) -> Non
     with pytest.raises(tierstore.CatalogError, match="missing or empty"):
         tierstore.open(store_path)
     assert sorted(p for p in (store_path / "l3").rglob("*") if p.is_file()) == files
+
+
+def test_large_transaction_replaces_deletes_and_counts(store_path: Path) -> None:
+    """A commit looks the replaced rows up in batches: more keys than one batch, mixed with deletes."""
+    first = {f"k{i:04d}": torch.full((64,), float(i)) for i in range(700)}
+    with tierstore.open(store_path, l2_cache_size=0, fsync=False) as db:
+        with db.transaction():
+            for key, value in first.items():
+                db.put(key, value)
+        created = db.info("k0003").created
+        kept = db.stats()
+        with db.transaction():
+            for i in range(0, 600):  # replaced: more than one batch of keys
+                db.put(f"k{i:04d}", torch.full((32,), -float(i)))
+            for i in range(600, 650):
+                db.delete(f"k{i:04d}")
+            for i in range(20):
+                db.put(f"new{i}", torch.ones(16))
+        after = db.stats()
+        assert len(db) == after.blocks == 670
+        assert after.logical_bytes == kept.logical_bytes - 600 * 32 * 4 - 50 * 64 * 4 + 20 * 16 * 4
+        assert db.info("k0003").created == created  # a replace keeps the key's creation time
+        assert same_bits(db.get("k0599"), torch.full((32,), -599.0))
+        assert same_bits(db.get("k0699"), first["k0699"])
+        with pytest.raises(KeyError):
+            db.get("k0600")
+    with tierstore.open(store_path, l2_cache_size=0) as db:  # the totals the catalog recounts on open
+        reopened = db.stats()
+        assert (reopened.blocks, reopened.logical_bytes, reopened.stored_bytes) == (
+            after.blocks, after.logical_bytes, after.stored_bytes)

@@ -47,6 +47,7 @@ from .statements import (
     FIND_BY_TYPE,
     GET_BLOCK,
     GET_BLOCK_BY_ID,
+    GET_BLOCKS_BATCH,
     GET_META,
     GET_STATS,
     HAS_BLOCK,
@@ -71,6 +72,7 @@ from .statements import (
     UPSERT_STATS,
     UPSERT_SUCCESSOR,
     USER_VERSION,
+    get_blocks_in,
 )
 from .upkeep_queries import UpkeepQueries
 
@@ -382,10 +384,10 @@ class Catalog(UpkeepQueries):
         replaced: list[BlockRow] = []
         with self._write("commit blocks") as conn:
             conn.execute(SET_META, ("next_block_id", str(next_block_id)))
-            for key in [r.key for r in rows] + list(deletes):
-                old = conn.execute(GET_BLOCK, (key,)).fetchone()
-                if old is not None:
-                    replaced.append(_replaced_row(old))
+            keys = [r.key for r in rows] + list(deletes)  # distinct: one change per key
+            for start in range(0, len(keys), GET_BLOCKS_BATCH):  # one statement per batch, not per key
+                batch = keys[start:start + GET_BLOCKS_BATCH]
+                replaced.extend(_replaced_row(old) for old in conn.execute(get_blocks_in(len(batch)), batch))
             conn.executemany(UPSERT_SHARD, [(a, s, n) for (a, s), n in shard_lengths.items()])
             conn.executemany(UPSERT_BLOCK, [r.to_tuple() for r in rows])
             conn.executemany(DELETE_BLOCK, [(k,) for k in deletes])

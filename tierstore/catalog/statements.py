@@ -6,6 +6,15 @@ from __future__ import annotations
 BLOCK_COLUMNS = ("key, block_id, dtype, shape, nbytes, checksum, durable, codec, l3_array, l3_shard, "
                  "l3_offset, l3_sizes, l3_inner, stored_bytes, tiers, created, updated, parent, l3_chunk")
 GET_BLOCK = f"SELECT {BLOCK_COLUMNS} FROM blocks WHERE key = ?"
+GET_BLOCKS_BATCH = 256
+"""Keys per ``get_blocks_in`` statement (well under SQLite's limit on bound parameters)."""
+
+
+def get_blocks_in(count: int) -> str:
+    """``SELECT`` the rows of ``count`` keys given as parameters, in one statement."""
+    return f"SELECT {BLOCK_COLUMNS} FROM blocks WHERE key IN ({', '.join('?' * count)})"
+
+
 HAS_BLOCK = "SELECT 1 FROM blocks WHERE key = ?"
 GET_BLOCK_BY_ID = f"SELECT {BLOCK_COLUMNS} FROM blocks WHERE block_id = ?"
 UPSERT_BLOCK = f"""

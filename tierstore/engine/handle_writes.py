@@ -86,7 +86,8 @@ class Writes:
         txn.superseded()
         l2_only = {k for k, c in txn.pending.items() if c.row is not None and c.row.l3_array is None
                    and c.row.nbytes > 0}
-        rows = [c.row for k, c in txn.pending.items() if c.row is not None and k not in l2_only]
+        located = [(c.row, c.location) for k, c in txn.pending.items() if c.row is not None and k not in l2_only]
+        rows = [row for row, _loc in located]
         deletes = [k for k, c in txn.pending.items() if c.row is None or k in l2_only]
         try:
             lengths = self._l3.prepare()
@@ -106,7 +107,7 @@ class Writes:
             else:
                 index.begin_settling()
                 self._l3.commit()
-                index.committed(rows, deletes, replaced, {
+                index.committed(located, deletes, replaced, {
                     key: change.row.block_id if key in l2_only and change.row is not None else None
                     for key, change in txn.pending.items()})
         if failure is not None:  # undone outside the index lock: releasing slots takes tier locks
@@ -225,7 +226,7 @@ class Writes:
                               durable=durable, l3=loc.to_columns(),
                               tiers=(L3_BIT if loc.array else 0) | (L2_BIT if slot else 0),
                               created=old.created if old is not None else stamp, updated=stamp, parent=parent)
-        txn.set(key, Change(row, slot, compression=compression))
+        txn.set(key, Change(row, slot, compression=compression, loc=loc))
 
     def _put_l1(self, tensor: torch.Tensor) -> Allocation | None:
         """A snapshot of device tensor ``tensor`` in a fresh L1 slot (None when L1 has no room)."""

@@ -145,9 +145,10 @@ class BlockIndex:
                     self._rows.clear()
                 self._rows[key] = located
 
-    def committed(self, rows: Sequence[BlockRow], deletes: Sequence[str], replaced: Sequence[BlockRow],
+    def committed(self, rows: Sequence[Located], deletes: Sequence[str], replaced: Sequence[BlockRow],
                   versions: Mapping[str, int | None]) -> None:
-        """A writer's catalog commit put ``rows``, deleted ``deletes`` and replaced ``replaced`` (index lock held).
+        """A writer's catalog commit put ``rows`` (each with its L3 location), deleted ``deletes`` and
+        replaced ``replaced`` (index lock held).
 
         ``versions``: for every key the transaction touched, the block id of its new cache-only
         version, or None when the key now has a committed row or none at all.
@@ -161,14 +162,14 @@ class BlockIndex:
             self._generation += 1
             if len(self._rows) + len(rows) > ROW_CACHE:
                 self._rows.clear()
-            for row in rows[-ROW_CACHE:]:
-                self._rows[row.key] = (row, location_of(row))
+            for located in rows[-ROW_CACHE:]:
+                self._rows[located[0].key] = located
             for key in deletes:
                 self._rows.pop(key, None)
             existed = {row.key for row in replaced}  # cache-only keys kept in L2 are counted as volatile
-            self._count += sum(row.key not in existed for row in rows) - sum(key in existed for key in deletes)
-            self._logical_bytes += sum(r.nbytes for r in rows) - sum(r.nbytes for r in replaced)
-            self._stored_bytes += sum(r.stored_bytes for r in rows) - sum(r.stored_bytes for r in replaced)
+            self._count += sum(r.key not in existed for r, _ in rows) - sum(key in existed for key in deletes)
+            self._logical_bytes += sum(r.nbytes for r, _ in rows) - sum(r.nbytes for r in replaced)
+            self._stored_bytes += sum(r.stored_bytes for r, _ in rows) - sum(r.stored_bytes for r in replaced)
 
     def spilled(self, row: BlockRow, loc: Location) -> None:
         """A cache-only block was committed to L3 (a new key for the catalog; index lock held)."""

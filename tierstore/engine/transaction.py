@@ -28,6 +28,14 @@ class Change:
     l1_slot: Allocation | None = None
     compression: str | None = None
     """The put's own codec setting (``put(compression=)``), None for the store's."""
+    loc: Location | None = None
+    """Where the put wrote its bytes in L3 (None: read it from ``row``), so a commit need not rebuild it."""
+
+    @property
+    def location(self) -> Location:
+        """Where this put's bytes are in L3 (an empty location for none); a put, not a delete."""
+        assert self.row is not None
+        return self.loc if self.loc is not None else location_of(self.row)
 
 
 @dataclass(slots=True)
@@ -51,7 +59,7 @@ class Txn:
 
     def _drop(self, change: Change | None) -> None:
         if change is not None and change.row is not None:
-            self.garbage.append(location_of(change.row))
+            self.garbage.append(change.location)
             if change.slot is not None:
                 self.dropped_slots.append(change.slot)
             if change.l1_slot is not None:
