@@ -133,8 +133,15 @@ class Mover:
         caller reads the key again: the new version may differ in size, dtype and shape); a
         block that compaction moved (same block id, same bytes) is followed to its new place.
         """
-        row, loc, crc = self._follow(row, loc, lambda where: self.l3.read_into(where, out))
-        check_bytes(row.key, out, row.checksum, loc.array, crc=crc)
+        try:  # the common case first, without the moved-file machinery (the hot path of a small get)
+            crc = self.l3.read_into(loc, out)
+        except FileNotFoundError:
+            row, loc = self._moved(row, loc)
+            row, loc, crc = self._follow(row, loc, lambda where: self.l3.read_into(where, out))
+        except (CorruptBlockError, UnsafePathError) as exc:
+            raise _named(exc, row.key) from None
+        if crc != row.checksum:
+            check_bytes(row.key, out, row.checksum, loc.array, crc=crc)
         return row
 
     def _follow(self, row: BlockRow, loc: Location, read: Callable[[Location], T]) -> tuple[BlockRow, Location, T]:

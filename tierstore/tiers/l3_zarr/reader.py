@@ -102,9 +102,11 @@ class L3Reader:
         shard file is gone (the caller decides whether the catalog moved on or the data is lost) and
         ``CorruptBlockError`` when bytes are damaged.
         """
-        if not loc.sizes:
+        sizes = loc.sizes
+        if not sizes:
             return int(crc32c.crc32c(out.data))
-        if loc.length > PIECE and len(loc.sizes) > 1:
+        length = sum(sizes)
+        if length > PIECE and len(sizes) > 1:
             result = self.read_many([(loc, out)])[0]
             if isinstance(result, BaseException):
                 raise result
@@ -113,7 +115,7 @@ class L3Reader:
         codec = self._codec(loc, path)
         fd = self.files.descriptors.acquire(path)
         try:
-            self._read_piece(fd, path, loc, codec, _Piece(0, len(loc.sizes), loc.offset, loc.length), out)
+            self._read_piece(fd, path, loc, codec, _Piece(0, len(sizes), loc.offset, length), out)
         finally:
             self.files.descriptors.release(path, fd)
         return int(crc32c.crc32c(out.data))
