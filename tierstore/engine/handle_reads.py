@@ -82,7 +82,7 @@ class Reads:
         check_key(key)
         if device is not None:
             device = usable_device(device)
-        if not isinstance(copy, (bool, np.bool_)):
+        if copy is not False and copy is not True and not isinstance(copy, np.bool_):
             raise InvalidArgumentError(f"get {key!r}: copy must be True or False, not {copy!r}", key=key)
         if mapped is not False and not isinstance(mapped, (bool, np.bool_)):  # the hot path: one identity test
             raise InvalidArgumentError(f"get {key!r}: mapped must be True or False, not {mapped!r}", key=key)
@@ -95,7 +95,13 @@ class Reads:
                 if view is not None:
                     return view if device is None else view.to(device)
         try:
-            tensor, tier = self.get_local(key, device, copy)
+            if device is None:  # the hot path: no device to place on, the first attempt of read()
+                try:
+                    tensor, tier = self._get_once(key, copy)
+                except Replaced:
+                    tensor, tier = self.read(key, copy)
+            else:
+                tensor, tier = self.get_local(key, device, copy)
         except BlockNotFoundError:
             txn = self._txn()
             if read_through is None or (txn is not None and key in txn.pending):
