@@ -113,11 +113,22 @@ class L3Reader:
             return result
         path = self.files.shard_file(loc.array, loc.shard)
         codec = self._codec(loc, path)
-        fd = self.files.descriptors.acquire(path)
+        descriptors = self.files.descriptors
+        fd = descriptors.acquire(path)
+        if len(sizes) == 1 and loc.codec != "raw":  # a small block: one chunk, decoded after the descriptor is back
+            view = _input_buffer(length).data
+            try:
+                got = os.preadv(fd, [view], loc.offset)
+            finally:
+                descriptors.release(path, fd)
+            if got != length:
+                raise _truncated(path, got, length, loc.offset)
+            _decode_chunk(codec, view, out, 0, loc.inner, path)
+            return int(crc32c.crc32c(out.data))
         try:
             self._read_piece(fd, path, loc, codec, _Piece(0, len(sizes), loc.offset, length), out)
         finally:
-            self.files.descriptors.release(path, fd)
+            descriptors.release(path, fd)
         return int(crc32c.crc32c(out.data))
 
     def read_many(self, requests: Sequence[tuple[Location, np.ndarray]]) -> list[int | BaseException]:
@@ -201,21 +212,28 @@ class L3Reader:
             view = _input_buffer(piece.length).data
             got = os.preadv(fd, [view], piece.offset)
         if got != piece.length:
-            raise CorruptBlockError(f"{path} is truncated: {got} of {piece.length} bytes at offset {piece.offset}",
-                                    path=path, tier="L3")
+            raise _truncated(path, got, piece.length, piece.offset)
         if loc.codec == "raw":
             return
         start = 0
-        try:
-            for i in range(piece.first, piece.last):
-                size = loc.sizes[i]
-                chunk_lo = i * inner
-                if chunk_lo + inner <= out.nbytes:
-                    codec.decode_into(view[start:start + size], out[chunk_lo:chunk_lo + inner])
-                else:  # the padded last chunk: decode it whole, keep the block's part
-                    scratch = np.empty(inner, dtype=np.uint8)
-                    codec.decode_into(view[start:start + size], scratch)
-                    out[chunk_lo:] = scratch[:out.nbytes - chunk_lo]
-                start += size
-        except (RuntimeError, ValueError, TypeError) as exc:
-            raise CorruptBlockError(f"{path}: chunk does not decode ({exc})", path=path, tier="L3") from None
+        for i in range(piece.first, piece.last):
+            size = loc.sizes[i]
+            _decode_chunk(codec, view[start:start + size], out, i * inner, inner, path)
+            start += size
+
+
+def _truncated(path: str, got: int, length: int, offset: int) -> CorruptBlockError:
+    return CorruptBlockError(f"{path} is truncated: {got} of {length} bytes at offset {offset}", path=path, tier="L3")
+
+
+def _decode_chunk(codec: Codec, data: Any, out: np.ndarray, chunk_lo: int, inner: int, path: str) -> None:
+    """Decode one encoded chunk into ``out[chunk_lo:chunk_lo + inner]`` (the part of it inside ``out``)."""
+    try:
+        if chunk_lo + inner <= out.nbytes:
+            codec.decode_into(data, out[chunk_lo:chunk_lo + inner] if chunk_lo or inner != out.nbytes else out)
+        else:  # the padded last chunk: decode it whole, keep the block's part
+            scratch = np.empty(inner, dtype=np.uint8)
+            codec.decode_into(data, scratch)
+            out[chunk_lo:] = scratch[:out.nbytes - chunk_lo]
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise CorruptBlockError(f"{path}: chunk does not decode ({exc})", path=path, tier="L3") from None
