@@ -78,7 +78,7 @@ def persist(args: argparse.Namespace) -> dict[str, Any]:
         written = cache.stats.blocks_written
         stored = sum(db.info(k).stored_bytes for k in db.keys(prefix="kv/prefix/"))
     return {"persist_s": seconds, "written": written, "stored_mib": stored / 2**20, "disk_read": bandwidth.disk_read,
-            "memcpy": bandwidth.memcpy, "decode": bandwidth.decode,
+            "memcpy": bandwidth.memcpy, "decode": bandwidth.decode, "fresh_copy": bandwidth.fresh_copy,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -105,6 +105,8 @@ def restore(args: argparse.Namespace) -> dict[str, Any]:
                   "first": int(out[0, -1]),
                   "predicted_restore_s": est.restore_s if est else None,
                   "predicted_recompute_s": est.recompute_s if est else None, "decision": bool(est and est.restore),
+                  "predicted_read_s": (est.read_s or 0.0) if est else 0.0,
+                  "predicted_compute_s": est.compute_s if est else 0.0,
                   "codec": db.info(cache.layers[0].block_keys[0]).codec if cache.layers[0].segments else ""}
         cache.release()
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -172,7 +174,8 @@ def main() -> None:
     print(f"\n# {args.layers} layers, {args.tokens} tokens (image + text), K/V "
           f"{2 * 8 * 128 * 2 * args.tokens * args.layers / 2**30:.2f} GiB bf16; prefill measured "
           f"{meta['prefill_s']:.1f} s ({args.tokens / meta['prefill_s']:.0f} tokens/s); planner bandwidths: disk read "
-          f"{bw['disk_read'] / 1e9:.2f} GB/s, memcpy {bw['memcpy'] / 1e9:.2f} GB/s, decode "
+          f"{bw['disk_read'] / 1e9:.2f} GB/s, memcpy {bw['memcpy'] / 1e9:.2f} GB/s, copy into new memory "
+          f"{(bw.get('fresh_copy') or 0) / 1e9:.2f} GB/s, decode "
           + ", ".join(f"{k} {v / 1e9:.2f} GB/s" for k, v in bw["decode"].items()))
     print("\n| first token by | persist s | stored MiB | store gets | read from L3 (by the get / moved up ahead) | "
           "TTFT s (median, range) | "
@@ -197,6 +200,10 @@ def main() -> None:
               f"{r['l3_hits']} / {r['promoted']} | {span} | "
               f"{r['predicted_restore_s']:.2f} | {r['predicted_recompute_s']:.1f} | "
               f"{'restore' if r['decision'] else 'recompute'} | {rss:.0f} |")
+    last = runs["spans"][-1]
+    print(f"\n# predicted restore = reads and copies {last['predicted_read_s']:.2f} s (x read scale 1.0 in a new "
+          f"process) + the {args.tokens - last['restored']} tokens computed after the prefix and the attention over it "
+          f"{last['predicted_compute_s']:.2f} s")
     print(f"\n# first token {first} every way; restored {runs['spans'][-1]['restored']} of {args.tokens} tokens; "
           f"codec {runs['spans'][-1]['codec']}")
 

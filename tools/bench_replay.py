@@ -5,10 +5,13 @@
     python tools/bench_replay.py --limit 1000000 --profile 1%      # cProfile of one run, top 25 by tottime
     python tools/bench_replay.py --limit 200000 --check            # also the pure-Python replay: same hits?
     python tools/bench_replay.py --limit 500000 --capacity 763,19087 --check  # the full trace's 1%, 25%
+    python tools/bench_replay.py --policy kv                      # the KV-aware policy (KVPolicy) instead
+    python tools/bench_replay.py --policy lrfu                    # its adaptive LRFU expert alone
 
 Each run replays the trace the way ``tools/replay.py`` does (dense key ids, ``simulate`` in
 64k-access calls, the cyclic collector paused) on a fresh ``PredictivePolicy(c, compiled=True)``
-and reports accesses per CPU-second of this process (``time.process_time``) and per wall-second,
+(``--policy kv``: ``KVPolicy``; ``lrfu``: its ``AdaptiveLRFU`` expert alone, compiled) and
+reports accesses per CPU-second of this process (``time.process_time``) and per wall-second,
 median and spread over ``--repeat`` runs, runs of the capacities interleaved. numba compiles the
 kernels once per machine into its on-disk cache (``cache=True``); the first run of a process
 loads (or, with a cold cache, compiles) them: ``warmup_s`` is that first call alone, and the rates
@@ -35,20 +38,45 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 from replay_formats import read_trace
 from replay_policies import CHUNK
 
+from tierstore.predict.kv_policy import AdaptiveLRFU, KVPolicy
 from tierstore.predict.predictor import PredictivePolicy
 
 
-def replay(keys: list[int], capacity: int, compiled: bool = True) -> tuple[bytearray, float, float]:
-    """Hits, CPU-seconds and wall-seconds of one replay on a fresh policy."""
+class LRFUAlone:
+    """``--policy lrfu``: the KV policy's adaptive LRFU expert alone (its seven LRFU heaps, no panel).
+
+    ``simulate`` returns a batch's hit count (8 bytes, little-endian), so ``--check`` compares the
+    hits of every 64k-access batch with the pure-Python expert's.
+    """
+
+    def __init__(self, capacity: int, compiled: bool = True) -> None:
+        lrfu: AdaptiveLRFU[int] = AdaptiveLRFU(capacity)
+        self.lrfu = lrfu.compiled() if compiled else lrfu
+        self.compiled = compiled
+
+    def simulate(self, keys: list[int]) -> bytes:
+        batch = np.asarray(keys, dtype=np.int64) if self.compiled else keys
+        return int(self.lrfu.run(batch)).to_bytes(8, "little")  # type: ignore[arg-type]
+
+
+POLICIES: dict[str, type] = {"predictive": PredictivePolicy, "kv": KVPolicy, "lrfu": LRFUAlone}
+
+
+def replay(keys: list[int], capacity: int, compiled: bool = True,
+           kind: type = PredictivePolicy) -> tuple[bytearray, int, float, float]:
+    """One replay on a fresh policy: what it returned (per access; per batch for ``lrfu``), hits, CPU-s, wall-s."""
     enabled = gc.isenabled()
     gc.disable()
     try:
         cpu, wall = time.process_time(), time.perf_counter()
-        policy: PredictivePolicy[int] = PredictivePolicy(capacity, compiled=compiled)
+        policy = kind(capacity, compiled=compiled)
         out = bytearray()
         for start in range(0, len(keys), CHUNK):
             out += policy.simulate(keys[start:start + CHUNK])
-        return out, time.process_time() - cpu, time.perf_counter() - wall
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        hits = sum(out) if kind is not LRFUAlone else sum(int.from_bytes(out[i:i + 8], "little")
+                                                          for i in range(0, len(out), 8))
+        return out, hits, cpu, wall
     finally:
         if enabled:
             gc.enable()
@@ -63,8 +91,10 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--profile", default=None, help="one capacity (e.g. 1%%): cProfile one run instead")
     parser.add_argument("--check", action="store_true", help="also replay in pure Python and compare the hits")
+    parser.add_argument("--policy", choices=sorted(POLICIES), default="predictive")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    kind = POLICIES[args.policy]
     trace = read_trace(Path(args.trace), None, args.limit)
     uniques, inverse = np.unique(trace.keys, return_inverse=True)
     keys = [int(k) for k in inverse.reshape(-1).astype(np.int64).tolist()]
@@ -72,7 +102,7 @@ def main() -> int:
     caps = {label: max(1, round(len(uniques) * float(label[:-1]) / 100)) if label.endswith("%") else int(label)
             for label in labels}
     cpu0 = time.process_time()
-    replay(keys[:CHUNK], 64)  # load (or compile) the numba kernels
+    replay(keys[:CHUNK], 64, kind=kind)  # load (or compile) the numba kernels
     warmup = time.process_time() - cpu0
     print(f"{Path(args.trace).name}: {len(keys)} accesses, {len(uniques)} unique; warmup (JIT cache load) "
           f"{warmup:.2f} CPU-s", file=sys.stderr)
@@ -80,7 +110,7 @@ def main() -> int:
         profile = cProfile.Profile()
         profile.enable()
         share = float(args.profile.rstrip("%")) / 100
-        _, cpu, _ = replay(keys, max(1, round(len(uniques) * share)))
+        _, _, cpu, _ = replay(keys, max(1, round(len(uniques) * share)), kind=kind)
         profile.disable()
         print(f"{args.profile}: {len(keys) / cpu / 1e3:.0f}k accesses per CPU-second under the profiler")
         pstats.Stats(profile).sort_stats("tottime").print_stats(25)
@@ -89,13 +119,13 @@ def main() -> int:
     hit_rate: dict[str, float] = {}
     for _ in range(args.repeat):
         for label in labels:
-            hits, cpu, wall = replay(keys, caps[label])
+            hits, count, cpu, wall = replay(keys, caps[label], kind=kind)
             runs[label].append((len(keys) / cpu, len(keys) / wall))
-            hit_rate[label] = sum(hits) / len(keys)
+            hit_rate[label] = count / len(keys)
             print(f"  {label} ({caps[label]}): {len(keys) / cpu / 1e3:.0f}k/CPU-s, "
                   f"{len(keys) / wall / 1e3:.0f}k/wall-s, hit rate {hit_rate[label]:.4f}", file=sys.stderr)
             if args.check and len(runs[label]) == 1:
-                pure, _, _ = replay(keys, caps[label], compiled=False)
+                pure, _, _, _ = replay(keys, caps[label], compiled=False, kind=kind)
                 print(f"    pure Python: {'same hits' if pure == hits else 'DIFFERENT HITS'}", file=sys.stderr)
                 if pure != hits:
                     return 1
@@ -105,8 +135,8 @@ def main() -> int:
                        "per_wall_s": round(statistics.median(r[1] for r in rows))}
                for label, rows in runs.items()}
     if args.json:
-        print(json.dumps({"trace": Path(args.trace).name, "accesses": len(keys), "warmup_cpu_s": round(warmup, 2),
-                          "results": summary}))
+        print(json.dumps({"trace": Path(args.trace).name, "policy": args.policy, "accesses": len(keys),
+                          "warmup_cpu_s": round(warmup, 2), "results": summary}))
     else:
         for label, row in summary.items():
             low, high = row["per_cpu_s_range"]  # type: ignore[misc]

@@ -176,8 +176,8 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
             self.layers.append(TieredLayer(self, len(self.layers)))
         n = len(self.layers)
         prefill = key_states.shape[-2] > 1
-        if layer_idx == 0 and prefill:
-            self._prefill_started = time.perf_counter()
+        if layer_idx == 0 and prefill:  # only a whole prompt's prefill gives the prefill speed the policy weighs
+            self._prefill_started = time.perf_counter() if self.layers[0].get_seq_length() == 0 else None
         self.prefetch_layer((layer_idx + 1) % n)
         layer = self.layers[layer_idx]
         keys, values = layer.update(key_states, value_states, *args, **kwargs)
@@ -474,7 +474,7 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
         usable = min(len(self._chain), (input_ids.shape[1] - 1) // self.block_tokens)
         self._found = self._find_spans(usable)
         blocks = self._found[-1].stop if self._found else 0
-        if blocks and not self._worth_restoring(self._found):
+        if blocks and not self._worth_restoring(self._found, int(input_ids.shape[1])):
             self.stats.declined_tokens = blocks * self.block_tokens
             blocks = 0
         if blocks:
@@ -490,7 +490,7 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
             estimate = self.stats.restore_estimate
             if estimate is not None and estimate.restore_s is not None:  # time the reads the model waits for
                 self._restoring = {layer.index for layer in tiered}
-                self._restore_predicted = estimate.restore_s / estimate.read_scale
+                self._restore_predicted = estimate.read_s or 0.0
                 self._restore_seconds = 0.0
             self.prefetch_layer(0)
         self.stats.restored_tokens = blocks * self.block_tokens
@@ -527,16 +527,32 @@ class TieredCache(Cache):  # type: ignore[misc]  # transformers is not type-chec
             start = best.stop
         return found
 
-    def _worth_restoring(self, found: Sequence[SpanMatch]) -> bool:
-        """Whether reading the ``found`` spans of every layer is predicted to beat computing their tokens."""
+    def _worth_restoring(self, found: Sequence[SpanMatch], prompt_tokens: int) -> bool:
+        """Whether reading the ``found`` spans of every layer, then computing the rest of the prompt's
+        ``prompt_tokens``, is predicted to give the first token sooner than computing them all."""
         with self._store_lock:
             infos = [self.store.info(f"{m.base}/0") for m in found]
         layers = len(self.layers)
         tokens = found[-1].stop * self.block_tokens
-        estimate = self._policy().estimate(tokens=tokens, nbytes=sum(i.nbytes for i in infos) * layers,
-                                           blocks=len(found) * layers, tier=infos[0].tiers[0], codec=infos[0].codec)
+        token_bytes = infos[0].nbytes / max(1, infos[0].shape[-2]) if infos[0].shape else 0.0  # K/V of a token
+        estimate = self._policy().estimate(
+            tokens=tokens, nbytes=sum(i.nbytes for i in infos) * layers,
+            stored_bytes=sum(i.stored_bytes for i in infos) * layers, blocks=len(found) * layers,
+            tier=infos[0].tiers[0], codec=infos[0].codec, prompt_tokens=prompt_tokens,
+            context_bytes=int(self._query_groups() * token_bytes * prompt_tokens * layers))
         self.stats.restore_estimate = estimate
         return estimate.restore
+
+    def _query_groups(self) -> int:
+        """How many copies of a layer's K/V the attention makes on a forward: the query heads per K/V head
+        (transformers' sdpa and eager attention ``repeat_kv`` a GQA layer's K/V to every query head),
+        0 without grouped heads (the K/V are only read)."""
+        text = self.config.get_text_config(decoder=True) if self.config is not None else None
+        heads = getattr(text, "num_attention_heads", None)
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        if not heads or not kv_heads or heads <= kv_heads:
+            return 0
+        return int(heads) // int(kv_heads)
 
     def _token_types(self, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor | None) -> np.ndarray:
         if mm_token_type_ids is not None:

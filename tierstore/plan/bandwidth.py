@@ -50,6 +50,10 @@ class Bandwidth:
     """``pread`` of a file in the page cache into memory already faulted in, one thread (None: not measured)."""
     checksum: float | None = None
     """crc32c of data in memory, one thread: what the L3 reader adds per byte it returns (None: not measured)."""
+    fresh_copy: float | None = None
+    """Copy into memory allocated for it (its pages faulted in by the copy), one thread: what ``torch.cat``
+    into a new tensor costs per byte, several times slower than ``memcpy`` into reused memory
+    (None: not measured)."""
 
     def to_json(self) -> str:
         """For ``store_meta``."""
@@ -111,6 +115,23 @@ def _codecs(nbytes: int) -> tuple[dict[str, float], dict[str, float]]:
 
         decode[name] = data.nbytes / _best(run, 3)
     return decode, ratio
+
+
+def _fresh_copy(nbytes: int, rounds: int = 5) -> float:
+    """Bytes/s of copying into a newly allocated torch tensor, the median of ``rounds``.
+
+    A tensor this large gets fresh pages from the kernel, faulted in 4 KiB at a time by the copy
+    (torch, unlike numpy, does not ask for transparent huge pages): 0.6-1.2 GB/s on the shared
+    2-core VM against 4-8 GB/s into reused memory (BENCHMARKS.md, prefix reuse).
+    """
+    src = torch.ones(nbytes, dtype=torch.uint8)
+
+    def run() -> None:
+        dst = torch.empty_like(src)
+        dst.copy_(src)
+        del dst
+
+    return nbytes / _median(run, rounds)
 
 
 def _h2d(nbytes: int) -> float | None:
@@ -198,8 +219,9 @@ def measure(folder: str | os.PathLike[str], *, nbytes: int = 64 << 20) -> Bandwi
     dst = np.empty_like(src)
     np.copyto(dst, src)  # fault the pages in first: the copy into reused memory is what the pools do
     memcpy = nbytes / _best(lambda: np.copyto(dst, src), 5)
+    fresh = _fresh_copy(nbytes)
     decode, ratio = _codecs(min(nbytes, 16 << 20))
     fetch = measure_fetch(path, nbytes=min(nbytes, 16 << 20))
     return Bandwidth(disk_read=read, disk_write=write, memcpy=memcpy, h2d_pinned=_h2d(nbytes), decode=decode,
                      ratio=ratio, measured_at=time.time(), disk_path=str(path.resolve()),
-                     page_cache_read=fetch["page_cache_read"], checksum=fetch["checksum"])
+                     page_cache_read=fetch["page_cache_read"], checksum=fetch["checksum"], fresh_copy=fresh)

@@ -47,7 +47,7 @@ except ImportError:  # pragma: no cover - a core dependency, but the Python path
         """Without numba the kernels stay plain Python (the classes refuse to run them)."""
         return lambda f: f
 
-__all__ = ["AVAILABLE", "CompiledLearner", "njit", "heap_push", "heap_pop", "heap_top", "heap_compact"]
+__all__ = ["AVAILABLE", "CompiledLearner", "njit", "iheap_down", "iheap_remove", "iheap_set", "iheap_up"]
 
 I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
@@ -57,73 +57,6 @@ F64 = npt.NDArray[np.float64]
 (_TICK, _DRAW, _CUT, _SAMPLES, _HORIZON, _SERIAL, _HELD, _CAPACITY, _FAR_N, _DUE_N, _EX_HEAD, _EX_LEN,
  _CROWDED) = range(13)
 _FIRST_GAP, _ALPHA, _RATE, _LOG_H, _PATIENCE, _N1 = range(6)
-
-
-@njit(cache=True, inline="always")
-def _less(val: F64, ser: I64, a: int, b: int) -> bool:  # pragma: no cover - compiled
-    return bool(val[a] < val[b] or (val[a] == val[b] and ser[a] < ser[b]))
-
-
-@njit(cache=True)
-def heap_push(val: F64, ser: I64, key: I64, n: int, v: float, s: int, k: int) -> int:  # pragma: no cover
-    val[n], ser[n], key[n] = v, s, k
-    i = n
-    while i > 0:
-        parent = (i - 1) >> 1
-        if _less(val, ser, i, parent):
-            val[i], val[parent] = val[parent], val[i]
-            ser[i], ser[parent] = ser[parent], ser[i]
-            key[i], key[parent] = key[parent], key[i]
-            i = parent
-        else:
-            break
-    return n + 1
-
-
-@njit(cache=True)
-def heap_sift_down(val: F64, ser: I64, key: I64, n: int, i: int) -> None:  # pragma: no cover - compiled
-    while True:
-        left = 2 * i + 1
-        if left >= n:
-            return
-        small = left
-        right = left + 1
-        if right < n and _less(val, ser, right, left):
-            small = right
-        if not _less(val, ser, small, i):
-            return
-        val[i], val[small] = val[small], val[i]
-        ser[i], ser[small] = ser[small], ser[i]
-        key[i], key[small] = key[small], key[i]
-        i = small
-
-
-@njit(cache=True)
-def heap_pop(val: F64, ser: I64, key: I64, n: int) -> int:  # pragma: no cover - compiled
-    n -= 1
-    val[0], ser[0], key[0] = val[n], ser[n], key[n]
-    heap_sift_down(val, ser, key, n, 0)
-    return n
-
-
-@njit(cache=True)
-def heap_top(val: F64, ser: I64, key: I64, n: int, version: I64) -> int:  # pragma: no cover - compiled
-    """Drop stale entries from the top; return the heap's new length (the top is then valid)."""
-    while version[key[0]] != ser[0]:
-        n = heap_pop(val, ser, key, n)
-    return n
-
-
-@njit(cache=True)
-def heap_compact(val: F64, ser: I64, key: I64, n: int, version: I64) -> int:  # pragma: no cover - compiled
-    kept = 0
-    for j in range(n):
-        if version[key[j]] == ser[j]:
-            val[kept], ser[kept], key[kept] = val[j], ser[j], key[j]
-            kept += 1
-    for j in range((kept >> 1) - 1, -1, -1):
-        heap_sift_down(val, ser, key, kept, j)
-    return kept
 
 
 @njit(cache=True, inline="always")

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .compiled_learn import heap_compact, heap_pop, heap_push, heap_sift_down, heap_top, njit
+from .compiled_learn import iheap_down, iheap_remove, iheap_set, njit
 from .compiled_lists import Buffers, out_of_range
 from .compiled_lists import append as _append
 from .compiled_lists import pop_front as _pop_front
@@ -329,11 +329,10 @@ def compiled_shadow(expert: Any) -> Any:
 
 @njit(cache=True)
 def _lrfu(keys: I64, ints: I64, rate: float, value: Any, at: I64, version: I64, hval: Any, hser: I64, hkey: I64,
-          ev_at: I64, ev_key: I64) -> tuple[int, int]:  # pragma: no cover - compiled
+          pos: I64, ev_at: I64, ev_key: I64) -> tuple[int, int]:  # pragma: no cover - compiled
     if out_of_range(keys, len(version)):
         return -1, 0
-    tick, serial, held, n, capacity = ints[0], ints[1], ints[2], ints[3], ints[4]
-    crowded = 4 * capacity + 64
+    tick, serial, n, capacity = ints[0], ints[1], ints[2], ints[4]
     hits = 0
     events = 0
     for i in range(len(keys)):
@@ -343,40 +342,43 @@ def _lrfu(keys: I64, ints: I64, rate: float, value: Any, at: I64, version: I64, 
         value[key], at[key] = v, tick
         if version[key] != 0:
             hits += 1
-        elif held >= capacity:
-            n = heap_top(hval, hser, hkey, n, version)
+        elif n >= capacity:  # the heap holds exactly the resident keys: its top is the victim
             gone = hkey[0]
-            n = heap_pop(hval, hser, hkey, n)
+            n = iheap_remove(hval, hser, hkey, pos, n, gone)
             version[gone] = 0
-            held -= 1
             ev_at[events], ev_key[events] = i, gone
             events += 1
-        if version[key] == 0:
-            held += 1
         serial += 1
         version[key] = serial
-        n = heap_push(hval, hser, hkey, n, math.log2(v) + tick * rate, serial, key)
-        if n > crowded:
-            n = heap_compact(hval, hser, hkey, n, version)
-    ints[0], ints[1], ints[2], ints[3] = tick, serial, held, n
+        n = iheap_set(hval, hser, hkey, pos, n, key, math.log2(v) + tick * rate, serial)
+    ints[0], ints[1], ints[2], ints[3] = tick, serial, n, n
     return hits, events
 
 
 @njit(cache=True)
 def _rerank(ints: I64, rate: float, value: Any, at: I64, version: I64, hval: Any, hser: I64,
-            hkey: I64) -> None:  # pragma: no cover - compiled
+            hkey: I64, pos: I64) -> None:  # pragma: no cover - compiled
     n = 0
     for k in range(len(version)):
         if version[k]:
             hval[n], hser[n], hkey[n] = math.log2(value[k]) + at[k] * rate, version[k], k
+            pos[k] = n
             n += 1
     for j in range((n >> 1) - 1, -1, -1):
-        heap_sift_down(hval, hser, hkey, n, j)
-    ints[3] = n
+        iheap_down(hval, hser, hkey, pos, n, j)
+    ints[2], ints[3] = n, n
 
 
 class CompiledLRFU(Buffers):
-    """:class:`tierstore.predict.kv_policy.ShadowLRFU`, compiled (the same decisions on dense int keys)."""
+    """:class:`tierstore.predict.kv_policy.ShadowLRFU`, compiled (the same decisions on dense int keys).
+
+    The Python shadow's heap is lazy (an access pushes a new entry; stale ones are popped when they
+    reach the top, or dropped by a compaction once the heap is 4x the capacity); this one is indexed
+    (``pos[k]`` is key ``k``'s slot, -1 if it has none: an access updates its one entry in place,
+    an eviction removes it), so it holds exactly the resident keys and never pops or compacts a
+    stale entry. Both order by (rank, serial), a total order since serials are unique, and a key's
+    one entry here is its latest (only valid) entry there, so the top, the victim, is the same.
+    """
 
     def __init__(self, capacity: int, half_life: float) -> None:
         super().__init__()
@@ -384,10 +386,11 @@ class CompiledLRFU(Buffers):
         self.half_life = max(1.0, float(half_life))
         self.name = f"lrfu{half_life / self.capacity:g}"
         self._rate = 1.0 / self.half_life
-        self.ints = np.array([0, 0, 0, 0, self.capacity], dtype=np.int64)
-        heap = 4 * self.capacity + 66
+        self.ints = np.array([0, 0, 0, 0, self.capacity], dtype=np.int64)  # tick, serial, held, heap size, capacity
+        heap = self.capacity + 1
         self.hval, self.hser, self.hkey = np.zeros(heap), np.zeros(heap, dtype=np.int64), np.zeros(heap, dtype=np.int64)
         self.value, self.at, self.version = np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        self.pos = np.zeros(0, dtype=np.int64)
 
     def _grow_to(self, top: int) -> None:
         if top > len(self.version):
@@ -395,16 +398,17 @@ class CompiledLRFU(Buffers):
             self.value = np.concatenate([self.value, np.zeros(more)])
             self.at = np.concatenate([self.at, np.zeros(more, dtype=np.int64)])
             self.version = np.concatenate([self.version, np.zeros(more, dtype=np.int64)])
+            self.pos = np.concatenate([self.pos, np.full(more, -1, dtype=np.int64)])
 
     def rerank(self, half_life: float) -> None:
         """As :meth:`tierstore.predict.kv_policy.ShadowLRFU.rerank`."""
         self.half_life = max(1.0, float(half_life))
         self._rate = 1.0 / self.half_life
-        _rerank(self.ints, self._rate, self.value, self.at, self.version, self.hval, self.hser, self.hkey)
+        _rerank(self.ints, self._rate, self.value, self.at, self.version, self.hval, self.hser, self.hkey, self.pos)
 
     def _kernel(self, keys: I64, ev_at: I64, ev_key: I64) -> tuple[int, int]:
         return _lrfu(keys, self.ints, self._rate, self.value, self.at, self.version,
-                     self.hval, self.hser, self.hkey, ev_at, ev_key)
+                     self.hval, self.hser, self.hkey, self.pos, ev_at, ev_key)
 
     def missing_from(self, tier: I64) -> int:
         """How many keys this shadow holds that are not among ``tier`` (distinct keys it has seen)."""
