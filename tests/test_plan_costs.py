@@ -93,7 +93,8 @@ def test_page_cache_serves_files_that_fit_beside_the_budget() -> None:
 def test_the_planner_streams_raw_where_decoding_would_bind() -> None:
     """Decode-bound (files cached): every streamed decoder unit raw; disk-bound: kept compressed (smaller)."""
     model = _model(layers=6)
-    memory = plan(model, BOX, memory=64 * GiB, context=0).minimum + LAYER  # holds one layer, streams five
+    # holds one layer, streams five (through L2: the minimum of mapped=False has its slack unit)
+    memory = plan(model, BOX, memory=64 * GiB, context=0, mapped=False).minimum + LAYER
     roomy = replace(BOX, ram_free=memory + PROCESS_OVERHEAD + 2 * GiB)
     chosen = plan(model, roomy, memory=memory, context=0, mapped=False)  # copies into L2, as mapped=False streams
     streamed = [u.name for u in chosen.units if u.tier == "L3"]
@@ -102,8 +103,12 @@ def test_the_planner_streams_raw_where_decoding_would_bind() -> None:
     as_stored = plan(model, roomy, memory=memory, context=0, rewrite=False, mapped=False)
     assert as_stored.raw_units == () and as_stored.prediction.decode_s > chosen.prediction.decode_s
     mapped = plan(model, roomy, memory=memory, context=0, mapped=True)
-    assert {u.fetch for u in mapped.units if u.tier == "L3"} == {"map"}
-    assert mapped.prediction.decode_s == pytest.approx(6 * LAYER / 1e9)  # only the matvec is left
+    maps = [u for u in mapped.units if u.tier == "L3"]
+    assert {u.fetch for u in maps} == {"map"}
+    # the matvec, and the crc32c of every mapped byte (l3_verify_maps="always") on the cores it shares
+    assert mapped.prediction.decode_s == pytest.approx(6 * LAYER / 1e9 + len(maps) * LAYER / 8e9 / 2)
+    once = plan(model, roomy, memory=memory, context=0, mapped=True, verify_maps="once")
+    assert once.prediction.decode_s == pytest.approx(6 * LAYER / 1e9)  # checked on the first pass only
     tight = replace(BOX, ram_free=memory, disk_read=0.2 * GB)  # no page cache, slow disk: fewer bytes win
     assert plan(model, tight, memory=memory, context=0).raw_units == ()
 

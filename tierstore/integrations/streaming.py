@@ -483,7 +483,7 @@ def _hybrid(store: TierStore, units: list[StreamUnit], plan: Plan, *, target: to
 
     stored = next((store.info(key).dtype for u in units for _, _, key, _ in u.params), torch.float32)
     compute = gpu_compute_dtype(store, stored, gpu, gpu_dtype) if gpu is not None else None
-    check_plan(store, units, plan, prefetch=prefetch, gpu=gpu, gpu_dtype=compute)
+    check_plan(store, units, plan, prefetch=prefetch, gpu=gpu, gpu_dtype=compute, mapped=mapped, home=target)
     return HybridStreamer(store, units, plan, home=target, home_dtype=dtype or stored, gpu=gpu, gpu_dtype=compute,
                           cpu_dtype=dtype or stored, prefetch=prefetch, resident_bytes=kept, repeat_from=repeat_from,
                           mapped=mapped)
