@@ -134,8 +134,8 @@ def check_plan(store: TierStore, units: list[StreamUnit], plan: Plan, *, prefetc
         room = plan.memory - (host.total - host.l2_bytes)
         if capacity > max(room, host.l2_bytes):
             raise ConfigError(f"the store's L2 of {format_size(capacity)} with what the plan keeps beside it "
-                              f"({format_size(host.total - host.l2_bytes)}: fixed weights, caches, mapped pages, "
-                              f"buffers) exceeds memory={format_size(plan.memory)}; open the store with "
+                              f"({format_size(host.total - host.l2_bytes)}: fixed weights, caches, mapped pages) "
+                              f"exceeds memory={format_size(plan.memory)}; open the store with "
                               f"l2_cache_size={host.l2_bytes} (plan.l2_bytes)", tier="L2")
 
 

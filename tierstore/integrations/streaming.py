@@ -314,7 +314,13 @@ def _owned(store: TierStore, key: str, target: torch.device, mapped: bool) -> to
     if target.type != "cpu":
         return store.get(key, device=target, copy=True)
     view = store.map(key) if mapped else None
-    return view if view is not None else store.get(key).clone()
+    if view is not None:
+        return view
+    if store.info(key).nbytes > _tier_capacity(store, target):
+        # larger than L2 (a plan's L2 can be smaller than the embeddings): no L2 scratch can take the copy,
+        # so it is read into memory of its own, with no pass through L2 (a bypass, then a second copy)
+        return store.get(key, copy=True)
+    return store.get(key).clone()
 
 
 def _budget(resident_bytes: int | str) -> int:

@@ -64,7 +64,7 @@ from .machine import Machine
 from .page_cache import cache_room
 
 __all__ = ["Unit", "ModelUnits", "UnitPlan", "Prediction", "Plan", "HostMemory", "Machine", "plan", "predict",
-           "baselines", "physical_bound", "host_memory", "FETCH_MODES", "SLAB_RESERVE", "READ_BUFFERS"]
+           "baselines", "physical_bound", "host_memory", "FETCH_MODES", "SLAB_RESERVE"]
 
 MiB = 1 << 20
 _HEADROOM = 256 * MiB
@@ -164,9 +164,6 @@ class Prediction:
         return 1.0 / self.decode_s if self.decode_s > 0 else float("inf")
 
 
-READ_BUFFERS = 3 * MiB
-"""Memory each L3 read-pool thread keeps (``max(4, 2 * cores)`` threads): a compressed piece in flight, its
-buffer grown by doubling to at most 2 MiB (pieces are 1 MiB), and a 1 MiB decode scratch."""
 SLAB_RESERVE = 2 * MiB
 """L2 kept beside the held units for the allocator's partly filled slabs (two 1 MiB slabs: the size classes
 small tensors share, measured at 1/16 of the 2B's width; see ``stream_budget.mapped_slack``)."""
@@ -177,7 +174,9 @@ class HostMemory:
     """Where a plan's host budget goes, in bytes: what must fit in ``memory`` for the budget to hold.
 
     L2 is opened at :attr:`l2_bytes` (and prefaulted: all of it counts); mapped units' pages come
-    beside it while they are viewed, the L3 reader's buffers beside both.
+    beside it while they are viewed. Outside the budget, as for ``memory=`` (BENCHMARKS.md measures
+    that overhead): the interpreter and libraries, activations, and the L3 reader's per-thread
+    buffers (a compressed piece in flight and a decode scratch, at most ~3 MiB per read thread).
     """
 
     fixed: int
@@ -189,11 +188,10 @@ class HostMemory:
     l2_working: int
     """L2 for the units streamed through it (compressed, or raw and copied): ``prefetch + 1`` of the largest."""
     l2_slack: int
-    """L2 kept free so a streamed unit's tensors find contiguous room (one such unit), plus :data:`SLAB_RESERVE`."""
+    """L2 kept free so a streamed unit's tensors find contiguous room (one such unit), plus :data:`SLAB_RESERVE`
+    (at most the largest unit: a small model's units leave less than that in partly filled slabs)."""
     mapped: int
     """Pages of the mapped units being viewed: ``prefetch + 1`` of the largest unit streamed as a map."""
-    buffers: int
-    """The L3 reader's per-thread buffers (compressed pieces in flight, decode scratch)."""
 
     @property
     def l2_bytes(self) -> int:
@@ -203,13 +201,12 @@ class HostMemory:
     @property
     def total(self) -> int:
         """All of it: what ``memory`` must cover."""
-        return self.fixed + self.caches + self.l2_bytes + self.mapped + self.buffers
+        return self.fixed + self.caches + self.l2_bytes + self.mapped
 
     def to_dict(self) -> dict[str, int]:
         """JSON-ready, with the totals."""
         return {"fixed": self.fixed, "caches": self.caches, "held": self.held, "l2_working": self.l2_working,
-                "l2_slack": self.l2_slack, "mapped": self.mapped, "buffers": self.buffers,
-                "l2_bytes": self.l2_bytes, "total": self.total}
+                "l2_slack": self.l2_slack, "mapped": self.mapped, "l2_bytes": self.l2_bytes, "total": self.total}
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,8 +427,8 @@ def _fetch_rules(model: ModelUnits, tiers: dict[str, str], *, rewrite: bool, map
     return [base] + [{**base, **{u.name: how for u in switchable[n - k:]}} for k in points]
 
 
-def host_memory(model: ModelUnits, machine: Machine, tiers: dict[str, str], fetch: dict[str, str], *,
-                prefetch: int, caches: int) -> HostMemory:
+def host_memory(model: ModelUnits, tiers: dict[str, str], fetch: dict[str, str], *, prefetch: int,
+                caches: int) -> HostMemory:
     """Where the host budget goes for ``tiers`` when every unit not in L1 would be fetched as ``fetch`` says.
 
     The working reserves are sized over every unit that is not in L1, held or not (a held unit may
@@ -443,10 +440,10 @@ def host_memory(model: ModelUnits, machine: Machine, tiers: dict[str, str], fetc
     through = max((u.nbytes for u in streamable if fetch.get(u.name) != "map"), default=0)
     maps = max((u.nbytes for u in streamable if fetch.get(u.name) == "map"), default=0)
     depth = max(0, prefetch) + 1
+    slabs = min(SLAB_RESERVE, max((u.nbytes for u in streamable), default=0))
     return HostMemory(fixed=model.fixed_bytes, caches=caches,
                       held=sum(u.l2_bytes for u in model.units if tiers[u.name] == "L2"),
-                      l2_working=depth * through, l2_slack=through + SLAB_RESERVE, mapped=depth * maps,
-                      buffers=max(4, 2 * machine.cores) * READ_BUFFERS)
+                      l2_working=depth * through, l2_slack=through + slabs, mapped=depth * maps)
 
 
 def plan(model: ModelUnits, machine: Machine, *, memory: int | None = None, prefetch: int = 2,
@@ -464,7 +461,7 @@ def plan(model: ModelUnits, machine: Machine, *, memory: int | None = None, pref
 
     The whole of :class:`HostMemory` must fit in ``memory``: the fixed weights, the caches, L2 (held
     units with the allocator's rounding, the working reserve of units streamed through it, slack),
-    the mapped units' pages and the reader's buffers. A budget below the least of that over the
+    and the mapped units' pages. A budget below the least of that over the
     fetch choices is a ``ConfigError`` naming it.
     """
     budget = machine.ram_free if memory is None else int(memory)
@@ -493,7 +490,7 @@ def plan(model: ModelUnits, machine: Machine, *, memory: int | None = None, pref
     minimum: HostMemory | None = None
     best: tuple[float, tuple[int, int], dict[str, str], dict[str, str], dict[str, str], HostMemory] | None = None
     for rule in _fetch_rules(model, streamed, rewrite=rewrite, mapped=mapped):
-        empty = host_memory(model, machine, streamed, rule, prefetch=prefetch, caches=caches)
+        empty = host_memory(model, streamed, rule, prefetch=prefetch, caches=caches)
         if minimum is None or empty.total < minimum.total:
             minimum = empty
         if empty.total > budget:
@@ -510,7 +507,7 @@ def plan(model: ModelUnits, machine: Machine, *, memory: int | None = None, pref
         if best is None or seconds < best[0] * (1 - 1e-9) or \
                 (seconds <= best[0] * (1 + 1e-9) and (streams, changed) < best[1]):
             best = (seconds, (streams, changed), tiers, fetch, dec,
-                    host_memory(model, machine, tiers, rule, prefetch=prefetch, caches=caches))
+                    host_memory(model, tiers, rule, prefetch=prefetch, caches=caches))
     assert minimum is not None
     if best is None:
         m = minimum
@@ -520,7 +517,7 @@ def plan(model: ModelUnits, machine: Machine, *, memory: int | None = None, pref
             f"stream {max(0, prefetch) + 1} units (L2 working reserve and slack, mapped pages), "
             f"{format_size(vision_cache)} of vision cache"
             + (f", {format_size(kv)} of KV cache for {context} tokens" if kv_tier == "L2" else "")
-            + f", {format_size(m.buffers)} of read buffers; raise memory to at least {m.total} bytes, "
+            + f"; raise memory to at least {m.total} bytes, "
             "or lower prefetch or context")
     _, _, tiers, fetch, dec, host = best
     pre = _best_devices(machine, model, tiers, fetch, head_on, prefill_tokens, decode=False, cached=False)[1]
