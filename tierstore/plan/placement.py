@@ -19,8 +19,12 @@ memory when the model has a vision tower.
 The cost model (every term is bytes over a bandwidth or FLOPs over a throughput):
 
 - a unit on the GPU costs ``max(T * 2 * params / gpu_flops, bytes / vram_bandwidth)``, on the CPU
-  ``max(T * 2 * params / cpu_flops, bytes / cpu_matvec)`` for ``T`` tokens (``cpu_matvec``: the
-  measured rate a CPU matrix-vector product reads bf16 weights at, ``memcpy`` when not measured);
+  ``max(T * 2 * params / cpu_flops, bytes / cpu_matvec)`` for ``T`` tokens, and for one token
+  (decode) ``bytes / cpu_matvec`` where that rate was measured (``cpu_matvec``: the rate a CPU
+  matrix-vector product reads bf16 weights at, measured at one token and the model's own shapes,
+  so it is the kernel's speed whatever a bf16 GEMM's FLOP/s are; ``memcpy`` when not measured);
+  the head (``lm_head``) at its own measured rate, ``head_matvec`` (one vocab-wide matrix runs
+  3-4x faster per byte than a layer's projections on the bench VM);
 - a unit not in L1 that runs on the GPU crosses the link: ``bytes / h2d_pinned`` (a mapped unit,
   not pinned: ``h2d_pageable``);
 - a unit in L3 is *fetched* for every pass, one of three ways (:attr:`UnitPlan.fetch`): ``decode``
@@ -28,7 +32,9 @@ The cost model (every term is bytes over a bandwidth or FLOPs over a throughput)
   into its L2 slot, check) or ``map`` (stored raw: the page cache's pages used in place, no copy).
   Its CPU cost is :meth:`Machine.fetch_seconds` (one thread's CPU-seconds: ``stored /
   page_cache_read + bytes / (decode / cores) + bytes / checksum`` for ``decode``, ``bytes /
-  page_cache_read + bytes / checksum`` for ``read``, 0 for ``map``);
+  page_cache_read + bytes / checksum`` for ``read``, ``bytes / map_populate`` for ``map``, plus
+  ``bytes / checksum`` while the store checks every map: ``verify_maps="always"``, the store's
+  default ``l3_verify_maps``);
 - **the page cache**: the files of every L3 unit (``stored_bytes`` compressed, ``bytes`` raw) fit
   in the page cache when their sum is at most ``ram_free - memory - 1 GiB`` (free RAM outside the
   budget, less the process's own overhead); then every pass after the first reads them from memory
@@ -42,14 +48,19 @@ The cost model (every term is bytes over a bandwidth or FLOPs over a throughput)
   takes ``max(gpu + cpu compute, cpu side, disk, link)``: overlap is a max, not a sum.
 
 The planner fills VRAM with decoder layers (they run for every token), then host memory up to the
-budget less the fixed weights, the KV and vision caches and the streaming reserve (``prefetch + 1``
-of the largest unit), vision blocks last; then it searches how many L2 units compute on the CPU and
-where L3 units compute for the least decode time, and again for prefill; how streamed units are
-fetched is chosen the same way (``decode``, or ``read``/``map`` where the unit is stored raw or the
-plan may ask for it to be, :attr:`Plan.raw_units`: a block that streams every token is better raw
-when decoding it would be the bottleneck). A budget below the
-minimum is a :class:`~tierstore.errors.ConfigError` naming it. These are predictions of the model,
-not measurements.
+budget less what streaming needs beside the held units (:class:`HostMemory`, :func:`host_memory`):
+the fixed weights, the KV and vision caches, L2's working reserve of ``prefetch + 1`` of the
+largest unit fetched through it (``decode``/``read``) with one such unit of slack and
+:data:`SLAB_RESERVE`, and the pages of ``prefetch + 1`` of the largest *mapped* unit, which are
+beside L2, not in it; held units count at their L2 slot sizes (the allocator's rounding,
+:attr:`Unit.slot_bytes`). Vision blocks are held last. Then it searches how many L2 units compute
+on the CPU and where L3 units compute for the least decode time, and again for prefill; how
+streamed units are fetched is chosen the same way (``decode``, or ``read``/``map`` where the unit
+is stored raw or the plan may ask for it to be, :attr:`Plan.raw_units`: a block that streams
+every token is better raw when decoding it would be the bottleneck), each choice with the held
+set its own reserves leave room for. :attr:`Plan.l2_bytes` is the L2 to open the store with. A
+budget below the least that any choice needs is a :class:`~tierstore.errors.ConfigError` naming
+it. These are predictions of the model, not measurements.
 """
 
 from __future__ import annotations
