@@ -277,6 +277,7 @@ def measure_rates(work: Path) -> tuple[float, dict[str, float]]:
     raw = work / "store-raw"
     if (raw / "catalog.sqlite").exists():
         fetch["map_populate"] = _map_rate(raw)
+    fetch["unit_overhead"] = measure_unit_overhead()
     return matvec, fetch
 
 
@@ -293,10 +294,31 @@ def _map_rate(folder: Path) -> float:
         for _ in range(3):
             start = time.perf_counter()
             maps = [db.map(key) for key in layer]
-            times.append(time.perf_counter() - start)
             nbytes = sum(m.nbytes for m in maps if m is not None)
-            del maps
+            del maps  # unmapped: tearing the page tables down costs about what populating them did
+            times.append(time.perf_counter() - start)
     return nbytes / max(sorted(times)[1], 1e-9)
+
+
+def measure_unit_overhead(layers: tuple[int, int] = (2, 12), tokens: int = 10) -> float:
+    """Seconds a Qwen3-VL decoder layer's decode step takes beyond its products: the ``tiny`` shape (products
+    free) with ``layers`` decoder layers, the difference of their decode times per layer (median gaps)."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    step = []
+    for count in layers:
+        config = shape_config("tiny")
+        config.text_config.num_hidden_layers = count
+        torch.manual_seed(0)
+        model = Qwen3VLForConditionalGeneration(config).to(torch.bfloat16).eval()
+        stamps = _Stamps()
+        with torch.inference_mode():
+            model.generate(input_ids=torch.tensor([PROMPT]), max_new_tokens=tokens, do_sample=False, streamer=stamps)
+        step.append(statistics.median(b - a for a, b in zip(stamps.times[2:], stamps.times[3:], strict=False)))
+    return max(0.0, (step[1] - step[0]) / (layers[1] - layers[0]))
+
+
+
 
 
 def load_variant(variant: str, work: Path, memory: int, machine_file: Path | None = None,
@@ -511,7 +533,7 @@ def in_run_machine(machine: Any, result: dict[str, Any]) -> Any:
     fetch = result.get("fetch_rates") or {}
     extra: dict[str, Any] = {"decode": fetch["decode"] * machine.cores, "page_cache_read": fetch["page_cache_read"],
                              "checksum": fetch["checksum"]} if fetch else {}
-    for name in ("head_matvec", "map_populate"):
+    for name in ("head_matvec", "map_populate", "unit_overhead"):
         if name in fetch:
             extra[name] = fetch[name]
     return replace(machine, cpu_matvec=result["matvec_rate"], **extra)
@@ -549,7 +571,8 @@ def bench_model(name: str, args: argparse.Namespace, machine: Any, machine_file:
         machine = in_run_machine(machine, {"matvec_rate": rate, "fetch_rates": fetch})
         machine_file.write_text(json.dumps(machine.to_dict()))
         print(f"{name}: machine at this model's shapes: matvec {rate / 1e9:.2f} GB/s, head "
-              f"{fetch.get('head_matvec', 0) / 1e9:.2f} GB/s, map {fetch.get('map_populate', 0) / 1e9:.2f} GB/s")
+              f"{fetch.get('head_matvec', 0) / 1e9:.2f} GB/s, map {fetch.get('map_populate', 0) / 1e9:.2f} GB/s, "
+              f"{fetch.get('unit_overhead', 0) * 1e3:.2f} ms per layer beside its products")
         if "plan" in args.variants.split(","):
             start = time.perf_counter()
             rewritten = prepare_plan_store(work, machine, memory)

@@ -90,8 +90,9 @@ def check_plan(store: TierStore, units: list[StreamUnit], plan: Plan, *, prefetc
     reserve of the L3 units that pass through it: ``prefetch + 1`` of the largest L3 unit that is
     not mapped (stored compressed, or ``mapped=False``, or computed away from a CPU ``home``; the
     mapped ones are pages beside L2). The message names the minimum size to open the tier with.
-    With a CPU ``home``, an L2 larger than the plan's budget leaves room for (``plan.memory`` less
-    what the plan keeps beside L2) is a ``ConfigError`` too: the budget would not hold.
+    Where the plan runs as planned (every unit it maps stored raw, ``mapped``, a CPU ``home``), an L2
+    larger than the plan's budget leaves room for (``plan.memory`` less what the plan keeps beside
+    L2) is a ``ConfigError`` too: the budget would not hold.
     """
     planned = {u.name for u in plan.units}
     if planned != {u.name for u in units}:
@@ -118,8 +119,10 @@ def check_plan(store: TierStore, units: list[StreamUnit], plan: Plan, *, prefetc
                               f"{format_size(int(l1['capacity']))}; open the store with l1_cache_size={l1_need} "
                               "or more", tier="L1")
     maps = mapped and (home is None or home.type == "cpu")
-    through = [u.nbytes for u in units if by_name[u.name].tier == "L3"
-               and not (maps and all(store.info(key).codec == "raw" for _, _, key, _ in u.params))]
+    raw = {u.name: all(store.info(key).codec == "raw" for _, _, key, _ in u.params) for u in units
+           if by_name[u.name].tier == "L3"}
+    through = [u.nbytes for u in units if u.name in raw and not (maps and raw[u.name])]
+    as_planned = maps and all(raw[u.name] for u in plan.units if u.tier == "L3" and u.fetch == "map")
     reserve = (max(0, prefetch) + 1) * max(through, default=0)
     l2_need = sum(u.nbytes for u in units if by_name[u.name].tier == "L2") + reserve
     l2 = tiers.get("L2")
@@ -130,7 +133,7 @@ def check_plan(store: TierStore, units: list[StreamUnit], plan: Plan, *, prefetc
                           f"with l2_cache_size={l2_need} or more",
                           tier="L2")
     host = plan.host
-    if host is not None and (home is None or home.type == "cpu"):
+    if host is not None and as_planned:  # (a plan whose raw units are not stored raw yet runs through L2)
         room = plan.memory - (host.total - host.l2_bytes)
         if capacity > max(room, host.l2_bytes):
             raise ConfigError(f"the store's L2 of {format_size(capacity)} with what the plan keeps beside it "

@@ -71,12 +71,17 @@ class Machine:
     head_matvec: float | None = None
     """Bytes/s a CPU matrix-vector product reads the head's weights at (``lm_head``: one vocab-wide matrix,
     whose rows the threads split evenly; on the bench VM 3-4x a decoder layer's rate). None: ``cpu_matvec``."""
+    unit_overhead: float | None = None
+    """Seconds one unit's forward takes beyond its matrix products, for one token: the framework's Python
+    and dispatch, norms, rotary, attention over a short context (measured on the model's class at a tiny
+    width, where the products are free; ~1.4 ms per Qwen3-VL decoder layer on the bench VM). None: 0."""
     map_populate: float | None = None
     """One thread's map of a raw L3 block whose file is in the page cache, bytes/s: ``mmap`` and
-    ``MADV_POPULATE_READ`` (the page-table entries of every page), without the checksum (None: free)."""
+    ``MADV_POPULATE_READ`` (the page-table entries of every page) and, once its tensor dies, the
+    ``munmap``, without the checksum (None: free)."""
 
     def __post_init__(self) -> None:
-        optional = ("cpu_matvec", "head_matvec", "page_cache_read", "checksum", "map_populate")
+        optional = ("cpu_matvec", "head_matvec", "page_cache_read", "checksum", "map_populate", "unit_overhead")
         for name in ("disk_read", "decode", "memcpy", "cpu_flops", *optional):
             if name in optional and getattr(self, name) is None:
                 continue

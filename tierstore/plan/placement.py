@@ -333,6 +333,8 @@ def _phase(machine: Machine, model: ModelUnits, units: Sequence[UnitPlan], token
                 link_bytes += unit.nbytes
         else:
             cpu += _cpu_seconds(machine, unit.nbytes, unit.params, tokens, machine.cpu_weight_read)
+        if tokens == 1:
+            cpu += machine.unit_overhead or 0.0  # the framework's share of a layer, on the host
         if placed.tier == "L3":
             fetch += machine.fetch_seconds(unit.nbytes, unit.stored_bytes, how, checked=checked)
             l3_bytes += unit.nbytes
@@ -571,7 +573,9 @@ def _accelerate(model: ModelUnits, machine: Machine, memory: int, prefill_tokens
             if gpu and machine.gpu_flops and machine.vram_bandwidth:
                 total += max(flops / machine.gpu_flops, unit.nbytes / machine.vram_bandwidth)
             else:
-                total += max(flops / machine.cpu_flops, unit.nbytes / machine.cpu_weight_read)
+                total += _cpu_seconds(machine, unit.nbytes, unit.params, tokens, machine.cpu_weight_read)
+            if tokens == 1:
+                total += machine.unit_overhead or 0.0
             if unit.name not in l1 and unit.name not in l2:
                 if decode and cached:
                     total += unit.nbytes / (machine.page_cache_read or machine.memcpy)
@@ -581,6 +585,11 @@ def _accelerate(model: ModelUnits, machine: Machine, memory: int, prefill_tokens
             if gpu and unit.name not in l1:
                 total += unit.nbytes / link
                 link_bytes += unit.nbytes
+        if decode:  # one token's logits
+            if gpu and machine.gpu_flops and machine.vram_bandwidth:
+                total += model.head_bytes / machine.vram_bandwidth
+            else:
+                total += _cpu_seconds(machine, model.head_bytes, model.head_bytes // 2, 1, machine.head_weight_read)
         return total, disk_bytes, link_bytes
 
     ttft, _, _ = phase(prefill_tokens, False)
