@@ -175,3 +175,21 @@ def test_plan_apply_stores_the_raw_units_raw_and_the_tokens_stay(checkpoint: tup
         db.put("extra", torch.ones(4096, dtype=torch.bfloat16))
         assert db.info("extra").codec != "raw"
     assert store_raw(path, chosen) == 0  # applied already: nothing left to rewrite
+
+
+def test_a_fetch_thread_beside_compute_on_every_core_slows_both_by_their_measured_shares() -> None:
+    """With ``compute_share`` measured, fetching beside a product on every core costs what the shares say.
+
+    On the 2-core bench VM a one-token matvec keeps ~0.5 of its speed beside a checksumming thread
+    (torch's threads wait for the displaced one), not the 2/3 an even share of the cores gives.
+    """
+    model = _model(ratio=1.0)  # raw: mapped, checked (crc32c) on every pass
+    shared = replace(BOX, disk_read=1e15, ram_free=64 * GiB, compute_share=0.5, fetch_share=0.8, map_populate=8 * GB)
+    compute = 4 * LAYER / 1e9
+    fetch = 4 * shared.fetch_seconds(LAYER, LAYER, "map", checked=True)
+    both = min(compute / 0.5, fetch / 0.8)
+    expected = both + (compute - 0.5 * both) + (fetch - 0.8 * both)
+    got = predict(shared, model, _streamed(model, "map"), memory=0).decode_s
+    assert got == pytest.approx(expected) and got > max(compute, (2 * compute + fetch) / 2)
+    assert predict(replace(shared, compute_share=None), model, _streamed(model, "map"), memory=0).decode_s == \
+        pytest.approx(max(compute, (2 * compute + fetch) / 2))  # not measured: an even share

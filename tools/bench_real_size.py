@@ -266,7 +266,7 @@ def measure_rates(work: Path) -> tuple[float, dict[str, float]]:
     import tierstore
     from tierstore.integrations.plan_units import decode_shapes
     from tierstore.plan.bandwidth import measure_fetch
-    from tierstore.plan.machine import measure_matvec
+    from tierstore.plan.machine import measure_matvec, measure_sharing
 
     with tierstore.open(work / "store", readonly=True, l2_cache_size=0) as db:
         layer, head = decode_shapes(db)
@@ -278,6 +278,7 @@ def measure_rates(work: Path) -> tuple[float, dict[str, float]]:
     if (raw / "catalog.sqlite").exists():
         fetch["map_populate"] = _map_rate(raw)
     fetch["unit_overhead"] = measure_unit_overhead()
+    fetch["compute_share"], fetch["fetch_share"] = measure_sharing(layer)
     return matvec, fetch
 
 
@@ -533,7 +534,7 @@ def in_run_machine(machine: Any, result: dict[str, Any]) -> Any:
     fetch = result.get("fetch_rates") or {}
     extra: dict[str, Any] = {"decode": fetch["decode"] * machine.cores, "page_cache_read": fetch["page_cache_read"],
                              "checksum": fetch["checksum"]} if fetch else {}
-    for name in ("head_matvec", "map_populate", "unit_overhead"):
+    for name in ("head_matvec", "map_populate", "unit_overhead", "compute_share", "fetch_share"):
         if name in fetch:
             extra[name] = fetch[name]
     return replace(machine, cpu_matvec=result["matvec_rate"], **extra)
@@ -572,7 +573,8 @@ def bench_model(name: str, args: argparse.Namespace, machine: Any, machine_file:
         machine_file.write_text(json.dumps(machine.to_dict()))
         print(f"{name}: machine at this model's shapes: matvec {rate / 1e9:.2f} GB/s, head "
               f"{fetch.get('head_matvec', 0) / 1e9:.2f} GB/s, map {fetch.get('map_populate', 0) / 1e9:.2f} GB/s, "
-              f"{fetch.get('unit_overhead', 0) * 1e3:.2f} ms per layer beside its products")
+              f"{fetch.get('unit_overhead', 0) * 1e3:.2f} ms per layer beside its products, shares beside a fetch "
+              f"thread {fetch.get('compute_share', 1):.2f} (matvec) / {fetch.get('fetch_share', 1):.2f} (fetch)")
         if "plan" in args.variants.split(","):
             start = time.perf_counter()
             rewritten = prepare_plan_store(work, machine, memory)

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import ConfigError
 
-__all__ = ["Machine", "measure_matvec"]
+__all__ = ["Machine", "measure_matvec", "measure_sharing"]
 
 GB, MiB, GiB = 10**9, 1 << 20, 1 << 30
 
@@ -71,6 +71,14 @@ class Machine:
     head_matvec: float | None = None
     """Bytes/s a CPU matrix-vector product reads the head's weights at (``lm_head``: one vocab-wide matrix,
     whose rows the threads split evenly; on the bench VM 3-4x a decoder layer's rate). None: ``cpu_matvec``."""
+    compute_share: float | None = None
+    """Fraction of its alone speed a CPU product on every core keeps while a fetch thread runs beside it
+    (None: the cores are shared evenly, see :mod:`tierstore.plan.placement`). Measured by
+    :func:`measure_sharing`: torch's threads wait at each product's end for the one the fetch thread
+    displaced, so on the 2-core bench VM a product runs at ~0.5 of its speed, not the 2/3 of an even share."""
+    fetch_share: float | None = None
+    """Fraction of its alone speed the fetch thread keeps while a product runs on every core (with
+    ``compute_share``; None: 1)."""
     unit_overhead: float | None = None
     """Seconds one unit's forward takes beyond its matrix products, for one token: the framework's Python
     and dispatch, norms, rotary, attention over a short context (measured on the model's class at a tiny
@@ -81,7 +89,8 @@ class Machine:
     ``munmap``, without the checksum (None: free)."""
 
     def __post_init__(self) -> None:
-        optional = ("cpu_matvec", "head_matvec", "page_cache_read", "checksum", "map_populate", "unit_overhead")
+        optional = ("cpu_matvec", "head_matvec", "page_cache_read", "checksum", "map_populate", "unit_overhead",
+                    "compute_share", "fetch_share")
         for name in ("disk_read", "decode", "memcpy", "cpu_flops", *optional):
             if name in optional and getattr(self, name) is None:
                 continue
@@ -252,6 +261,49 @@ def measure_matvec(shapes: tuple[tuple[int, int], ...] = LAYER_SHAPES, *, layers
             times.append(time.perf_counter() - start)
     times = sorted(times[1:])  # the first pass warms the kernels
     return sum(w.nbytes for w in weights) / max(times[len(times) // 2], 1e-9)
+
+
+def measure_sharing(shapes: tuple[tuple[int, int], ...] = LAYER_SHAPES, *, layers: int | None = None,
+                    min_bytes: int = 256 * MiB, passes: int = 5) -> tuple[float, float]:
+    """``(compute_share, fetch_share)``: how a one-token matvec on torch's threads and a fetch thread slow each other.
+
+    The matvec of :func:`measure_matvec` alone, then again while a second thread checksums (crc32c, the
+    work every fetch mode does per byte) a 64 MiB buffer in a loop; the shares are each one's speed
+    beside the other over its speed alone (medians).
+    """
+    import threading
+
+    import crc32c
+
+    buffer = torch.ones(64 * MiB, dtype=torch.uint8).numpy()
+
+    def checksum_rate(seconds: float = 0.5) -> float:
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            crc32c.crc32c(buffer.data)
+            done += buffer.nbytes
+        return done / (time.perf_counter() - start)
+
+    alone = measure_matvec(shapes, layers=layers, passes=passes, min_bytes=min_bytes)
+    crc_alone = checksum_rate()
+    stop, done = threading.Event(), [0, 0.0]
+
+    def background() -> None:
+        start = time.perf_counter()
+        while not stop.is_set():
+            crc32c.crc32c(buffer.data)
+            done[0] += buffer.nbytes
+        done[1] = time.perf_counter() - start
+
+    thread = threading.Thread(target=background, daemon=True)
+    thread.start()
+    try:
+        beside = measure_matvec(shapes, layers=layers, passes=passes, min_bytes=min_bytes)
+    finally:
+        stop.set()
+        thread.join()
+    crc_beside = done[0] / max(done[1], 1e-9)
+    return min(1.0, beside / alone), min(1.0, crc_beside / crc_alone)
 
 
 def _measure_gpu(nbytes: int) -> dict[str, Any]:

@@ -304,6 +304,23 @@ def _cpu_seconds(machine: Machine, nbytes: int, params: int, tokens: int, rate: 
     return max(tokens * 2.0 * params / machine.cpu_flops, nbytes / rate)
 
 
+def _cpu_side(machine: Machine, cpu: float, fetch: float) -> float:
+    """Seconds of the host's compute (``cpu``, alone) and fetching (``fetch`` CPU-seconds, one thread) together.
+
+    With spare cores, or without a measured :attr:`Machine.compute_share`: ``max(cpu, (k * cpu + fetch) / c)``
+    (an even share of the cores). With compute on every core and the shares measured: while both run,
+    compute advances at ``compute_share`` of its speed and fetching at ``fetch_share``; whichever is
+    left then runs at full speed.
+    """
+    even = max(cpu, (machine.threads_computing * cpu + fetch) / machine.cores)
+    share = machine.compute_share
+    if share is None or fetch <= 0 or cpu <= 0 or machine.threads_computing < machine.cores:
+        return even
+    other = machine.fetch_share or 1.0
+    both = min(cpu / share, fetch / other)
+    return both + (cpu - share * both) + (fetch - other * both)
+
+
 def _phase(machine: Machine, model: ModelUnits, units: Sequence[UnitPlan], tokens: int, head_on: str,
            *, decode: bool, cached: bool = False, verify_maps: str = "always") -> tuple[float, int, int, str, int]:
     """Seconds, disk bytes, link bytes, the bounding resource and L3 bytes of one phase (the module doc's model).
@@ -346,7 +363,7 @@ def _phase(machine: Machine, model: ModelUnits, units: Sequence[UnitPlan], token
         gpu += max(head_flops / machine.gpu_flops, model.head_bytes / machine.vram_bandwidth)
     else:
         cpu += _cpu_seconds(machine, model.head_bytes, model.head_bytes // 2, 1, machine.head_weight_read)
-    cpu_side = max(cpu, (machine.threads_computing * cpu + fetch) / machine.cores)
+    cpu_side = _cpu_side(machine, cpu, fetch)
     terms = {"compute": gpu + cpu, "cpu+fetch": cpu_side, "disk": disk, "link": link}
     limit = max(terms, key=lambda k: terms[k])
     return terms[limit], disk_bytes, link_bytes, limit, l3_bytes
