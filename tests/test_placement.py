@@ -221,7 +221,7 @@ def test_a_plan_whose_decoder_layers_are_mapped_keeps_no_l2_reserve_for_them(mem
     the 2B's plan variant peaked at budget + 813 MiB against + 510 for ``memory=``.
     """
     machine = replace(CPU_BOX, cores=2, checksum=10e9, page_cache_read=5e9, cpu_matvec=3e9)
-    chosen = plan(_qwen_2b_like(), machine, memory=memory, context=64, vision_cache_bytes=0)
+    chosen = plan(_qwen_2b_like(), machine, memory=memory, context=64, vision_cache_bytes=0, rewrite=False)
     host = chosen.host
     assert host is not None
     streamed = [u for u in chosen.units if u.tier == "L3"]
@@ -233,14 +233,18 @@ def test_a_plan_whose_decoder_layers_are_mapped_keeps_no_l2_reserve_for_them(mem
     assert chosen.l2_bytes + host.mapped + host.fixed + host.caches == host.total <= memory
     assert chosen.minimum + held <= memory
     with pytest.raises(ConfigError, match=f"at least {chosen.minimum} bytes"):
-        plan(_qwen_2b_like(), machine, memory=chosen.minimum - 1, context=64, vision_cache_bytes=0)
+        plan(_qwen_2b_like(), machine, memory=chosen.minimum - 1, context=64, vision_cache_bytes=0, rewrite=False)
 
 
 def test_the_minimum_counts_the_slack_and_the_mapped_pages() -> None:
     """A budget of exactly the minimum plans (holding nothing); the minimum is the least over the fetch choices."""
     model = _qwen_2b_like()
-    minimum = plan(model, CPU_BOX, memory=64 * GiB, context=64, vision_cache_bytes=0).minimum
-    at = plan(model, CPU_BOX, memory=minimum, context=64, vision_cache_bytes=0)
+    terms: dict[str, Any] = dict(context=64, vision_cache_bytes=0)
+    minimum = plan(model, CPU_BOX, memory=64 * GiB, rewrite=False, **terms).minimum
+    at = plan(model, CPU_BOX, memory=minimum, rewrite=False, **terms)
     assert at.resident("L2") == () and at.host is not None and at.host.total == minimum
     # fixed + the KV cache of 64 tokens + L2 (3 vision blocks, one of slack, two slabs) + 3 mapped layers
     assert minimum == 793 * MiB + 64 * 112 * 1024 + 4 * 24 * MiB + 2 * MiB + 3 * 96 * MiB
+    # with the vision blocks rewritten raw too, nothing streams through L2: no working reserve there
+    rewritten = plan(model, CPU_BOX, memory=64 * GiB, **terms).minimum
+    assert rewritten == minimum - 4 * 24 * MiB

@@ -443,10 +443,12 @@ def _best_devices(machine: Machine, model: ModelUnits, tiers: dict[str, str], fe
 def _fetch_rules(model: ModelUnits, tiers: dict[str, str], *, rewrite: bool, mapped: bool) -> list[dict[str, str]]:
     """Candidate fetches of every unit not in L1, were it streamed: as stored, or the last ``k`` decoder units raw.
 
-    Only decoder units are candidates (they stream every token; a vision block runs once, in the
+    Decoder units are the candidates (they stream every token; a vision block runs once, in the
     cold first pass, where a raw file is only bigger), the last ones first: the held units are the
     first (see :func:`plan`), so the raw ones are those that stream. ``k`` takes every value up to
     16 units, else nine points from 0 to all: the cost is linear in ``k`` within each term of the max.
+    When raw units are mapped, one more: every unit raw, vision blocks too (nothing then streams
+    through L2, so L2 needs no working reserve and holds more).
     """
     streamable = [u for u in model.units if tiers[u.name] != "L1"]
     how = "map" if mapped else "read"
@@ -454,7 +456,11 @@ def _fetch_rules(model: ModelUnits, tiers: dict[str, str], *, rewrite: bool, map
     switchable = [u for u in streamable if u.compressed and u.decoder] if rewrite else []
     n = len(switchable)
     points = range(1, n + 1) if n <= 16 else sorted({round(n * i / 8) for i in range(1, 9)})
-    return [base] + [{**base, **{u.name: how for u in switchable[n - k:]}} for k in points]
+    rules = [base] + [{**base, **{u.name: how for u in switchable[n - k:]}} for k in points]
+    if rewrite and mapped and any(u.compressed and not u.decoder for u in streamable):
+        # every unit raw: no unit streams through L2, whose working reserve then holds another decoder layer
+        rules.append({u.name: how for u in streamable})
+    return rules
 
 
 def host_memory(model: ModelUnits, tiers: dict[str, str], fetch: dict[str, str], *, prefetch: int,
