@@ -173,6 +173,7 @@ def test_a_plan_with_mapped_decoder_layers_holds_its_budget(bench: Any, work: Pa
     assert l2["bypasses"] == before and stats.held_units == 1 and stats.mapped_blocks > 0
     assert 0 < live["peak"] <= host.mapped
     assert l2["capacity"] + live["peak"] + stats.resident_bytes + host.caches <= memory
-    with tierstore.open(path, readonly=True, l2_cache_size=memory - units.fixed_bytes) as db:  # the old L2 size
-        with pytest.raises(ConfigError, match=f"l2_cache_size={chosen.l2_bytes}"):
-            load_streamed(db, plan=chosen, prefetch=2)
+    old_size = memory - units.fixed_bytes  # the L2 the benchmark opened the plan's store with before
+    with tierstore.open(path, readonly=True, l2_cache_size=old_size) as db, \
+            pytest.raises(ConfigError, match=f"l2_cache_size={chosen.l2_bytes}"):
+        load_streamed(db, plan=chosen, prefetch=2)
