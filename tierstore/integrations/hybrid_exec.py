@@ -130,8 +130,7 @@ def check_plan(store: TierStore, units: list[StreamUnit], plan: Plan, *, prefetc
     if l2_need > capacity:
         raise ConfigError(f"the plan keeps {len(plan.resident('L2'))} units in L2, which with the streaming reserve "
                           f"needs {format_size(l2_need)}, but L2 holds {format_size(capacity)}; open the store "
-                          f"with l2_cache_size={l2_need} or more",
-                          tier="L2")
+                          f"with l2_cache_size={l2_need} or more", tier="L2")
     host = plan.host
     if host is not None and as_planned:  # (a plan whose raw units are not stored raw yet runs through L2)
         room = plan.memory - (host.total - host.l2_bytes)

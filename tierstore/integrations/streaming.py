@@ -317,8 +317,8 @@ def _owned(store: TierStore, key: str, target: torch.device, mapped: bool) -> to
     if view is not None:
         return view
     if store.info(key).nbytes > _tier_capacity(store, target):
-        # larger than L2 (a plan's L2 can be smaller than the embeddings): no L2 scratch can take the copy,
-        # so it is read into memory of its own, with no pass through L2 (a bypass, then a second copy)
+        # larger than L2 (a plan's L2 can be smaller than a small model's embeddings): the read passes L2 by
+        # anyway; copy=True keeps that one private copy instead of cloning it into a second
         return store.get(key, copy=True)
     return store.get(key).clone()
 
