@@ -117,6 +117,9 @@ def test_machines_from_files_and_their_errors(tmp_path: Path) -> None:
         replace(CPU_BOX, gpu_flops=1e12)
     with pytest.raises(ConfigError, match="disk_read"):
         replace(CPU_BOX, disk_read=0)
+    assert replace(CPU_BOX, unit_overhead=0.0).unit_overhead == 0.0  # seconds: none measured is fine
+    with pytest.raises(ConfigError, match="unit_overhead"):
+        replace(CPU_BOX, unit_overhead=-1e-3)
 
 
 # -- a stored model -------------------------------------------------------------------------------------

@@ -94,6 +94,11 @@ class Machine:
         for name in ("disk_read", "decode", "memcpy", "cpu_flops", *optional):
             if name in optional and getattr(self, name) is None:
                 continue
+            if name == "unit_overhead":  # seconds, not a speed: none measured above the products is 0
+                if not getattr(self, name) >= 0:
+                    raise ConfigError(f"machine {self.name!r}: unit_overhead must be 0 or more seconds, not "
+                                      f"{getattr(self, name)!r}")
+                continue
             if not getattr(self, name) > 0:
                 raise ConfigError(f"machine {self.name!r}: {name} must be a positive speed, not "
                                   f"{getattr(self, name)!r}; measure it (Machine.from_probe) or give it")
