@@ -93,7 +93,8 @@ def test_page_cache_serves_files_that_fit_beside_the_budget() -> None:
 def test_the_planner_streams_raw_where_decoding_would_bind() -> None:
     """Decode-bound (files cached): every streamed decoder unit raw; disk-bound: kept compressed (smaller)."""
     model = _model(layers=6)
-    memory = plan(model, BOX, memory=64 * GiB, context=0).minimum + LAYER  # holds one layer, streams five
+    # holds one layer, streams five (through L2: the minimum of mapped=False has its slack unit)
+    memory = plan(model, BOX, memory=64 * GiB, context=0, mapped=False).minimum + LAYER
     roomy = replace(BOX, ram_free=memory + PROCESS_OVERHEAD + 2 * GiB)
     chosen = plan(model, roomy, memory=memory, context=0, mapped=False)  # copies into L2, as mapped=False streams
     streamed = [u.name for u in chosen.units if u.tier == "L3"]
@@ -102,8 +103,12 @@ def test_the_planner_streams_raw_where_decoding_would_bind() -> None:
     as_stored = plan(model, roomy, memory=memory, context=0, rewrite=False, mapped=False)
     assert as_stored.raw_units == () and as_stored.prediction.decode_s > chosen.prediction.decode_s
     mapped = plan(model, roomy, memory=memory, context=0, mapped=True)
-    assert {u.fetch for u in mapped.units if u.tier == "L3"} == {"map"}
-    assert mapped.prediction.decode_s == pytest.approx(6 * LAYER / 1e9)  # only the matvec is left
+    maps = [u for u in mapped.units if u.tier == "L3"]
+    assert {u.fetch for u in maps} == {"map"}
+    # the matvec, and the crc32c of every mapped byte (l3_verify_maps="always") on the cores it shares
+    assert mapped.prediction.decode_s == pytest.approx(6 * LAYER / 1e9 + len(maps) * LAYER / 8e9 / 2)
+    once = plan(model, roomy, memory=memory, context=0, mapped=True, verify_maps="once")
+    assert once.prediction.decode_s == pytest.approx(6 * LAYER / 1e9)  # checked on the first pass only
     tight = replace(BOX, ram_free=memory, disk_read=0.2 * GB)  # no page cache, slow disk: fewer bytes win
     assert plan(model, tight, memory=memory, context=0).raw_units == ()
 
@@ -170,3 +175,21 @@ def test_plan_apply_stores_the_raw_units_raw_and_the_tokens_stay(checkpoint: tup
         db.put("extra", torch.ones(4096, dtype=torch.bfloat16))
         assert db.info("extra").codec != "raw"
     assert store_raw(path, chosen) == 0  # applied already: nothing left to rewrite
+
+
+def test_a_fetch_thread_beside_compute_on_every_core_slows_both_by_their_measured_shares() -> None:
+    """With ``compute_share`` measured, fetching beside a product on every core costs what the shares say.
+
+    On the 2-core bench VM a one-token matvec keeps ~0.5 of its speed beside a checksumming thread
+    (torch's threads wait for the displaced one), not the 2/3 an even share of the cores gives.
+    """
+    model = _model(ratio=1.0)  # raw: mapped, checked (crc32c) on every pass
+    shared = replace(BOX, disk_read=1e15, ram_free=64 * GiB, compute_share=0.5, fetch_share=0.8, map_populate=8 * GB)
+    compute = 4 * LAYER / 1e9
+    fetch = 4 * shared.fetch_seconds(LAYER, LAYER, "map", checked=True)
+    both = min(compute / 0.5, fetch / 0.8)
+    expected = both + (compute - 0.5 * both) + (fetch - 0.8 * both)
+    got = predict(shared, model, _streamed(model, "map"), memory=0).decode_s
+    assert got == pytest.approx(expected) and got > max(compute, (2 * compute + fetch) / 2)
+    assert predict(replace(shared, compute_share=None), model, _streamed(model, "map"), memory=0).decode_s == \
+        pytest.approx(max(compute, (2 * compute + fetch) / 2))  # not measured: an even share

@@ -99,3 +99,81 @@ def test_variants_run_under_budget_and_agree(bench: Any, work: Path, tmp_path: P
     assert results["raw"]["mapped_blocks"] > 0 and results["raw-copy"]["mapped_blocks"] == 0
     assert results["raw-once"]["mapped_blocks"] > 0
     assert all(r["peak_rss"] > 0 and r["ttft_s"] > 0 for r in results.values())
+
+
+def test_a_plan_with_mapped_decoder_layers_holds_its_budget(bench: Any, work: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tiny Qwen3-VL as the 2B's plan store keeps it (decoder layers raw, vision blocks compressed), under
+    ``load_streamed(plan=)`` with L2 at ``plan.l2_bytes``: L2 + the mapped pages alive at once + the fixed
+    weights + caches stay within ``memory``, and nothing bypasses L2 while generating.
+
+    Before, the plan kept a working reserve of decoder layers in L2 while their maps came on top of it.
+    """
+    import shutil
+    import weakref
+    from dataclasses import replace
+
+    from tierstore.errors import ConfigError
+    from tierstore.integrations.plan_apply import store_raw
+    from tierstore.integrations.plan_units import model_units
+    from tierstore.integrations.streaming import load_streamed
+    from tierstore.plan.placement import plan
+
+    path = tmp_path / "store"
+    shutil.copytree(work / "store", path)
+    machine = Machine(name="test", disk_read=1e9, decode=1e9, memcpy=5e9, cpu_flops=5e10, ram_free=8 << 30,
+                      cores=2, cpu_matvec=2e9, checksum=10e9)
+    terms: dict[str, Any] = dict(prefetch=2, **bench.PLAN_TERMS)
+    with tierstore.open(path, readonly=True, l2_cache_size=0) as db:
+        units = model_units(db)
+    decoders = tuple(u.name for u in units.units if u.decoder)
+    store_raw(path, replace(plan(units, machine, memory=64 << 20, **terms), raw_units=decoders))
+    with tierstore.open(path, readonly=True, l2_cache_size=0) as db:
+        units = model_units(db)
+    layer = max(u.nbytes for u in units.units if u.decoder)
+    terms["rewrite"] = False  # the store as it is now: its decoder layers raw, its vision blocks compressed
+    minimum = plan(units, machine, memory=64 << 20, **terms).minimum
+    memory = minimum + layer + 4096  # holds one decoder layer; the other streams mapped, the vision blocks via L2
+    chosen = plan(units, machine, memory=memory, **terms)
+    host = chosen.host
+    assert host is not None and host.total <= memory
+    fetch = {u.name: u.fetch for u in chosen.units if u.tier == "L3"}
+    assert "map" in fetch.values() and "decode" in fetch.values() and len(chosen.resident("L2")) == 1
+
+    live = {"now": 0, "peak": 0}
+    original = tierstore.TierStore.map
+
+    def counted(self: Any, key: str) -> Any:
+        tensor = original(self, key)
+        if tensor is not None:
+            live["now"] += tensor.nbytes
+            live["peak"] = max(live["peak"], live["now"])
+            weakref.finalize(tensor, lambda n=tensor.nbytes: live.__setitem__("now", live["now"] - n))
+        return tensor
+
+    monkeypatch.setattr(tierstore.TierStore, "map", counted)
+    config = bench.shape_config("tiny")
+    inputs = bench.bench_inputs(config, (1, 4, 4))
+    from transformers import Qwen3VLForConditionalGeneration
+
+    reference = Qwen3VLForConditionalGeneration.from_pretrained(work / "ckpt", dtype=torch.bfloat16).eval()
+    with torch.inference_mode():
+        expected = reference.generate(**inputs, max_new_tokens=3, do_sample=False)
+    with tierstore.open(path, readonly=True, l2_cache_size=chosen.l2_bytes) as db:
+        model = load_streamed(db, plan=chosen, prefetch=2)
+        streamer = model.weight_streamer
+        before = db.stats().tiers["L2"]["bypasses"]
+        live["peak"] = live["now"]  # from here: the streamed units' maps (the fixed weights are clones)
+        with torch.inference_mode():
+            got = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        l2 = db.stats().tiers["L2"]
+        stats = streamer.stats()
+        streamer.close()
+    assert torch.equal(got, expected)
+    assert l2["bypasses"] == before and stats.held_units == 1 and stats.mapped_blocks > 0
+    assert 0 < live["peak"] <= host.mapped
+    assert l2["capacity"] + live["peak"] + stats.resident_bytes + host.caches <= memory
+    old_size = memory - units.fixed_bytes  # the L2 the benchmark opened the plan's store with before
+    with tierstore.open(path, readonly=True, l2_cache_size=old_size) as db, \
+            pytest.raises(ConfigError, match=f"l2_cache_size={chosen.l2_bytes}"):
+        load_streamed(db, plan=chosen, prefetch=2)

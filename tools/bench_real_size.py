@@ -241,19 +241,85 @@ class _Stamps:
 
 
 def rates_in_child(work: Path) -> tuple[float, dict[str, float]]:
-    """``measure_matvec()`` and ``measure_fetch(work)`` in a child process: their buffers (192 MiB of
-    weights, 32 MiB blocks) never count in this variant's RSS."""
+    """The CPU rates the cost model prices decode with, measured in a child process (its buffers, hundreds
+    of MiB of weights, never count in this variant's RSS), under the load this variant runs in.
+
+    ``measure_matvec`` at the model's own shapes (:func:`~tierstore.integrations.plan_units.decode_shapes`:
+    a decoder layer's projections, and the head separately: a 151936-row matrix runs at another rate),
+    ``measure_fetch(work)``, and the store's own map of cached raw blocks (``TierStore.map`` of a
+    decoder layer's weights in ``store-raw``, opened ``l3_verify_maps="once"`` and mapped twice: the
+    second map is the populate without the checksum). Returns ``(matvec, {fetch rates, head_matvec,
+    map_populate})``.
+    """
     import tierstore
 
-    code = ("import json, sys; from tierstore.plan.machine import measure_matvec; "
-            "from tierstore.plan.bandwidth import measure_fetch; "
-            "print(json.dumps([measure_matvec(), measure_fetch(sys.argv[1])]))")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(Path(tierstore.__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-c", code, str(work)], capture_output=True, text=True, check=True,
-                          env=env)
+    done = subprocess.run([sys.executable, __file__, "--rates", str(work)], capture_output=True, text=True,
+                          check=True, env=env)
     rate, fetch = json.loads(done.stdout.strip().splitlines()[-1])
     return float(rate), {k: float(v) for k, v in fetch.items()}
+
+
+def measure_rates(work: Path) -> tuple[float, dict[str, float]]:
+    """What :func:`rates_in_child` runs in the child (see there)."""
+    import tierstore
+    from tierstore.integrations.plan_units import decode_shapes
+    from tierstore.plan.bandwidth import measure_fetch
+    from tierstore.plan.machine import measure_matvec, measure_sharing
+
+    with tierstore.open(work / "store", readonly=True, l2_cache_size=0) as db:
+        layer, head = decode_shapes(db)
+    matvec = measure_matvec(layer)
+    fetch: dict[str, float] = dict(measure_fetch(work))
+    if head is not None:
+        fetch["head_matvec"] = measure_matvec((head,), layers=1)
+    raw = work / "store-raw"
+    if (raw / "catalog.sqlite").exists():
+        fetch["map_populate"] = _map_rate(raw)
+    fetch["unit_overhead"] = measure_unit_overhead()
+    fetch["compute_share"], fetch["fetch_share"] = measure_sharing(layer)
+    return matvec, fetch
+
+
+def _map_rate(folder: Path) -> float:
+    """Bytes/s of ``TierStore.map`` of a decoder layer's raw blocks with their files cached, unchecked (median of 3)."""
+    import tierstore
+
+    with tierstore.open(folder, readonly=True, l2_cache_size=0, l3_verify_maps="once") as db:
+        layer = [k for k in db.keys("model.language_model.layers.1.")] or \
+            [k for k in db.keys("model.layers.1.")]
+        for key in layer:  # reads the files into the page cache and checks each block once
+            db.map(key)
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            maps = [db.map(key) for key in layer]
+            nbytes = sum(m.nbytes for m in maps if m is not None)
+            del maps  # unmapped: tearing the page tables down costs about what populating them did
+            times.append(time.perf_counter() - start)
+    return nbytes / max(sorted(times)[1], 1e-9)
+
+
+def measure_unit_overhead(layers: tuple[int, int] = (2, 12), tokens: int = 10) -> float:
+    """Seconds a Qwen3-VL decoder layer's decode step takes beyond its products: the ``tiny`` shape (products
+    free) with ``layers`` decoder layers, the difference of their decode times per layer (median gaps)."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    step = []
+    for count in layers:
+        config = shape_config("tiny")
+        config.text_config.num_hidden_layers = count
+        torch.manual_seed(0)
+        model = Qwen3VLForConditionalGeneration(config).to(torch.bfloat16).eval()
+        stamps = _Stamps()
+        with torch.inference_mode():
+            model.generate(input_ids=torch.tensor([PROMPT]), max_new_tokens=tokens, do_sample=False, streamer=stamps)
+        step.append(statistics.median(b - a for a, b in zip(stamps.times[2:], stamps.times[3:], strict=False)))
+    return max(0.0, (step[1] - step[0]) / (layers[1] - layers[0]))
+
+
+
 
 
 def load_variant(variant: str, work: Path, memory: int, machine_file: Path | None = None,
@@ -283,23 +349,27 @@ def load_variant(variant: str, work: Path, memory: int, machine_file: Path | Non
     if rss is not None:
         rss.mark("open store")
     mapped = variant != "raw-copy"
-    with tierstore.open(folder, readonly=True, l2_cache_size=0) as probe:
-        split = memory_split(probe, memory, prefetch=2, mapped=mapped)
     verify = {"l3_verify_maps": "once"} if variant == "raw-once" else {}
-    store = tierstore.open(folder, readonly=True, l2_cache_size=split.l2_bytes, **verify)
-    if rss is not None:
-        rss.mark("load_streamed")
     if variant in ("tierstore", "raw", "raw-copy", "raw-once"):
+        with tierstore.open(folder, readonly=True, l2_cache_size=0) as probe:
+            split = memory_split(probe, memory, prefetch=2, mapped=mapped)
+        store = tierstore.open(folder, readonly=True, l2_cache_size=split.l2_bytes, **verify)
+        if rss is not None:
+            rss.mark("load_streamed")
         return load_streamed(store, memory=memory, prefetch=2, mapped=mapped), store
     from tierstore.integrations.plan_units import model_units
     from tierstore.plan.machine import Machine
     from tierstore.plan.placement import plan
 
     machine = Machine.from_file(machine_file) if machine_file is not None else Machine.from_probe(work)
-    chosen = plan(model_units(store), machine, memory=memory, prefetch=2, **PLAN_TERMS)
+    with tierstore.open(folder, readonly=True, l2_cache_size=0) as probe:
+        chosen = plan(model_units(probe), machine, memory=memory, prefetch=2, **PLAN_TERMS)
     if chosen.raw_units:
         raise RuntimeError(f"the plan still wants {len(chosen.raw_units)} units raw in {folder}: prepare_plan_store "
                            "did not apply it")
+    store = tierstore.open(folder, readonly=True, l2_cache_size=chosen.l2_bytes)  # the plan's L2, not memory_split's
+    if rss is not None:
+        rss.mark("load_streamed")
     return load_streamed(store, plan=chosen, prefetch=2), store
 
 
@@ -345,6 +415,8 @@ def _run_variant(variant: str, work: Path, memory: int, tokens: int, grid: tuple
     model, store = load_variant(variant, work, memory, machine_file, rss)
     load_s = time.perf_counter() - start
     load_peak = peak_rss()
+    # fetches past L2 while generating (a fixed weight larger than a plan's L2, read once at load, passes it by)
+    bypassed_at_load = store.stats().tiers["L2"]["bypasses"] if store is not None else 0
     config = model.config
     inputs = bench_inputs(config, grid)
     # under this variant's share of the shared CPU, right before it runs, in a child (not in this RSS)
@@ -374,7 +446,8 @@ def _run_variant(variant: str, work: Path, memory: int, tokens: int, grid: tuple
         l2 = store.stats().tiers["L2"]
         result.update(held_units=s.held_units, held_bytes=s.held_bytes, units=s.units, l2_bytes=l2["capacity"],
                       mapped_blocks=s.mapped_blocks,
-                      l2_misses=l2["misses"], l2_bypasses=l2["bypasses"],
+                      l2_misses=l2["misses"], l2_bypasses=l2["bypasses"] - bypassed_at_load,
+                      l2_bypasses_at_load=bypassed_at_load,
                       store_bytes=sum(p.stat().st_size for p in (work / STORES[variant]).rglob("*") if p.is_file()))
         model.weight_streamer.close()
         store.close()
@@ -443,6 +516,8 @@ def predictions(work: Path, machine: Any, memory: int, prefill_tokens: int) -> d
     chosen = plan(units, machine, **terms)
     stored = plan(units, machine, rewrite=False, **terms)
     raw = plan(raw_units, machine, rewrite=False, mapped=True, **terms).prediction if raw_units is not None else None
+    raw_once = plan(raw_units, machine, rewrite=False, mapped=True, verify_maps="once",
+                    **terms).prediction if raw_units is not None else None
     raw_copy = plan(raw_units, machine, rewrite=False, **terms).prediction if raw_units is not None else None
     everything = [UnitPlan(u.name, u.nbytes, "L2", "cpu" if u.decoder else "-", "cpu") for u in units.units]
     try:
@@ -451,14 +526,17 @@ def predictions(work: Path, machine: Any, memory: int, prefill_tokens: int) -> d
         accelerate = None
     memory_all = predict(machine, units, everything, prefill_tokens=prefill_tokens)
     return {"memory": memory_all, "tierstore": stored.prediction, "plan": chosen.prediction, "raw": raw,
-            "raw-copy": raw_copy, "raw-once": raw, "accelerate": accelerate, "_plan": chosen}
+            "raw-copy": raw_copy, "raw-once": raw_once, "accelerate": accelerate, "_plan": chosen}
 
 
 def in_run_machine(machine: Any, result: dict[str, Any]) -> Any:
     """``machine`` with the CPU rates a variant's process measured right before ``generate``."""
     fetch = result.get("fetch_rates") or {}
-    extra = {"decode": fetch["decode"] * machine.cores, "page_cache_read": fetch["page_cache_read"],
-             "checksum": fetch["checksum"]} if fetch else {}
+    extra: dict[str, Any] = {"decode": fetch["decode"] * machine.cores, "page_cache_read": fetch["page_cache_read"],
+                             "checksum": fetch["checksum"]} if fetch else {}
+    for name in ("head_matvec", "map_populate", "unit_overhead", "compute_share", "fetch_share"):
+        if name in fetch:
+            extra[name] = fetch[name]
     return replace(machine, cpu_matvec=result["matvec_rate"], **extra)
 
 
@@ -489,6 +567,14 @@ def bench_model(name: str, args: argparse.Namespace, machine: Any, machine_file:
             raw = imported["raw"]
             print(f"{name}: import-hf --l3-compression off in {raw['seconds']:.0f} s, stored "
                   f"{raw['store_bytes'] / GiB:.2f} GiB")
+        # the probe's matvec ran at a 2B-class layer's shapes: measure this model's (layers, head) and its maps
+        rate, fetch = rates_in_child(work)
+        machine = in_run_machine(machine, {"matvec_rate": rate, "fetch_rates": fetch})
+        machine_file.write_text(json.dumps(machine.to_dict()))
+        print(f"{name}: machine at this model's shapes: matvec {rate / 1e9:.2f} GB/s, head "
+              f"{fetch.get('head_matvec', 0) / 1e9:.2f} GB/s, map {fetch.get('map_populate', 0) / 1e9:.2f} GB/s, "
+              f"{fetch.get('unit_overhead', 0) * 1e3:.2f} ms per layer beside its products, shares beside a fetch "
+              f"thread {fetch.get('compute_share', 1):.2f} (matvec) / {fetch.get('fetch_share', 1):.2f} (fetch)")
         if "plan" in args.variants.split(","):
             start = time.perf_counter()
             rewritten = prepare_plan_store(work, machine, memory)
@@ -557,7 +643,7 @@ def report(name: str, total: int, memory: int, imported: dict[str, Any], results
                  f"{r['predicted_in_run_decode_s'] * 1e3:.0f} ms, ratio "
                  f"{r['decode_s'] / r['predicted_in_run_decode_s']:.2f})" if r['predicted_in_run_decode_s'] else ""))
     chosen = predicted["_plan"]
-    best = min((r["decode_s"] for r in ok.values()), default=float("nan"))
+    best = min((r["decode_s"] for k, r in ok.items() if k != "memory"), default=float("nan"))  # under the budget
     plan_row = ok.get("plan")
     if plan_row:
         print(f"plan: {len(chosen.resident('L2'))} units in L2, limit {chosen.prediction.decode_limit}; "
@@ -589,7 +675,11 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--machine", help=argparse.SUPPRESS)
+    parser.add_argument("--rates", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rates:
+        print(json.dumps(measure_rates(Path(args.rates))))
+        return
     if args.child:
         grid = tuple(int(x) for x in args.grid.split(","))
         result = run_variant(args.child, Path(args.work), int(float(args.memory)), args.tokens, grid,  # type: ignore[arg-type]

@@ -8,7 +8,7 @@ from typing import Any
 
 from .. import open as open_store
 from ..config import format_size, parse_size
-from ..integrations.plan_units import model_units
+from ..integrations.plan_units import decode_shapes, model_units
 from ..plan.machine import Machine
 from ..plan.placement import Plan, UnitPlan, plan
 from ._output import add_json, console, emit, table
@@ -16,10 +16,12 @@ from ._output import add_json, console, emit, table
 __all__ = ["register"]
 
 
-def _machine(spec: str, store: str) -> Machine:
+def _machine(spec: str, store: str, prefix: str = "") -> Machine:
     if spec == "probe":
+        with open_store(store, readonly=True, l2_cache_size=0) as db:
+            layer, head = decode_shapes(db, prefix=prefix)  # the matvec rates at this model's own shapes
         with console.status("measuring disk, memory, codecs and matmul"):
-            return Machine.from_probe(store)
+            return Machine.from_probe(store, layer_shapes=layer or None, head_shape=head)
     if spec == "seed-laptop":
         return Machine.seed_laptop()
     return Machine.from_file(spec)
@@ -56,7 +58,7 @@ def _rows(chosen: Plan) -> list[list[Any]]:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Plan the placement of the model in STORE for a machine and a memory budget; print it with predictions."""
-    machine = _machine(args.hardware, args.store)
+    machine = _machine(args.hardware, args.store, args.prefix)
     with open_store(args.store, readonly=True, l2_cache_size=0) as db:
         model = model_units(db, prefix=args.prefix)
     memory = parse_size(args.memory, name="memory") if args.memory is not None else None
@@ -80,6 +82,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
                       f"{format_size(chosen.fixed_bytes)} ({'GPU' if chosen.head_on == 'cuda' else 'CPU'}), "
                       f"streaming reserve {format_size(chosen.working_bytes)}, KV {format_size(chosen.kv_bytes)} "
                       f"in {chosen.kv_tier}, vision cache {format_size(chosen.vision_cache_bytes)}")
+        if chosen.host is not None:
+            host = chosen.host
+            console.print(f"L2 {format_size(chosen.l2_bytes)} (held {format_size(host.held)}, working "
+                          f"{format_size(host.l2_working)}, slack {format_size(host.l2_slack)}; open the store with "
+                          f"l2_cache_size={chosen.l2_bytes}), mapped pages beside it {format_size(host.mapped)}")
         console.print(f"predicted (cost model, not measured): TTFT {p.ttft_s * 1000:.0f} ms, decode "
                       f"{p.decode_s * 1000:.1f} ms/token ({p.tokens_per_s:.2f} tokens/s, {p.decode_limit}-bound), "
                       f"{format_size(p.disk_bytes_per_token)} from disk and {format_size(p.link_bytes_per_token)} "

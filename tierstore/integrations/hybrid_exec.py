@@ -83,12 +83,16 @@ def gpu_compute_dtype(store: TierStore, stored: torch.dtype, gpu: torch.device,
 
 
 def check_plan(store: TierStore, units: list[StreamUnit], plan: Plan, *, prefetch: int, gpu: torch.device | None,
-               gpu_dtype: torch.dtype | None) -> None:
+               gpu_dtype: torch.dtype | None, mapped: bool = True, home: torch.device | None = None) -> None:
     """``ConfigError`` unless ``plan`` is for these units and the store's tiers hold what it keeps.
 
     L1 must hold the plan's L1 units (at the GPU dtype), L2 its L2 units plus the streaming
-    reserve (``prefetch + 1`` of the largest unit, which L3 units pass through); the message names
-    the minimum size to open the tier with.
+    reserve of the L3 units that pass through it: ``prefetch + 1`` of the largest L3 unit that is
+    not mapped (stored compressed, or ``mapped=False``, or computed away from a CPU ``home``; the
+    mapped ones are pages beside L2). The message names the minimum size to open the tier with.
+    Where the plan runs as planned (every unit it maps stored raw, ``mapped``, a CPU ``home``), an L2
+    larger than the plan's budget leaves room for (``plan.memory`` less what the plan keeps beside
+    L2) is a ``ConfigError`` too: the budget would not hold.
     """
     planned = {u.name for u in plan.units}
     if planned != {u.name for u in units}:
@@ -114,7 +118,12 @@ def check_plan(store: TierStore, units: list[StreamUnit], plan: Plan, *, prefetc
             raise ConfigError(f"the plan keeps {format_size(l1_need)} of units in L1, which holds "
                               f"{format_size(int(l1['capacity']))}; open the store with l1_cache_size={l1_need} "
                               "or more", tier="L1")
-    reserve = (max(0, prefetch) + 1) * max(u.nbytes for u in units)
+    maps = mapped and (home is None or home.type == "cpu")
+    raw = {u.name: all(store.info(key).codec == "raw" for _, _, key, _ in u.params) for u in units
+           if by_name[u.name].tier == "L3"}
+    through = [u.nbytes for u in units if u.name in raw and not (maps and raw[u.name])]
+    as_planned = maps and all(raw[u.name] for u in plan.units if u.tier == "L3" and u.fetch == "map")
+    reserve = (max(0, prefetch) + 1) * max(through, default=0)
     l2_need = sum(u.nbytes for u in units if by_name[u.name].tier == "L2") + reserve
     l2 = tiers.get("L2")
     capacity = int(l2["capacity"]) if l2 else 0
@@ -122,6 +131,14 @@ def check_plan(store: TierStore, units: list[StreamUnit], plan: Plan, *, prefetc
         raise ConfigError(f"the plan keeps {len(plan.resident('L2'))} units in L2, which with the streaming reserve "
                           f"needs {format_size(l2_need)}, but L2 holds {format_size(capacity)}; open the store "
                           f"with l2_cache_size={l2_need} or more", tier="L2")
+    host = plan.host
+    if host is not None and as_planned:  # (a plan whose raw units are not stored raw yet runs through L2)
+        room = plan.memory - (host.total - host.l2_bytes)
+        if capacity > max(room, host.l2_bytes):
+            raise ConfigError(f"the store's L2 of {format_size(capacity)} with what the plan keeps beside it "
+                              f"({format_size(host.total - host.l2_bytes)}: fixed weights, caches, mapped pages) "
+                              f"exceeds memory={format_size(plan.memory)}; open the store with "
+                              f"l2_cache_size={host.l2_bytes} (plan.l2_bytes)", tier="L2")
 
 
 _CACHE_KWARGS = ("cache", "past_key_values")

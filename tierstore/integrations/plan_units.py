@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import mmap
 from typing import TYPE_CHECKING
 
 from ..plan.placement import ModelUnits, Unit
+from ..tiers.slab_allocator import SlabAllocator
 from .hf_model import build_empty_model, stored_config, unit_groups
 from .stream_budget import unit_sizes
 
@@ -13,7 +15,7 @@ if TYPE_CHECKING:
 
     from ..engine.handle import TierStore
 
-__all__ = ["model_units"]
+__all__ = ["decode_shapes", "model_units", "slot_bytes"]
 
 
 def model_units(store: TierStore, *, prefix: str = "", dtype: torch.dtype | None = None) -> ModelUnits:
@@ -26,13 +28,16 @@ def model_units(store: TierStore, *, prefix: str = "", dtype: torch.dtype | None
     model = build_empty_model(config)
     groups = unit_groups(model)
     sizes, fixed = unit_sizes(store, prefix=prefix, dtype=dtype)
+    rounding = SlabAllocator(1 << 30, page_size=mmap.PAGESIZE)
     units = []
     for group_index, group in enumerate(groups):
         for name in group:
             infos = [store.info(prefix + f"{name}.{n}") for n, _ in model.get_submodule(name).named_parameters()]
             params = sum(i.nbytes // max(1, i.dtype.itemsize) for i in infos)
+            scale = sizes[name] / max(1, sum(i.nbytes for i in infos))  # a cast changes every tensor alike
             units.append(Unit(name, sizes[name], sum(i.stored_bytes for i in infos), params,
-                              decoder=group_index == len(groups) - 1))
+                              decoder=group_index == len(groups) - 1,
+                              slot_bytes=sum(slot_bytes(rounding, int(i.nbytes * scale)) for i in infos)))
     head = model.get_output_embeddings()
     head_bytes = int(head.weight.numel()) * (dtype.itemsize if dtype is not None else 2) if head is not None else 0
     text = getattr(config, "text_config", None) or config
@@ -42,3 +47,30 @@ def model_units(store: TierStore, *, prefix: str = "", dtype: torch.dtype | None
     head_dim = int(getattr(text, "head_dim", None) or getattr(text, "hidden_size", 0) // heads)
     itemsize = dtype.itemsize if dtype is not None else 2
     return ModelUnits(tuple(units), fixed, head_bytes, 2 * layers * kv_heads * head_dim * itemsize)
+
+
+def slot_bytes(allocator: SlabAllocator, nbytes: int) -> int:
+    """Bytes L2's allocator reserves for a tensor of ``nbytes``: its size class, or whole pages."""
+    index = allocator.class_index(nbytes)
+    if index >= 0:
+        return allocator.class_sizes[index]
+    page = allocator.page_size
+    return -(-nbytes // page) * page
+
+
+def decode_shapes(store: TierStore, *, prefix: str = "") -> tuple[tuple[tuple[int, int], ...], tuple[int, int] | None]:
+    """``(out, in)`` of the first decoder unit's matrices and of the head, from the catalog (what decode multiplies).
+
+    For :func:`~tierstore.plan.machine.measure_matvec` at the model's own shapes (a 2B's layer and its
+    151936-row head run at different rates). The head is ``lm_head``, or the embeddings it is tied to.
+    """
+    model = build_empty_model(stored_config(store, prefix))
+    decoder = unit_groups(model)[-1][0]
+    shapes = []
+    for name, _ in model.get_submodule(decoder).named_parameters():
+        info = store.info(prefix + f"{decoder}.{name}")
+        if len(info.shape) == 2:
+            shapes.append((int(info.shape[0]), int(info.shape[1])))
+    head = model.get_output_embeddings()
+    head_shape = (int(head.weight.shape[0]), int(head.weight.shape[1])) if head is not None else None
+    return tuple(shapes), head_shape

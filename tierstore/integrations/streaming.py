@@ -314,7 +314,13 @@ def _owned(store: TierStore, key: str, target: torch.device, mapped: bool) -> to
     if target.type != "cpu":
         return store.get(key, device=target, copy=True)
     view = store.map(key) if mapped else None
-    return view if view is not None else store.get(key).clone()
+    if view is not None:
+        return view
+    if store.info(key).nbytes > _tier_capacity(store, target):
+        # larger than L2 (a plan's L2 can be smaller than a small model's embeddings): the read passes L2 by
+        # anyway; copy=True keeps that one private copy instead of cloning it into a second
+        return store.get(key, copy=True)
+    return store.get(key).clone()
 
 
 def _budget(resident_bytes: int | str) -> int:
@@ -483,7 +489,7 @@ def _hybrid(store: TierStore, units: list[StreamUnit], plan: Plan, *, target: to
 
     stored = next((store.info(key).dtype for u in units for _, _, key, _ in u.params), torch.float32)
     compute = gpu_compute_dtype(store, stored, gpu, gpu_dtype) if gpu is not None else None
-    check_plan(store, units, plan, prefetch=prefetch, gpu=gpu, gpu_dtype=compute)
+    check_plan(store, units, plan, prefetch=prefetch, gpu=gpu, gpu_dtype=compute, mapped=mapped, home=target)
     return HybridStreamer(store, units, plan, home=target, home_dtype=dtype or stored, gpu=gpu, gpu_dtype=compute,
                           cpu_dtype=dtype or stored, prefetch=prefetch, resident_bytes=kept, repeat_from=repeat_from,
                           mapped=mapped)

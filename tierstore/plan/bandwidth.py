@@ -8,6 +8,7 @@ table (``hardware_bandwidth``) so that a later probe reuses them.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import time
 from collections.abc import Callable
@@ -170,7 +171,9 @@ def measure_fetch(folder: str | os.PathLike[str], *, nbytes: int = 32 << 20, rou
     on a machine shared with other work, threads running together get less than one core each,
     and this is the share each gets (one thread measured alone, times the cores, promised the
     streamed 2B about twice the decode speed it got on the shared 2-core VM). ``checksum``: crc32c
-    on one thread, as the reader checks a block (on the thread that asked for it). The file is
+    on one thread, as the reader checks a block (on the thread that asked for it); ``map_populate``
+    (where the kernel has ``MADV_POPULATE_READ``): mapping the cached file and populating its pages,
+    as a raw block is mapped (:meth:`TierStore.map <tierstore.engine.handle.TierStore.map>`). The file is
     written in ``folder`` (the store's disk) and read twice, so the reads hit the page cache. A
     few tenths of a second.
     """
@@ -198,6 +201,7 @@ def measure_fetch(folder: str | os.PathLike[str], *, nbytes: int = 32 << 20, rou
             fd = os.open(path, os.O_RDONLY)
             try:
                 read = rate(lambda i: os.preadv(fd, [out[i:i + step].data], i))
+                populate = _map_populate(fd, nbytes, rounds)
             finally:
                 os.close(fd)
         finally:
@@ -208,7 +212,38 @@ def measure_fetch(folder: str | os.PathLike[str], *, nbytes: int = 32 << 20, rou
         crc32c.crc32c(out.data)
 
     check = nbytes / _median(check_all, rounds)
-    return {"page_cache_read": read, "checksum": check, "decode": decode}
+    result = {"page_cache_read": read, "checksum": check, "decode": decode}
+    if populate is not None:
+        result["map_populate"] = populate
+    return result
+
+
+_MADV_POPULATE_READ = 22
+"""Linux 5.14+ (what :mod:`tierstore.tiers.l3_zarr.mapped` populates a raw block's map with)."""
+
+
+def _map_populate(fd: int, nbytes: int, rounds: int) -> float | None:
+    """Bytes/s of mapping a cached file ``MAP_PRIVATE`` and populating it, as a raw L3 block's map is made (median).
+
+    None where the kernel has no ``MADV_POPULATE_READ`` (the store then maps without populating). The file
+    is dropped from the page cache and read back by a first map first, as a store's file comes into the
+    cache (a freshly written file's large folios map an order of magnitude faster).
+    """
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    times = []
+    for _ in range(rounds + 1):
+        start = time.perf_counter()
+        region = mmap.mmap(fd, nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            region.madvise(_MADV_POPULATE_READ)
+        except OSError:
+            return None
+        finally:
+            region.close()
+        times.append(time.perf_counter() - start)
+    times = sorted(times[1:])  # the first map read the file back from the disk
+    return nbytes / max(times[len(times) // 2], 1e-9)
 
 
 def measure(folder: str | os.PathLike[str], *, nbytes: int = 64 << 20) -> Bandwidth:

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import ConfigError
 
-__all__ = ["Machine", "measure_matvec"]
+__all__ = ["Machine", "measure_matvec", "measure_sharing"]
 
 GB, MiB, GiB = 10**9, 1 << 20, 1 << 30
 
@@ -68,11 +68,36 @@ class Machine:
     """
     checksum: float | None = None
     """One thread's crc32c, bytes/s: the L3 reader checks every block it returns (None: not counted)."""
+    head_matvec: float | None = None
+    """Bytes/s a CPU matrix-vector product reads the head's weights at (``lm_head``: one vocab-wide matrix,
+    whose rows the threads split evenly; on the bench VM 3-4x a decoder layer's rate). None: ``cpu_matvec``."""
+    compute_share: float | None = None
+    """Fraction of its alone speed a CPU product on every core keeps while a fetch thread runs beside it
+    (None: the cores are shared evenly, see :mod:`tierstore.plan.placement`). Measured by
+    :func:`measure_sharing`: torch's threads wait at each product's end for the one the fetch thread
+    displaced, so on the 2-core bench VM a product runs at ~0.5 of its speed, not the 2/3 of an even share."""
+    fetch_share: float | None = None
+    """Fraction of its alone speed the fetch thread keeps while a product runs on every core (with
+    ``compute_share``; None: 1)."""
+    unit_overhead: float | None = None
+    """Seconds one unit's forward takes beyond its matrix products, for one token: the framework's Python
+    and dispatch, norms, rotary, attention over a short context (measured on the model's class at a tiny
+    width, where the products are free; ~1.4 ms per Qwen3-VL decoder layer on the bench VM). None: 0."""
+    map_populate: float | None = None
+    """One thread's map of a raw L3 block whose file is in the page cache, bytes/s: ``mmap`` and
+    ``MADV_POPULATE_READ`` (the page-table entries of every page) and, once its tensor dies, the
+    ``munmap``, without the checksum (None: free)."""
 
     def __post_init__(self) -> None:
-        optional = ("cpu_matvec", "page_cache_read", "checksum")
+        optional = ("cpu_matvec", "head_matvec", "page_cache_read", "checksum", "map_populate", "unit_overhead",
+                    "compute_share", "fetch_share")
         for name in ("disk_read", "decode", "memcpy", "cpu_flops", *optional):
             if name in optional and getattr(self, name) is None:
+                continue
+            if name == "unit_overhead":  # seconds, not a speed: none measured above the products is 0
+                if not getattr(self, name) >= 0:
+                    raise ConfigError(f"machine {self.name!r}: unit_overhead must be 0 or more seconds, not "
+                                      f"{getattr(self, name)!r}")
                 continue
             if not getattr(self, name) > 0:
                 raise ConfigError(f"machine {self.name!r}: {name} must be a positive speed, not "
@@ -92,23 +117,30 @@ class Machine:
         return self.cpu_matvec if self.cpu_matvec is not None else self.memcpy
 
     @property
+    def head_weight_read(self) -> float:
+        """Bytes/s the CPU reads the head's weights at for one token: ``head_matvec``, else ``cpu_weight_read``."""
+        return self.head_matvec if self.head_matvec is not None else self.cpu_weight_read
+
+    @property
     def threads_computing(self) -> int:
         """Cores the CPU compute keeps busy: ``compute_threads``, at most ``cores`` (None: all of them)."""
         return min(self.cores, self.compute_threads or self.cores)
 
-    def fetch_seconds(self, nbytes: int, stored_bytes: int, how: str) -> float:
+    def fetch_seconds(self, nbytes: int, stored_bytes: int, how: str, *, checked: bool = False) -> float:
         """CPU-seconds (one thread's) to fetch a streamed block of ``nbytes`` from L3, its file in the page cache.
 
         ``how`` is ``decode`` (compressed, ``stored_bytes`` in the file): ``stored_bytes /
         page_cache_read + nbytes / (decode / cores) + nbytes / checksum``; ``read`` (stored raw, read
         into L2): ``nbytes / page_cache_read + nbytes / checksum``; ``map`` (stored raw, the page
-        cache's pages viewed in place): 0. A file not in the page cache adds the disk's time, which
-        is no CPU work (see :mod:`tierstore.plan.placement`).
+        cache's pages viewed in place): ``nbytes / map_populate``, plus ``nbytes / checksum`` when
+        ``checked`` (the store checks every map: ``l3_verify_maps="always"``, its default). A file
+        not in the page cache adds the disk's time, which is no CPU work (see
+        :mod:`tierstore.plan.placement`).
         """
-        if how == "map":
-            return 0.0
-        read = self.page_cache_read or self.memcpy
         check = nbytes / self.checksum if self.checksum else 0.0
+        if how == "map":
+            return (nbytes / self.map_populate if self.map_populate else 0.0) + (check if checked else 0.0)
+        read = self.page_cache_read or self.memcpy
         if how == "read":
             return nbytes / read + check
         return stored_bytes / read + nbytes / (self.decode / self.cores) + check
@@ -158,8 +190,15 @@ class Machine:
                        vram_free=vram - 200 * MiB)
 
     @staticmethod
-    def from_probe(folder: str | os.PathLike[str] = ".", *, nbytes: int = 32 << 20) -> Machine:
-        """Measure this machine now (a few seconds); the disk is the one holding ``folder``."""
+    def from_probe(folder: str | os.PathLike[str] = ".", *, nbytes: int = 32 << 20,
+                   layer_shapes: tuple[tuple[int, int], ...] | None = None,
+                   head_shape: tuple[int, int] | None = None) -> Machine:
+        """Measure this machine now (a few seconds); the disk is the one holding ``folder``.
+
+        ``layer_shapes`` / ``head_shape``: the ``(out, in)`` of a decoder layer's projections and of the
+        head of the model to plan (:func:`~tierstore.integrations.plan_units.decode_shapes`), for the
+        matvec rates (default: a 2B-class layer, and no separate head rate).
+        """
         from .bandwidth import measure, measure_fetch
         from .hardware import detect
 
@@ -174,9 +213,11 @@ class Machine:
         return Machine(name=f"this machine ({facts.cpu_model}, {facts.physical_cores} cores)",
                        disk_read=bw.disk_read, decode=fetch["decode"] * cores, memcpy=bw.memcpy,
                        cpu_flops=_matmul_flops(torch.device("cpu"), dtype=torch.bfloat16),
-                       cpu_matvec=measure_matvec(), ram_free=facts.ram_available, cores=cores,
+                       cpu_matvec=measure_matvec(layer_shapes or LAYER_SHAPES),
+                       head_matvec=measure_matvec((head_shape,), layers=1) if head_shape else None,
+                       ram_free=facts.ram_available, cores=cores,
                        compute_threads=torch.get_num_threads(), page_cache_read=fetch["page_cache_read"],
-                       checksum=fetch["checksum"], **gpu)
+                       checksum=fetch["checksum"], map_populate=fetch.get("map_populate"), **gpu)
 
 
 def _matmul_flops(device: torch.device, n: int = 1024, *, dtype: torch.dtype = torch.float32) -> float:
@@ -199,16 +240,23 @@ LAYER_SHAPES = ((2048, 2048), (1024, 2048), (1024, 2048), (2048, 2048), (6144, 2
 """``(out, in)`` of a decoder layer's projections (q, k, v, o, gate, up, down of a 2B-class model): 96 MiB of bf16."""
 
 
-def measure_matvec(shapes: tuple[tuple[int, int], ...] = LAYER_SHAPES, *, layers: int = 2, passes: int = 5) -> float:
+def measure_matvec(shapes: tuple[tuple[int, int], ...] = LAYER_SHAPES, *, layers: int | None = None,
+                   passes: int = 5, min_bytes: int = 256 * MiB) -> float:
     """Bytes/s of bf16 weights ``F.linear`` reads for one token, as a decoder layer runs it: decode on the CPU.
 
-    The input is ``(1, 1, in)``, as transformers passes a decoded token (the 2-D and 3-D paths run
-    different kernels); the median of ``passes`` passes over ``layers`` layers' projections (192
-    MiB: beyond the CPU's caches, 105 MiB of L3 on the bench VM, as a decode's weights are), not
-    the best: on a shared machine the median is what a decode of many layers sustains.
+    ``shapes`` are one layer's ``(out, in)``, the model's own where known
+    (:func:`~tierstore.integrations.plan_units.decode_shapes`). The input is ``(1, 1, in)``, as
+    transformers passes a decoded token (the 2-D and 3-D paths run different kernels), on torch's
+    threads as the process runs them. ``layers`` copies of the layer (default: enough for
+    ``min_bytes``, beyond the CPU's caches as a decode's weights are: 32 MiB of L3 on the AMD bench
+    VM, 105 MiB on the Xeon) are multiplied in turn, each weight once per pass; the median of
+    ``passes`` passes, not the best: on a shared machine the median is what a decode of many layers
+    sustains.
     """
-    weights = [torch.randn(rows, cols).to(torch.bfloat16) for _ in range(layers) for rows, cols in shapes]
-    inputs = [torch.randn(1, 1, cols).to(torch.bfloat16) for _ in range(layers) for _, cols in shapes]
+    layer_bytes = sum(2 * rows * cols for rows, cols in shapes)
+    count = layers if layers is not None else max(2, -(-min_bytes // max(1, layer_bytes)))
+    weights = [(torch.randn(rows, cols) * 0.02).to(torch.bfloat16) for _ in range(count) for rows, cols in shapes]
+    inputs = [torch.randn(1, 1, cols).to(torch.bfloat16) for _ in range(count) for _, cols in shapes]
     times = []
     with torch.inference_mode():
         for _ in range(passes + 1):
@@ -218,6 +266,49 @@ def measure_matvec(shapes: tuple[tuple[int, int], ...] = LAYER_SHAPES, *, layers
             times.append(time.perf_counter() - start)
     times = sorted(times[1:])  # the first pass warms the kernels
     return sum(w.nbytes for w in weights) / max(times[len(times) // 2], 1e-9)
+
+
+def measure_sharing(shapes: tuple[tuple[int, int], ...] = LAYER_SHAPES, *, layers: int | None = None,
+                    min_bytes: int = 256 * MiB, passes: int = 5) -> tuple[float, float]:
+    """``(compute_share, fetch_share)``: how a one-token matvec on torch's threads and a fetch thread slow each other.
+
+    The matvec of :func:`measure_matvec` alone, then again while a second thread checksums (crc32c, the
+    work every fetch mode does per byte) a 64 MiB buffer in a loop; the shares are each one's speed
+    beside the other over its speed alone (medians).
+    """
+    import threading
+
+    import crc32c
+
+    buffer = torch.ones(64 * MiB, dtype=torch.uint8).numpy()
+
+    def checksum_rate(seconds: float = 0.5) -> float:
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            crc32c.crc32c(buffer.data)
+            done += buffer.nbytes
+        return done / (time.perf_counter() - start)
+
+    alone = measure_matvec(shapes, layers=layers, passes=passes, min_bytes=min_bytes)
+    crc_alone = checksum_rate()
+    stop, done = threading.Event(), [0, 0.0]
+
+    def background() -> None:
+        start = time.perf_counter()
+        while not stop.is_set():
+            crc32c.crc32c(buffer.data)
+            done[0] += buffer.nbytes
+        done[1] = time.perf_counter() - start
+
+    thread = threading.Thread(target=background, daemon=True)
+    thread.start()
+    try:
+        beside = measure_matvec(shapes, layers=layers, passes=passes, min_bytes=min_bytes)
+    finally:
+        stop.set()
+        thread.join()
+    crc_beside = done[0] / max(done[1], 1e-9)
+    return min(1.0, beside / alone), min(1.0, crc_beside / crc_alone)
 
 
 def _measure_gpu(nbytes: int) -> dict[str, Any]:

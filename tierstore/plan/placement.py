@@ -19,8 +19,12 @@ memory when the model has a vision tower.
 The cost model (every term is bytes over a bandwidth or FLOPs over a throughput):
 
 - a unit on the GPU costs ``max(T * 2 * params / gpu_flops, bytes / vram_bandwidth)``, on the CPU
-  ``max(T * 2 * params / cpu_flops, bytes / cpu_matvec)`` for ``T`` tokens (``cpu_matvec``: the
-  measured rate a CPU matrix-vector product reads bf16 weights at, ``memcpy`` when not measured);
+  ``max(T * 2 * params / cpu_flops, bytes / cpu_matvec)`` for ``T`` tokens, and for one token
+  (decode) ``bytes / cpu_matvec`` where that rate was measured (``cpu_matvec``: the rate a CPU
+  matrix-vector product reads bf16 weights at, measured at one token and the model's own shapes,
+  so it is the kernel's speed whatever a bf16 GEMM's FLOP/s are; ``memcpy`` when not measured);
+  the head (``lm_head``) at its own measured rate, ``head_matvec`` (one vocab-wide matrix runs
+  3-4x faster per byte than a layer's projections on the bench VM);
 - a unit not in L1 that runs on the GPU crosses the link: ``bytes / h2d_pinned`` (a mapped unit,
   not pinned: ``h2d_pageable``);
 - a unit in L3 is *fetched* for every pass, one of three ways (:attr:`UnitPlan.fetch`): ``decode``
@@ -28,7 +32,9 @@ The cost model (every term is bytes over a bandwidth or FLOPs over a throughput)
   into its L2 slot, check) or ``map`` (stored raw: the page cache's pages used in place, no copy).
   Its CPU cost is :meth:`Machine.fetch_seconds` (one thread's CPU-seconds: ``stored /
   page_cache_read + bytes / (decode / cores) + bytes / checksum`` for ``decode``, ``bytes /
-  page_cache_read + bytes / checksum`` for ``read``, 0 for ``map``);
+  page_cache_read + bytes / checksum`` for ``read``, ``bytes / map_populate`` for ``map``, plus
+  ``bytes / checksum`` while the store checks every map: ``verify_maps="always"``, the store's
+  default ``l3_verify_maps``);
 - **the page cache**: the files of every L3 unit (``stored_bytes`` compressed, ``bytes`` raw) fit
   in the page cache when their sum is at most ``ram_free - memory - 1 GiB`` (free RAM outside the
   budget, less the process's own overhead); then every pass after the first reads them from memory
@@ -42,14 +48,19 @@ The cost model (every term is bytes over a bandwidth or FLOPs over a throughput)
   takes ``max(gpu + cpu compute, cpu side, disk, link)``: overlap is a max, not a sum.
 
 The planner fills VRAM with decoder layers (they run for every token), then host memory up to the
-budget less the fixed weights, the KV and vision caches and the streaming reserve (``prefetch + 1``
-of the largest unit), vision blocks last; then it searches how many L2 units compute on the CPU and
-where L3 units compute for the least decode time, and again for prefill; how streamed units are
-fetched is chosen the same way (``decode``, or ``read``/``map`` where the unit is stored raw or the
-plan may ask for it to be, :attr:`Plan.raw_units`: a block that streams every token is better raw
-when decoding it would be the bottleneck). A budget below the
-minimum is a :class:`~tierstore.errors.ConfigError` naming it. These are predictions of the model,
-not measurements.
+budget less what streaming needs beside the held units (:class:`HostMemory`, :func:`host_memory`):
+the fixed weights, the KV and vision caches, L2's working reserve of ``prefetch + 1`` of the
+largest unit fetched through it (``decode``/``read``) with one such unit of slack and
+:data:`SLAB_RESERVE`, and the pages of ``prefetch + 1`` of the largest *mapped* unit, which are
+beside L2, not in it; held units count at their L2 slot sizes (the allocator's rounding,
+:attr:`Unit.slot_bytes`). Vision blocks are held last. Then it searches how many L2 units compute
+on the CPU and where L3 units compute for the least decode time, and again for prefill; how
+streamed units are fetched is chosen the same way (``decode``, or ``read``/``map`` where the unit
+is stored raw or the plan may ask for it to be, :attr:`Plan.raw_units`: a block that streams
+every token is better raw when decoding it would be the bottleneck), each choice with the held
+set its own reserves leave room for. :attr:`Plan.l2_bytes` is the L2 to open the store with. A
+budget below the least that any choice needs is a :class:`~tierstore.errors.ConfigError` naming
+it. These are predictions of the model, not measurements.
 """
 
 from __future__ import annotations
@@ -63,8 +74,8 @@ from ..errors import ConfigError, HardwareUnavailableError
 from .machine import Machine
 from .page_cache import cache_room
 
-__all__ = ["Unit", "ModelUnits", "UnitPlan", "Prediction", "Plan", "Machine", "plan", "predict",
-           "baselines", "physical_bound", "FETCH_MODES"]
+__all__ = ["Unit", "ModelUnits", "UnitPlan", "Prediction", "Plan", "HostMemory", "Machine", "plan", "predict",
+           "baselines", "physical_bound", "host_memory", "FETCH_MODES", "SLAB_RESERVE"]
 
 MiB = 1 << 20
 _HEADROOM = 256 * MiB
@@ -84,6 +95,13 @@ class Unit:
     """Bytes in L3 (compressed): what a read from the disk costs."""
     params: int
     decoder: bool = True
+    slot_bytes: int = 0
+    """Bytes its tensors take in L2 once the allocator rounded each (page runs, size classes); 0: ``nbytes``."""
+
+    @property
+    def l2_bytes(self) -> int:
+        """What holding it in L2 takes: :attr:`slot_bytes`, else ``nbytes``."""
+        return max(self.slot_bytes, self.nbytes)
 
     @property
     def compressed(self) -> bool:
@@ -157,6 +175,51 @@ class Prediction:
         return 1.0 / self.decode_s if self.decode_s > 0 else float("inf")
 
 
+SLAB_RESERVE = 2 * MiB
+"""L2 kept beside the held units for the allocator's partly filled slabs (two 1 MiB slabs: the size classes
+small tensors share, measured at 1/16 of the 2B's width; see ``stream_budget.mapped_slack``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class HostMemory:
+    """Where a plan's host budget goes, in bytes: what must fit in ``memory`` for the budget to hold.
+
+    L2 is opened at :attr:`l2_bytes` (and prefaulted: all of it counts); mapped units' pages come
+    beside it while they are viewed. Outside the budget, as for ``memory=`` (BENCHMARKS.md measures
+    that overhead): the interpreter and libraries, activations, and the L3 reader's per-thread
+    buffers (a compressed piece in flight and a decode scratch, at most ~3 MiB per read thread).
+    """
+
+    fixed: int
+    """Weights loaded once (embeddings, norms, ``lm_head``) that stay in host memory."""
+    caches: int
+    """The KV cache (when it is in host memory) and the vision cache."""
+    held: int
+    """L2 slots of the units held resident (the allocator's rounding included)."""
+    l2_working: int
+    """L2 for the units streamed through it (compressed, or raw and copied): ``prefetch + 1`` of the largest."""
+    l2_slack: int
+    """L2 kept free so a streamed unit's tensors find contiguous room (one such unit), plus :data:`SLAB_RESERVE`
+    (at most the largest unit: a small model's units leave less than that in partly filled slabs)."""
+    mapped: int
+    """Pages of the mapped units being viewed: ``prefetch + 1`` of the largest unit streamed as a map."""
+
+    @property
+    def l2_bytes(self) -> int:
+        """The L2 capacity to open the store with: held + working + slack."""
+        return self.held + self.l2_working + self.l2_slack
+
+    @property
+    def total(self) -> int:
+        """All of it: what ``memory`` must cover."""
+        return self.fixed + self.caches + self.l2_bytes + self.mapped
+
+    def to_dict(self) -> dict[str, int]:
+        """JSON-ready, with the totals."""
+        return {"fixed": self.fixed, "caches": self.caches, "held": self.held, "l2_working": self.l2_working,
+                "l2_slack": self.l2_slack, "mapped": self.mapped, "l2_bytes": self.l2_bytes, "total": self.total}
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     """Placements for every unit, the budgets, and the predictions."""
@@ -180,6 +243,18 @@ class Plan:
     """Bytes of the streamed units' L3 files, as the plan fetches them."""
     page_cache_room: int = 0
     """Free RAM outside the budget the model counts as page cache (``ram_free - memory - 1 GiB``)."""
+    host: HostMemory | None = None
+    """Where the budget goes (:class:`HostMemory`): ``host.l2_bytes`` is the L2 to open the store with."""
+
+    @property
+    def l2_bytes(self) -> int:
+        """The L2 capacity this plan runs in (held units, the working reserve of units streamed through L2, slack).
+
+        Open the store with ``l2_cache_size=plan.l2_bytes`` (after ``tierstore plan --apply`` when
+        :attr:`raw_units` is not empty: the prediction and the budget assume them mapped).
+        """
+        return self.host.l2_bytes if self.host is not None else \
+            sum(u.nbytes for u in self.units if u.tier == "L2") + self.working_bytes
 
     def resident(self, tier: str) -> tuple[str, ...]:
         """Names of the units the plan keeps in ``tier`` (``L1`` or ``L2``) for good."""
@@ -197,7 +272,8 @@ class Plan:
                 "fixed_bytes": self.fixed_bytes, "working_bytes": self.working_bytes, "kv_bytes": self.kv_bytes,
                 "kv_tier": self.kv_tier, "vision_cache_bytes": self.vision_cache_bytes, "head_on": self.head_on,
                 "raw_units": list(self.raw_units), "l3_file_bytes": self.l3_file_bytes,
-                "page_cache_room": self.page_cache_room,
+                "page_cache_room": self.page_cache_room, "l2_bytes": self.l2_bytes,
+                "host": self.host.to_dict() if self.host is not None else None,
                 "units": [{"name": u.name, "nbytes": u.nbytes, "tier": u.tier, "placement": u.placement,
                            "decode_on": u.decode_on, "prefill_on": u.prefill_on, "fetch": u.fetch,
                            "storage": "raw" if u.name in self.raw_units else "as stored"} for u in self.units],
@@ -216,12 +292,43 @@ def l3_file_bytes(model: ModelUnits, units: Sequence[UnitPlan]) -> int:
     return sum(by_name[p.name].file_bytes(p.fetch_of(by_name[p.name])) for p in units if p.tier == "L3")
 
 
+def _cpu_seconds(machine: Machine, nbytes: int, params: int, tokens: int, rate: float) -> float:
+    """One CPU product over ``nbytes`` of weights for ``tokens`` tokens.
+
+    One token with a measured matvec rate is that rate (it was measured at one token: it is the
+    kernel's speed, whatever the dtype's matmul FLOP/s; on a CPU without bf16 arithmetic a bf16
+    GEMM's FLOP/s are below what the one-token kernel reaches); else the slower of the FLOPs and the bytes.
+    """
+    if tokens == 1 and machine.cpu_matvec is not None:
+        return nbytes / rate
+    return max(tokens * 2.0 * params / machine.cpu_flops, nbytes / rate)
+
+
+def _cpu_side(machine: Machine, cpu: float, fetch: float) -> float:
+    """Seconds of the host's compute (``cpu``, alone) and fetching (``fetch`` CPU-seconds, one thread) together.
+
+    With spare cores, or without a measured :attr:`Machine.compute_share`: ``max(cpu, (k * cpu + fetch) / c)``
+    (an even share of the cores). With compute on every core and the shares measured: while both run,
+    compute advances at ``compute_share`` of its speed and fetching at ``fetch_share``; whichever is
+    left then runs at full speed.
+    """
+    even = max(cpu, (machine.threads_computing * cpu + fetch) / machine.cores)
+    share = machine.compute_share
+    if share is None or fetch <= 0 or cpu <= 0 or machine.threads_computing < machine.cores:
+        return even
+    other = machine.fetch_share or 1.0
+    both = min(cpu / share, fetch / other)
+    return both + (cpu - share * both) + (fetch - other * both)
+
+
 def _phase(machine: Machine, model: ModelUnits, units: Sequence[UnitPlan], tokens: int, head_on: str,
-           *, decode: bool, cached: bool = False) -> tuple[float, int, int, str, int]:
+           *, decode: bool, cached: bool = False, verify_maps: str = "always") -> tuple[float, int, int, str, int]:
     """Seconds, disk bytes, link bytes, the bounding resource and L3 bytes of one phase (the module doc's model).
 
-    ``cached``: the L3 files are in the page cache (read from memory, no disk time).
+    ``cached``: the L3 files are in the page cache (read from memory, no disk time). ``verify_maps``: the
+    store's ``l3_verify_maps`` (``always``: every map is checksummed; ``once``: only the first pass's).
     """
+    checked = verify_maps == "always" or not decode
     by_name = {u.name: u for u in model.units}
     gpu = cpu = fetch = disk = link = 0.0
     disk_bytes = link_bytes = l3_bytes = 0
@@ -242,9 +349,11 @@ def _phase(machine: Machine, model: ModelUnits, units: Sequence[UnitPlan], token
                                        else machine.h2d_pinned)
                 link_bytes += unit.nbytes
         else:
-            cpu += max(flops / machine.cpu_flops, unit.nbytes / machine.cpu_weight_read)
+            cpu += _cpu_seconds(machine, unit.nbytes, unit.params, tokens, machine.cpu_weight_read)
+        if tokens == 1:
+            cpu += machine.unit_overhead or 0.0  # the framework's share of a layer, on the host
         if placed.tier == "L3":
-            fetch += machine.fetch_seconds(unit.nbytes, unit.stored_bytes, how)
+            fetch += machine.fetch_seconds(unit.nbytes, unit.stored_bytes, how, checked=checked)
             l3_bytes += unit.nbytes
             if not cached:
                 disk += unit.file_bytes(how) / machine.disk_read
@@ -253,23 +362,25 @@ def _phase(machine: Machine, model: ModelUnits, units: Sequence[UnitPlan], token
     if head_on == "cuda" and machine.gpu_flops and machine.vram_bandwidth:
         gpu += max(head_flops / machine.gpu_flops, model.head_bytes / machine.vram_bandwidth)
     else:
-        cpu += max(head_flops / machine.cpu_flops, model.head_bytes / machine.cpu_weight_read)
-    cpu_side = max(cpu, (machine.threads_computing * cpu + fetch) / machine.cores)
+        cpu += _cpu_seconds(machine, model.head_bytes, model.head_bytes // 2, 1, machine.head_weight_read)
+    cpu_side = _cpu_side(machine, cpu, fetch)
     terms = {"compute": gpu + cpu, "cpu+fetch": cpu_side, "disk": disk, "link": link}
     limit = max(terms, key=lambda k: terms[k])
     return terms[limit], disk_bytes, link_bytes, limit, l3_bytes
 
 
 def predict(machine: Machine, model: ModelUnits, units: Sequence[UnitPlan], *, head_on: str = "cpu",
-            prefill_tokens: int = 512, memory: int | None = None) -> Prediction:
+            prefill_tokens: int = 512, memory: int | None = None, verify_maps: str = "always") -> Prediction:
     """TTFT and seconds per token of an assignment, by the cost model in the module doc.
 
     ``memory``: the host budget, for the page cache (``None``: the L3 files are read from the disk on
-    every pass). TTFT is priced cold (the first pass reads from the disk).
+    every pass). TTFT is priced cold (the first pass reads from the disk). ``verify_maps``: the store's
+    ``l3_verify_maps``, what a mapped unit's checksum costs per pass.
     """
     cached = memory is not None and l3_file_bytes(model, units) <= cache_room(machine, memory)
     ttft = _phase(machine, model, units, prefill_tokens, head_on, decode=False)[0]
-    step, disk_bytes, link_bytes, limit, l3 = _phase(machine, model, units, 1, head_on, decode=True, cached=cached)
+    step, disk_bytes, link_bytes, limit, l3 = _phase(machine, model, units, 1, head_on, decode=True, cached=cached,
+                                                     verify_maps=verify_maps)
     return Prediction(ttft_s=ttft, decode_s=step, disk_bytes_per_token=disk_bytes, link_bytes_per_token=link_bytes,
                       decode_limit=limit, l3_bytes_per_token=l3, page_cache=cached)
 
@@ -281,9 +392,9 @@ def _fill(units: Sequence[Unit], capacity: int) -> list[Unit]:
     """The units taken in order while they fit in ``capacity``."""
     taken, used = [], 0
     for unit in units:
-        if used + unit.nbytes <= capacity:
+        if used + unit.l2_bytes <= capacity:
             taken.append(unit)
-            used += unit.nbytes
+            used += unit.l2_bytes
     return taken
 
 
@@ -312,7 +423,8 @@ def _placed(model: ModelUnits, tiers: dict[str, str], decode: dict[str, str], pr
 
 
 def _best_devices(machine: Machine, model: ModelUnits, tiers: dict[str, str], fetch: dict[str, str], head_on: str,
-                  tokens: int, *, decode: bool, cached: bool) -> tuple[float, dict[str, str]]:
+                  tokens: int, *, decode: bool, cached: bool,
+                  verify_maps: str = "always") -> tuple[float, dict[str, str]]:
     """The device assignment of one phase with the least predicted time (a small exhaustive search)."""
     l2 = [u.name for u in model.units if tiers[u.name] == "L2" and (u.decoder or not decode)]
     options = [(set(), "cpu", False)] if not machine.has_gpu else \
@@ -321,32 +433,58 @@ def _best_devices(machine: Machine, model: ModelUnits, tiers: dict[str, str], fe
     for on_cpu, l3_on, gpu in options:
         devices = _assign(model, tiers, on_cpu, l3_on, gpu, decode=decode)
         seconds = _phase(machine, model, _placed(model, tiers, devices, devices, fetch), tokens, head_on,
-                         decode=decode, cached=cached)[0]
+                         decode=decode, cached=cached, verify_maps=verify_maps)[0]
         if best is None or seconds < best[0] - 1e-12:
             best = (seconds, devices)
     assert best is not None
     return best
 
 
-def _fetch_options(model: ModelUnits, tiers: dict[str, str], *, rewrite: bool, mapped: bool) -> list[dict[str, str]]:
-    """Candidate fetch assignments of the L3 units: as stored, or the first ``k`` streamed decoder units raw.
+def _fetch_rules(model: ModelUnits, tiers: dict[str, str], *, rewrite: bool, mapped: bool) -> list[dict[str, str]]:
+    """Candidate fetches of every unit not in L1, were it streamed: as stored, or the last ``k`` decoder units raw.
 
-    Only decoder units are candidates (they stream every token; a vision block runs once, in the
-    cold first pass, where a raw file is only bigger). ``k`` takes every value up to 16 units, else
-    nine points from 0 to all: the cost is linear in ``k`` within each term of the max.
+    Decoder units are the candidates (they stream every token; a vision block runs once, in the
+    cold first pass, where a raw file is only bigger), the last ones first: the held units are the
+    first (see :func:`plan`), so the raw ones are those that stream. ``k`` takes every value up to
+    16 units, else nine points from 0 to all: the cost is linear in ``k`` within each term of the max.
+    When raw units are mapped, one more: every unit raw, vision blocks too (nothing then streams
+    through L2, so L2 needs no working reserve and holds more).
     """
-    streamed = [u for u in model.units if tiers[u.name] == "L3"]
-    base = {u.name: "decode" if u.compressed else ("map" if mapped else "read") for u in streamed}
-    switchable = [u for u in streamed if u.compressed and u.decoder] if rewrite else []
+    streamable = [u for u in model.units if tiers[u.name] != "L1"]
+    how = "map" if mapped else "read"
+    base = {u.name: "decode" if u.compressed else how for u in streamable}
+    switchable = [u for u in streamable if u.compressed and u.decoder] if rewrite else []
     n = len(switchable)
     points = range(1, n + 1) if n <= 16 else sorted({round(n * i / 8) for i in range(1, 9)})
-    how = "map" if mapped else "read"
-    return [base] + [{**base, **{u.name: how for u in switchable[:k]}} for k in points]
+    rules = [base] + [{**base, **{u.name: how for u in switchable[n - k:]}} for k in points]
+    if rewrite and mapped and any(u.compressed and not u.decoder for u in streamable):
+        # every unit raw: no unit streams through L2, whose working reserve then holds another decoder layer
+        rules.append({u.name: how for u in streamable})
+    return rules
+
+
+def host_memory(model: ModelUnits, tiers: dict[str, str], fetch: dict[str, str], *, prefetch: int,
+                caches: int) -> HostMemory:
+    """Where the host budget goes for ``tiers`` when every unit not in L1 would be fetched as ``fetch`` says.
+
+    The working reserves are sized over every unit that is not in L1, held or not (a held unit may
+    have to stream while it is not yet in place, and the reserve does not move as the held set
+    grows): ``prefetch + 1`` of the largest unit fetched through L2 (``decode``/``read``) in L2,
+    with one such unit of slack, and ``prefetch + 1`` of the largest mapped unit as pages beside L2.
+    """
+    streamable = [u for u in model.units if tiers[u.name] != "L1"]
+    through = max((u.nbytes for u in streamable if fetch.get(u.name) != "map"), default=0)
+    maps = max((u.nbytes for u in streamable if fetch.get(u.name) == "map"), default=0)
+    depth = max(0, prefetch) + 1
+    slabs = min(SLAB_RESERVE, max((u.nbytes for u in streamable), default=0))
+    return HostMemory(fixed=model.fixed_bytes, caches=caches,
+                      held=sum(u.l2_bytes for u in model.units if tiers[u.name] == "L2"),
+                      l2_working=depth * through, l2_slack=through + slabs, mapped=depth * maps)
 
 
 def plan(model: ModelUnits, machine: Machine, *, memory: int | None = None, prefetch: int = 2,
          context: int = 4096, prefill_tokens: int = 512, vision_cache_bytes: int | None = None,
-         allow_l1: bool = True, rewrite: bool = True, mapped: bool = True) -> Plan:
+         allow_l1: bool = True, rewrite: bool = True, mapped: bool = True, verify_maps: str = "always") -> Plan:
     """The placement of ``model`` on ``machine`` within ``memory`` bytes of host memory (see the module doc).
 
     ``memory`` defaults to the machine's free RAM; ``context`` sizes the KV cache; ``vision_cache_bytes``
@@ -354,15 +492,23 @@ def plan(model: ModelUnits, machine: Machine, *, memory: int | None = None, pref
     memory (the GPU still computes what is copied to it). ``rewrite=False`` streams every unit as
     stored (no :attr:`Plan.raw_units`); raw units stream as page-cache views (``map``), as
     ``load_streamed`` fetches them by default; ``mapped=False`` prices them as copies into L2
-    (``read``), as ``load_streamed(mapped=False)`` does.
+    (``read``), as ``load_streamed(mapped=False)`` does. ``verify_maps`` is the store's
+    ``l3_verify_maps`` (``always``, the default, checksums every map: priced per mapped byte).
+
+    The whole of :class:`HostMemory` must fit in ``memory``: the fixed weights, the caches, L2 (held
+    units with the allocator's rounding, the working reserve of units streamed through it, slack),
+    and the mapped units' pages. A budget below the least of that over the
+    fetch choices is a ``ConfigError`` naming it.
     """
     budget = machine.ram_free if memory is None else int(memory)
     if not model.units:
         raise ConfigError("plan: the model has no streamable units; import a decoder model first")
+    if verify_maps not in ("always", "once"):
+        raise ConfigError(f"plan: verify_maps must be 'always' or 'once' (the store's l3_verify_maps), "
+                          f"not {verify_maps!r}")
     has_vision = any(not u.decoder for u in model.units)
     vision_cache = (64 * MiB if has_vision else 0) if vision_cache_bytes is None else int(vision_cache_bytes)
     kv = model.kv_bytes_per_token * max(0, context)
-    working = (max(0, prefetch) + 1) * max(u.nbytes for u in model.units)
     vram = 0
     if machine.has_gpu and allow_l1:
         vram = max(0, machine.vram_free - _HEADROOM - machine.vram_free // 8)
@@ -370,39 +516,55 @@ def plan(model: ModelUnits, machine: Machine, *, memory: int | None = None, pref
     vram -= kv if kv_tier == "L1" else 0
     head_on = "cuda" if machine.has_gpu and model.fixed_bytes <= vram else "cpu"
     vram -= model.fixed_bytes if head_on == "cuda" else 0
-    minimum = model.fixed_bytes + working + vision_cache + (kv if kv_tier == "L2" else 0)
-    if budget < minimum:
-        raise ConfigError(
-            f"memory={format_size(budget)} is below the minimum of {format_size(minimum)} for this model: "
-            f"{format_size(model.fixed_bytes)} of fixed weights, {format_size(working)} to stream "
-            f"{max(0, prefetch) + 1} units, {format_size(vision_cache)} of vision cache"
-            + (f", {format_size(kv)} of KV cache for {context} tokens" if kv_tier == "L2" else "")
-            + f"; raise memory to at least {minimum} bytes, or lower prefetch or context")
+    caches = vision_cache + (kv if kv_tier == "L2" else 0)
     decoders = [u for u in model.units if u.decoder]
     l1 = _fill(decoders, vram) if machine.has_gpu else []
-    tiers = {u.name: "L3" for u in model.units}
-    tiers.update({u.name: "L1" for u in l1})
-    rest = [u for u in decoders if tiers[u.name] == "L3"] + [u for u in model.units if not u.decoder]
-    tiers.update({u.name: "L2" for u in _fill(rest, budget - minimum)})
+    streamed = {u.name: "L3" for u in model.units}
+    streamed.update({u.name: "L1" for u in l1})
+    rest = [u for u in decoders if streamed[u.name] == "L3"] + [u for u in model.units if not u.decoder]
     room = cache_room(machine, budget)
-    best: tuple[float, int, dict[str, str], dict[str, str], bool] | None = None
-    for fetch in _fetch_options(model, tiers, rewrite=rewrite, mapped=mapped):
+    minimum: HostMemory | None = None
+    best: tuple[float, tuple[int, int], dict[str, str], dict[str, str], dict[str, str], HostMemory] | None = None
+    for rule in _fetch_rules(model, streamed, rewrite=rewrite, mapped=mapped):
+        empty = host_memory(model, streamed, rule, prefetch=prefetch, caches=caches)
+        if minimum is None or empty.total < minimum.total:
+            minimum = empty
+        if empty.total > budget:
+            continue
+        tiers = dict(streamed)
+        tiers.update({u.name: "L2" for u in _fill(rest, budget - empty.total)})
+        fetch = {name: how for name, how in rule.items() if tiers[name] == "L3"}
         files = sum(u.file_bytes(fetch[u.name]) for u in model.units if u.name in fetch)
-        cached = files <= room
-        seconds, dec = _best_devices(machine, model, tiers, fetch, head_on, 1, decode=True, cached=cached)
+        seconds, dec = _best_devices(machine, model, tiers, fetch, head_on, 1, decode=True, cached=files <= room,
+                                     verify_maps=verify_maps)
         changed = sum(1 for u in model.units if u.name in fetch and u.compressed and fetch[u.name] != "decode")
-        if best is None or seconds < best[0] * (1 - 1e-9):  # a tie keeps fewer rewrites (less disk)
-            best = (seconds, changed, fetch, dec, cached)
-    assert best is not None
-    _, _, fetch, dec, cached = best
+        streams = sum(u.nbytes for u in model.units if u.name in fetch)
+        # a tie holds more (fewer bytes streamed), then keeps fewer rewrites (less disk)
+        if best is None or seconds < best[0] * (1 - 1e-9) or \
+                (seconds <= best[0] * (1 + 1e-9) and (streams, changed) < best[1]):
+            best = (seconds, (streams, changed), tiers, fetch, dec,
+                    host_memory(model, tiers, rule, prefetch=prefetch, caches=caches))
+    assert minimum is not None
+    if best is None:
+        m = minimum
+        raise ConfigError(
+            f"memory={format_size(budget)} is below the minimum of {format_size(m.total)} for this model: "
+            f"{format_size(m.fixed)} of fixed weights, {format_size(m.l2_working + m.l2_slack + m.mapped)} to "
+            f"stream {max(0, prefetch) + 1} units (L2 working reserve and slack, mapped pages), "
+            f"{format_size(vision_cache)} of vision cache"
+            + (f", {format_size(kv)} of KV cache for {context} tokens" if kv_tier == "L2" else "")
+            + f"; raise memory to at least {m.total} bytes, "
+            "or lower prefetch or context")
+    _, _, tiers, fetch, dec, host = best
     pre = _best_devices(machine, model, tiers, fetch, head_on, prefill_tokens, decode=False, cached=False)[1]
     placed = tuple(_placed(model, tiers, dec, pre, fetch))
     raw = tuple(u.name for u in model.units if u.name in fetch and u.compressed and fetch[u.name] != "decode")
-    return Plan(machine=machine, memory=budget, minimum=minimum, units=placed, fixed_bytes=model.fixed_bytes,
-                working_bytes=working, kv_bytes=kv, kv_tier=kv_tier, vision_cache_bytes=vision_cache,
-                head_on=head_on, prediction=predict(machine, model, placed, head_on=head_on,
-                                                    prefill_tokens=prefill_tokens, memory=budget),
-                raw_units=raw, l3_file_bytes=l3_file_bytes(model, placed), page_cache_room=room)
+    return Plan(machine=machine, memory=budget, minimum=minimum.total, units=placed, fixed_bytes=model.fixed_bytes,
+                working_bytes=host.l2_working + host.mapped, kv_bytes=kv, kv_tier=kv_tier,
+                vision_cache_bytes=vision_cache, head_on=head_on,
+                prediction=predict(machine, model, placed, head_on=head_on, prefill_tokens=prefill_tokens,
+                                   memory=budget, verify_maps=verify_maps),
+                raw_units=raw, l3_file_bytes=l3_file_bytes(model, placed), page_cache_room=room, host=host)
 
 
 # -- what the peers would do, by the same model ---------------------------------------------------------
@@ -434,7 +596,9 @@ def _accelerate(model: ModelUnits, machine: Machine, memory: int, prefill_tokens
             if gpu and machine.gpu_flops and machine.vram_bandwidth:
                 total += max(flops / machine.gpu_flops, unit.nbytes / machine.vram_bandwidth)
             else:
-                total += max(flops / machine.cpu_flops, unit.nbytes / machine.cpu_weight_read)
+                total += _cpu_seconds(machine, unit.nbytes, unit.params, tokens, machine.cpu_weight_read)
+            if tokens == 1:
+                total += machine.unit_overhead or 0.0
             if unit.name not in l1 and unit.name not in l2:
                 if decode and cached:
                     total += unit.nbytes / (machine.page_cache_read or machine.memcpy)
@@ -444,6 +608,11 @@ def _accelerate(model: ModelUnits, machine: Machine, memory: int, prefill_tokens
             if gpu and unit.name not in l1:
                 total += unit.nbytes / link
                 link_bytes += unit.nbytes
+        if decode:  # one token's logits
+            if gpu and machine.gpu_flops and machine.vram_bandwidth:
+                total += model.head_bytes / machine.vram_bandwidth
+            else:
+                total += _cpu_seconds(machine, model.head_bytes, model.head_bytes // 2, 1, machine.head_weight_read)
         return total, disk_bytes, link_bytes
 
     ttft, _, _ = phase(prefill_tokens, False)
