@@ -193,3 +193,33 @@ def test_multi_piece_arrays_read_the_same_in_zarr_and_tensorstore(tmp_path: Path
         for key, tensor in tensors.items():
             assert torch.equal(db.get(key).view(torch.uint8), tensor.view(torch.uint8))
     check_readable(store, tensors)
+
+
+def test_only_pack_shards_are_read_ahead_whole_when_opened(l3: ZarrL3, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pack shard gets one WILLNEED at open (its small blocks are read together); a large block's
+    own file none: its pieces are read in order, paced by the kernel's readahead."""
+    small = weights(20_000, torch.bfloat16, 1)
+    large = weights((3 << 20) + 5, torch.bfloat16, 2)
+    small_loc = put(l3, 1, small, choose_codec("auto", 2))
+    large_loc = put(l3, 2, large, choose_codec("auto", 2))
+    assert small_loc.array.startswith("packs/") and large_loc.array.startswith("blocks/")
+    advised: list[tuple[str, int]] = []
+    real = os.posix_fadvise
+
+    def spy(fd: int, offset: int, length: int, advice: int) -> None:
+        advised.append((os.readlink(f"/proc/self/fd/{fd}"), advice))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+    fresh = ZarrL3(l3.root.parent, fsync=False, readonly=True)  # descriptors opened from now on
+    try:
+        out_small, out_large = np.empty(small.nbytes, dtype=np.uint8), np.empty(large.nbytes, dtype=np.uint8)
+        assert fresh.read_into(small_loc, out_small) == crc32c.crc32c(small.data)
+        assert fresh.read_many([(large_loc, out_large)]) == [crc32c.crc32c(large.data)]
+        assert out_small.tobytes() == small.tobytes() and out_large.tobytes() == large.tobytes()
+    finally:
+        fresh.close()
+    pack_file = str(fresh.shard_path(small_loc.array, small_loc.shard))
+    block_file = str(fresh.shard_path(large_loc.array, large_loc.shard))
+    assert (pack_file, os.POSIX_FADV_WILLNEED) in advised
+    assert not [advice for path, advice in advised if path == block_file]

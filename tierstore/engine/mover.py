@@ -24,7 +24,7 @@ import torch
 from ..catalog import BlockRow, Catalog, now
 from ..catalog.tier_bits import UNHASHED
 from ..errors import BlockNotFoundError, CorruptBlockError, TierFullError, TierStoreError, UnsafePathError
-from ..tensors import dtype_from_name, dtype_name, tensor_from_bytes
+from ..tensors import dtype_from_name, dtype_name, host_bytes, tensor_from_bytes
 from ..tiers.codecs import choose_codec
 from ..tiers.l1_cuda import DevicePool
 from ..tiers.l2_slab import HostArena
@@ -120,7 +120,7 @@ class Mover:
     def read_l3(self, row: BlockRow, loc: Location) -> torch.Tensor:
         """``row``'s tensor, read from L3 into fresh memory and verified."""
         try:
-            buf = np.empty(row.nbytes, dtype=np.uint8)
+            buf = host_bytes(row.nbytes)
         except MemoryError:
             raise no_memory(row.nbytes, f"read block {row.key!r}") from None
         row = self.read_l3_into(row, loc, buf)
@@ -254,7 +254,7 @@ class Mover:
 
     def read_l3_checked(self, key: str, row: BlockRow, loc: Location) -> np.ndarray:
         """``row``'s bytes read from L3 into fresh memory and verified (a promotion that skips L2)."""
-        buf = np.empty(row.nbytes, dtype=np.uint8)
+        buf = host_bytes(row.nbytes)
         crc = self.l3.read_into(loc, buf)
         check_bytes(key, buf, row.checksum, loc.array, ", while being promoted", crc=crc)
         return buf

@@ -31,6 +31,8 @@ class L3Files:
         self.layout = layout
         """1: shard files ``<n>``; 2: ``<n>.0`` (see :mod:`tierstore.tiers.l3_zarr`)."""
         self.shard_suffix = ".0" if layout >= 2 else ""
+        self.packs_prefix = f"{self.root_text}/packs/"
+        """Where the pack shards are (small blocks side by side), as the start of their paths."""
         self.descriptors = OpenFiles(OPEN_FILES, self._open_read)
 
     def use_layout(self, layout: int) -> None:
@@ -85,7 +87,12 @@ class L3Files:
             if exc.errno == errno.ELOOP:
                 raise translate_os_error(exc, what="read L3", path=path) from None
             raise
-        # Packed neighbours are read soon after one another: one readahead instead of a
-        # disk read per small block (cold small gets ~40% faster here).
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        if path.startswith(self.packs_prefix):
+            # Packed neighbours are read soon after one another: one readahead instead of a
+            # disk read per small block (cold small gets ~40% faster here). Not for a large
+            # block's own file: its pieces are read in order and the kernel's readahead paces
+            # them, while a WILLNEED of the whole file made the opening thread allocate and queue
+            # all of it before the first piece (cold reads of raw 16 MiB blocks 0.83-0.95x ->
+            # 1.02-1.39x safetensors, compressed no worse; BENCHMARKS.md, L3 cold reads).
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
         return fd
