@@ -66,7 +66,9 @@ def test_spilled_blocks_give_dynamic_cache_output(model: Any, tmp_path: Path, im
         assert cache.get_seq_length() == out.sequences.shape[1] - 1
         assert cache.stats.spills > 0 and cache.stats.blocks_fetched > 0
         assert cache.live_bytes <= 20_000 + 2 * cache.layers[0].live_bytes
-        assert db.stats().hits["L3"] > 0  # blocks pushed out of L1/L2 were written to L3 and read back
+        # Blocks pushed out of L1/L2 were written to L3 and read back: by the get itself (an L3 hit) or,
+        # when the layer-ahead prefetch won the race, by the store's worker moving them up first.
+        assert db.stats().hits["L3"] + db.migrator.stats()["prefetched"] > 0
         tiers = [db.info(k).tiers for k in db.keys(prefix="kv/tmp/")]
         assert ("L3",) in tiers and any("L1" in t or "L2" in t for t in tiers)
         assert all(not db.info(k).durable for k in db.keys(prefix="kv/"))
@@ -554,7 +556,7 @@ def test_spilled_segments_ask_for_the_cache_codec(model: Any, tmp_path: Path, mo
         with TieredCache(db, config=model.config, budget=20_000, **kwargs) as cache:
             out = model.generate(**inputs, cache=cache, **GEN)
             assert_same_output(out, ref)
-            assert db.stats().hits["L3"] > 0
+            assert db.stats().hits["L3"] + db.migrator.stats()["prefetched"] > 0  # read back (see above)
         with TieredCache(db, config=model.config, persist=True, span_blocks=1, **kwargs) as cache:
             assert_same_output(cache.generate(model, **inputs, **GEN), ref)
     assert asked[False] == {expected}
