@@ -95,13 +95,8 @@ class Reads:
                 if view is not None:
                     return view if device is None else view.to(device)
         try:
-            if device is None:  # the hot path: no device to place on, the first attempt of read()
-                try:
-                    tensor, tier = self._get_once(key, copy)
-                except Replaced:
-                    tensor, tier = self.read(key, copy)
-            else:
-                tensor, tier = self.get_local(key, device, copy)
+            # no device to place on (the hot path): straight to the read, without get_local's device checks
+            tensor, tier = self.read(key, copy) if device is None else self.get_local(key, device, copy)
         except BlockNotFoundError:
             txn = self._txn()
             if read_through is None or (txn is not None and key in txn.pending):

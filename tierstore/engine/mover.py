@@ -140,8 +140,7 @@ class Mover:
             row, loc, crc = self._follow(row, loc, lambda where: self.l3.read_into(where, out))
         except (CorruptBlockError, UnsafePathError) as exc:
             raise _named(exc, row.key) from None
-        if crc != row.checksum:
-            check_bytes(row.key, out, row.checksum, loc.array, crc=crc)
+        check_bytes(row.key, out, row.checksum, loc.array, crc=crc)
         return row
 
     def _follow(self, row: BlockRow, loc: Location, read: Callable[[Location], T]) -> tuple[BlockRow, Location, T]:

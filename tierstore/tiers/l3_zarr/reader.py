@@ -116,13 +116,10 @@ class L3Reader:
         descriptors = self.files.descriptors
         fd = descriptors.acquire(path)
         if len(sizes) == 1 and loc.codec != "raw":  # a small block: one chunk, decoded after the descriptor is back
-            view = _input_buffer(length).data
             try:
-                got = os.preadv(fd, [view], loc.offset)
+                view = _read_encoded(fd, path, loc.offset, length)
             finally:
                 descriptors.release(path, fd)
-            if got != length:
-                raise _truncated(path, got, length, loc.offset)
             _decode_chunk(codec, view, out, 0, loc.inner, path)
             return int(crc32c.crc32c(out.data))
         try:
@@ -208,18 +205,24 @@ class L3Reader:
             if piece.last * inner > hi:  # the padding of the last chunk
                 buffers.append(bytearray(piece.last * inner - hi))
             got = os.preadv(fd, buffers, piece.offset)
-        else:
-            view = _input_buffer(piece.length).data
-            got = os.preadv(fd, [view], piece.offset)
-        if got != piece.length:
-            raise _truncated(path, got, piece.length, piece.offset)
-        if loc.codec == "raw":
+            if got != piece.length:
+                raise _truncated(path, got, piece.length, piece.offset)
             return
+        view = _read_encoded(fd, path, piece.offset, piece.length)
         start = 0
         for i in range(piece.first, piece.last):
             size = loc.sizes[i]
             _decode_chunk(codec, view[start:start + size], out, i * inner, inner, path)
             start += size
+
+
+def _read_encoded(fd: int, path: str, offset: int, length: int) -> memoryview:
+    """``length`` encoded bytes at ``offset`` of the shard file ``fd``, in this thread's input buffer."""
+    view = _input_buffer(length).data
+    got = os.preadv(fd, [view], offset)
+    if got != length:
+        raise _truncated(path, got, length, offset)
+    return view
 
 
 def _truncated(path: str, got: int, length: int, offset: int) -> CorruptBlockError:
