@@ -8,6 +8,8 @@ pages live on while mapped), and writes into it never reach the file.
 
 from __future__ import annotations
 
+import gc
+import os
 import random
 import threading
 from pathlib import Path
@@ -17,6 +19,7 @@ import torch
 
 import tierstore
 from tierstore import CorruptBlockError, InvalidArgumentError, InvalidKeyError
+from tierstore.tiers.l3_zarr.mapped import can_see_page_cache
 
 RAW = {"l3_compression": "off"}
 
@@ -308,3 +311,129 @@ def test_verify_maps_always_checks_every_map_once_only_the_first(
 def test_a_bad_verify_maps_setting_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(tierstore.ConfigError):
         tierstore.open(tmp_path / "s", l3_verify_maps="sometimes")
+
+
+def _evict(path: Path) -> None:
+    """Drop a file's pages from the page cache (they are clean after the fsync): the next map reads the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _flip(path: Path, at: int = 4096) -> None:
+    with open(path, "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0x01]))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+needs_cachestat = pytest.mark.skipif(not can_see_page_cache(), reason="needs cachestat(2) (Linux 6.5+)")
+
+
+@needs_cachestat
+@pytest.mark.parametrize("verify", ["disk", "once"])
+def test_verify_maps_disk_checks_a_map_that_reads_from_the_disk(
+        raw_store: tuple[Path, dict[str, torch.Tensor]], verify: str) -> None:
+    """``"disk"``: pages damaged while cached after a checked map are trusted (as ``"once"``), but once the
+    kernel has dropped them, the map that reads them back from the disk checks them; ``"once"`` never does."""
+    path, values = raw_store
+    with tierstore.open(path, readonly=True, l3_verify_maps=verify) as db:
+        shard = _block_file(path, db, "large")
+        first = db.map("large")
+        assert first is not None and _bits(first) == _bits(values["large"])
+        del first
+        _flip(shard)  # the page cache holds the damaged page: no disk read follows
+        again = db.map("large")
+        assert again is not None and _bits(again) != _bits(values["large"])
+        del again
+        gc.collect()
+        _evict(shard)
+        if verify == "disk":
+            with pytest.raises(CorruptBlockError):
+                db.map("large")
+        else:
+            trusted = db.map("large")
+            assert trusted is not None and _bits(trusted) != _bits(values["large"])
+
+
+@needs_cachestat
+def test_verify_maps_disk_checks_every_map_of_a_block_that_shares_its_file(
+        raw_store: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    """A block in a pack shard can be read in by reads of its neighbours (read-ahead): every map is checked."""
+    path, values = raw_store
+    with tierstore.open(path, readonly=True, l3_verify_maps="disk") as db:
+        packed = db.map("packed")
+        assert packed is not None and torch.equal(packed, values["packed"])
+        where = _mapping_of(packed.data_ptr())
+        del packed
+        assert where is not None and "/l3/packs/" in where
+        pack = Path(where)
+        offset = pack.read_bytes().find(_bits(values["packed"]))
+        assert offset >= 0
+        _flip(pack, offset + 100)  # the damaged page cached, as a neighbour's read-ahead would leave it
+        with pytest.raises(CorruptBlockError):
+            db.map("packed")
+
+
+@needs_cachestat
+def test_maps_under_disk_verification_in_threads_never_trust_pages_another_thread_reads_in(
+        raw_store: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    """Four threads map one block at once, rounds apart: between rounds (the threads paused, holding no
+    view) its file is damaged or mended on the disk and dropped from the page cache. While the disk holds
+    damage no map may return it: the first map reads it in, and one that finds the pages cached a moment
+    later must not trust them (the version was forgotten before the read, not after its check failed)."""
+    path, values = raw_store
+    good = _bits(values["large"])
+    with tierstore.open(path, readonly=True, l3_verify_maps="disk") as db:
+        shard = _block_file(path, db, "large")
+        state = {"damaged": False, "stop": False}
+        wrong: list[str] = []
+        counts = {"ok": 0, "corrupt": 0}
+        lock = threading.Lock()
+        start, done = threading.Barrier(5), threading.Barrier(5)
+
+        def mapper() -> None:
+            while True:
+                start.wait()
+                if state["stop"]:
+                    return
+                for _ in range(20):
+                    try:
+                        view = db.map("large")
+                    except CorruptBlockError:
+                        with lock:
+                            counts["corrupt"] += 1
+                        continue
+                    assert view is not None
+                    same = _bits(view) == good
+                    del view
+                    with lock:
+                        counts["ok"] += 1
+                        if not same and state["damaged"]:
+                            wrong.append("a map returned damaged bytes the disk had just given it")
+                done.wait()
+
+        threads = [threading.Thread(target=mapper) for _ in range(4)]
+        for t in threads:
+            t.start()
+        try:
+            for round_no in range(12):
+                gc.collect()
+                state["damaged"] = round_no % 2 == 0
+                _flip(shard)  # damaged in even rounds, mended in odd ones
+                _evict(shard)
+                start.wait()
+                done.wait()
+        finally:
+            state["stop"] = True
+            start.wait()
+            for t in threads:
+                t.join()
+    assert not wrong, wrong[:3]
+    assert counts["ok"] > 0 and counts["corrupt"] > 0

@@ -102,13 +102,23 @@ def test_the_planner_streams_raw_where_decoding_would_bind() -> None:
     assert {u.fetch for u in chosen.units if u.tier == "L3"} == {"read"} and chosen.prediction.page_cache
     as_stored = plan(model, roomy, memory=memory, context=0, rewrite=False, mapped=False)
     assert as_stored.raw_units == () and as_stored.prediction.decode_s > chosen.prediction.decode_s
-    mapped = plan(model, roomy, memory=memory, context=0, mapped=True)
+    mapped = plan(model, roomy, memory=memory, context=0, mapped=True, verify_maps="always")
     maps = [u for u in mapped.units if u.tier == "L3"]
     assert {u.fetch for u in maps} == {"map"}
     # the matvec, and the crc32c of every mapped byte (l3_verify_maps="always") on the cores it shares
     assert mapped.prediction.decode_s == pytest.approx(6 * LAYER / 1e9 + len(maps) * LAYER / 8e9 / 2)
     once = plan(model, roomy, memory=memory, context=0, mapped=True, verify_maps="once")
     assert once.prediction.decode_s == pytest.approx(6 * LAYER / 1e9)  # checked on the first pass only
+    # "disk" (the default) checks a map that reads from the disk: with the files cached, the first pass only
+    disk = plan(model, roomy, memory=memory, context=0, mapped=True)
+    assert disk.prediction.page_cache and disk.prediction.decode_s == pytest.approx(once.prediction.decode_s)
+    raw = _model(layers=6, ratio=1.0)  # stored raw: every streamed unit a map
+    uncached = replace(roomy, ram_free=memory)  # no room for the page cache: every pass reads and checks
+    by_mode = {mode: plan(raw, uncached, memory=memory, context=0, verify_maps=mode).prediction
+               for mode in ("disk", "always", "once")}
+    assert not by_mode["disk"].page_cache
+    assert by_mode["disk"].decode_s == pytest.approx(by_mode["always"].decode_s)
+    assert by_mode["disk"].decode_s > by_mode["once"].decode_s
     tight = replace(BOX, ram_free=memory, disk_read=0.2 * GB)  # no page cache, slow disk: fewer bytes win
     assert plan(model, tight, memory=memory, context=0).raw_units == ()
 
@@ -189,7 +199,8 @@ def test_a_fetch_thread_beside_compute_on_every_core_slows_both_by_their_measure
     fetch = 4 * shared.fetch_seconds(LAYER, LAYER, "map", checked=True)
     both = min(compute / 0.5, fetch / 0.8)
     expected = both + (compute - 0.5 * both) + (fetch - 0.8 * both)
-    got = predict(shared, model, _streamed(model, "map"), memory=0).decode_s
+    got = predict(shared, model, _streamed(model, "map"), memory=0, verify_maps="always").decode_s
     assert got == pytest.approx(expected) and got > max(compute, (2 * compute + fetch) / 2)
-    assert predict(replace(shared, compute_share=None), model, _streamed(model, "map"), memory=0).decode_s == \
+    assert predict(replace(shared, compute_share=None), model, _streamed(model, "map"), memory=0,
+                   verify_maps="always").decode_s == \
         pytest.approx(max(compute, (2 * compute + fetch) / 2))  # not measured: an even share

@@ -95,9 +95,10 @@ class Mover:
     def __init__(self, catalog: Catalog, l3: ZarrL3, l1: Residency[DevicePool] | None,
                  l2: Residency[HostArena] | None, index: BlockIndex, *, verify_maps: str = "always") -> None:
         self.catalog = catalog
-        self._verify_every_map = verify_maps == "always"
+        self._verify_maps = verify_maps
         self._verified_maps: set[tuple[int, Location]] = set()
-        """Block versions (id, where) whose mapped bytes passed their checksum (``l3_verify_maps="once"``)."""
+        """Block versions (id, where) whose mapped bytes passed their checksum (``l3_verify_maps`` ``"once"``
+        and ``"disk"``; under ``"disk"`` a version leaves it before a map that reads from the disk)."""
         self.index = index
         self.l3 = l3
         self.l1 = l1
@@ -161,19 +162,31 @@ class Mover:
         Nothing is copied: the view maps the shard file ``MAP_PRIVATE`` (writes into it stay the
         holder's, see :mod:`tierstore.tiers.l3_zarr.mapped`), and L3 never rewrites committed bytes
         in place, so it never changes under its holder. The catalog's checksum is checked over the
-        mapped bytes, as every L3 read is (with ``l3_verify_maps="once"``: on this version's first map).
+        mapped bytes, as every L3 read is; with ``l3_verify_maps="once"`` on this version's first map
+        only, with ``"disk"`` also on every map that reads some of its pages from the disk.
         Raises as :meth:`read_l3_into` does (``Replaced``, ...).
         """
-        nbytes = row.nbytes
-        row, loc, data = self._follow(row, loc, lambda where: self.l3.map_raw(where, nbytes))
+        nbytes, block_id = row.nbytes, row.block_id
+        row, loc, data = self._follow(row, loc, lambda where: self._map_raw(block_id, where, nbytes))
         if data is None:
             return None
         version = (row.block_id, loc)
-        if self._verify_every_map or version not in self._verified_maps:
+        if self._verify_maps == "always" or version not in self._verified_maps:
             check_bytes(row.key, data, row.checksum, loc.array)
-            if not self._verify_every_map:
+            if self._verify_maps != "always":
                 self._verified_maps.add(version)
         return tensor_from_bytes(data, dtype_from_name(row.dtype), row.shape)
+
+    def _map_raw(self, block_id: int, loc: Location, nbytes: int) -> np.ndarray | None:
+        """Map a raw block; under ``l3_verify_maps="disk"`` first forget that its version was checked
+        unless every page is cached already (alone in its file): the map is about to read from the disk.
+
+        Forgetting before the map, not after, keeps another thread's map of the same version from
+        trusting pages this one is reading in, before this one has checked them.
+        """
+        if self._verify_maps == "disk" and not self.l3.cached_alone(loc, nbytes):
+            self._verified_maps.discard((block_id, loc))
+        return self.l3.map_raw(loc, nbytes)
 
     def _moved(self, row: BlockRow, loc: Location) -> tuple[BlockRow, Location]:
         """Where ``row``'s block is now that the file at ``loc`` is gone: compaction moved it (same block id).

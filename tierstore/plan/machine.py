@@ -133,8 +133,8 @@ class Machine:
         page_cache_read + nbytes / (decode / cores) + nbytes / checksum``; ``read`` (stored raw, read
         into L2): ``nbytes / page_cache_read + nbytes / checksum``; ``map`` (stored raw, the page
         cache's pages viewed in place): ``nbytes / map_populate``, plus ``nbytes / checksum`` when
-        ``checked`` (the store checks every map: ``l3_verify_maps="always"``, its default). A file
-        not in the page cache adds the disk's time, which is no CPU work (see
+        ``checked`` (the store checks this map: ``l3_verify_maps`` ``"always"``, or ``"disk"`` when it
+        reads from the disk). A file not in the page cache adds the disk's time, which is no CPU work (see
         :mod:`tierstore.plan.placement`).
         """
         check = nbytes / self.checksum if self.checksum else 0.0

@@ -33,8 +33,9 @@ The cost model (every term is bytes over a bandwidth or FLOPs over a throughput)
   Its CPU cost is :meth:`Machine.fetch_seconds` (one thread's CPU-seconds: ``stored /
   page_cache_read + bytes / (decode / cores) + bytes / checksum`` for ``decode``, ``bytes /
   page_cache_read + bytes / checksum`` for ``read``, ``bytes / map_populate`` for ``map``, plus
-  ``bytes / checksum`` while the store checks every map: ``verify_maps="always"``, the store's
-  default ``l3_verify_maps``);
+  ``bytes / checksum`` when the store checks the map: every pass under ``verify_maps="always"``,
+  under ``"disk"`` (the store's default ``l3_verify_maps``) every pass that reads from the disk,
+  only the first when the files stay in the page cache; under ``"once"`` the first pass only);
 - **the page cache**: the files of every L3 unit (``stored_bytes`` compressed, ``bytes`` raw) fit
   in the page cache when their sum is at most ``ram_free - memory - 1 GiB`` (free RAM outside the
   budget, less the process's own overhead); then every pass after the first reads them from memory
@@ -322,13 +323,14 @@ def _cpu_side(machine: Machine, cpu: float, fetch: float) -> float:
 
 
 def _phase(machine: Machine, model: ModelUnits, units: Sequence[UnitPlan], tokens: int, head_on: str,
-           *, decode: bool, cached: bool = False, verify_maps: str = "always") -> tuple[float, int, int, str, int]:
+           *, decode: bool, cached: bool = False, verify_maps: str = "disk") -> tuple[float, int, int, str, int]:
     """Seconds, disk bytes, link bytes, the bounding resource and L3 bytes of one phase (the module doc's model).
 
     ``cached``: the L3 files are in the page cache (read from memory, no disk time). ``verify_maps``: the
-    store's ``l3_verify_maps`` (``always``: every map is checksummed; ``once``: only the first pass's).
+    store's ``l3_verify_maps`` (``always``: every map is checksummed; ``disk``: those that read from the
+    disk, every pass unless ``cached``; ``once``: only the first pass's).
     """
-    checked = verify_maps == "always" or not decode
+    checked = verify_maps == "always" or not decode or (verify_maps == "disk" and not cached)
     by_name = {u.name: u for u in model.units}
     gpu = cpu = fetch = disk = link = 0.0
     disk_bytes = link_bytes = l3_bytes = 0
@@ -370,7 +372,7 @@ def _phase(machine: Machine, model: ModelUnits, units: Sequence[UnitPlan], token
 
 
 def predict(machine: Machine, model: ModelUnits, units: Sequence[UnitPlan], *, head_on: str = "cpu",
-            prefill_tokens: int = 512, memory: int | None = None, verify_maps: str = "always") -> Prediction:
+            prefill_tokens: int = 512, memory: int | None = None, verify_maps: str = "disk") -> Prediction:
     """TTFT and seconds per token of an assignment, by the cost model in the module doc.
 
     ``memory``: the host budget, for the page cache (``None``: the L3 files are read from the disk on
@@ -424,7 +426,7 @@ def _placed(model: ModelUnits, tiers: dict[str, str], decode: dict[str, str], pr
 
 def _best_devices(machine: Machine, model: ModelUnits, tiers: dict[str, str], fetch: dict[str, str], head_on: str,
                   tokens: int, *, decode: bool, cached: bool,
-                  verify_maps: str = "always") -> tuple[float, dict[str, str]]:
+                  verify_maps: str = "disk") -> tuple[float, dict[str, str]]:
     """The device assignment of one phase with the least predicted time (a small exhaustive search)."""
     l2 = [u.name for u in model.units if tiers[u.name] == "L2" and (u.decoder or not decode)]
     options = [(set(), "cpu", False)] if not machine.has_gpu else \
@@ -484,7 +486,7 @@ def host_memory(model: ModelUnits, tiers: dict[str, str], fetch: dict[str, str],
 
 def plan(model: ModelUnits, machine: Machine, *, memory: int | None = None, prefetch: int = 2,
          context: int = 4096, prefill_tokens: int = 512, vision_cache_bytes: int | None = None,
-         allow_l1: bool = True, rewrite: bool = True, mapped: bool = True, verify_maps: str = "always") -> Plan:
+         allow_l1: bool = True, rewrite: bool = True, mapped: bool = True, verify_maps: str = "disk") -> Plan:
     """The placement of ``model`` on ``machine`` within ``memory`` bytes of host memory (see the module doc).
 
     ``memory`` defaults to the machine's free RAM; ``context`` sizes the KV cache; ``vision_cache_bytes``
@@ -493,7 +495,8 @@ def plan(model: ModelUnits, machine: Machine, *, memory: int | None = None, pref
     stored (no :attr:`Plan.raw_units`); raw units stream as page-cache views (``map``), as
     ``load_streamed`` fetches them by default; ``mapped=False`` prices them as copies into L2
     (``read``), as ``load_streamed(mapped=False)`` does. ``verify_maps`` is the store's
-    ``l3_verify_maps`` (``always``, the default, checksums every map: priced per mapped byte).
+    ``l3_verify_maps`` (``disk``, the default: a map that reads from the disk is checksummed, priced per mapped byte;
+    ``always``: every map; ``once``: the first).
 
     The whole of :class:`HostMemory` must fit in ``memory``: the fixed weights, the caches, L2 (held
     units with the allocator's rounding, the working reserve of units streamed through it, slack),
@@ -503,8 +506,8 @@ def plan(model: ModelUnits, machine: Machine, *, memory: int | None = None, pref
     budget = machine.ram_free if memory is None else int(memory)
     if not model.units:
         raise ConfigError("plan: the model has no streamable units; import a decoder model first")
-    if verify_maps not in ("always", "once"):
-        raise ConfigError(f"plan: verify_maps must be 'always' or 'once' (the store's l3_verify_maps), "
+    if verify_maps not in ("always", "disk", "once"):
+        raise ConfigError(f"plan: verify_maps must be 'always', 'disk' or 'once' (the store's l3_verify_maps), "
                           f"not {verify_maps!r}")
     has_vision = any(not u.decoder for u in model.units)
     vision_cache = (64 * MiB if has_vision else 0) if vision_cache_bytes is None else int(vision_cache_bytes)

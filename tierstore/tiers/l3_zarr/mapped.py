@@ -20,6 +20,12 @@ activity can make an access fault. A mapping made while another process truncate
 the committed length (no tierstore code does) would fail to populate: ``None``, and the caller
 reads the block the ordinary way.
 
+Whether a map would read from the disk (``l3_verify_maps="disk"``): :func:`cached_alone` asks
+``cachestat(2)`` (Linux 6.5+) how many of a block's pages are in the page cache. When they all are
+and the block is the only one in its file, they were brought there only by reads of that very
+block (a map or a ``pread``, each checked by the store) or by another program reading the file: no
+tierstore read of a neighbour pulled them in with the kernel's read-ahead, because there is none.
+
 Linux only (``MADV_POPULATE_READ`` needs 5.14); elsewhere :func:`map_raw` returns None.
 """
 
@@ -38,12 +44,23 @@ from ...errors import CorruptBlockError
 from .files import L3Files
 from .layout import Location
 
-__all__ = ["raw_extent", "map_raw"]
+__all__ = ["cached_alone", "can_see_page_cache", "raw_extent", "map_raw"]
 
 _PAGE = mmap.ALLOCATIONGRANULARITY
 _MADV_POPULATE_READ = 22
 """Linux 5.14+: fault the range in now; EFAULT/EIO instead of a SIGBUS on a page that cannot be read."""
 _MAP_FAILED = ctypes.c_void_p(-1).value
+_SYS_CACHESTAT: int | None = 451 if os.uname().machine in ("x86_64", "aarch64") else None
+"""``cachestat(2)``'s number (Linux 6.5+: the same in x86-64's table and the generic one)."""
+
+
+class _CacheRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _CacheStat(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64)
+                for name in ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")]
 
 
 def _libc() -> Any:
@@ -92,6 +109,52 @@ def raw_extent(loc: Location, nbytes: int) -> tuple[int, int] | None:
     if any(size != loc.inner for size in loc.sizes) or len(loc.sizes) * loc.inner < nbytes:
         return None  # not the layout this code writes (padded chunks of one size): read it the ordinary way
     return loc.offset, nbytes
+
+
+def _all_cached(fd: int, start: int, span: int) -> bool:
+    """Whether every page of ``[start, start + span)`` of ``fd``'s file is in the page cache (cachestat)."""
+    global _SYS_CACHESTAT
+    if _LIBC is None or _SYS_CACHESTAT is None:
+        return False
+    where, stat = _CacheRange(start, span), _CacheStat()
+    if _LIBC.syscall(_SYS_CACHESTAT, fd, ctypes.byref(where), ctypes.byref(stat), 0) != 0:
+        if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM):  # before 6.5, or a sandbox: stop asking
+            _SYS_CACHESTAT = None
+        return False
+    return int(stat.nr_cache) >= -(-span // _PAGE)
+
+
+def can_see_page_cache() -> bool:
+    """Whether this kernel answers ``cachestat(2)`` (else ``l3_verify_maps="disk"`` checks every map)."""
+    fd = os.open(__file__, os.O_RDONLY)
+    try:
+        _all_cached(fd, 0, _PAGE)
+    finally:
+        os.close(fd)
+    return _LIBC is not None and _SYS_CACHESTAT is not None
+
+
+def cached_alone(files: L3Files, loc: Location, nbytes: int) -> bool:
+    """Whether the raw block at ``loc`` is alone in its file and every page of it is in the page cache now.
+
+    Alone: the file holds only the block's chunks and the shard index after them (16 bytes a chunk
+    and a crc32c, read forward from its own offset). Files only grow, so this is asked at every map.
+    False when unknown (no ``cachestat``, not raw); ``FileNotFoundError`` when the file is gone.
+    """
+    extent = raw_extent(loc, nbytes)
+    if extent is None or _LIBC is None or _SYS_CACHESTAT is None:
+        return False
+    offset, length = extent
+    path = files.shard_file(loc.array, loc.shard)
+    fd = files.descriptors.acquire(path)
+    try:
+        tail = os.fstat(fd).st_size - offset - len(loc.sizes) * loc.inner
+        if offset >= _PAGE or not 0 <= tail <= 16 * len(loc.sizes) + _PAGE:
+            return False
+        start = offset - offset % _PAGE
+        return _all_cached(fd, start, offset + length - start)
+    finally:
+        files.descriptors.release(path, fd)
 
 
 def map_raw(files: L3Files, loc: Location, nbytes: int) -> np.ndarray | None:

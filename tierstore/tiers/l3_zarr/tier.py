@@ -16,7 +16,7 @@ from ...fsguard import refuse_links
 from ..codecs import Codec
 from .files import L3Files
 from .layout import LAYOUT, Contents, Location, RecoveryReport
-from .mapped import map_raw, raw_extent
+from .mapped import cached_alone, map_raw, raw_extent
 from .reader import L3Reader
 from .repair import L3Repair
 from .writer import L3Writer
@@ -131,6 +131,11 @@ class ZarrL3:
         mappable (see :mod:`.mapped`). Unchecked: the caller verifies the checksum. ``FileNotFoundError`` when
         the shard file is gone, ``CorruptBlockError`` when it is shorter than the block."""
         return map_raw(self.files, loc, nbytes)
+
+    def cached_alone(self, loc: Location, nbytes: int) -> bool:
+        """Whether the raw block at ``loc`` is alone in its file with every page in the page cache (see
+        :func:`.mapped.cached_alone`): a map of it would read nothing from the disk."""
+        return cached_alone(self.files, loc, nbytes)
 
     # -- recovery, index upkeep, layout upgrade (see :class:`.repair.L3Repair`) -----------------
 
