@@ -15,6 +15,7 @@ L1 on ``cpu`` (how the test suite covers it).
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 import tempfile
@@ -55,6 +56,30 @@ def qwen3_vl_config(shape: str, layers: int) -> Any:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class _Stamps:
+    """A ``generate`` streamer that notes when each token arrives (the prompt is the first ``put``)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.times = device, [time.perf_counter()]
+
+    def put(self, value: torch.Tensor) -> None:
+        _sync(self.device)
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def _token_gaps(model: Any, ids: torch.Tensor, new: int, device: torch.device) -> tuple[float, list[float]]:
+    """TTFT and the gaps between the decoded tokens of one greedy ``generate``."""
+    stamps = _Stamps(device)
+    with torch.inference_mode():
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                       do_sample=False, streamer=stamps)
+    times = stamps.times[1:]  # [prompt, token 1, token 2, ...]
+    return times[1] - stamps.times[0], [b - a for a, b in itertools.pairwise(times[1:])]
 
 
 def _generate_s(model: Any, ids: torch.Tensor, new: int, device: torch.device) -> float:
@@ -111,11 +136,14 @@ def run_plan_check(device: torch.device, *, shape: str = "2b", layers: int = 8, 
             home = streamed.get_input_embeddings().weight.device
             ids = torch.tensor([PROMPT], device=home)
             _generate_s(streamed, ids, 2, device)  # warm: the held units find their tiers
-            ttft = [_generate_s(streamed, ids, 1, device) for _ in range(repeats)]
-            full = [_generate_s(streamed, ids, 1 + tokens, device) for _ in range(repeats)]
+            ttft, gaps = [], []
+            for _ in range(repeats):  # decode: the median gap between tokens of one generate (a difference
+                first, between = _token_gaps(streamed, ids, 1 + tokens, device)  # of two runs can go negative)
+                ttft.append(first)
+                gaps.extend(between)
             stats = streamed.weight_streamer.stats()
             streamed.weight_streamer.close()
-        measured = (statistics.median(full) - statistics.median(ttft)) / tokens
+        measured = statistics.median(gaps)
         predicted = chosen.prediction.decode_s
         out.update(measured_ttft_s=statistics.median(ttft), measured_decode_s=measured,
                    measured_over_predicted=measured / predicted if predicted else None,
