@@ -64,9 +64,9 @@ def test_a_pass_reads_only_the_units_outside_the_held_set(checkpoint: tuple[Any,
     if hold is None:
         assert stats.held_units >= usable // layer - 1
         assert per_pass <= bound, (per_pass / layer, bound / layer)
-    else:  # the scan-blind LRU the held set replaces: nearly every layer of every pass from L3
-        assert stats.held_units == 0
-        assert per_pass > bound
+    else:  # the scan-blind LRU the held set replaces: more than the optimum from L3 (nearly every layer of every
+        assert stats.held_units == 0  # pass; on a loaded machine the migrator's prefetch keeps a few: not the 1.1x)
+        assert per_pass > LAYERS * layer - usable
 
 
 def test_held_units_survive_eviction_pressure_from_another_thread(checkpoint: tuple[Any, Path]) -> None:
