@@ -222,7 +222,9 @@ class TierStore(MutableMapping[str, torch.Tensor]):
 
         The view maps the block's region of its shard file (``MAP_PRIVATE``: writes into the tensor
         stay in this process's private pages and never reach the file) and is checked against the
-        catalog's checksum, as every L3 read is; the disk read happens in this call (the pages are
+        catalog's checksum whenever the map reads from the disk and on the block's first map
+        (``l3_verify_maps``: ``"disk"``, the default; ``"always"`` checks every map, as every other L3
+        read is checked); the disk read happens in this call (the pages are
         populated), so a background thread can map ahead of use. L3 never rewrites committed bytes
         in place, so the tensor never changes under its holder, even when the block is replaced,
         deleted or compacted away meanwhile (the file's pages live on until the last tensor over
