@@ -40,13 +40,17 @@ from typing import Any, Generic, TypeVar
 from .predictor import PredictivePolicy
 from .shadow_caches import Evictions, ShadowCache
 
-__all__ = ["ShadowLRFU", "AdaptiveLRFU", "KVPolicy", "HALF_LIVES"]
+__all__ = ["ShadowLRFU", "AdaptiveLRFU", "KVPolicy", "HALF_LIVES", "TAKEOVER"]
 
 K = TypeVar("K", bound=Hashable)
 
 HALF_LIVES = (16, 8, 2, 4, 1, 32)
 """The adaptive LRFU's half-lives, in capacities (it ranks by the first until the panel's scores say
 otherwise; 16 first: the best single one at 1% of the synthetic Mooncake trace)."""
+
+
+TAKEOVER: tuple[float, int] | None = None
+"""The ``kv`` policy's takeover rule, (margin, epochs) (:mod:`tierstore.predict.takeover`)."""
 
 
 class ShadowLRFU(Generic[K]):
@@ -207,7 +211,8 @@ class KVPolicy(PredictivePolicy[K]):
 
     def __init__(self, capacity: int, *, half_lives: Sequence[float] = HALF_LIVES,
                  experts: tuple[str, ...] = ("s3fifo", "arc", "wtinylfu", "predicted", "lru", "lirs"),
-                 switch_cost: float = 4.0, **options: Any) -> None:
+                 switch_cost: float = 4.0, takeover: tuple[float, int] | None = TAKEOVER, **options: Any) -> None:
         entries = max(1, capacity // int(options.get("block_size", 1)))
         lrfu: ShadowCache[K] = AdaptiveLRFU(entries, half_lives)
-        super().__init__(capacity, experts=experts, shadows=(lrfu,), switch_cost=switch_cost, **options)
+        super().__init__(capacity, experts=experts, shadows=(lrfu,), switch_cost=switch_cost, takeover=takeover,
+                         **options)

@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""Sweep the ``kv`` policy's takeover rule (margin, epochs) over the shared traces.
+
+    python tools/kv_takeover_sweep.py [--variants off,0.02:8,...] [--traces synthetic,cloudPhysicsIO] > sweep.jsonl
+
+One JSON line per trace, capacity (1/5/10/25% of the replayed part's unique keys) and scoring: the
+hit rates of the classic policies (LRU, ARC, S3-FIFO, W-TinyLFU from ``replay_policies``; LIRS by
+its shadow, ``ShadowLIRS``; FIFO and LFU are never the best on these cuts and are left out) and of
+:class:`tierstore.predict.kv_policy.KVPolicy` (compiled replay, default switch rule) at each
+takeover variant: ``off`` (no takeover, the policy before it) or ``MARGIN:EPOCHS``
+(:class:`tierstore.predict.takeover.TakeoverRule`), with its takeovers and the keys they loaded.
+Request traces (Mooncake) are scored twice: ``plain`` (hit rate, no parents) and ``prefix``
+(parents told, a request's hits stop at its first miss). The cuts are those of
+``tools/kv_switch_sweep.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import numpy.typing as npt
+import replay_policies  # tools/ is on sys.path when run as a script
+from kv_switch_sweep import CUTS, TRACES
+from replay import chain_parents, prefix_hits
+from replay_formats import read_trace
+
+from tierstore.predict.kv_policy import KVPolicy
+from tierstore.predict.shadow_caches import ShadowLIRS
+
+VARIANTS = "off,0.01:2,0.01:8,0.01:32,0.03:2,0.03:8,0.03:32,0.1:2,0.1:8,0.1:32"
+CHUNK = 65536
+
+
+def parse_variant(text: str) -> tuple[float, int] | None:
+    if text == "off":
+        return None
+    margin, epochs = text.split(":")
+    return float(margin), int(epochs)
+
+
+def replay_kv(keys: list[int], capacity: int, takeover: tuple[float, int] | None,
+              parents: list[int | None] | None) -> tuple[bytearray, KVPolicy[int]]:
+    policy: KVPolicy[int] = KVPolicy(capacity, compiled=True, takeover=takeover)
+    hits = bytearray()
+    for s in range(0, len(keys), CHUNK):
+        hits += policy.simulate(keys[s:s + CHUNK], None if parents is None else parents[s:s + CHUNK])
+    return hits, policy
+
+
+def hit_rate(hits: bytearray, request: npt.NDArray[np.int64] | None) -> float:
+    """Plain hit rate, or with ``request`` the prefix-aware one (a request's hits stop at its first miss)."""
+    if request is None:
+        return round(sum(hits) / len(hits), 4)
+    return round(prefix_hits(np.frombuffer(hits, dtype=np.uint8), request) / len(hits), 4)
+
+
+def lirs_hits(keys: list[int], capacity: int) -> bytearray:
+    lirs: ShadowLIRS[int] = ShadowLIRS(capacity)
+    hits = bytearray(len(keys))
+    for i, key in enumerate(keys):
+        hits[i] = key in lirs
+        lirs.access(key)
+    return hits
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", default=VARIANTS, help="comma-separated: off or MARGIN:EPOCHS")
+    parser.add_argument("--traces", default="", help="comma-separated name prefixes of CUTS (default: all)")
+    args = parser.parse_args()
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    wanted = [t for t in args.traces.split(",") if t]
+    for name, limit in CUTS:
+        if wanted and not any(name.startswith(w) for w in wanted):
+            continue
+        trace = read_trace(TRACES / name, None, limit)
+        _, dense = np.unique(trace.keys, return_inverse=True)
+        keys = dense.astype(np.int64).tolist()
+        unique = int(dense.max()) + 1
+        scorings = ["plain"] if trace.request is None else ["plain", "prefix"]
+        for share in (1, 5, 10, 25):
+            capacity = max(1, unique * share // 100)
+            for scoring in scorings:
+                request = trace.request if scoring == "prefix" else None
+                parents = None
+                if request is not None:
+                    parents = [None if p < 0 else p for p in chain_parents(dense.astype(np.int64), request)]
+
+                def rate(hits: bytearray, request: npt.NDArray[np.int64] | None = request) -> float:
+                    return hit_rate(hits, request)
+
+                row: dict[str, object] = {"trace": name, "limit": limit, "capacity_pct": share,
+                                          "capacity": capacity, "scoring": scoring}
+                for ref in ("lru", "arc", "s3fifo", "wtinylfu"):
+                    row[ref] = rate(getattr(replay_policies, ref)(keys, unique, capacity, lambda _done: None))
+                row["lirs"] = rate(lirs_hits(keys, capacity))
+                for variant in variants:
+                    hits, policy = replay_kv(keys, capacity, parse_variant(variant), parents)
+                    row[variant] = rate(hits)
+                    row[f"{variant}/takeovers"] = policy.takeovers
+                    row[f"{variant}/loaded"] = policy.loaded
+                print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
