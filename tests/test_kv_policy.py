@@ -123,6 +123,11 @@ def test_the_takeover_rule_needs_a_lead_kept_for_its_epochs() -> None:
     assert rule.step([5.0, 1.0], 0, 0) == -1  # the copy is the top scorer already
     assert rule.step([5.0, 1.0], 0, -1) == 0  # the leader, not copied (after a paid switch): copy it
     assert rule.step([5.0, 4.5], 1, -1) == -1  # half a hit ahead is no lead
+    rule = TakeoverRule(0.0, 1, warmup=2, floor=10.0)
+    assert [rule.step([5.0, s], 0, 0) for s in (20.0, 20.0, 9.0, 20.0)] == [-1, -1, -1, 1]  # warm-up, floor
+    rule = TakeoverRule(0.0, 1, 3.0)
+    assert rule.step([100.0, 120.0], 0, 0) == -1  # 20 ahead, noise 3 x sqrt(220) = 44.5
+    assert rule.step([100.0, 150.0], 0, 0) == 1
     with pytest.raises(ConfigError):
         TakeoverRule(-0.1, 3)
     with pytest.raises(ConfigError):

@@ -7,7 +7,7 @@ One JSON line per trace, capacity (1/5/10/25% of the replayed part's unique keys
 hit rates of the classic policies (LRU, ARC, S3-FIFO, W-TinyLFU from ``replay_policies``; LIRS by
 its shadow, ``ShadowLIRS``; FIFO and LFU are never the best on these cuts and are left out) and of
 :class:`tierstore.predict.kv_policy.KVPolicy` (compiled replay, default switch rule) at each
-takeover variant: ``off`` (no takeover, the policy before it) or ``MARGIN:EPOCHS``
+takeover variant: ``off`` (no takeover, the policy before it) or ``MARGIN:EPOCHS[:NOISE]``
 (:class:`tierstore.predict.takeover.TakeoverRule`), with its takeovers and the keys they loaded.
 Request traces (Mooncake) are scored twice: ``plain`` (hit rate, no parents) and ``prefix``
 (parents told, a request's hits stop at its first miss). The cuts are those of
@@ -33,14 +33,15 @@ VARIANTS = "off,0.01:2,0.01:8,0.01:32,0.03:2,0.03:8,0.03:32,0.1:2,0.1:8,0.1:32"
 CHUNK = 65536
 
 
-def parse_variant(text: str) -> tuple[float, int] | None:
+def parse_variant(text: str) -> tuple[float, ...] | None:
+    """``off``, or ``MARGIN:EPOCHS[:NOISE]``."""
     if text == "off":
         return None
-    margin, epochs = text.split(":")
-    return float(margin), int(epochs)
+    margin, epochs, *noise = text.split(":")
+    return (float(margin), int(epochs), *map(float, noise))
 
 
-def replay_kv(keys: list[int], capacity: int, takeover: tuple[float, int] | None,
+def replay_kv(keys: list[int], capacity: int, takeover: tuple[float, ...] | None,
               parents: list[int | None] | None) -> tuple[bytearray, KVPolicy[int]]:
     policy: KVPolicy[int] = KVPolicy(capacity, compiled=True, takeover=takeover)
     hits = bytearray()

@@ -49,7 +49,7 @@ HALF_LIVES = (16, 8, 2, 4, 1, 32)
 otherwise; 16 first: the best single one at 1% of the synthetic Mooncake trace)."""
 
 
-TAKEOVER: tuple[float, int] | None = None
+TAKEOVER: tuple[float, int] | tuple[float, int, float] | None = None
 """The ``kv`` policy's takeover rule, (margin, epochs) (:mod:`tierstore.predict.takeover`)."""
 
 
@@ -211,7 +211,8 @@ class KVPolicy(PredictivePolicy[K]):
 
     def __init__(self, capacity: int, *, half_lives: Sequence[float] = HALF_LIVES,
                  experts: tuple[str, ...] = ("s3fifo", "arc", "wtinylfu", "predicted", "lru", "lirs"),
-                 switch_cost: float = 4.0, takeover: tuple[float, int] | None = TAKEOVER, **options: Any) -> None:
+                 switch_cost: float = 4.0, takeover: tuple[float, int] | tuple[float, int, float] | None = TAKEOVER,
+                 **options: Any) -> None:
         entries = max(1, capacity // int(options.get("block_size", 1)))
         lrfu: ShadowCache[K] = AdaptiveLRFU(entries, half_lives)
         super().__init__(capacity, experts=experts, shadows=(lrfu,), switch_cost=switch_cost, takeover=takeover,

@@ -323,7 +323,7 @@ class PredictivePolicy(Generic[K]):
                  epoch: int | None = None, window: int | None = None, switch_cost: float = 1.0,
                  horizon_factor: int = 2, patience: float = 2.0, block_size: int = 1,
                  compiled: bool = False, shadows: Sequence[ShadowCache[K]] = (),
-                 takeover: tuple[float, int] | None = None) -> None:
+                 takeover: tuple[float, int] | tuple[float, int, float] | None = None) -> None:
         if capacity < 1 or block_size < 1:
             raise ConfigError(f"the predictive policy needs a capacity of at least 1 entry, got {capacity} "
                               f"with block_size={block_size}")
@@ -352,7 +352,8 @@ class PredictivePolicy(Generic[K]):
         self.switch_cost = switch_cost
         self.scores = [0.0] * len(self.experts)
         self.switches = 0
-        self.takeover = None if takeover is None else TakeoverRule(*takeover)
+        self.takeover = None if takeover is None else TakeoverRule(*takeover, warmup=self.window // self.epoch,
+                                                                   floor=capacity)
         self.takeovers = 0  # times the tier became an expert
         self.loaded = 0  # keys those takeovers brought into the tier
         self._copy_of = 0  # the expert the tier is an exact copy of, -1 for none (empty, it copies the first)
