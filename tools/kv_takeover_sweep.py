@@ -11,7 +11,9 @@ takeover variant: ``off`` (no takeover, the policy before it) or ``MARGIN:EPOCHS
 (:class:`tierstore.predict.takeover.TakeoverRule`), with its takeovers and the keys they loaded.
 Request traces (Mooncake) are scored twice: ``plain`` (hit rate, no parents) and ``prefix``
 (parents told, a request's hits stop at its first miss). The cuts are those of
-``tools/kv_switch_sweep.py``.
+``tools/kv_switch_sweep.py``; ``--grid`` replays instead the traces of BENCHMARKS.md's issue-18
+grid in full (orm-busy: its first 1M accesses), at ``tools/replay.py``'s capacities (rounded), with
+FIFO, LFU and OPT beside.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ from replay_formats import read_trace
 from tierstore.predict.kv_policy import KVPolicy
 from tierstore.predict.shadow_caches import ShadowLIRS
 
+GRID: list[tuple[str, int | None]] = [
+    ("2_pools.trace.gz", None), ("cloudPhysicsIO.csv", None), ("loop.trace.gz", None), ("multi2.trace.gz", None),
+    ("orm-busy.trace.xz", 1_000_000), ("request.trace.xz", None), ("scan.trace.gz", None),
+    ("scarab-recs.trace.xz", None), ("synthetic_trace.jsonl", None), ("web07.trace.xz", None),
+    ("zigzag.trace.gz", None)]
 VARIANTS = "off,0.01:2,0.01:8,0.01:32,0.03:2,0.03:8,0.03:32,0.1:2,0.1:8,0.1:32"
 CHUNK = 65536
 
@@ -70,10 +77,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default=VARIANTS, help="comma-separated: off or MARGIN:EPOCHS")
     parser.add_argument("--traces", default="", help="comma-separated name prefixes of CUTS (default: all)")
+    parser.add_argument("--grid", action="store_true", help="the full grid's traces instead of the cuts")
     args = parser.parse_args()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     wanted = [t for t in args.traces.split(",") if t]
-    for name, limit in CUTS:
+    refs = ("lru", "arc", "s3fifo", "wtinylfu") + (("fifo", "lfu", "opt") if args.grid else ())
+    for name, limit in GRID if args.grid else CUTS:
         if wanted and not any(name.startswith(w) for w in wanted):
             continue
         trace = read_trace(TRACES / name, None, limit)
@@ -82,7 +91,7 @@ def main() -> None:
         unique = int(dense.max()) + 1
         scorings = ["plain"] if trace.request is None else ["plain", "prefix"]
         for share in (1, 5, 10, 25):
-            capacity = max(1, unique * share // 100)
+            capacity = max(1, round(unique * share / 100) if args.grid else unique * share // 100)
             for scoring in scorings:
                 request = trace.request if scoring == "prefix" else None
                 parents = None
@@ -94,7 +103,7 @@ def main() -> None:
 
                 row: dict[str, object] = {"trace": name, "limit": limit, "capacity_pct": share,
                                           "capacity": capacity, "scoring": scoring}
-                for ref in ("lru", "arc", "s3fifo", "wtinylfu"):
+                for ref in refs:
                     row[ref] = rate(getattr(replay_policies, ref)(keys, unique, capacity, lambda _done: None))
                 row["lirs"] = rate(lirs_hits(keys, capacity))
                 for variant in variants:
