@@ -33,7 +33,7 @@ def test_kv_policy_follows_the_protocol(keys: list[int], capacity: int, sizes: l
     # a takeover loads keys as one entry each: only for a caller whose keys all are (the simulator);
     # (0.0, 1): a takeover whenever another expert tops the panel for an epoch, so most unit runs have some
     unit = set(sizes) == {1}
-    policy: KVPolicy[int] = KVPolicy(capacity, epoch=8, takeover=(0.0, 1) if unit else None)
+    policy: KVPolicy[int] = KVPolicy(capacity, epoch=8, window=64, takeover=(0.0, 1) if unit else None)
     parents = chain(keys, cut) if chained else None
     model: dict[int, int] = {}  # what the tier holds, as the driver sees it: key -> size
     for i, key in enumerate(keys):
