@@ -299,13 +299,15 @@ class PredictivePolicy(Generic[K]):
     (:meth:`switch_target`).
     The first expert leads until then: S3-FIFO, the best classic policy on most traces measured.
 
-    ``takeover=(margin, epochs)`` (off by default) lets the tier *become* an expert instead
-    (:mod:`tierstore.predict.takeover`): once one has led the panel by ``margin`` for ``epochs``
-    epochs, the tier drops every key it does not hold and loads every key it holds that the tier
-    lacks (``takeovers`` and ``loaded`` count them), so following it costs no misses on old
-    contents. It loads keys the caller never inserted, as one entry each: it is for an owner that
-    can bring keys in on the policy's word and whose keys all have size 1 (the trace simulator);
-    a tier found holding other sizes skips it.
+    ``takeover=(margin, epochs[, noise])`` (off by default; :class:`tierstore.predict.kv_policy.KVPolicy`
+    turns it on) lets the tier *become* an expert instead (:class:`tierstore.predict.takeover.TakeoverRule`,
+    with a warm-up of one score window and a floor of one capacity of hits): once one has led the
+    panel by that much for ``epochs`` epochs, the tier drops every key it does not hold and loads
+    every key it holds that the tier lacks (``takeovers`` and ``loaded`` count them), so it is the
+    expert's exact copy and following it costs no misses on old contents. It loads keys the caller
+    never inserted, as one entry each: it is for an owner that can bring keys in on the policy's
+    word and whose keys all have size 1 (the trace simulator); a tier found holding other sizes
+    skips it.
 
     ``capacity`` is in the unit of the sizes given to ``insert`` (entries by default). With byte
     sizes, pass ``block_size``, a typical block's size: the experts count ``capacity // block_size``
