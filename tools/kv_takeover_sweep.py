@@ -13,7 +13,7 @@ Request traces (Mooncake) are scored twice: ``plain`` (hit rate, no parents) and
 (parents told, a request's hits stop at its first miss). The cuts are those of
 ``tools/kv_switch_sweep.py``; ``--grid`` replays instead the traces of BENCHMARKS.md's issue-18
 grid in full (orm-busy: its first 1M accesses), at ``tools/replay.py``'s capacities (rounded), with
-FIFO, LFU and OPT beside.
+FIFO, LFU and OPT beside; ``--held-out`` the other shared traces (``HELD_OUT``), as ``--grid``.
 """
 
 from __future__ import annotations
@@ -36,6 +36,11 @@ GRID: list[tuple[str, int | None]] = [
     ("orm-busy.trace.xz", 1_000_000), ("request.trace.xz", None), ("scan.trace.gz", None),
     ("scarab-recs.trace.xz", None), ("synthetic_trace.jsonl", None), ("web07.trace.xz", None),
     ("zigzag.trace.gz", None)]
+HELD_OUT: list[tuple[str, int | None]] = [
+    ("orm-night.trace.xz", 1_000_000), ("trace_vaultservice.gz", None), ("cpp.trace.gz", None),
+    ("cs.trace.gz", None), ("gli.trace.gz", None), ("ps.trace.gz", None), ("multi1.trace.gz", None),
+    ("multi3.trace.gz", None), ("backf.trace.gz", None)]
+"""The shared traces in neither the cuts nor the grid (none chose the default): ``--held-out``."""
 VARIANTS = "off,0.01:2,0.01:8,0.01:32,0.03:2,0.03:8,0.03:32,0.1:2,0.1:8,0.1:32"
 CHUNK = 65536
 
@@ -78,11 +83,13 @@ def main() -> None:
     parser.add_argument("--variants", default=VARIANTS, help="comma-separated: off or MARGIN:EPOCHS")
     parser.add_argument("--traces", default="", help="comma-separated name prefixes of CUTS (default: all)")
     parser.add_argument("--grid", action="store_true", help="the full grid's traces instead of the cuts")
+    parser.add_argument("--held-out", action="store_true", help="the other shared traces (HELD_OUT), as --grid")
     args = parser.parse_args()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     wanted = [t for t in args.traces.split(",") if t]
+    args.grid = args.grid or args.held_out
     refs = ("lru", "arc", "s3fifo", "wtinylfu") + (("fifo", "lfu", "opt") if args.grid else ())
-    for name, limit in GRID if args.grid else CUTS:
+    for name, limit in HELD_OUT if args.held_out else GRID if args.grid else CUTS:
         if wanted and not any(name.startswith(w) for w in wanted):
             continue
         trace = read_trace(TRACES / name, None, limit)
