@@ -55,8 +55,8 @@ TAKEOVER: tuple[float, int] | tuple[float, int, float] | None = (0.0, 8, 5.0)
 """The ``kv`` policy's takeover rule, (margin, epochs, noise) (:mod:`tierstore.predict.takeover`): an
 expert that tops the panel, ahead of the followed one by 5 standard deviations of a Poisson count,
 for 8 epochs in a row. Chosen by ``tools/kv_takeover_sweep.py`` on Mooncake and the cuts of eight
-object traces (BENCHMARKS.md, "The kv policy takes over its leading expert"): of 20 rules it was
-the one that gained most without any cell falling further below the best classic policy than
+object traces (BENCHMARKS.md, "The kv policy takes over its leading expert"): of the 19 rules of
+the final sweep it was the one that gained most without any cell falling further below the best classic policy than
 without a takeover and without moving Mooncake at 1% and 5%; smaller bounds took over on Mooncake
 at 1% on chance leads and lost there."""
 
