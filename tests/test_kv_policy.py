@@ -19,9 +19,10 @@ from tests.test_predict_batch import chain, per_access, traces
 from tierstore.config import EVICTION_POLICIES
 from tierstore.errors import ConfigError
 from tierstore.predict.compiled_learn import AVAILABLE
-from tierstore.predict.kv_policy import AdaptiveLRFU, KVPolicy, ShadowLRFU
+from tierstore.predict.kv_policy import TAKEOVER, AdaptiveLRFU, KVPolicy, ShadowLRFU
 from tierstore.predict.policies import access, make_policy
 from tierstore.predict.shadow_caches import Evictions
+from tierstore.predict.takeover import TakeoverRule
 
 
 @settings(max_examples=80, deadline=None)
@@ -29,16 +30,24 @@ from tierstore.predict.shadow_caches import Evictions
        chained=st.booleans(), cut=st.lists(st.booleans(), min_size=1, max_size=5))
 def test_kv_policy_follows_the_protocol(keys: list[int], capacity: int, sizes: list[int], chained: bool,
                                         cut: list[bool]) -> None:
-    policy: KVPolicy[int] = KVPolicy(capacity, epoch=8)
+    # a takeover loads keys as one entry each: only for a caller whose keys all are (the simulator);
+    # (0.0, 1): a takeover whenever another expert tops the panel for an epoch, so most unit runs have some
+    unit = set(sizes) == {1}
+    policy: KVPolicy[int] = KVPolicy(capacity, epoch=8, window=64, takeover=(0.0, 1) if unit else None)
     parents = chain(keys, cut) if chained else None
     model: dict[int, int] = {}  # what the tier holds, as the driver sees it: key -> size
     for i, key in enumerate(keys):
         size = sizes[key % len(sizes)]
-        before = set(policy._resident)
+        before, takeovers = set(policy._resident), policy.takeovers
         hit = access(policy, key, float(i), capacity, size, None if parents is None else parents[i])
         assert hit == (key in model)
         for gone in before - set(policy._resident):
             del model[gone]
+        loaded = set(policy._resident) - before - {key}
+        if loaded or (key in policy and key not in model and policy.takeovers > takeovers):
+            # only a takeover brings in keys of its own, all of them unit-size (the tier held only such)
+            assert policy.takeovers == takeovers + 1 and all(v == 1 for v in model.values())
+            model.update((k, 1) for k in loaded)
         if key in policy:
             model[key] = model.get(key, size)
         assert policy.used == sum(model.values()) <= capacity
@@ -47,10 +56,13 @@ def test_kv_policy_follows_the_protocol(keys: list[int], capacity: int, sizes: l
 
 @settings(max_examples=60, deadline=None)
 @given(keys=traces(), capacity=st.integers(1, 40), chained=st.booleans(),
-       cut=st.lists(st.booleans(), min_size=1, max_size=5), pieces=st.integers(1, 3))
+       cut=st.lists(st.booleans(), min_size=1, max_size=5), pieces=st.integers(1, 3),
+       takeover=st.sampled_from([None, (0.0, 1), (0.05, 2), TAKEOVER]))
 def test_kv_batch_replay_makes_the_protocols_decisions(keys: list[int], capacity: int, chained: bool,
-                                                       cut: list[bool], pieces: int) -> None:
-    options: dict[str, Any] = {"epoch": 5, "window": 60, "prediction_window": 8}
+                                                       cut: list[bool], pieces: int,
+                                                       takeover: tuple[float, int] | None) -> None:
+    # (0.0, 1): a takeover whenever another expert tops the panel for an epoch, so most examples have some
+    options: dict[str, Any] = {"epoch": 5, "window": 60, "prediction_window": 8, "takeover": takeover}
     parents = chain(keys, cut) if chained else None
     slow: KVPolicy[int] = KVPolicy(capacity, **options)
     expected = per_access(slow, keys, parents)
@@ -63,7 +75,64 @@ def test_kv_batch_replay_makes_the_protocols_decisions(keys: list[int], capacity
             got += fast.simulate(keys[start:start + step], None if parents is None else parents[start:start + step])
         assert got == expected
         assert fast.leader == slow.leader and fast.scores == slow.scores
-        assert list(fast._resident) == list(slow._resident)
+        assert list(fast._resident) == list(slow._resident) and list(fast._outside) == list(slow._outside)
+        assert (fast.takeovers, fast.loaded, fast.switches) == (slow.takeovers, slow.loaded, slow.switches)
+        assert fast._children == slow._children and fast._parent == slow._parent
+
+
+def _phases(capacity: int) -> list[int]:
+    """A shared hot set the LRFU expert keeps, then a loop 1.5x the cache, which LRU-like experts miss entirely."""
+    rng = np.random.default_rng(3)
+    hot = [int(k) for k in rng.integers(0, capacity // 2, 6000)]
+    cold = [10_000 + i for i in range(6000)]
+    first = [k for pair in zip(hot, cold, strict=True) for k in pair]
+    return first + list(range(20_000, 20_000 + capacity * 3 // 2)) * 40
+
+
+@pytest.mark.parametrize("compiled", [False, True] if AVAILABLE else [False])
+def test_a_takeover_makes_the_tier_a_copy_of_the_expert(compiled: bool) -> None:
+    capacity = 64
+    keys = _phases(capacity)
+    policy: KVPolicy[int] = KVPolicy(capacity, epoch=16, window=512, compiled=compiled, takeover=(0.05, 4))
+    before = KVPolicy[int](capacity, epoch=16, window=512, compiled=compiled, takeover=None)
+    copies = 0
+    hits = without = 0
+    for start in range(0, len(keys), 16):  # one epoch a call: check the tier at every epoch's end
+        chunk = keys[start:start + 16]
+        leader, copy = policy.leader, policy._copy_of
+        if copy >= 0:  # the tier is an exact copy of the expert it follows: same keys, same hits
+            expert = policy.experts[copy]
+            assert set(policy._resident) == set(expert) and not policy._outside
+            expected = [key in expert for key in chunk[:1]]  # the expert's own answer for the next access
+        got = policy.simulate(chunk)
+        if copy >= 0:
+            assert bool(got[0]) == expected[0]
+            copies += leader != "lrfu"
+        hits += sum(got)
+        without += sum(before.simulate(chunk))
+    assert policy.takeovers >= 1 and policy.loaded >= 1 and copies > 0  # it took over something besides lrfu
+    assert hits > without  # and following a copy beats following decisions on old contents here
+
+
+def test_the_takeover_rule_needs_a_lead_kept_for_its_epochs() -> None:
+    rule = TakeoverRule(0.1, 3)
+    assert [rule.step([10.0, 12.0], 0, 0) for _ in range(4)] == [-1, -1, 1, -1]  # 20% ahead for 3 epochs, then anew
+    rule = TakeoverRule(0.1, 3)
+    assert [rule.step([10.0, s], 0, 0) for s in (12.0, 10.5, 12.0, 12.0)] == [-1, -1, -1, -1]  # lead lost once
+    assert rule.step([10.0, 12.0], 0, 0) == 1
+    rule = TakeoverRule(0.0, 1)
+    assert rule.step([5.0, 1.0], 0, 0) == -1  # the copy is the top scorer already
+    assert rule.step([5.0, 1.0], 0, -1) == 0  # the leader, not copied (after a paid switch): copy it
+    assert rule.step([5.0, 4.5], 1, -1) == -1  # half a hit ahead is no lead
+    rule = TakeoverRule(0.0, 1, warmup=2, floor=10.0)
+    assert [rule.step([5.0, s], 0, 0) for s in (20.0, 20.0, 9.0, 20.0)] == [-1, -1, -1, 1]  # warm-up, floor
+    rule = TakeoverRule(0.0, 1, 3.0)
+    assert rule.step([100.0, 120.0], 0, 0) == -1  # 20 ahead, noise 3 x sqrt(220) = 44.5
+    assert rule.step([100.0, 150.0], 0, 0) == 1
+    with pytest.raises(ConfigError):
+        TakeoverRule(-0.1, 3)
+    with pytest.raises(ConfigError):
+        TakeoverRule(0.1, 0)
 
 
 @settings(max_examples=40, deadline=None)

@@ -7,6 +7,7 @@
     python tools/bench_replay.py --limit 500000 --capacity 763,19087 --check  # the full trace's 1%, 25%
     python tools/bench_replay.py --policy kv                      # the KV-aware policy (KVPolicy) instead
     python tools/bench_replay.py --policy lrfu                    # its adaptive LRFU expert alone
+    python tools/bench_replay.py --policy kv --takeover off       # kv with another takeover rule (or none)
 
 Each run replays the trace the way ``tools/replay.py`` does (dense key ids, ``simulate`` in
 64k-access calls, the cyclic collector paused) on a fresh ``PredictivePolicy(c, compiled=True)``
@@ -92,9 +93,18 @@ def main() -> int:
     parser.add_argument("--profile", default=None, help="one capacity (e.g. 1%%): cProfile one run instead")
     parser.add_argument("--check", action="store_true", help="also replay in pure Python and compare the hits")
     parser.add_argument("--policy", choices=sorted(POLICIES), default="predictive")
+    parser.add_argument("--takeover", default=None,
+                        help="kv only: 'off' or MARGIN:EPOCHS[:NOISE] instead of the policy's default rule")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     kind = POLICIES[args.policy]
+    if args.takeover is not None:
+        if kind is not KVPolicy:
+            parser.error("--takeover is for --policy kv")
+        margin, epochs, *noise = ("0:1" if args.takeover == "off" else args.takeover).split(":")
+        rule = None if args.takeover == "off" else (float(margin), int(epochs), *map(float, noise))
+        kind = type("KVTakeover", (KVPolicy,), {"__init__": lambda self, capacity, compiled=True:
+                                                 KVPolicy.__init__(self, capacity, compiled=compiled, takeover=rule)})
     trace = read_trace(Path(args.trace), None, args.limit)
     uniques, inverse = np.unique(trace.keys, return_inverse=True)
     keys = [int(k) for k in inverse.reshape(-1).astype(np.int64).tolist()]
@@ -135,7 +145,8 @@ def main() -> int:
                        "per_wall_s": round(statistics.median(r[1] for r in rows))}
                for label, rows in runs.items()}
     if args.json:
-        print(json.dumps({"trace": Path(args.trace).name, "policy": args.policy, "accesses": len(keys),
+        print(json.dumps({"trace": Path(args.trace).name, "policy": args.policy, "takeover": args.takeover,
+                          "accesses": len(keys),
                           "warmup_cpu_s": round(warmup, 2), "results": summary}))
     else:
         for label, row in summary.items():

@@ -235,7 +235,7 @@ def simulate(policy: PredictivePolicy[K], keys: Sequence[K], parents: Sequence[K
     n, capacity = len(keys), policy.capacity
     hits = bytearray(n)
     experts, tally, predictor = policy.experts, panel.hits, policy.predictor
-    resident, parent_of, children = panel.resident, panel.parent, panel.children
+    resident, parent_of, children, lineage = panel.resident, panel.parent, panel.children, panel.lineage
     touch = resident.move_to_end
     used = panel.used
     dense = None if compiled is None else np.asarray(keys, dtype=np.int64)
@@ -281,10 +281,13 @@ def simulate(policy: PredictivePolicy[K], keys: Sequence[K], parents: Sequence[K
                 hits[start + i] = 1
                 if i == last and boundary:
                     panel = _next_epoch(policy, panel, used)
+                    used = panel.used  # a takeover may have changed the tier
                 continue
             if i == last and boundary:  # the epoch's last access is admitted under the next leader
                 panel = _next_epoch(policy, panel, used)
-                outside = panel.outside
+                outside, used = panel.outside, panel.used
+                if key in resident:  # a takeover loaded it: still this access's miss
+                    continue
                 held = key in experts[panel.leader]
             if not held and used >= capacity:
                 continue
@@ -314,6 +317,8 @@ def simulate(policy: PredictivePolicy[K], keys: Sequence[K], parents: Sequence[K
                 if parent is not None and parent != key:
                     parent_of[key] = parent
                     children.setdefault(parent, {})[key] = None
+                    if lineage is not None:
+                        lineage[key] = parent
         panel.used = used
         if not boundary:  # else the next epoch's countdown, from choose_leader
             panel.countdown = countdown

@@ -25,9 +25,11 @@ of 1-32 capacities scores hits on the recent stream, and the cache adopts the be
 by re-ranking (no key moves, so no switch cost). :class:`KVPolicy` is the predictive policy
 (:class:`tierstore.predict.predictor.PredictivePolicy`, chain tails first there too) with the
 adaptive LRFU leading its panel and the classic and learned experts behind it, for streams that are
-not KV traffic, under a dearer switch rule (4 misses per key the tier lacks). Measured on every
-trace in BENCHMARKS.md (issue 18 section): above every classic policy on the synthetic Mooncake
-trace with prefix-aware scoring, below S3-FIFO on block-I/O and object traces; not a default.
+not KV traffic, under a dearer switch rule (4 misses per key the tier lacks), and, in the
+simulator, a takeover (:mod:`tierstore.predict.takeover`): when another expert clearly and steadily
+beats the one the tier follows, the tier becomes its copy at once. Measured on every trace in
+BENCHMARKS.md (issue 18 sections): above every classic policy on the synthetic Mooncake trace
+with prefix-aware scoring, below S3-FIFO on some block-I/O and object traces; not a default.
 """
 
 from __future__ import annotations
@@ -40,13 +42,23 @@ from typing import Any, Generic, TypeVar
 from .predictor import PredictivePolicy
 from .shadow_caches import Evictions, ShadowCache
 
-__all__ = ["ShadowLRFU", "AdaptiveLRFU", "KVPolicy", "HALF_LIVES"]
+__all__ = ["ShadowLRFU", "AdaptiveLRFU", "KVPolicy", "HALF_LIVES", "TAKEOVER"]
 
 K = TypeVar("K", bound=Hashable)
 
 HALF_LIVES = (16, 8, 2, 4, 1, 32)
 """The adaptive LRFU's half-lives, in capacities (it ranks by the first until the panel's scores say
 otherwise; 16 first: the best single one at 1% of the synthetic Mooncake trace)."""
+
+
+TAKEOVER: tuple[float, int] | tuple[float, int, float] | None = (0.0, 8, 5.0)
+"""The ``kv`` policy's takeover rule, (margin, epochs, noise) (:mod:`tierstore.predict.takeover`): an
+expert that tops the panel, ahead of the followed one by 5 standard deviations of a Poisson count,
+for 8 epochs in a row. Chosen by ``tools/kv_takeover_sweep.py`` on Mooncake and the cuts of eight
+object traces (BENCHMARKS.md, "The kv policy takes over its leading expert"): of the 19 rules of
+the final sweep it was the one that gained most without any cell falling further below the best classic policy than
+without a takeover and without moving Mooncake at 1% and 5%; smaller bounds took over on Mooncake
+at 1% on chance leads and lost there."""
 
 
 class ShadowLRFU(Generic[K]):
@@ -196,7 +208,9 @@ class KVPolicy(PredictivePolicy[K]):
     """The predictive policy with the adaptive LRFU expert leading its panel: the KV-aware policy (``kv``).
 
     Same protocol, knobs and chain handling as :class:`tierstore.predict.predictor.PredictivePolicy`
-    (whose panel, after the LRFU expert, is ``experts``); ``half_lives`` are in capacities.
+    (whose panel, after the LRFU expert, is ``experts``); ``half_lives`` are in capacities;
+    ``takeover`` defaults to :data:`TAKEOVER` (``None``: follow decisions only, as before; the store
+    gets ``None`` from ``make_policy``, since a takeover loads keys no caller inserted).
     ``switch_cost`` defaults to 4 misses per key the tier lacks, not 1: on the synthetic Mooncake
     trace the panel otherwise leaves the LRFU expert for ARC or S3-FIFO on a few epochs' lead and
     loses more than it gains (1%: 11 switches, 0.038 against 0.044 with a cost of 4; 5%: 0.161
@@ -207,7 +221,9 @@ class KVPolicy(PredictivePolicy[K]):
 
     def __init__(self, capacity: int, *, half_lives: Sequence[float] = HALF_LIVES,
                  experts: tuple[str, ...] = ("s3fifo", "arc", "wtinylfu", "predicted", "lru", "lirs"),
-                 switch_cost: float = 4.0, **options: Any) -> None:
+                 switch_cost: float = 4.0, takeover: tuple[float, int] | tuple[float, int, float] | None = TAKEOVER,
+                 **options: Any) -> None:
         entries = max(1, capacity // int(options.get("block_size", 1)))
         lrfu: ShadowCache[K] = AdaptiveLRFU(entries, half_lives)
-        super().__init__(capacity, experts=experts, shadows=(lrfu,), switch_cost=switch_cost, **options)
+        super().__init__(capacity, experts=experts, shadows=(lrfu,), switch_cost=switch_cost, takeover=takeover,
+                         **options)

@@ -74,6 +74,8 @@ def access(policy: Policy[K], key: K, now: float, capacity: int, size: int = 1,
     policy.record_access(key, now)
     if hit:
         return True
+    if key in policy:  # brought in by the policy itself (a takeover, tierstore.predict.takeover): still a miss
+        return False
     if size > capacity or not policy.admit(key, size):
         return False
     while policy.used + size > capacity:
@@ -251,8 +253,10 @@ def make_policy(name: str, *, capacity: int | None = None, prediction_window: in
         if key == "kv":
             from .kv_policy import KVPolicy  # imports the predictor, which imports this module; import late
 
+            # no takeover: it loads keys into the tier on the policy's word, which a store's tier
+            # (whose mover alone copies bytes) does not do; the trace simulator builds KVPolicy itself
             return KVPolicy(capacity, prediction_window=prediction_window,
-                            prediction_threshold=prediction_threshold, block_size=block_size)
+                            prediction_threshold=prediction_threshold, block_size=block_size, takeover=None)
         from .predictor import PredictivePolicy  # predict imports this module's protocol; import late
 
         return PredictivePolicy(capacity, prediction_window=prediction_window,

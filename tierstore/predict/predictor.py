@@ -33,6 +33,7 @@ from .access_tracker import AccessPatternTracker, KeyStats
 from .batch_replay import CROWDED
 from .replay_state import BeladyState, PanelState, PredictorState
 from .shadow_caches import Evictions, ShadowARC, ShadowCache, ShadowLIRS, ShadowLRU, ShadowS3FIFO, ShadowWTinyLFU
+from .takeover import TakeoverRule
 
 if TYPE_CHECKING:
     from .compiled_learn import CompiledLearner
@@ -298,6 +299,16 @@ class PredictivePolicy(Generic[K]):
     (:meth:`switch_target`).
     The first expert leads until then: S3-FIFO, the best classic policy on most traces measured.
 
+    ``takeover=(margin, epochs[, noise])`` (off by default; :class:`tierstore.predict.kv_policy.KVPolicy`
+    turns it on) lets the tier *become* an expert instead (:class:`tierstore.predict.takeover.TakeoverRule`,
+    with a warm-up of one score window and a floor of one capacity of hits): once one has led the
+    panel by that much for ``epochs`` epochs, the tier drops every key it does not hold and loads
+    every key it holds that the tier lacks (``takeovers`` and ``loaded`` count them), so it is the
+    expert's exact copy and following it costs no misses on old contents. It loads keys the caller
+    never inserted, as one entry each: it is for an owner that can bring keys in on the policy's
+    word and whose keys all have size 1 (the trace simulator); a tier found holding other sizes
+    skips it.
+
     ``capacity`` is in the unit of the sizes given to ``insert`` (entries by default). With byte
     sizes, pass ``block_size``, a typical block's size: the experts count ``capacity // block_size``
     entries. The knobs after it are the panel's tuning, measured in ``tools/replay.py``.
@@ -313,7 +324,8 @@ class PredictivePolicy(Generic[K]):
                  experts: tuple[str, ...] = ("s3fifo", "arc", "wtinylfu", "predicted", "lru", "lirs"),
                  epoch: int | None = None, window: int | None = None, switch_cost: float = 1.0,
                  horizon_factor: int = 2, patience: float = 2.0, block_size: int = 1,
-                 compiled: bool = False, shadows: Sequence[ShadowCache[K]] = ()) -> None:
+                 compiled: bool = False, shadows: Sequence[ShadowCache[K]] = (),
+                 takeover: tuple[float, int] | tuple[float, int, float] | None = None) -> None:
         if capacity < 1 or block_size < 1:
             raise ConfigError(f"the predictive policy needs a capacity of at least 1 entry, got {capacity} "
                               f"with block_size={block_size}")
@@ -342,6 +354,11 @@ class PredictivePolicy(Generic[K]):
         self.switch_cost = switch_cost
         self.scores = [0.0] * len(self.experts)
         self.switches = 0
+        self.takeover = None if takeover is None else TakeoverRule(*takeover, warmup=self.window // self.epoch,
+                                                                   floor=capacity)
+        self.takeovers = 0  # times the tier became an expert
+        self.loaded = 0  # keys those takeovers brought into the tier
+        self._copy_of = 0  # the expert the tier is an exact copy of, -1 for none (empty, it copies the first)
         self._hits = [0] * len(self.experts)
         self._leader = 0
         self._countdown = self.epoch
@@ -351,6 +368,7 @@ class PredictivePolicy(Generic[K]):
         self._parent: dict[K, K] = {}
         # resident extensions of each key; dicts, not sets, so the walk to a tail is reproducible
         self._children: dict[K, dict[K, None]] = {}
+        self._lineage: dict[K, K] = {}  # each chained key's parent, kept after eviction (a takeover reloads links)
 
     @property
     def used(self) -> int:
@@ -405,7 +423,7 @@ class PredictivePolicy(Generic[K]):
     def export_state(self) -> PanelState[K]:
         """The tier's keys and the epoch's state, the containers shared (for the batch replay's loop)."""
         return PanelState(self._resident, self._outside, self._parent, self._children, self._hits, self._used,
-                          self._leader, self._countdown)
+                          self._leader, self._countdown, self._lineage if self.takeover is not None else None)
 
     def load_state(self, state: PanelState[K]) -> None:
         """Take ``state`` (from :meth:`export_state`, advanced by a replay) as the policy's own."""
@@ -417,20 +435,57 @@ class PredictivePolicy(Generic[K]):
         """End an epoch: decay the experts' scores and maybe change leader (both paths call this).
 
         Restarts the epoch's countdown, zeroes the epoch's hits and, on a change of leader, rebuilds
-        the set of resident keys the new leader does not hold.
+        the set of resident keys the new leader does not hold; or, when the takeover rule says so,
+        makes the tier a copy of an expert (:meth:`_become`).
         """
         self._countdown = self.epoch
         scores, hits = self.scores, self._hits
         for i, count in enumerate(hits):
             scores[i] = scores[i] * self.decay + count  # ~ hits over the last `window` accesses
             hits[i] = 0
+        if self.takeover is not None:
+            expert = self.takeover.step(scores, self._leader, self._copy_of)
+            if expert >= 0 and self._used == len(self._resident) and self._become(expert):  # unit sizes only
+                return
         best = self.switch_target()
         if best == self._leader:
             return
         lead, resident = self.experts[best], self._resident
         self._leader = best
+        self._copy_of = -1
         self.switches += 1
         self._outside = OrderedDict((k, None) for k in resident if k not in lead)
+
+    def _become(self, index: int) -> bool:
+        """Make the tier a copy of expert ``index`` and follow it: drop what it lacks, load what it holds.
+
+        False, changing nothing, where the expert holds more keys than the tier fits (W-TinyLFU and
+        LIRS at a capacity of 1 keep 2).
+
+        Loaded keys go to the least recently used end, in sorted order where the keys sort (the
+        experts list their keys in different orders compiled and in Python; the tier's order must
+        not depend on that), each with its remembered chain parent.
+        """
+        expert, resident = self.experts[index], self._resident
+        held = list(expert)
+        if len(held) > self.capacity:
+            return False
+        self._leader = self._copy_of = index  # first: insert() checks the leader holds what it loads
+        for key in [k for k in resident if k not in expert]:
+            self.remove(key)
+        missing = [k for k in held if k not in resident]
+        try:
+            missing.sort()  # type: ignore[call-arg]
+        except TypeError:  # keys of mixed types: the expert's own order
+            pass
+        lineage, touch = self._lineage, resident.move_to_end
+        for key in reversed(missing):
+            self.insert(key, 1, lineage.get(key))
+            touch(key, last=False)
+        self._outside = OrderedDict()  # the tier now holds only what the expert holds
+        self.takeovers += 1
+        self.loaded += len(missing)
+        return True
 
     def switch_target(self) -> int:
         """The expert to follow from now on: the leader itself unless switching pays for itself.
@@ -477,6 +532,8 @@ class PredictivePolicy(Generic[K]):
         if parent is not None and parent != key and old is None:
             self._parent[key] = parent
             self._children.setdefault(parent, {})[key] = None
+            if self.takeover is not None:
+                self._lineage[key] = parent
 
     def remove(self, key: K) -> None:
         size = self._resident.pop(key, None)

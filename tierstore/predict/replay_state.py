@@ -77,3 +77,5 @@ class PanelState(Generic[K]):
     """The index of the expert the tier follows."""
     countdown: int
     """Accesses left in the current epoch."""
+    lineage: dict[K, K] | None = None
+    """Each chained key's parent, kept after eviction (where a takeover may reload keys), else None."""
