@@ -26,10 +26,11 @@ by re-ranking (no key moves, so no switch cost). :class:`KVPolicy` is the predic
 (:class:`tierstore.predict.predictor.PredictivePolicy`, chain tails first there too) with the
 adaptive LRFU leading its panel and the classic and learned experts behind it, for streams that are
 not KV traffic, under a dearer switch rule (4 misses per key the tier lacks), and, in the
-simulator, a takeover (:mod:`tierstore.predict.takeover`): when another expert clearly and steadily
-beats the one the tier follows, the tier becomes its copy at once. Measured on every trace in
-BENCHMARKS.md (issue 18 sections): above every classic policy on the synthetic Mooncake trace
-with prefix-aware scoring, below S3-FIFO on some block-I/O and object traces; not a default.
+simulator and when asked (``takeover=``), a takeover (:mod:`tierstore.predict.takeover`): when
+another expert clearly and steadily beats the one the tier follows, the tier becomes its copy at
+once. Measured on every trace in BENCHMARKS.md (issue 18 sections): above every classic policy
+on the synthetic Mooncake trace with prefix-aware scoring, below S3-FIFO on some block-I/O and
+object traces; not a default.
 """
 
 from __future__ import annotations
@@ -58,7 +59,10 @@ for 8 epochs in a row. Chosen by ``tools/kv_takeover_sweep.py`` on Mooncake and 
 object traces (BENCHMARKS.md, "The kv policy takes over its leading expert"): of the 19 rules of
 the final sweep it was the one that gained most without any cell falling further below the best classic policy than
 without a takeover and without moving Mooncake at 1% and 5%; smaller bounds took over on Mooncake
-at 1% on chance leads and lost there."""
+at 1% on chance leads and lost there. Not the default (``KVPolicy(takeover=TAKEOVER)`` turns it
+on): a takeover loads the expert's keys into the tier without a demand miss, a prefetch that the
+hit rate does not charge, so with it the policy is no longer scored like the demand-paging classic
+policies and OPT it is compared with; it gained one cell of the 44 (30 against 29)."""
 
 
 class ShadowLRFU(Generic[K]):
@@ -209,8 +213,9 @@ class KVPolicy(PredictivePolicy[K]):
 
     Same protocol, knobs and chain handling as :class:`tierstore.predict.predictor.PredictivePolicy`
     (whose panel, after the LRFU expert, is ``experts``); ``half_lives`` are in capacities;
-    ``takeover`` defaults to :data:`TAKEOVER` (``None``: follow decisions only, as before; the store
-    gets ``None`` from ``make_policy``, since a takeover loads keys no caller inserted).
+    ``takeover``: None (the default) follows the leading expert's decisions only; :data:`TAKEOVER`
+    lets the tier become it (loading keys no caller inserted: the trace simulator only, and not
+    demand paging; the store's ``make_policy`` never passes it).
     ``switch_cost`` defaults to 4 misses per key the tier lacks, not 1: on the synthetic Mooncake
     trace the panel otherwise leaves the LRFU expert for ARC or S3-FIFO on a few epochs' lead and
     loses more than it gains (1%: 11 switches, 0.038 against 0.044 with a cost of 4; 5%: 0.161
@@ -221,7 +226,7 @@ class KVPolicy(PredictivePolicy[K]):
 
     def __init__(self, capacity: int, *, half_lives: Sequence[float] = HALF_LIVES,
                  experts: tuple[str, ...] = ("s3fifo", "arc", "wtinylfu", "predicted", "lru", "lirs"),
-                 switch_cost: float = 4.0, takeover: tuple[float, int] | tuple[float, int, float] | None = TAKEOVER,
+                 switch_cost: float = 4.0, takeover: tuple[float, int] | tuple[float, int, float] | None = None,
                  **options: Any) -> None:
         entries = max(1, capacity // int(options.get("block_size", 1)))
         lrfu: ShadowCache[K] = AdaptiveLRFU(entries, half_lives)
