@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import socket
@@ -99,6 +100,33 @@ def test_errors_are_redacted() -> None:
                            "\n\nDebug source: Authorization: AWS4 very-secret")
         assert "very-secret" not in text and "AKIAEXAMPLE" not in text and "abcdef" not in text
         assert "Debug source" not in text
+    finally:
+        tier.close()
+
+
+def test_a_request_failing_as_its_task_is_cancelled_ends_the_task_cancelled() -> None:
+    """The request fails in the loop step its task is cancelled in (a publish cancelling its window after
+    one upload failed): the task ends cancelled, so no "Task exception was never retrieved" follows."""
+    tier = SharedS3Tier("s3://bucket/p", endpoint="http://127.0.0.1:9",
+                        credentials=SharedCredentials("a", "b"), timeout=1.0)
+    try:
+        async def scenario() -> tuple[bool, BaseException | None]:
+            gate = asyncio.Event()
+
+            async def request() -> None:
+                await gate.wait()
+                raise ValueError("connection refused")
+
+            task = asyncio.ensure_future(tier.bounded(request()))
+            for _ in range(5):  # until the request waits on the gate
+                await asyncio.sleep(0)
+            gate.set()  # the request wakes and fails in the next step...
+            task.cancel()  # ...the step in which its task learns it was cancelled
+            await asyncio.wait([task])
+            return task.cancelled(), None if task.cancelled() else task.exception()
+
+        cancelled, error = tier.submit(scenario(), size=None).result(timeout=10)
+        assert cancelled, f"the task ended with {error!r}, which nobody retrieves"
     finally:
         tier.close()
 

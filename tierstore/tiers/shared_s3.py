@@ -223,10 +223,21 @@ class SharedS3Tier:
         return self.timeout * (1.0 + size / (64 << 20))
 
     async def bounded(self, coro: Coroutine[Any, Any, _T], size: int = 0) -> _T:
-        """Await ``coro`` holding one of the ``concurrency`` slots, cut off after :meth:`deadline`."""
+        """Await ``coro`` holding one of the ``concurrency`` slots, cut off after :meth:`deadline`.
+
+        A task cancelled while ``coro`` was failing ends cancelled, not with ``coro``'s error: its
+        caller cancelled its future and will never retrieve that error, which asyncio would then
+        report as "Task exception was never retrieved" (``wait_for`` returns the result of a request
+        that finished in the same loop step as the cancellation).
+        """
         try:
             async with self._limit:
                 return await asyncio.wait_for(coro, self.deadline(size))
+        except Exception:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError from None
+            raise
         finally:
             _discard(coro)  # cancelled while waiting for a slot: it never ran
 
