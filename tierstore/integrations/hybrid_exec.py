@@ -42,6 +42,7 @@ from ..config import format_size
 from ..engine.handle import TierStore
 from ..errors import ConfigError, HardwareUnavailableError
 from ..tiers.l1_device import needs_cast
+from .decode_threads import tokens_of
 from .streaming import StreamUnit, WeightStreamer, place_param
 
 if TYPE_CHECKING:
@@ -165,19 +166,14 @@ def _convert(value: Any, device: torch.device, dtype: torch.dtype | None, *, non
     return value
 
 
-def _tokens(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
-    """Tokens in the unit's input: the second-last dimension of the hidden states (1 while decoding)."""
-    hidden = args[0] if args else kwargs.get("hidden_states")
-    return int(hidden.shape[-2]) if isinstance(hidden, torch.Tensor) and hidden.dim() >= 2 else 2
-
-
 class HybridStreamer(WeightStreamer):
     """A :class:`WeightStreamer` that computes each unit on the device and from the tier its plan names."""
 
     def __init__(self, store: TierStore, units: list[StreamUnit], plan: Plan, *, home: torch.device,
                  home_dtype: torch.dtype | None, gpu: torch.device | None, gpu_dtype: torch.dtype | None,
                  cpu_dtype: torch.dtype | None, prefetch: int, resident_bytes: int,
-                 repeat_from: int | None = None, mapped: bool = True) -> None:
+                 repeat_from: int | None = None, mapped: bool = True,
+                 decode_threads: int | str | None = None) -> None:
         """``home``/``home_dtype``: where the fixed weights compute (what a unit's output goes back to);
         ``gpu``/``gpu_dtype``: the plan's ``cuda``; ``cpu_dtype``: CPU-computed units (None: as stored);
         ``mapped``: the plan's L3 units stored raw are mapped, not copied into L2 (see :class:`WeightStreamer`)."""
@@ -188,7 +184,8 @@ class HybridStreamer(WeightStreamer):
         """``(unit, phase) -> (plan device: cuda/cpu, compute dtype, weights' tier)`` of its last forward."""
         held = {u.name for u in plan.units if u.tier in ("L1", "L2")}
         super().__init__(store, units, device=home, dtype=cpu_dtype, prefetch=prefetch,
-                         resident_bytes=resident_bytes, repeat_from=repeat_from, hold_names=held, mapped=mapped)
+                         resident_bytes=resident_bytes, repeat_from=repeat_from, hold_names=held, mapped=mapped,
+                         decode_threads=decode_threads)
         for index, unit in enumerate(units):  # the kwargs-aware hooks replace the plain ones
             for hook in unit.hooks:
                 hook.remove()
@@ -236,8 +233,11 @@ class HybridStreamer(WeightStreamer):
 
     def _pre_hook(self, index: int) -> Callable[..., Any]:
         def load(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
-            prefill = _tokens(args, kwargs) > 1
+            tokens = tokens_of(args, kwargs)
+            prefill = tokens > 1
             device, dtype = self.placement(index, prefill)
+            if device.type == "cpu":
+                self.threads.enter(tokens)
             tensors = self._take(index)
             self._keep(index, tensors)
             # A held unit's views outlive any copy from them; a streamed unit's L2 slots may be reused
@@ -261,6 +261,7 @@ class HybridStreamer(WeightStreamer):
         def release(module: nn.Module, args: Any, output: Any) -> Any:
             for owner, name, _, placeholder in self.units[index].params:
                 place_param(owner, name, placeholder)
+            self.threads.leave()
             return _convert(output, self.home, self.home_dtype)
         return release
 
