@@ -84,13 +84,14 @@ def test_variants_run_under_budget_and_agree(bench: Any, work: Path, tmp_path: P
     machine_file = tmp_path / "machine.json"
     machine_file.write_text(json.dumps(machine.to_dict()))
     memory = 3 << 20  # below the tiny model's ~4.6 MiB: some units stream
-    rewritten = bench.prepare_plan_store(work, machine, memory)  # the plan's raw units stored raw (plan --apply)
+    # the raw units of the plans for both verify settings stored raw (plan --apply)
+    rewritten = bench.prepare_plan_store(work, machine, memory, ("always", "once"))
     assert rewritten > 0
     results = {v: bench.run_variant(v, work, memory, 3, (1, 4, 4), machine_file, matvec=False)
-               for v in ("memory", "tierstore", "raw", "raw-copy", "raw-once", "plan")}
+               for v in ("memory", "tierstore", "raw", "raw-copy", "raw-once", "plan", "plan-once")}
     reference = results["memory"]["tokens"]
     assert len(reference) == 3
-    for variant in ("tierstore", "raw", "raw-copy", "raw-once", "plan"):
+    for variant in ("tierstore", "raw", "raw-copy", "raw-once", "plan", "plan-once"):
         r = results[variant]
         assert r["tokens"] == reference
         assert r["held_units"] < r["units"] and r["l2_bypasses"] == 0
@@ -99,6 +100,20 @@ def test_variants_run_under_budget_and_agree(bench: Any, work: Path, tmp_path: P
     assert results["raw"]["mapped_blocks"] > 0 and results["raw-copy"]["mapped_blocks"] == 0
     assert results["raw-once"]["mapped_blocks"] > 0
     assert all(r["peak_rss"] > 0 and r["ttft_s"] > 0 for r in results.values())
+    assert {v: r["verify_maps"] for v, r in results.items() if "verify_maps" in r} == {
+        "tierstore": "always", "raw": "always", "raw-copy": "always", "raw-once": "once", "plan": "always",
+        "plan-once": "once"}  # each plan runs with the checks it was made for
+
+
+def test_the_plan_is_compared_with_the_best_variant_with_the_same_checks(bench: Any) -> None:
+    ms = {"tierstore": 9.0, "raw": 5.0, "raw-copy": 6.0, "raw-once": 3.0, "accelerate": 4.0, "plan": 5.5,
+          "plan-once": 3.3, "memory": 1.0}
+    ratios = bench.plan_ratios({k: {"decode_s": v} for k, v in ms.items()})
+    (same, overall) = ratios["plan"]
+    assert same == ("raw", pytest.approx(1.1)) and overall == ("raw-once", pytest.approx(5.5 / 3.0))
+    (same, overall) = ratios["plan-once"]
+    assert same == ("raw-once", pytest.approx(1.1)) and overall == ("raw-once", pytest.approx(1.1))
+    assert "plan-once" not in bench.plan_ratios({k: {"decode_s": v} for k, v in ms.items() if k != "plan-once"})
 
 
 def test_a_plan_with_mapped_decoder_layers_holds_its_budget(bench: Any, work: Path, tmp_path: Path,
