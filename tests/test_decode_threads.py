@@ -92,3 +92,17 @@ def test_streamed_decode_runs_on_the_chosen_threads_with_the_same_tokens(raw: tu
     assert {threads for tokens, threads in runs[None][1]} == {outer}
     assert {threads for tokens, threads in runs[wanted][1] if tokens == 1} == {wanted}
     assert {threads for tokens, threads in runs[wanted][1] if tokens > 1} == {outer}
+
+
+def test_auto_counts_only_decoder_units_that_stream(raw: tuple[Any, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every decoder layer held (a big L2): a decoded token fetches nothing, so auto keeps torch's count."""
+    _, path = raw
+    monkeypatch.setattr(decode_threads, "available_cores", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    chosen = {}
+    for l2 in (1 << 20, 64 << 20):
+        with tierstore.open(path, readonly=True, l2_cache_size=l2) as db:
+            streamer = load_streamed(db, prefetch=2).weight_streamer
+            chosen[l2] = streamer.threads.threads
+            streamer.close()
+    assert chosen == {1 << 20: 1, 64 << 20: None}

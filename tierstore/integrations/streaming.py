@@ -129,8 +129,9 @@ class WeightStreamer:
         self._copied: set[int] = set()
         """Units whose fetch cast (copied) a weight: their tensors are not the tier's slots."""
         self._maps = mapped and device.type == "cpu"
+        decoding = range(self._repeat if self._repeat is not None else 0, len(units))  # the units a token runs
         self.threads = DecodeThreads(choose(decode_threads, device=device, prefetch=self.depth,
-                                            streams=len(self._holdable) < len(units)))
+                                            streams=any(i not in self._holdable for i in decoding)))
         """What one-token forwards of the units run on (``threads.threads``: None, torch's own count)."""
         self.reset_stats()
         for index, unit in enumerate(units):
