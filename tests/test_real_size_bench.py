@@ -88,10 +88,10 @@ def test_variants_run_under_budget_and_agree(bench: Any, work: Path, tmp_path: P
     rewritten = bench.prepare_plan_store(work, machine, memory, ("always", "once"))
     assert rewritten > 0
     results = {v: bench.run_variant(v, work, memory, 3, (1, 4, 4), machine_file, matvec=False)
-               for v in ("memory", "tierstore", "raw", "raw-copy", "raw-once", "plan", "plan-once")}
+               for v in ("memory", "tierstore", "raw", "raw-all-threads", "raw-copy", "raw-once", "plan", "plan-once")}
     reference = results["memory"]["tokens"]
     assert len(reference) == 3
-    for variant in ("tierstore", "raw", "raw-copy", "raw-once", "plan", "plan-once"):
+    for variant in ("tierstore", "raw", "raw-all-threads", "raw-copy", "raw-once", "plan", "plan-once"):
         r = results[variant]
         assert r["tokens"] == reference
         assert r["held_units"] < r["units"] and r["l2_bypasses"] == 0
@@ -101,8 +101,9 @@ def test_variants_run_under_budget_and_agree(bench: Any, work: Path, tmp_path: P
     assert results["raw-once"]["mapped_blocks"] > 0
     assert all(r["peak_rss"] > 0 and r["ttft_s"] > 0 for r in results.values())
     assert {v: r["verify_maps"] for v, r in results.items() if "verify_maps" in r} == {
-        "tierstore": "always", "raw": "always", "raw-copy": "always", "raw-once": "once", "plan": "always",
-        "plan-once": "once"}  # each plan runs with the checks it was made for
+        "tierstore": "always", "raw": "always", "raw-all-threads": "always", "raw-copy": "always", "raw-once": "once",
+        "plan": "always", "plan-once": "once"}  # each plan runs with the checks it was made for
+    assert results["raw-all-threads"]["decode_threads"] is None  # torch's own count, as before decode_threads
 
 
 def test_the_plan_is_compared_with_the_best_variant_with_the_same_checks(bench: Any) -> None:

@@ -12,7 +12,9 @@ RSS is its own), on a synthetic image + prompt, greedy:
 - ``raw``: the same on the store imported with ``--l3-compression off``: the units it does not hold are
   zero-copy maps of the L3 files (``TierStore.map``), L2 holds only held units; ``raw-copy``: the same store
   with ``mapped=False``, every streamed unit copied into L2 by ``pread``; ``raw-once``: ``raw`` with
-  ``l3_verify_maps="once"`` (each block's checksum checked on its first map only),
+  ``l3_verify_maps="once"`` (each block's checksum checked on its first map only); ``raw-all-threads``:
+  ``raw`` with ``decode_threads=None`` (torch's threads on every core beside the prefetch thread, as
+  before ``decode_threads``),
 - ``accelerate``: ``from_pretrained(device_map="auto", max_memory={"cpu": M}, offload_folder=...)``,
 - ``plan``: ``load_streamed(store, plan=placement.plan(model_units(store), machine, memory=M))`` with
   the machine measured once (``Machine.from_probe``) at the start of the run, on a copy of the
@@ -62,9 +64,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/, for rss_phas
 from rss_phases import RssPhases
 
 GiB = 1 << 30
-VARIANTS = ("memory", "tierstore", "raw", "raw-copy", "raw-once", "accelerate", "plan", "plan-once")
+VARIANTS = ("memory", "tierstore", "raw", "raw-all-threads", "raw-copy", "raw-once", "accelerate", "plan", "plan-once")
 STORES = {"tierstore": "store", "plan": "store-plan", "plan-once": "store-plan", "raw": "store-raw",
-          "raw-copy": "store-raw", "raw-once": "store-raw"}
+          "raw-all-threads": "store-raw", "raw-copy": "store-raw", "raw-once": "store-raw"}
 """The store each tierstore variant opens: ``raw`` and ``raw-copy`` are the same checkpoint imported with
 ``--l3-compression off``; ``raw`` maps the streamed units (``load_streamed``'s default), ``raw-copy`` copies
 them through L2 (``mapped=False``); ``plan`` and ``plan-once`` open a copy of ``store`` with the units their
@@ -72,7 +74,7 @@ plans stream raw rewritten raw (``tierstore plan --apply``; one copy for both: t
 VERIFY = {"raw-once": "once", "plan-once": "once"}
 """The store's ``l3_verify_maps`` per variant (the others: the default, ``always``); a plan is made for the
 setting its store runs with (``plan(..., verify_maps=)``), never the other way round."""
-CHECKED = ("tierstore", "raw", "raw-copy", "plan")
+CHECKED = ("tierstore", "raw", "raw-all-threads", "raw-copy", "plan")
 """The store variants that check every byte they stream (the ``plan`` variant's peers with the same checks)."""
 TEXT = {  # the published text shapes (Qwen3-VL-2B/4B-Instruct config.json)
     "2b": dict(hidden_size=2048, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
@@ -362,13 +364,14 @@ def load_variant(variant: str, work: Path, memory: int, machine_file: Path | Non
         rss.mark("open store")
     mapped = variant != "raw-copy"
     verify = VERIFY.get(variant, "always")
-    if variant in ("tierstore", "raw", "raw-copy", "raw-once"):
+    if variant in ("tierstore", "raw", "raw-all-threads", "raw-copy", "raw-once"):
         with tierstore.open(folder, readonly=True, l2_cache_size=0) as probe:
             split = memory_split(probe, memory, prefetch=2, mapped=mapped)
         store = tierstore.open(folder, readonly=True, l2_cache_size=split.l2_bytes, l3_verify_maps=verify)
         if rss is not None:
             rss.mark("load_streamed")
-        return load_streamed(store, memory=memory, prefetch=2, mapped=mapped), store
+        threads = None if variant == "raw-all-threads" else "auto"  # the decode before decode_threads
+        return load_streamed(store, memory=memory, prefetch=2, mapped=mapped, decode_threads=threads), store
     from tierstore.integrations.plan_units import model_units
     from tierstore.plan.machine import Machine
     from tierstore.plan.placement import plan
@@ -543,6 +546,8 @@ def predictions(work: Path, machine: Any, memory: int, prefill_tokens: int) -> d
     raw_once = plan(raw_units, machine, rewrite=False, mapped=True, verify_maps="once",
                     **terms).prediction if raw_units is not None else None
     raw_copy = plan(raw_units, machine, rewrite=False, **terms).prediction if raw_units is not None else None
+    raw_all = plan(raw_units, replace(machine, stream_spare_core=False), rewrite=False, mapped=True,
+                   **terms).prediction if raw_units is not None else None
     everything = [UnitPlan(u.name, u.nbytes, "L2", "cpu" if u.decoder else "-", "cpu") for u in units.units]
     try:
         accelerate = baselines(units, machine, memory, prefill_tokens=prefill_tokens)["accelerate offload"]
@@ -550,7 +555,8 @@ def predictions(work: Path, machine: Any, memory: int, prefill_tokens: int) -> d
         accelerate = None
     memory_all = predict(machine, units, everything, prefill_tokens=prefill_tokens)
     return {"memory": memory_all, "tierstore": stored.prediction, "plan": chosen.prediction,
-            "plan-once": chosen_once.prediction, "raw": raw, "raw-copy": raw_copy, "raw-once": raw_once,
+            "plan-once": chosen_once.prediction, "raw": raw, "raw-all-threads": raw_all, "raw-copy": raw_copy,
+            "raw-once": raw_once,
             "accelerate": accelerate, "_plan": chosen, "_plan-once": chosen_once}
 
 
