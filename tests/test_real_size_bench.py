@@ -193,3 +193,41 @@ def test_a_plan_with_mapped_decoder_layers_holds_its_budget(bench: Any, work: Pa
     with tierstore.open(path, readonly=True, l2_cache_size=old_size) as db, \
             pytest.raises(ConfigError, match=f"l2_cache_size={chosen.l2_bytes}"):
         load_streamed(db, plan=chosen, prefetch=2)
+
+
+def test_a_planned_vision_block_gets_its_inputs_in_the_in_memory_dtypes(bench: Any, work: Path) -> None:
+    """The hybrid streamer casts a unit's activations to its compute dtype, not the float32 rotary tables
+    Qwen3-VL's vision blocks get: cast to bf16, the 2B's vision tower drifted from the in-memory model."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from tierstore.integrations.plan_units import model_units
+    from tierstore.integrations.streaming import load_streamed
+    from tierstore.plan.placement import plan
+
+    def dtypes_seen(model: Any) -> set[tuple[str, Any]]:
+        seen: set[tuple[str, Any]] = set()
+
+        def record(module: Any, args: Any, kwargs: Any) -> None:
+            for name, value in kwargs.items():
+                values = value if isinstance(value, tuple) else (value,)
+                seen.update((name, v.dtype) for v in values if isinstance(v, torch.Tensor) and v.is_floating_point())
+
+        for block in model.model.visual.blocks:
+            block.register_forward_pre_hook(record, with_kwargs=True)
+        inputs = bench.bench_inputs(model.config, (1, 4, 4))
+        with torch.inference_mode():
+            model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        return seen
+
+    reference = dtypes_seen(Qwen3VLForConditionalGeneration.from_pretrained(work / "ckpt",
+                                                                            dtype=torch.bfloat16).eval())
+    assert ("position_embeddings", torch.float32) in reference
+    machine = Machine(name="test", disk_read=1e9, decode=1e9, memcpy=5e9, cpu_flops=5e10, ram_free=8 << 30)
+    with tierstore.open(work / "store-raw", readonly=True, l2_cache_size=0) as db:
+        chosen = plan(model_units(db), machine, memory=64 << 20, prefetch=2, rewrite=False, **bench.PLAN_TERMS)
+    with tierstore.open(work / "store-raw", readonly=True, l2_cache_size=chosen.l2_bytes) as db:
+        model = load_streamed(db, plan=chosen, prefetch=2)
+        try:
+            assert dtypes_seen(model) == reference
+        finally:
+            model.weight_streamer.close()

@@ -146,23 +146,29 @@ _CACHE_KWARGS = ("cache", "past_key_values")
 """What a layer's forward calls its KV cache (transformers 5 says ``cache``; 4.x ``past_key_values``)."""
 
 
-def _convert(value: Any, device: torch.device, dtype: torch.dtype | None, *, non_blocking: bool = True) -> Any:
+def _convert(value: Any, device: torch.device, dtype: torch.dtype | None, *, non_blocking: bool = True,
+             only: torch.dtype | None = None) -> Any:
     """``value`` with every tensor in it on ``device`` (floating ones in ``dtype``); containers rebuilt.
 
-    Copies to a CUDA device are asynchronous unless ``non_blocking=False`` (a source that may die,
-    and free its pinned slot, before the copy ran); copies to the CPU always wait.
+    ``only``: cast just the floating tensors of that dtype (a unit's inputs: the activations, in the
+    home dtype), and move the others as they are: Qwen3-VL's vision blocks get their rotary
+    ``position_embeddings`` in float32, which the in-memory model keeps (cast to bf16, the 2B's
+    vision tower drifted and its 5th greedy token differed). Copies to a CUDA device are
+    asynchronous unless ``non_blocking=False`` (a source that may die, and free its pinned slot,
+    before the copy ran); copies to the CPU always wait.
     """
     asynchronous = non_blocking and device.type == "cuda"
     if isinstance(value, torch.Tensor):
-        if value.is_floating_point() and dtype is not None and value.dtype != dtype:
+        if value.is_floating_point() and dtype is not None and value.dtype != dtype and \
+                (only is None or value.dtype == only):
             return value.to(device=device, dtype=dtype, non_blocking=asynchronous)
         return value.to(device, non_blocking=asynchronous) if value.device != device else value
     if isinstance(value, tuple):
-        return tuple(_convert(v, device, dtype, non_blocking=non_blocking) for v in value)
+        return tuple(_convert(v, device, dtype, non_blocking=non_blocking, only=only) for v in value)
     if isinstance(value, list):
-        return [_convert(v, device, dtype, non_blocking=non_blocking) for v in value]
+        return [_convert(v, device, dtype, non_blocking=non_blocking, only=only) for v in value]
     if isinstance(value, dict):
-        return {k: _convert(v, device, dtype, non_blocking=non_blocking) for k, v in value.items()}
+        return {k: _convert(v, device, dtype, non_blocking=non_blocking, only=only) for k, v in value.items()}
     return value
 
 
@@ -253,8 +259,9 @@ class HybridStreamer(WeightStreamer):
             placed = self.plan_units[self.units[index].name]
             self.executed[(placed.name, "prefill" if prefill else "decode")] = (
                 self._where(index, prefill), dtype or (tensors[0].dtype if tensors else None), placed.tier)
-            return _convert(args, device, dtype), {k: v if k in _CACHE_KWARGS else _convert(v, device, dtype)
-                                                   for k, v in kwargs.items()}
+            home = self.home_dtype  # the activations' dtype: only they are cast (not float32 rotary tables)
+            return _convert(args, device, dtype, only=home), {
+                k: v if k in _CACHE_KWARGS else _convert(v, device, dtype, only=home) for k, v in kwargs.items()}
         return load
 
     def _post_hook(self, index: int) -> Callable[..., Any]:
