@@ -251,3 +251,48 @@ def test_the_minimum_counts_the_slack_and_the_mapped_pages() -> None:
     # with the vision blocks rewritten raw too, nothing streams through L2: no working reserve there
     rewritten = plan(model, CPU_BOX, memory=64 * GiB, **terms).minimum
     assert rewritten == minimum - 4 * 24 * MiB
+
+
+def _two_cores(**facts: Any) -> Machine:
+    return Machine(name="2 cores", disk_read=1e15, decode=2e9, memcpy=10e9, cpu_flops=1e15, ram_free=64 * GiB,
+                   cpu_matvec=10e9, cores=2, page_cache_read=4e9, checksum=8e9, map_populate=4e9, **facts)
+
+
+def test_a_streamed_decode_leaves_a_core_to_the_fetch_thread() -> None:
+    """load_streamed's decode_threads="auto": units compute on cores - 1 threads at ``spare_core_matvec``, the
+    fetch thread has the other core, so a decode costs max(compute, fetch), not compute plus a share of fetch."""
+    model = ModelUnits(tuple(Unit(f"layers.{i}", 100 * MiB, 100 * MiB, 50 * MiB) for i in range(4)), fixed_bytes=0,
+                       head_bytes=0)
+    streamed = [UnitPlan(u.name, u.nbytes, "L3", "cpu", "cpu", "map") for u in model.units]
+    spare = _two_cores(spare_core_matvec=6e9)
+    fetch = 4 * spare.fetch_seconds(100 * MiB, 100 * MiB, "map", checked=True)  # populate + crc32c
+    compute = 4 * 100 * MiB / 6e9
+    assert predict(spare, model, streamed, memory=0).decode_s == pytest.approx(max(compute, fetch))
+    slow_fetch = replace(spare, checksum=1e9)  # the fetch thread binds: compute waits for it
+    assert predict(slow_fetch, model, streamed, memory=0).decode_s == pytest.approx(
+        4 * slow_fetch.fetch_seconds(100 * MiB, 100 * MiB, "map", checked=True))
+    unmeasured = _two_cores()  # half of the two cores' rate
+    assert predict(unmeasured, model, streamed, memory=0, verify_maps="once").decode_s == pytest.approx(
+        max(4 * 100 * MiB / 5e9, 4 * 100 * MiB / 4e9))
+    every_core = replace(spare, stream_spare_core=False)  # decode_threads=None: both cores, fetch shares them
+    all_compute = 4 * 100 * MiB / 10e9
+    assert predict(every_core, model, streamed, memory=0).decode_s == pytest.approx(
+        max(all_compute, (2 * all_compute + fetch) / 2))
+    held = [UnitPlan(u.name, u.nbytes, "L2", "cpu", "cpu") for u in model.units]  # nothing fetched: every core
+    assert predict(spare, model, held, memory=0).decode_s == pytest.approx(all_compute)
+
+
+def test_accelerate_disk_offload_is_priced_as_products_over_fresh_maps() -> None:
+    """safetensors' get_tensor is a view of a private map of the checkpoint: an offloaded unit's decode is one
+    product over a fresh map (``mapped_matvec``), not a product plus a copy at ``page_cache_read``."""
+    layer = 100 * MiB
+    model = ModelUnits(tuple(Unit(f"layers.{i}", layer, layer, layer // 2) for i in range(8)), fixed_bytes=0,
+                       head_bytes=0, kv_bytes_per_token=0)
+    memory = 4 * layer  # four layers in RAM, four offloaded
+    mapped = _two_cores(mapped_matvec=2.5e9)
+    got = baselines(model, mapped, memory)["accelerate offload"]
+    assert got.page_cache and got.decode_s == pytest.approx(4 * layer / 10e9 + 4 * layer / 2.5e9)
+    copied = baselines(model, _two_cores(), memory)["accelerate offload"]  # not measured: product + copy
+    assert copied.decode_s == pytest.approx(8 * layer / 10e9 + 4 * layer / 4e9)
+    cold = baselines(model, replace(mapped, ram_free=memory, disk_read=0.1e9), memory)["accelerate offload"]
+    assert not cold.page_cache and cold.decode_s == pytest.approx(8 * layer / 10e9 + 4 * layer / 0.1e9)

@@ -27,8 +27,10 @@ from tierstore.plan.placement import Machine, ModelUnits, Unit, UnitPlan, baseli
 MiB, GiB = 1 << 20, 1 << 30
 GB = 10**9
 BOX = Machine(name="box", disk_read=1 * GB, decode=2 * GB, memcpy=10 * GB, cpu_flops=1e15, ram_free=4 * GiB,
-              cpu_matvec=1 * GB, cores=2, page_cache_read=4 * GB, checksum=8 * GB)
-"""Two cores, zstd at 1 GB/s per core, matvec at 1 GB/s on both cores; compute FLOPs never bind."""
+              cpu_matvec=1 * GB, cores=2, page_cache_read=4 * GB, checksum=8 * GB, stream_spare_core=False)
+"""Two cores, zstd at 1 GB/s per core, matvec at 1 GB/s on both cores; compute FLOPs never bind; a streamed
+decode computes on both cores beside the fetch thread (``decode_threads=None``; the default's core left to
+the fetch thread is in test_placement.py)."""
 LAYER = 100 * MiB
 
 

@@ -84,13 +84,14 @@ def test_variants_run_under_budget_and_agree(bench: Any, work: Path, tmp_path: P
     machine_file = tmp_path / "machine.json"
     machine_file.write_text(json.dumps(machine.to_dict()))
     memory = 3 << 20  # below the tiny model's ~4.6 MiB: some units stream
-    rewritten = bench.prepare_plan_store(work, machine, memory)  # the plan's raw units stored raw (plan --apply)
+    # the raw units of the plans for both verify settings stored raw (plan --apply)
+    rewritten = bench.prepare_plan_store(work, machine, memory, ("always", "once"))
     assert rewritten > 0
     results = {v: bench.run_variant(v, work, memory, 3, (1, 4, 4), machine_file, matvec=False)
-               for v in ("memory", "tierstore", "raw", "raw-copy", "raw-once", "plan")}
+               for v in ("memory", "tierstore", "raw", "raw-all-threads", "raw-copy", "raw-once", "plan", "plan-once")}
     reference = results["memory"]["tokens"]
     assert len(reference) == 3
-    for variant in ("tierstore", "raw", "raw-copy", "raw-once", "plan"):
+    for variant in ("tierstore", "raw", "raw-all-threads", "raw-copy", "raw-once", "plan", "plan-once"):
         r = results[variant]
         assert r["tokens"] == reference
         assert r["held_units"] < r["units"] and r["l2_bypasses"] == 0
@@ -99,6 +100,21 @@ def test_variants_run_under_budget_and_agree(bench: Any, work: Path, tmp_path: P
     assert results["raw"]["mapped_blocks"] > 0 and results["raw-copy"]["mapped_blocks"] == 0
     assert results["raw-once"]["mapped_blocks"] > 0
     assert all(r["peak_rss"] > 0 and r["ttft_s"] > 0 for r in results.values())
+    assert {v: r["verify_maps"] for v, r in results.items() if "verify_maps" in r} == {
+        "tierstore": "always", "raw": "always", "raw-all-threads": "always", "raw-copy": "always", "raw-once": "once",
+        "plan": "always", "plan-once": "once"}  # each plan runs with the checks it was made for
+    assert results["raw-all-threads"]["decode_threads"] is None  # torch's own count, as before decode_threads
+
+
+def test_the_plan_is_compared_with_the_best_variant_with_the_same_checks(bench: Any) -> None:
+    ms = {"tierstore": 9.0, "raw": 5.0, "raw-copy": 6.0, "raw-once": 3.0, "accelerate": 4.0, "plan": 5.5,
+          "plan-once": 3.3, "memory": 1.0}
+    ratios = bench.plan_ratios({k: {"decode_s": v} for k, v in ms.items()})
+    (same, overall) = ratios["plan"]
+    assert same == ("raw", pytest.approx(1.1)) and overall == ("raw-once", pytest.approx(5.5 / 3.0))
+    (same, overall) = ratios["plan-once"]
+    assert same == ("raw-once", pytest.approx(1.1)) and overall == ("raw-once", pytest.approx(1.1))
+    assert "plan-once" not in bench.plan_ratios({k: {"decode_s": v} for k, v in ms.items() if k != "plan-once"})
 
 
 def test_a_plan_with_mapped_decoder_layers_holds_its_budget(bench: Any, work: Path, tmp_path: Path,
@@ -177,3 +193,41 @@ def test_a_plan_with_mapped_decoder_layers_holds_its_budget(bench: Any, work: Pa
     with tierstore.open(path, readonly=True, l2_cache_size=old_size) as db, \
             pytest.raises(ConfigError, match=f"l2_cache_size={chosen.l2_bytes}"):
         load_streamed(db, plan=chosen, prefetch=2)
+
+
+def test_a_planned_vision_block_gets_its_inputs_in_the_in_memory_dtypes(bench: Any, work: Path) -> None:
+    """The hybrid streamer casts a unit's activations to its compute dtype, not the float32 rotary tables
+    Qwen3-VL's vision blocks get: cast to bf16, the 2B's vision tower drifted from the in-memory model."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from tierstore.integrations.plan_units import model_units
+    from tierstore.integrations.streaming import load_streamed
+    from tierstore.plan.placement import plan
+
+    def dtypes_seen(model: Any) -> set[tuple[str, Any]]:
+        seen: set[tuple[str, Any]] = set()
+
+        def record(module: Any, args: Any, kwargs: Any) -> None:
+            for name, value in kwargs.items():
+                values = value if isinstance(value, tuple) else (value,)
+                seen.update((name, v.dtype) for v in values if isinstance(v, torch.Tensor) and v.is_floating_point())
+
+        for block in model.model.visual.blocks:
+            block.register_forward_pre_hook(record, with_kwargs=True)
+        inputs = bench.bench_inputs(model.config, (1, 4, 4))
+        with torch.inference_mode():
+            model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        return seen
+
+    reference = dtypes_seen(Qwen3VLForConditionalGeneration.from_pretrained(work / "ckpt",
+                                                                            dtype=torch.bfloat16).eval())
+    assert ("position_embeddings", torch.float32) in reference
+    machine = Machine(name="test", disk_read=1e9, decode=1e9, memcpy=5e9, cpu_flops=5e10, ram_free=8 << 30)
+    with tierstore.open(work / "store-raw", readonly=True, l2_cache_size=0) as db:
+        chosen = plan(model_units(db), machine, memory=64 << 20, prefetch=2, rewrite=False, **bench.PLAN_TERMS)
+    with tierstore.open(work / "store-raw", readonly=True, l2_cache_size=chosen.l2_bytes) as db:
+        model = load_streamed(db, plan=chosen, prefetch=2)
+        try:
+            assert dtypes_seen(model) == reference
+        finally:
+            model.weight_streamer.close()

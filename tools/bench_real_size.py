@@ -12,11 +12,16 @@ RSS is its own), on a synthetic image + prompt, greedy:
 - ``raw``: the same on the store imported with ``--l3-compression off``: the units it does not hold are
   zero-copy maps of the L3 files (``TierStore.map``), L2 holds only held units; ``raw-copy``: the same store
   with ``mapped=False``, every streamed unit copied into L2 by ``pread``; ``raw-once``: ``raw`` with
-  ``l3_verify_maps="once"`` (each block's checksum checked on its first map only),
+  ``l3_verify_maps="once"`` (each block's checksum checked on its first map only); ``raw-all-threads``:
+  ``raw`` with ``decode_threads=None`` (torch's threads on every core beside the prefetch thread, as
+  before ``decode_threads``),
 - ``accelerate``: ``from_pretrained(device_map="auto", max_memory={"cpu": M}, offload_folder=...)``,
 - ``plan``: ``load_streamed(store, plan=placement.plan(model_units(store), machine, memory=M))`` with
   the machine measured once (``Machine.from_probe``) at the start of the run, on a copy of the
-  store where the units the plan streams raw were rewritten raw first (``tierstore plan --apply``).
+  store where the units the plan streams raw were rewritten raw first (``tierstore plan --apply``);
+  ``plan-once``: the same with the plan made for, and the store opened with, ``l3_verify_maps="once"``.
+  The plan's measured decode is reported against the best variant with the same checks (``plan``:
+  the variants that check every streamed byte; ``plan-once``: ``raw-once``) and the best overall.
 
 Per variant: load time, TTFT (prefill incl. the vision tower), decode ms/token (median gap between
 tokens), peak RSS (``VmHWM``), bytes per decoded token read from the disk device
@@ -59,13 +64,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/, for rss_phas
 from rss_phases import RssPhases
 
 GiB = 1 << 30
-VARIANTS = ("memory", "tierstore", "raw", "raw-copy", "raw-once", "accelerate", "plan")
-STORES = {"tierstore": "store", "plan": "store-plan", "raw": "store-raw", "raw-copy": "store-raw",
-          "raw-once": "store-raw"}
+VARIANTS = ("memory", "tierstore", "raw", "raw-all-threads", "raw-copy", "raw-once", "accelerate", "plan", "plan-once")
+STORES = {"tierstore": "store", "plan": "store-plan", "plan-once": "store-plan", "raw": "store-raw",
+          "raw-all-threads": "store-raw", "raw-copy": "store-raw", "raw-once": "store-raw"}
 """The store each tierstore variant opens: ``raw`` and ``raw-copy`` are the same checkpoint imported with
 ``--l3-compression off``; ``raw`` maps the streamed units (``load_streamed``'s default), ``raw-copy`` copies
-them through L2 (``mapped=False``); ``plan`` is a copy of ``store`` with the units the plan streams raw
-rewritten raw (``tierstore plan --apply``)."""
+them through L2 (``mapped=False``); ``plan`` and ``plan-once`` open a copy of ``store`` with the units their
+plans stream raw rewritten raw (``tierstore plan --apply``; one copy for both: the units either plan wants raw)."""
+VERIFY = {"raw-once": "once", "plan-once": "once"}
+"""The store's ``l3_verify_maps`` per variant (the others: the default, ``always``); a plan is made for the
+setting its store runs with (``plan(..., verify_maps=)``), never the other way round."""
+CHECKED = ("tierstore", "raw", "raw-all-threads", "raw-copy", "plan")
+"""The store variants that check every byte they stream (the ``plan`` variant's peers with the same checks)."""
 TEXT = {  # the published text shapes (Qwen3-VL-2B/4B-Instruct config.json)
     "2b": dict(hidden_size=2048, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
                intermediate_size=6144),
@@ -266,7 +276,7 @@ def measure_rates(work: Path) -> tuple[float, dict[str, float]]:
     import tierstore
     from tierstore.integrations.plan_units import decode_shapes
     from tierstore.plan.bandwidth import measure_fetch
-    from tierstore.plan.machine import measure_matvec, measure_sharing
+    from tierstore.plan.machine import measure_mapped_matvec, measure_matvec, measure_sharing
 
     with tierstore.open(work / "store", readonly=True, l2_cache_size=0) as db:
         layer, head = decode_shapes(db)
@@ -279,6 +289,10 @@ def measure_rates(work: Path) -> tuple[float, dict[str, float]]:
         fetch["map_populate"] = _map_rate(raw)
     fetch["unit_overhead"] = measure_unit_overhead()
     fetch["compute_share"], fetch["fetch_share"] = measure_sharing(layer)
+    cores = max(1, len(os.sched_getaffinity(0)))
+    if cores >= 2:
+        fetch["spare_core_matvec"] = measure_matvec(layer, threads=cores - 1)
+    fetch["mapped_matvec"] = measure_mapped_matvec(work, layer)
     return matvec, fetch
 
 
@@ -349,32 +363,35 @@ def load_variant(variant: str, work: Path, memory: int, machine_file: Path | Non
     if rss is not None:
         rss.mark("open store")
     mapped = variant != "raw-copy"
-    verify = {"l3_verify_maps": "once"} if variant == "raw-once" else {}
-    if variant in ("tierstore", "raw", "raw-copy", "raw-once"):
+    verify = VERIFY.get(variant, "always")
+    if variant in ("tierstore", "raw", "raw-all-threads", "raw-copy", "raw-once"):
         with tierstore.open(folder, readonly=True, l2_cache_size=0) as probe:
             split = memory_split(probe, memory, prefetch=2, mapped=mapped)
-        store = tierstore.open(folder, readonly=True, l2_cache_size=split.l2_bytes, **verify)
+        store = tierstore.open(folder, readonly=True, l2_cache_size=split.l2_bytes, l3_verify_maps=verify)
         if rss is not None:
             rss.mark("load_streamed")
-        return load_streamed(store, memory=memory, prefetch=2, mapped=mapped), store
+        threads = None if variant == "raw-all-threads" else "auto"  # the decode before decode_threads
+        return load_streamed(store, memory=memory, prefetch=2, mapped=mapped, decode_threads=threads), store
     from tierstore.integrations.plan_units import model_units
     from tierstore.plan.machine import Machine
     from tierstore.plan.placement import plan
 
     machine = Machine.from_file(machine_file) if machine_file is not None else Machine.from_probe(work)
     with tierstore.open(folder, readonly=True, l2_cache_size=0) as probe:
-        chosen = plan(model_units(probe), machine, memory=memory, prefetch=2, **PLAN_TERMS)
+        chosen = plan(model_units(probe), machine, memory=memory, prefetch=2, verify_maps=verify, **PLAN_TERMS)
     if chosen.raw_units:
         raise RuntimeError(f"the plan still wants {len(chosen.raw_units)} units raw in {folder}: prepare_plan_store "
                            "did not apply it")
-    store = tierstore.open(folder, readonly=True, l2_cache_size=chosen.l2_bytes)  # the plan's L2, not memory_split's
+    # the plan's L2, not memory_split's; the checks the plan was made for
+    store = tierstore.open(folder, readonly=True, l2_cache_size=chosen.l2_bytes, l3_verify_maps=verify)
     if rss is not None:
         rss.mark("load_streamed")
     return load_streamed(store, plan=chosen, prefetch=2), store
 
 
-def prepare_plan_store(work: Path, machine: Any, memory: int) -> int:
-    """``store-plan``: a copy of ``store`` with the plan's raw units rewritten raw (``plan --apply``); how many."""
+def prepare_plan_store(work: Path, machine: Any, memory: int, verify: tuple[str, ...] = ("always",)) -> int:
+    """``store-plan``: a copy of ``store`` with the raw units of the plan for each ``verify`` setting rewritten
+    raw (``plan --apply``, one plan after the other: the second plans the store the first left); how many."""
     import tierstore
     from tierstore.integrations.plan_apply import store_raw
     from tierstore.integrations.plan_units import model_units
@@ -384,9 +401,12 @@ def prepare_plan_store(work: Path, machine: Any, memory: int) -> int:
     if not (target / "catalog.sqlite").exists():
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(work / "store", target)
-    with tierstore.open(target, readonly=True, l2_cache_size=0) as db:
-        chosen = plan(model_units(db), machine, memory=memory, prefetch=2, **PLAN_TERMS)
-    return store_raw(target, chosen) if chosen.raw_units else 0
+    rewritten = 0
+    for setting in verify:
+        with tierstore.open(target, readonly=True, l2_cache_size=0) as db:
+            chosen = plan(model_units(db), machine, memory=memory, prefetch=2, verify_maps=setting, **PLAN_TERMS)
+        rewritten += store_raw(target, chosen) if chosen.raw_units else 0
+    return rewritten
 
 
 def run_variant(variant: str, work: Path, memory: int, tokens: int, grid: tuple[int, int, int],
@@ -445,6 +465,7 @@ def _run_variant(variant: str, work: Path, memory: int, tokens: int, grid: tuple
         s = model.weight_streamer.stats()
         l2 = store.stats().tiers["L2"]
         result.update(held_units=s.held_units, held_bytes=s.held_bytes, units=s.units, l2_bytes=l2["capacity"],
+                      verify_maps=store.config.l3_verify_maps, decode_threads=model.weight_streamer.threads.threads,
                       mapped_blocks=s.mapped_blocks,
                       l2_misses=l2["misses"], l2_bypasses=l2["bypasses"] - bypassed_at_load,
                       l2_bypasses_at_load=bypassed_at_load,
@@ -499,7 +520,8 @@ def predictions(work: Path, machine: Any, memory: int, prefill_tokens: int) -> d
     """The cost model's prediction of each variant on ``machine`` (see ``tierstore.plan.placement``).
 
     ``tierstore`` and ``raw`` are the plan of their store taken as stored (``rewrite=False``: what
-    ``memory=`` does), ``plan`` the planner's own choice on the compressed store.
+    ``memory=`` does), ``plan`` / ``plan-once`` the planner's own choice for its verify setting on the
+    store the variant runs (``store-plan`` where it was prepared, else the compressed store).
     """
     import tierstore
     from tierstore.errors import ConfigError
@@ -513,20 +535,29 @@ def predictions(work: Path, machine: Any, memory: int, prefill_tokens: int) -> d
         with tierstore.open(work / "store-raw", readonly=True, l2_cache_size=0) as db:
             raw_units = model_units(db)
     terms: dict[str, Any] = dict(memory=memory, prefetch=2, prefill_tokens=prefill_tokens, **PLAN_TERMS)
-    chosen = plan(units, machine, **terms)
+    plan_units = units
+    if (work / STORES["plan"] / "catalog.sqlite").exists():
+        with tierstore.open(work / STORES["plan"], readonly=True, l2_cache_size=0) as db:
+            plan_units = model_units(db)
+    chosen = plan(plan_units, machine, **terms)
+    chosen_once = plan(plan_units, machine, verify_maps="once", **terms)
     stored = plan(units, machine, rewrite=False, **terms)
     raw = plan(raw_units, machine, rewrite=False, mapped=True, **terms).prediction if raw_units is not None else None
     raw_once = plan(raw_units, machine, rewrite=False, mapped=True, verify_maps="once",
                     **terms).prediction if raw_units is not None else None
     raw_copy = plan(raw_units, machine, rewrite=False, **terms).prediction if raw_units is not None else None
+    raw_all = plan(raw_units, replace(machine, stream_spare_core=False), rewrite=False, mapped=True,
+                   **terms).prediction if raw_units is not None else None
     everything = [UnitPlan(u.name, u.nbytes, "L2", "cpu" if u.decoder else "-", "cpu") for u in units.units]
     try:
         accelerate = baselines(units, machine, memory, prefill_tokens=prefill_tokens)["accelerate offload"]
     except ConfigError:  # baselines plans with the default KV/vision budgets, which a tiny budget lacks
         accelerate = None
     memory_all = predict(machine, units, everything, prefill_tokens=prefill_tokens)
-    return {"memory": memory_all, "tierstore": stored.prediction, "plan": chosen.prediction, "raw": raw,
-            "raw-copy": raw_copy, "raw-once": raw_once, "accelerate": accelerate, "_plan": chosen}
+    return {"memory": memory_all, "tierstore": stored.prediction, "plan": chosen.prediction,
+            "plan-once": chosen_once.prediction, "raw": raw, "raw-all-threads": raw_all, "raw-copy": raw_copy,
+            "raw-once": raw_once,
+            "accelerate": accelerate, "_plan": chosen, "_plan-once": chosen_once}
 
 
 def in_run_machine(machine: Any, result: dict[str, Any]) -> Any:
@@ -534,7 +565,8 @@ def in_run_machine(machine: Any, result: dict[str, Any]) -> Any:
     fetch = result.get("fetch_rates") or {}
     extra: dict[str, Any] = {"decode": fetch["decode"] * machine.cores, "page_cache_read": fetch["page_cache_read"],
                              "checksum": fetch["checksum"]} if fetch else {}
-    for name in ("head_matvec", "map_populate", "unit_overhead", "compute_share", "fetch_share"):
+    for name in ("head_matvec", "map_populate", "unit_overhead", "compute_share", "fetch_share",
+                 "spare_core_matvec", "mapped_matvec"):
         if name in fetch:
             extra[name] = fetch[name]
     return replace(machine, cpu_matvec=result["matvec_rate"], **extra)
@@ -575,9 +607,10 @@ def bench_model(name: str, args: argparse.Namespace, machine: Any, machine_file:
               f"{fetch.get('head_matvec', 0) / 1e9:.2f} GB/s, map {fetch.get('map_populate', 0) / 1e9:.2f} GB/s, "
               f"{fetch.get('unit_overhead', 0) * 1e3:.2f} ms per layer beside its products, shares beside a fetch "
               f"thread {fetch.get('compute_share', 1):.2f} (matvec) / {fetch.get('fetch_share', 1):.2f} (fetch)")
-        if "plan" in args.variants.split(","):
+        settings = tuple(VERIFY.get(v, "always") for v in ("plan", "plan-once") if v in args.variants.split(","))
+        if settings:
             start = time.perf_counter()
-            rewritten = prepare_plan_store(work, machine, memory)
+            rewritten = prepare_plan_store(work, machine, memory, settings)
             print(f"{name}: plan store: {rewritten} tensors rewritten raw in {time.perf_counter() - start:.0f} s")
         available = _mem_available()
         results = {}
@@ -643,14 +676,41 @@ def report(name: str, total: int, memory: int, imported: dict[str, Any], results
                  f"{r['predicted_in_run_decode_s'] * 1e3:.0f} ms, ratio "
                  f"{r['decode_s'] / r['predicted_in_run_decode_s']:.2f})" if r['predicted_in_run_decode_s'] else ""))
     chosen = predicted["_plan"]
-    best = min((r["decode_s"] for k, r in ok.items() if k != "memory"), default=float("nan"))  # under the budget
-    plan_row = ok.get("plan")
-    if plan_row:
-        print(f"plan: {len(chosen.resident('L2'))} units in L2, limit {chosen.prediction.decode_limit}; "
-              f"measured {plan_row['decode_s'] / best:.2f}x the best measured variant")
+    ratios = plan_ratios(ok)
+    for variant, (same, overall) in ratios.items():
+        placed = predicted["_" + variant]
+        print(f"{variant}: {len(placed.resident('L2'))} units in L2, limit {placed.prediction.decode_limit}; "
+              f"measured {same[1]:.2f}x the best variant with the same checks ({same[0]}), "
+              f"{overall[1]:.2f}x the best overall ({overall[0]})")
     return {"model": name, "weights_bytes": total, "memory": memory, "import": imported, "variants": rows,
-            "plan_l2_units": len(chosen.resident("L2")), "plan_vs_best": plan_row["decode_s"] / best if plan_row
-            else None}
+            "plan_l2_units": len(chosen.resident("L2")),
+            "plan_vs_best": ratios["plan"][1][1] if "plan" in ratios else None,
+            "plan_ratios": {k: {"same_checks": list(same), "overall": list(overall)} for k, (same, overall)
+                            in ratios.items()}}
+
+
+def plan_ratios(ok: dict[str, Any]) -> dict[str, tuple[tuple[str, float], tuple[str, float]]]:
+    """Per plan variant measured: ``((best variant with the same checks, ratio), (best overall, ratio))``.
+
+    The same checks: ``plan`` against the store variants that check every byte they stream
+    (:data:`CHECKED`), ``plan-once`` against those opened ``l3_verify_maps="once"``; overall: every variant
+    under the budget (not ``memory``). Ratios are the plan's decode over the best's (1.0: the plan is the best).
+    """
+    def best(names: list[str]) -> tuple[str, float]:
+        name = min(names, key=lambda k: ok[k]["decode_s"])
+        return name, float(ok[name]["decode_s"])
+
+    out = {}
+    under = [k for k in ok if k != "memory"]
+    for variant in ("plan", "plan-once"):
+        if variant not in ok:
+            continue
+        peers = [k for k in under if (k in CHECKED) == (variant == "plan") and
+                 (VERIFY.get(k) == "once") == (variant == "plan-once")]
+        same, overall = best(peers), best(under)
+        measured = ok[variant]["decode_s"]
+        out[variant] = ((same[0], measured / same[1]), (overall[0], measured / overall[1]))
+    return out
 
 
 def _mem_available() -> int:

@@ -42,6 +42,7 @@ from ..config import format_size
 from ..engine.handle import TierStore
 from ..errors import ConfigError, HardwareUnavailableError
 from ..tiers.l1_device import needs_cast
+from .decode_threads import tokens_of
 from .streaming import StreamUnit, WeightStreamer, place_param
 
 if TYPE_CHECKING:
@@ -145,30 +146,30 @@ _CACHE_KWARGS = ("cache", "past_key_values")
 """What a layer's forward calls its KV cache (transformers 5 says ``cache``; 4.x ``past_key_values``)."""
 
 
-def _convert(value: Any, device: torch.device, dtype: torch.dtype | None, *, non_blocking: bool = True) -> Any:
+def _convert(value: Any, device: torch.device, dtype: torch.dtype | None, *, non_blocking: bool = True,
+             only: torch.dtype | None = None) -> Any:
     """``value`` with every tensor in it on ``device`` (floating ones in ``dtype``); containers rebuilt.
 
-    Copies to a CUDA device are asynchronous unless ``non_blocking=False`` (a source that may die,
-    and free its pinned slot, before the copy ran); copies to the CPU always wait.
+    ``only``: cast just the floating tensors of that dtype (a unit's inputs: the activations, in the
+    home dtype), and move the others as they are: Qwen3-VL's vision blocks get their rotary
+    ``position_embeddings`` in float32, which the in-memory model keeps (cast to bf16, the 2B's
+    vision tower drifted and its 5th greedy token differed). Copies to a CUDA device are
+    asynchronous unless ``non_blocking=False`` (a source that may die, and free its pinned slot,
+    before the copy ran); copies to the CPU always wait.
     """
     asynchronous = non_blocking and device.type == "cuda"
     if isinstance(value, torch.Tensor):
-        if value.is_floating_point() and dtype is not None and value.dtype != dtype:
+        if value.is_floating_point() and dtype is not None and value.dtype != dtype and \
+                (only is None or value.dtype == only):
             return value.to(device=device, dtype=dtype, non_blocking=asynchronous)
         return value.to(device, non_blocking=asynchronous) if value.device != device else value
     if isinstance(value, tuple):
-        return tuple(_convert(v, device, dtype, non_blocking=non_blocking) for v in value)
+        return tuple(_convert(v, device, dtype, non_blocking=non_blocking, only=only) for v in value)
     if isinstance(value, list):
-        return [_convert(v, device, dtype, non_blocking=non_blocking) for v in value]
+        return [_convert(v, device, dtype, non_blocking=non_blocking, only=only) for v in value]
     if isinstance(value, dict):
-        return {k: _convert(v, device, dtype, non_blocking=non_blocking) for k, v in value.items()}
+        return {k: _convert(v, device, dtype, non_blocking=non_blocking, only=only) for k, v in value.items()}
     return value
-
-
-def _tokens(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
-    """Tokens in the unit's input: the second-last dimension of the hidden states (1 while decoding)."""
-    hidden = args[0] if args else kwargs.get("hidden_states")
-    return int(hidden.shape[-2]) if isinstance(hidden, torch.Tensor) and hidden.dim() >= 2 else 2
 
 
 class HybridStreamer(WeightStreamer):
@@ -177,7 +178,8 @@ class HybridStreamer(WeightStreamer):
     def __init__(self, store: TierStore, units: list[StreamUnit], plan: Plan, *, home: torch.device,
                  home_dtype: torch.dtype | None, gpu: torch.device | None, gpu_dtype: torch.dtype | None,
                  cpu_dtype: torch.dtype | None, prefetch: int, resident_bytes: int,
-                 repeat_from: int | None = None, mapped: bool = True) -> None:
+                 repeat_from: int | None = None, mapped: bool = True,
+                 decode_threads: int | str | None = None) -> None:
         """``home``/``home_dtype``: where the fixed weights compute (what a unit's output goes back to);
         ``gpu``/``gpu_dtype``: the plan's ``cuda``; ``cpu_dtype``: CPU-computed units (None: as stored);
         ``mapped``: the plan's L3 units stored raw are mapped, not copied into L2 (see :class:`WeightStreamer`)."""
@@ -188,7 +190,8 @@ class HybridStreamer(WeightStreamer):
         """``(unit, phase) -> (plan device: cuda/cpu, compute dtype, weights' tier)`` of its last forward."""
         held = {u.name for u in plan.units if u.tier in ("L1", "L2")}
         super().__init__(store, units, device=home, dtype=cpu_dtype, prefetch=prefetch,
-                         resident_bytes=resident_bytes, repeat_from=repeat_from, hold_names=held, mapped=mapped)
+                         resident_bytes=resident_bytes, repeat_from=repeat_from, hold_names=held, mapped=mapped,
+                         decode_threads=decode_threads)
         for index, unit in enumerate(units):  # the kwargs-aware hooks replace the plain ones
             for hook in unit.hooks:
                 hook.remove()
@@ -236,8 +239,11 @@ class HybridStreamer(WeightStreamer):
 
     def _pre_hook(self, index: int) -> Callable[..., Any]:
         def load(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
-            prefill = _tokens(args, kwargs) > 1
+            tokens = tokens_of(args, kwargs)
+            prefill = tokens > 1
             device, dtype = self.placement(index, prefill)
+            if device.type == "cpu":
+                self.threads.enter(tokens)
             tensors = self._take(index)
             self._keep(index, tensors)
             # A held unit's views outlive any copy from them; a streamed unit's L2 slots may be reused
@@ -253,14 +259,16 @@ class HybridStreamer(WeightStreamer):
             placed = self.plan_units[self.units[index].name]
             self.executed[(placed.name, "prefill" if prefill else "decode")] = (
                 self._where(index, prefill), dtype or (tensors[0].dtype if tensors else None), placed.tier)
-            return _convert(args, device, dtype), {k: v if k in _CACHE_KWARGS else _convert(v, device, dtype)
-                                                   for k, v in kwargs.items()}
+            home = self.home_dtype  # the activations' dtype: only they are cast (not float32 rotary tables)
+            return _convert(args, device, dtype, only=home), {
+                k: v if k in _CACHE_KWARGS else _convert(v, device, dtype, only=home) for k, v in kwargs.items()}
         return load
 
     def _post_hook(self, index: int) -> Callable[..., Any]:
         def release(module: nn.Module, args: Any, output: Any) -> Any:
             for owner, name, _, placeholder in self.units[index].params:
                 place_param(owner, name, placeholder)
+            self.threads.leave()
             return _convert(output, self.home, self.home_dtype)
         return release
 

@@ -35,6 +35,7 @@ from torch import nn
 from ..config import format_size, parse_size
 from ..engine.handle import TierStore
 from ..errors import CheckpointError, ConfigError
+from .decode_threads import DecodeThreads, choose, tokens_of
 from .hf_model import build_empty_model, stored_config, tied_weights, unit_groups
 from .linear_fold import fold_linear_inputs
 from .stream_budget import hold_reserve, mapped_slack, memory_split, raw_units
@@ -91,7 +92,8 @@ class WeightStreamer:
 
     def __init__(self, store: TierStore, units: list[StreamUnit], *, device: torch.device, dtype: torch.dtype | None,
                  prefetch: int, resident_bytes: int, repeat_from: int | None = None, hold_bytes: int = 0,
-                 hold_names: set[str] | None = None, mapped: bool = True) -> None:
+                 hold_names: set[str] | None = None, mapped: bool = True,
+                 decode_threads: int | str | None = None) -> None:
         """``repeat_from`` is the unit that runs after the last one (decoder layer 0: the next token).
 
         ``hold_bytes`` is how much of the tier serving the units (L1 for a CUDA device with an L1,
@@ -104,6 +106,11 @@ class WeightStreamer:
         raw L3 bytes where they are stored raw (:meth:`TierStore.map
         <tierstore.engine.handle.TierStore.map>`, made and checked by the prefetch thread) instead
         of copies in L2 slots; the others are read as usual.
+
+        ``decode_threads``: torch's threads for a one-token forward of a unit (see :mod:`.decode_threads`:
+        ``"auto"`` leaves a core to the prefetch thread where it would otherwise compete with compute
+        on every core; None leaves torch's count; a number sets it). The caller's count is restored
+        after each such forward.
         """
         self.store = store
         self.units = units
@@ -122,6 +129,10 @@ class WeightStreamer:
         self._copied: set[int] = set()
         """Units whose fetch cast (copied) a weight: their tensors are not the tier's slots."""
         self._maps = mapped and device.type == "cpu"
+        decoding = range(self._repeat if self._repeat is not None else 0, len(units))  # the units a token runs
+        self.threads = DecodeThreads(choose(decode_threads, device=device, prefetch=self.depth,
+                                            streams=any(i not in self._holdable for i in decoding)))
+        """What one-token forwards of the units run on (``threads.threads``: None, torch's own count)."""
         self.reset_stats()
         for index, unit in enumerate(units):
             unit.hooks = [unit.module.register_forward_pre_hook(self._pre_hook(index)),
@@ -237,6 +248,7 @@ class WeightStreamer:
 
     def _pre_hook(self, index: int) -> Callable[..., None]:
         def load(module: nn.Module, args: Any) -> None:
+            self.threads.enter(tokens_of(args, {}))
             tensors = self._take(index)
             self._keep(index, tensors)
             for (owner, name, _, _), tensor in zip(self.units[index].params, tensors, strict=True):
@@ -248,6 +260,7 @@ class WeightStreamer:
         def release(module: nn.Module, args: Any, output: Any) -> None:
             for owner, name, _, placeholder in self.units[index].params:
                 place_param(owner, name, placeholder)
+            self.threads.leave()
         return release
 
     def release(self) -> None:
@@ -370,7 +383,7 @@ def load_streamed(store: TierStore, *, prefix: str = "", device: str | torch.dev
                   dtype: torch.dtype | None = None, resident_bytes: int | str = 0, prefetch: int = 2,
                   memory: int | str | None = None, hold_bytes: int | str | None = None, plan: Plan | None = None,
                   gpu: str | torch.device | None = None, gpu_dtype: torch.dtype | None = None,
-                  mapped: bool = True) -> Any:
+                  mapped: bool = True, decode_threads: int | str | None = "auto") -> Any:
     """The model imported under ``prefix``, its decoder layers streaming from ``store`` (see the module doc).
 
     The class is the one the stored config names (``LlamaForCausalLM``,
@@ -405,6 +418,10 @@ def load_streamed(store: TierStore, *, prefix: str = "", device: str | torch.dev
     checked, made by the prefetch thread) rather than copied into L2; when all of them are, L2
     keeps no working reserve and holds units up to its capacity (see :mod:`.stream_budget`), and
     ``memory`` counts the mapped working units beside it. False copies every unit through L2.
+
+    ``decode_threads`` (default ``"auto"``): torch's threads while a streamed unit computes one token
+    (:mod:`.decode_threads`: on a CPU device with a prefetch thread, ``cores - 1``, leaving it a core;
+    None keeps torch's count; a number sets it); the caller's count is back after each such forward.
     """
     if not isinstance(mapped, bool):
         raise ConfigError(f"load_streamed: mapped must be True or False, not {mapped!r}")
@@ -473,17 +490,17 @@ def load_streamed(store: TierStore, *, prefix: str = "", device: str | torch.dev
     if plan is not None:
         model.weight_streamer = _hybrid(store, units, plan, target=target, dtype=dtype, gpu=gpu_target,
                                         gpu_dtype=gpu_dtype, prefetch=prefetch, kept=kept, repeat_from=repeat_from,
-                                        mapped=mapped)
+                                        mapped=mapped, decode_threads=decode_threads)
         return model
     model.weight_streamer = WeightStreamer(store, units, device=target, dtype=dtype, prefetch=prefetch,
                                            resident_bytes=kept, repeat_from=repeat_from, hold_bytes=hold,
-                                           mapped=mapped)
+                                           mapped=mapped, decode_threads=decode_threads)
     return model
 
 
 def _hybrid(store: TierStore, units: list[StreamUnit], plan: Plan, *, target: torch.device, dtype: torch.dtype | None,
             gpu: torch.device | None, gpu_dtype: torch.dtype | None, prefetch: int, kept: int,
-            repeat_from: int | None, mapped: bool) -> WeightStreamer:
+            repeat_from: int | None, mapped: bool, decode_threads: int | str | None) -> WeightStreamer:
     """The :class:`~.hybrid_exec.HybridStreamer` executing ``plan``, once the tiers are checked against it."""
     from .hybrid_exec import HybridStreamer, check_plan, gpu_compute_dtype
 
@@ -492,4 +509,4 @@ def _hybrid(store: TierStore, units: list[StreamUnit], plan: Plan, *, target: to
     check_plan(store, units, plan, prefetch=prefetch, gpu=gpu, gpu_dtype=compute, mapped=mapped, home=target)
     return HybridStreamer(store, units, plan, home=target, home_dtype=dtype or stored, gpu=gpu, gpu_dtype=compute,
                           cpu_dtype=dtype or stored, prefetch=prefetch, resident_bytes=kept, repeat_from=repeat_from,
-                          mapped=mapped)
+                          mapped=mapped, decode_threads=decode_threads)

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import ConfigError
 
-__all__ = ["Machine", "measure_matvec", "measure_sharing"]
+__all__ = ["Machine", "measure_matvec", "measure_mapped_matvec", "measure_sharing"]
 
 GB, MiB, GiB = 10**9, 1 << 20, 1 << 30
 
@@ -87,10 +87,24 @@ class Machine:
     """One thread's map of a raw L3 block whose file is in the page cache, bytes/s: ``mmap`` and
     ``MADV_POPULATE_READ`` (the page-table entries of every page) and, once its tensor dies, the
     ``munmap``, without the checksum (None: free)."""
+    spare_core_matvec: float | None = None
+    """Bytes/s a one-token CPU product reads its weights at on ``cores - 1`` threads: what a streamed unit's
+    decode runs on while the prefetch thread fetches on the core left to it (``load_streamed``'s
+    ``decode_threads="auto"``, :mod:`tierstore.integrations.decode_threads`). None: ``cpu_matvec`` times
+    ``(cores - 1) / cores``."""
+    stream_spare_core: bool = True
+    """Whether a streamed decode leaves a core to the prefetch thread (``load_streamed``'s default
+    ``decode_threads="auto"``); False prices compute on every core beside it (``decode_threads=None``)."""
+    mapped_matvec: float | None = None
+    """Bytes/s a one-token CPU product reads its weights at when each weight is a fresh ``MAP_PRIVATE`` map
+    of a file in the page cache, faulted in by the product itself and unmapped after it
+    (:func:`measure_mapped_matvec`): how accelerate's disk offload serves an offloaded module (safetensors'
+    ``get_tensor`` returns a view of a private map of the checkpoint file). None: the product at
+    ``cpu_matvec`` plus a copy at ``page_cache_read``."""
 
     def __post_init__(self) -> None:
         optional = ("cpu_matvec", "head_matvec", "page_cache_read", "checksum", "map_populate", "unit_overhead",
-                    "compute_share", "fetch_share")
+                    "compute_share", "fetch_share", "spare_core_matvec", "mapped_matvec")
         for name in ("disk_read", "decode", "memcpy", "cpu_flops", *optional):
             if name in optional and getattr(self, name) is None:
                 continue
@@ -120,6 +134,20 @@ class Machine:
     def head_weight_read(self) -> float:
         """Bytes/s the CPU reads the head's weights at for one token: ``head_matvec``, else ``cpu_weight_read``."""
         return self.head_matvec if self.head_matvec is not None else self.cpu_weight_read
+
+    @property
+    def spare_core_read(self) -> float:
+        """Bytes/s of a one-token product on ``cores - 1`` threads: ``spare_core_matvec``, else a share of
+        ``cpu_weight_read``."""
+        if self.spare_core_matvec is not None:
+            return self.spare_core_matvec
+        return self.cpu_weight_read * max(1, self.cores - 1) / self.cores
+
+    @property
+    def streams_on_spare_core(self) -> bool:
+        """Whether a streamed decode computes on ``cores - 1`` threads beside the prefetch thread: two cores or
+        more, torch on all of them and ``stream_spare_core`` (what ``decode_threads="auto"`` then does)."""
+        return self.stream_spare_core and self.cores >= 2 and self.threads_computing >= self.cores
 
     @property
     def threads_computing(self) -> int:
@@ -206,6 +234,7 @@ class Machine:
         bw = measure(folder, nbytes=nbytes)
         cores = max(1, facts.logical_cores)
         fetch = measure_fetch(folder, threads=cores)  # every core at once: the share each gets, as the read pool sees
+        shapes = layer_shapes or LAYER_SHAPES
         gpu: dict[str, Any] = {}
         if torch.cuda.is_available():
             gpu = _measure_gpu(nbytes)
@@ -213,7 +242,9 @@ class Machine:
         return Machine(name=f"this machine ({facts.cpu_model}, {facts.physical_cores} cores)",
                        disk_read=bw.disk_read, decode=fetch["decode"] * cores, memcpy=bw.memcpy,
                        cpu_flops=_matmul_flops(torch.device("cpu"), dtype=torch.bfloat16),
-                       cpu_matvec=measure_matvec(layer_shapes or LAYER_SHAPES),
+                       cpu_matvec=measure_matvec(shapes),
+                       spare_core_matvec=measure_matvec(shapes, threads=cores - 1) if cores >= 2 else None,
+                       mapped_matvec=measure_mapped_matvec(folder, shapes),
                        head_matvec=measure_matvec((head_shape,), layers=1) if head_shape else None,
                        ram_free=facts.ram_available, cores=cores,
                        compute_threads=torch.get_num_threads(), page_cache_read=fetch["page_cache_read"],
@@ -241,7 +272,7 @@ LAYER_SHAPES = ((2048, 2048), (1024, 2048), (1024, 2048), (2048, 2048), (6144, 2
 
 
 def measure_matvec(shapes: tuple[tuple[int, int], ...] = LAYER_SHAPES, *, layers: int | None = None,
-                   passes: int = 5, min_bytes: int = 256 * MiB) -> float:
+                   passes: int = 5, min_bytes: int = 256 * MiB, threads: int | None = None) -> float:
     """Bytes/s of bf16 weights ``F.linear`` reads for one token, as a decoder layer runs it: decode on the CPU.
 
     ``shapes`` are one layer's ``(out, in)``, the model's own where known
@@ -251,21 +282,71 @@ def measure_matvec(shapes: tuple[tuple[int, int], ...] = LAYER_SHAPES, *, layers
     ``min_bytes``, beyond the CPU's caches as a decode's weights are: 32 MiB of L3 on the AMD bench
     VM, 105 MiB on the Xeon) are multiplied in turn, each weight once per pass; the median of
     ``passes`` passes, not the best: on a shared machine the median is what a decode of many layers
-    sustains.
+    sustains. ``threads``: torch's threads for the measurement (None: as the process runs them; the
+    caller's count is restored after).
     """
     layer_bytes = sum(2 * rows * cols for rows, cols in shapes)
     count = layers if layers is not None else max(2, -(-min_bytes // max(1, layer_bytes)))
     weights = [(torch.randn(rows, cols) * 0.02).to(torch.bfloat16) for _ in range(count) for rows, cols in shapes]
     inputs = [torch.randn(1, 1, cols).to(torch.bfloat16) for _ in range(count) for _, cols in shapes]
     times = []
-    with torch.inference_mode():
-        for _ in range(passes + 1):
-            start = time.perf_counter()
-            for w, x in zip(weights, inputs, strict=True):
-                torch.nn.functional.linear(x, w)
-            times.append(time.perf_counter() - start)
+    outer = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(max(1, threads))
+    try:
+        with torch.inference_mode():
+            for _ in range(passes + 1):
+                start = time.perf_counter()
+                for w, x in zip(weights, inputs, strict=True):
+                    torch.nn.functional.linear(x, w)
+                times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(outer)
     times = sorted(times[1:])  # the first pass warms the kernels
     return sum(w.nbytes for w in weights) / max(times[len(times) // 2], 1e-9)
+
+
+def measure_mapped_matvec(folder: str | os.PathLike[str] = ".", shapes: tuple[tuple[int, int], ...] = LAYER_SHAPES,
+                          *, layers: int | None = None, passes: int = 5, min_bytes: int = 256 * MiB) -> float:
+    """Bytes/s of :func:`measure_matvec`'s products when every weight is a fresh private map of a cached file.
+
+    What accelerate's disk offload does per offloaded module and token: ``safe_open`` maps the
+    checkpoint file (``MAP_PRIVATE``, nothing populated), ``get_tensor`` returns a view of the
+    weight's range in it, the product faults its pages in on torch's threads, and the map goes when
+    accelerate drops the weight after the forward. The weights are written to a scratch file in
+    ``folder`` (read back once, so it is in the page cache as an offload folder is after the first
+    pass); each is mapped on its own, multiplied once per pass and unmapped; the median of ``passes``.
+    """
+    import mmap
+
+    layer_bytes = sum(2 * rows * cols for rows, cols in shapes)
+    count = layers if layers is not None else max(2, -(-min_bytes // max(1, layer_bytes)))
+    plan = [(rows, cols) for _ in range(count) for rows, cols in shapes]
+    path = Path(folder) / f".tierstore-mapped-matvec-{os.getpid()}.tmp"
+    offsets, offset = [], 0
+    try:
+        with path.open("wb") as out:
+            for rows, cols in plan:
+                out.write((torch.randn(rows, cols) * 0.02).to(torch.bfloat16).view(torch.uint8).numpy().tobytes())
+                offsets.append(offset)
+                offset += 2 * rows * cols
+        path.read_bytes()  # into the page cache
+        inputs = [torch.randn(1, 1, cols).to(torch.bfloat16) for _, cols in plan]
+        times = []
+        with path.open("rb") as f, torch.inference_mode():
+            for _ in range(passes + 1):
+                start = time.perf_counter()
+                for (rows, cols), at, x in zip(plan, offsets, inputs, strict=True):
+                    region = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                    weight = torch.frombuffer(region, dtype=torch.bfloat16, count=rows * cols, offset=at)
+                    torch.nn.functional.linear(x, weight.view(rows, cols))
+                    del weight
+                    region.close()
+                times.append(time.perf_counter() - start)
+    finally:
+        path.unlink(missing_ok=True)
+    times = sorted(times[1:])
+    return offset / max(times[len(times) // 2], 1e-9)
 
 
 def measure_sharing(shapes: tuple[tuple[int, int], ...] = LAYER_SHAPES, *, layers: int | None = None,

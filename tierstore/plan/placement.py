@@ -44,7 +44,13 @@ The cost model (every term is bytes over a bandwidth or FLOPs over a throughput)
 - **cores are shared**: compute keeps ``k = threads_computing`` of the ``c = cores`` busy for its
   ``cpu`` seconds; the fetch threads' ``F`` CPU-seconds fit beside it only on the spare cores, so
   the CPU side takes ``max(cpu, (k * cpu + F) / c)``: with ``k = c`` (torch's default, a bf16
-  matvec on every core) fetching *adds* ``F / c`` to compute, with spare cores it overlaps;
+  matvec on every core) fetching *adds* ``F / c`` to compute, with spare cores it overlaps
+  (or, with :attr:`Machine.compute_share` measured, by the measured shares). That is a decode with
+  ``load_streamed(decode_threads=None)``; by default (``"auto"``, :attr:`Machine.streams_on_spare_core`)
+  a one-token forward of a streamed unit runs on ``c - 1`` threads while anything is fetched, the
+  fetch thread on the core left: its products at :attr:`Machine.spare_core_matvec` and the CPU side
+  ``max(cpu, F)`` (on the 2-core bench VM torch's threads spun on both cores and starved the fetch
+  thread, see :mod:`tierstore.integrations.decode_threads`);
 - units run one after another, while the prefetch threads read, decode and copy ahead, so a phase
   takes ``max(gpu + cpu compute, cpu side, disk, link)``: overlap is a max, not a sum.
 
@@ -332,6 +338,10 @@ def _phase(machine: Machine, model: ModelUnits, units: Sequence[UnitPlan], token
     """
     checked = verify_maps == "always" or not decode or (verify_maps == "disk" and not cached)
     by_name = {u.name: u for u in model.units}
+    # a one-token decode that streams on the CPU computes its units on cores - 1 threads, the prefetch
+    # thread on the core left (load_streamed's decode_threads="auto"): priced so when anything is fetched
+    spare = tokens == 1 and machine.streams_on_spare_core and any(
+        p.tier == "L3" and p.decode_on == "cpu" for p in units)
     gpu = cpu = fetch = disk = link = 0.0
     disk_bytes = link_bytes = l3_bytes = 0
     for placed in units:
@@ -351,7 +361,8 @@ def _phase(machine: Machine, model: ModelUnits, units: Sequence[UnitPlan], token
                                        else machine.h2d_pinned)
                 link_bytes += unit.nbytes
         else:
-            cpu += _cpu_seconds(machine, unit.nbytes, unit.params, tokens, machine.cpu_weight_read)
+            cpu += _cpu_seconds(machine, unit.nbytes, unit.params, tokens,
+                                machine.spare_core_read if spare else machine.cpu_weight_read)
         if tokens == 1:
             cpu += machine.unit_overhead or 0.0  # the framework's share of a layer, on the host
         if placed.tier == "L3":
@@ -365,7 +376,7 @@ def _phase(machine: Machine, model: ModelUnits, units: Sequence[UnitPlan], token
         gpu += max(head_flops / machine.gpu_flops, model.head_bytes / machine.vram_bandwidth)
     else:
         cpu += _cpu_seconds(machine, model.head_bytes, model.head_bytes // 2, 1, machine.head_weight_read)
-    cpu_side = _cpu_side(machine, cpu, fetch)
+    cpu_side = max(cpu, fetch) if spare else _cpu_side(machine, cpu, fetch)  # spare: fetching has its own core
     terms = {"compute": gpu + cpu, "cpu+fetch": cpu_side, "disk": disk, "link": link}
     limit = max(terms, key=lambda k: terms[k])
     return terms[limit], disk_bytes, link_bytes, limit, l3_bytes
@@ -576,11 +587,16 @@ def plan(model: ModelUnits, machine: Machine, *, memory: int | None = None, pref
 def _accelerate(model: ModelUnits, machine: Machine, memory: int, prefill_tokens: int) -> Prediction:
     """accelerate ``device_map="auto"`` with the same ``max_memory``: GPU first, then CPU, then disk.
 
-    Offloaded weights are copied in by a forward pre-hook on the spot (to the GPU from pageable
-    memory; "disk" offload reads raw, uncompressed files, one thread copying each tensor out), with
-    no prefetch: the costs add up. After the first pass the offloaded files are read from the page
-    cache when they fit in it (``bytes / page_cache_read``, as :mod:`tierstore.plan.page_cache`
-    counts it), else from the disk (``bytes / disk_read``); TTFT is the cold first pass.
+    Offloaded weights are loaded by a forward pre-hook on the spot, with no prefetch: the costs add
+    up. To the GPU they are copied from pageable memory. "Disk" offload of a safetensors checkpoint
+    reads the checkpoint's own files: per weight, ``safe_open`` maps the file ``MAP_PRIVATE`` and
+    ``get_tensor`` returns a view of the weight's range in that map (safetensors 0.8: no copy), so
+    a CPU product faults the pages in itself and the map goes when the hook drops the weight after
+    the forward. After the first pass the files are in the page cache when they fit in it (as
+    :mod:`tierstore.plan.page_cache` counts it): an offloaded unit's decode is ``bytes /
+    mapped_matvec`` (that product over fresh maps, measured), or without the measurement its product
+    plus a copy at ``page_cache_read``; else they are read from the disk (``bytes / disk_read``).
+    TTFT is the cold first pass.
     """
     gpu = machine.has_gpu
     vram = max(0, machine.vram_free - _HEADROOM - machine.vram_free // 8 - model.fixed_bytes) if gpu else 0
@@ -596,13 +612,18 @@ def _accelerate(model: ModelUnits, machine: Machine, memory: int, prefill_tokens
             if decode and not unit.decoder:
                 continue
             flops = tokens * 2.0 * unit.params
+            offloaded = unit.name not in l1 and unit.name not in l2
+            # a CPU product over a fresh map of the cached file faults its pages in itself: one measured rate
+            mapped_rate = machine.mapped_matvec if not gpu and offloaded and decode and cached else None
             if gpu and machine.gpu_flops and machine.vram_bandwidth:
                 total += max(flops / machine.gpu_flops, unit.nbytes / machine.vram_bandwidth)
+            elif mapped_rate is not None:
+                total += unit.nbytes / mapped_rate
             else:
                 total += _cpu_seconds(machine, unit.nbytes, unit.params, tokens, machine.cpu_weight_read)
             if tokens == 1:
                 total += machine.unit_overhead or 0.0
-            if unit.name not in l1 and unit.name not in l2:
+            if offloaded and mapped_rate is None:
                 if decode and cached:
                     total += unit.nbytes / (machine.page_cache_read or machine.memcpy)
                 else:
