@@ -85,13 +85,14 @@ def test_variants_run_under_budget_and_agree(bench: Any, work: Path, tmp_path: P
     machine_file.write_text(json.dumps(machine.to_dict()))
     memory = 3 << 20  # below the tiny model's ~4.6 MiB: some units stream
     # the raw units of the plans for both verify settings stored raw (plan --apply)
-    rewritten = bench.prepare_plan_store(work, machine, memory, ("always", "once"))
+    rewritten = bench.prepare_plan_store(work, machine, memory, ("disk", "once"))
     assert rewritten > 0
     results = {v: bench.run_variant(v, work, memory, 3, (1, 4, 4), machine_file, matvec=False)
-               for v in ("memory", "tierstore", "raw", "raw-all-threads", "raw-copy", "raw-once", "plan", "plan-once")}
+               for v in ("memory", "tierstore", "raw", "raw-always", "raw-all-threads", "raw-copy", "raw-once", "plan",
+                         "plan-once")}
     reference = results["memory"]["tokens"]
     assert len(reference) == 3
-    for variant in ("tierstore", "raw", "raw-all-threads", "raw-copy", "raw-once", "plan", "plan-once"):
+    for variant in ("tierstore", "raw", "raw-always", "raw-all-threads", "raw-copy", "raw-once", "plan", "plan-once"):
         r = results[variant]
         assert r["tokens"] == reference
         assert r["held_units"] < r["units"] and r["l2_bypasses"] == 0
@@ -101,8 +102,8 @@ def test_variants_run_under_budget_and_agree(bench: Any, work: Path, tmp_path: P
     assert results["raw-once"]["mapped_blocks"] > 0
     assert all(r["peak_rss"] > 0 and r["ttft_s"] > 0 for r in results.values())
     assert {v: r["verify_maps"] for v, r in results.items() if "verify_maps" in r} == {
-        "tierstore": "always", "raw": "always", "raw-all-threads": "always", "raw-copy": "always", "raw-once": "once",
-        "plan": "always", "plan-once": "once"}  # each plan runs with the checks it was made for
+        "tierstore": "disk", "raw": "disk", "raw-always": "always", "raw-all-threads": "disk", "raw-copy": "disk",
+        "raw-once": "once", "plan": "disk", "plan-once": "once"}  # each plan runs with the checks it was made for
     assert results["raw-all-threads"]["decode_threads"] is None  # torch's own count, as before decode_threads
 
 

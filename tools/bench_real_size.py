@@ -12,7 +12,9 @@ RSS is its own), on a synthetic image + prompt, greedy:
 - ``raw``: the same on the store imported with ``--l3-compression off``: the units it does not hold are
   zero-copy maps of the L3 files (``TierStore.map``), L2 holds only held units; ``raw-copy``: the same store
   with ``mapped=False``, every streamed unit copied into L2 by ``pread``; ``raw-once``: ``raw`` with
-  ``l3_verify_maps="once"`` (each block's checksum checked on its first map only); ``raw-all-threads``:
+  ``l3_verify_maps="once"`` (each block's checksum checked on its first map only), ``raw-always`` with
+  ``"always"`` (every map checked; the others run the default ``"disk"``: a map that reads from the disk,
+  and each block's first); ``raw-all-threads``:
   ``raw`` with ``decode_threads=None`` (torch's threads on every core beside the prefetch thread, as
   before ``decode_threads``),
 - ``accelerate``: ``from_pretrained(device_map="auto", max_memory={"cpu": M}, offload_folder=...)``,
@@ -64,18 +66,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/, for rss_phas
 from rss_phases import RssPhases
 
 GiB = 1 << 30
-VARIANTS = ("memory", "tierstore", "raw", "raw-all-threads", "raw-copy", "raw-once", "accelerate", "plan", "plan-once")
+VARIANTS = ("memory", "tierstore", "raw", "raw-always", "raw-all-threads", "raw-copy", "raw-once", "accelerate",
+            "plan", "plan-once")
 STORES = {"tierstore": "store", "plan": "store-plan", "plan-once": "store-plan", "raw": "store-raw",
-          "raw-all-threads": "store-raw", "raw-copy": "store-raw", "raw-once": "store-raw"}
+          "raw-always": "store-raw", "raw-all-threads": "store-raw", "raw-copy": "store-raw",
+          "raw-once": "store-raw"}
 """The store each tierstore variant opens: ``raw`` and ``raw-copy`` are the same checkpoint imported with
 ``--l3-compression off``; ``raw`` maps the streamed units (``load_streamed``'s default), ``raw-copy`` copies
 them through L2 (``mapped=False``); ``plan`` and ``plan-once`` open a copy of ``store`` with the units their
 plans stream raw rewritten raw (``tierstore plan --apply``; one copy for both: the units either plan wants raw)."""
-VERIFY = {"raw-once": "once", "plan-once": "once"}
-"""The store's ``l3_verify_maps`` per variant (the others: the default, ``always``); a plan is made for the
+VERIFY = {"raw-once": "once", "plan-once": "once", "raw-always": "always"}
+"""The store's ``l3_verify_maps`` per variant (the others: the default, ``disk``); a plan is made for the
 setting its store runs with (``plan(..., verify_maps=)``), never the other way round."""
-CHECKED = ("tierstore", "raw", "raw-all-threads", "raw-copy", "plan")
-"""The store variants that check every byte they stream (the ``plan`` variant's peers with the same checks)."""
+CHECKED = ("tierstore", "raw", "raw-always", "raw-all-threads", "raw-copy", "plan")
+"""The store variants that check every byte they read from the disk (the ``plan`` variant's peers with the
+same checks; ``raw-always`` checks every mapped byte of every token too)."""
 TEXT = {  # the published text shapes (Qwen3-VL-2B/4B-Instruct config.json)
     "2b": dict(hidden_size=2048, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
                intermediate_size=6144),
@@ -363,8 +368,8 @@ def load_variant(variant: str, work: Path, memory: int, machine_file: Path | Non
     if rss is not None:
         rss.mark("open store")
     mapped = variant != "raw-copy"
-    verify = VERIFY.get(variant, "always")
-    if variant in ("tierstore", "raw", "raw-all-threads", "raw-copy", "raw-once"):
+    verify = VERIFY.get(variant, "disk")
+    if variant in ("tierstore", "raw", "raw-always", "raw-all-threads", "raw-copy", "raw-once"):
         with tierstore.open(folder, readonly=True, l2_cache_size=0) as probe:
             split = memory_split(probe, memory, prefetch=2, mapped=mapped)
         store = tierstore.open(folder, readonly=True, l2_cache_size=split.l2_bytes, l3_verify_maps=verify)
@@ -389,7 +394,7 @@ def load_variant(variant: str, work: Path, memory: int, machine_file: Path | Non
     return load_streamed(store, plan=chosen, prefetch=2), store
 
 
-def prepare_plan_store(work: Path, machine: Any, memory: int, verify: tuple[str, ...] = ("always",)) -> int:
+def prepare_plan_store(work: Path, machine: Any, memory: int, verify: tuple[str, ...] = ("disk",)) -> int:
     """``store-plan``: a copy of ``store`` with the raw units of the plan for each ``verify`` setting rewritten
     raw (``plan --apply``, one plan after the other: the second plans the store the first left); how many."""
     import tierstore
@@ -545,6 +550,8 @@ def predictions(work: Path, machine: Any, memory: int, prefill_tokens: int) -> d
     raw = plan(raw_units, machine, rewrite=False, mapped=True, **terms).prediction if raw_units is not None else None
     raw_once = plan(raw_units, machine, rewrite=False, mapped=True, verify_maps="once",
                     **terms).prediction if raw_units is not None else None
+    raw_always = plan(raw_units, machine, rewrite=False, mapped=True, verify_maps="always",
+                      **terms).prediction if raw_units is not None else None
     raw_copy = plan(raw_units, machine, rewrite=False, **terms).prediction if raw_units is not None else None
     raw_all = plan(raw_units, replace(machine, stream_spare_core=False), rewrite=False, mapped=True,
                    **terms).prediction if raw_units is not None else None
@@ -555,7 +562,8 @@ def predictions(work: Path, machine: Any, memory: int, prefill_tokens: int) -> d
         accelerate = None
     memory_all = predict(machine, units, everything, prefill_tokens=prefill_tokens)
     return {"memory": memory_all, "tierstore": stored.prediction, "plan": chosen.prediction,
-            "plan-once": chosen_once.prediction, "raw": raw, "raw-all-threads": raw_all, "raw-copy": raw_copy,
+            "plan-once": chosen_once.prediction, "raw": raw, "raw-always": raw_always, "raw-all-threads": raw_all,
+            "raw-copy": raw_copy,
             "raw-once": raw_once,
             "accelerate": accelerate, "_plan": chosen, "_plan-once": chosen_once}
 
@@ -607,7 +615,7 @@ def bench_model(name: str, args: argparse.Namespace, machine: Any, machine_file:
               f"{fetch.get('head_matvec', 0) / 1e9:.2f} GB/s, map {fetch.get('map_populate', 0) / 1e9:.2f} GB/s, "
               f"{fetch.get('unit_overhead', 0) * 1e3:.2f} ms per layer beside its products, shares beside a fetch "
               f"thread {fetch.get('compute_share', 1):.2f} (matvec) / {fetch.get('fetch_share', 1):.2f} (fetch)")
-        settings = tuple(VERIFY.get(v, "always") for v in ("plan", "plan-once") if v in args.variants.split(","))
+        settings = tuple(VERIFY.get(v, "disk") for v in ("plan", "plan-once") if v in args.variants.split(","))
         if settings:
             start = time.perf_counter()
             rewritten = prepare_plan_store(work, machine, memory, settings)
