@@ -319,3 +319,26 @@ def test_get_many_racing_puts_deletes_spills_and_evictions(tmp_path: Path) -> No
 def test_get_and_get_many_with_shared_keys_alternating_cache_only(tmp_path: Path) -> None:
     _race(tmp_path, lambda db, keys: {key: db.get(key) for key in keys} if len(keys) % 2 else db.get_many(keys),
           cache_only_shared=True)
+
+
+def test_export_in_batches_writes_the_same_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """export_safetensors reads its tensors with one get_many per batch: cut into many batches, the file is
+    byte for byte the file of one batch, and safetensors reads every tensor back."""
+    from safetensors.torch import load_file
+
+    from tierstore.integrations import checkpoint
+
+    values = {f"t.{i}": _tensor(i, (torch.bfloat16, torch.float32, torch.int64)[i % 3], 50_000 * (i + 1))
+              for i in range(7)}
+    values["t.empty"] = torch.zeros(0)
+    with tierstore.open(tmp_path / "s", l2_cache_size="2MiB") as db:
+        with db.transaction():
+            for key, value in values.items():
+                db.put(key, value)
+        checkpoint.export_safetensors(db, tmp_path / "one.safetensors")
+        monkeypatch.setattr(checkpoint, "_EXPORT_BATCH", 600_000)
+        assert len(list(checkpoint._batches([(k, k, db.info(k)) for k in values]))) > 3
+        checkpoint.export_safetensors(db, tmp_path / "many.safetensors")
+    assert (tmp_path / "one.safetensors").read_bytes() == (tmp_path / "many.safetensors").read_bytes()
+    loaded = load_file(tmp_path / "many.safetensors")
+    assert set(loaded) == set(values) and all(same_bits(loaded[k], v) for k, v in values.items())
