@@ -131,12 +131,14 @@ def test_damaged_block_names_its_key(tmp_path: Path) -> None:
             db.put(key, value)
         db.put("raw", torch.arange(400_000, dtype=torch.int64), compression="off")
     con = sqlite3.connect(tmp_path / "s" / "catalog.sqlite")
-    arrays = dict(con.execute("SELECT key, l3_array FROM blocks").fetchall())
+    where = {key: (array, offset, stored) for key, array, offset, stored
+             in con.execute("SELECT key, l3_array, l3_offset, stored_bytes FROM blocks").fetchall()}
     con.close()
     for key in ("w2", "raw"):
-        path = tmp_path / "s" / "l3" / arrays[key] / "0.0"
+        array, offset, stored = where[key]
+        path = tmp_path / "s" / "l3" / array / "0.0"
         data = bytearray(path.read_bytes())
-        data[len(data) // 3] ^= 0x40
+        data[offset + stored // 3] ^= 0x40  # inside this block's bytes (the commit's blocks may share the file)
         path.write_bytes(bytes(data))
     with tierstore.open(tmp_path / "s", l2_cache_size="16MiB") as db:
         used = db.stats().tiers["L2"]["used"]

@@ -431,7 +431,8 @@ def _repair(store: Path, report: VerifyReport) -> None:
         if lost:
             arrays = catalog.own_arrays_of(lost)
             catalog.drop_blocks(lost)
-            for array in arrays:
+            shared = catalog.arrays_in_use(a for a in arrays if isinstance(a, str))  # other blocks of a commit
+            for array in (a for a in arrays if a not in shared):
                 if (isinstance(array, str) and _OWN_ARRAY.fullmatch(array)  # never a path a damaged row made up
                         and contained(store, l3.root / array)):
                     shutil.rmtree(l3.root / array, ignore_errors=True)
@@ -455,7 +456,11 @@ def _repair(store: Path, report: VerifyReport) -> None:
             if problem.kind == "meta" and problem.subject not in GROUPS:
                 array = problem.subject.removeprefix("l3/").removesuffix("/zarr.json")
                 first = catalog.first_row_in_array(array)
-                if first is not None:
+                if first is not None and array.startswith("blocks/"):  # one block, or a commit's run of them
+                    l3_rw.restore_run_meta([(location_of(r), r.nbytes, Contents(r.key, r.dtype, r.shape))
+                                            for r in catalog.rows_in_array(array)])
+                    report.repaired.append(f"wrote {problem.subject} again")
+                elif first is not None:
                     shards = 1 + max((n for a, n in lengths if a == array), default=0)
                     l3_rw.restore_meta(location_of(first), first.nbytes,
                                        contents=Contents(first.key, first.dtype, first.shape), pack_shards=shards)
