@@ -166,3 +166,35 @@ def test_metadata_of_a_run_whose_last_block_died_is_written_again_whole(tmp_path
     after = json.loads((store / "l3" / run / "zarr.json").read_text())
     assert after["chunk_grid"] == before["chunk_grid"] and after["shape"] == before["shape"]
     check_readable(store, values)
+
+
+def test_a_schema_3_store_reads_read_only_and_upgrades_at_its_first_write_open(tmp_path: Path) -> None:
+    """A store as the code before runs left it (one array per large block, catalog schema 3, no l3_array index):
+    read-only handles read it as it is; the first read-write open adds the index, and writes runs beside."""
+    store = tmp_path / "s"
+    values = {f"w{i}": _bf16(i, 512) for i in range(3)}
+    with tierstore.open(store, l2_cache_size=0) as db:
+        for key, value in values.items():
+            db.put(key, value)  # a commit each: an array each, as before
+    with sqlite3.connect(store / "catalog.sqlite") as conn:
+        conn.execute("DROP INDEX blocks_by_l3_array")
+        conn.execute("PRAGMA user_version = 3")
+    with tierstore.open(store, l2_cache_size=0, readonly=True) as db:
+        got = db.get_many(list(values))
+        assert all(same_bits(got[k], v) for k, v in values.items())
+    with sqlite3.connect(store / "catalog.sqlite") as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3  # a reader changes nothing
+    with tierstore.open(store, l2_cache_size=0) as db:
+        with db.transaction():
+            for i in range(3, 6):
+                values[f"w{i}"] = _bf16(i, 512)
+                db.put(f"w{i}", values[f"w{i}"])
+        db.delete("w0")
+        del values["w0"]
+    with sqlite3.connect(store / "catalog.sqlite") as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'blocks_by_l3_array'").fetchone()
+    arrays = _arrays_of(store)
+    assert len({arrays[f"w{i}"] for i in range(3, 6)}) == 1 and arrays["w1"] != arrays["w2"]
+    assert verify(store).ok
+    check_readable(store, values)

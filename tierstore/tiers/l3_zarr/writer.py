@@ -6,7 +6,8 @@ shard after every commit and a torn append is cut off on recovery by truncating 
 catalog committed. The large blocks of one commit with one codec and inner chunk size are appended,
 in put order and each from a chunk boundary, to one array named by the first of them (a run), in
 ~1 MiB inner chunks encoded on the codec pool; :meth:`L3Writer.prepare` writes its shard index and
-``zarr.json``. A spill (:meth:`L3Writer.write_now`) is an array of its own, complete at once. Nothing written is durable before :meth:`L3Writer.prepare` and the catalog commit;
+``zarr.json``. A spill (:meth:`L3Writer.write_now`) is an array of its own, complete at once.
+Nothing written is durable before :meth:`L3Writer.prepare` and the catalog commit;
 :meth:`L3Writer.rollback` undoes it. Not thread-safe: the store serialises writers.
 """
 
