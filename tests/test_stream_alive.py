@@ -38,7 +38,13 @@ class _Recording:
         (A weak reference to the tensor itself would die at once: the streamer wraps it in a new
         ``nn.Parameter`` object sharing the storage.)
         """
-        tensor: torch.Tensor = self._store.get(key, **kwargs)
+        return self._hand(key, self._store.get(key, **kwargs))
+
+    def get_many(self, keys: list[str], **kwargs: Any) -> dict[str, torch.Tensor]:
+        """:meth:`get` of each key, read with one ``get_many`` (what the streamer fetches a unit with)."""
+        return {key: self._hand(key, tensor) for key, tensor in self._store.get_many(keys, **kwargs).items()}
+
+    def _hand(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
         buffer = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().copy()
         with self._lock:  # the prefetch thread calls this too
             self.handed.append((key, weakref.ref(buffer)))

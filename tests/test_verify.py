@@ -20,8 +20,13 @@ LARGE = {f"large/{i}": torch.randn(300_000, generator=torch.Generator().manual_s
 
 
 def _make(path: Path, compression: str = "auto") -> None:
-    with tierstore.open(path, l3_compression=compression, l2_cache_size=0) as db, db.transaction():
-        for key, tensor in {**SMALL, **LARGE}.items():
+    """The small blocks in one transaction; each large block put on its own, so each has a file of its own (the
+    large blocks of one commit share one)."""
+    with tierstore.open(path, l3_compression=compression, l2_cache_size=0) as db:
+        with db.transaction():
+            for key, tensor in SMALL.items():
+                db.put(key, tensor)
+        for key, tensor in LARGE.items():
             db.put(key, tensor)
 
 

@@ -10,6 +10,7 @@ Open a store like a database and keep tensors in it::
             db.put("layer1.weight", torch.randn(4096, 4096, dtype=torch.bfloat16))
             db.delete("layer0.weight")
         w = db.get("layer1.weight")
+        layer = db.get_many(["layer1.weight"])           # {key: tensor}, L3 misses read together
         print(db.info("layer1.weight"), db.stats())
 
 Blocks live durably in a compressed Zarr v3 tier (L3) on disk, indexed by an

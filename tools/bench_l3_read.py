@@ -4,7 +4,10 @@
     python tools/bench_l3_read.py --count 32 --repeat 5 --json out.json
 
 One dataset of seeded random-normal bf16 tensors (what checkpoints hold) is written once as a
-safetensors file and as tierstore stores (``l3_compression`` auto and off). Each round reads the
+safetensors file and as tierstore stores (``l3_compression`` auto and off, all tensors put in one
+transaction, so one file holds them), each read with one ``get`` per key and with one ``get_many``
+of all keys, and as a store whose tensors were put one at a time (a file each), read with
+``get_many``. Each round reads the
 whole dataset with every variant in a rotated order, each after dropping its files from the page
 cache (``posix_fadvise(DONTNEED)`` after a ``sync``), and materialises what it got (one byte per
 page, as tools/bench.py does). Reported: medians over rounds, the spread, wall MiB/s, this
@@ -34,6 +37,7 @@ import tierstore
 
 PAGE = 4096
 MiB = 1 << 20
+PER_PUT = "a put per tensor (a file each)"
 
 
 def make_tensors(count: int, shape: tuple[int, ...], seed: int) -> dict[str, torch.Tensor]:
@@ -90,11 +94,21 @@ def variants(out: Path, keys: list[str]) -> dict[str, tuple[Path, Callable[[], l
                 return [db.get(key) for key in keys]
         return run
 
+    def get_many(store: Path) -> Callable[[], list[torch.Tensor]]:
+        def run() -> list[torch.Tensor]:
+            with tierstore.open(store, l2_cache_size=0, readonly=True) as db:
+                got = db.get_many(keys)
+                return [got[key] for key in keys]
+        return run
+
     found: dict[str, tuple[Path, Callable[[], list[torch.Tensor]]]] = {
         "safetensors: load_file": (st_file.parent, load_file)}
     for setting in ("auto", "off"):
         store = out / f"tierstore-{setting}"
         found[f"tierstore l3_compression={setting}: get each"] = (store, get_each(store))
+        found[f"tierstore l3_compression={setting}: get_many"] = (store, get_many(store))
+    store = out / "tierstore-auto-file-each"
+    found[f"tierstore l3_compression=auto, {PER_PUT}: get_many"] = (store, get_many(store))
     return found
 
 
@@ -110,6 +124,12 @@ def write_all(out: Path, tensors: dict[str, torch.Tensor]) -> dict[str, int]:
             for key, tensor in tensors.items():
                 db.put(key, tensor)
         sizes[f"tierstore l3_compression={setting}: get each"] = disk_usage(store / "l3")
+        sizes[f"tierstore l3_compression={setting}: get_many"] = sizes[f"tierstore l3_compression={setting}: get each"]
+    store = out / "tierstore-auto-file-each"  # each put its own commit: each large block its own file
+    with tierstore.open(store, l2_cache_size=0, l3_compression="auto") as db:
+        for key, tensor in tensors.items():
+            db.put(key, tensor)
+    sizes[f"tierstore l3_compression=auto, {PER_PUT}: get_many"] = disk_usage(store / "l3")
     os.sync()
     return sizes
 

@@ -113,6 +113,8 @@ def schema_scripts() -> list[tuple[int, str, str]]:
 
 
 SCHEMA_VERSION = len(schema_scripts())
+READABLE_FROM = 3
+"""The oldest schema a read-only handle reads as it is: version 4 only added an index that writers use."""
 
 
 class Catalog(UpkeepQueries):
@@ -147,12 +149,13 @@ class Catalog(UpkeepQueries):
                 f"catalog {self.path} is empty: the store's first open did not finish; open it read-write "
                 "once to create it", path=str(self.path))
         if version < SCHEMA_VERSION:
-            if readonly:
+            if readonly and version < READABLE_FROM:
                 conn.close()
                 raise SchemaVersionError(
                     f"catalog {self.path} has schema version {version}; open it read-write once to upgrade "
                     f"it to {SCHEMA_VERSION}", path=str(self.path))
-            self._migrate(version)
+            if not readonly:
+                self._migrate(version)
         if readonly:
             conn.execute("PRAGMA query_only = 1")
         self._counter_fd = -1

@@ -7,7 +7,7 @@ file stays readable; the statements are in :mod:`.statements` like every other.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -15,9 +15,11 @@ from .block_row import _ARRAY_NAME, BlockRow
 from .statements import (
     ALL_ACCESSES,
     ALL_BLOCKS,
+    ARRAY_IN_USE,
     ARRAY_OF,
     BLOCK_AT,
     BLOCK_IN_ARRAY,
+    BLOCKS_IN_ARRAY,
     BLOCKS_IN_SHARD,
     CURRENT_SIZES,
     DELETE_BLOCK,
@@ -206,6 +208,14 @@ class UpkeepQueries:
         """A block stored in shard ``shard`` of L3 array ``array``, if any."""
         row = self._query_one(BLOCK_AT, (array, shard))
         return BlockRow.from_tuple(row) if row is not None else None
+
+    def arrays_in_use(self, arrays: Iterable[str]) -> set[str]:
+        """Those of the L3 ``arrays`` some row still names (a commit's large blocks share one array)."""
+        return {array for array in set(arrays) if self._query_one(ARRAY_IN_USE, (array,)) is not None}
+
+    def rows_in_array(self, array: str) -> list[BlockRow]:
+        """The blocks stored in L3 array ``array``, by their first chunk."""
+        return [BlockRow.from_tuple(r) for r in self._query(BLOCKS_IN_ARRAY, (array,))]
 
     def first_row_in_array(self, array: str) -> BlockRow | None:
         """A block stored in L3 array ``array``, if any."""

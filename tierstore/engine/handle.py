@@ -217,6 +217,21 @@ class TierStore(MutableMapping[str, torch.Tensor]):
         return self._reads.get(key, device, copy, self._shared_access.get_shared if self._shared is not None else None,
                                mapped=mapped)
 
+    def get_many(self, keys: Iterable[str], device: str | torch.device | None = None, *,
+                 copy: bool = False) -> dict[str, torch.Tensor]:
+        """``{key: get(key, device, copy=copy)}`` for each of ``keys`` (each once, in the order given).
+
+        The blocks a get would read from L3 are looked up first and read together, in the order
+        their bytes lie on disk, through one read-ahead pipeline: the disk reads the next blocks
+        while earlier ones decode, straight into their outputs (fresh L2 slots, as a get fills
+        them). Everything else (L2 hits, pending changes, cache-only blocks, an L1 device) is a
+        get. Each key's access is recorded and counted as its get's would be. Raises what get
+        raises: ``BlockNotFoundError`` for a missing key (before anything is read),
+        ``CorruptBlockError`` naming the damaged block's key, ``InvalidKeyError`` for a bad key.
+        """
+        return self._reads.get_many(keys, device, copy,
+                                    self._shared_access.get_shared if self._shared is not None else None)
+
     def map(self, key: str) -> torch.Tensor | None:
         """A zero-copy view of ``key``'s bytes in L3 when the block is stored raw there, else None.
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from heapq import merge
 from pathlib import Path
@@ -33,6 +33,7 @@ from ..errors import (
 from ..tensors import check_key, dtype_from_name, dtype_name, tensor_bytes
 from ..tiers.l1_cuda import DevicePool, event_done, is_device_oom
 from ..tiers.l2_slab import HostArena
+from ..tiers.l3_zarr import Location
 from ..tiers.slab_allocator import Allocation
 from .access_recorder import AccessRecorder
 from .devices import usable_device
@@ -108,6 +109,74 @@ class Reads:
         self._recorder.record(key, "get", tier)
         self._migrator.on_get(key, device)
         return tensor
+
+    def get_many(self, keys: Iterable[str], device: str | torch.device | None, copy: bool,
+                 read_through: ReadThrough | None) -> dict[str, torch.Tensor]:
+        """:meth:`TierStore.get_many <tierstore.engine.handle.TierStore.get_many>`."""
+        self._check_open()
+        if isinstance(keys, (str, bytes)):
+            raise InvalidArgumentError(f"get_many takes an iterable of keys, not one key ({keys!r:.80}); "
+                                       "use get() for one")
+        wanted = list(dict.fromkeys(keys))  # each key once, in the order given
+        for key in wanted:
+            check_key(key)
+        if device is not None:
+            device = usable_device(device)
+        if copy is not False and copy is not True and not isinstance(copy, np.bool_):
+            raise InvalidArgumentError(f"get_many: copy must be True or False, not {copy!r}")
+        batch: dict[str, tuple[BlockRow, Location, int]] = {}
+        if device is None or not self.on_l1(device):  # an L1 device: each key promoted by get()
+            for key in wanted:
+                found = self._l3_miss(key, read_through)
+                if found is not None:
+                    batch[key] = found
+        read = self._mover.read_many_l3(list(batch.values()), copy) if batch else []
+        served = dict(zip(batch, read, strict=True))
+        result: dict[str, torch.Tensor] = {}
+        for key in wanted:  # in the caller's order: the access history learns which block follows which
+            got = served.get(key)
+            if got is None:  # not an L3 miss, or its file went away meanwhile: the ordinary get
+                result[key] = self.get(key, device, copy, read_through)
+                continue
+            tensor, tier = got
+            if device is not None:
+                tensor = tensor.to(device)
+            self._counts["get"] += 1
+            self._hits[tier] += 1
+            self._hit_bytes[tier] += tensor.nbytes
+            self._recorder.record(key, "get", tier)
+            self._migrator.on_get(key, device)
+            result[key] = tensor
+        return result
+
+    def _l3_miss(self, key: str, read_through: ReadThrough | None) -> tuple[BlockRow, Location, int] | None:
+        """``(row, location, L2 generation)`` when a get of ``key`` would read it from L3 now, else None.
+
+        The same questions :meth:`_get_once` asks, in its order, without reading: a pending change,
+        a cache-only entry, a copy in L2 (or a prefetch of it in flight) all leave the key to the
+        ordinary get. A key in no tier raises ``BlockNotFoundError`` at once, as a get would, unless
+        the shared tier may have it or a cache-only version of it is being committed.
+        """
+        txn = self._txn()
+        if txn is not None and key in txn.pending:
+            return None
+        l1, l2 = self._l1, self._l2
+        if l1 is not None and key in l1.volatile_keys:
+            return None
+        if l2 is not None and not self.readonly:
+            self._migrator.await_move(key)
+            if l2.lookup(key) is not None:
+                return None
+        generation = l2.generation if l2 is not None else 0
+        try:
+            row, loc = self._index.lookup(key)
+        except BlockNotFoundError:
+            if read_through is None and self.volatile(key) is None and not self._index.await_settled(key):
+                raise
+            return None
+        if row.nbytes == 0 or (l2 is not None and self.readonly and l2.lookup(key, row.block_id) is not None):
+            return None
+        return row, loc, generation
 
     def map(self, key: str) -> torch.Tensor | None:
         """:meth:`TierStore.map <tierstore.engine.handle.TierStore.map>`."""

@@ -70,6 +70,13 @@ class Writes:
         self._closed = closed
         self._landing = landing
 
+    def _unshared(self, freed: list[Location]) -> list[Location]:
+        """``freed`` less the blocks whose L3 array other rows still name: a commit's large blocks share one
+        array (layout 3), which goes only with the last of them (dead blocks in it wait for compaction)."""
+        arrays = {loc.array for loc in freed if loc.array.startswith("blocks/")}
+        shared = self._catalog.arrays_in_use(arrays) if arrays else set()
+        return [loc for loc in freed if loc.array not in shared] if shared else freed
+
     def abort(self, txn: Txn) -> None:
         self._l3.rollback()
         if self._l1 is not None:
@@ -113,7 +120,7 @@ class Writes:
         if failure is not None:  # undone outside the index lock: releasing slots takes tier locks
             self.abort(txn)
             raise failure
-        self._l3.free([location_of(row) for row in replaced] + txn.garbage)
+        self._l3.free(self._unshared([location_of(row) for row in replaced] + txn.garbage))
         try:
             self._settle_l2(txn, l2_only)
         finally:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import crc32c
@@ -29,6 +29,7 @@ from ..tiers.codecs import choose_codec
 from ..tiers.l1_cuda import DevicePool
 from ..tiers.l2_slab import HostArena
 from ..tiers.l3_zarr import Contents, Location, ZarrL3
+from ..tiers.slab_allocator import Allocation
 from .index import BlockIndex
 from .residency import Residency, Resident
 from .transaction import location_of
@@ -65,8 +66,12 @@ def check_bytes(key: str, data: np.ndarray, checksum: int, where: str, doing: st
     ``crc`` is ``data``'s crc32c when the read already computed it (``ZarrL3.read_into`` does).
     """
     if not (checksum_ok(data, checksum) if crc is None else crc == checksum):
-        raise CorruptBlockError(f"block {key!r} failed its checksum in L3 ({where}){doing}; the stored bytes are "
-                                "damaged - restore them or run 'tierstore verify --fix'", key=key, tier="L3")
+        raise _checksum_error(key, where, doing)
+
+
+def _checksum_error(key: str, where: str, doing: str = "") -> CorruptBlockError:
+    return CorruptBlockError(f"block {key!r} failed its checksum in L3 ({where}){doing}; the stored bytes are "
+                             "damaged - restore them or run 'tierstore verify --fix'", key=key, tier="L3")
 
 
 def _named(exc: CorruptBlockError | UnsafePathError, key: str) -> TierStoreError:
@@ -87,6 +92,11 @@ def no_memory(nbytes: int, what: str) -> TierFullError:
     """The error for a block larger than the machine's memory."""
     return TierFullError(f"{what}: {nbytes} bytes is more memory than this machine has "
                          f"({physical_memory()} bytes); use a smaller block", tier="L2")
+
+
+def _file_order(loc: Location) -> tuple[str, int, int]:
+    """Where a block's bytes start: reading in this order reads each shard file front to back."""
+    return loc.array, loc.shard, loc.offset
 
 
 class Mover:
@@ -226,6 +236,76 @@ class Mover:
         except BaseException:
             l2.release(slot)
             raise
+        return self._admit_filled(key, row, slot, out, generation, copy)
+
+    def read_many_l3(self, wanted: Sequence[tuple[BlockRow, Location, int]],
+                     copy: bool) -> list[tuple[torch.Tensor, str] | None]:
+        """Get misses of several blocks ``(row, location, L2 generation)``, read through one L3 pipeline.
+
+        What :meth:`fill_l2` (or :meth:`read_l3` where L2 has no room or is off) does for one block,
+        for all of them at once: each gets its output (a fresh L2 slot, else fresh host memory), then
+        ``ZarrL3.read_many`` reads them in file and offset order, the disk reading the next blocks
+        while earlier ones decode, and each is checked against its row's checksum and admitted to
+        L2. Returns, per block in the given order, ``(tensor, tier)`` as :meth:`fill_l2` does, or
+        None where its file was gone (replaced, deleted or compacted meanwhile: the caller reads
+        that key again the ordinary way). Raises the first block's ``CorruptBlockError`` (naming its
+        key) after the others were settled; no slot is left reserved.
+        """
+        l2 = self.l2
+        outs: list[tuple[np.ndarray, Allocation | None]] = []
+        try:
+            for row, _loc, _generation in wanted:
+                slot = l2.reserve(row.nbytes, self.spill_l2) if l2 is not None and row.nbytes else None
+                if slot is not None:
+                    assert l2 is not None
+                    outs.append((l2.arena.as_numpy(slot), slot))
+                    continue
+                try:
+                    outs.append((host_bytes(row.nbytes), None))
+                except MemoryError:
+                    raise no_memory(row.nbytes, f"read block {row.key!r}") from None
+            order = sorted(range(len(wanted)), key=lambda i: _file_order(wanted[i][1]))
+            crcs = self.l3.read_many([(wanted[i][1], outs[i][0]) for i in order])
+        except BaseException:
+            self._release_slots(slot for _out, slot in outs)
+            raise
+        results: list[tuple[torch.Tensor, str] | None] = [None] * len(wanted)
+        failure: BaseException | None = None
+        for position, i in enumerate(order):
+            row, loc, generation = wanted[i]
+            out, slot = outs[i]
+            crc = crcs[position]
+            if isinstance(crc, int) and crc == row.checksum:
+                if slot is None:
+                    results[i] = tensor_from_bytes(out, dtype_from_name(row.dtype), row.shape), "L3"
+                else:
+                    results[i] = self._admit_filled(row.key, row, slot, out, generation, copy)
+                continue
+            self._release_slots([slot])
+            if isinstance(crc, FileNotFoundError):
+                continue  # replaced, deleted or moved meanwhile: the caller's ordinary read sorts it out
+            if failure is None:
+                if isinstance(crc, (CorruptBlockError, UnsafePathError)):
+                    failure = _named(crc, row.key)
+                elif isinstance(crc, BaseException):
+                    failure = crc  # what a get would have raised (an I/O error)
+                else:
+                    failure = _checksum_error(row.key, loc.array)
+        if failure is not None:
+            raise failure
+        return results
+
+    def _release_slots(self, slots: Iterable[Allocation | None]) -> None:
+        l2 = self.l2
+        for slot in slots:
+            if slot is not None and l2 is not None:
+                l2.release(slot)
+
+    def _admit_filled(self, key: str, row: BlockRow, slot: Allocation, out: np.ndarray, generation: int,
+                      copy: bool) -> tuple[torch.Tensor, str]:
+        """Admit a slot just filled and checked from L3; this read's own bytes when the block was replaced."""
+        l2 = self.l2
+        assert l2 is not None
         with l2.lock:  # a refused admission frees the slot: copy it out before another thread reuses it
             entry = l2.admit(key, row.block_id, slot, dtype_from_name(row.dtype), row.shape, row.checksum,
                              generation=generation, parent=row.parent)

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from ..engine.handle import TierStore
+from ..engine.values import BlockInfo
 from ..errors import BlockNotFoundError, CheckpointError
 
 __all__ = ["HF_META", "CONFIG_FILES", "TensorEntry", "read_header", "checkpoint_files", "import_checkpoint",
@@ -275,6 +276,24 @@ def stored_tensor_keys(store: TierStore, prefix: str = "") -> list[str]:
     return [k for k in store.keys(prefix=prefix or None) if HF_META not in k]
 
 
+_EXPORT_BATCH = 256 << 20
+"""Bytes of tensors :func:`export_safetensors` reads with one ``get_many`` (memory beside the file: one batch)."""
+
+
+def _batches(infos: list[tuple[str, str, BlockInfo]]) -> Iterator[list[tuple[str, str, BlockInfo]]]:
+    """``infos`` in order, cut into runs of at most :data:`_EXPORT_BATCH` bytes (a larger tensor alone)."""
+    batch: list[tuple[str, str, BlockInfo]] = []
+    size = 0
+    for item in infos:
+        if batch and size + item[2].nbytes > _EXPORT_BATCH:
+            yield batch
+            batch, size = [], 0
+        batch.append(item)
+        size += item[2].nbytes
+    if batch:
+        yield batch
+
+
 def export_safetensors(store: TierStore, out: str | Path, *, prefix: str = "", progress: bool = False) -> int:
     """Write the tensors under ``prefix`` to the safetensors file ``out`` (names without the prefix).
 
@@ -306,11 +325,13 @@ def export_safetensors(store: TierStore, out: str | Path, *, prefix: str = "", p
         with progress_bar(progress, f"exporting {len(infos)} tensors", offset) as advance, open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(raw)))
             f.write(raw)
-            for _, key, info in infos:
-                if info.nbytes:
-                    f.write(store.get(key).reshape(-1).view(torch.uint8).numpy().data)
-                if advance is not None:
-                    advance(info.nbytes)
+            for batch in _batches(infos):  # a bounded number of bytes read ahead together (get_many)
+                got = store.get_many([key for _, key, info in batch if info.nbytes])
+                for _, key, info in batch:
+                    if info.nbytes:
+                        f.write(got.pop(key).reshape(-1).view(torch.uint8).numpy().data)
+                    if advance is not None:
+                        advance(info.nbytes)
         os.replace(tmp, out)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

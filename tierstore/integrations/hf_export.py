@@ -74,7 +74,9 @@ def _write_folder(store: TierStore, folder: Path, prefix: str, names: list[str],
     total = sum(info.nbytes for info in infos.values())
     with progress_bar(progress, f"exporting {len(names)} tensors", total) as advance:
         for filename, shard_names in split.filename_to_tensors.items():
-            tensors = {name: store.get(prefix + name, copy=True) for name in shard_names}
+            got = store.get_many([prefix + name for name in shard_names], copy=True)  # one read-ahead pass
+            tensors = {name: got[prefix + name] for name in shard_names}
+            del got
             save_file(tensors, folder / filename, metadata=metadata)
             del tensors  # before the next shard is read: memory stays at one shard
             if advance is not None:

@@ -219,7 +219,7 @@ class HybridStreamer(WeightStreamer):
         tier = self.plan_units[self.units[index].name].tier
         device = self.gpu if tier == "L1" else None
         maps = self._maps and tier == "L3"  # streamed units: a map of raw L3 bytes, no L2 slot
-        return [self._get(key, device, maps) for _, _, key, _ in self.units[index].params]
+        return self._get_unit([key for _, _, key, _ in self.units[index].params], device, maps)
 
     def _keep(self, index: int, tensors: list[torch.Tensor]) -> None:
         """Hold the views of an L1 or L2 unit (its slots stay put); an L3 unit streams.

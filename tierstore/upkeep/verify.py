@@ -28,7 +28,6 @@ import numpy as np
 
 from ..catalog import SCHEMA_VERSION, BlockRow, Catalog
 from ..catalog.sqlite_catalog import schema_version_of
-from ..engine.mover import checksum_ok
 from ..engine.transaction import location_of
 from ..engine.writer_lock import WriterLock
 from ..errors import (
@@ -41,7 +40,7 @@ from ..errors import (
 )
 from ..fsguard import CATALOG_ENTRIES, NOFOLLOW, STORE_FOLDERS, contained, refuse_links
 from ..tensors import dtype_from_name
-from ..tiers.l3_zarr import LAYOUT, PACK_INDEX_BYTES, Contents, ZarrL3
+from ..tiers.l3_zarr import LAYOUT, PACK_INDEX_BYTES, Contents, Location, ZarrL3
 from .recovery import rebuild_shard_rows, refuse_orphaned_data
 from .warm_restart import TMP_INDEX_NAME
 
@@ -240,39 +239,70 @@ def _file_size(path: Path) -> int | None:
         return None
 
 
+_BATCH_BYTES = 64 << 20
+"""Bytes of blocks :func:`_check_blocks` reads through one ``read_many`` (the read-ahead pipeline)."""
+_BATCH_ROWS = 512
+
+
 def _check_blocks(l3: ZarrL3, rows: list[BlockRow], report: VerifyReport, progress: Progress | None) -> None:
+    """Read every block and compare its crc32c with the catalog's, a batch of rows at a time.
+
+    A batch goes through ``ZarrL3.read_many``, so the disk reads the next blocks while earlier
+    ones decode; the crc32c it returns per block is the check (no second pass over the bytes).
+    """
     buf = np.empty(0, dtype=np.uint8)
     total = sum(r.nbytes for r in rows)
     metas: set[str] = set()
-    for row in rows:
-        if row.nbytes > buf.nbytes:
-            buf = np.empty(max(row.nbytes, 2 * buf.nbytes), dtype=np.uint8)
-        out = buf[:row.nbytes]
-        loc = location_of(row)
-        if row.nbytes and not loc.sizes:
-            report.problems.append(Problem("missing", row.key, "the catalog row has no L3 location"))
-        else:
-            try:
-                l3.read_into(loc, out)
-                if not checksum_ok(out, row.checksum):
-                    report.problems.append(Problem("corrupt", row.key, f"checksum mismatch in {loc.array}"))
-            except FileNotFoundError:
-                report.problems.append(Problem("missing", row.key, f"{_rel(l3, loc.array, loc.shard)} is gone"))
-            except UnsafePathError:  # its bytes are not in the store (the link is a problem of its own)
-                metas.add(loc.array)
-                report.problems.append(Problem("missing", row.key, f"{_rel(l3, loc.array, loc.shard)} is a "
-                                               "symbolic link or lies behind one"))
-            except CorruptBlockError as exc:
-                report.problems.append(Problem("corrupt", row.key, exc.message))
-        if loc.array and loc.array not in metas:
-            metas.add(loc.array)
-            if not _meta_ok(l3.root / loc.array / "zarr.json"):
-                report.problems.append(Problem("meta", f"l3/{loc.array}/zarr.json", f"missing or damaged; --fix "
-                                               f"writes it again from the catalog (block {row.key!r})"))
-        report.blocks += 1
-        report.bytes_checked += row.nbytes
-        if progress is not None:
-            progress(report.bytes_checked, total)
+    start = 0
+    while start < len(rows):
+        end, size = start + 1, rows[start].nbytes
+        while end < len(rows) and end - start < _BATCH_ROWS and size + rows[end].nbytes <= _BATCH_BYTES:
+            size += rows[end].nbytes
+            end += 1
+        if size > buf.nbytes:
+            buf = np.empty(max(size, 2 * buf.nbytes), dtype=np.uint8)
+        batch, offset = rows[start:end], 0
+        requests: list[tuple[Location, np.ndarray] | None] = []
+        for row in batch:
+            loc = location_of(row)
+            if row.nbytes and not loc.sizes:
+                requests.append(None)
+            else:
+                requests.append((loc, buf[offset:offset + row.nbytes]))
+            offset += row.nbytes
+        results = iter(l3.read_many([r for r in requests if r is not None]))
+        for row, request in zip(batch, requests, strict=True):
+            _check_one(l3, row, None if request is None else next(results), report, metas)
+            report.blocks += 1
+            report.bytes_checked += row.nbytes
+            if progress is not None:
+                progress(report.bytes_checked, total)
+        start = end
+
+
+def _check_one(l3: ZarrL3, row: BlockRow, result: int | BaseException | None, report: VerifyReport,
+               metas: set[str]) -> None:
+    """Record what is wrong with one block: ``result`` is what ``read_many`` gave for it (None: not read)."""
+    loc = location_of(row)
+    if result is None:
+        report.problems.append(Problem("missing", row.key, "the catalog row has no L3 location"))
+    elif isinstance(result, FileNotFoundError):
+        report.problems.append(Problem("missing", row.key, f"{_rel(l3, loc.array, loc.shard)} is gone"))
+    elif isinstance(result, UnsafePathError):  # its bytes are not in the store (the link is a problem of its own)
+        metas.add(loc.array)
+        report.problems.append(Problem("missing", row.key, f"{_rel(l3, loc.array, loc.shard)} is a "
+                                       "symbolic link or lies behind one"))
+    elif isinstance(result, CorruptBlockError):
+        report.problems.append(Problem("corrupt", row.key, result.message))
+    elif isinstance(result, BaseException):
+        raise result  # an I/O error, as the read raised it before
+    elif result != row.checksum:
+        report.problems.append(Problem("corrupt", row.key, f"checksum mismatch in {loc.array}"))
+    if loc.array and loc.array not in metas:
+        metas.add(loc.array)
+        if not _meta_ok(l3.root / loc.array / "zarr.json"):
+            report.problems.append(Problem("meta", f"l3/{loc.array}/zarr.json", f"missing or damaged; --fix "
+                                           f"writes it again from the catalog (block {row.key!r})"))
 
 
 def _meta_ok(path: Path, node_type: str = "array") -> bool:
@@ -401,7 +431,8 @@ def _repair(store: Path, report: VerifyReport) -> None:
         if lost:
             arrays = catalog.own_arrays_of(lost)
             catalog.drop_blocks(lost)
-            for array in arrays:
+            shared = catalog.arrays_in_use(a for a in arrays if isinstance(a, str))  # other blocks of a commit
+            for array in (a for a in arrays if a not in shared):
                 if (isinstance(array, str) and _OWN_ARRAY.fullmatch(array)  # never a path a damaged row made up
                         and contained(store, l3.root / array)):
                     shutil.rmtree(l3.root / array, ignore_errors=True)
@@ -425,7 +456,11 @@ def _repair(store: Path, report: VerifyReport) -> None:
             if problem.kind == "meta" and problem.subject not in GROUPS:
                 array = problem.subject.removeprefix("l3/").removesuffix("/zarr.json")
                 first = catalog.first_row_in_array(array)
-                if first is not None:
+                if first is not None and array.startswith("blocks/"):  # one block, or a commit's run of them
+                    l3_rw.restore_run_meta([(location_of(r), r.nbytes, Contents(r.key, r.dtype, r.shape))
+                                            for r in catalog.rows_in_array(array)])
+                    report.repaired.append(f"wrote {problem.subject} again")
+                elif first is not None:
                     shards = 1 + max((n for a, n in lengths if a == array), default=0)
                     l3_rw.restore_meta(location_of(first), first.nbytes,
                                        contents=Contents(first.key, first.dtype, first.shape), pack_shards=shards)

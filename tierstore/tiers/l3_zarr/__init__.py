@@ -6,14 +6,18 @@ zarr-python and tensorstore read it as is)::
     zarr.json                       group
     packs/<codec>/zarr.json         one uint8 array per codec for small blocks
     packs/<codec>/<n>.0             shard n: 4 KiB inner chunks, appended to in place
-    blocks/<block id>/zarr.json     one uint8 array per large block
-    blocks/<block id>/0.0           its single shard: ~1 MiB inner chunks
+    blocks/<block id>/zarr.json     one uint8 array per commit's large blocks of one codec and chunk size
+    blocks/<block id>/0.0           its single shard: ~1 MiB inner chunks, the blocks in put order
 
 Every array is 2-D, ``(elements, element size)`` bytes, so that byte-grouped
 codecs are the spec's ``transpose`` (see :mod:`tierstore.tiers.codecs`). A pack's shape
 covers the shards it has; each 4 KiB granule is one inner chunk, and a packed
 block is the run of chunks from its ``Location.chunk``. A large block's array
-is exactly the block; its attributes name its key, dtype and shape.
+holds the large blocks of one commit with one codec and inner chunk size (a *run*, named by its
+first block), each from a chunk boundary at its ``Location.chunk``, so a later read of them reads
+one file front to back; its attributes name each block's key, dtype and shape (a run of one block
+is exactly the block, as before). A run is complete at ``prepare`` (index and ``zarr.json``) and
+never appended to again; the engine frees it only with the last block that names it.
 Layout 1 (stores written before) had 1-D arrays, shard files ``<n>``, a pack
 shape of 2^50 bytes and ``numcodecs.shuffle``; :meth:`ZarrL3.relink` turns
 one into layout 2 without rewriting any chunk (the bytes are the same).

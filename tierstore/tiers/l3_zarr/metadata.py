@@ -22,7 +22,7 @@ from ...fsguard import NOFOLLOW
 from ..codecs import Codec
 from .layout import GRANULE, PACK_MAX, Contents
 
-__all__ = ["write_json", "fsync_dir", "group_meta", "pack_meta", "block_meta"]
+__all__ = ["write_json", "fsync_dir", "group_meta", "pack_meta", "block_meta", "run_meta"]
 
 
 def write_json(path: Path, doc: dict[str, Any], *, sync: bool) -> None:
@@ -83,6 +83,21 @@ def block_meta(nbytes: int, shard: int, inner: int, codec: Codec, contents: Cont
         attributes.update(key=contents.key, dtype=contents.dtype, shape=list(contents.shape))
     return _array_meta(nbytes, shard, inner, codec, attributes)
 
+
+def run_meta(inner: int, chunks: int, codec: Codec, blocks: list[tuple[int, int, Contents | None]]) -> dict[str, Any]:
+    """The ``zarr.json`` of the array a commit's large blocks share: ``blocks`` are ``(first chunk, bytes,
+    contents)`` in file order, each starting on a chunk; ``chunks`` inner chunks of ``inner`` bytes in all.
+
+    One block: exactly :func:`block_meta`'s document (the array is the block). Several: the array spans
+    every chunk (a block's padded last chunk reads as zeros), and its attributes list the blocks.
+    """
+    if len(blocks) == 1:
+        return block_meta(blocks[0][1], chunks * inner, inner, codec, blocks[0][2])
+    listed = [{"chunk": first, "nbytes": nbytes, **({} if c is None else {"key": c.key, "dtype": c.dtype,
+                                                                         "shape": list(c.shape)})}
+              for first, nbytes, c in blocks]
+    return _array_meta(chunks * inner, chunks * inner, inner, codec,
+                       {"kind": "run", "codec": codec.id, "blocks": listed})
 
 
 def group_meta(attributes: dict[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ of the catalog: the caller says what is committed.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterable
@@ -133,7 +134,7 @@ class L3Repair:
         of every chunk a live block has in it. tierstore reads by the catalog's offsets, so a bad
         index only misleads zarr readers; :meth:`write_index` writes it again.
         """
-        slots = PACK_SLOTS if loc.array.startswith("packs/") else len(loc.sizes)
+        slots = PACK_SLOTS if loc.array.startswith("packs/") else self.block_slots(loc, length, chunk_of)
         size = slots * 16 + 4
         path = self.files.shard_path(loc.array, loc.shard)
         try:
@@ -167,7 +168,7 @@ class L3Repair:
         order, the slots between their neighbours (appends fill slots in file order), else stay empty.
         """
         packed = loc.array.startswith("packs/")
-        slots = PACK_SLOTS if packed else len(loc.sizes)
+        slots = PACK_SLOTS if packed else self.block_slots(loc, length, chunk_of)
         first = loc.shard * PACK_SLOTS if packed else 0
         known = {c: n - first for c, n in (chunk_of or {}).items() if 0 <= n - first < slots}
         size = slots * 16 + 4
@@ -181,6 +182,34 @@ class L3Repair:
                 os.fdatasync(fd)
         finally:
             os.close(fd)
+
+    def block_slots(self, loc: Location, length: int, chunk_of: dict[tuple[int, int], int] | None) -> int:
+        """How many inner chunks the index of a large-block array's shard has (a commit's blocks share one).
+
+        The count whose index bytes at the file's end hold their crc32c, from the live blocks' extent up
+        (dead blocks of the run count too); else the shard shape its ``zarr.json`` says; else the extent.
+        """
+        extent = max(chunk_of.values()) + 1 if chunk_of else len(loc.sizes)
+        path = self.files.shard_path(loc.array, loc.shard)
+        try:
+            with open(path, "rb") as fh:
+                tail = min(length, 16 * (extent + 4096) + 4)
+                fh.seek(length - tail)
+                data = fh.read(tail)
+        except OSError:
+            return extent
+        for count in range(extent, (len(data) - 4) // 16 + 1):
+            if valid_index(data, len(data) - 16 * count - 4, count, end=length - 16 * count - 4):
+                return count
+        try:
+            doc = json.loads((self.files.root / loc.array / "zarr.json").read_text(encoding="utf-8"))
+            shard = doc["chunk_grid"]["configuration"]["chunk_shape"][0]
+            inner = doc["codecs"][0]["configuration"]["chunk_shape"][0]
+            if isinstance(shard, int) and isinstance(inner, int) and inner > 0 and shard % inner == 0:
+                return max(extent, shard // inner)
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            pass
+        return extent
 
     def recover(self, shard_lengths: dict[tuple[str, int], int], live_arrays: set[str]) -> RecoveryReport:
         """Bring the files in line with what the catalog committed (writer only, at open).

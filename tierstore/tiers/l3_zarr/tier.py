@@ -107,6 +107,10 @@ class ZarrL3:
         """Write the ``zarr.json`` of the array holding ``loc`` again (it was lost, damaged or is layout 1)."""
         self.writer.restore_meta(loc, nbytes, contents=contents, pack_shards=pack_shards)
 
+    def restore_run_meta(self, blocks: Sequence[tuple[Location, int, Contents]]) -> None:
+        """Write the ``zarr.json`` of a large-block array again from its live ``(location, bytes, contents)``."""
+        self.writer.restore_run_meta(blocks)
+
     # -- reading (see :class:`.reader.L3Reader`) ------------------------------------------------
 
     def read_into(self, loc: Location, out: np.ndarray) -> int:

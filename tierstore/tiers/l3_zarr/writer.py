@@ -1,10 +1,13 @@
-"""Writing L3: small blocks appended to their codec's pack, large blocks as arrays of their own.
+"""Writing L3: small blocks appended to their codec's pack, a commit's large blocks to one array (a run).
 
 Small blocks are appended to the active shard of their codec's pack: an append writes the new
 chunks, then (at :meth:`L3Writer.prepare`) a fresh index after them, so the file stays a valid
 shard after every commit and a torn append is cut off on recovery by truncating to the length the
-catalog committed. A large block's array is exactly the block, in ~1 MiB inner chunks encoded on
-the codec pool. Nothing written is durable before :meth:`L3Writer.prepare` and the catalog commit;
+catalog committed. The large blocks of one commit with one codec and inner chunk size are appended,
+in put order and each from a chunk boundary, to one array named by the first of them (a run), in
+~1 MiB inner chunks encoded on the codec pool; :meth:`L3Writer.prepare` writes its shard index and
+``zarr.json``. A spill (:meth:`L3Writer.write_now`) is an array of its own, complete at once.
+Nothing written is durable before :meth:`L3Writer.prepare` and the catalog commit;
 :meth:`L3Writer.rollback` undoes it. Not thread-safe: the store serialises writers.
 """
 
@@ -14,8 +17,8 @@ import itertools
 import os
 import re
 import shutil
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +30,8 @@ from ..codecs import MIN_RATIO, RAW, Codec, codec_from_id
 from .codec_pool import codec_pool
 from .files import L3Files
 from .layout import ARRAY_CHUNK, BATCH, EMPTY_LOCATION, GRANULE, PACK_MAX, PACK_SLOTS, Contents, Location
-from .metadata import block_meta, fsync_dir, pack_meta, write_json
-from .shard_format import EMPTY_SLOT, index_bytes, write_all
+from .metadata import block_meta, fsync_dir, pack_meta, run_meta, write_json
+from .shard_format import EMPTY_SLOT, index_bytes, valid_index, write_all
 
 __all__ = ["L3Writer"]
 
@@ -50,6 +53,40 @@ class _Shard:
     created: bool
 
 
+def _chunk(data: np.ndarray, i: int, inner: int) -> np.ndarray:
+    """Inner chunk ``i`` of ``data``; the last one padded to ``inner`` (zarr decodes every chunk to full size)."""
+    piece = data[i * inner:(i + 1) * inner]
+    if piece.nbytes < inner:
+        padded = np.zeros(inner, dtype=np.uint8)
+        padded[:piece.nbytes] = piece
+        piece = padded
+    return piece
+
+
+def _index_of(sizes: list[int]) -> np.ndarray:
+    """The shard index of chunks of ``sizes`` written back to back from offset 0."""
+    index = np.empty((len(sizes), 2), dtype=np.uint64)
+    index[:, 1] = sizes
+    index[:, 0] = np.concatenate(([0], np.cumsum(sizes[:-1], dtype=np.int64)))
+    return index
+
+
+@dataclass(slots=True)
+class _Run:
+    """The array the large blocks of one commit with one codec and inner chunk size are appended to."""
+
+    array: str
+    folder: Path
+    fd: int
+    codec: Codec
+    inner: int
+    offset: int = 0
+    sizes: list[int] = field(default_factory=list)
+    """Encoded size of every inner chunk in the file so far, in file order."""
+    blocks: list[tuple[int, int, Contents | None]] = field(default_factory=list)
+    """``(first chunk, bytes, contents)`` of each block, in put order."""
+
+
 class L3Writer:
     """The write side of one L3 tier (a read-only tier has one that is never used)."""
 
@@ -64,6 +101,8 @@ class L3Writer:
         self._touched: dict[tuple[str, int], _Shard] = {}
         self._new_arrays: list[Path] = []
         self._dirs_to_sync: set[Path] = set()
+        self._runs: dict[tuple[str, int], _Run] = {}
+        """``(codec id, inner chunk bytes)`` -> the array this commit's large blocks of that kind go to."""
 
     def remove_shards(self, shards: Iterable[tuple[str, int]]) -> int:
         """Delete shard files the catalog no longer knows (after its commit); returns the bytes freed.
@@ -206,58 +245,83 @@ class L3Writer:
 
     def _write_array(self, block_id: int, data: np.ndarray, codec: Codec, contents: Contents | None, *,
                      standalone: bool = False) -> Location:
+        """A large block: appended to this commit's run of its codec and chunk size, or (``standalone``, a
+        spill) an array of its own, complete and synced when this returns."""
         nbytes = data.nbytes
         count = -(-nbytes // ARRAY_CHUNK)
         per_chunk = -(-nbytes // count)
         inner = -(-per_chunk // GRANULE) * GRANULE
-
-        def chunk(i: int) -> np.ndarray:
-            piece = data[i * inner:(i + 1) * inner]
-            if piece.nbytes < inner:  # zarr decodes every inner chunk to full size: pad the last one
-                padded = np.zeros(inner, dtype=np.uint8)
-                padded[:piece.nbytes] = piece
-                piece = padded
-            return piece
-
         probe: Any = None
         if codec is not RAW:
-            probe = codec.encode(chunk(0))
+            probe = codec.encode(_chunk(data, 0, inner))
             if len(probe) * MIN_RATIO > inner:
                 codec, probe = RAW, None  # the first chunk says compression will not pay
+        if not standalone:
+            run = self._run_for(block_id, codec, inner)
+            start, first = run.offset, len(run.sizes)
+            sizes, run.offset = self._write_chunks(run.fd, data, codec, inner, count, probe, run.offset)
+            run.sizes.extend(sizes)
+            run.blocks.append((first, nbytes, contents))
+            return Location(run.array, 0, start, tuple(sizes), inner, codec.id, first)
         folder = self.files.root / "blocks" / f"{block_id:016x}"
         folder.mkdir()
-        if not standalone:
-            self._new_arrays.append(folder)
         path = folder / f"0{self.files.shard_suffix}"
-        sizes: list[int] = []
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o644)
         try:
-            offset = 0
-            for first in range(0, count, BATCH):  # bounded memory: at most a batch of encoded chunks
-                indices = range(first, min(first + BATCH, count))
-                if codec is RAW:
-                    pieces: list[Any] = [chunk(i) for i in indices]
-                else:
-                    pieces = list(codec_pool().map(lambda i: probe if i == 0 else codec.encode(chunk(i)), indices))
-                written = write_all(fd, pieces, offset)
-                sizes.extend(len(p) for p in pieces)
-                offset += written
-            index = np.empty((count, 2), dtype=np.uint64)
-            index[:, 1] = sizes
-            index[:, 0] = np.concatenate(([0], np.cumsum(sizes[:-1], dtype=np.int64)))
-            write_all(fd, [index_bytes(index)], offset)
+            sizes, offset = self._write_chunks(fd, data, codec, inner, count, probe, 0)
+            write_all(fd, [index_bytes(_index_of(sizes))], offset)
             if self.files.fsync:
                 os.fdatasync(fd)
         finally:
             os.close(fd)
         write_json(folder / "zarr.json", block_meta(nbytes, count * inner, inner, codec, contents),
                    sync=self.files.fsync)
-        if not standalone:
-            self._dirs_to_sync.update((folder, folder.parent))
         return Location(f"blocks/{block_id:016x}", 0, 0, tuple(sizes), inner, codec.id, 0)
+
+    @staticmethod
+    def _write_chunks(fd: int, data: np.ndarray, codec: Codec, inner: int, count: int, probe: Any,
+                      offset: int) -> tuple[list[int], int]:
+        """Encode ``data`` in ``count`` chunks of ``inner`` bytes and write them from ``offset``; returns their
+        encoded sizes and the offset after them (``probe``: chunk 0 already encoded)."""
+        sizes: list[int] = []
+        for first in range(0, count, BATCH):  # bounded memory: at most a batch of encoded chunks
+            indices = range(first, min(first + BATCH, count))
+            if codec is RAW:
+                pieces: list[Any] = [_chunk(data, i, inner) for i in indices]
+            else:
+                pieces = list(codec_pool().map(
+                    lambda i: probe if i == 0 and probe is not None else codec.encode(_chunk(data, i, inner)), indices))
+            offset += write_all(fd, pieces, offset)
+            sizes.extend(len(p) for p in pieces)
+        return sizes, offset
+
+    def _run_for(self, block_id: int, codec: Codec, inner: int) -> _Run:
+        """The run this commit appends large blocks of ``codec`` in ``inner`` chunks to (named by its first block)."""
+        run = self._runs.get((codec.id, inner))
+        if run is not None:
+            return run
+        folder = self.files.root / "blocks" / f"{block_id:016x}"
+        folder.mkdir()
+        self._new_arrays.append(folder)
+        self._dirs_to_sync.update((folder, folder.parent))
+        fd = os.open(folder / f"0{self.files.shard_suffix}", os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o644)
+        run = self._runs[(codec.id, inner)] = _Run(f"blocks/{block_id:016x}", folder, fd, codec, inner)
+        return run
+
+    def _finish_runs(self) -> None:
+        """Each run's shard index after its chunks, synced, then its ``zarr.json`` (at :meth:`prepare`)."""
+        for key, run in list(self._runs.items()):
+            write_all(run.fd, [index_bytes(_index_of(run.sizes))], run.offset)
+            if self.files.fsync:
+                os.fdatasync(run.fd)
+            os.close(run.fd)
+            del self._runs[key]
+            write_json(run.folder / "zarr.json", run_meta(run.inner, len(run.sizes), run.codec, run.blocks),
+                       sync=self.files.fsync)
 
     def prepare(self) -> dict[tuple[str, int], int]:
         """Make everything written since the last commit durable; return the shard lengths to commit."""
+        self._finish_runs()
         lengths: dict[tuple[str, int], int] = {}
         for array, codec in self._grown.items():  # a pack's shape covers the shards it has
             shards = 1 + max((n for a, n in self._touched if a == array), default=0)
@@ -289,6 +353,9 @@ class L3Writer:
 
     def rollback(self) -> None:
         """Undo every write since the last commit (the catalog did not commit them)."""
+        for run in self._runs.values():
+            os.close(run.fd)
+        self._runs.clear()
         for shard in list(self._touched.values()):
             if shard.created:
                 os.close(shard.fd)
@@ -340,15 +407,48 @@ class L3Writer:
                                   "through links", path=str(target), tier="L3")
         write_json(target, doc, sync=self.files.fsync)
 
+    def restore_run_meta(self, blocks: Sequence[tuple[Location, int, Contents]]) -> None:
+        """Write the ``zarr.json`` of a large-block array (one block, or a commit's run) again from its live
+        blocks ``(location, bytes, contents)``.
+
+        The shard's chunk count is the index's at the file's end (dead blocks of the run count too): the
+        smallest count from the live blocks' extent up whose index bytes hold their crc32c.
+        """
+        ordered = sorted(blocks, key=lambda b: b[0].chunk or 0)
+        loc = ordered[0][0]
+        extent = max((b[0].chunk or 0) + len(b[0].sizes) for b in ordered)
+        path = self.files.shard_path(loc.array, 0)
+        if not self.files.contained(path):
+            raise UnsafePathError(f"{path} is a symbolic link or lies behind one; tierstore never writes "
+                                  "through links", path=str(path), tier="L3")
+        chunks = extent
+        try:
+            data = path.read_bytes()
+            for count in range(extent, (len(data) - 4) // 16 + 1):
+                if valid_index(data, len(data) - 16 * count - 4, count):
+                    chunks = count
+                    break
+        except OSError:
+            pass  # no file: the blocks are reported missing; the document still describes them
+        codec = codec_from_id(loc.codec)
+        doc = run_meta(loc.inner, chunks, codec, [(b[0].chunk or 0, b[1], b[2]) for b in ordered]) \
+            if len(ordered) > 1 or (loc.chunk or 0) != 0 or chunks != len(loc.sizes) else \
+            block_meta(ordered[0][1], len(loc.sizes) * loc.inner, loc.inner, codec, ordered[0][2])
+        target = self.files.root / loc.array / "zarr.json"
+        if not self.files.contained(target):
+            raise UnsafePathError(f"{target} is a symbolic link or lies behind one; tierstore never writes "
+                                  "through links", path=str(target), tier="L3")
+        write_json(target, doc, sync=self.files.fsync)
+
     # -- lifecycle ------------------------------------------------------------------------------
 
     def pending(self) -> bool:
         """Whether anything was written since the last commit or rollback."""
-        return bool(self._touched)
+        return bool(self._touched or self._runs)
 
     def close(self) -> None:
         """Close the shard files appended to (roll back uncommitted appends first)."""
-        if self._touched:
+        if self.pending():
             self.rollback()
         for shard in self._active.values():
             try:
