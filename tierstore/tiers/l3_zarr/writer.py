@@ -6,7 +6,9 @@ shard after every commit and a torn append is cut off on recovery by truncating 
 catalog committed. The large blocks of one commit with one codec and inner chunk size are appended,
 in put order and each from a chunk boundary, to one array named by the first of them (a run), in
 ~1 MiB inner chunks encoded on the codec pool; :meth:`L3Writer.prepare` writes its shard index and
-``zarr.json``. A spill (:meth:`L3Writer.write_now`) is an array of its own, complete at once.
+``zarr.json``. A raw large block is an array of its own (streamed weights are mapped, and a map
+may trust cached pages only of a block alone in its file), as is a spill (:meth:`L3Writer.write_now`),
+complete at once.
 Nothing written is durable before :meth:`L3Writer.prepare` and the catalog commit;
 :meth:`L3Writer.rollback` undoes it. Not thread-safe: the store serialises writers.
 """
@@ -245,8 +247,8 @@ class L3Writer:
 
     def _write_array(self, block_id: int, data: np.ndarray, codec: Codec, contents: Contents | None, *,
                      standalone: bool = False) -> Location:
-        """A large block: appended to this commit's run of its codec and chunk size, or (``standalone``, a
-        spill) an array of its own, complete and synced when this returns."""
+        """A large block: appended to this commit's run of its codec and chunk size; a raw one, or
+        (``standalone``, a spill, complete and synced when this returns) any, to an array of its own."""
         nbytes = data.nbytes
         count = -(-nbytes // ARRAY_CHUNK)
         per_chunk = -(-nbytes // count)
@@ -256,7 +258,9 @@ class L3Writer:
             probe = codec.encode(_chunk(data, 0, inner))
             if len(probe) * MIN_RATIO > inner:
                 codec, probe = RAW, None  # the first chunk says compression will not pay
-        if not standalone:
+        # raw blocks keep a file each: weight streaming maps them, and a map of a block alone in its file
+        # may skip its checksum when its pages are cached (l3_verify_maps="disk", .mapped.cached_alone)
+        if not standalone and codec is not RAW:
             run = self._run_for(block_id, codec, inner)
             start, first = run.offset, len(run.sizes)
             sizes, run.offset = self._write_chunks(run.fd, data, codec, inner, count, probe, run.offset)
@@ -265,6 +269,8 @@ class L3Writer:
             return Location(run.array, 0, start, tuple(sizes), inner, codec.id, first)
         folder = self.files.root / "blocks" / f"{block_id:016x}"
         folder.mkdir()
+        if not standalone:
+            self._new_arrays.append(folder)
         path = folder / f"0{self.files.shard_suffix}"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o644)
         try:
@@ -276,6 +282,8 @@ class L3Writer:
             os.close(fd)
         write_json(folder / "zarr.json", block_meta(nbytes, count * inner, inner, codec, contents),
                    sync=self.files.fsync)
+        if not standalone:
+            self._dirs_to_sync.update((folder, folder.parent))
         return Location(f"blocks/{block_id:016x}", 0, 0, tuple(sizes), inner, codec.id, 0)
 
     @staticmethod
