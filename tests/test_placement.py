@@ -265,18 +265,19 @@ def test_a_streamed_decode_leaves_a_core_to_the_fetch_thread() -> None:
                        head_bytes=0)
     streamed = [UnitPlan(u.name, u.nbytes, "L3", "cpu", "cpu", "map") for u in model.units]
     spare = _two_cores(spare_core_matvec=6e9)
-    fetch = 4 * spare.fetch_seconds(100 * MiB, 100 * MiB, "map", checked=True)  # populate + crc32c
+    fetch = 4 * spare.fetch_seconds(100 * MiB, 100 * MiB, "map", checked=True)  # populate + crc32c (every map)
     compute = 4 * 100 * MiB / 6e9
-    assert predict(spare, model, streamed, memory=0).decode_s == pytest.approx(max(compute, fetch))
+    assert predict(spare, model, streamed, memory=0, verify_maps="always").decode_s == \
+        pytest.approx(max(compute, fetch))
     slow_fetch = replace(spare, checksum=1e9)  # the fetch thread binds: compute waits for it
-    assert predict(slow_fetch, model, streamed, memory=0).decode_s == pytest.approx(
+    assert predict(slow_fetch, model, streamed, memory=0, verify_maps="always").decode_s == pytest.approx(
         4 * slow_fetch.fetch_seconds(100 * MiB, 100 * MiB, "map", checked=True))
     unmeasured = _two_cores()  # half of the two cores' rate
     assert predict(unmeasured, model, streamed, memory=0, verify_maps="once").decode_s == pytest.approx(
         max(4 * 100 * MiB / 5e9, 4 * 100 * MiB / 4e9))
     every_core = replace(spare, stream_spare_core=False)  # decode_threads=None: both cores, fetch shares them
     all_compute = 4 * 100 * MiB / 10e9
-    assert predict(every_core, model, streamed, memory=0).decode_s == pytest.approx(
+    assert predict(every_core, model, streamed, memory=0, verify_maps="always").decode_s == pytest.approx(
         max(all_compute, (2 * all_compute + fetch) / 2))
     held = [UnitPlan(u.name, u.nbytes, "L2", "cpu", "cpu") for u in model.units]  # nothing fetched: every core
     assert predict(spare, model, held, memory=0).decode_s == pytest.approx(all_compute)
