@@ -241,18 +241,26 @@ class BlockIndex:
             self._settling.notify_all()
 
     def await_settled(self, key: str) -> bool:
-        """Wait while a commit of a cache-only version of ``key`` is between its catalog part and its admission.
+        """After a reader found ``key`` in no tier and no row: whether it should look again.
 
-        A cache-only put removes the key's committed row, then makes its L1/L2 entry resident; a
-        reader that looks in between finds neither. True when the key has a cache-only version and
-        the reader should look again (once every commit in flight has settled).
+        True when the key has a cache-only version (after waiting while commits in flight are
+        between their catalog part and their admission: a cache-only put removes the key's row,
+        then makes its L1/L2 entry resident, and a reader that looks in between finds neither), or
+        when it has a committed row now: a cache-only version the reader missed while it left L2
+        was spilled to L3 meanwhile (its row committed and its version cleared after the miss,
+        before this call). False: the key is gone.
         """
         with self.lock:  # a commit that removed the row the caller missed has set the version too
-            if key not in self._volatile:
-                return False
-        with self._settling:
-            self._settling.wait_for(lambda: self._unsettled == 0, timeout=5.0)
-        return key in self._volatile
+            volatile = key in self._volatile
+        if volatile:
+            with self._settling:
+                self._settling.wait_for(lambda: self._unsettled == 0, timeout=5.0)
+            return True
+        try:
+            self.lookup(key)
+        except BlockNotFoundError:
+            return False
+        return True
 
 
 def _checked_size(row: BlockRow) -> BlockRow:
