@@ -194,9 +194,13 @@ class Mover:
         Forgetting before the map, not after, keeps another thread's map of the same version from
         trusting pages this one is reading in, before this one has checked them.
         """
-        if self._verify_maps == "disk" and not self.l3.cached_alone(loc, nbytes):
-            self._verified_maps.discard((block_id, loc))
-        return self.l3.map_raw(loc, nbytes)
+        if self._verify_maps != "disk":
+            return self.l3.map_raw(loc, nbytes)
+
+        def before_map(cached: bool) -> None:
+            if not cached:
+                self._verified_maps.discard((block_id, loc))
+        return self.l3.map_raw(loc, nbytes, before_map=before_map)
 
     def _moved(self, row: BlockRow, loc: Location) -> tuple[BlockRow, Location]:
         """Where ``row``'s block is now that the file at ``loc`` is gone: compaction moved it (same block id).

@@ -20,8 +20,9 @@ activity can make an access fault. A mapping made while another process truncate
 the committed length (no tierstore code does) would fail to populate: ``None``, and the caller
 reads the block the ordinary way.
 
-Whether a map would read from the disk (``l3_verify_maps="disk"``): :func:`cached_alone` asks
-``cachestat(2)`` (Linux 6.5+) how many of a block's pages are in the page cache. When they all are
+Whether a map will read from the disk (``l3_verify_maps="disk"``): before mapping, :func:`map_raw`
+asks ``cachestat(2)`` (Linux 6.5+) how many of the block's pages are in the page cache and tells its
+``before_map`` callback. When they all are
 and the block is the only one in its file, they were brought there only by reads of that very
 block (a map or a ``pread``, each checked by the store) or by another program reading the file: no
 tierstore read of a neighbour pulled them in with the kernel's read-ahead, because there is none.
@@ -36,6 +37,7 @@ import errno
 import mmap
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -44,7 +46,7 @@ from ...errors import CorruptBlockError
 from .files import L3Files
 from .layout import Location
 
-__all__ = ["cached_alone", "can_see_page_cache", "raw_extent", "map_raw"]
+__all__ = ["can_see_page_cache", "raw_extent", "map_raw"]
 
 _PAGE = mmap.ALLOCATIONGRANULARITY
 _MADV_POPULATE_READ = 22
@@ -134,31 +136,26 @@ def can_see_page_cache() -> bool:
     return _LIBC is not None and _SYS_CACHESTAT is not None
 
 
-def cached_alone(files: L3Files, loc: Location, nbytes: int) -> bool:
-    """Whether the raw block at ``loc`` is alone in its file and every page of it is in the page cache now.
+def _cached_alone(fd: int, size: int, loc: Location, start: int, span: int) -> bool:
+    """Whether the raw block at ``loc`` (pages ``[start, start + span)``) is alone in its file of ``size``
+    bytes and every page of it is in the page cache now.
 
     Alone: the file holds only the block's chunks and the shard index after them (16 bytes a chunk
     and a crc32c, read forward from its own offset). Files only grow, so this is asked at every map.
-    False when unknown (no ``cachestat``, not raw); ``FileNotFoundError`` when the file is gone.
     """
-    extent = raw_extent(loc, nbytes)
-    if extent is None or _LIBC is None or _SYS_CACHESTAT is None:
+    tail = size - loc.offset - len(loc.sizes) * loc.inner
+    if loc.offset >= _PAGE or not 0 <= tail <= 16 * len(loc.sizes) + _PAGE:
         return False
-    offset, length = extent
-    path = files.shard_file(loc.array, loc.shard)
-    fd = files.descriptors.acquire(path)
-    try:
-        tail = os.fstat(fd).st_size - offset - len(loc.sizes) * loc.inner
-        if offset >= _PAGE or not 0 <= tail <= 16 * len(loc.sizes) + _PAGE:
-            return False
-        start = offset - offset % _PAGE
-        return _all_cached(fd, start, offset + length - start)
-    finally:
-        files.descriptors.release(path, fd)
+    return _all_cached(fd, start, span)
 
 
-def map_raw(files: L3Files, loc: Location, nbytes: int) -> np.ndarray | None:
+def map_raw(files: L3Files, loc: Location, nbytes: int, *,
+            before_map: Callable[[bool], None] | None = None) -> np.ndarray | None:
     """A flat uint8 array viewing the raw block at ``loc`` in its shard file, populated; None if not mappable.
+
+    ``before_map``, if given, is called before the block is mapped with whether it is alone in its file
+    and every page of it is in the page cache already (one ``cachestat``; False where the kernel lacks it):
+    whether this map will read nothing from the disk.
 
     None when the block is not stored raw and contiguous (see :func:`raw_extent`), on a platform
     without the calls, or when the kernel refuses the mapping or cannot populate it (out of map
@@ -180,6 +177,8 @@ def map_raw(files: L3Files, loc: Location, nbytes: int) -> np.ndarray | None:
                                     f"{offset}", path=path, tier="L3")
         start = offset - offset % _PAGE
         span = offset + length - start
+        if before_map is not None:
+            before_map(_cached_alone(fd, size, loc, start, span))
         address = _LIBC.mmap(None, span, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE, fd, start)
     finally:
         files.descriptors.release(path, fd)  # the mapping holds the file itself

@@ -7,7 +7,7 @@ the part that does the work (:mod:`.writer`, :mod:`.reader`, :mod:`.repair`).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,7 @@ from ...fsguard import refuse_links
 from ..codecs import Codec
 from .files import L3Files
 from .layout import LAYOUT, Contents, Location, RecoveryReport
-from .mapped import cached_alone, map_raw, raw_extent
+from .mapped import map_raw, raw_extent
 from .reader import L3Reader
 from .repair import L3Repair
 from .writer import L3Writer
@@ -130,16 +130,13 @@ class ZarrL3:
         """Whether the block at ``loc`` is stored raw and contiguous, so :meth:`map_raw` can view it."""
         return raw_extent(loc, nbytes) is not None
 
-    def map_raw(self, loc: Location, nbytes: int) -> np.ndarray | None:
+    def map_raw(self, loc: Location, nbytes: int, *,
+                before_map: Callable[[bool], None] | None = None) -> np.ndarray | None:
         """A zero-copy view (flat uint8, ``MAP_PRIVATE``) of a raw block's bytes in its shard file; None if not
-        mappable (see :mod:`.mapped`). Unchecked: the caller verifies the checksum. ``FileNotFoundError`` when
-        the shard file is gone, ``CorruptBlockError`` when it is shorter than the block."""
-        return map_raw(self.files, loc, nbytes)
-
-    def cached_alone(self, loc: Location, nbytes: int) -> bool:
-        """Whether the raw block at ``loc`` is alone in its file with every page in the page cache (see
-        :func:`.mapped.cached_alone`): a map of it would read nothing from the disk."""
-        return cached_alone(self.files, loc, nbytes)
+        mappable (see :mod:`.mapped`). Unchecked: the caller verifies the checksum. ``before_map`` hears,
+        before the map, whether it will read nothing from the disk (:func:`.mapped.map_raw`).
+        ``FileNotFoundError`` when the shard file is gone, ``CorruptBlockError`` when it is shorter than the block."""
+        return map_raw(self.files, loc, nbytes, before_map=before_map)
 
     # -- recovery, index upkeep, layout upgrade (see :class:`.repair.L3Repair`) -----------------
 

@@ -259,7 +259,7 @@ class L3Writer:
             if len(probe) * MIN_RATIO > inner:
                 codec, probe = RAW, None  # the first chunk says compression will not pay
         # raw blocks keep a file each: weight streaming maps them, and a map of a block alone in its file
-        # may skip its checksum when its pages are cached (l3_verify_maps="disk", .mapped.cached_alone)
+        # may skip its checksum when its pages are cached (l3_verify_maps="disk", .mapped.map_raw)
         if not standalone and codec is not RAW:
             run = self._run_for(block_id, codec, inner)
             start, first = run.offset, len(run.sizes)
