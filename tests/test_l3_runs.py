@@ -44,6 +44,13 @@ def _layer() -> dict[str, torch.Tensor]:
             "w.raw2": torch.arange(300_000, 600_000, dtype=torch.int64)}
 
 
+def _commit(db: tierstore.TierStore, values: dict[str, torch.Tensor]) -> None:
+    """Every value put in one transaction: one commit, so the large blocks share a run."""
+    with db.transaction():
+        for key, value in values.items():
+            db.put(key, value)
+
+
 def test_one_commit_one_file_in_put_order(tmp_path: Path) -> None:
     store = tmp_path / "s"
     values = _layer()
@@ -73,9 +80,7 @@ def test_a_run_goes_with_its_last_block(tmp_path: Path) -> None:
     store = tmp_path / "s"
     values = {f"w{i}": _bf16(i, 512) for i in range(4)}
     with tierstore.open(store, l2_cache_size=0) as db:
-        with db.transaction():
-            for key, value in values.items():
-                db.put(key, value)
+        _commit(db, values)
         run = _arrays_of(store)["w0"]
         db.put("w1", _bf16(10, 512))  # replaced: its bytes stay dead in the run, the others live on
         values["w1"] = _bf16(10, 512)
@@ -156,9 +161,7 @@ def test_metadata_of_a_run_whose_last_block_died_is_written_again_whole(tmp_path
     store = tmp_path / "s"
     values = {f"w{i}": _bf16(i, 512) for i in range(3)}
     with tierstore.open(store, l2_cache_size=0) as db:
-        with db.transaction():
-            for key, value in values.items():
-                db.put(key, value)
+        _commit(db, values)
         db.delete("w2")  # the run's tail is dead now
         del values["w2"]
     run = _arrays_of(store)["w0"]

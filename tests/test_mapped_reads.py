@@ -283,36 +283,6 @@ def test_the_view_is_the_shard_file_mapped_not_a_copy(raw_store: tuple[Path, dic
     assert torch.equal(packed, values["packed"])
 
 
-@pytest.mark.parametrize("verify", ["always", "once"])
-def test_verify_maps_always_checks_every_map_once_only_the_first(
-        raw_store: tuple[Path, dict[str, torch.Tensor]], verify: str) -> None:
-    """``l3_verify_maps``: damage after a first, verified map is caught by the next map with
-    ``"always"``; ``"once"`` trusts the version it checked (the documented trade), a new handle checks again."""
-    path, values = raw_store
-    with tierstore.open(path, readonly=True, l3_verify_maps=verify) as db:
-        first = db.map("large")
-        assert first is not None and _bits(first) == _bits(values["large"])
-        del first
-        with open(_block_file(path, db, "large"), "r+b") as f:
-            f.seek(4096)
-            byte = f.read(1)
-            f.seek(4096)
-            f.write(bytes([byte[0] ^ 0x01]))
-        if verify == "always":
-            with pytest.raises(CorruptBlockError):
-                db.map("large")
-        else:
-            again = db.map("large")
-            assert again is not None and _bits(again) != _bits(values["large"])
-    with tierstore.open(path, readonly=True, l3_verify_maps=verify) as db, pytest.raises(CorruptBlockError):
-        db.map("large")
-
-
-def test_a_bad_verify_maps_setting_is_a_config_error(tmp_path: Path) -> None:
-    with pytest.raises(tierstore.ConfigError):
-        tierstore.open(tmp_path / "s", l3_verify_maps="sometimes")
-
-
 def _evict(path: Path) -> None:
     """Drop a file's pages from the page cache (they are clean after the fsync): the next map reads the disk."""
     fd = os.open(path, os.O_RDONLY)
@@ -331,6 +301,32 @@ def _flip(path: Path, at: int = 4096) -> None:
         f.write(bytes([byte[0] ^ 0x01]))
         f.flush()
         os.fsync(f.fileno())
+
+
+@pytest.mark.parametrize("verify", ["always", "once"])
+def test_verify_maps_always_checks_every_map_once_only_the_first(
+        raw_store: tuple[Path, dict[str, torch.Tensor]], verify: str) -> None:
+    """``l3_verify_maps``: damage after a first, verified map is caught by the next map with
+    ``"always"``; ``"once"`` trusts the version it checked (the documented trade), a new handle checks again."""
+    path, values = raw_store
+    with tierstore.open(path, readonly=True, l3_verify_maps=verify) as db:
+        first = db.map("large")
+        assert first is not None and _bits(first) == _bits(values["large"])
+        del first
+        _flip(_block_file(path, db, "large"))
+        if verify == "always":
+            with pytest.raises(CorruptBlockError):
+                db.map("large")
+        else:
+            again = db.map("large")
+            assert again is not None and _bits(again) != _bits(values["large"])
+    with tierstore.open(path, readonly=True, l3_verify_maps=verify) as db, pytest.raises(CorruptBlockError):
+        db.map("large")
+
+
+def test_a_bad_verify_maps_setting_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(tierstore.ConfigError):
+        tierstore.open(tmp_path / "s", l3_verify_maps="sometimes")
 
 
 needs_cachestat = pytest.mark.skipif(not can_see_page_cache(), reason="needs cachestat(2) (Linux 6.5+)")

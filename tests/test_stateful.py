@@ -195,20 +195,6 @@ class ConcurrentStoreMachine(StoreMachine):
         self.cache_only.discard(key)
         assert key not in self.db
 
-    @rule(keys=st.lists(KEYS, min_size=1, max_size=5))
-    def get_many(self, keys: list[str]) -> None:
-        if all(key in self.model for key in keys):
-            got = self.db.get_many(keys)
-            assert list(got) == list(dict.fromkeys(keys))
-            assert all(same_bits(got[key], self.model[key]) for key in keys)
-        else:
-            try:
-                self.db.get_many(keys)
-            except KeyError as exc:
-                assert exc.args and any(key not in self.model and key in str(exc) for key in keys), exc
-                return
-            raise AssertionError(f"get_many of {keys!r} with a missing key did not raise")
-
     @rule(ops=st.lists(st.tuples(KEYS, st.one_of(st.none(), SIZES), DTYPES), min_size=1, max_size=6),
           commit=st.booleans())
     def transaction(self, ops: list[tuple[str, int | None, torch.dtype]], commit: bool) -> None:
