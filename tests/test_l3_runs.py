@@ -203,3 +203,26 @@ def test_a_schema_3_store_reads_read_only_and_upgrades_at_its_first_write_open(t
     assert len({arrays[f"w{i}"] for i in range(3, 6)}) == 1 and arrays["w1"] != arrays["w2"]
     assert verify(store).ok
     check_readable(store, values)
+
+
+
+def test_a_commit_freeing_more_arrays_than_one_catalog_batch_keeps_every_shared_one(tmp_path: Path) -> None:
+    """300 runs of two blocks (a commit each); one transaction replaces the first block of each: the catalog
+    is asked in batches of 256 which freed arrays rows still name, and all 300 stay with their second block;
+    replacing the second blocks then removes them all."""
+    store = tmp_path / "s"
+    with tierstore.open(store, l2_cache_size=0, fsync=False) as db:
+        for i in range(300):
+            _commit(db, {f"a{i}": _bf16(i, 130), f"b{i}": _bf16(5000 + i, 130)})  # 260 KiB each: large blocks
+        runs = set(_arrays_of(store).values())
+        assert len(runs) == 300
+        with db.transaction():
+            for i in range(300):
+                db.put(f"a{i}", _bf16(1000 + i, 130))
+        assert runs <= {f"blocks/{p.name}" for p in _block_folders(store)}  # every run still named by its b
+        assert all(same_bits(db.get(f"b{i}"), _bf16(5000 + i, 130)) for i in range(0, 300, 37))
+        with db.transaction():
+            for i in range(300):
+                db.put(f"b{i}", _bf16(2000 + i, 130))
+        left = {f"blocks/{p.name}" for p in _block_folders(store)}
+    assert not runs & left and left == set(_arrays_of(store).values())

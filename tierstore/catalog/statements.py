@@ -15,6 +15,11 @@ def get_blocks_in(count: int) -> str:
     return f"SELECT {BLOCK_COLUMNS} FROM blocks WHERE key IN ({', '.join('?' * count)})"
 
 
+def arrays_named_in(count: int) -> str:
+    """``SELECT`` which of ``count`` L3 arrays given as parameters some row names (schema 4's index answers)."""
+    return f"SELECT DISTINCT l3_array FROM blocks WHERE l3_array IN ({', '.join('?' * count)})"
+
+
 HAS_BLOCK = "SELECT 1 FROM blocks WHERE key = ?"
 GET_BLOCK_BY_ID = f"SELECT {BLOCK_COLUMNS} FROM blocks WHERE block_id = ?"
 UPSERT_BLOCK = f"""
@@ -132,8 +137,6 @@ ALL_BLOCKS = f"SELECT {BLOCK_COLUMNS} FROM blocks ORDER BY l3_array, l3_shard, l
 USED_SHARDS = "SELECT DISTINCT l3_array, l3_shard FROM blocks WHERE l3_array >= 'packs/' AND l3_array < 'packs0'"
 DELETE_SHARD = "DELETE FROM shards WHERE array = ? AND shard = ?"
 ARRAY_OF = "SELECT l3_array FROM blocks WHERE key = ? AND l3_array >= 'blocks/' AND l3_array < 'blocks0'"
-ARRAY_IN_USE = "SELECT 1 FROM blocks WHERE l3_array = ? LIMIT 1"
-"""Whether any row names an L3 array (the index of schema 4 answers it)."""
 BLOCKS_IN_ARRAY = f"SELECT {BLOCK_COLUMNS} FROM blocks WHERE l3_array = ? ORDER BY l3_chunk"
 BLOCK_AT = f"SELECT {BLOCK_COLUMNS} FROM blocks WHERE l3_array = ? AND l3_shard = ? LIMIT 1"
 BLOCK_IN_ARRAY = f"SELECT {BLOCK_COLUMNS} FROM blocks WHERE l3_array = ? LIMIT 1"

@@ -15,7 +15,6 @@ from .block_row import _ARRAY_NAME, BlockRow
 from .statements import (
     ALL_ACCESSES,
     ALL_BLOCKS,
-    ARRAY_IN_USE,
     ARRAY_OF,
     BLOCK_AT,
     BLOCK_IN_ARRAY,
@@ -26,6 +25,7 @@ from .statements import (
     DELETE_SHARD,
     DROP_UNUSED_SHARDS,
     DROP_VOLATILE,
+    GET_BLOCKS_BATCH,
     GET_META,
     HAS_L3_DATA,
     HIT_TOTALS,
@@ -49,6 +49,7 @@ from .statements import (
     USED_SHARDS,
     VOLATILE_KEYS,
     WINDOW_COUNTS,
+    arrays_named_in,
 )
 
 __all__ = ["UpkeepQueries"]
@@ -211,7 +212,12 @@ class UpkeepQueries:
 
     def arrays_in_use(self, arrays: Iterable[str]) -> set[str]:
         """Those of the L3 ``arrays`` some row still names (a commit's large blocks share one array)."""
-        return {array for array in set(arrays) if self._query_one(ARRAY_IN_USE, (array,)) is not None}
+        wanted = sorted(set(arrays))
+        used: set[str] = set()
+        for start in range(0, len(wanted), GET_BLOCKS_BATCH):  # one statement per batch, not per array
+            batch = wanted[start:start + GET_BLOCKS_BATCH]
+            used.update(str(row[0]) for row in self._query(arrays_named_in(len(batch)), batch))
+        return used
 
     def rows_in_array(self, array: str) -> list[BlockRow]:
         """The blocks stored in L3 array ``array``, by their first chunk."""

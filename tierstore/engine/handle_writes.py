@@ -71,8 +71,9 @@ class Writes:
         self._landing = landing
 
     def _unshared(self, freed: list[Location]) -> list[Location]:
-        """``freed`` less the blocks whose L3 array other rows still name: a commit's large blocks share one
-        array (layout 3), which goes only with the last of them (dead blocks in it wait for compaction)."""
+        """``freed`` less the blocks whose L3 array other rows still name: a commit's large compressed blocks
+        share one array (a run, catalog schema 4), which goes only with the last of them (the dead blocks'
+        bytes stay in it until then: compaction rewrites packs, not runs)."""
         arrays = {loc.array for loc in freed if loc.array.startswith("blocks/")}
         shared = self._catalog.arrays_in_use(arrays) if arrays else set()
         return [loc for loc in freed if loc.array not in shared] if shared else freed
